@@ -1,0 +1,112 @@
+"""The event log's text form (PROTOCOL.md §6): one line per event, both ways.
+
+Pure. The server's log file, ``export`` and ``import`` all go through
+:func:`format_event` and :func:`parse_line`, so that an export of the history
+reproduces the server's log byte for byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import ipaddress
+import re
+from typing import NamedTuple
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+class EventKind(enum.IntEnum):
+    INITIALIZED = 0
+    CREATED = 1
+    DELETED = 2
+
+
+_NAMES = {EventKind.INITIALIZED: "Initialized", EventKind.CREATED: "Created",
+          EventKind.DELETED: "Deleted"}
+
+
+class Event(NamedTuple):
+    ts: int  #: microseconds since the epoch, UTC
+    kind: EventKind
+    nat: int  #: NAT64 IPv4 address as an integer
+    port: int = 0  #: NAT port (0 for Initialized)
+    addr: bytes | None = None  #: client IPv6 address, 16 octets (None for Initialized)
+    aport: int | None = None  #: client IPv6 port
+
+
+def ipv4_str(nat: int) -> str:
+    return f"{nat >> 24}.{(nat >> 16) & 255}.{(nat >> 8) & 255}.{nat & 255}"
+
+
+def ipv6_str(addr: bytes) -> str:
+    """RFC 5952 text of a 16-octet address (IPv4-mapped in mixed notation)."""
+    ip = ipaddress.IPv6Address(addr)
+    if ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return ip.compressed
+
+
+def ts_str(ts: int) -> str:
+    """``2019-03-18 10:06:28.436754`` for microseconds since the epoch."""
+    t = _EPOCH + dt.timedelta(microseconds=ts)
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d} "
+            f"{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{t.microsecond:06d}")
+
+
+def ts_from_datetime(t: dt.datetime) -> int:
+    """Microseconds since the epoch; a naive datetime is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    delta = t - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_event(e: Event) -> str:
+    """The log line of an event, without its newline."""
+    head = f"{ts_str(e.ts)} {_NAMES[e.kind]} {ipv4_str(e.nat)}"
+    if e.kind == EventKind.INITIALIZED:
+        return head
+    return f"{head}:{e.port} [{ipv6_str(e.addr)}]:{e.aport}"
+
+
+class BadLine(ValueError):
+    """A log line that is not in the PROTOCOL.md §6 format."""
+
+
+_LINE = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) "
+    r"(?:(Initialized) (\d{1,3}(?:\.\d{1,3}){3})"
+    r"|(Created|Deleted) (\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5}) \[([0-9A-Fa-f:.]+)\]:(\d{1,5}))"
+    r"\r?\n?\Z"
+)
+
+
+def parse_line(line: str) -> Event:
+    """Parse one log line (trailing newline allowed). Raises :class:`BadLine`."""
+    m = _LINE.match(line)
+    if m is None:
+        raise BadLine("not a log line")
+    y, mo, d, h, mi, s, us = (int(x) for x in m.group(1, 2, 3, 4, 5, 6, 7))
+    try:
+        ts = ts_from_datetime(dt.datetime(y, mo, d, h, mi, s, us))
+    except ValueError as exc:
+        raise BadLine(f"bad time: {exc}") from None
+    if m.group(8):
+        return Event(ts, EventKind.INITIALIZED, _ipv4(m.group(9)))
+    port, aport = int(m.group(12)), int(m.group(14))
+    if port > 65535 or aport > 65535:
+        raise BadLine("port out of range")
+    try:
+        addr = ipaddress.IPv6Address(m.group(13)).packed
+    except ValueError:
+        raise BadLine(f"bad IPv6 address {m.group(13)!r}") from None
+    kind = EventKind.CREATED if m.group(10) == "Created" else EventKind.DELETED
+    return Event(ts, kind, _ipv4(m.group(11)), port, addr, aport)
+
+
+def _ipv4(text: str) -> int:
+    try:
+        return int(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise BadLine(f"bad IPv4 address {text!r}") from None

@@ -1,0 +1,208 @@
+"""Opening a nat64ho database and bringing its schema up to date.
+
+Owns the migration files (``migrations/NNNN_name.sql``, shipped inside the
+package) and the rules every command shares: the default path, WAL, refusing
+files that are not ours or are newer than us, and never creating a database
+where a read was asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from importlib import resources
+from pathlib import Path
+
+#: How long a connection waits on a lock held by another process before it
+#: reports the database busy. Long enough to ride out a big commit or a
+#: checkpoint, short enough that an operator is not left staring at nothing.
+BUSY_TIMEOUT_MS = 5000
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class DatabaseError(Exception):
+    """Base of the named errors below; the message is meant for an operator."""
+
+
+class DatabaseMissing(DatabaseError):
+    """The database file does not exist (and the command must not create it)."""
+
+
+class NotOurDatabase(DatabaseError):
+    """The file is not SQLite, is damaged, or belongs to another program."""
+
+
+class NewerDatabase(DatabaseError):
+    """The database carries migrations this nat64ho does not know."""
+
+
+class OutdatedDatabase(DatabaseError):
+    """The database lacks migrations that only ``serve`` applies."""
+
+
+class DatabaseBusy(DatabaseError):
+    """Another process held a lock on the database for too long."""
+
+
+def default_db_path() -> Path:
+    """``$NAT64HO_DB``, else ``$XDG_DATA_HOME/nat64ho/table.db``
+    (``~/.local/share/nat64ho/table.db``)."""
+    env = os.environ.get("NAT64HO_DB")
+    if env:
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "nat64ho" / "table.db"
+
+
+def _migration_dir():
+    packaged = resources.files("nat64ho").joinpath("migrations")
+    if packaged.is_dir():
+        return packaged
+    # Running from a checkout (editable install): the top-level folder.
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every shipped migration, in order."""
+    found = []
+    for item in _migration_dir().iterdir():
+        m = _MIGRATION_NAME.match(item.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), item.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations are not numbered 1..n: {versions}")
+    return found
+
+
+def _connect(path: Path, mode: str) -> sqlite3.Connection:
+    uri = f"file:{path.as_posix()}?mode={mode}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+    return conn
+
+
+def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
+    """Versions recorded in the database; raises NotOurDatabase for foreign files."""
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise NotOurDatabase(f"{path}: not a nat64ho database ({exc})") from None
+    if not tables:
+        return []
+    if "schema_migrations" not in tables:
+        raise NotOurDatabase(
+            f"{path}: an SQLite database of another program (no schema_migrations table)")
+    return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def check_version(conn: sqlite3.Connection, path: Path) -> list[int]:
+    applied = _applied(conn, path)
+    known = {v for v, _, _ in migrations()}
+    unknown = [v for v in applied if v not in known]
+    if unknown:
+        raise NewerDatabase(
+            f"{path}: written by a newer nat64ho (schema version {max(unknown)}, "
+            f"this one knows up to {max(known)}); upgrade nat64ho")
+    return applied
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> list[int]:
+    """Apply the pending migrations, each in one transaction with its record.
+    Returns the versions applied now."""
+    applied = set(check_version(conn, path))
+    done = []
+    for version, name, sql in migrations():
+        if version in applied:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)")
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                         (version, name, int(time.time() * 1_000_000)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        done.append(version)
+    return done
+
+
+def _statements(sql: str) -> list[str]:
+    # executescript() would commit on its own; split so the migration and its
+    # record share one transaction.
+    out, current = [], []
+    for line in sql.splitlines(keepends=True):
+        current.append(line)
+        if sqlite3.complete_statement("".join(current)):
+            out.append("".join(current))
+            current = []
+    if "".join(current).strip():
+        out.append("".join(current))
+    return out
+
+
+def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -> sqlite3.Connection:
+    """Open a nat64ho database, synchronously.
+
+    ``readonly``: never writes (and never creates). ``create``: make the file
+    and its directory if missing, then apply pending migrations. Otherwise the
+    file must exist and be current. Raises the DatabaseError subclasses.
+    """
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise DatabaseMissing(f"{path}: no such database (start 'nat64ho serve --db {path}' "
+                                  "to create it, or give --db)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif path.is_dir():
+        raise NotOurDatabase(f"{path}: is a directory, not a database file")
+    conn = _connect(path, "ro" if readonly else "rwc" if create else "rw")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if readonly:
+            check_version(conn, path)
+            _require_current(conn, path)
+        else:
+            _set_wal(conn, path)
+            if create:
+                migrate(conn, path)
+            else:
+                check_version(conn, path)
+                _require_current(conn, path)
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise DatabaseBusy(f"{path}: database is busy (locked by another process); try again") from None
+        raise NotOurDatabase(f"{path}: cannot be opened ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise NotOurDatabase(f"{path}: not a nat64ho database ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _require_current(conn: sqlite3.Connection, path: Path) -> None:
+    applied = _applied(conn, path)
+    missing = [v for v, _, _ in migrations() if v not in applied]
+    if not applied:
+        raise NotOurDatabase(f"{path}: empty file, not a nat64ho database")
+    if missing:
+        raise OutdatedDatabase(f"{path}: schema is older than this nat64ho (missing version "
+                            f"{missing[0]}); start 'nat64ho serve' once to upgrade it")
+
+
+def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise NotOurDatabase(f"{path}: cannot switch to WAL journal mode (got {mode})")
