@@ -153,7 +153,7 @@ def serve(
     sync: Annotated[str, typer.Option(
         metavar="full|normal", help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.")] = "full",
     cache_size: Annotated[int, typer.Option(
-        metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1)] = 200_000,
+        metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1)] = 100_000,
     keep_history: Annotated[Optional[float], typer.Option(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,

@@ -1,0 +1,151 @@
+"""The NAT64 side of the protocol: a sans-I/O peer and a small asyncio driver.
+
+Used by the end-to-end tests, the benchmark and anyone simulating a NAT64.
+:class:`Peer` keeps the session (boot id, cookie, port range) and the NAT64's
+cache of mappings; :class:`Client` moves its datagrams over UDP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from nat64ho import wire
+
+#: Messages that answer a request (a DELETED only accompanies a MAPPING).
+ANSWERS = (wire.Welcome, wire.Mapping, wire.Unmapped, wire.Error)
+
+
+class NoSession(RuntimeError):
+    """A request was built before a WELCOME gave this peer its cookie."""
+
+
+class Peer:
+    """A NAT64's view of one handoff server."""
+
+    def __init__(self, boot_id: bytes | None = None):
+        self.boot_id = boot_id if boot_id is not None else os.urandom(8)
+        self.cookie: bytes | None = None
+        self.first_port: int | None = None
+        self.last_port: int | None = None
+        #: NAT port -> (IPv6 address, IPv6 port), as the server announced.
+        self.cache: dict[int, tuple[bytes, int]] = {}
+
+    def hello(self) -> bytes:
+        return wire.encode(wire.Hello(self.boot_id))
+
+    def request(self, messages: list) -> bytes:
+        """A datagram: our COOKIE, then ``messages``."""
+        if self.cookie is None:
+            raise NoSession("no cookie yet: send hello() and feed the WELCOME to receive()")
+        return wire.encode(wire.Cookie(self.cookie)) + wire.build(messages)
+
+    def receive(self, datagram: bytes) -> list:
+        """Parse a server datagram and update the session and cache.
+        Raises wire.Malformed like wire.parse."""
+        messages = wire.parse(datagram, wire.Direction.TO_NAT64)
+        for m in messages:
+            cls = type(m)
+            if cls is wire.Mapping:
+                self.cache[m.nat_port] = (m.addr, m.port)
+            elif cls is wire.Deleted or cls is wire.Unmapped:
+                self.cache.pop(m.nat_port, None)
+            elif cls is wire.Welcome and m.boot_id == self.boot_id:
+                self.cookie = m.cookie
+                self.first_port, self.last_port = m.first_port, m.last_port
+            elif cls is wire.Error and m.code == wire.ErrorCode.BAD_COOKIE:
+                self.cookie = None
+        return messages
+
+
+class Client(asyncio.DatagramProtocol):
+    """A :class:`Peer` on a UDP socket. Replies queue up in :attr:`inbox`."""
+
+    def __init__(self, peer: Peer | None = None):
+        self.peer = peer or Peer()
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.malformed = 0
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, local: str = "127.0.0.1",
+                      peer: Peer | None = None) -> "Client":
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_datagram_endpoint(
+            lambda: cls(peer), local_addr=(local, 0), remote_addr=(host, port))
+        return client
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            messages = self.peer.receive(data)
+        except wire.Malformed:
+            self.malformed += 1
+            return
+        for m in messages:
+            self.inbox.put_nowait(m)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.transport.sendto(data)
+
+    def send(self, messages: list) -> None:
+        self.transport.sendto(self.peer.request(messages))
+
+    async def collect(self, answers: int, timeout: float = 2.0) -> list:
+        """Messages received until ``answers`` answers came, or ``timeout``
+        seconds passed without completing them."""
+        out: list = []
+        got = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while got < answers:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                m = await asyncio.wait_for(self.inbox.get(), left)
+            except asyncio.TimeoutError:
+                break
+            out.append(m)
+            if isinstance(m, ANSWERS):
+                got += 1
+        return out
+
+    async def quiet(self, seconds: float = 0.2) -> list:
+        """Whatever arrives within ``seconds``."""
+        out = []
+        try:
+            while True:
+                out.append(await asyncio.wait_for(self.inbox.get(), seconds))
+        except asyncio.TimeoutError:
+            return out
+
+    async def hello(self, timeout: float = 2.0) -> wire.Welcome:
+        self.send_raw(self.peer.hello())
+        for m in await self.collect(1, timeout):
+            if isinstance(m, wire.Welcome):
+                return m
+            if isinstance(m, wire.Error):
+                raise ConnectionRefusedError(f"server answered HELLO with ERROR {m.code}")
+        raise TimeoutError("no WELCOME")
+
+    async def exchange(self, messages: list, answers: int | None = None,
+                       timeout: float = 2.0) -> list:
+        """Send ``messages`` in one datagram and collect the answers (by
+        default one per MAP/LOOKUP)."""
+        if answers is None:
+            answers = sum(isinstance(m, (wire.Map, wire.Lookup)) for m in messages)
+        self.send(messages)
+        return await self.collect(answers, timeout)
+
+    async def map(self, addr: bytes, port: int) -> list:
+        return await self.exchange([wire.Map(addr, port)])

@@ -1,0 +1,525 @@
+"""The UDP server: sockets, clocks, the log file, signals, and the dispatch
+that joins the codec, the per-NAT64 tables and the store.
+
+A datagram is parsed whole, checked (source, cookie, rates), decided by its
+NAT64's table, and answered; answers that announce something not yet durable
+wait for their commit. Nothing a peer sends raises out of
+:meth:`Server.datagram_received`: every drop is counted under a named reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import heapq
+import ipaddress
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nat64ho import wire
+from nat64ho.eventlog import Event, EventKind, format_event
+from nat64ho.store import Batch, Store
+from nat64ho.table import Bucket, NatTable
+
+log = logging.getLogger("nat64ho")
+
+#: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
+#: rather than being dropped while a commit runs.
+RCVBUF = 4 * 1024 * 1024
+#: Datagrams waiting on database reads or commits at once; beyond this new
+#: work is dropped ("overloaded") so memory stays bounded.
+MAX_INFLIGHT = 8192
+#: Rows waiting to be committed beyond which new entries are refused (no
+#: answer): a full or stuck disk must not grow memory without bound.
+MAX_BACKLOG = 200_000
+#: Pages of LRU candidates read for one datagram before giving up.
+MAX_VICTIM_PAGES = 64
+#: Sources whose HELLO rate is tracked; the oldest are forgotten beyond this.
+MAX_HELLO_SOURCES = 65536
+#: How long a clean stop waits for datagrams in flight before committing.
+STOP_GRACE = 10.0
+#: Interval between history prunes when --keep-history is set.
+PRUNE_INTERVAL = 3600.0
+
+
+@dataclass
+class Config:
+    db: Path
+    host: str = "0.0.0.0"
+    port: int = wire.DEFAULT_PORT
+    log_file: str = "-"
+    first_port: int = 1028
+    last_port: int = 65535
+    allow: list = field(default_factory=list)  # IPv4Network; empty = any
+    min_idle: float = 0.0  # seconds
+    hello_rate: float = 5.0
+    create_rate: float = 50_000.0
+    sync: str = "full"
+    cache_size: int = 100_000
+    keep_history_days: float | None = None
+    max_nats: int = 4096
+    metrics: tuple[str, int] | None = None
+
+
+def wall_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Clock:
+    """The table clock, in µs: monotonic, and never behind any last use
+    already saved, so recency stays ordered across wall-clock steps and
+    restarts; close to UTC so stored times read naturally."""
+
+    def __init__(self, floor: int = 0):
+        self._base = max(wall_us(), floor + 1)
+        self._mono = time.monotonic_ns()
+
+    def now(self) -> int:
+        return self._base + (time.monotonic_ns() - self._mono) // 1000
+
+
+class LogFile:
+    """The event log (PROTOCOL.md §6). Lines are flushed to the OS before the
+    answers they describe are sent; SIGHUP reopens the file for logrotate."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = None
+        self._failing = False
+        self.open()
+
+    def open(self) -> None:
+        if self.path == "-":
+            self._f = sys.stdout
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="ascii", buffering=1 << 16)
+
+    def reopen(self) -> None:
+        if self.path == "-":
+            return
+        old = self._f
+        self.open()
+        old.close()
+        log.info("reopened log file %s", self.path)
+
+    def write(self, lines: list[str]) -> None:
+        try:
+            self._f.write("".join(lines))
+            self._f.flush()
+        except OSError as exc:
+            if not self._failing:
+                log.error("cannot write log file %s: %s (events are still in the database; "
+                          "'nat64ho export' recovers them)", self.path, exc)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def close(self) -> None:
+        if self._f is not None and self._f is not sys.stdout:
+            self._f.close()
+
+
+class NatState:
+    """What the server knows of one NAT64 beside its table."""
+
+    __slots__ = ("nat", "cookie", "table", "create", "loading")
+
+    def __init__(self, nat: int, cookie: bytes, table: NatTable, create: Bucket):
+        self.nat = nat
+        self.cookie = cookie
+        self.table = table
+        self.create = create
+        self.loading: asyncio.Task | None = None
+
+
+class Server(asyncio.DatagramProtocol):
+    def __init__(self, config: Config, store: Store, logfile: LogFile):
+        self.config = config
+        self.store = store
+        self.logfile = logfile
+        self.clock = Clock(store.clock_hwm)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.nats: dict[int, NatState] = {}
+        self.hello_buckets: OrderedDict[int, Bucket] = OrderedDict()
+        self.drops: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.tasks: set[asyncio.Task] = set()
+        self.rng = random.Random(os.urandom(32))
+        self.min_idle_us = int(config.min_idle * 1_000_000)
+        self.cached = 0  # entries held in memory, all NAT64s together
+        store.on_commit = self._committed
+        self._allow = config.allow
+
+    # ------------------------------------------------------------ socket
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            except OSError:
+                pass
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (a NAT64 went away): not ours to fix.
+        self.counts["icmp_errors"] += 1
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.counts["datagrams_in"] += 1
+        try:
+            self._datagram(data, addr)
+        except Exception:
+            self._drop("internal_error")
+            log.exception("bug: datagram from %s raised", addr[0])
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+
+    def _send(self, units: list[list[bytes]], addr) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        for d in wire.pack(units):
+            self.transport.sendto(d, addr)
+            self.counts["datagrams_out"] += 1
+
+    def _error(self, code: wire.ErrorCode, offending: int, received: int, addr) -> None:
+        # PROTOCOL.md §7: never more octets to an unproven source than it sent.
+        if received >= 4:
+            self._send([[bytes((wire.Kind.ERROR, 1, code, offending))]], addr)
+
+    # ------------------------------------------------------------ dispatch
+    def _datagram(self, data: bytes, addr) -> None:
+        nat = _source_ipv4(addr[0])
+        if nat is None:
+            self._drop("not_ipv4")
+            return
+        try:
+            messages = wire.parse(data)
+        except wire.Malformed as exc:
+            self._drop(exc.reason)
+            return
+        first = messages[0]
+        kind = type(first)
+        if kind is wire.Hello:
+            if len(messages) != 1:
+                self._drop("hello_not_alone")
+                return
+            self._hello(nat, first, len(data), addr)
+            return
+        if kind is not wire.Cookie:
+            self._drop("no_cookie")
+            self._error(wire.ErrorCode.BAD_COOKIE, data[0], len(data), addr)
+            return
+        state = self.nats.get(nat) or self._known(nat)
+        if state is None or not hmac.compare_digest(state.cookie, first.cookie):
+            self._drop("bad_cookie")
+            self._error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE, len(data), addr)
+            return
+        body = messages[1:]
+        for m in body:
+            if type(m) is wire.Cookie or type(m) is wire.Hello:
+                self._drop("misplaced_session")
+                return
+        if not body:
+            return
+        table = state.table
+        if table.loaded and table.needs(body) is None:
+            self._decide(state, body, addr)
+        elif len(self.tasks) >= MAX_INFLIGHT:
+            self._drop("overloaded")
+        else:
+            self._spawn(self._slow(state, body, addr))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._drop("internal_error")
+            log.error("bug: datagram task failed", exc_info=task.exception())
+
+    def _decide(self, state: NatState, body: list, addr) -> None:
+        store = self.store
+        out = state.table.apply(body, self.clock.now(), wall_us(), store.pending_seq,
+                                state.create, create_ok=store.backlog < MAX_BACKLOG)
+        if out.created or out.touched or out.events:
+            store.add(state.nat, out.created, out.touched, out.events)
+        self.counts.update(out.counts)
+        if not out.units:
+            return
+        if out.wait_seq > store.committed_seq:
+            self._spawn(self._send_after(out.wait_seq, out.units, addr))
+        else:
+            self._send(out.units, addr)
+
+    async def _send_after(self, seq: int, units, addr) -> None:
+        await self.store.wait(seq)
+        self._send(units, addr)
+
+    async def _slow(self, state: NatState, body: list, addr) -> None:
+        """Read from the database what memory lacks, then decide."""
+        table = state.table
+        if not table.loaded:
+            await self._load(state)
+        store = self.store
+        absent: set = set()
+        after = None
+        pages = 0
+        table.readers += 1
+        try:
+            while (needs := table.needs(body, absent)) is not None:
+                rows = []
+                if needs.endpoints:
+                    found = await store.read_endpoints(state.nat, needs.endpoints)
+                    rows += found
+                    absent.update(set(needs.endpoints) - {(r.addr, r.aport) for r in found})
+                if needs.ports:
+                    rows += await store.read_ports(state.nat, needs.ports)
+                candidates = []
+                if needs.victims:
+                    if after is None and table.candidates:
+                        last = table.candidates[next(reversed(table.candidates))]
+                        after = (last.last_use, last.port)
+                    candidates = await store.read_oldest(state.nat, needs.victims, after)
+                    pages += 1
+                    if candidates:
+                        after = (candidates[-1].last_use, candidates[-1].port)
+                table.feed(rows, candidates)
+                if needs.victims and (not candidates or pages >= MAX_VICTIM_PAGES):
+                    break  # the database has no more: apply() answers TABLE_FULL
+        finally:
+            table.readers -= 1
+        self._decide(state, body, addr)
+
+    async def _load(self, state: NatState) -> None:
+        if state.loading is None:
+            state.loading = asyncio.ensure_future(self._load_table(state))
+        await asyncio.shield(state.loading)
+
+    async def _load_table(self, state: NatState) -> None:
+        ports, total = await self.store.load_table(state.nat)
+        state.table.load(ports, total)
+
+    # ------------------------------------------------------------ session
+    def _cookie(self, nat: int, boot_id: bytes) -> bytes:
+        return hmac.new(self.store.secret, nat.to_bytes(4, "big") + boot_id,
+                        hashlib.sha256).digest()[:8]
+
+    def _new_state(self, nat: int, boot_id: bytes) -> NatState:
+        table = NatTable(nat, self.config.first_port, self.config.last_port,
+                         min_idle=self.min_idle_us, rng=random.Random(self.rng.getrandbits(128)))
+        state = NatState(nat, self._cookie(nat, boot_id), table,
+                         Bucket(self.config.create_rate, self.clock.now()))
+        self.nats[nat] = state
+        return state
+
+    def _known(self, nat: int) -> NatState | None:
+        """State for a NAT64 that said HELLO before this server started."""
+        record = self.store.nats.get(nat)
+        if record is None:
+            return None
+        return self._new_state(nat, record.boot_id)
+
+    def _allowed(self, nat: int) -> bool:
+        if not self._allow:
+            return True
+        ip = ipaddress.IPv4Address(nat)
+        return any(ip in net for net in self._allow)
+
+    def _hello(self, nat: int, hello: wire.Hello, received: int, addr) -> None:
+        self.counts["hellos"] += 1
+        if not self._allowed(nat):
+            self._drop("not_allowed")
+            self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
+            return
+        now = self.clock.now()
+        bucket = self.hello_buckets.get(nat)
+        if bucket is None:
+            bucket = self.hello_buckets[nat] = Bucket(self.config.hello_rate, now)
+            if len(self.hello_buckets) > MAX_HELLO_SOURCES:
+                self.hello_buckets.popitem(last=False)
+        if not bucket.take(now):
+            self._drop("hello_rate")
+            self._error(wire.ErrorCode.RATE_LIMITED, wire.Kind.HELLO, received, addr)
+            return
+        if hello.version != wire.VERSION:
+            self._drop("bad_version")
+            self._error(wire.ErrorCode.BAD_VERSION, wire.Kind.HELLO, received, addr)
+            return
+        state = self.nats.get(nat)
+        if state is None and nat not in self.store.nats and len(self.store.nats) >= self.config.max_nats:
+            self._drop("too_many_nats")
+            self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
+            return
+        if state is None:
+            state = self._new_state(nat, hello.boot_id)
+        else:
+            state.cookie = self._cookie(nat, hello.boot_id)
+        welcome = wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
+                                           state.cookie, hello.boot_id))
+        record = self.store.nats.get(nat)
+        wall = wall_us()
+        if record is None or record.boot_id != hello.boot_id:
+            # A NAT64 (re)start: say so once it is on disk, then welcome it.
+            self.store.add_hello(nat, hello.boot_id, wall, Event(wall, EventKind.INITIALIZED, nat))
+            self._spawn(self._send_after(self.store.pending_seq, [[welcome]], addr))
+        else:
+            self.store.add_hello(nat, hello.boot_id, wall, None)
+            self._send([[welcome]], addr)
+
+    # ------------------------------------------------------------ commits
+    def _committed(self, batch: Batch) -> None:
+        if batch.events:
+            self.logfile.write([format_event(e) + "\n" for e in batch.events])
+            self.counts.update(f"events_{e.kind.name.lower()}" for e in batch.events)
+        self.cached = sum(len(s.table.by_port) for s in self.nats.values())
+        if self.cached > self.config.cache_size:
+            self._trim(self.cached - self.config.cache_size)
+
+    def _trim(self, excess: int) -> None:
+        """Forget the least recently used entries of all NAT64s until the
+        cache fits; entries not yet durable (or whose recency is unsaved) stay."""
+        committed = self.store.committed_seq
+        heap = []
+        for s in self.nats.values():
+            t = s.table
+            if t.by_port and t.readers == 0:
+                heap.append((t.by_port[next(iter(t.by_port))].last_use, s.nat))
+        heapq.heapify(heap)
+        unsaved = False
+        while excess > 0 and heap:
+            _, nat = heapq.heappop(heap)
+            t = self.nats[nat].table
+            e = t.by_port[next(iter(t.by_port))]
+            if e.seq > committed or e.dirty:
+                unsaved = True
+                continue
+            t.forget(e)
+            excess -= 1
+            self.cached -= 1
+            if t.by_port:
+                heapq.heappush(heap, (t.by_port[next(iter(t.by_port))].last_use, nat))
+        if unsaved:
+            self.store.flush_recency_soon()
+
+    # ------------------------------------------------------------ reports
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
+        return (f"{self.counts['datagrams_in']} datagrams in, {self.counts['datagrams_out']} out, "
+                f"{self.counts['created']} created, {self.counts['deleted']} deleted; drops: {drops}")
+
+
+def _source_ipv4(host: str) -> int | None:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6:
+        ip = ip.ipv4_mapped
+        if ip is None:
+            return None
+    return int(ip)
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        _sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def _prune(store: Store, days: float) -> None:
+    while True:
+        before = wall_us() - int(days * 86400 * 1_000_000)
+        n = await store.prune(before)
+        if n:
+            log.info("pruned %d history events older than %g days", n, days)
+        await asyncio.sleep(PRUNE_INTERVAL)
+
+
+async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
+    """Run until SIGTERM/SIGINT; returns the server after a clean stop."""
+    loop = asyncio.get_running_loop()
+    store = await Store.open(config.db, sync=config.sync)
+    logfile = LogFile(config.log_file)
+    server = Server(config, store, logfile)
+    stop = asyncio.Event()
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: server, local_addr=(config.host, config.port),
+            family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    except BaseException:
+        await store.close()
+        logfile.close()
+        raise
+    helpers = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
+    sockname = transport.get_extra_info("sockname")
+    log.info("listening on %s:%d, database %s, log %s, ports %d-%d",
+             sockname[0], sockname[1], config.db, config.log_file, config.first_port,
+             config.last_port)
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if watchdog_usec > 0:
+        helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
+    if config.keep_history_days is not None:
+        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+    _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
+    if ready is not None and not ready.done():
+        ready.set_result(sockname)
+    try:
+        await stop.wait()
+    finally:
+        _sd_notify("STOPPING=1")
+        log.info("stopping: committing what is in flight")
+        transport.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if server.tasks:
+            await asyncio.wait(list(server.tasks), timeout=STOP_GRACE)
+        for h in helpers:
+            h.cancel()
+        await store.close()
+        logfile.close()
+        log.info("stopped: %s", server.summary())
+    return server
+
+
+def run(config: Config) -> None:
+    """Blocking entry point for ``nat64ho serve``."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="nat64ho: %(levelname)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

@@ -1,0 +1,328 @@
+"""Durable storage of the tables and the history, through aiosqlite.
+
+One writer connection commits in groups: every change decided while the
+previous commit was on disk goes into the next transaction, so durability
+costs one fsync per batch, not per entry. A second connection reads (WAL lets
+it run while the writer commits). Callers learn when a batch is durable by
+awaiting :meth:`Store.wait`; nothing here decides what to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple
+
+import aiosqlite
+
+from nat64ho import schema
+from nat64ho.eventlog import Event
+from nat64ho.table import Entry, Row
+
+log = logging.getLogger("nat64ho.store")
+
+#: Unsaved recency is written at least this often (µs are not lost on a clean
+#: stop; on a crash at most this much LRU ordering is).
+RECENCY_INTERVAL = 1.0
+#: Longest wait between retries of a failed commit (disk full, locked).
+MAX_RETRY_DELAY = 2.0
+#: SQLite page cache per connection, in KiB: the hot part of the indexes fits,
+#: and the two connections stay well inside the server's memory budget.
+PAGE_CACHE_KIB = 32 * 1024
+#: Rows per DELETE when pruning history, so the writer is never held for long.
+PRUNE_CHUNK = 20_000
+
+_UPSERT_ENTRY = (
+    "INSERT INTO entry (nat, port, addr, aport, created, last_use) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (nat, port) DO UPDATE SET addr = excluded.addr, aport = excluded.aport, "
+    "created = excluded.created, last_use = excluded.last_use"
+)
+_UPDATE_RECENCY = "UPDATE entry SET last_use = ? WHERE nat = ? AND port = ?"
+_INSERT_EVENT = ("INSERT OR IGNORE INTO event (ts, kind, nat, port, addr, aport) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+_UPSERT_NAT = (
+    "INSERT INTO nat (nat, boot_id, first_hello, last_hello) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (nat) DO UPDATE SET boot_id = excluded.boot_id, last_hello = excluded.last_hello"
+)
+_ROW = "SELECT port, addr, aport, created, last_use FROM entry"
+
+
+class NatRecord(NamedTuple):
+    boot_id: bytes
+    first_hello: int
+    last_hello: int
+
+
+class Batch:
+    """Changes that will commit together."""
+
+    __slots__ = ("seq", "entries", "events", "nats", "done")
+
+    def __init__(self, seq: int, loop: asyncio.AbstractEventLoop):
+        self.seq = seq
+        self.entries: list[tuple[int, Entry]] = []
+        self.events: list[Event] = []
+        self.nats: dict[int, tuple[bytes, int]] = {}
+        self.done: asyncio.Future = loop.create_future()
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.events or self.nats)
+
+
+class Store:
+    """The database of one server. Use :meth:`open`, then :meth:`close`."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self.secret = b""
+        self.clock_hwm = 0
+        self.nats: dict[int, NatRecord] = {}
+        self._loop = asyncio.get_running_loop()
+        self.committed_seq = 0
+        self._batch = Batch(1, self._loop)
+        self._inflight: Batch | None = None
+        self._dirty: list[tuple[int, Entry]] = []
+        self._wake = asyncio.Event()
+        self._recency_due = False
+        self._closing = False
+        self._flusher: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
+        self.failing: str | None = None  #: why the last commit failed, while it does
+        #: Called after each commit with the batch, before waiters wake: the
+        #: server writes the log lines there and trims its cache.
+        self.on_commit: Callable[[Batch], None] = lambda batch: None
+        self.stats = {"commits": 0, "commit_failures": 0, "rows": 0}
+        self.commit_observer: Callable[[int, float], None] = lambda rows, seconds: None
+
+    # ------------------------------------------------------------ life
+    @classmethod
+    async def open(cls, path: Path | str, *, sync: str = "full") -> "Store":
+        """Open (creating if missing) and migrate; raises schema.DatabaseError."""
+        path = Path(path)
+        await asyncio.to_thread(lambda: schema.open_db(path, create=True).close())
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        reader = await aiosqlite.connect(f"file:{path.as_posix()}?mode=ro", uri=True,
+                                         isolation_level=None)
+        for conn in (writer, reader):
+            await conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
+            await conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
+        await writer.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        self = cls(path, writer, reader)
+        await self._load_meta()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
+        self._ticker = asyncio.create_task(self._tick(), name="nat64ho-recency")
+        return self
+
+    async def _load_meta(self) -> None:
+        rows = dict(await self._w.execute_fetchall("SELECT key, value FROM meta"))
+        secret = rows.get("secret")
+        if secret is None:
+            # Created once and kept with the table, so cookies survive restarts.
+            secret = os.urandom(32)
+            await self._w.execute("INSERT INTO meta VALUES ('secret', ?)", (secret,))
+        self.secret = bytes(secret)
+        self.clock_hwm = int(rows.get("clock_hwm", 0))
+        for nat, boot_id, first, last in await self._w.execute_fetchall(
+                "SELECT nat, boot_id, first_hello, last_hello FROM nat"):
+            self.nats[nat] = NatRecord(bytes(boot_id), first, last)
+
+    async def close(self) -> None:
+        """Commit everything pending (recency included) and close."""
+        self._closing = True
+        self._recency_due = True
+        self._wake.set()
+        if self._flusher is not None:
+            await self._flusher
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await self._r.close()
+        await self._w.close()
+
+    # ------------------------------------------------------------ reads
+    async def load_table(self, nat: int) -> tuple[list[int], int]:
+        rows = await self._r.execute_fetchall("SELECT port FROM entry WHERE nat = ?", (nat,))
+        ports = [r[0] for r in rows]
+        return ports, len(ports)
+
+    async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]:
+        # One point lookup per endpoint, joined: an OR of them makes SQLite
+        # scan the NAT64's whole index range.
+        sql = " UNION ALL ".join([f"{_ROW} WHERE nat = ? AND addr = ? AND aport = ?"] * len(endpoints))
+        args: list = []
+        for addr, aport in endpoints:
+            args += (nat, addr, aport)
+        return [Row(*r) for r in await self._r.execute_fetchall(sql, args)]
+
+    async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
+        marks = ",".join("?" * len(ports))
+        return [Row(*r) for r in await self._r.execute_fetchall(
+            f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *ports))]
+
+    async def read_oldest(self, nat: int, n: int, after: tuple[int, int] | None = None) -> list[Row]:
+        """The ``n`` entries of ``nat`` with the oldest saved last use, after ``after``."""
+        if after is None:
+            rows = await self._r.execute_fetchall(
+                f"{_ROW} WHERE nat = ? ORDER BY last_use, port LIMIT ?", (nat, n))
+        else:
+            rows = await self._r.execute_fetchall(
+                f"{_ROW} WHERE nat = ? AND (last_use, port) > (?, ?) ORDER BY last_use, port LIMIT ?",
+                (nat, *after, n))
+        return [Row(*r) for r in rows]
+
+    # ------------------------------------------------------------ writes
+    @property
+    def pending_seq(self) -> int:
+        """The batch that changes made now will join."""
+        return self._batch.seq
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be committed (bounds memory while commits fail)."""
+        b = self._batch
+        n = len(b.entries) + len(b.events)
+        if self._inflight is not None:
+            n += len(self._inflight.entries) + len(self._inflight.events)
+        return n
+
+    def add(self, nat: int, created: Iterable[Entry], touched: Iterable[Entry],
+            events: Iterable[Event]) -> None:
+        b = self._batch
+        for e in created:
+            b.entries.append((nat, e))
+        for e in touched:
+            self._dirty.append((nat, e))
+        b.events.extend(events)
+        if b:
+            self._wake.set()
+
+    def add_hello(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None:
+        self._batch.nats[nat] = (boot_id, wall)
+        if event is not None:
+            self._batch.events.append(event)
+        self._wake.set()
+
+    def flush_recency_soon(self) -> None:
+        self._recency_due = True
+        self._wake.set()
+
+    async def wait(self, seq: int) -> None:
+        """Return once batch ``seq`` is committed."""
+        if seq <= self.committed_seq:
+            return
+        for b in (self._inflight, self._batch):
+            if b is not None and b.seq == seq:
+                await asyncio.shield(b.done)
+                return
+        raise AssertionError(f"no batch {seq}")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(RECENCY_INTERVAL)
+            if self._dirty:
+                self.flush_recency_soon()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch = self._batch
+            recency = self._take_recency() if self._recency_due else []
+            if not batch and not recency:
+                if self._closing:
+                    return
+                continue
+            self._batch = Batch(batch.seq + 1, self._loop)
+            self._inflight = batch
+            await self._commit_until_done(batch, recency)
+            self._inflight = None
+            self.committed_seq = batch.seq
+            try:
+                self.on_commit(batch)
+            finally:
+                batch.done.set_result(None)
+            if self._batch or self._closing or self._recency_due:
+                self._wake.set()
+
+    def _take_recency(self) -> list[tuple[int, int, int]]:
+        self._recency_due = False
+        rows = []
+        for nat, e in self._dirty:
+            if e.dirty:
+                e.dirty = False
+                rows.append((e.last_use, nat, e.port))
+        self._dirty = []
+        return rows
+
+    async def _commit_until_done(self, batch: Batch, recency: list) -> None:
+        delay = 0.01
+        while True:
+            try:
+                await self._commit(batch, recency)
+            except sqlite3.Error as exc:
+                self.stats["commit_failures"] += 1
+                try:
+                    await self._w.rollback()
+                except sqlite3.Error:
+                    pass
+                if self.failing != str(exc):
+                    log.error("cannot commit to %s: %s; holding %d changes and retrying",
+                              self.path, exc, len(batch.entries) + len(batch.events))
+                self.failing = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            if self.failing is not None:
+                log.warning("commits to %s work again", self.path)
+                self.failing = None
+            return
+
+    async def _commit(self, batch: Batch, recency: list) -> None:
+        w = self._w
+        start = self._loop.time()
+        hwm = self.clock_hwm
+        entries = []
+        for nat, e in batch.entries:
+            entries.append(e.row(nat))
+            if e.last_use > hwm:
+                hwm = e.last_use
+        for r in recency:
+            if r[0] > hwm:
+                hwm = r[0]
+        await w.execute("BEGIN IMMEDIATE")
+        if entries:
+            await w.executemany(_UPSERT_ENTRY, entries)
+        if recency:
+            await w.executemany(_UPDATE_RECENCY, recency)
+        if batch.events:
+            await w.executemany(_INSERT_EVENT, batch.events)
+        if batch.nats:
+            await w.executemany(_UPSERT_NAT, [(nat, boot, wall, wall)
+                                              for nat, (boot, wall) in batch.nats.items()])
+        if hwm > self.clock_hwm:
+            await w.execute("INSERT OR REPLACE INTO meta VALUES ('clock_hwm', ?)", (hwm,))
+        await w.execute("COMMIT")
+        self.clock_hwm = hwm
+        for nat, (boot, wall) in batch.nats.items():
+            old = self.nats.get(nat)
+            self.nats[nat] = NatRecord(boot, old.first_hello if old else wall, wall)
+        rows = len(entries) + len(recency) + len(batch.events)
+        self.stats["commits"] += 1
+        self.stats["rows"] += rows
+        self.commit_observer(rows, self._loop.time() - start)
+
+    async def prune(self, before: int) -> int:
+        """Delete history events older than ``before`` (µs), in small chunks."""
+        total = 0
+        while True:
+            cur = await self._w.execute(
+                "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? LIMIT ?)",
+                (before, PRUNE_CHUNK))
+            total += cur.rowcount
+            if cur.rowcount < PRUNE_CHUNK:
+                return total
+            await asyncio.sleep(0)
