@@ -71,7 +71,9 @@ class Config:
 
 
 def wall_us() -> int:
-    return time.time_ns() // 1000
+    # Rounded, not truncated: a clock that computes ns from a float (as
+    # freezegun does) is otherwise one µs early.
+    return (time.time_ns() + 500) // 1000
 
 
 class Clock:
@@ -157,6 +159,9 @@ class Server(asyncio.DatagramProtocol):
         self.rng = random.Random(os.urandom(32))
         self.min_idle_us = int(config.min_idle * 1_000_000)
         self.cached = 0  # entries held in memory, all NAT64s together
+        #: NAT64s welcomed whose first HELLO is not committed yet: counted
+        #: against --max-nats, or a burst between two commits would overshoot.
+        self.pending_nats: set[int] = set()
         store.on_commit = self._committed
         self._allow = config.allow
 
@@ -254,7 +259,8 @@ class Server(asyncio.DatagramProtocol):
     def _decide(self, state: NatState, body: list, addr) -> None:
         store = self.store
         out = state.table.apply(body, self.clock.now(), wall_us(), store.pending_seq,
-                                state.create, create_ok=store.backlog < MAX_BACKLOG)
+                                state.create,
+                                create_ok=store.failing is None and store.backlog < MAX_BACKLOG)
         if out.created or out.touched or out.events:
             store.add(state.nat, out.created, out.touched, out.events)
         self.counts.update(out.counts)
@@ -360,12 +366,15 @@ class Server(asyncio.DatagramProtocol):
             self._error(wire.ErrorCode.BAD_VERSION, wire.Kind.HELLO, received, addr)
             return
         state = self.nats.get(nat)
-        if state is None and nat not in self.store.nats and len(self.store.nats) >= self.config.max_nats:
+        if (state is None and nat not in self.store.nats
+                and len(self.store.nats) + len(self.pending_nats) >= self.config.max_nats):
             self._drop("too_many_nats")
             self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
             return
         if state is None:
             state = self._new_state(nat, hello.boot_id)
+            if nat not in self.store.nats:
+                self.pending_nats.add(nat)
         else:
             state.cookie = self._cookie(nat, hello.boot_id)
         welcome = wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
@@ -382,6 +391,8 @@ class Server(asyncio.DatagramProtocol):
 
     # ------------------------------------------------------------ commits
     def _committed(self, batch: Batch) -> None:
+        if self.pending_nats:
+            self.pending_nats.difference_update(batch.nats)
         if batch.events:
             self.logfile.write([format_event(e) + "\n" for e in batch.events])
             self.counts.update(f"events_{e.kind.name.lower()}" for e in batch.events)

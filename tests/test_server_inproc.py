@@ -1,0 +1,167 @@
+"""The server's dispatch and log, in-process with a recording transport and
+frozen time (freezegun), on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from freezegun import freeze_time
+
+from nat64ho import wire
+from nat64ho.eventlog import Event, EventKind, format_event, parse_line
+from nat64ho.peer import Peer
+from nat64ho.server import Config, LogFile, Server
+from nat64ho.store import Store
+
+NAT = ("192.0.2.7", 40000)
+V17 = ipaddress.IPv6Address("2001:db8::17").packed
+
+
+class Recorder:
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+    def is_closing(self):
+        return False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+async def start(tmp_path, **kw):
+    config = Config(db=tmp_path / "t.db", log_file=str(tmp_path / "events.log"), **kw)
+    store = await Store.open(config.db, sync="normal")
+    srv = Server(config, store, LogFile(config.log_file))
+    rec = Recorder()
+    srv.connection_made(rec)
+    return srv, rec
+
+
+async def settle(srv: Server):
+    while srv.tasks:
+        await asyncio.gather(*list(srv.tasks))
+
+
+async def stop(srv: Server):
+    await settle(srv)
+    await srv.store.close()
+    srv.logfile.close()
+
+
+def replies(rec: Recorder, peer: Peer | None = None) -> list:
+    out = []
+    for data, _ in rec.sent:
+        out += peer.receive(data) if peer else wire.parse(data, wire.Direction.TO_NAT64)
+    rec.sent.clear()
+    return out
+
+
+def test_log_lines_are_utc_microseconds_in_protocol_format(tmp_path):
+    async def go():
+        with freeze_time("2019-03-18 10:06:28.436754", real_asyncio=True) as clock:
+            srv, rec = await start(tmp_path)
+            peer = Peer(bytes(8))
+            srv.datagram_received(peer.hello(), NAT)
+            await settle(srv)
+            [welcome] = replies(rec, peer)
+            assert isinstance(welcome, wire.Welcome)
+            clock.move_to("2019-03-18 10:06:28.491727")
+            srv.datagram_received(peer.request([wire.Map(V17, 53186)]), NAT)
+            await settle(srv)
+            [mapping] = replies(rec, peer)
+            await stop(srv)
+        return mapping
+
+    mapping = asyncio.run(go())
+    text = (tmp_path / "events.log").read_text()
+    assert text == ("2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n"
+                    f"2019-03-18 10:06:28.491727 Created 192.0.2.7:{mapping.nat_port} "
+                    "[2001:db8::17]:53186\n")
+
+
+def test_protocol_example_lines_round_trip():
+    lines = [
+        "2019-03-18 10:06:28.436754 Initialized 192.0.2.7",
+        "2019-03-18 10:06:28.491727 Created 192.0.2.7:3719 [2001:db8::17]:53186",
+        "2019-03-18 15:22:02.062254 Deleted 192.0.2.9:47102 [2001:db8::75]:33131",
+        "2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643",
+    ]
+    for line in lines:
+        assert format_event(parse_line(line + "\n")) == line
+    assert parse_line(lines[2]) == Event(1552922522062254, EventKind.DELETED, 0xC0000209, 47102,
+                                         ipaddress.IPv6Address("2001:db8::75").packed, 33131)
+
+
+def test_initialized_only_for_a_new_boot_id(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path)
+        a, b = Peer(b"A" * 8), Peer(b"B" * 8)
+        for peer in (a, a, b, b, a):
+            srv.datagram_received(peer.hello(), NAT)
+            await settle(srv)
+            assert isinstance(replies(rec, peer)[0], wire.Welcome)
+        await stop(srv)
+
+    asyncio.run(go())
+    kinds = [line.split()[2] for line in (tmp_path / "events.log").read_text().splitlines()]
+    assert kinds == ["Initialized"] * 3  # a, b, then a again: three boots
+
+
+def test_session_errors_and_amplification(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path, allow=[ipaddress.IPv4Network("192.0.2.0/24")])
+        peer = Peer()
+        # No session yet: a MAP without COOKIE gets BAD_COOKIE naming its first octet.
+        srv.datagram_received(wire.encode(wire.Map(V17, 1)), NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x33)]
+        # A datagram shorter than an ERROR earns nothing (PROTOCOL.md §7).
+        srv.datagram_received(b"\x3a\x00", NAT)
+        assert rec.sent == []
+        # Outside the allow-list.
+        srv.datagram_received(peer.hello(), ("198.51.100.1", 1))
+        assert replies(rec) == [wire.Error(wire.ErrorCode.NOT_ALLOWED, 0x31)]
+        # Wrong version.
+        srv.datagram_received(wire.encode(wire.Hello(bytes(8), version=2)), NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_VERSION, 0x31)]
+        # A forged cookie.
+        srv.datagram_received(wire.encode(wire.Cookie(bytes(8))) + wire.encode(wire.Lookup(1)), NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x30)]
+        # A HELLO with company is malformed: dropped, unanswered.
+        srv.datagram_received(peer.hello() + wire.encode(wire.Lookup(1)), NAT)
+        assert rec.sent == []
+        assert srv.drops["hello_not_alone"] == 1
+        await stop(srv)
+
+    asyncio.run(go())
+
+
+def test_hello_rate_limit(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path, hello_rate=2)
+        peer = Peer()
+        for _ in range(4):
+            srv.datagram_received(peer.hello(), NAT)
+            await settle(srv)
+        got = replies(rec)
+        assert [type(m) for m in got] == [wire.Welcome, wire.Welcome, wire.Error, wire.Error]
+        assert got[2] == wire.Error(wire.ErrorCode.RATE_LIMITED, 0x31)
+        await stop(srv)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\xff" * 40, b"\x30\x04" + bytes(7), b"\x45\x00"])
+def test_malformed_is_counted_not_answered(tmp_path, junk):
+    async def go():
+        srv, rec = await start(tmp_path)
+        srv.datagram_received(junk, NAT)
+        assert rec.sent == []
+        assert sum(srv.drops.values()) == 1
+        await stop(srv)
+
+    asyncio.run(go())
