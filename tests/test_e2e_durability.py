@@ -1,0 +1,158 @@
+"""End to end: what the server promises across restarts, SIGKILL, and junk."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+
+import pytest
+
+from nat64ho import wire
+from nat64ho.eventlog import parse_line
+from tests.conftest import connect, run, v6
+
+
+def entries(db) -> dict[tuple[bytes, int], int]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+def test_restart_keeps_cookies_entries_and_boot_ids(server_factory):
+    srv = server_factory("--ports", "1028-1035")
+    boot = bytes.fromhex("0102030405060708")
+
+    async def first():
+        c = await connect(srv, boot_id=boot)
+        got = {}
+        for i in range(5):
+            [m] = await c.map(v6(i), 100 + i)
+            got[i] = m
+        c.close()
+        return c.peer, got
+
+    peer, before = run(first())
+    assert srv.stop() == 0
+    log_before = srv.log.read_text()
+    srv.start()
+
+    async def second():
+        # The same cookie, with no new HELLO: the secret is kept in the database.
+        c = await connect(srv, hello=False)
+        c.peer = peer
+        for i, m in before.items():
+            assert await c.exchange([wire.Lookup(m.nat_port)]) == [m]
+            assert await c.map(v6(i), 100 + i) == [m]
+        # The same boot id again: welcomed, not logged.
+        await c.hello()
+        assert srv.log.read_text() == log_before
+        # A new boot id is a NAT64 restart: logged, and the table is kept.
+        c.peer.boot_id = bytes(8)
+        await c.hello()
+        assert await c.map(v6(0), 100) == [before[0]]
+        c.close()
+
+    run(second())
+    srv.stop()
+    new = srv.log.read_text()[len(log_before):].splitlines()
+    assert [line.split()[2] for line in new] == ["Initialized"]
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory):
+    srv = server_factory()
+    acked: dict[tuple[bytes, int], int] = {}
+
+    async def load(kill_after: int, base: int):
+        c = await connect(srv)
+        sent = 0
+        killed = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline:
+            # Keep ~10 datagrams of 8 MAPs in flight.
+            while sent - len(acked) < 80 and not killed:
+                c.send([wire.Map(v6(base + sent + k), 9) for k in range(8)])
+                sent += 8
+            try:
+                m = await asyncio.wait_for(c.inbox.get(), 0.5)
+            except asyncio.TimeoutError:
+                if killed:
+                    break
+                continue
+            if isinstance(m, wire.Mapping):
+                acked[(m.addr, m.port)] = m.nat_port
+            if len(acked) >= kill_after and not killed:
+                srv.proc.kill()  # SIGKILL, mid-stream: MAPs are still in flight
+                killed = True
+        c.close()
+
+    run(load(3000, 0))
+    srv.proc.wait(10)
+    assert len(acked) >= 3000
+    stored = entries(srv.db)
+    missing = {k: p for k, p in acked.items() if stored.get(k) != p}
+    assert not missing, f"{len(missing)} acknowledged entries lost or moved"
+    # One port, one endpoint: the primary key and unique index say so; check
+    # the restarted server agrees, and keeps serving.
+    assert len(set(stored.values())) == len(stored)
+    srv.start()
+
+    async def after():
+        c = await connect(srv)
+        sample = random.Random(1).sample(sorted(acked.items()), 200)
+        for (addr, aport), port in sample:
+            assert await c.map(addr, aport) == [wire.Mapping(port, addr, aport)]
+        [m] = await c.map(v6(10**6), 1)
+        assert m.nat_port not in stored.values()
+        c.close()
+
+    run(after())
+    assert srv.stop() == 0
+
+
+@pytest.mark.slow
+def test_junk_datagrams_leave_the_server_running(server_factory):
+    srv = server_factory("--ports", "1028-1100")
+    rng = random.Random(42)
+
+    async def go():
+        c = await connect(srv)
+        valid = [c.peer.request([wire.Map(v6(i), 1), wire.Lookup(1030), wire.Touch((1028, 1029))])
+                 for i in range(20)] + [c.peer.hello()]
+        for i in range(5000):
+            kind = i % 4
+            if kind == 0:
+                data = rng.randbytes(rng.randint(0, 600))
+            elif kind == 1:
+                base = rng.choice(valid)
+                data = base[:rng.randint(0, len(base))]
+            elif kind == 2:
+                data = bytearray(rng.choice(valid))
+                for _ in range(rng.randint(1, 5)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                data = bytes(data)
+            else:
+                data = bytes([rng.choice([0x30, 0x33, 0x35, 0x37, 0x45, 0x60])]) + rng.randbytes(
+                    rng.randint(0, 60))
+            c.send_raw(data)
+            if i % 200 == 0:
+                await asyncio.sleep(0.01)  # let the kernel buffers drain
+        await c.quiet(0.5)
+        # Still answering, still consistent.
+        await c.hello()
+        # The junk filled the table, so this may evict: [DELETED,] MAPPING.
+        *_, m = await c.map(v6(9999), 5)
+        assert m.addr == v6(9999) and m.port == 5
+        assert await c.exchange([wire.Lookup(m.nat_port)]) == [m]
+        c.close()
+
+    run(go())
+    assert srv.proc.poll() is None
+    assert srv.stop() == 0
+    for line in srv.log.read_text().splitlines():
+        parse_line(line)  # raises on a malformed line
+    assert "internal_error" not in srv.stderr and "Traceback" not in srv.stderr
