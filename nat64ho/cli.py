@@ -42,16 +42,16 @@ def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
 # ---------------------------------------------------------------- parsers
 # Shared by every command so that a value is spelled and checked one way.
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, what: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
-        raise UsageError(f"--listen {text!r}: expected ADDR:PORT, e.g. 0.0.0.0:6464")
+        raise UsageError(f"{what} {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:6464")
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise UsageError(f"--listen {text!r}: {host!r} is not an IP address") from None
-    return host, parse_port(port, "--listen", allow_zero=True)
+        raise UsageError(f"{what} {text!r}: {host!r} is not an IP address") from None
+    return host, parse_port(port, what, allow_zero=True)
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
@@ -154,6 +154,10 @@ def serve(
         metavar="full|normal", help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.")] = "full",
     cache_size: Annotated[int, typer.Option(
         metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1)] = 100_000,
+    metrics: Annotated[Optional[str], typer.Option(
+        metavar="ADDR:PORT", help="Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics "
+                                  "(e.g. 127.0.0.1:9464). Default: off.",
+        show_default=False)] = None,
     keep_history: Annotated[Optional[float], typer.Option(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,
@@ -169,6 +173,7 @@ def serve(
         host, port = parse_listen(listen)
         first, last = parse_ports(ports)
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
+        metrics_at = parse_listen(metrics, "--metrics") if metrics else None
         if sync not in ("full", "normal"):
             raise UsageError(f"--sync {sync!r}: expected 'full' or 'normal'")
     except UsageError as exc:
@@ -179,14 +184,16 @@ def serve(
     config = server.Config(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
-        sync=sync, cache_size=cache_size, keep_history_days=keep_history,
+        sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
     )
     try:
         server.run(config)
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
+    except server.ListenError as exc:
+        fail(exc.strerror, 1)
     except OSError as exc:
-        fail(f"{exc.strerror or exc} ({listen})" if exc.errno else str(exc), 1)
+        fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
 
 
 # ---------------------------------------------------------------- operator commands

@@ -168,12 +168,6 @@ class Server(asyncio.DatagramProtocol):
     # ------------------------------------------------------------ socket
     def connection_made(self, transport) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            except OSError:
-                pass
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (a NAT64 went away): not ours to fix.
@@ -239,10 +233,12 @@ class Server(asyncio.DatagramProtocol):
             return
         table = state.table
         if table.loaded and table.needs(body) is None:
+            self.counts["cache_hit"] += 1
             self._decide(state, body, addr)
         elif len(self.tasks) >= MAX_INFLIGHT:
             self._drop("overloaded")
         else:
+            self.counts["cache_miss"] += 1
             self._spawn(self._slow(state, body, addr))
 
     def _spawn(self, coro) -> None:
@@ -445,6 +441,27 @@ def _source_ipv4(host: str) -> int | None:
     return int(ip)
 
 
+class ListenError(OSError):
+    """The UDP socket could not be bound; the message says where and why."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # Bound here rather than by the event loop, whose errors (uvloop's in
+    # particular) do not say why a bind failed.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 def _sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -484,8 +501,7 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
     stop = asyncio.Event()
     try:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: server, local_addr=(config.host, config.port),
-            family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+            lambda: server, sock=_bind(config.host, config.port))
     except BaseException:
         await store.close()
         logfile.close()
@@ -503,6 +519,18 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
     if config.keep_history_days is not None:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+    metrics = None
+    if config.metrics is not None:
+        from nat64ho.metrics import Metrics
+        metrics = Metrics(server)
+        try:
+            where = await metrics.start(*config.metrics)
+        except OSError:
+            transport.close()
+            await store.close()
+            logfile.close()
+            raise
+        log.info("metrics on http://%s:%d/metrics", where[0], where[1])
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
@@ -518,6 +546,8 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
             await asyncio.wait(list(server.tasks), timeout=STOP_GRACE)
         for h in helpers:
             h.cancel()
+        if metrics is not None:
+            await metrics.stop()
         await store.close()
         logfile.close()
         log.info("stopped: %s", server.summary())

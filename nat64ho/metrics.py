@@ -1,0 +1,144 @@
+"""Prometheus metrics for ``serve --metrics``: exposition and the collector.
+
+The datagram path only bumps plain counters on the server; this module turns
+them into metric families when scraped, on the event loop, so the hot path
+pays nothing for observability and no other thread reads server state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nat64ho.eventlog import ipv4_str
+
+log = logging.getLogger("nat64ho")
+
+#: A scrape request larger than this is not a scrape.
+MAX_REQUEST = 8192
+
+# Counters kept by the server (Server.counts) -> (metric, help, labels).
+_MESSAGE_KINDS = ("hello", "map", "lookup", "touch", "skipped")
+
+
+class ServerCollector(Collector):
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        s = self.server
+        c = s.counts
+
+        def counter(name, doc, value):
+            return CounterMetricFamily(f"nat64ho_{name}", doc, value=value)
+
+        yield counter("datagrams_received", "UDP datagrams received.", c["datagrams_in"])
+        yield counter("datagrams_sent", "UDP datagrams sent.", c["datagrams_out"])
+        dropped = CounterMetricFamily("nat64ho_datagrams_dropped",
+                                      "Datagrams dropped, by named reason.", labels=["reason"])
+        for reason, n in sorted(s.drops.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+        messages = CounterMetricFamily("nat64ho_messages", "Messages received from NAT64s, by type.",
+                                       labels=["type"])
+        messages.add_metric(["hello"], c["hellos"])
+        for kind in _MESSAGE_KINDS[1:]:
+            messages.add_metric([kind], c[kind])
+        yield messages
+        yield counter("entries_created", "Table entries created.", c["created"])
+        yield counter("entries_deleted", "Table entries deleted to make room.", c["deleted"])
+        yield counter("initialized", "NAT64 (re)starts seen (Initialized events).",
+                      c["events_initialized"])
+        limited = CounterMetricFamily("nat64ho_rate_limited", "Requests refused by a rate limit.",
+                                      labels=["limit"])
+        limited.add_metric(["hello"], s.drops["hello_rate"])
+        limited.add_metric(["create"], c["rate_limited"])
+        yield limited
+        yield counter("table_full", "MAPs refused because no entry was idle long enough.",
+                      c["table_full"])
+        cache = CounterMetricFamily("nat64ho_cache_datagrams",
+                                    "Datagrams decided from memory (hit) or after reading "
+                                    "the database (miss).", labels=["result"])
+        cache.add_metric(["hit"], c["cache_hit"])
+        cache.add_metric(["miss"], c["cache_miss"])
+        yield cache
+        occupancy = GaugeMetricFamily("nat64ho_table_entries", "Entries in a NAT64's table.",
+                                      labels=["nat64"])
+        capacity = GaugeMetricFamily("nat64ho_table_capacity", "Ports in a NAT64's table.",
+                                     labels=["nat64"])
+        for nat, state in sorted(s.nats.items()):
+            if state.table.loaded:
+                occupancy.add_metric([ipv4_str(nat)], state.table.total)
+                capacity.add_metric([ipv4_str(nat)], state.table.capacity)
+        yield occupancy
+        yield capacity
+        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (said HELLO at some time).",
+                                value=len(s.store.nats))
+        yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
+                                value=s.cached)
+        yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
+                                value=s.store.backlog)
+        yield GaugeMetricFamily("nat64ho_store_failing",
+                                "1 while commits to the database fail (disk full, locked).",
+                                value=1 if s.store.failing else 0)
+
+
+class Metrics:
+    """The registry of one server, and its HTTP endpoint."""
+
+    def __init__(self, server):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(ServerCollector(server))
+        self.batch_rows = Histogram(
+            "nat64ho_commit_batch_rows", "Rows written per commit (group commit size).",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000),
+            registry=self.registry)
+        self.commit_seconds = Histogram(
+            "nat64ho_commit_seconds", "Time from BEGIN to COMMIT of one batch, fsync included.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry)
+        server.store.commit_observer = self.observe_commit
+        self._server: asyncio.AbstractServer | None = None
+
+    def observe_commit(self, rows: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.commit_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def start(self, host: str, port: int) -> tuple:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        return self._server.sockets[0].getsockname()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if len(head) > MAX_REQUEST:
+                raise ValueError("request too large")
+            method, path, *_ = head.split(b" ", 2)
+            if method != b"GET":
+                status, body, ctype = b"405 Method Not Allowed", b"GET only\n", b"text/plain"
+            elif path.split(b"?")[0] not in (b"/metrics", b"/"):
+                status, body, ctype = b"404 Not Found", b"see /metrics\n", b"text/plain"
+            else:
+                status, body = b"200 OK", self.render()
+                ctype = b"text/plain; version=0.0.4; charset=utf-8"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype
+                         + b"\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,153 @@
+"""End to end: what an operator watches — Prometheus metrics, systemd
+notifications, and SIGHUP reopening the log under logrotate."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nat64ho import wire
+from tests.conftest import connect, run, v6, wait_for
+
+
+def scrape(url: str) -> dict[str, list]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}, text
+
+
+def test_metrics_follow_traffic(server_factory):
+    srv = server_factory("--ports", "1028-1031", "--metrics", "127.0.0.1:0")
+    m = wait_for(lambda: re.search(r"metrics on (http://\S+)", srv.stderr))
+    url = m.group(1)
+
+    async def go():
+        c = await connect(srv)
+        for i in range(6):  # 4 ports: two evictions
+            await c.map(v6(i), 1)
+        await c.exchange([wire.Lookup(1028), wire.Touch((1029,))], answers=1)
+        c.send_raw(b"\xff\xff")
+        c.send_raw(b"\x33\x01")
+        await c.quiet(0.3)
+        c.close()
+
+    run(go())
+    families, text = scrape(url)
+
+    def value(name, **labels):
+        for s in families[name]:
+            if s.name.endswith("_total") or s.name == name or s.name.endswith(("_count",)):
+                if all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        raise KeyError(name, labels)
+
+    assert value("nat64ho_entries_created") == 6
+    assert value("nat64ho_entries_deleted") == 2
+    assert value("nat64ho_datagrams_dropped", reason="reserved_group") == 1
+    assert value("nat64ho_datagrams_dropped", reason="truncated") == 1
+    assert value("nat64ho_messages", type="map") == 6
+    assert value("nat64ho_messages", type="hello") == 1
+    assert value("nat64ho_table_entries", nat64="127.0.0.1") == 4
+    assert value("nat64ho_table_capacity", nat64="127.0.0.1") == 4
+    assert value("nat64ho_nat64s") == 1
+    assert value("nat64ho_initialized") == 1
+    assert value("nat64ho_datagrams_received") >= 10
+    assert any(s.name == "nat64ho_commit_seconds_bucket" for s in families["nat64ho_commit_seconds"])
+    # No label carries a client's IPv6 address or port.
+    assert "2001:db8" not in text
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                               capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert srv.stop() == 0
+
+
+def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    try:
+        srv = server_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+        got = []
+        while not any(m.startswith("READY=1") for m in got):
+            got.append(sock.recv(4096).decode())
+        ready = next(m for m in got if m.startswith("READY=1"))
+        assert f"127.0.0.1:{srv.port}" in ready
+        watchdogs = 0
+        while watchdogs < 3:
+            if sock.recv(4096).decode() == "WATCHDOG=1":
+                watchdogs += 1
+        srv.proc.send_signal(signal.SIGTERM)
+        while sock.recv(4096).decode() != "STOPPING=1":
+            pass
+        assert srv.proc.wait(20) == 0
+    finally:
+        sock.close()
+
+
+def test_sighup_reopens_the_log_and_loses_no_line(server_factory):
+    srv = server_factory()
+    rotated = srv.log.with_name("events.log.1")
+
+    async def go():
+        c = await connect(srv)
+        for i in range(50):
+            await c.map(v6(i), 1)
+        srv.log.rename(rotated)  # what logrotate's "create" does first
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: srv.log.exists())
+        for i in range(50, 100):
+            await c.map(v6(i), 1)
+        c.close()
+
+    run(go())
+    assert srv.stop() == 0
+    old, new = rotated.read_text().splitlines(), srv.log.read_text().splitlines()
+    created = [line for line in old + new if " Created " in line]
+    assert len(created) == 100
+    assert len(new) == 50 and all(" Created " in line for line in new)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--listen", "nowhere"], "Error: --listen 'nowhere': expected ADDR:PORT"),
+    (["--ports", "9-3"], "Error: --ports '9-3': first port is above last port"),
+    (["--allow", "300.1.1.1/8"], "Error: --allow '300.1.1.1/8': not an IPv4 address or prefix"),
+    (["--sync", "sometimes"], "Error: --sync 'sometimes': expected 'full' or 'normal'"),
+    (["--metrics", "localhost"], "Error: --metrics 'localhost': expected ADDR:PORT"),
+])
+def test_serve_rejects_bad_options_in_one_line(tmp_path, args, message):
+    import sys
+    db = tmp_path / "never.db"
+    r = subprocess.run([sys.executable, "-m", "nat64ho", "serve", "--db", str(db), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [r.stderr.splitlines()[0]] and r.stderr.startswith(message)
+    assert not db.exists()
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import sys
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        start = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "nat64ho", "serve", "--db", str(tmp_path / "x.db"),
+                            "--listen", f"127.0.0.1:{port}", "--log-file", str(tmp_path / "l")],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert re.search(r"^Error: cannot listen on 127\.0\.0\.1:%d: .*in use" % port, r.stderr, re.M), r.stderr
+    assert time.monotonic() - start < 30
