@@ -344,7 +344,7 @@ own() {
 
 do_install() {
     check_install
-    local ids uid gid auto keep conf_python old_v new_v
+    local ids uid gid auto keep conf_python old_v new_v rebuild
     auto=${AUTO_UPDATE:-$(read_var "$R$INSTALL_CONF" AUTO_UPDATE)}
     auto=${auto:-no}
     keep=${LOG_KEEP:-$(read_var "$R$INSTALL_CONF" LOG_KEEP)}
@@ -369,14 +369,18 @@ do_install() {
     new_v=$(python_version "$PY")
     old_v=$(python_version "$R$VENV/bin/python")
     conf_python=$(read_var "$R$INSTALL_CONF" PYTHON)
+    rebuild=
     if [ "$old_v" != "$new_v" ] || [ "$conf_python" != "$PY" ]; then
         say "Creating the virtual environment $R$VENV"
         "$PY" -m venv --clear "$R$VENV"
+        rebuild=1
     fi
+    # Another checkout, or a new venv: what was installed says nothing.
+    if [ "$(read_var "$R$INSTALL_CONF" SOURCE)" != "$SRC" ]; then rebuild=1; fi
 
     install -m 0755 "$SRC/contrib/nat64ho-update" "$R$BIN_DIR/nat64ho-update"
     own 0:0 "$R$BIN_DIR/nat64ho-update"
-    write_install_conf "$auto" "$keep"
+    write_install_conf "$auto" "$keep" "$rebuild"
     say "Building and installing nat64ho into the venv"
     NAT64HO_QUIET=1 "$R$BIN_DIR/nat64ho-update" --install "$R$HOME_DIR"
 
@@ -423,7 +427,7 @@ write_install_conf() {
         say "AUTO_UPDATE=$1"
         say "LOG_KEEP=$2"
         # Kept so nat64ho-update can skip a rebuild when nothing changed.
-        say "INSTALLED_COMMIT=$(read_var "$R$INSTALL_CONF" INSTALLED_COMMIT)"
+        if [ -z "$3" ]; then say "INSTALLED_COMMIT=$(read_var "$R$INSTALL_CONF" INSTALLED_COMMIT)"; fi
     } >"$tmp"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$R$INSTALL_CONF"
