@@ -134,10 +134,12 @@ class LogFile:
 class NatState:
     """What the server knows of one NAT64 beside its table."""
 
-    __slots__ = ("nat", "cookie", "table", "create", "loading")
+    __slots__ = ("nat", "boot_id", "boot_seq", "cookie", "table", "create", "loading")
 
-    def __init__(self, nat: int, cookie: bytes, table: NatTable, create: Bucket):
+    def __init__(self, nat: int, boot_id: bytes, cookie: bytes, table: NatTable, create: Bucket):
         self.nat = nat
+        self.boot_id = boot_id
+        self.boot_seq = 0  #: the write batch recording boot_id (0: already on disk)
         self.cookie = cookie
         self.table = table
         self.create = create
@@ -323,7 +325,7 @@ class Server(asyncio.DatagramProtocol):
     def _new_state(self, nat: int, boot_id: bytes) -> NatState:
         table = NatTable(nat, self.config.first_port, self.config.last_port,
                          min_idle=self.min_idle_us, rng=random.Random(self.rng.getrandbits(128)))
-        state = NatState(nat, self._cookie(nat, boot_id), table,
+        state = NatState(nat, boot_id, self._cookie(nat, boot_id), table,
                          Bucket(self.config.create_rate, self.clock.now()))
         self.nats[nat] = state
         return state
@@ -361,29 +363,33 @@ class Server(asyncio.DatagramProtocol):
             self._drop("bad_version")
             self._error(wire.ErrorCode.BAD_VERSION, wire.Kind.HELLO, received, addr)
             return
-        state = self.nats.get(nat)
-        if (state is None and nat not in self.store.nats
-                and len(self.store.nats) + len(self.pending_nats) >= self.config.max_nats):
-            self._drop("too_many_nats")
-            self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
-            return
+        state = self.nats.get(nat) or self._known(nat)
         if state is None:
+            if len(self.store.nats) + len(self.pending_nats) >= self.config.max_nats:
+                self._drop("too_many_nats")
+                self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
+                return
             state = self._new_state(nat, hello.boot_id)
-            if nat not in self.store.nats:
-                self.pending_nats.add(nat)
+            self.pending_nats.add(nat)
+            new_boot = True
         else:
-            state.cookie = self._cookie(nat, hello.boot_id)
-        welcome = wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
-                                           state.cookie, hello.boot_id))
-        record = self.store.nats.get(nat)
+            new_boot = state.boot_id != hello.boot_id
         wall = wall_us()
-        if record is None or record.boot_id != hello.boot_id:
-            # A NAT64 (re)start: say so once it is on disk, then welcome it.
+        if new_boot:
+            # A NAT64 (re)start: logged once, even if the HELLO is repeated
+            # before the commit; the WELCOME waits for that commit.
+            state.boot_id = hello.boot_id
+            state.cookie = self._cookie(nat, hello.boot_id)
             self.store.add_hello(nat, hello.boot_id, wall, Event(wall, EventKind.INITIALIZED, nat))
-            self._spawn(self._send_after(self.store.pending_seq, [[welcome]], addr))
+            state.boot_seq = self.store.pending_seq
         else:
             self.store.add_hello(nat, hello.boot_id, wall, None)
-            self._send([[welcome]], addr)
+        welcome = [[wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
+                                             state.cookie, hello.boot_id))]]
+        if state.boot_seq > self.store.committed_seq:
+            self._spawn(self._send_after(state.boot_seq, welcome, addr))
+        else:
+            self._send(welcome, addr)
 
     # ------------------------------------------------------------ commits
     def _committed(self, batch: Batch) -> None:

@@ -165,3 +165,17 @@ def test_malformed_is_counted_not_answered(tmp_path, junk):
         await stop(srv)
 
     asyncio.run(go())
+
+
+def test_repeated_hello_before_commit_logs_one_initialized(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path)
+        peer = Peer()
+        for _ in range(3):  # retransmitted before the first commit completes
+            srv.datagram_received(peer.hello(), NAT)
+        await settle(srv)
+        assert [type(m) for m in replies(rec, peer)] == [wire.Welcome] * 3
+        await stop(srv)
+
+    asyncio.run(go())
+    assert (tmp_path / "events.log").read_text().count("Initialized") == 1
