@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 
 import pytest
 
@@ -156,3 +157,42 @@ def test_junk_datagrams_leave_the_server_running(server_factory):
     for line in srv.log.read_text().splitlines():
         parse_line(line)  # raises on a malformed line
     assert "internal_error" not in srv.stderr and "Traceback" not in srv.stderr
+
+
+@pytest.mark.parametrize("cache,restart", [("100000", True), ("3", True), ("3", False)])
+def test_lru_order_survives_restart_and_small_cache(server_factory, cache, restart):
+    srv = server_factory("--ports", "1028-1035", "--cache-size", cache)
+
+    async def fill():
+        c = await connect(srv)
+        ports = {}
+        for i in range(8):
+            [m] = await c.map(v6(i), 1)
+            ports[i] = m.nat_port
+            await asyncio.sleep(0.01)
+        # Make 0..3 recent again, in the order 3, 2, 1, 0.
+        for i in (3, 2, 1, 0):
+            await c.exchange([wire.Lookup(ports[i])])
+            await asyncio.sleep(0.01)
+        c.close()
+        return c.peer, ports
+
+    peer, ports = run(fill())
+    if restart:
+        srv.restart()
+    else:
+        time.sleep(1.5)  # recency flushes; the cache trims to 3 entries
+
+    async def evict():
+        c = await connect(srv, hello=False)
+        c.peer = peer
+        order = []
+        for k in range(8):
+            got = await c.map(v6(100 + k), 1)
+            assert isinstance(got[0], wire.Deleted), got
+            order.append(got[0].addr)
+        c.close()
+        return order
+
+    order = run(evict())
+    assert order == [v6(i) for i in (4, 5, 6, 7, 3, 2, 1, 0)]
