@@ -161,6 +161,10 @@ def serve(
     keep_history: Annotated[Optional[float], typer.Option(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,
+    max_nats: Annotated[int, typer.Option(
+        metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
+             "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
+        min=1)] = 4096,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -185,6 +189,7 @@ def serve(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
         sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
+        max_nats=max_nats,
     )
     try:
         server.run(config)
@@ -647,6 +652,31 @@ def prune(
     with _DbGuard(db):
         n = history.prune(conn, cutoff)
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
+
+
+# ---------------------------------------------------------------- check
+
+@app.command()
+def check(db: DbOption = None) -> None:
+    """Check a database without changing it: file header, schema version, tables
+    and indexes, PRAGMA integrity_check. Safe while the server runs.
+
+    Exit status 0 when healthy, 1 when anything is wrong (each finding on its
+    own line), 2 when the database is missing.
+    """
+    path = db_path(db)
+    try:
+        report = schema.check(path)
+    except schema.DatabaseMissing as exc:
+        fail(str(exc))
+    except schema.DatabaseError as exc:
+        fail(str(exc), 1)
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(f"Error: {problem}", err=True)
+        raise typer.Exit(1)
+    facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
+    typer.echo(f"ok: {path}: integrity ok, schema current; {facts}")
 
 
 def main() -> None:

@@ -112,6 +112,12 @@ class Store:
             await conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
             await conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         await writer.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        # Read back rather than echo the option: what the connection really
+        # does is what an operator (and the power-loss test) must see.
+        [(journal,)] = await writer.execute_fetchall("PRAGMA journal_mode")
+        [(level,)] = await writer.execute_fetchall("PRAGMA synchronous")
+        log.info("database %s: journal_mode=%s, synchronous=%s", path, journal,
+                 {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, level))
         self = cls(path, writer, reader)
         await self._load_meta()
         self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
