@@ -270,33 +270,35 @@ def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, Opti
                          "IPV6/LEN prefix") from None
 
 
-def _open(db: Optional[Path], *, write: bool = False):
-    """The database of --db, or a clean exit: read-only unless ``write``, and
-    never created. A lock that outlasts the busy timeout is retried once
-    more before giving up."""
-    path = db_path(db)
-    deadline = time.monotonic() + BUSY_RETRY_S
-    while True:
-        try:
-            return schema.open_db(path, readonly=not write)
-        except schema.DatabaseBusy as exc:
-            if time.monotonic() >= deadline:
-                fail(str(exc), EXIT_DB)
-            time.sleep(0.1)
-        except schema.DatabaseError as exc:
-            fail(str(exc), EXIT_DB)
+class _Database:
+    """``with _Database(db) as conn``: the database of --db, or a clean exit.
 
+    Read-only unless ``write``, and never created. A lock that outlasts the
+    busy timeout is retried for BUSY_RETRY_S more before giving up; SQLite
+    errors while the command runs become one ``Error:`` line; the connection
+    is closed on the way out.
+    """
 
-class _DbGuard:
-    """Turns SQLite errors during a command into one clean ``Error:`` line."""
-
-    def __init__(self, db: Optional[Path]):
+    def __init__(self, db: Optional[Path], *, write: bool = False):
         self.path = db_path(db)
+        self.write = write
+        self.conn = None
 
     def __enter__(self):
-        return self
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            try:
+                self.conn = schema.open_db(self.path, readonly=not self.write)
+                return self.conn
+            except schema.DatabaseBusy as exc:
+                if time.monotonic() >= deadline:
+                    fail(str(exc), EXIT_DB)
+                time.sleep(0.1)
+            except schema.DatabaseError as exc:
+                fail(str(exc), EXIT_DB)
 
     def __exit__(self, kind, exc, tb):
+        self.conn.close()
         if isinstance(exc, BrokenPipeError):
             # `nat64ho export | head`: the reader has all it wanted.
             try:
@@ -377,8 +379,7 @@ def query(
         port_v = parse_port(port, "--port") if port is not None else None
     except UsageError as exc:
         fail(str(exc))
-    conn = _open(db)
-    with _DbGuard(db):
+    with _Database(db) as conn:
         rows = ({"nat": ipv4_str(e.nat), "port": e.port, "ipv6": ipv6_str(e.addr),
                  "ipv6_port": e.aport, "endpoint": _endpoint(e.addr, e.aport),
                  "created": ts_str(e.created), "last_use": ts_str(e.last_use)}
@@ -434,8 +435,7 @@ def who(
             nat_port = parse_nat_port(target, "target")
     except UsageError as exc:
         fail(str(exc))
-    conn = _open(db)
-    with _DbGuard(db):
+    with _Database(db) as conn:
         if nat_port is not None:
             instant = when if when is not None else int(time.time() * 1_000_000)
             _who_port(history.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
@@ -518,9 +518,8 @@ def export(
         until_v = parse_time(until, "--until") if until is not None else None
     except UsageError as exc:
         fail(str(exc))
-    conn = _open(db)
     writer = {"log": history.write_log, "jsonl": history.write_jsonl, "csv": history.write_csv}[fmt]
-    with _DbGuard(db):
+    with _Database(db) as conn:
         rows = history.history_rows(conn, nat=nat_v, since=since_v, until=until_v)
         if output is None or output == "-":
             writer(rows, sys.stdout)
@@ -563,8 +562,6 @@ def import_(
     if rebuild_table and history.database_in_use(db_path(db)):
         fail(f"{db_path(db)}: another process has this database open (a running server?); "
              "stop it before --rebuild-table: a server keeps its free ports in memory", EXIT_DB)
-    conn = _open(db, write=True)
-
     def bad(name: str, number: int, reason: str) -> None:
         typer.echo(f"{name}:{number}: skipped: {reason}", err=True)
 
@@ -577,7 +574,7 @@ def import_(
                 if name != "-":
                     stream.close()
 
-    with _DbGuard(db):
+    with _Database(db, write=True) as conn:
         result = history.import_logs(conn, logs(), bad, rebuild_table=rebuild_table)
     summary = (f"{result.lines} lines read, {result.added} events added, "
                f"{result.lines - result.skipped - result.added} already present, "
@@ -607,9 +604,8 @@ def stats(
         first, last = parse_ports(ports)
     except UsageError as exc:
         fail(str(exc))
-    conn = _open(db)
     now = int(time.time() * 1_000_000)
-    with _DbGuard(db):
+    with _Database(db) as conn:
         found = history.stats(conn, now, last - first + 1)
     rows = [{"nat": ipv4_str(s.nat), "entries": s.entries, "capacity": s.capacity,
              "fill": f"{s.entries}/{s.capacity}",
@@ -648,35 +644,9 @@ def prune(
         cutoff = parse_time(before, "--before")
     except UsageError as exc:
         fail(str(exc))
-    conn = _open(db, write=True)
-    with _DbGuard(db):
+    with _Database(db, write=True) as conn:
         n = history.prune(conn, cutoff)
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
-
-
-# ---------------------------------------------------------------- check
-
-@app.command()
-def check(db: DbOption = None) -> None:
-    """Check a database without changing it: file header, schema version, tables
-    and indexes, PRAGMA integrity_check. Safe while the server runs.
-
-    Exit status 0 when healthy, 1 when anything is wrong (each finding on its
-    own line), 2 when the database is missing.
-    """
-    path = db_path(db)
-    try:
-        report = schema.check(path)
-    except schema.DatabaseMissing as exc:
-        fail(str(exc))
-    except schema.DatabaseError as exc:
-        fail(str(exc), 1)
-    if not report.ok:
-        for problem in report.problems:
-            typer.echo(f"Error: {problem}", err=True)
-        raise typer.Exit(1)
-    facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
-    typer.echo(f"ok: {path}: integrity ok, schema current; {facts}")
 
 
 def main() -> None:
