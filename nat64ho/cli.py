@@ -649,5 +649,30 @@ def prune(
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
 
+# ---------------------------------------------------------------- check
+
+@app.command()
+def check(db: DbOption = None) -> None:
+    """Check a database without changing it: file header, schema version, tables
+    and indexes, PRAGMA integrity_check. Safe while the server runs.
+
+    Exit status 0 when healthy, 1 when anything is wrong (each finding on its
+    own line), 2 when the database is missing.
+    """
+    path = db_path(db)
+    try:
+        report = schema.check(path)
+    except schema.DatabaseMissing as exc:
+        fail(str(exc))
+    except schema.DatabaseError as exc:
+        fail(str(exc), 1)
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(f"Error: {problem}", err=True)
+        raise typer.Exit(1)
+    facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
+    typer.echo(f"ok: {path}: integrity ok, schema current; {facts}")
+
+
 def main() -> None:
     app(prog_name="nat64ho")

@@ -90,6 +90,8 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     """Versions recorded in the database; raises NotOurDatabase for foreign files."""
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        marks = conn.execute("PRAGMA application_id").fetchone()[0] or \
+            conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             raise  # open_db reports it as DatabaseBusy, not as a foreign file
@@ -97,6 +99,10 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     except sqlite3.DatabaseError as exc:
         raise NotOurDatabase(f"{path}: not a nat64ho database ({exc})") from None
     if not tables:
+        if marks:
+            # No tables yet but stamped by someone: another program's fresh database.
+            raise NotOurDatabase(f"{path}: an SQLite database of another program "
+                                 "(application_id or user_version set, no nat64ho tables)")
         return []
     if "schema_migrations" not in tables:
         raise NotOurDatabase(
@@ -168,18 +174,21 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         path.parent.mkdir(parents=True, exist_ok=True)
     elif path.is_dir():
         raise NotOurDatabase(f"{path}: is a directory, not a database file")
+    else:
+        check_file(path)
     conn = _connect(path, "ro" if readonly else "rwc" if create else "rw")
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Identify the file before anything writes to it: switching a foreign
+        # database to WAL would already change its header.
+        check_version(conn, path)
         if readonly:
-            check_version(conn, path)
             _require_current(conn, path)
         else:
             _set_wal(conn, path)
             if create:
                 migrate(conn, path)
             else:
-                check_version(conn, path)
                 _require_current(conn, path)
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.OperationalError as exc:
@@ -210,3 +219,134 @@ def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode.lower() != "wal":
         raise NotOurDatabase(f"{path}: cannot switch to WAL journal mode (got {mode})")
+
+
+# ---------------------------------------------------------------- checking
+# What SQLite itself would only notice when a damaged page is first read, or
+# never (a short file reads as a smaller database), is caught here up front
+# from the 100-octet header, without reading the tables.
+
+_MAGIC = b"SQLite format 3\x00"
+
+
+def check_file(path: Path) -> None:
+    """Refuse a non-empty file that is not an intact SQLite database file:
+    wrong magic, a size that is not whole pages, or fewer pages than its
+    header records. Raises NotOurDatabase; reads 100 octets."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise NotOurDatabase(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if size == 0:
+        return  # SQLite's empty database: nothing to lose, migrations fill it
+    if len(head) < 100 or not head.startswith(_MAGIC):
+        raise NotOurDatabase(f"{path}: not an SQLite database (no SQLite header; "
+                             f"starts with {head[:16]!r})")
+    page_size = int.from_bytes(head[16:18], "big")
+    if page_size == 1:
+        page_size = 65536
+    if page_size < 512 or page_size & (page_size - 1):
+        raise NotOurDatabase(f"{path}: damaged SQLite header (page size {page_size})")
+    if size % page_size:
+        raise NotOurDatabase(f"{path}: truncated or damaged ({size} octets is not a whole "
+                             f"number of {page_size}-octet pages)")
+    pages = int.from_bytes(head[28:32], "big")
+    valid = pages and head[24:28] == head[92:96]
+    wal = path.with_name(path.name + "-wal")
+    # With a non-empty WAL the file may legitimately lag its header (a
+    # checkpoint cut short); recovery from the WAL finishes it.
+    if valid and size < pages * page_size and not (wal.exists() and wal.stat().st_size):
+        raise NotOurDatabase(f"{path}: truncated ({size // page_size} pages on disk, the "
+                             f"header records {pages})")
+
+
+def expected_schema() -> dict[tuple[str, str], str]:
+    """(type, name) -> SQL of every table and index the shipped migrations
+    create, as SQLite stores it."""
+    mem = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(mem, Path(":memory:"))
+        return _schema_of(mem)
+    finally:
+        mem.close()
+
+
+def _schema_of(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
+    return {(t, n): sql for t, n, sql in conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+
+
+class CheckReport:
+    """What :func:`check` found: ``problems`` empty means healthy."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.problems: list[str] = []
+        self.facts: dict[str, int] = {}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check(path: Path | str) -> CheckReport:
+    """Check a database without changing it: the file header, the schema
+    version, every table and index against the migrations, ``PRAGMA
+    integrity_check`` and ``foreign_key_check``. Reads the whole file, so it
+    is for operators, not for start-up. Raises DatabaseMissing and
+    DatabaseBusy; every other finding goes in the report."""
+    path = Path(path)
+    report = CheckReport(path)
+    if not path.exists():
+        raise DatabaseMissing(f"{path}: no such database")
+    if path.is_dir():
+        report.problems.append(f"{path}: is a directory, not a database file")
+        return report
+    try:
+        check_file(path)
+    except NotOurDatabase as exc:
+        report.problems.append(str(exc))
+        return report
+    conn = _connect(path, "ro")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        try:
+            applied = check_version(conn, path)
+            _require_current(conn, path)
+        except (NotOurDatabase, NewerDatabase, OutdatedDatabase) as exc:
+            report.problems.append(str(exc))
+            if not isinstance(exc, OutdatedDatabase):
+                return report
+            applied = []
+        found = _schema_of(conn)
+        if applied:
+            for (kind, name), sql in expected_schema().items():
+                have = found.get((kind, name))
+                if have is None:
+                    report.problems.append(f"{path}: {kind} {name} is missing")
+                elif " ".join(have.split()) != " ".join(sql.split()):
+                    report.problems.append(f"{path}: {kind} {name} differs from the schema")
+        rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)")]
+        if rows != ["ok"]:
+            report.problems += [f"{path}: integrity_check: {r}" for r in rows]
+        for r in conn.execute("PRAGMA foreign_key_check"):
+            report.problems.append(f"{path}: foreign_key_check: {r}")
+        if report.ok:
+            report.facts = {
+                "schema version": max(applied),
+                "NAT64s": conn.execute("SELECT count(*) FROM nat").fetchone()[0],
+                "entries": conn.execute("SELECT count(*) FROM entry").fetchone()[0],
+                "events": conn.execute("SELECT count(*) FROM event").fetchone()[0],
+            }
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise DatabaseBusy(f"{path}: database is busy (locked by another process); "
+                               "try again") from None
+        report.problems.append(f"{path}: {exc}")
+    except sqlite3.DatabaseError as exc:
+        report.problems.append(f"{path}: {exc}")
+    finally:
+        conn.close()
+    return report
