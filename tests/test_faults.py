@@ -1,0 +1,388 @@
+"""Faults caused for real against a real server process (issue 6): a full
+disk, a locked database, wrong and damaged files, clock steps, SIGKILL storms,
+power loss, and floods of sources. Each test states the promise it checks.
+
+Needs root for the small filesystem (tmpfs), like the CI container has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nat64ho import schema, wire
+from tests.conftest import ServerProcess, connect, run, v6, wait_for
+
+
+def entries(db: Path) -> dict[tuple[bytes, int], int]:
+    """(IPv6 address, port) -> NAT port of every entry, read without writing."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+def mappings(messages: list) -> list[wire.Mapping]:
+    return [m for m in messages if isinstance(m, wire.Mapping)]
+
+
+# ---------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs: big enough for a fresh database, small enough to fill."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "nat64ho-test", str(mnt)],
+                   check=True)
+    yield mnt
+    if subprocess.run(["umount", str(mnt)]).returncode:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem refuses more; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError:
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs, tmp_path):
+    srv = ServerProcess(tmp_path, "--ports", "1028-1100", db=small_fs / "table.db")
+    srv.start()
+    try:
+        async def go():
+            c = await connect(srv)
+            before = {}
+            for i in range(5):
+                [m] = await c.map(v6(i), 1000 + i)
+                before[(v6(i), 1000 + i)] = m.nat_port
+
+            filler = fill(small_fs)
+            # New endpoints: the first fails to commit, the rest are refused
+            # while commits fail. None may be answered with a MAPPING.
+            for i in range(100, 110):
+                c.send([wire.Map(v6(i), 2000)])
+            assert await c.quiet(0.5) == []
+            wait_for(lambda: "cannot commit" in srv.stderr, timeout=5)
+            # What is already durable is still served, from memory.
+            for (addr, aport), port in before.items():
+                assert await c.map(addr, aport) == [wire.Mapping(port, addr, aport)]
+            some = next(iter(before.values()))
+            assert await c.exchange([wire.Lookup(some)]) == [wire.Mapping(some, v6(0), 1000)]
+            # 1027 is outside the table's range: never mapped.
+            assert await c.exchange([wire.Touch([some, 1027])], answers=1) == [wire.Unmapped(1027)]
+            await asyncio.sleep(3)  # several retries at growing delays
+            for i in range(110, 115):
+                c.send([wire.Map(v6(i), 2000)])
+            assert await c.quiet(0.5) == []
+
+            filler.unlink()
+            # No restart: the held batch commits and its answers go out late;
+            # new endpoints are taken again.
+            wait_for(lambda: "work again" in srv.stderr, timeout=5)
+            late = mappings(await c.quiet(1.0))
+            [new] = await c.map(v6(200), 3000)
+            assert isinstance(new, wire.Mapping)
+            acked = dict(before)
+            for m in late + [new]:
+                acked[(m.addr, m.port)] = m.nat_port
+            c.close()
+            return acked, late
+
+        acked, late = run(go())
+        complaints = [l for l in srv.stderr_lines if "cannot commit" in l]
+        assert len(complaints) == 1, complaints
+        assert "database or disk is full" in complaints[0] and str(srv.db) in complaints[0]
+        # Those taken before the first failure was known: answered only now.
+        assert late and {m.addr for m in late} <= {v6(i) for i in range(100, 110)}
+        assert srv.stop() == 0
+        got = entries(srv.db)
+        for key, port in acked.items():
+            assert got[key] == port
+        # Those sent while commits failed were refused, not kept in memory.
+        assert not set(got) & {(v6(i), 2000) for i in range(110, 115)}
+    finally:
+        srv.kill()
+
+
+
+# ---------------------------------------------------------------- database busy
+
+_HOLD = textwrap.dedent("""
+    import sqlite3, sys, time
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+    conn.execute(sys.argv[2])
+    conn.execute(sys.argv[3]).fetchall()
+    print("held", flush=True)
+    time.sleep(float(sys.argv[4]))
+    conn.execute("ROLLBACK")
+    print("released", flush=True)
+""")
+
+
+def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Popen:
+    """Another process (Python's sqlite3, as a backup tool or a shell would
+    be) that opens a transaction on ``db`` and keeps it for ``seconds``."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(db), begin, statement, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_write_lock_held_for_seconds_is_waited_out(server_factory):
+    from nat64ho.store import MAX_RETRY_DELAY
+    srv = server_factory("--ports", "1028-1100")
+
+    async def go():
+        c = await connect(srv)
+        [a] = await c.map(v6(1), 1)
+        # Longer than the busy timeout (5 s), so the commit fails and is retried.
+        holder = hold(srv.db, "BEGIN IMMEDIATE", "INSERT INTO meta VALUES ('held', 1)", 7)
+        try:
+            c.send([wire.Map(v6(2), 2)])  # new: its commit waits for the lock
+            deadline = time.monotonic() + 5.5
+            while time.monotonic() < deadline:
+                # Served from memory all along, each well inside a second.
+                assert await c.exchange([wire.Lookup(a.nat_port)], timeout=1) == [a]
+                assert await c.exchange([wire.Map(v6(1), 1)], timeout=1) == [a]
+                await asyncio.sleep(0.3)
+            wait_for(lambda: "cannot commit" in srv.stderr, timeout=3)
+            c.send([wire.Map(v6(3), 3)])  # refused while commits fail
+            assert await c.quiet(0.3) == []
+            assert holder.stdout.readline() == "released\n"
+            released = time.monotonic()
+            [late] = mappings(await c.collect(1, timeout=MAX_RETRY_DELAY + 3))
+            caught_up = time.monotonic() - released
+        finally:
+            holder.kill()
+            holder.wait()
+        assert late.addr == v6(2)
+        assert caught_up < MAX_RETRY_DELAY + 1
+        [m3] = await c.map(v6(3), 3)  # taken again now
+        c.close()
+        return late, m3
+
+    late, m3 = run(go())
+    assert [l for l in srv.stderr_lines if "cannot commit" in l][0].count("locked") == 1
+    assert sum("cannot commit" in l for l in srv.stderr_lines) == 1
+    assert srv.stop() == 0
+    got = entries(srv.db)
+    assert got[(v6(2), 2)] == late.nat_port and got[(v6(3), 3)] == m3.nat_port
+
+
+def test_long_read_transaction_does_not_stall_commits(server_factory):
+    srv = server_factory("--ports", "1028-2000")
+
+    async def go():
+        c = await connect(srv)
+        [first] = await c.map(v6(0), 1)
+        reader = hold(srv.db, "BEGIN", "SELECT count(*) FROM entry", 4)
+        try:
+            start = time.monotonic()
+            got = []
+            for i in range(1, 200):
+                t = time.monotonic()
+                [m] = await c.map(v6(i), 1)
+                assert time.monotonic() - t < 1.0
+                got.append(m)
+            assert time.monotonic() - start < 4, "all answered while the reader held its snapshot"
+            assert reader.poll() is None
+        finally:
+            reader.kill()
+            reader.wait()
+        c.close()
+        return [first] + got
+
+    acked = run(go())
+    assert "cannot commit" not in srv.stderr
+    assert srv.stop() == 0
+    got = entries(srv.db)
+    assert all(got[(m.addr, m.port)] == m.nat_port for m in acked)
+
+
+# ---------------------------------------------------------------- wrong or damaged database
+
+def healthy_db(path: Path, entries_n: int = 3000) -> Path:
+    """A nat64ho database with enough rows to span many pages, checkpointed
+    into the main file (as after a clean stop)."""
+    conn = schema.open_db(path, create=True)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO nat VALUES (3221226249, x'0102030405060708', 1, 1)")
+    conn.executemany("INSERT INTO entry VALUES (3221226249, ?, ?, ?, ?, ?)",
+                     [(1028 + i, v6(i), 1000 + i % 50000, i, i) for i in range(entries_n)])
+    conn.executemany("INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, 3221226249, ?, ?, ?)",
+                     [(i, 1028 + i, v6(i), 1000 + i % 50000) for i in range(entries_n)])
+    conn.execute("COMMIT")
+    conn.close()
+    assert not Path(f"{path}-wal").exists()
+    return path
+
+
+def _page_of(path: Path, name: str) -> tuple[int, int]:
+    """(page size, a page of ``name``'s b-tree that is not its root)."""
+    conn = sqlite3.connect(path)
+    try:
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [p for (p,) in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno", (name,))]
+    except sqlite3.OperationalError:  # SQLite built without dbstat
+        pages = []
+    finally:
+        conn.close()
+    return size, pages[len(pages) // 2] if pages else 3
+
+
+def make_not_sqlite(p: Path) -> str:
+    p.write_bytes(random.Random(1).randbytes(8192))
+    return "not an SQLite database"
+
+
+def make_text_file(p: Path) -> str:
+    p.write_text("2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n" * 100)
+    return "not an SQLite database"
+
+
+def make_foreign(p: Path) -> str:
+    conn = sqlite3.connect(p)
+    conn.execute("CREATE TABLE moz_places (id INTEGER PRIMARY KEY, url TEXT)")
+    conn.execute("INSERT INTO moz_places (url) VALUES ('https://example.org/')")
+    conn.commit()
+    conn.close()
+    return "another program"
+
+
+def make_foreign_empty(p: Path) -> str:
+    conn = sqlite3.connect(p)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    return "another program"
+
+
+def make_newer(p: Path) -> str:
+    healthy_db(p, 10)
+    conn = sqlite3.connect(p, isolation_level=None)
+    conn.execute("INSERT INTO schema_migrations VALUES (99, 'from_the_future', 0)")
+    conn.close()
+    return "written by a newer nat64ho (schema version 99"
+
+
+def make_truncated(p: Path) -> str:
+    healthy_db(p)
+    size, _ = _page_of(p, "entry")
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // size // 2 * size)
+    return "truncated"
+
+
+def make_torn(p: Path) -> str:
+    healthy_db(p)
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size - 1000)
+    return "not a whole number of"
+
+
+def make_bad_header(p: Path) -> str:
+    healthy_db(p)
+    with open(p, "r+b") as f:
+        f.seek(100)  # page 1's b-tree header: the schema itself
+        f.write(b"\xff" * 8)
+    return "not a nat64ho database"
+
+
+def make_bad_page(p: Path) -> str:
+    if not p.exists():
+        healthy_db(p)
+    size, page = _page_of(p, "entry")
+    with open(p, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(random.Random(2).randbytes(size))
+    return "malformed"
+
+
+BAD_FILES = [make_not_sqlite, make_text_file, make_foreign, make_foreign_empty, make_newer,
+             make_truncated, make_torn, make_bad_header]
+
+
+def nat64ho(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nat64ho", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("make", BAD_FILES, ids=lambda f: f.__name__[5:])
+def test_serve_refuses_a_bad_database_and_leaves_it_alone(tmp_path, make):
+    db = tmp_path / "table.db"
+    expected = make(db)
+    before = digest(db)
+    r = nat64ho("serve", "--db", str(db), "--listen", "127.0.0.1:0",
+                "--log-file", str(tmp_path / "events.log"))
+    assert r.returncode == 1
+    [error] = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith(f"Error: {db}: ") and expected in error, r.stderr
+    assert "Traceback" not in r.stderr
+    assert digest(db) == before
+    assert not (tmp_path / "events.log").exists()
+    # 'check' says the same, and changes nothing either.
+    c = nat64ho("check", "--db", str(db))
+    assert c.returncode == 1 and f"Error: {db}: " in c.stderr and "Traceback" not in c.stderr
+    assert digest(db) == before
+
+
+def test_check_finds_a_damaged_page_that_start_up_does_not_read(tmp_path):
+    db = tmp_path / "table.db"
+    healthy_db(db)
+    r = nat64ho("check", "--db", str(db))
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == f"ok: {db}: integrity ok, schema current; schema version 1, NAT64s 1, " \
+                       "entries 3000, events 3000\n"
+    expected = make_bad_page(db)
+    before = digest(db)
+    r = nat64ho("check", "--db", str(db))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"Error: {db}: ") and expected in r.stderr, r.stderr
+    assert digest(db) == before
+
+
+def test_check_finds_a_schema_that_was_changed(tmp_path):
+    db = healthy_db(tmp_path / "table.db", 10)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP INDEX entry_lru")
+    conn.close()
+    r = nat64ho("check", "--db", str(db))
+    assert (r.returncode, r.stderr) == (1, f"Error: {db}: index entry_lru is missing\n")
+
+
+def test_check_of_a_missing_file_creates_nothing(tmp_path):
+    db = tmp_path / "absent.db"
+    r = nat64ho("check", "--db", str(db))
+    assert (r.returncode, r.stderr) == (2, f"Error: {db}: no such database\n")
+    assert not db.exists()
