@@ -85,7 +85,8 @@ After installing:
   systemctl status nat64ho              is it running
   journalctl -u nat64ho                 its messages (start, stop, errors)
   $LOG_DIR/nat64ho.log     the event log (Created/Deleted/Initialized)
-  sudo -u nat64ho $VENV/bin/nat64ho --help   queries over the database
+  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db ADDR:PORT
+                                        who held a NAT port (also: query, stats, export)
 EOF
 }
 
@@ -494,8 +495,8 @@ nat64ho is running.
 EOF
     if [ -n "$metrics" ]; then say "  curl -s http://$metrics/metrics     Prometheus metrics"; fi
     cat <<EOF
-  sudo -u nat64ho $VENV/bin/nat64ho --help
-                                            queries (use --db $DATA_DIR/nat64ho.db)
+  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db 192.0.2.9:47102 --at '2019-03-18 15:00'
+                                            who held a NAT port then (also: query, stats, export)
 EOF
 }
 
