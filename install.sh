@@ -357,8 +357,10 @@ do_install() {
     read -r uid gid <<<"$ids"
 
     # Code and its home belong to root: a compromised daemon cannot rewrite
-    # what runs it (or what --auto-update runs as root).
-    install -d -m 0750 "$R$HOME_DIR"
+    # what runs it (or what --auto-update runs as root). The home is
+    # traversable so the checkout's owner can build with the venv's pip; the
+    # data and logs have their own 0750.
+    install -d -m 0755 "$R$HOME_DIR"
     own "0:$gid" "$R$HOME_DIR"
     install -d -m 0755 "$R$BIN_DIR"
     own 0:0 "$R$BIN_DIR"

@@ -109,7 +109,7 @@ def test_directories_and_ownership(installed):
     home = installed / HOME
     for d in ("data", "logs"):
         assert stat.S_IMODE((home / d).stat().st_mode) == 0o750
-    assert stat.S_IMODE(home.stat().st_mode) == 0o750
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755
     if os.geteuid() != 0:
         pytest.skip("ownership is only set when install.sh runs as root")
     # The service writes its data and logs but cannot change its own code.
