@@ -134,13 +134,16 @@ class LogFile:
 class NatState:
     """What the server knows of one NAT64 beside its table."""
 
-    __slots__ = ("nat", "boot_id", "boot_seq", "cookie", "table", "create", "loading")
+    __slots__ = ("nat", "boot_id", "boot_seq", "cookie", "old_cookie", "table", "create", "loading")
 
     def __init__(self, nat: int, boot_id: bytes, cookie: bytes, table: NatTable, create: Bucket):
         self.nat = nat
         self.boot_id = boot_id
         self.boot_seq = 0  #: the write batch recording boot_id (0: already on disk)
         self.cookie = cookie
+        #: The previous boot's cookie, still accepted until the new one is
+        #: used: a HELLO with a spoofed source must not cut the real NAT64 off.
+        self.old_cookie: bytes | None = None
         self.table = table
         self.create = create
         self.loading: asyncio.Task | None = None
@@ -222,7 +225,7 @@ class Server(asyncio.DatagramProtocol):
             self._error(wire.ErrorCode.BAD_COOKIE, data[0], len(data), addr)
             return
         state = self.nats.get(nat) or self._known(nat)
-        if state is None or not hmac.compare_digest(state.cookie, first.cookie):
+        if state is None or not self._cookie_ok(state, first.cookie):
             self._drop("bad_cookie")
             self._error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE, len(data), addr)
             return
@@ -322,6 +325,13 @@ class Server(asyncio.DatagramProtocol):
         return hmac.new(self.store.secret, nat.to_bytes(4, "big") + boot_id,
                         hashlib.sha256).digest()[:8]
 
+    @staticmethod
+    def _cookie_ok(state: NatState, cookie: bytes) -> bool:
+        if hmac.compare_digest(state.cookie, cookie):
+            state.old_cookie = None
+            return True
+        return state.old_cookie is not None and hmac.compare_digest(state.old_cookie, cookie)
+
     def _new_state(self, nat: int, boot_id: bytes) -> NatState:
         table = NatTable(nat, self.config.first_port, self.config.last_port,
                          min_idle=self.min_idle_us, rng=random.Random(self.rng.getrandbits(128)))
@@ -379,6 +389,7 @@ class Server(asyncio.DatagramProtocol):
             # A NAT64 (re)start: logged once, even if the HELLO is repeated
             # before the commit; the WELCOME waits for that commit.
             state.boot_id = hello.boot_id
+            state.old_cookie = state.cookie
             state.cookie = self._cookie(nat, hello.boot_id)
             self.store.add_hello(nat, hello.boot_id, wall, Event(wall, EventKind.INITIALIZED, nat))
             state.boot_seq = self.store.pending_seq

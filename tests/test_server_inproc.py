@@ -179,3 +179,31 @@ def test_repeated_hello_before_commit_logs_one_initialized(tmp_path):
 
     asyncio.run(go())
     assert (tmp_path / "events.log").read_text().count("Initialized") == 1
+
+
+def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path)
+        real, spoofer = Peer(b"R" * 8), Peer(b"S" * 8)
+        srv.datagram_received(real.hello(), NAT)
+        await settle(srv)
+        replies(rec, real)
+        # Someone forging the NAT64's address says HELLO with another boot id;
+        # the WELCOME goes to the real address, so the forger learns nothing.
+        srv.datagram_received(spoofer.hello(), NAT)
+        await settle(srv)
+        rec.sent.clear()
+        srv.datagram_received(real.request([wire.Map(V17, 1)]), NAT)
+        await settle(srv)
+        [m] = replies(rec, real)
+        assert isinstance(m, wire.Mapping)
+        # Once the new boot's cookie is used, the old one is retired.
+        spoofer.cookie = srv.nats[0xC0000207].cookie
+        srv.datagram_received(spoofer.request([wire.Lookup(m.nat_port)]), NAT)
+        await settle(srv)
+        assert replies(rec) == [m]
+        srv.datagram_received(real.request([wire.Lookup(m.nat_port)]), NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x30)]
+        await stop(srv)
+
+    asyncio.run(go())
