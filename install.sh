@@ -131,13 +131,16 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+# LAYOUT: --root was given (even --root /, e.g. inside a chroot): files
+# only, no systemctl, no useradd.
+LAYOUT=
 if [ -n "$ROOT" ]; then
     [ -d "$ROOT" ] || die "--root $ROOT: no such directory"
     ROOT=$(cd "$ROOT" && pwd -P)
-    [ "$ROOT" != / ] || ROOT=
+    LAYOUT=1
 fi
 # Every path written goes through R, so --root changes where, never what.
-R=$ROOT
+R=${ROOT%/}
 
 if [ -n "$LOG_KEEP" ] && ! [[ $LOG_KEEP =~ ^[0-9]+$ ]]; then
     die "--log-keep '$LOG_KEEP': expected a number of days"
@@ -167,7 +170,7 @@ set_var() {
 }
 
 service_active() {
-    [ -z "$ROOT" ] && command -v systemctl >/dev/null && systemctl is-active --quiet "$NAME.service"
+    [ -z "$LAYOUT" ] && command -v systemctl >/dev/null && systemctl is-active --quiet "$NAME.service"
 }
 
 # Exit status 0 if PY is Python >= 3.11 that can make a venv with pip.
@@ -243,13 +246,15 @@ as_owner() {
 problems=()
 
 check_install() {
-    if [ -z "$ROOT" ]; then
+    if [ -z "$LAYOUT" ]; then
         [ "$(id -u)" = 0 ] || problems+=("must run as root (sudo ./install.sh), or use --root DIR")
         if [ ! -d /run/systemd/system ]; then
             problems+=("systemd is not running on this host (no /run/systemd/system); use --root DIR to only lay the files out")
         fi
         if ! command -v useradd >/dev/null; then problems+=("useradd not found (package passwd)"); fi
         if ! command -v runuser >/dev/null; then problems+=("runuser not found (package util-linux)"); fi
+        # The unit's ExecReload (SIGHUP to reopen the log); minimal systems lack it.
+        if [ ! -x /bin/kill ]; then problems+=("/bin/kill not found: apt-get install procps"); fi
     fi
     [ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/contrib/nat64ho.service" ] \
         || problems+=("$SRC does not look like a nat64ho checkout (no pyproject.toml or contrib/nat64ho.service)")
@@ -285,7 +290,7 @@ check_install() {
 }
 
 check_remove() {
-    if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
+    if [ -z "$LAYOUT" ] && [ "$(id -u)" != 0 ]; then
         die "must run as root (sudo ./install.sh $1), or use --root DIR; nothing was changed"
     fi
 }
@@ -294,7 +299,7 @@ check_remove() {
 
 # Echoes "uid gid" of nat64ho, creating the account if it is missing.
 ensure_user() {
-    if [ -z "$ROOT" ]; then
+    if [ -z "$LAYOUT" ]; then
         if ! getent passwd "$NAME" >/dev/null; then
             useradd --system --user-group --home-dir "$HOME_DIR" --no-create-home \
                 --shell /usr/sbin/nologin --comment "NAT64 handoff server" "$NAME"
@@ -325,7 +330,7 @@ ensure_user() {
 }
 
 remove_user() {
-    if [ -z "$ROOT" ]; then
+    if [ -z "$LAYOUT" ]; then
         if getent passwd "$NAME" >/dev/null; then userdel "$NAME"; fi
         if getent group "$NAME" >/dev/null; then groupdel "$NAME"; fi
         return
@@ -352,7 +357,7 @@ do_install() {
     keep=${keep:-$DEFAULT_LOG_KEEP}
     SRC_OWNER=$(stat -c %U "$SRC")
 
-    say "Installing nat64ho from $SRC${ROOT:+ into $ROOT} with $PY ($(python_version "$PY"))"
+    say "Installing nat64ho from $SRC${LAYOUT:+ into $ROOT} with $PY ($(python_version "$PY"))"
     ids=$(ensure_user)
     read -r uid gid <<<"$ids"
 
@@ -401,11 +406,11 @@ do_install() {
     install -d -m 0755 "$R/etc/logrotate.d"
     sed "s/^\([[:space:]]*rotate\) [0-9]*/\1 $keep/" "$SRC/contrib/logrotate/nat64ho" >"$R$LOGROTATE"
     chmod 0644 "$R$LOGROTATE"
-    if [ -z "$ROOT" ] && ! command -v logrotate >/dev/null; then
+    if [ -z "$LAYOUT" ] && ! command -v logrotate >/dev/null; then
         warn "logrotate is not installed: the event log will grow until you install it (apt-get install logrotate)"
     fi
 
-    if [ -n "$ROOT" ]; then
+    if [ -n "$LAYOUT" ]; then
         say "Laid out under $ROOT (no service was started: --root)."
         return
     fi
@@ -506,20 +511,20 @@ EOF
 
 do_uninstall() {
     check_remove --uninstall
-    if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && [ -f "$UNIT" ]; then
+    if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ] && [ -f "$UNIT" ]; then
         systemctl disable --now --quiet "$NAME.service" || true
     fi
     rm -f "$R$UNIT" "$R$LOGROTATE"
     rm -rf "$R$DROPIN_DIR" "$R$VENV" "$R$BIN_DIR"
     rm -f "$R$INSTALL_CONF"
-    if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
+    if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ]; then
         systemctl daemon-reload
         systemctl reset-failed "$NAME.service" 2>/dev/null || true
     fi
-    say "Removed the nat64ho service and code${ROOT:+ under $ROOT}."
+    say "Removed the nat64ho service and code${LAYOUT:+ under $ROOT}."
     if [ "$ACTION" = uninstall ]; then
         say "Kept: $R$DATA_DIR (database), $R$LOG_DIR (event logs), $R$SETTINGS, user $NAME."
-        say "Remove those too with: ./install.sh --purge${ROOT:+ --root $ROOT}"
+        say "Remove those too with: ./install.sh --purge${LAYOUT:+ --root $ROOT}"
     fi
 }
 
@@ -528,7 +533,7 @@ do_purge() {
     say "--purge removes, with no way back:"
     say "  $R$HOME_DIR (the database in $DATA_DIR, the event logs in $LOG_DIR, the venv)"
     say "  $R$SETTINGS (settings)"
-    say "  the user and group $NAME${ROOT:+ (lines in $R/etc/passwd and group)}"
+    say "  the user and group $NAME${LAYOUT:+ (lines in $R/etc/passwd and group)}"
     say "  the service, the logrotate file and $R$INSTALL_CONF (as --uninstall)"
     if [ -z "$YES" ]; then
         [ -t 0 ] || die "not a terminal: add --yes to confirm --purge; nothing was changed"
@@ -540,7 +545,7 @@ do_purge() {
     rm -rf "$R$HOME_DIR"
     rm -f "$R$SETTINGS"
     remove_user
-    say "Purged nat64ho${ROOT:+ under $ROOT}."
+    say "Purged nat64ho${LAYOUT:+ under $ROOT}."
 }
 
 umask 022
