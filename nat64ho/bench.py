@@ -1,0 +1,748 @@
+"""``nat64ho bench``: load a handoff server over loopback and compare it with
+the ceilings of the same machine, measured in the same run.
+
+Owns the load generator (client processes built on :mod:`nat64ho.peer` and
+:mod:`nat64ho.wire`), the server it may start, the two ceilings (a bare UDP
+echo server on the same event loop, raw SQLite inserts of the same rows) and
+the report. Each in-flight request has its own UDP socket, so a reply needs
+no request id to be matched: whatever arrives on a slot's socket answers that
+slot's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from nat64ho import schema, wire
+from nat64ho.eventlog import EventKind
+from nat64ho.peer import ANSWERS, Client, Peer
+
+MODES = ("create", "lookup", "mixed")
+#: A request unanswered for this long is counted lost and its slot reused.
+REPLY_TIMEOUT = 1.0
+#: Open loop: how often the sender wakes to send what is due.
+TICK = 0.001
+#: Ports each TOUCH of the mixed mode names.
+TOUCH_PORTS = 4
+#: Distinct lookup/mixed request datagrams per NAT64: enough that the
+#: server sees varied ports, few enough to encode up front.
+POOL = 256
+#: MAPs per datagram while filling the tables before a lookup/mixed run.
+PREFILL_BATCH = 50
+_SERIAL = struct.Struct("!I")
+#: Batch sizes tried for the raw SQLite ceiling; the best one is reported.
+SQLITE_BATCHES = (20, 200, 2000, 10000)
+#: Seconds the SQLite ceiling spends on each batch size.
+SQLITE_SECONDS = 0.7
+_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class BenchConfig:
+    mode: str = "create"
+    batch: int = 1  #: messages per request datagram
+    window: int = 32  #: requests in flight per client process (open loop: at most)
+    rate: float = 0.0  #: offered messages/s over all clients; 0 = closed loop
+    duration: float = 10.0  #: seconds measured
+    warmup: float = 1.0  #: seconds run before measuring
+    clients: int = 1  #: client processes
+    nats: int = 1  #: NAT64s, each on its own loopback source address
+    entries: int = 20_000  #: entries per NAT64 created before a lookup/mixed run
+    server: tuple[str, int] | None = None  #: drive this server instead of starting one
+    server_pid: int | None = None  #: its process, to read CPU and RSS
+    sync: str = "full"
+    server_args: list[str] = field(default_factory=list)
+    ceilings: bool = True
+    tmp: Path | None = None  #: where a started server keeps its database
+
+
+# ---------------------------------------------------------------- requests
+
+def nat_source(index: int) -> str:
+    """The loopback address NAT64 number ``index`` sends from (127.1.0.1 on)."""
+    n = index + 1
+    return f"127.1.{n >> 8}.{n & 255}"
+
+
+class Template(NamedTuple):
+    """A request datagram, encoded once by the peer and reused: only the
+    endpoint serials of its new MAPs are rewritten for each send, so the
+    client spends its share of the two CPUs on sockets, not on encoding."""
+
+    data: bytes
+    serials: tuple[int, ...]  #: offsets of the 4-octet serials that make endpoints new
+    answers: int  #: answers expected (one per MAP and LOOKUP)
+
+
+class NatLoad:
+    """One NAT64 as one client process drives it: its session, the endpoints
+    it creates, and the entries it may look up."""
+
+    def __init__(self, index: int, peer: Peer, tag: bytes, rng: random.Random):
+        self.index = index
+        self.local = nat_source(index)
+        self.peer = peer
+        self.tag = tag  # 12 octets: keeps endpoints of processes and runs apart
+        self.rng = rng
+        self.serial = 0
+        self.ports: list[int] = []
+        self.endpoints: list[tuple[bytes, int]] = []
+        self.pool: list[Template] = []
+
+    def known(self) -> None:
+        """Take what the peer's cache holds now as the targets of lookups."""
+        self.ports = list(self.peer.cache)
+        self.endpoints = list(self.peer.cache.values())
+
+    def prepare(self, mode: str, batch: int) -> None:
+        self.pool = [self._template(mode, batch) for _ in range(1 if mode == "create" else POOL)]
+
+    def _template(self, mode: str, batch: int) -> Template:
+        rng = self.rng
+        ports = self.ports or [1028]
+        new = wire.Map(self.tag + bytes(4), 443)
+        if mode == "create":
+            messages = [new] * batch
+        elif mode == "lookup":
+            messages = [wire.Lookup(rng.choice(ports)) for _ in range(batch)]
+        else:
+            # mixed: mostly cache-hit traffic, some re-MAPs, a tenth new
+            # endpoints (which evict the least recently used once the table
+            # is full).
+            messages = []
+            for _ in range(batch):
+                r = rng.random()
+                if r < 0.6:
+                    messages.append(wire.Lookup(rng.choice(ports)))
+                elif r < 0.8:
+                    messages.append(wire.Touch(tuple(rng.choice(ports) for _ in range(TOUCH_PORTS))))
+                elif r < 0.9 and self.endpoints:
+                    messages.append(wire.Map(*rng.choice(self.endpoints)))
+                else:
+                    messages.append(new)
+            if all(type(m) is wire.Touch for m in messages):
+                messages[-1] = wire.Lookup(rng.choice(ports))
+        data = self.peer.request(messages)
+        serials, answers = [], 0
+        offset = len(data) - sum(len(wire.encode(m)) for m in messages)
+        for m in messages:
+            if m is new:
+                serials.append(offset + 2 + 12)
+            if type(m) is not wire.Touch:
+                answers += 1
+            offset += len(wire.encode(m))
+        return Template(data, tuple(serials), answers)
+
+    def request(self) -> tuple[bytes, int]:
+        """A request datagram and how many answers it expects."""
+        t = self.pool[self.rng.randrange(len(self.pool))] if len(self.pool) > 1 else self.pool[0]
+        if not t.serials:
+            return t.data, t.answers
+        data = bytearray(t.data)
+        s = self.serial
+        for offset in t.serials:
+            s += 1
+            _SERIAL.pack_into(data, offset, s & 0xFFFFFFFF)
+        self.serial = s
+        return bytes(data), t.answers
+
+
+def tally(datagram: bytes) -> tuple[int, int, int]:
+    """(answers, DELETED, ERROR) in a server datagram, by its framing alone;
+    raises wire.Malformed when the framing does not add up. The full parse
+    (:meth:`Peer.receive`) is kept for replies whose content matters."""
+    answers = deleted = errors = 0
+    pos, end = 0, len(datagram)
+    while pos < end - 1:
+        kind = datagram[pos]
+        if kind == 0x38:
+            deleted += 1
+        else:
+            answers += 1
+            if kind == 0x39:
+                errors += 1
+        pos += 2 + 2 * datagram[pos + 1]
+    if pos != end:
+        raise wire.Malformed(wire.TRUNCATED, pos)
+    return answers, deleted, errors
+
+
+# ---------------------------------------------------------------- load
+
+class _Slot(asyncio.DatagramProtocol):
+    """One request in flight, on its own socket."""
+
+    def __init__(self, load: "Load", nat: NatLoad):
+        self.load = load
+        self.nat = nat
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sent = 0.0  # 0 while idle
+        self.expect = 0
+        self.got = 0
+        self.messages = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.load.reply(self, data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.load.counts["icmp_errors"] += 1
+
+
+class Load:
+    """The requests of one client process: closed loop (every answer sends the
+    next request) or open loop (a ticker sends at a fixed rate)."""
+
+    def __init__(self, nats: list[NatLoad], batch: int, *, echo: bool = False,
+                 learn: bool = False):
+        self.nats = nats
+        self.batch = batch
+        self.echo = echo  # the echo ceiling: any datagram back completes a request
+        self.learn = learn  # parse replies fully, so the peers' caches fill
+        self.slots: list[_Slot] = []
+        self.idle: list[_Slot] = []
+        self.closed_loop = True
+        self.sending = False
+        self.measure = (0.0, 0.0)
+        self.latencies = array("d")
+        self.counts = {"messages": 0, "requests": 0, "answers": 0, "lost": 0, "unsent": 0,
+                       "created": 0, "deleted": 0, "errors": 0, "malformed": 0,
+                       "icmp_errors": 0, "late": 0}
+        self.done_count = 0  # requests completed in any phase
+        self.created_total = 0
+
+    async def open(self, host: str, port: int, window: int) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(window):
+            nat = self.nats[i % len(self.nats)]
+            _, slot = await loop.create_datagram_endpoint(
+                lambda: _Slot(self, nat), local_addr=(nat.local, 0), remote_addr=(host, port))
+            self.slots.append(slot)
+        self.idle = list(self.slots)
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.transport.close()
+
+    def send(self, slot: _Slot) -> None:
+        data, expect = slot.nat.request()
+        slot.expect = expect
+        slot.got = 0
+        slot.messages = self.batch
+        slot.sent = time.perf_counter()
+        slot.transport.sendto(data)
+
+    def reply(self, slot: _Slot, data: bytes) -> None:
+        if not slot.sent:
+            self.counts["late"] += 1
+            return
+        counts = self.counts
+        if self.echo:
+            slot.got = slot.expect
+        else:
+            try:
+                if self.learn:
+                    messages = slot.nat.peer.receive(data)
+                    got = sum(1 for m in messages if isinstance(m, ANSWERS))
+                else:
+                    got, deleted, errors = tally(data)
+                    counts["deleted"] += deleted
+                    counts["errors"] += errors
+            except wire.Malformed:
+                counts["malformed"] += 1
+                return
+            slot.got += got
+        if slot.got < slot.expect:
+            return
+        now = time.perf_counter()
+        self.done_count += 1
+        if self.measure[0] <= now < self.measure[1]:
+            self.latencies.append(now - slot.sent)
+            self.counts["requests"] += 1
+            self.counts["messages"] += slot.messages
+            self.counts["answers"] += slot.got
+        slot.sent = 0.0
+        if self.sending and self.closed_loop:
+            self.send(slot)
+        else:
+            self.idle.append(slot)
+
+    def _expire(self) -> None:
+        limit = time.perf_counter() - REPLY_TIMEOUT
+        for slot in self.slots:
+            if slot.sent and slot.sent < limit:
+                self.counts["lost"] += 1
+                slot.sent = 0.0
+                if self.sending and self.closed_loop:
+                    self.send(slot)
+                else:
+                    self.idle.append(slot)
+
+    async def run(self, start: float, measure: float, end: float, rate: float = 0.0,
+                  until_done: int = 0) -> None:
+        """Send from ``start`` until ``end`` (monotonic clock, shared by the
+        processes), counting what completes in [``measure``, ``end``); with
+        ``until_done``, stop as soon as that many requests completed."""
+        clock = time.perf_counter  # CLOCK_MONOTONIC on Linux, like time.monotonic
+        self.measure = (measure, end)
+        self.closed_loop = rate <= 0
+        await asyncio.sleep(max(0.0, start - clock()))
+        self.sending = True
+        t0 = clock()
+        next_expire = t0 + REPLY_TIMEOUT / 4
+        if self.closed_loop:
+            idle, self.idle = self.idle, []
+            for slot in idle:
+                self.send(slot)
+            while clock() < end and not (until_done and self.done_count >= until_done):
+                await asyncio.sleep(0.05 if until_done else 0.1)
+                if clock() >= next_expire:
+                    self._expire()
+                    next_expire = clock() + REPLY_TIMEOUT / 4
+        else:
+            per_second = rate / self.batch
+            sent = 0
+            while (now := clock()) < end:
+                due = int((now - t0) * per_second) - sent
+                while due > 0:
+                    due -= 1
+                    sent += 1
+                    if self.idle:
+                        self.send(self.idle.pop())
+                    else:
+                        self.counts["unsent"] += 1
+                if now >= next_expire:
+                    self._expire()
+                    next_expire = now + REPLY_TIMEOUT / 4
+                await asyncio.sleep(TICK)
+        self.sending = False
+        # Let the requests in flight finish, so the next phase starts clean.
+        deadline = clock() + REPLY_TIMEOUT
+        while any(s.sent for s in self.slots) and clock() < deadline:
+            await asyncio.sleep(0.01)
+        self._expire()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
+def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
+                    sessions: list[tuple[int, bytes, bytes]], conn, echo: bool) -> None:
+    """Body of one client process: prefill, report ready, run when told, report."""
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_client(cfg, address, index, sessions, conn, echo))
+    finally:
+        loop.close()
+        conn.close()
+
+
+async def _client(cfg: BenchConfig, address, index, sessions, conn, echo) -> None:
+    rng = random.Random(index * 7919 + os.getpid())
+    run_tag = os.urandom(4)
+    nats = []
+    for nat_index, boot_id, cookie in sessions:
+        peer = Peer(boot_id)
+        peer.cookie = cookie
+        tag = (b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big")
+               + nat_index.to_bytes(2, "big"))
+        nats.append(NatLoad(nat_index, peer, tag, rng))
+    load = Load(nats, cfg.batch, echo=echo)
+    await load.open(*address, cfg.window)
+    loop = asyncio.get_running_loop()
+    if cfg.mode != "create" and not echo:
+        # Give every NAT64 its entries first (this process's share of them).
+        for n in nats:
+            n.prepare("create", PREFILL_BATCH)
+        prefill = Load(nats, PREFILL_BATCH, learn=True)
+        prefill.slots, prefill.idle = load.slots, list(load.slots)
+        for s in load.slots:
+            s.load = prefill
+        want = -(-cfg.entries * len(nats) // prefill.batch)
+        now = time.perf_counter()
+        await prefill.run(now, now, now + 600, until_done=want)
+        for s in load.slots:
+            s.load = load
+        load.idle = list(load.slots)
+        for n in nats:
+            n.known()
+    for n in nats:
+        n.prepare(cfg.mode, cfg.batch)
+    conn.send(("ready", None))
+    start, measure, end = await loop.run_in_executor(None, conn.recv)
+    await load.run(start, measure, end, cfg.rate / cfg.clients)
+    load.close()
+    conn.send(("done", (load.counts, load.latencies.tobytes())))
+
+
+# ---------------------------------------------------------------- processes
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_peak_rss(pid: int) -> int:
+    """Peak resident set of process ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def proc_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Child:
+    """A server (or echo server) in a child process on an ephemeral loopback port."""
+
+    def __init__(self, cmd: list[str], timeout: float = 60.0):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.address: tuple[str, int] | None = None
+        self.started = time.monotonic()
+        found = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = _LISTENING.search(line)
+                if m and not found.is_set():
+                    self.address = (m.group(1), int(m.group(2)))
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or self.address is None:
+            self.stop()
+            raise RuntimeError("child did not start:\n" + "".join(self.lines))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
+    """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
+    not capacity) unless ``extra`` sets them."""
+    return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db),
+                  "--listen", "127.0.0.1:0", "--log-file", str(log), "--sync", sync,
+                  "--hello-rate", "0", "--create-rate", "0", *extra])
+
+
+def start_echo() -> Child:
+    return Child([sys.executable, "-c", "from nat64ho.bench import echo_main; echo_main()"])
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.transport.sendto(data, addr)
+
+
+def echo_main() -> None:
+    """The echo ceiling: receive a datagram, send it back, on the server's
+    event loop and socket settings."""
+    from nat64ho.server import RCVBUF
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        host, port = transport.get_extra_info("sockname")[:2]
+        print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+        await stop.wait()
+        transport.close()
+
+    loop = _new_loop()
+    loop.run_until_complete(main())
+
+
+async def hello_all(address: tuple[str, int], nats: int) -> list[tuple[int, bytes, bytes]]:
+    """HELLO once per NAT64; every client process then shares the session."""
+    out = []
+    for i in range(nats):
+        client = await Client.connect(*address, local=nat_source(i))
+        try:
+            await client.hello(timeout=5.0)
+        finally:
+            client.close()
+        out.append((i, client.peer.boot_id, client.peer.cookie))
+    return out
+
+
+# ---------------------------------------------------------------- a run
+
+@dataclass
+class Result:
+    """What one load phase measured."""
+
+    seconds: float
+    counts: dict
+    latencies: list[float]  # seconds, sorted
+    cpu: float | None = None  # server CPU, fraction of one core
+    peak_rss: int | None = None  # bytes
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.counts["messages"] / self.seconds
+
+    @property
+    def datagrams_per_s(self) -> float:
+        return self.counts["requests"] / self.seconds
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        return self.latencies[min(len(self.latencies) - 1, int(q * len(self.latencies)))]
+
+
+def drive(cfg: BenchConfig, address: tuple[str, int], pid: int | None, echo: bool = False,
+          duration: float | None = None) -> Result:
+    """Run the client processes against ``address`` and gather their numbers."""
+    duration = cfg.duration if duration is None else duration
+    sessions = asyncio.run(hello_all(address, cfg.nats)) if not echo else [
+        (i, os.urandom(8), os.urandom(8)) for i in range(cfg.nats)]
+    ctx = multiprocessing.get_context("spawn")
+    procs, pipes = [], []
+    for p in range(cfg.clients):
+        mine = [s for s in sessions if s[0] % cfg.clients == p] or [sessions[p % len(sessions)]]
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_client_process, args=(cfg, address, p, mine, child, echo),
+                           daemon=True)
+        proc.start()
+        child.close()
+        procs.append(proc)
+        pipes.append(parent)
+    try:
+        for conn in pipes:
+            if not conn.poll(900):
+                raise RuntimeError("a client process did not get ready")
+            tag, _ = conn.recv()
+        start = time.perf_counter() + 0.2
+        measure = start + cfg.warmup
+        end = measure + duration
+        for conn in pipes:
+            conn.send((start, measure, end))
+        cpu0 = None
+        if pid is not None:
+            time.sleep(max(0.0, measure - time.perf_counter()))
+            cpu0 = proc_cpu(pid)
+            time.sleep(max(0.0, end - time.perf_counter()))
+            cpu = (proc_cpu(pid) - cpu0) / duration
+            peak = proc_peak_rss(pid)
+        counts: dict = {}
+        latencies = array("d")
+        for conn in pipes:
+            if not conn.poll(end - time.perf_counter() + 30):
+                raise RuntimeError("a client process did not report")
+            tag, (c, lat) = conn.recv()
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            latencies.frombytes(lat)
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+    return Result(duration, counts, sorted(latencies),
+                  cpu if pid is not None else None, peak if pid is not None else None)
+
+
+def sqlite_ceiling(directory: Path, sync: str, nats: int,
+                   batches: tuple[int, ...] = SQLITE_BATCHES,
+                   seconds: float = SQLITE_SECONDS) -> tuple[float, int]:
+    """Entries/s of raw inserts of what a new entry costs the store (its row
+    and its Created event, same schema, same statements, same synchronous
+    mode), one transaction per batch; returns the best rate and its batch."""
+    from nat64ho.store import _INSERT_EVENT, _UPSERT_ENTRY, PAGE_CACHE_KIB
+
+    path = directory / "ceiling.db"
+    conn = schema.open_db(path, create=True)
+    conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+    rng = random.Random(1)
+    serial = 0
+    best = (0.0, batches[0])
+    try:
+        for size in batches:
+            spent = 0.0
+            done = 0
+            wall_end = time.perf_counter() + 3 * seconds
+            while spent < seconds and time.perf_counter() < wall_end:
+                ts = time.time_ns() // 1000
+                entries, events = [], []
+                for _ in range(size):
+                    serial += 1
+                    nat = (127 << 24) + serial % nats
+                    port = rng.randint(1028, 65535)
+                    addr = b"\x20\x01\x0d\xb8" + serial.to_bytes(12, "big")
+                    entries.append((nat, port, addr, 443, ts, ts))
+                    events.append((ts, EventKind.CREATED, nat, port, addr, 443))
+                t = time.perf_counter()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_UPSERT_ENTRY, entries)
+                    conn.executemany(_INSERT_EVENT, events)
+                    conn.execute("COMMIT")
+                except sqlite3.IntegrityError:
+                    # A random endpoint that collides is vanishingly rare;
+                    # drop the batch rather than bend the statements.
+                    conn.execute("ROLLBACK")
+                    continue
+                spent += time.perf_counter() - t
+                done += size
+            if spent and done / spent > best[0]:
+                best = (done / spent, size)
+    finally:
+        conn.close()
+    return best
+
+
+@dataclass
+class Report:
+    cfg: BenchConfig
+    server: Result
+    echo: Result | None = None
+    sqlite: tuple[float, int] | None = None
+    echo_cpu: float | None = None
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        s, e = self.server, self.echo
+        rows = []
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a and b else "-"
+
+        rows.append(("messages/s", f"{s.messages_per_s:,.0f}",
+                     f"{e.messages_per_s:,.0f} (echo)" if e else "-",
+                     ratio(s.messages_per_s, e.messages_per_s if e else 0)))
+        rows.append(("datagrams/s (requests)", f"{s.datagrams_per_s:,.0f}",
+                     f"{e.datagrams_per_s:,.0f} (echo)" if e else "-",
+                     ratio(s.datagrams_per_s, e.datagrams_per_s if e else 0)))
+        for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")):
+            v = s.percentile(q)
+            ev = e.percentile(q) if e else None
+            rows.append((f"latency {name} ms", f"{v * 1e3:.2f}" if v is not None else "-",
+                         f"{ev * 1e3:.2f} (echo)" if ev is not None else "-", ""))
+        if self.cfg.mode == "create":
+            created = s.messages_per_s
+            sq = self.sqlite
+            rows.append(("new entries/s", f"{created:,.0f}",
+                         f"{sq[0]:,.0f} (sqlite, batch {sq[1]})" if sq else "-",
+                         ratio(created, sq[0] if sq else 0)))
+        rows.append(("server CPU (cores)", f"{s.cpu:.2f}" if s.cpu is not None else "n/a",
+                     f"{e.cpu:.2f} (echo)" if e and e.cpu is not None else "-", ""))
+        rows.append(("server peak RSS MB",
+                     f"{s.peak_rss / 2**20:.0f}" if s.peak_rss is not None else "n/a", "-", ""))
+        c = s.counts
+        rows.append(("lost / errors / deleted",
+                     f"{c['lost']} / {c['errors']} / {c['deleted']}", "", ""))
+        if self.cfg.rate:
+            rows.append(("offered but no free slot", f"{c['unsent']}", "", ""))
+        return rows
+
+    def format(self) -> str:
+        cfg = self.cfg
+        loop = f"{'open loop ' + format(cfg.rate, ',.0f') + ' msg/s' if cfg.rate else 'closed loop'}"
+        head = (f"nat64ho bench: mode {cfg.mode}, batch {cfg.batch}, window {cfg.window}, {loop}, "
+                f"{cfg.duration:g} s, {cfg.clients} client process(es), {cfg.nats} NAT64(s), "
+                f"sync {cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
+                f"with the server)")
+        rows = [("", "nat64ho", "ceiling", "ratio")] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [head]
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip())
+        return "\n".join(lines)
+
+
+def run(cfg: BenchConfig) -> Report:
+    """One benchmark: the server under load, then the ceilings."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
+    own_tmp = None
+    if cfg.tmp is None:
+        own_tmp = tempfile.TemporaryDirectory(prefix="nat64ho-bench-")
+        tmp = Path(own_tmp.name)
+    else:
+        tmp = cfg.tmp
+    try:
+        if cfg.server is None:
+            child = start_server(tmp / "table.db", tmp / "events.log", cfg.sync, cfg.server_args)
+            try:
+                result = drive(cfg, child.address, child.pid)
+            finally:
+                child.stop()
+        else:
+            result = drive(cfg, cfg.server, cfg.server_pid)
+        report = Report(cfg, result)
+        if cfg.ceilings:
+            # Shorter than the main run: a ceiling is steady from the start.
+            seconds = min(cfg.duration, 3.0)
+            echo = start_echo()
+            try:
+                report.echo = drive(cfg, echo.address, echo.pid, echo=True, duration=seconds)
+            finally:
+                echo.stop()
+            if cfg.mode == "create":
+                report.sqlite = sqlite_ceiling(tmp, cfg.sync, cfg.nats)
+        return report
+    finally:
+        if own_tmp is not None:
+            own_tmp.cleanup()
