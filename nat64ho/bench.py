@@ -741,7 +741,8 @@ def run(cfg: BenchConfig) -> Report:
             finally:
                 echo.stop()
             if cfg.mode == "create":
-                report.sqlite = sqlite_ceiling(tmp, cfg.sync, cfg.nats)
+                report.sqlite = sqlite_ceiling(tmp, cfg.sync, cfg.nats,
+                                               seconds=min(SQLITE_SECONDS, cfg.duration / 4))
         return report
     finally:
         if own_tmp is not None:

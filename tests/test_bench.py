@@ -1,0 +1,41 @@
+"""Smoke test of ``nat64ho bench``: it runs end to end and reports sane
+numbers. Speeds are not asserted; this machine is shared with the tests."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from nat64ho import bench
+from nat64ho.cli import app
+
+
+def test_create_run_reports_server_and_ceilings():
+    cfg = bench.BenchConfig(mode="create", batch=5, window=4, duration=1.0, warmup=0.3)
+    report = bench.run(cfg)
+    s = report.server
+    assert s.counts["requests"] > 0 and s.counts["messages"] == 5 * s.counts["requests"]
+    assert s.counts["errors"] == 0 and s.counts["malformed"] == 0
+    assert 0 < s.percentile(0.5) <= s.percentile(0.99) <= s.percentile(0.999) < bench.REPLY_TIMEOUT
+    assert s.cpu is not None and 0 < s.cpu <= 2.0
+    assert 10 * 2**20 < s.peak_rss < 1 * 2**30
+    assert report.echo is not None and report.echo.counts["requests"] > 0
+    rate, size = report.sqlite
+    assert rate > 0 and size in bench.SQLITE_BATCHES
+    text = report.format()
+    for label in ("messages/s", "latency p99 ms", "new entries/s", "server peak RSS MB"):
+        assert label in text
+
+
+def test_cli_lookup_run_prints_the_table():
+    result = CliRunner().invoke(app, ["bench", "--mode", "lookup", "--batch", "10", "--window", "4",
+                                      "--entries", "200", "--duration", "1", "--no-ceilings"])
+    assert result.exit_code == 0, result.output
+    assert "mode lookup, batch 10" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("messages/s"))
+    assert float(row.split()[1].replace(",", "")) > 0
+
+
+def test_cli_refuses_a_remote_server():
+    result = CliRunner().invoke(app, ["bench", "--server", "192.0.2.1:6464"])
+    assert result.exit_code == 2
+    assert "loopback" in result.output
