@@ -543,3 +543,284 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
     lines = (tmp_path / "events.log").read_text().splitlines()
     assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 3 + ["2030-06-01 10:30"] * 2
     assert lines[-2].endswith(f"Deleted 192.0.2.7:{a.nat_port} [2001:db8::1]:1")
+
+
+# ---------------------------------------------------------------- SIGKILL storms
+
+def table_rows(db: Path) -> dict[tuple[int, int], tuple[bytes, int]]:
+    """(NAT64, port) -> endpoint of every entry."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(n, p): (bytes(a), ap) for n, p, a, ap in
+                conn.execute("SELECT nat, port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+async def mapping_load(srv: ServerProcess, peers: list, locals_: list[str], acked: list[dict],
+                       counter, kill_after: float, per_datagram: int = 8) -> None:
+    """NAT64s asking for new endpoints as fast as they are answered, until
+    the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
+    endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
+    from nat64ho.peer import Client
+    clients = [await Client.connect(srv.host, srv.port, local=local, peer=peer)
+               for peer, local in zip(peers, locals_)]
+    asyncio.get_running_loop().call_later(kill_after, srv.kill)
+
+    async def one(i: int, c) -> None:
+        while srv.proc.poll() is None:
+            c.send([wire.Map(v6(next(counter)), 7) for _ in range(per_datagram)])
+            for m in await c.collect(per_datagram, timeout=0.5):
+                if isinstance(m, wire.Mapping):
+                    acked[i][(m.addr, m.port)] = m.nat_port
+                elif isinstance(m, wire.Deleted):
+                    acked[i].pop((m.addr, m.port), None)
+
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
+    import itertools
+    srv = ServerProcess(tmp_path)
+    locals_ = [f"127.0.0.{i}" for i in range(1, 5)]
+    nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
+    acked: list[dict] = [{} for _ in locals_]
+    counter = itertools.count()
+    rng = random.Random(6)
+    startups = []
+    try:
+        t = time.monotonic()
+        srv.start()
+        startups.append(time.monotonic() - t)
+
+        async def hello():
+            clients = [(await connect(srv, local=a)) for a in locals_]
+            for c in clients:
+                c.close()
+            return [c.peer for c in clients]
+
+        peers = run(hello())
+        for cycle in range(20):
+            run(mapping_load(srv, peers, locals_, acked, counter, rng.uniform(0.2, 0.8)))
+            assert srv.proc.returncode == -signal.SIGKILL
+            rows = table_rows(srv.db)
+            for nat, got in zip(nats, acked):
+                for endpoint, port in got.items():
+                    assert rows[(nat, port)] == endpoint, f"cycle {cycle}: acknowledged entry lost"
+            t = time.monotonic()
+            srv.start()
+            startups.append(time.monotonic() - t)
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    rows = table_rows(srv.db)
+    total = sum(len(a) for a in acked)
+    assert total > 20 * 50, "the load was too light to mean anything"
+    for nat, got in zip(nats, acked):
+        assert len(set(got.values())) == len(got)  # no port announced for two endpoints
+        held = {p: e for (n, p), e in rows.items() if n == nat}
+        assert len(set(held.values())) == len(held)
+        for endpoint, port in got.items():
+            assert held[port] == endpoint
+    assert nat64ho("check", "--db", str(srv.db)).returncode == 0
+    # Start-up does not grow with the table or with the number of crashes.
+    first, last = sorted(startups[:5])[2], sorted(startups[-5:])[2]
+    assert last < first * 1.5 + 0.5, startups
+
+
+@pytest.mark.slow
+def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
+    import itertools
+    srv = ServerProcess(tmp_path, "--ports", "1028-1035")
+    acked: list[dict] = [{}]
+    counter = itertools.count()
+    rng = random.Random(7)
+    try:
+        srv.start()
+
+        async def hello():
+            c = await connect(srv)
+            c.close()
+            return c.peer
+
+        peer = run(hello())
+        for cycle in range(8):
+            # Every MAP of a new endpoint on an 8-port table evicts one.
+            run(mapping_load(srv, [peer], ["127.0.0.1"], acked, counter, rng.uniform(0.2, 0.6),
+                             per_datagram=3))
+            srv.start()
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    events = conn.execute("SELECT kind, port, addr, aport FROM event WHERE kind != 0 ORDER BY id").fetchall()
+    conn.close()
+    assert sum(k == 2 for k, *_ in events) > 8 * 20, "too few evictions to have crashed amid one"
+    # Per port, history reads Created (Deleted Created)*: never a Deleted whose
+    # Created was lost, nor a Created over a holder that was not deleted.
+    history: dict[int, list] = {}
+    for kind, port, addr, aport in events:
+        history.setdefault(port, []).append((kind, bytes(addr), aport))
+    rows = table_rows(srv.db)
+    assert len(rows) == 8
+    for port, seq in history.items():
+        kinds = [k for k, _, _ in seq]
+        assert kinds == [1] + [2, 1] * ((len(kinds) - 1) // 2), (port, kinds)
+        for (k1, a1, p1), (k2, a2, p2) in zip(seq, seq[1:]):
+            if k2 == 2:  # the Deleted names the holder the Created before it made
+                assert (a1, p1) == (a2, p2)
+        assert rows[(int.from_bytes(socket.inet_aton("127.0.0.1"), "big"), port)] == seq[-1][1:]
+    for endpoint, port in acked[0].items():
+        assert (1, *endpoint) in history[port]
+
+
+# ---------------------------------------------------------------- power loss
+
+def test_power_cut_right_after_an_acknowledgment_keeps_it(server_factory, tmp_path):
+    srv = server_factory("--sync", "full", "--ports", "1028-2000")
+    # The mode the writer connection really runs in, read back from SQLite.
+    assert f"database {srv.db}: journal_mode=wal, synchronous=FULL" in srv.stderr
+
+    async def go():
+        c = await connect(srv)
+        acked = {}
+        for i in range(30):
+            [m] = await c.map(v6(i), 9)
+            acked[(m.addr, m.port)] = m.nat_port
+            # What a power cut leaves: the files as they are now, without the
+            # process, its memory or its -shm index.
+            cut = tmp_path / f"cut{i}"
+            cut.mkdir()
+            for suffix in ("", "-wal"):
+                src = Path(f"{srv.db}{suffix}")
+                if src.exists():
+                    shutil.copyfile(src, cut / f"table.db{suffix}")
+            got = entries_recovered(cut / "table.db")
+            assert all(got.get(k) == p for k, p in acked.items()), f"lost after ack {i}"
+        c.close()
+
+    run(go())
+    assert srv.stop() == 0
+
+
+def entries_recovered(db: Path) -> dict[tuple[bytes, int], int]:
+    # Read-write, as a restarted server opens it: SQLite rebuilds the WAL
+    # index from the WAL's checksummed frames, keeping whole transactions only.
+    conn = sqlite3.connect(db)
+    try:
+        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- resource bounds
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def hello_from(sources: list[str], port: int, timeout: float = 10.0) -> dict[str, object]:
+    """One HELLO from each source address (127/8 on loopback); the answer
+    each got: a wire message, or None if none came."""
+    import selectors
+    answers: dict[str, object] = {}
+    sel = selectors.DefaultSelector()
+    socks = []
+    try:
+        for src in sources:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((src, 0))
+            s.setblocking(False)
+            s.sendto(wire.encode(wire.Hello(os.urandom(8))), ("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_READ, src)
+            socks.append(s)
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(sources) and time.monotonic() < deadline:
+            for key, _ in sel.select(0.2):
+                [m] = wire.parse(key.fileobj.recv(2048), wire.Direction.TO_NAT64)
+                answers[key.data] = m
+                sel.unregister(key.fileobj)
+    finally:
+        for s in socks:
+            s.close()
+        sel.close()
+    return {src: answers.get(src) for src in sources}
+
+
+@pytest.mark.slow
+def test_ten_thousand_nat64s_say_hello_and_max_nats_holds(server_factory):
+    srv = server_factory("--max-nats", "2000")
+    sources = [f"127.{1 + i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(1, 10_001)]
+    base = rss_kib(srv.proc.pid)
+    welcomed, refused = [], []
+    for i in range(0, len(sources), 500):  # 500 sockets at a time
+        for src, m in hello_from(sources[i:i + 500], srv.port).items():
+            if isinstance(m, wire.Welcome):
+                welcomed.append(src)
+            else:
+                assert m == wire.Error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO), (src, m)
+                refused.append(src)
+    assert welcomed == sources[:2000] and len(refused) == 8000
+    grown = rss_kib(srv.proc.pid) - base
+    assert grown < 40 * 1024, f"RSS grew by {grown} KiB for 10,000 sources"
+    # The limit counts what is on disk, so a restart does not reset it; known
+    # NAT64s come back, new ones are still refused.
+    srv.restart()
+    again = hello_from([sources[0], sources[1999], sources[2000], sources[-1]], srv.port)
+    assert [type(m) for m in again.values()] == [wire.Welcome, wire.Welcome, wire.Error, wire.Error]
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    assert conn.execute("SELECT count(*) FROM nat").fetchone()[0] == 2000
+    conn.close()
+
+
+def test_biggest_datagrams_and_a_reader_that_never_reads(server_factory):
+    srv = server_factory()
+    lookups = (65507 - 10) // 4  # the largest UDP payload over IPv4, all LOOKUPs
+
+    async def go():
+        c = await connect(srv)
+        # Every answer comes, each datagram within 1472 octets.
+        sizes = []
+        receive = c.datagram_received
+        c.datagram_received = lambda data, addr: (sizes.append(len(data)), receive(data, addr))
+        out = await c.exchange([wire.Lookup(1028 + i % 60000) for i in range(lookups)],
+                               answers=lookups, timeout=10)
+        c.datagram_received = receive
+        assert len(out) == lookups and all(isinstance(m, wire.Unmapped) for m in out)
+        assert max(sizes) <= 1472 and len(sizes) >= lookups * 4 // 1472
+
+        # A malformed datagram that big is dropped whole, unanswered.
+        c.send_raw(wire.encode(wire.Cookie(c.peer.cookie)) + b"\x50" * 65497)
+        assert await c.quiet(0.3) == []
+
+        # A NAT64 (same session, another socket) that asks and never reads,
+        # then goes away: the kernel drops what does not fit; the server's
+        # memory does not keep it.
+        base = rss_kib(srv.proc.pid)
+        deaf = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.bind(("127.0.0.1", 0))
+        big = c.peer.request([wire.Lookup(1028 + i) for i in range(lookups)])
+        for _ in range(10):
+            deaf.sendto(big, ("127.0.0.1", srv.port))
+        deaf.close()  # most of its answers meet a closed port: ICMP errors
+        # The server works through the backlog, then answers as before.
+        for _ in range(10):
+            if await c.exchange([wire.Lookup(1028)], timeout=2):
+                break
+        await c.quiet(0.3)
+        t = time.monotonic()
+        assert await c.exchange([wire.Lookup(1028)], timeout=5) == [wire.Unmapped(1028)]
+        assert time.monotonic() - t < 1
+        c.close()
+        return rss_kib(srv.proc.pid) - base
+
+    grown = run(go())
+    assert grown < 32 * 1024, f"RSS grew by {grown} KiB"
+    assert srv.proc.poll() is None
