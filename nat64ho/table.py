@@ -233,7 +233,7 @@ class NatTable:
                     self._touch(e, now, touched)
                     if e.seq > wait:
                         wait = e.seq
-                    units.append([wire.encode(wire.Mapping(e.port, e.addr, e.aport))])
+                    units.append([wire.mapping(e.port, e.addr, e.aport)])
             elif cls is wire.Touch:
                 counts["touch"] = counts.get("touch", 0) + 1
                 for p in m.ports:
@@ -250,7 +250,7 @@ class NatTable:
                     self._touch(e, now, touched)
                     if e.seq > wait:
                         wait = e.seq
-                    units.append([wire.encode(wire.Mapping(e.port, e.addr, e.aport))])
+                    units.append([wire.mapping(e.port, e.addr, e.aport)])
                     continue
                 if not create_ok:
                     counts["deferred"] = counts.get("deferred", 0) + 1
@@ -286,14 +286,14 @@ class NatTable:
                 return [wire.encode(wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP))]
             port = victim.port
             events.append(Event(wall, EventKind.DELETED, self.nat, port, victim.addr, victim.aport))
-            unit.append(wire.encode(wire.Deleted(port, victim.addr, victim.aport)))
+            unit.append(wire.deleted(port, victim.addr, victim.aport))
             counts["deleted"] = counts.get("deleted", 0) + 1
         e = Entry(port, m.addr, m.port, now, now, seq)
         self.total += 1
         self._remember(e)
         created.append(e)
         events.append(Event(wall, EventKind.CREATED, self.nat, port, m.addr, m.port))
-        unit.append(wire.encode(wire.Mapping(port, m.addr, m.port)))
+        unit.append(wire.mapping(port, m.addr, m.port))
         counts["created"] = counts.get("created", 0) + 1
         return unit
 
