@@ -1,0 +1,69 @@
+"""RSS of the server under sustained churn on big tables: every MAP is a new
+endpoint, so with full tables each one deletes the least recently used entry
+of its NAT64 (read from the database, since the default cache holds only a
+fraction of the entries). RSS is sampled every few seconds; it should level
+off below the budget and stay there.
+
+    python benchmarks/make_tables.py /tmp/big.db
+    cp /tmp/big.db /tmp/churn.db
+    python benchmarks/churn.py /tmp/churn.db --seconds 600
+
+The database is changed: run it on a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nat64ho import bench  # noqa: E402
+
+#: Seconds between RSS samples.
+SAMPLE = 5.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("db", type=Path)
+    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--nats", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--server-arg", action="append", default=[])
+    args = ap.parse_args()
+    server = bench.start_server(args.db, args.db.with_suffix(".log"), "full", args.server_arg)
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        t0 = time.monotonic()
+        while not stop.wait(SAMPLE):
+            rss = bench.proc_rss(server.pid)
+            samples.append((time.monotonic() - t0, rss))
+            print(f"{samples[-1][0]:7.0f} s  RSS {rss / 2**20:6.1f} MB", flush=True)
+
+    threading.Thread(target=sample, daemon=True).start()
+    cfg = bench.BenchConfig(mode="create", batch=args.batch, window=args.window,
+                            duration=args.seconds, nats=args.nats, warmup=0)
+    try:
+        result = bench.drive(cfg, server.address, server.pid)
+    finally:
+        stop.set()
+        peak = bench.proc_peak_rss(server.pid)
+        server.stop()
+    created = result.counts["messages"]
+    half = [rss for t, rss in samples if t >= args.seconds / 2]
+    print(f"{created:,} new entries in {args.seconds:g} s ({result.messages_per_s:,.0f}/s), "
+          f"{result.counts['deleted']:,} deleted; "
+          f"{created / (args.nats * 64508):.1%} of all entries replaced")
+    print(f"RSS: peak {peak / 2**20:.0f} MB; second half min {min(half) / 2**20:.0f} MB, "
+          f"max {max(half) / 2**20:.0f} MB, last {half[-1] / 2**20:.0f} MB" if half else "no samples")
+
+
+if __name__ == "__main__":
+    main()
