@@ -27,7 +27,8 @@ from pathlib import Path
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventKind, format_event
-from nat64ho.store import Batch, Store
+from nat64ho.schema import NotOurDatabase
+from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
 from nat64ho.table import Bucket, NatTable
 
 log = logging.getLogger("nat64ho")
@@ -254,6 +255,12 @@ class Server(asyncio.DatagramProtocol):
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, DatabaseDamaged):
+                return  # the store said so once, and the server is stopping
+            if is_damage(exc):
+                self.store.damage(exc)
+                return
             self._drop("internal_error")
             log.error("bug: datagram task failed", exc_info=task.exception())
 
@@ -516,6 +523,7 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
     logfile = LogFile(config.log_file)
     server = Server(config, store, logfile)
     stop = asyncio.Event()
+    store.on_damage = lambda why: stop.set()
     try:
         transport, _ = await loop.create_datagram_endpoint(
             lambda: server, sock=_bind(config.host, config.port))
@@ -568,6 +576,8 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
         await store.close()
         logfile.close()
         log.info("stopped: %s", server.summary())
+    if store.damaged is not None:
+        raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
     return server
 
 

@@ -49,6 +49,20 @@ _UPSERT_NAT = (
 )
 _ROW = "SELECT port, addr, aport, created, last_use FROM entry"
 
+#: SQLite result codes that mean the file itself is damaged (SQLITE_CORRUPT,
+#: SQLITE_NOTADB): retrying cannot help, and writing on may spread the damage.
+_DAMAGE_CODES = frozenset({11, 26})
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database file is damaged."""
+    return isinstance(exc, sqlite3.DatabaseError) and \
+        (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES
+
+
+class DatabaseDamaged(Exception):
+    """A read or commit found the file damaged; the store stopped writing."""
+
 
 class NatRecord(NamedTuple):
     boot_id: bytes
@@ -93,6 +107,9 @@ class Store:
         self._flusher: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self.failing: str | None = None  #: why the last commit failed, while it does
+        self.damaged: str | None = None  #: set once the file is found damaged; never cleared
+        #: Called once when the file is found damaged: the server stops.
+        self.on_damage: Callable[[str], None] = lambda why: None
         #: Called after each commit with the batch, before waiters wake: the
         #: server writes the log lines there and trims its cache.
         self.on_commit: Callable[[Batch], None] = lambda batch: None
@@ -220,6 +237,8 @@ class Store:
         """Return once batch ``seq`` is committed."""
         if seq <= self.committed_seq:
             return
+        if self.damaged is not None:
+            raise DatabaseDamaged(self.damaged)
         for b in (self._inflight, self._batch):
             if b is not None and b.seq == seq:
                 await asyncio.shield(b.done)
@@ -244,7 +263,15 @@ class Store:
                 continue
             self._batch = Batch(batch.seq + 1, self._loop)
             self._inflight = batch
-            await self._commit_until_done(batch, recency)
+            try:
+                await self._commit_until_done(batch, recency)
+            except DatabaseDamaged as exc:
+                # Nothing held commits now: its waiters fail, so no answer
+                # announces what is not on disk.
+                for b in (batch, self._batch):
+                    b.done.set_exception(exc)
+                    b.done.exception()  # retrieved: waiters may be gone
+                return
             self._inflight = None
             self.committed_seq = batch.seq
             try:
@@ -271,6 +298,9 @@ class Store:
                 await self._commit(batch, recency)
             except sqlite3.Error as exc:
                 self.stats["commit_failures"] += 1
+                if is_damage(exc):
+                    self.damage(exc)
+                    raise DatabaseDamaged(self.damaged) from exc
                 try:
                     await self._w.rollback()
                 except sqlite3.Error:
@@ -286,6 +316,17 @@ class Store:
                 log.warning("commits to %s work again", self.path)
                 self.failing = None
             return
+
+    def damage(self, exc: BaseException) -> None:
+        """Record that ``exc`` found the file damaged: stop committing, tell
+        the server once."""
+        if self.damaged is not None:
+            return
+        self.damaged = f"{self.path}: damaged while serving ({exc})"
+        self.failing = self.damaged
+        log.critical("%s; stopping without acknowledging anything more; run "
+                     "'nat64ho check --db %s'", self.damaged, self.path)
+        self.on_damage(self.damaged)
 
     async def _commit(self, batch: Batch, recency: list) -> None:
         w = self._w

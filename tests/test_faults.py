@@ -388,6 +388,42 @@ def test_check_of_a_missing_file_creates_nothing(tmp_path):
     assert not db.exists()
 
 
+def test_damage_found_while_serving_stops_the_server_unanswered(tmp_path):
+    db = healthy_db(tmp_path / "table.db")
+    here = int.from_bytes(socket.inet_aton("127.0.0.1"), "big")
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE nat SET nat = ?", (here,))
+    conn.execute("UPDATE entry SET nat = ?", (here,))
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    leaves = [p for (p,) in conn.execute(
+        "SELECT pageno FROM dbstat WHERE name = 'entry' AND pagetype = 'leaf'")]
+    conn.close()
+    assert len(leaves) > 3
+    # Every leaf of the table (not its indexes): start-up cannot see it, the
+    # first read or write of an entry must.
+    with open(db, "r+b") as f:
+        for page in leaves:
+            f.seek((page - 1) * size)
+            f.write(b"\x0d" + random.Random(page).randbytes(size - 1))
+    srv = ServerProcess(tmp_path, "--ports", "1028-65535").start()
+    try:
+        async def go():
+            c = await connect(srv)
+            assert await c.exchange([wire.Lookup(1028)], timeout=1) == []
+            c.send([wire.Map(v6(99999), 1)])
+            return await c.quiet(0.5)
+
+        assert mappings(run(go())) == []
+        assert srv.proc.wait(15) == 1
+    finally:
+        srv.kill()
+    assert f"Error: {db}: damaged while serving (" in srv.stderr
+    assert f"run 'nat64ho check --db {db}'" in srv.stderr
+    assert "Traceback" not in srv.stderr and "bug:" not in srv.stderr
+    r = nat64ho("check", "--db", str(db))
+    assert r.returncode == 1 and "malformed" in r.stderr
+
+
 # ---------------------------------------------------------------- clock steps
 
 HOUR, DAY = 3600, 86400
