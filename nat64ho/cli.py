@@ -131,14 +131,15 @@ def _root(
 @app.command()
 def serve(
     db: DbOption = None,
-    listen: Annotated[str, typer.Option(metavar="ADDR:PORT", help="UDP address and port to listen on.")] = "0.0.0.0:6464",
+    listen: Annotated[str, typer.Option(
+        metavar="ADDR:PORT", envvar="NAT64HO_LISTEN", help="UDP address and port to listen on.")] = "0.0.0.0:6464",
     log_file: Annotated[Optional[str], typer.Option(
         "--log-file", metavar="PATH", help="Event log (Created/Deleted/Initialized lines); '-' for stdout. "
                            "Default: nat64ho.log beside the database.", show_default=False)] = None,
     ports: Annotated[str, typer.Option(
         metavar="FIRST-LAST", help="NAT port range of each NAT64's table (announced in WELCOME).")] = "1028-65535",
     allow: Annotated[Optional[list[str]], typer.Option(
-        metavar="PREFIX", help="IPv4 prefix allowed to say HELLO; repeat for more. Default: any.",
+        metavar="PREFIX", envvar="NAT64HO_ALLOW", help="IPv4 prefix allowed to say HELLO; repeat for more. Default: any.",
         show_default=False)] = None,
     min_idle: Annotated[float, typer.Option(
         metavar="SECONDS", help="Seconds an entry must have been idle before it may be deleted to make room; "
@@ -155,7 +156,7 @@ def serve(
     cache_size: Annotated[int, typer.Option(
         metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1)] = 100_000,
     metrics: Annotated[Optional[str], typer.Option(
-        metavar="ADDR:PORT", help="Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics "
+        metavar="ADDR:PORT", envvar="NAT64HO_METRICS", help="Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics "
                                   "(e.g. 127.0.0.1:9464). Default: off.",
         show_default=False)] = None,
     keep_history: Annotated[Optional[float], typer.Option(

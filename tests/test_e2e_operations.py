@@ -3,6 +3,7 @@ notifications, and SIGHUP reopening the log under logrotate."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import signal
@@ -151,3 +152,49 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert "Traceback" not in r.stderr
     assert re.search(r"^Error: cannot listen on 127\.0\.0\.1:%d: .*in use" % port, r.stderr, re.M), r.stderr
     assert time.monotonic() - start < 30
+
+
+def test_settings_from_the_environment(server_factory):
+    # What the systemd unit's EnvironmentFile sets; empty means unset.
+    srv = server_factory(env={"NAT64HO_ALLOW": "10.0.0.0/8 192.0.2.0/24", "NAT64HO_METRICS": ""})
+    assert "metrics on" not in srv.stderr
+
+    async def go():
+        c = await connect(srv, hello=False)
+        c.send_raw(c.peer.hello())
+        assert await c.collect(1) == [wire.Error(wire.ErrorCode.NOT_ALLOWED, 0x31)]
+        c.close()
+
+    run(go())
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+def test_real_logrotate_under_a_running_server_loses_no_line(server_factory, tmp_path):
+    from tests.test_contrib import local_config
+
+    logs = tmp_path / "logs"
+    pidfile = tmp_path / "pid"
+    conf = local_config(tmp_path, f"kill -HUP $(cat {pidfile})")
+    srv = server_factory(log=logs / "nat64ho.log")
+    pidfile.write_text(str(srv.proc.pid))
+
+    async def go():
+        c = await connect(srv)
+        for i in range(300):
+            c.send([wire.Map(v6(i), 1)])
+            if i == 150:
+                # Rotate while MAPs are in flight, as cron would.
+                subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
+                               check=True, capture_output=True)
+            await asyncio.sleep(0.002)
+        await c.collect(300, timeout=5)
+        c.close()
+
+    run(go())
+    assert srv.stop() == 0
+    lines = []
+    for f in sorted(logs.iterdir()):
+        lines += f.read_text().splitlines()
+    created = {line.split()[4] for line in lines if " Created " in line}
+    assert len(created) == 300
+    assert (logs / "nat64ho.log.1").exists()
