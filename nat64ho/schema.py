@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import time
 from importlib import resources
@@ -92,10 +93,10 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         marks = conn.execute("PRAGMA application_id").fetchone()[0] or \
             conn.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise  # open_db reports it as DatabaseBusy, not as a foreign file
-        raise NotOurDatabase(f"{path}: not a nat64ho database ({exc})") from None
+    except sqlite3.OperationalError:
+        # Locked, I/O error, disk full: about reaching the file, not about
+        # whose it is; open_db names it.
+        raise
     except sqlite3.DatabaseError as exc:
         raise NotOurDatabase(f"{path}: not a nat64ho database ({exc})") from None
     if not tables:
@@ -195,6 +196,8 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         conn.close()
         if "locked" in str(exc) or "busy" in str(exc):
             raise DatabaseBusy(f"{path}: database is busy (locked by another process); try again") from None
+        if _no_space(path):
+            raise NotOurDatabase(f"{path}: cannot be opened ({exc}): its filesystem is full") from None
         raise NotOurDatabase(f"{path}: cannot be opened ({exc})") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -203,6 +206,13 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         conn.close()
         raise
     return conn
+
+
+def _no_space(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free == 0
+    except OSError:
+        return False
 
 
 def _require_current(conn: sqlite3.Connection, path: Path) -> None:

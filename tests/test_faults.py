@@ -132,6 +132,41 @@ def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs
 
 
 
+def test_start_on_a_full_disk_is_refused_clearly_then_works(small_fs, tmp_path):
+    db = small_fs / "table.db"
+    srv = ServerProcess(tmp_path, "--ports", "1028-1100", db=db)
+    srv.start()
+    try:
+        async def go():
+            c = await connect(srv)
+            [m] = await c.map(v6(1), 1)
+            c.close()
+            return m
+
+        m = run(go())
+        assert srv.stop() == 0
+        filler = fill(small_fs)
+        before = digest(db)
+        r = nat64ho("serve", "--db", str(db), "--listen", "127.0.0.1:0",
+                    "--log-file", str(tmp_path / "events.log"))
+        assert r.returncode == 1
+        assert r.stderr.endswith(f": its filesystem is full\n") and f"Error: {db}: " in r.stderr
+        assert "not a nat64ho database" not in r.stderr and "Traceback" not in r.stderr
+        assert digest(db) == before
+        filler.unlink()
+        srv.start()
+
+        async def again():
+            c = await connect(srv)
+            assert await c.exchange([wire.Lookup(m.nat_port)]) == [m]
+            c.close()
+
+        run(again())
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+
+
 # ---------------------------------------------------------------- database busy
 
 _HOLD = textwrap.dedent("""
