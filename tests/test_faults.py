@@ -72,6 +72,7 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs, tmp_path):
     srv = ServerProcess(tmp_path, "--ports", "1028-1100", db=small_fs / "table.db")
     srv.start()
@@ -190,6 +191,7 @@ def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Pop
     return proc
 
 
+@pytest.mark.slow
 def test_write_lock_held_for_seconds_is_waited_out(server_factory):
     from nat64ho.store import MAX_RETRY_DELAY
     srv = server_factory("--ports", "1028-1100")
@@ -850,6 +852,7 @@ def test_ten_thousand_nat64s_say_hello_and_max_nats_holds(server_factory):
     conn.close()
 
 
+@pytest.mark.slow
 def test_biggest_datagrams_and_a_reader_that_never_reads(server_factory):
     srv = server_factory()
     lookups = (65507 - 10) // 4  # the largest UDP payload over IPv4, all LOOKUPs
