@@ -409,6 +409,24 @@ def test_check_finds_a_damaged_page_that_start_up_does_not_read(tmp_path):
     assert digest(db) == before
 
 
+def test_check_runs_beside_a_serving_server(server_factory):
+    srv = server_factory("--ports", "1028-2000")
+
+    async def go():
+        c = await connect(srv)
+        for i in range(20):
+            await c.map(v6(i), 1)
+        r = await asyncio.to_thread(nat64ho, "check", "--db", str(srv.db))
+        [m] = await c.map(v6(100), 1)  # still committing
+        c.close()
+        return r, m
+
+    r, m = run(go())
+    assert r.returncode == 0 and r.stdout.startswith(f"ok: {srv.db}: integrity ok"), r.stderr
+    assert "entries 20," in r.stdout  # every acknowledged entry, seen by a reader
+    assert isinstance(m, wire.Mapping)
+
+
 def test_check_finds_a_schema_that_was_changed(tmp_path):
     db = healthy_db(tmp_path / "table.db", 10)
     conn = sqlite3.connect(db, isolation_level=None)
