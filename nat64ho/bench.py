@@ -71,6 +71,7 @@ class BenchConfig:
     sync: str = "full"
     server_args: list[str] = field(default_factory=list)
     ceilings: bool = True
+    timeout: float = REPLY_TIMEOUT  #: seconds before a request counts as lost and its slot is reused
     tmp: Path | None = None  #: where a started server keeps its database
 
 
@@ -198,6 +199,8 @@ class _Slot(asyncio.DatagramProtocol):
         self.expect = 0
         self.got = 0
         self.messages = 0
+        self.deleted = 0
+        self.errors = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -214,8 +217,9 @@ class Load:
     next request) or open loop (a ticker sends at a fixed rate)."""
 
     def __init__(self, nats: list[NatLoad], batch: int, *, echo: bool = False,
-                 learn: bool = False):
+                 learn: bool = False, timeout: float = REPLY_TIMEOUT):
         self.nats = nats
+        self.timeout = timeout
         self.batch = batch
         self.echo = echo  # the echo ceiling: any datagram back completes a request
         self.learn = learn  # parse replies fully, so the peers' caches fill
@@ -247,7 +251,7 @@ class Load:
     def send(self, slot: _Slot) -> None:
         data, expect = slot.nat.request()
         slot.expect = expect
-        slot.got = 0
+        slot.got = slot.deleted = slot.errors = 0
         slot.messages = self.batch
         slot.sent = time.perf_counter()
         slot.transport.sendto(data)
@@ -266,8 +270,8 @@ class Load:
                     got = sum(1 for m in messages if isinstance(m, ANSWERS))
                 else:
                     got, deleted, errors = tally(data)
-                    counts["deleted"] += deleted
-                    counts["errors"] += errors
+                    slot.deleted += deleted
+                    slot.errors += errors
             except wire.Malformed:
                 counts["malformed"] += 1
                 return
@@ -281,6 +285,8 @@ class Load:
             self.counts["requests"] += 1
             self.counts["messages"] += slot.messages
             self.counts["answers"] += slot.got
+            self.counts["deleted"] += slot.deleted
+            self.counts["errors"] += slot.errors
         slot.sent = 0.0
         if self.sending and self.closed_loop:
             self.send(slot)
@@ -288,7 +294,7 @@ class Load:
             self.idle.append(slot)
 
     def _expire(self) -> None:
-        limit = time.perf_counter() - REPLY_TIMEOUT
+        limit = time.perf_counter() - self.timeout
         for slot in self.slots:
             if slot.sent and slot.sent < limit:
                 self.counts["lost"] += 1
@@ -309,7 +315,7 @@ class Load:
         await asyncio.sleep(max(0.0, start - clock()))
         self.sending = True
         t0 = clock()
-        next_expire = t0 + REPLY_TIMEOUT / 4
+        next_expire = t0 + self.timeout / 4
         if self.closed_loop:
             idle, self.idle = self.idle, []
             for slot in idle:
@@ -318,7 +324,7 @@ class Load:
                 await asyncio.sleep(0.05 if until_done else 0.1)
                 if clock() >= next_expire:
                     self._expire()
-                    next_expire = clock() + REPLY_TIMEOUT / 4
+                    next_expire = clock() + self.timeout / 4
         else:
             per_second = rate / self.batch
             sent = 0
@@ -333,11 +339,11 @@ class Load:
                         self.counts["unsent"] += 1
                 if now >= next_expire:
                     self._expire()
-                    next_expire = now + REPLY_TIMEOUT / 4
+                    next_expire = now + self.timeout / 4
                 await asyncio.sleep(TICK)
         self.sending = False
         # Let the requests in flight finish, so the next phase starts clean.
-        deadline = clock() + REPLY_TIMEOUT
+        deadline = clock() + self.timeout
         while any(s.sent for s in self.slots) and clock() < deadline:
             await asyncio.sleep(0.01)
         self._expire()
@@ -381,14 +387,14 @@ async def _client(cfg: BenchConfig, address, index, sessions, conn, echo) -> Non
         tag = (b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big")
                + nat_index.to_bytes(2, "big"))
         nats.append(NatLoad(nat_index, peer, tag, rng))
-    load = Load(nats, cfg.batch, echo=echo)
+    load = Load(nats, cfg.batch, echo=echo, timeout=cfg.timeout)
     await load.open(*address, cfg.window)
     loop = asyncio.get_running_loop()
     if cfg.mode != "create" and not echo:
         # Give every NAT64 its entries first (this process's share of them).
         for n in nats:
             n.prepare("create", PREFILL_BATCH)
-        prefill = Load(nats, PREFILL_BATCH, learn=True)
+        prefill = Load(nats, PREFILL_BATCH, learn=True, timeout=cfg.timeout)
         prefill.slots, prefill.idle = load.slots, list(load.slots)
         for s in load.slots:
             s.load = prefill
