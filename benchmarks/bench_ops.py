@@ -80,6 +80,13 @@ def main() -> None:
     print(f"database: {args.db}: {len(nats)} NAT64s, {entries} entries, {events} events, "
           f"{os.path.getsize(args.db) / 1e9:.1f} GB, history {ts_str(t_min)} .. {ts_str(t_max)}")
 
+    # How fast this machine is, to compare numbers across machines: an empty
+    # Python loop, and SQLite reading rows in C.
+    t, _ = timed(lambda: [None for _ in range(1_000_000)])
+    t2, _ = timed(lambda: conn.execute("SELECT count(*) FROM event WHERE id <= 2000000").fetchone())
+    print(f"machine: Python {1 / t:.1f} M loop iterations/s; SQLite {min(events, 2_000_000) / t2 / 1e6:.1f} M "
+          f"rows/s scanned; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+
     # query --nat: every entry of one NAT64, formatted as the table output.
     nat = nats[len(nats) // 2]
 

@@ -102,12 +102,13 @@ class NatStats:
 
 # ---------------------------------------------------------------- NAT64s
 
-def nat_addresses(conn: sqlite3.Connection) -> list[int]:
-    """Every NAT64 the database knows: said HELLO, has entries, or has history."""
+def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int]:
+    """Every NAT64 the database knows: said HELLO, has entries, or (unless
+    ``history`` is false) has history."""
     found = {r[0] for r in conn.execute("SELECT nat FROM nat")}
     # A loose index scan: one index seek per distinct NAT64 instead of
     # reading millions of rows to find a hundred values.
-    for table in ("entry", "event"):
+    for table in ("entry", "event") if history else ("entry",):
         sql = f"SELECT min(nat) FROM {table} WHERE nat > ?"
         nat = conn.execute(f"SELECT min(nat) FROM {table}").fetchone()[0]
         while nat is not None:
@@ -133,7 +134,7 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
     if nat is None and ipv6 is None and port is None:
         yield from _stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry)
         return
-    for n in [nat] if nat is not None else nat_addresses(conn):
+    for n in [nat] if nat is not None else nat_addresses(conn, history=False):
         if ipv6 is not None:
             lo, hi = prefix_range(ipv6)
             extra, args = ("AND port = ?", (port,)) if port is not None else ("", ())
@@ -258,7 +259,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
     yield from flush()
 
     extra, args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
-    for n in nat_addresses(conn):
+    for n in nat_addresses(conn, history=False):
         for p, addr, ap, created in conn.execute(
                 f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
                 f"{extra} ORDER BY addr, aport", (n, lo, hi, *args)).fetchall():
