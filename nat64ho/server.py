@@ -275,9 +275,19 @@ class Server(asyncio.DatagramProtocol):
         if not out.units:
             return
         if out.wait_seq > store.committed_seq:
-            self._spawn(self._send_after(out.wait_seq, out.units, addr))
+            self._send_later(out.wait_seq, out.units, addr)
         else:
             self._send(out.units, addr)
+
+    def _send_later(self, seq: int, units, addr) -> None:
+        """Send ``units`` once batch ``seq`` is committed. While a commit is
+        stuck (disk full, lock held) a NAT64 retransmits, and each waiting
+        answer holds memory: beyond MAX_INFLIGHT the answer is dropped; the
+        retransmission after the commit gets the same one."""
+        if len(self.tasks) >= MAX_INFLIGHT:
+            self._drop("overloaded")
+            return
+        self._spawn(self._send_after(seq, units, addr))
 
     async def _send_after(self, seq: int, units, addr) -> None:
         await self.store.wait(seq)
@@ -410,7 +420,7 @@ class Server(asyncio.DatagramProtocol):
         welcome = [[wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
                                              state.cookie, hello.boot_id))]]
         if state.boot_seq > self.store.committed_seq:
-            self._spawn(self._send_after(state.boot_seq, welcome, addr))
+            self._send_later(state.boot_seq, welcome, addr)
         else:
             self._send(welcome, addr)
 

@@ -233,6 +233,49 @@ def test_write_lock_held_for_seconds_is_waited_out(server_factory):
     assert got[(v6(2), 2)] == late.nat_port and got[(v6(3), 3)] == m3.nat_port
 
 
+@pytest.mark.slow
+def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
+    """Each answer waiting on a commit holds memory; a NAT64 retransmitting
+    through a held lock must not grow the server without bound."""
+    from nat64ho.server import MAX_INFLIGHT
+    srv = server_factory()
+
+    async def go():
+        c = await connect(srv)
+        await c.map(v6(0), 1)
+        base = rss_kib(srv.proc.pid)
+        holder = hold(srv.db, "BEGIN IMMEDIATE", "INSERT INTO meta VALUES ('held', 1)", 6)
+        try:
+            again = c.peer.request([wire.Map(v6(1), 1)])  # new, then pending
+            blaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            blaster.bind(("127.0.0.1", 0))
+            sent, start = 0, time.monotonic()
+            while time.monotonic() - start < 4:
+                for _ in range(200):
+                    blaster.sendto(again, ("127.0.0.1", srv.port))
+                sent += 200
+                await asyncio.sleep(0.002)
+            blaster.close()
+            grown = rss_kib(srv.proc.pid) - base
+            assert holder.stdout.readline() == "released\n"
+        finally:
+            holder.kill()
+            holder.wait()
+        for _ in range(10):  # retransmitted, as a NAT64 does, until the commit is done
+            if out := mappings(await c.exchange([wire.Map(v6(1), 1)], timeout=1)):
+                break
+        c.close()
+        return grown, sent, out[0]
+
+    grown, sent, m = run(go())
+    assert sent > 4 * MAX_INFLIGHT, "too few retransmissions to reach the bound"
+    # Below what MAX_INFLIGHT small answers can hold, with room for the allocator.
+    assert grown < 48 * 1024, f"RSS grew by {grown} KiB"
+    assert srv.stop() == 0
+    assert "overloaded=" in srv.stderr.splitlines()[-1]
+    assert entries(srv.db)[(v6(1), 1)] == m.nat_port
+
+
 def test_long_read_transaction_does_not_stall_commits(server_factory):
     srv = server_factory("--ports", "1028-2000")
 
