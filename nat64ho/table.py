@@ -23,12 +23,19 @@ memory, and otherwise the oldest database row not in memory.
 from __future__ import annotations
 
 import random
-from array import array
+import re
 from collections import OrderedDict
 from typing import Iterable, NamedTuple
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventKind
+
+#: Random probes for a free port before counting through the free ones.
+#: Probing is uniform and cheap while the table has room; with this many
+#: probes, the slower count (still uniform) is needed only above ~95 % full.
+FREE_PROBES = 64
+_ZEROS = bytes(8 - bin(b).count("1") for b in range(256))  # free ports in a bitmap byte
+_NOT_FULL = re.compile(rb"[^\xff]", re.DOTALL)
 
 #: Victim candidates fetched from the database at a time: enough for a burst
 #: of evictions per read, few enough that a read stays cheap.
@@ -121,7 +128,10 @@ class NatTable:
         self.rng = rng or random.Random()
         self.by_port: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.by_endpoint: dict[tuple[bytes, int], int] = {}
-        self.free = array("H")  # a shuffled stack: pop() gives an unpredictable port
+        # One bit per port of the range, set when taken: 8 KiB per NAT64,
+        # however empty its table (a list of free ports would be 126 KiB).
+        self.taken = bytearray()
+        self.nfree = 0  #: ports of the range with no entry
         self.total = 0  #: entries in the table, in memory or only in the database
         self.candidates: OrderedDict[int, Row] = OrderedDict()  # oldest database rows
         self.readers = 0  #: database reads in flight for this NAT64
@@ -134,14 +144,19 @@ class NatTable:
     # ------------------------------------------------------------ loading
     def load(self, occupied: Iterable[int], total: int) -> None:
         """Start from the database: the occupied ports and the entry count."""
-        taken = set(occupied)
-        # Not shuffled here: shuffling 64508 ports blocked the event loop for
-        # a quarter second per NAT64 on its first datagram after a start.
-        # _take_free() draws uniformly instead, one swap per port taken.
-        if taken:
-            self.free = array("H", (p for p in range(self.first, self.last + 1) if p not in taken))
-        else:
-            self.free = array("H", range(self.first, self.last + 1))
+        cap = self.capacity
+        bits = bytearray((cap + 7) // 8)
+        used = 0
+        for p in occupied:
+            i = p - self.first
+            # Entries outside the range (it was wider once) stay, but hold no bit.
+            if 0 <= i < cap and not bits[i >> 3] & (1 << (i & 7)):
+                bits[i >> 3] |= 1 << (i & 7)
+                used += 1
+        for i in range(cap, len(bits) * 8):  # padding is never free
+            bits[i >> 3] |= 1 << (i & 7)
+        self.taken = bits
+        self.nfree = cap - used
         self.total = total
         self.loaded = True
 
@@ -173,10 +188,10 @@ class NatTable:
                     if p not in self.by_port and p not in ports:
                         ports.append(p)
         victims = 0
-        if new > len(self.free) and in_db:
+        if new > self.nfree and in_db:
             # Worst case: every unknown endpoint is new and needs a victim.
             have = sum(1 for p in self.candidates if p not in self.by_port)
-            victims = max(0, new - len(self.free) - have)
+            victims = max(0, new - self.nfree - have)
             if victims:
                 victims = max(victims, VICTIM_BATCH)
         if not endpoints and not ports and not victims:
@@ -277,7 +292,7 @@ class NatTable:
             counts["rate_limited"] = counts.get("rate_limited", 0) + 1
             return [wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))]
         unit: list[bytes] = []
-        if self.free:
+        if self.nfree:
             port = self._take_free()
         else:
             victim = self._victim(now)
@@ -299,12 +314,31 @@ class NatTable:
 
     def _take_free(self) -> int:
         """A free port chosen uniformly at random (unpredictable, RFC 6056)."""
-        free = self.free
-        i = self.rng.randrange(len(free))
-        port = free[i]
-        free[i] = free[-1]
-        free.pop()
-        return port
+        bits, randrange = self.taken, self.rng.randrange
+        cap = self.capacity
+        for _ in range(FREE_PROBES):
+            i = randrange(cap)
+            if not bits[i >> 3] & (1 << (i & 7)):
+                break
+        else:
+            # Nearly full: take the k-th free port, walking only the bytes
+            # that have one.
+            k = randrange(self.nfree)
+            for m in _NOT_FULL.finditer(bits):
+                j = m.start()
+                byte = bits[j]
+                if k < _ZEROS[byte]:
+                    for bit in range(8):
+                        if not byte & (1 << bit):
+                            if k == 0:
+                                break
+                            k -= 1
+                    i = j * 8 + bit
+                    break
+                k -= _ZEROS[byte]
+        bits[i >> 3] |= 1 << (i & 7)
+        self.nfree -= 1
+        return self.first + i
 
     def _victim(self, now: int) -> Entry | Row | None:
         """Take the least recently used entry out of the table, if it has been

@@ -161,3 +161,36 @@ def test_bucket_unlimited_and_refill():
     b = Bucket(2, 0)
     assert b.take(0) and b.take(0) and not b.take(0)
     assert b.take(S // 2) and not b.take(S // 2)
+
+
+def test_every_port_of_a_full_range_is_handed_out_once():
+    t = table(1028, 65535)
+    out = t.apply([wire.Map(v6(i), 1) for i in range(64508)], S, S, 1)
+    ports = [decode(u)[0].nat_port for u in out.units]
+    assert sorted(ports) == list(range(1028, 65536))
+    assert t.nfree == 0
+    [m] = decode(t.apply([wire.Map(v6(10**6), 1)], 2 * S, 2 * S, 1).units[0])[:1]
+    assert isinstance(m, wire.Deleted)
+
+
+def test_free_ports_are_drawn_uniformly_even_when_nearly_full():
+    # 40 ports of which 36 are taken: the draw must still be uniform over the 4 left.
+    counts = {p: 0 for p in (1030, 1041, 1052, 1067)}
+    for seed in range(2000):
+        t = NatTable(NAT, 1028, 1067, rng=random.Random(seed))
+        t.load([p for p in range(1028, 1068) if p not in counts], 36)
+        [m] = decode(t.apply([wire.Map(v6(1), 1)], S, S, 1).units[0])
+        counts[m.nat_port] += 1
+    assert all(400 < n < 600 for n in counts.values()), counts
+
+
+def test_free_port_count_walk_is_uniform():
+    # 2 free ports of 4000: random probes mostly miss, so the walk decides.
+    free = (1500, 4001)
+    counts = {p: 0 for p in free}
+    for seed in range(400):
+        t = NatTable(NAT, 1028, 5027, rng=random.Random(seed))
+        t.load([p for p in range(1028, 5028) if p not in free], 3998)
+        [m] = decode(t.apply([wire.Map(v6(1), 1)], S, S, 1).units[0])
+        counts[m.nat_port] += 1
+    assert all(150 < n < 250 for n in counts.values()), counts
