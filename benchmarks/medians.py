@@ -19,8 +19,8 @@ from nat64ho.bench import BenchConfig, run  # noqa: E402
 #: (name, configuration, the equivalent command line)
 CONFIGS = [
     ("create, batch 20, sync full",
-     dict(mode="create", batch=20, window=256),
-     "nat64ho bench --mode create --batch 20 --window 256 --sync full"),
+     dict(mode="create", batch=20, window=64),
+     "nat64ho bench --mode create --batch 20 --window 64 --sync full"),
     ("lookup, batch 50",
      dict(mode="lookup", batch=50, window=32),
      "nat64ho bench --mode lookup --batch 50 --window 32"),
@@ -30,9 +30,9 @@ CONFIGS = [
     ("create, batch 1, 5,000/s offered",
      dict(mode="create", batch=1, window=512, rate=5000),
      "nat64ho bench --mode create --batch 1 --rate 5000 --window 512 --sync full"),
-    ("mixed, batch 10, 100 NAT64s",
-     dict(mode="mixed", batch=10, window=64, nats=100, entries=2000),
-     "nat64ho bench --mode mixed --batch 10 --window 64 --nats 100 --entries 2000"),
+    ("mixed, batch 10, 10 NAT64s",
+     dict(mode="mixed", batch=10, window=32, nats=10, entries=5000),
+     "nat64ho bench --mode mixed --batch 10 --window 32 --nats 10 --entries 5000"),
 ]
 
 
