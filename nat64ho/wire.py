@@ -143,22 +143,6 @@ WRONG_DIRECTION = "wrong_direction"
 BAD_PACKET = "bad_packet"
 REASONS = (EMPTY, RESERVED_GROUP, TRUNCATED, BAD_LENGTH, WRONG_DIRECTION, BAD_PACKET)
 
-_S = Direction.TO_SERVER
-_N = Direction.TO_NAT64
-# kind -> (direction, allowed L values). The whole catalogue at a glance.
-_CATALOGUE: dict[int, tuple[Direction, range]] = {
-    Kind.COOKIE: (_S, range(4, 5)),
-    Kind.HELLO: (_S, range(12, 13)),
-    Kind.WELCOME: (_N, range(12, 13)),
-    Kind.MAP: (_S, range(9, 10)),
-    Kind.MAPPING: (_N, range(10, 11)),
-    Kind.LOOKUP: (_S, range(1, 2)),
-    Kind.UNMAPPED: (_N, range(1, 2)),
-    Kind.TOUCH: (_S, range(1, 256)),
-    Kind.DELETED: (_N, range(10, 11)),
-    Kind.ERROR: (_N, range(1, 2)),
-}
-
 _H = struct.Struct("!H")
 _MAP = struct.Struct("!16sH")
 _MAPPING = struct.Struct("!H16sH")
@@ -167,29 +151,66 @@ _HELLO = struct.Struct("!BB8s14x")
 _WELCOME = struct.Struct("!BBHH8s8s2x")
 
 
-def _decode(kind: int, body: bytes) -> Message:
-    if kind == Kind.MAP:
-        return Map(*_MAP.unpack(body))
-    if kind == Kind.LOOKUP:
-        return Lookup(_H.unpack(body)[0])
-    if kind == Kind.TOUCH:
-        return Touch(struct.unpack(f"!{len(body) // 2}H", body))
-    if kind == Kind.COOKIE:
-        return Cookie(body)
-    if kind == Kind.MAPPING:
-        return Mapping(*_MAPPING.unpack(body))
-    if kind == Kind.UNMAPPED:
-        return Unmapped(_H.unpack(body)[0])
-    if kind == Kind.DELETED:
-        return Deleted(*_MAPPING.unpack(body))
-    if kind == Kind.HELLO:
-        version, flags, boot_id = _HELLO.unpack(body)
-        return Hello(boot_id, version, flags)
-    if kind == Kind.WELCOME:
-        version, flags, first, last, cookie, boot_id = _WELCOME.unpack(body)
-        return Welcome(first, last, cookie, boot_id, version, flags)
-    code, offending = body
-    return Error(code, offending)
+# Decoders: (datagram, offset of the payload, L) -> message, found through
+# the catalogue below. A chain of ``kind == Kind.X`` tests cost two enum
+# attribute reads (0.4 us each) per LOOKUP before any decoding.
+def _cookie(data: bytes, at: int, n: int) -> Cookie:
+    return Cookie(data[at:at + 8])
+
+
+def _hello(data: bytes, at: int, n: int) -> Hello:
+    version, flags, boot_id = _HELLO.unpack_from(data, at)
+    return Hello(boot_id, version, flags)
+
+
+def _welcome(data: bytes, at: int, n: int) -> Welcome:
+    version, flags, first, last, cookie, boot_id = _WELCOME.unpack_from(data, at)
+    return Welcome(first, last, cookie, boot_id, version, flags)
+
+
+def _map(data: bytes, at: int, n: int) -> Map:
+    return Map(*_MAP.unpack_from(data, at))
+
+
+def _mapping(data: bytes, at: int, n: int) -> Mapping:
+    return Mapping(*_MAPPING.unpack_from(data, at))
+
+
+def _lookup(data: bytes, at: int, n: int) -> Lookup:
+    return Lookup(_H.unpack_from(data, at)[0])
+
+
+def _unmapped(data: bytes, at: int, n: int) -> Unmapped:
+    return Unmapped(_H.unpack_from(data, at)[0])
+
+
+def _touch(data: bytes, at: int, n: int) -> Touch:
+    return Touch(struct.unpack_from(f"!{n}H", data, at))
+
+
+def _deleted(data: bytes, at: int, n: int) -> Deleted:
+    return Deleted(*_MAPPING.unpack_from(data, at))
+
+
+def _error(data: bytes, at: int, n: int) -> Error:
+    return Error(data[at], data[at + 1])
+
+
+_S = Direction.TO_SERVER
+_N = Direction.TO_NAT64
+# kind -> (direction, allowed L values, decoder). The whole catalogue at a glance.
+_CATALOGUE: dict[int, tuple] = {
+    Kind.COOKIE: (_S, range(4, 5), _cookie),
+    Kind.HELLO: (_S, range(12, 13), _hello),
+    Kind.WELCOME: (_N, range(12, 13), _welcome),
+    Kind.MAP: (_S, range(9, 10), _map),
+    Kind.MAPPING: (_N, range(10, 11), _mapping),
+    Kind.LOOKUP: (_S, range(1, 2), _lookup),
+    Kind.UNMAPPED: (_N, range(1, 2), _unmapped),
+    Kind.TOUCH: (_S, range(1, 256), _touch),
+    Kind.DELETED: (_N, range(10, 11), _deleted),
+    Kind.ERROR: (_N, range(1, 2), _error),
+}
 
 
 def parse(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> list[Message]:
@@ -218,11 +239,12 @@ def parse(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> list[M
             if spec is None:
                 messages.append(Unassigned(first, data[pos + 2:stop]))
             else:
-                if length not in spec[1]:
+                way, lengths, decode = spec
+                if length not in lengths:
                     raise Malformed(BAD_LENGTH, pos)
-                if spec[0] is not direction:
+                if way is not direction:
                     raise Malformed(WRONG_DIRECTION, pos)
-                messages.append(_decode(first, data[pos + 2:stop]))
+                messages.append(decode(data, pos + 2, length))
         elif group == 4:
             if pos + 4 > end:
                 raise Malformed(TRUNCATED, pos)
