@@ -51,6 +51,10 @@ STOP_GRACE = 10.0
 #: Interval between history prunes when --keep-history is set.
 PRUNE_INTERVAL = 3600.0
 
+#: Counter names of the event kinds. Naming them per event (an enum's
+#: .name, lower(), an f-string) cost 1.2 us each, on the commit path.
+_EVENT_COUNTS = {kind: f"events_{kind.name.lower()}" for kind in EventKind}
+
 
 @dataclass
 class Config:
@@ -271,7 +275,9 @@ class Server(asyncio.DatagramProtocol):
                                 create_ok=store.failing is None and store.backlog < MAX_BACKLOG)
         if out.created or out.touched or out.events:
             store.add(state.nat, out.created, out.touched, out.events)
-        self.counts.update(out.counts)
+        counts = self.counts
+        for what, n in out.counts.items():  # Counter.update costs twice this per datagram
+            counts[what] += n
         if not out.units:
             return
         if out.wait_seq > store.committed_seq:
@@ -430,7 +436,8 @@ class Server(asyncio.DatagramProtocol):
             self.pending_nats.difference_update(batch.nats)
         if batch.events:
             self.logfile.write([format_event(e) + "\n" for e in batch.events])
-            self.counts.update(f"events_{e.kind.name.lower()}" for e in batch.events)
+            for kind, n in Counter(e.kind for e in batch.events).items():
+                self.counts[_EVENT_COUNTS[kind]] += n
         self.cached = sum(len(s.table.by_port) for s in self.nats.values())
         if self.cached > self.config.cache_size:
             self._trim(self.cached - self.config.cache_size)
