@@ -332,12 +332,14 @@ class Server(asyncio.DatagramProtocol):
                     break  # the database has no more: apply() answers TABLE_FULL
         finally:
             table.readers -= 1
+        self._decide(state, body, addr)
         if table.readers == 0 and self.cached > self.config.cache_size:
             # Trimming skips NAT64s with reads in flight; under steady misses
             # that can be most of them at every commit, and the cache grew
             # without bound (150k entries of 100k after 100 s of churn).
+            # Only after _decide: the rows just read are then in use, and
+            # forgetting one before would make its endpoint look new.
             self._trim(self.cached - self.config.cache_size)
-        self._decide(state, body, addr)
 
     async def _load(self, state: NatState) -> None:
         if state.loading is None:

@@ -196,3 +196,30 @@ def test_lru_order_survives_restart_and_small_cache(server_factory, cache, resta
 
     order = run(evict())
     assert order == [v6(i) for i in (4, 5, 6, 7, 3, 2, 1, 0)]
+
+
+def test_tiny_cache_under_misses_keeps_every_endpoint_on_its_port(server_factory):
+    # Nearly every MAP misses the cache and reads the database; the cache is
+    # trimmed meanwhile. A row read for a MAP must not be forgotten before
+    # the MAP is decided, or its endpoint would look new and get a 2nd port.
+    srv = server_factory("--ports", "1028-1227", "--cache-size", "2")
+
+    async def go():
+        c = await connect(srv)
+        ports = {}
+        for i in range(100):
+            [m] = await c.map(v6(i), 1)
+            ports[i] = m.nat_port
+        rng = random.Random(3)
+        for round in range(6):
+            batch = rng.sample(range(100), 10)
+            got = await c.exchange([wire.Map(v6(i), 1) for i in batch])
+            assert [m.nat_port for m in got] == [ports[i] for i in batch]
+            # Let recency reach the database, so what memory holds is clean
+            # and may be trimmed.
+            await asyncio.sleep(1.2)
+        c.close()
+
+    run(go())
+    assert srv.stop() == 0
+    assert len(entries(srv.db)) == 100
