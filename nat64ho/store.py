@@ -301,6 +301,12 @@ class Store:
                 if is_damage(exc):
                     self.damage(exc)
                     raise DatabaseDamaged(self.damaged) from exc
+                if isinstance(exc, sqlite3.IntegrityError):
+                    # A decision broke a constraint: a bug, which retrying
+                    # would only repeat while nothing else commits. Stop; a
+                    # restart starts over from what is on disk.
+                    self.damage(exc, "refused a change as inconsistent (a bug; please report)")
+                    raise DatabaseDamaged(self.damaged) from exc
                 try:
                     await self._w.rollback()
                 except sqlite3.Error:
@@ -317,12 +323,12 @@ class Store:
                 self.failing = None
             return
 
-    def damage(self, exc: BaseException) -> None:
-        """Record that ``exc`` found the file damaged: stop committing, tell
-        the server once."""
+    def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
+        """Record that ``exc`` found the file damaged (or a change it cannot
+        take): stop committing, tell the server once."""
         if self.damaged is not None:
             return
-        self.damaged = f"{self.path}: damaged while serving ({exc})"
+        self.damaged = f"{self.path}: {what} ({exc})"
         self.failing = self.damaged
         log.critical("%s; stopping without acknowledging anything more; run "
                      "'nat64ho check --db %s'", self.damaged, self.path)

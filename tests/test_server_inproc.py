@@ -207,3 +207,22 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
         await stop(srv)
 
     asyncio.run(go())
+
+
+def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
+    from nat64ho.store import DatabaseDamaged
+    from nat64ho.table import Entry
+
+    async def go():
+        srv, rec = await start(tmp_path)
+        stopped = []
+        srv.store.on_damage = stopped.append
+        # Two entries for one endpoint on one NAT64: the endpoint index says no.
+        srv.store.add(1, [Entry(1028, V17, 1, 0, 0, 1), Entry(1029, V17, 1, 0, 0, 1)], [], [])
+        with pytest.raises(DatabaseDamaged):
+            await srv.store.wait(1)
+        assert stopped and "inconsistent" in stopped[0]
+        await srv.store.close()
+        srv.logfile.close()
+
+    asyncio.run(go())
