@@ -441,11 +441,11 @@ def proc_rss(pid: int) -> int:
 class Child:
     """A server (or echo server) in a child process on an ephemeral loopback port."""
 
-    def __init__(self, cmd: list[str], timeout: float = 60.0):
+    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict | None = None):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.address: tuple[str, int] | None = None
         self.started = time.monotonic()
         found = threading.Event()

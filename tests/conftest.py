@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from nat64ho.bench import Child
 from nat64ho.peer import Client, Peer
-
-_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 
 
 def v6(i: int, prefix: str = "2001:db8::") -> bytes:
@@ -44,25 +40,10 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> "ServerProcess":
         cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
                "--listen", f"127.0.0.1:{self.port}", "--log-file", str(self.log), *self.args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
-        self.stderr_lines = []
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.stderr_lines.append(line)
-                m = _LISTENING.search(line)
-                if m and not found.is_set():
-                    self.port = int(m.group(2))
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or self.proc.poll() is not None and not self.port:
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.stderr_lines))
+        self.child = Child(cmd, timeout, env=self.env)
+        self.proc = self.child.proc
+        self.stderr_lines = self.child.lines
+        self.port = self.child.address[1]
         return self
 
     @property
