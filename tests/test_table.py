@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from nat64ho import wire
 from nat64ho.eventlog import EventKind
 from nat64ho.table import Bucket, NatTable, Row
@@ -173,24 +175,18 @@ def test_every_port_of_a_full_range_is_handed_out_once():
     assert isinstance(m, wire.Deleted)
 
 
-def test_free_ports_are_drawn_uniformly_even_when_nearly_full():
-    # 40 ports of which 36 are taken: the draw must still be uniform over the 4 left.
-    counts = {p: 0 for p in (1030, 1041, 1052, 1067)}
-    for seed in range(2000):
-        t = NatTable(NAT, 1028, 1067, rng=random.Random(seed))
-        t.load([p for p in range(1028, 1068) if p not in counts], 36)
-        [m] = decode(t.apply([wire.Map(v6(1), 1)], S, S, 1).units[0])
-        counts[m.nat_port] += 1
-    assert all(400 < n < 600 for n in counts.values()), counts
-
-
-def test_free_port_count_walk_is_uniform():
-    # 2 free ports of 4000: random probes mostly miss, so the walk decides.
-    free = (1500, 4001)
+@pytest.mark.parametrize("last,free,trials", [
+    # 4 free of 40: random probes find them.
+    (1067, (1030, 1041, 1052, 1067), 2000),
+    # 2 free of 4000: probes mostly miss, so the walk over the bitmap decides.
+    (5027, (1500, 4001), 400),
+])
+def test_free_ports_are_drawn_uniformly_even_when_nearly_full(last, free, trials):
     counts = {p: 0 for p in free}
-    for seed in range(400):
-        t = NatTable(NAT, 1028, 5027, rng=random.Random(seed))
-        t.load([p for p in range(1028, 5028) if p not in free], 3998)
+    for seed in range(trials):
+        t = NatTable(NAT, 1028, last, rng=random.Random(seed))
+        t.load([p for p in range(1028, last + 1) if p not in counts], last - 1027 - len(free))
         [m] = decode(t.apply([wire.Map(v6(1), 1)], S, S, 1).units[0])
         counts[m.nat_port] += 1
-    assert all(150 < n < 250 for n in counts.values()), counts
+    expected = trials / len(free)
+    assert all(0.75 * expected < n < 1.25 * expected for n in counts.values()), counts
