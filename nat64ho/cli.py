@@ -596,9 +596,10 @@ def import_(
 @app.command()
 def stats(
     db: DbOption = None,
-    ports: Annotated[str, typer.Option(
-        metavar="FIRST-LAST", help="The server's --ports, for the capacity column (the database "
-             "does not record it).")] = "1028-65535",
+    ports: Annotated[Optional[str], typer.Option(
+        metavar="FIRST-LAST", help="Port range for the capacity column. Default: the --ports "
+             "the server last started with (1028-65535 if it never recorded one).",
+        show_default=False)] = None,
     fmt: FormatOption = "table",
 ) -> None:
     """Per NAT64: entries / capacity, oldest last use, first and last HELLO, Created and
@@ -608,11 +609,15 @@ def stats(
     """
     try:
         _check_format(fmt, _TABLE_FORMATS)
-        first, last = parse_ports(ports)
+        if ports is not None:
+            first, last = parse_ports(ports)
     except UsageError as exc:
         fail(str(exc))
     now = int(time.time() * 1_000_000)
     with _Database(db) as conn:
+        if ports is None:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'ports'").fetchone()
+            first, last = parse_ports(row[0] if row else "1028-65535")
         found = history.stats(conn, now, last - first + 1)
     rows = [{"nat": ipv4_str(s.nat), "entries": s.entries, "capacity": s.capacity,
              "fill": f"{s.entries}/{s.capacity}",

@@ -550,6 +550,8 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
     """Run until SIGTERM/SIGINT; returns the server after a clean stop."""
     loop = asyncio.get_running_loop()
     store = await Store.open(config.db, sync=config.sync)
+    # Read commands (stats) take the table size from here.
+    await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
     logfile = LogFile(config.log_file)
     server = Server(config, store, logfile)
     stop = asyncio.Event()

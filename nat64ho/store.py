@@ -154,6 +154,10 @@ class Store:
                 "SELECT nat, boot_id, first_hello, last_hello FROM nat"):
             self.nats[nat] = NatRecord(bytes(boot_id), first, last)
 
+    async def set_meta(self, key: str, value: str | bytes | int) -> None:
+        """Record a server-wide value (e.g. the port range, for ``stats``)."""
+        await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     async def close(self) -> None:
         """Commit everything pending (recency included) and close."""
         self._closing = True

@@ -339,7 +339,8 @@ def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
     r = nat64ho("query", "--nat", "127.0.0.1", "--db", db, "--format", "json")
     assert sorted((e["ipv6"], e["ipv6_port"]) for e in json.loads(r.stdout)) == [
         ("2001:db8::2", 1002), ("2001:db8::3", 1003)]
-    r = nat64ho("stats", "--db", db, "--ports", "1028-1029", "--format", "json")
+    # The capacity comes from the --ports the server recorded.
+    r = nat64ho("stats", "--db", db, "--format", "json")
     [s] = json.loads(r.stdout)
     assert (s["nat"], s["entries"], s["capacity"], s["created_hour"], s["deleted_hour"]) == (
         "127.0.0.1", 2, 2, 3, 1)
