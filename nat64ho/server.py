@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -550,8 +551,11 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
     """Run until SIGTERM/SIGINT; returns the server after a clean stop."""
     loop = asyncio.get_running_loop()
     store = await Store.open(config.db, sync=config.sync)
-    # Read commands (stats) take the table size from here.
-    await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
+    try:
+        # Read commands (stats) take the table size from here.
+        await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
+    except sqlite3.Error as exc:
+        log.warning("cannot record the port range in %s: %s", config.db, exc)
     logfile = LogFile(config.log_file)
     server = Server(config, store, logfile)
     stop = asyncio.Event()

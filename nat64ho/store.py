@@ -94,6 +94,7 @@ class Store:
         self._w = writer
         self._r = reader
         self.secret = b""
+        self.meta: dict[str, object] = {}
         self.clock_hwm = 0
         self.nats: dict[int, NatRecord] = {}
         self._loop = asyncio.get_running_loop()
@@ -142,7 +143,7 @@ class Store:
         return self
 
     async def _load_meta(self) -> None:
-        rows = dict(await self._w.execute_fetchall("SELECT key, value FROM meta"))
+        rows = self.meta = dict(await self._w.execute_fetchall("SELECT key, value FROM meta"))
         secret = rows.get("secret")
         if secret is None:
             # Created once and kept with the table, so cookies survive restarts.
@@ -156,7 +157,9 @@ class Store:
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None:
         """Record a server-wide value (e.g. the port range, for ``stats``)."""
-        await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        if self.meta.get(key) != value:
+            await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            self.meta[key] = value
 
     async def close(self) -> None:
         """Commit everything pending (recency included) and close."""
