@@ -316,24 +316,10 @@ class LineFormatter:
     comes from the C library wherever it agrees with RFC 5952 (the tests check
     that every line equals format_event's)."""
 
-    #: Seconds whose text is remembered: a log has many events per second,
-    #: and the memory stays small however long the export.
-    SECONDS_CACHED = 4096
-
     def __init__(self) -> None:
-        self._secs: dict[int, str] = {}
         self._nats: dict[int, str] = {}
 
-    def ts(self, ts: int) -> str:
-        if ts < 0:
-            return ts_str(ts)
-        secs, us = divmod(ts, 1_000_000)
-        head = self._secs.get(secs)
-        if head is None:
-            if len(self._secs) >= self.SECONDS_CACHED:
-                self._secs.clear()
-            head = self._secs[secs] = ts_str(secs * 1_000_000)[:20]
-        return f"{head}{us:06d}"
+    ts = staticmethod(ts_str)  # it remembers the text of recent seconds
 
     def nat(self, nat: int) -> str:
         text = self._nats.get(nat)
