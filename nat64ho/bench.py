@@ -233,7 +233,6 @@ class Load:
                        "created": 0, "deleted": 0, "errors": 0, "malformed": 0,
                        "icmp_errors": 0, "late": 0}
         self.done_count = 0  # requests completed in any phase
-        self.created_total = 0
 
     async def open(self, host: str, port: int, window: int) -> None:
         loop = asyncio.get_running_loop()
@@ -447,7 +446,6 @@ class Child:
                                      stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.address: tuple[str, int] | None = None
-        self.started = time.monotonic()
         found = threading.Event()
 
         def pump():
@@ -665,7 +663,6 @@ class Report:
     server: Result
     echo: Result | None = None
     sqlite: tuple[float, int] | None = None
-    echo_cpu: float | None = None
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         s, e = self.server, self.echo

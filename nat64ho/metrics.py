@@ -58,6 +58,10 @@ class ServerCollector(Collector):
         limited.add_metric(["hello"], s.drops["hello_rate"])
         limited.add_metric(["create"], c["rate_limited"])
         yield limited
+        yield counter("commits", "Transactions committed (each one fsync with --sync full).",
+                      s.store.stats["commits"])
+        yield counter("commit_failures", "Commits that failed and were retried (disk full, "
+                      "locked database).", s.store.stats["commit_failures"])
         yield counter("table_full", "MAPs refused because no entry was idle long enough.",
                       c["table_full"])
         cache = CounterMetricFamily("nat64ho_cache_datagrams",

@@ -15,8 +15,6 @@ from typing import NamedTuple, Union
 
 #: Largest reply datagram: Ethernet MTU 1500 minus IPv4 (20) and UDP (8) headers.
 MAX_DATAGRAM = 1472
-#: A control message is 2 + 2*L octets, L <= 255.
-MAX_CONTROL = 2 + 2 * 255
 #: UDP port assigned by this profile.
 DEFAULT_PORT = 6464
 VERSION = 1

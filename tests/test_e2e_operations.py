@@ -60,6 +60,7 @@ def test_metrics_follow_traffic(server_factory):
     assert value("nat64ho_table_capacity", nat64="127.0.0.1") == 4
     assert value("nat64ho_nat64s") == 1
     assert value("nat64ho_initialized") == 1
+    assert value("nat64ho_commits") >= 1 and value("nat64ho_commit_failures") == 0
     assert value("nat64ho_datagrams_received") >= 10
     assert any(s.name == "nat64ho_commit_seconds_bucket" for s in families["nat64ho_commit_seconds"])
     # No label carries a client's IPv6 address or port.
