@@ -49,6 +49,9 @@ MAX_VICTIM_PAGES = 64
 MAX_HELLO_SOURCES = 65536
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
+#: Shortest interval between two reports of unexpected errors in the log;
+#: the ones between are counted (metric "internal_error") and summed up.
+BUG_LOG_INTERVAL = 60.0
 #: Interval between history prunes when --keep-history is set.
 PRUNE_INTERVAL = 3600.0
 
@@ -173,6 +176,8 @@ class Server(asyncio.DatagramProtocol):
         #: NAT64s welcomed whose first HELLO is not committed yet: counted
         #: against --max-nats, or a burst between two commits would overshoot.
         self.pending_nats: set[int] = set()
+        self._bug_quiet_until = 0.0
+        self._bugs_suppressed = 0
         store.on_commit = self._committed
         self._allow = config.allow
 
@@ -188,9 +193,21 @@ class Server(asyncio.DatagramProtocol):
         self.counts["datagrams_in"] += 1
         try:
             self._datagram(data, addr)
-        except Exception:
+        except Exception as exc:
             self._drop("internal_error")
-            log.exception("bug: datagram from %s raised", addr[0])
+            self._bug(f"datagram from {addr[0]} raised", exc)
+
+    def _bug(self, what: str, exc: BaseException) -> None:
+        """Log an unexpected error, at most once per BUG_LOG_INTERVAL: a peer
+        that keeps triggering one must not flood the journal."""
+        now = time.monotonic()
+        if now < self._bug_quiet_until:
+            self._bugs_suppressed += 1
+            return
+        more = f" ({self._bugs_suppressed} more since the last report)" if self._bugs_suppressed else ""
+        log.error("bug: %s%s", what, more, exc_info=exc)
+        self._bugs_suppressed = 0
+        self._bug_quiet_until = now + BUG_LOG_INTERVAL
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
@@ -267,7 +284,7 @@ class Server(asyncio.DatagramProtocol):
                 self.store.damage(exc)
                 return
             self._drop("internal_error")
-            log.error("bug: datagram task failed", exc_info=task.exception())
+            self._bug("datagram task failed", exc)
 
     def _decide(self, state: NatState, body: list, addr) -> None:
         store = self.store

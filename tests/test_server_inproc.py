@@ -226,3 +226,29 @@ def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_p
         srv.logfile.close()
 
     asyncio.run(go())
+
+
+def test_unexpected_errors_are_counted_and_logged_sparingly(tmp_path, caplog, monkeypatch):
+    async def go():
+        srv, rec = await start(tmp_path)
+        peer = Peer()
+        srv.datagram_received(peer.hello(), NAT)
+        await settle(srv)
+        replies(rec, peer)
+        srv.datagram_received(peer.request([wire.Lookup(1028)]), NAT)  # loads the table
+        await settle(srv)
+        replies(rec, peer)
+
+        def broken(*args, **kw):
+            raise RuntimeError("simulated bug")
+        monkeypatch.setattr(srv, "_decide", broken)
+        for _ in range(100):
+            srv.datagram_received(peer.request([wire.Lookup(1028)]), NAT)
+        await settle(srv)
+        assert srv.drops["internal_error"] == 100
+        await stop(srv)
+
+    with caplog.at_level("ERROR", logger="nat64ho"):
+        asyncio.run(go())
+    bugs = [r for r in caplog.records if r.getMessage().startswith("bug:")]
+    assert len(bugs) == 1 and "simulated bug" in caplog.text
