@@ -166,6 +166,9 @@ def serve(
         metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
              "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
         min=1)] = 4096,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="If another server owns the table, wait until it stops, then take "
+             "over and serve (default: exit 1).")] = False,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -176,6 +179,10 @@ def serve(
 
     try:
         host, port = parse_listen(listen)
+        if ipaddress.ip_address(host).version == 6 and host not in ("::", "::0"):
+            raise UsageError(f"--listen {listen!r}: the handoff protocol runs over IPv4 (NAT64s "
+                             "are IPv4 peers); give an IPv4 address, or [::] for all addresses "
+                             "of both families")
         first, last = parse_ports(ports)
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
@@ -190,10 +197,13 @@ def serve(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
         sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
-        max_nats=max_nats,
+        max_nats=max_nats, standby=standby,
     )
     try:
         server.run(config)
+    except KeyboardInterrupt:
+        # A Ctrl-C that lands while Python tears the loop down: still one line.
+        fail("interrupted", 130)
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
     except server.ListenError as exc:
@@ -283,9 +293,11 @@ class _Database:
     is closed on the way out.
     """
 
-    def __init__(self, db: Optional[Path], *, write: bool = False):
+    def __init__(self, db: Optional[Path], *, write: bool = False, own: Optional[str] = None):
         self.path = db_path(db)
         self.write = write
+        self.own = own  # the command, if it must own the table (nat64ho.owner)
+        self.ownership = None
         self.conn = None
 
     def __enter__(self):
@@ -293,16 +305,26 @@ class _Database:
         while True:
             try:
                 self.conn = schema.open_db(self.path, readonly=not self.write)
-                return self.conn
+                break
             except schema.DatabaseBusy as exc:
                 if time.monotonic() >= deadline:
                     fail(str(exc), EXIT_DB)
                 time.sleep(0.1)
             except schema.DatabaseError as exc:
                 fail(str(exc), EXIT_DB)
+        if self.own is not None:
+            from nat64ho import owner
+            try:
+                self.ownership = owner.acquire(self.path, what=self.own)
+            except owner.TableOwned as exc:
+                self.conn.close()
+                fail(str(exc), EXIT_DB)
+        return self.conn
 
     def __exit__(self, kind, exc, tb):
         self.conn.close()
+        if self.ownership is not None:
+            self.ownership.release()
         if isinstance(exc, BrokenPipeError):
             # `nat64ho export | head`: the reader has all it wanted.
             try:
@@ -589,7 +611,7 @@ def import_(
                 if name != "-":
                     stream.close()
 
-    with _Database(db, write=True) as conn:
+    with _Database(db, write=True, own="import --rebuild-table" if rebuild_table else None) as conn:
         # New events land at random places in the address index; a cache
         # that holds its hot pages saves a read per row on a big history.
         conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
@@ -661,13 +683,13 @@ def prune(
 ) -> None:
     """Delete old history events. Changes the database; current entries are never touched.
 
-    Works in small transactions, so a running server is delayed by one batch at most.
+    Refused while a server owns the table (it prunes itself with serve --keep-history).
     """
     try:
         cutoff = parse_time(before, "--before")
     except UsageError as exc:
         fail(str(exc))
-    with _Database(db, write=True) as conn:
+    with _Database(db, write=True, own="prune") as conn:
         n = history.prune(conn, cutoff)
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
