@@ -337,7 +337,7 @@ class _Database:
             fail(f"{self.path}: database is busy (locked by another process); try again", EXIT_DB)
         if isinstance(exc, sqlite3.DatabaseError):
             fail(f"{self.path}: {exc}", EXIT_DB)
-        if isinstance(exc, history.HistoryError):
+        if isinstance(exc, (history.HistoryError, schema.DatabaseError)):
             fail(str(exc), EXIT_DB)
         return False
 

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, TextIO
 
+from nat64ho import schema
 from nat64ho.eventlog import BadLine, Event, EventKind, ipv4_str, ipv6_str, parse_line, ts_str
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
@@ -132,7 +133,8 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
     port, or clients in one IPv6 prefix (a /128 for one address)."""
     cols = "nat, port, addr, aport, created, last_use"
     if nat is None and ipv6 is None and port is None:
-        yield from _stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry)
+        yield from _stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry,
+                           schema.entry_ok, conn)
         return
     for n in [nat] if nat is not None else nat_addresses(conn, history=False):
         if ipv6 is not None:
@@ -144,20 +146,48 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND port = ?", (n, port))
         else:
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? ORDER BY port", (n,))
-        yield from _stream(cur, Entry)
+        yield from _stream(cur, Entry, schema.entry_ok, conn)
 
 
-def _stream(cur: sqlite3.Cursor, make=None) -> Iterator:
+def _stream(cur: sqlite3.Cursor, make=None, ok=None, conn=None) -> Iterator:
+    """Rows of ``cur`` in chunks; each must pass ``ok`` (see schema.entry_ok)."""
     while rows := cur.fetchmany(FETCH):
+        if ok is not None:
+            for row in rows:
+                if not ok(row):
+                    raise _bad(conn, row, ok)
         if make is None:
             yield from rows
         else:
             yield from map(make._make, rows)
 
 
+def _db_path(conn) -> str:
+    try:
+        return conn.execute("PRAGMA database_list").fetchone()[2] or "database"
+    except sqlite3.Error:
+        return "database"
+
+
+def _bad(conn, row, ok) -> Exception:
+    if ok is schema.entry_ok:
+        return schema.bad_entry(_db_path(conn), row)
+    return schema.bad_event(_db_path(conn), row, conn)
+
+
+def _entry_row(conn, row):
+    """A (addr, aport, created) read of one entry, checked."""
+    if row is not None and not (type(row[0]) is bytes and len(row[0]) == 16
+                                and type(row[1]) is int and type(row[2]) is int):
+        raise schema.BadRow(f"{_db_path(conn)}: table entry, a row of this query does not decode "
+                            f"(addr {row[0]!r:.40}, aport {row[1]!r}, created {row[2]!r}); run "
+                            "'nat64ho check'")
+    return row
+
+
 # ---------------------------------------------------------------- who
 
-def _event(row, nat: int, port: int) -> Event:
+def _make_event(row, nat: int, port: int) -> Event:
     ts, kind, addr, aport = row
     return Event(ts, EventKind(kind), nat, port, addr, aport)
 
@@ -171,6 +201,13 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
     database knows, nobody did."""
     key = (nat, port)
+
+    def _event(r, nat, port):
+        full = (r[0], r[1], nat, port, r[2], r[3])
+        if not schema.event_ok(full):
+            raise _bad(conn, full, schema.event_ok)
+        return _make_event(r, nat, port)
+
     before = [_event(r, *key) for r in conn.execute(
         "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
         "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2", (*key, at))]
@@ -181,8 +218,8 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     # timestamp, and the rule above says which of them came first.
     prev = max(before, key=_order) if before else None
     nxt = min(after, key=_order) if after else None
-    row = conn.execute("SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?",
-                       key).fetchone()
+    row = _entry_row(conn, conn.execute(
+        "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key).fetchone())
     if prev is not None and prev.kind == EventKind.CREATED:
         holder = (prev.addr, prev.aport)
         if row is not None and (row[0], row[1]) != holder and prev.ts < row[2] <= at:
@@ -228,8 +265,8 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
 
     def flush() -> Iterator[Holding]:
         for (n, p), created in open_.items():
-            row = conn.execute("SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?",
-                               (n, p)).fetchone()
+            row = _entry_row(conn, conn.execute(
+                "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)).fetchone())
             current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
             if current:
                 seen_current.add((n, p))
@@ -242,7 +279,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
                 yield h
         done.clear()
 
-    for ts, kind, n, p, addr, ap in _stream(cur):
+    for ts, kind, n, p, addr, ap in _stream(cur, None, schema.event_ok, conn):
         if (addr, ap) != group:
             yield from flush()
             group = (addr, ap)
@@ -265,6 +302,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
                 f"{extra} ORDER BY addr, aport", (n, lo, hi, *args)).fetchall():
             if (n, p) in seen_current:
                 continue
+            _entry_row(conn, (addr, ap, created))
             h = Holding(n, p, addr, ap, created, None, True, None, None)
             if at is None or h.covers(at):
                 yield h
@@ -304,7 +342,7 @@ def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
         # Otherwise the planner may prefer the (nat, port, ts) index for a
         # --nat filter and then sort the whole result before the first row.
         sql = sql.replace("FROM event", "FROM event INDEXED BY event_ts")
-    return _stream(conn.execute(f"{sql} ORDER BY {order}", args))
+    return _stream(conn.execute(f"{sql} ORDER BY {order}", args), None, schema.event_ok, conn)
 
 
 _KINDS = ("Initialized", "Created", "Deleted")
@@ -604,6 +642,11 @@ def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
         entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         first, last = hellos.get(nat, (None, None))
+        for column, v in (("entry.last_use", oldest), ("nat.first_hello", first),
+                          ("nat.last_hello", last)):
+            if v is not None and type(v) is not int:
+                raise schema.BadRow(f"{_db_path(conn)}: {column} of NAT64 {ipv4_str(nat)} holds "
+                                    f"{type(v).__name__} {v!r:.40}, not a time; run 'nat64ho check'")
         c = counts.get((nat, _CREATED), [0, 0])
         d = counts.get((nat, _DELETED), [0, 0])
         out.append(NatStats(nat, entries, capacity, oldest, first, last, c[1], d[1], c[0], d[0]))

@@ -423,6 +423,8 @@ def check(path: Path | str) -> CheckReport:
             report.problems += [f"{path}: integrity_check: {r}" for r in rows]
         for r in conn.execute("PRAGMA foreign_key_check"):
             report.problems.append(f"{path}: foreign_key_check: {r}")
+        if applied:
+            report.problems += [f"{path}: {p}" for p in bad_rows(conn)]
         if report.ok:
             report.facts = {
                 "schema version": max(applied),
@@ -440,3 +442,105 @@ def check(path: Path | str) -> CheckReport:
     finally:
         conn.close()
     return report
+
+
+# ---------------------------------------------------------------- rows
+# SQLite keeps whatever type a row was given (a text in an INTEGER column of
+# a non-STRICT table): the rows commands and the server decode are checked
+# here, so a planted or damaged one is named instead of raising deep inside.
+
+class BadRow(DatabaseError):
+    """A row does not decode; the message names the table and the row."""
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_port(v) -> bool:
+    return type(v) is int and 0 <= v <= 65535
+
+
+def _is_addr(v) -> bool:
+    return type(v) is bytes and len(v) == 16
+
+
+_ENTRY = (("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port),
+          ("created", _is_int), ("last_use", _is_int))
+_EVENT = (("ts", _is_int), ("kind", lambda v: v in (0, 1, 2) and type(v) is int),
+          ("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port))
+
+
+def _show(v) -> str:
+    if isinstance(v, bytes):
+        return f"a blob of {len(v)} octets"
+    return f"{type(v).__name__} {v!r}"[:60]
+
+
+def entry_ok(row) -> bool:
+    """Whether (nat, port, addr, aport, created, last_use) decodes."""
+    nat, port, addr, aport, created, last_use = row
+    return (type(nat) is int and type(port) is int and 0 <= port <= 65535 and type(addr) is bytes
+            and len(addr) == 16 and type(aport) is int and 0 <= aport <= 65535
+            and type(created) is int and type(last_use) is int)
+
+
+def event_ok(row) -> bool:
+    """Whether (ts, kind, nat, port, addr, aport) decodes."""
+    ts, kind, nat, port, addr, aport = row
+    if not (type(ts) is int and type(nat) is int and type(port) is int and 0 <= port <= 65535):
+        return False
+    if kind == 0 and type(kind) is int:
+        return True
+    return (kind in (1, 2) and type(kind) is int and type(addr) is bytes and len(addr) == 16
+            and type(aport) is int and 0 <= aport <= 65535)
+
+
+def bad_entry(path, row) -> BadRow:
+    """The error for an entry row that failed :func:`entry_ok`."""
+    why = next(f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row) if not ok(v))
+    return BadRow(f"{path}: table entry, row (nat={row[0]!r}, port={row[1]!r}) does not decode: "
+                  f"{why}; run 'nat64ho check --db {path}'")
+
+
+def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
+    """The error for an event row that failed :func:`event_ok`, with its id
+    when ``conn`` can find it."""
+    checks = _EVENT if row[1] != 0 else _EVENT[:4]
+    why = next((f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row) if not ok(v)),
+               "wrong types")
+    where = f"ts={row[0]!r}, nat={row[2]!r}, port={row[3]!r}"
+    if conn is not None:
+        try:
+            found = conn.execute("SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? "
+                                 "AND port IS ?", row[:4]).fetchone()
+        except sqlite3.Error:
+            found = None
+        if found is not None:
+            where = f"id {found[0]}"
+    return BadRow(f"{path}: table event, row {where} does not decode: {why}; "
+                  f"run 'nat64ho check --db {path}'")
+
+
+def bad_rows(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
+    """Rows of entry, event and nat whose types the code cannot decode (a
+    full scan: for ``check``)."""
+    found = []
+    for nat, port in conn.execute(
+            "SELECT nat, port FROM entry WHERE typeof(nat) != 'integer' OR typeof(port) != "
+            "'integer' OR port NOT BETWEEN 0 AND 65535 OR typeof(addr) != 'blob' OR "
+            "length(addr) != 16 OR typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535 "
+            "OR typeof(created) != 'integer' OR typeof(last_use) != 'integer' LIMIT ?", (limit,)):
+        found.append(f"table entry, row (nat={nat!r}, port={port!r}) does not decode "
+                     "(wrong type or size)")
+    for (rowid,) in conn.execute(
+            "SELECT id FROM event WHERE typeof(ts) != 'integer' OR typeof(kind) != 'integer' OR "
+            "typeof(nat) != 'integer' OR typeof(port) != 'integer' OR port NOT BETWEEN 0 AND 65535"
+            " OR (kind != 0 AND (typeof(addr) != 'blob' OR length(addr) != 16 OR "
+            "typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535)) LIMIT ?", (limit,)):
+        found.append(f"table event, row id {rowid} does not decode (wrong type or size)")
+    for (nat,) in conn.execute(
+            "SELECT nat FROM nat WHERE typeof(boot_id) != 'blob' OR typeof(first_hello) != "
+            "'integer' OR typeof(last_hello) != 'integer' LIMIT ?", (limit,)):
+        found.append(f"table nat, row nat={nat!r} does not decode (wrong type)")
+    return found

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventKind, format_event
-from nat64ho.schema import DatabaseError, NotOurDatabase
+from nat64ho.schema import BadRow, DatabaseError, NotOurDatabase
 from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
 from nat64ho.table import Bucket, NatTable
 
@@ -274,6 +274,7 @@ class Server(asyncio.DatagramProtocol):
         self.pending_nats: set[int] = set()
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
+        self._bad_row_quiet = 0.0
         store.on_commit = self._committed
         self._allow = config.allow
 
@@ -376,6 +377,14 @@ class Server(asyncio.DatagramProtocol):
             exc = task.exception()
             if isinstance(exc, DatabaseDamaged):
                 return  # the store said so once, and the server is stopping
+            if isinstance(exc, BadRow):
+                # One NAT64's row: refuse that datagram, keep serving the rest.
+                self._drop("bad_row")
+                now = time.monotonic()
+                if now >= self._bad_row_quiet:
+                    log.error("%s (datagram dropped)", exc)
+                    self._bad_row_quiet = now + BUG_LOG_INTERVAL
+                return
             if is_damage(exc):
                 self.store.damage(exc)
                 return

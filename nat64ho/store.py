@@ -220,7 +220,21 @@ class Store:
     async def load_table(self, nat: int) -> tuple[list[int], int]:
         rows = await self._r.execute_fetchall("SELECT port FROM entry WHERE nat = ?", (nat,))
         ports = [r[0] for r in rows]
+        for p in ports:
+            if type(p) is not int or not 0 <= p <= 65535:
+                raise schema.BadRow(f"{self.path}: table entry, row (nat={nat}, port={p!r:.40}) "
+                                    f"does not decode: port holds {type(p).__name__}; run "
+                                    f"'nat64ho check --db {self.path}'")
         return ports, len(ports)
+
+    def _rows(self, nat: int, rows) -> list[Row]:
+        """Checked entry rows: a planted or damaged one is refused by name."""
+        out = []
+        for r in rows:
+            if not schema.entry_ok((nat, *r)):
+                raise schema.bad_entry(self.path, (nat, *r))
+            out.append(Row(*r))
+        return out
 
     async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]:
         # One point lookup per endpoint, joined: an OR of them makes SQLite
@@ -229,12 +243,12 @@ class Store:
         args: list = []
         for addr, aport in endpoints:
             args += (nat, addr, aport)
-        return [Row(*r) for r in await self._r.execute_fetchall(sql, args)]
+        return self._rows(nat, await self._r.execute_fetchall(sql, args))
 
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
         marks = ",".join("?" * len(ports))
-        return [Row(*r) for r in await self._r.execute_fetchall(
-            f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *ports))]
+        return self._rows(nat, await self._r.execute_fetchall(
+            f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *ports)))
 
     async def read_oldest(self, nat: int, n: int, after: tuple[int, int] | None = None) -> list[Row]:
         """The ``n`` entries of ``nat`` with the oldest saved last use, after ``after``."""
@@ -245,7 +259,7 @@ class Store:
             rows = await self._r.execute_fetchall(
                 f"{_ROW} WHERE nat = ? AND (last_use, port) > (?, ?) ORDER BY last_use, port LIMIT ?",
                 (nat, *after, n))
-        return [Row(*r) for r in rows]
+        return self._rows(nat, rows)
 
     async def event_id(self, key: tuple) -> int | None:
         """The id of the history event (ts, kind, nat, port), if stored."""
