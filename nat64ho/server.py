@@ -123,7 +123,8 @@ class LogFile:
         #: Lines committed to the database but not yet in the file.
         self.waiting = 0
         self.store: Store | None = None  #: where catch-up reads the history
-        self._behind: tuple | None = None  # key of the first missing event, or its id
+        self._behind: tuple | None = None  # key of the first missing event, while behind
+        self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
         self._last: tuple | None = None  # key of the last event committed while behind
         self._task: asyncio.Task | None = None
         self.open()
@@ -174,6 +175,7 @@ class LogFile:
         except OSError as exc:
             self.waiting += len(events)
             self._behind = _event_key(events[0])
+            self._after = -1
             self._last = _event_key(events[-1])
             log.error("cannot write log file %s: %s; its lines wait in the database and are "
                       "copied in order once it can be written", self.path, exc)
@@ -186,13 +188,13 @@ class LogFile:
         while True:
             await asyncio.sleep(self.CATCH_UP_RETRY)
             try:
-                if len(self._behind) != 1:
-                    after = await store.event_id(self._behind)
-                    if after is None:
+                if self._after < 0:
+                    first = await store.event_id(self._behind)
+                    if first is None:
                         continue  # not found yet: ask again next time
-                    self._behind = (after - 1,)
+                    self._after = first - 1
                 while True:
-                    rows = await store.read_events(self._behind[0], self.CATCH_UP_ROWS)
+                    rows = await store.read_events(self._after, self.CATCH_UP_ROWS)
                     lines = []
                     done = False
                     for row in rows:
@@ -204,7 +206,7 @@ class LogFile:
                     copied += len(lines)
                     self.waiting = max(0, self.waiting - len(lines))
                     if lines:
-                        self._behind = (rows[len(lines) - 1][0],)
+                        self._after = rows[len(lines) - 1][0]
                     if done or not rows:
                         break
             except OSError:

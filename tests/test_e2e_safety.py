@@ -311,14 +311,15 @@ def test_log_file_catches_up_from_the_history_when_space_returns(tmp_path, procs
         state["waiting"] = metric(url, "nat64ho_log_lines_waiting")
         assert state["waiting"] > 0
         filler.unlink()
+        run(maps(400, 500))  # while the catch-up runs: they must join it in order
         m = p.wait_line(r"log file .* written again: (\d+) lines caught up from the database")
         assert int(m.group(1)) >= state["waiting"]
         assert metric(url, "nat64ho_log_lines_waiting") == 0
-        run(maps(400, 420))  # and it goes on directly
+        run(maps(500, 520))  # and it goes on directly
         export = nat64ho("export", "--db", str(db))
         assert export.returncode == 0
         wait_for(lambda: log.read_text() == export.stdout, timeout=10)
-        assert export.stdout.count(" Created ") == 420
+        assert export.stdout.count(" Created ") == 520
         errors = [l for l in p.lines if "cannot write log file" in l]
         assert len(errors) == 1
         p.proc.send_signal(signal.SIGTERM)
