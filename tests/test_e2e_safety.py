@@ -456,8 +456,9 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
     assert re.search(r"table event, row id \d+ does not decode", r.stderr)
 
     # serve: the read that meets the bad row is refused; the rest is served.
-    p = procs(*serve_args(db, tmp_path / "events.log"))
+    p = procs(*serve_args(db, tmp_path / "events.log", "--metrics", "127.0.0.1:0"))
     port = p.port()
+    url = "http://%s:%s/metrics" % p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups()
 
     async def go() -> None:
         srv = ServerProcess(tmp_path)
@@ -474,6 +475,7 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
     p.wait_line(r"table entry, row \(nat=2130706435, port=2000\) does not decode: addr holds "
                 r"a blob of 15 octets; .*\(datagram dropped\)")
     assert "Traceback" not in p.stderr
+    assert metric(url, 'nat64ho_datagrams_dropped_total{reason="bad_row"}') == 1
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(30) == 0
 
