@@ -185,6 +185,7 @@ class LogFile:
     async def _catch_up(self) -> None:
         store = self.store
         copied = 0
+        told = False
         while True:
             await asyncio.sleep(self.CATCH_UP_RETRY)
             try:
@@ -211,8 +212,10 @@ class LogFile:
                         break
             except OSError:
                 continue  # still failing: the error was said once
-            except (sqlite3.Error, ValueError) as exc:
-                log.error("cannot read the history to catch up log file %s: %s", self.path, exc)
+            except (sqlite3.Error, ValueError, TypeError) as exc:
+                if not told:
+                    log.error("cannot read the history to catch up log file %s: %s", self.path, exc)
+                    told = True
                 continue
             # No await since the last row: nothing committed in between.
             self._behind = self._last = None
@@ -848,8 +851,9 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     if store.damaged is not None:
         raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
     if unsaved:
-        raise NotCommitted(f"{config.db}: stopped with {unsaved} changes not committed "
-                           f"({store.failing or 'a second signal came first'}); none of them was acknowledged to a NAT64")
+        why = store.failing or "a second signal came first"
+        raise NotCommitted(f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
+                           "none of them was acknowledged to a NAT64")
     return server
 
 
