@@ -208,10 +208,11 @@ class Testbed:
 
     # ------------------------------------------------------------ processes
     def serve(self, *args: str, detach: bool = False) -> Proc:
-        return Proc(self.host, [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
+        self.serve_proc = Proc(self.host, [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
                                 "--listen", f"{HOST4}:{HANDOFF_PORT}",
                                 "--log-file", str(self.events), *args],
                     self.state / "serve.out", r"listening on", detach)
+        return self.serve_proc
 
     def gateway(self, *args: str, detach: bool = False, ready: str | None = r"session with") -> Proc:
         return Proc(self.nat64, [sys.executable, "-m", "nat64ho", "gateway", "--tun", TUN,
@@ -223,6 +224,9 @@ class Testbed:
         return Proc(self.host, [sys.executable, "-m", "nat64ho.gateway.services", "--bind", HOST4,
                                 "--http", str(HTTP_PORT), "--echo", str(ECHO_PORT)],
                     self.state / "services.out", r"echo on", detach)
+
+    def services_out(self) -> str:
+        return (self.state / "services.out").read_text()
 
     def run(self, ns: str, *cmd: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
