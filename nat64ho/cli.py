@@ -838,6 +838,10 @@ def testbed_up(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/n
     """Build the namespaces and start the server, the services and the gateway."""
     from nat64ho.gateway import testbed as tb
 
+    try:
+        tb.check_name(name)
+    except tb.TestbedError as exc:
+        fail(str(exc))
     if (why := tb.available()) is not None:
         fail(f"the test bed {why}", 1)
     try:
@@ -859,6 +863,12 @@ def testbed_down(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp
     """Stop everything in the test bed's namespaces and delete them (the state stays)."""
     from nat64ho.gateway import testbed as tb
 
+    try:
+        tb.check_name(name)
+    except tb.TestbedError as exc:
+        fail(str(exc))
+    if (why := tb.available()) is not None:
+        fail(f"the test bed {why}", 1)
     try:
         gone = tb.down(name, state)
     except tb.TestbedError as exc:

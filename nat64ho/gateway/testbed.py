@@ -56,6 +56,12 @@ def available() -> str | None:
     return None
 
 
+def check_name(name: str) -> None:
+    """Raises TestbedError unless ``name`` can prefix namespace names."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,20}", name):
+        raise TestbedError(f"--name {name!r}: use 1-21 characters of a-z, 0-9 and '-'")
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and p.returncode != 0:
@@ -121,8 +127,7 @@ class Testbed:
     with state (database, logs) under ``state``."""
 
     def __init__(self, name: str, state: Path):
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,20}", name):
-            raise TestbedError(f"name {name!r}: use 1-21 of a-z, 0-9, '-'")
+        check_name(name)
         self.name = name
         self.state = Path(state)
         self.client = f"{name}-client"
@@ -144,6 +149,13 @@ class Testbed:
             raise TestbedError(f"test bed {self.name!r} exists: 'nat64ho testbed down "
                                f"--name {self.name}' first")
         self.state.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _build(self) -> None:
         c, n, h = self.namespaces
         for ns in self.namespaces:
             _ip("netns", "add", ns)
