@@ -34,6 +34,9 @@ HANDOFF_PORT = 6464
 HTTP_PORT = 8080
 ECHO_PORT = 7007
 TUN = "nat64"
+#: Packets the kernel queues for the gateway (default 500): a Python process
+#: on a busy machine is descheduled for milliseconds at a time.
+TUN_QUEUE = 5000
 #: How long a started process may take to say it is ready (a busy 2-core CI
 #: machine starts Python slowly).
 READY_S = 30.0
@@ -177,7 +180,7 @@ class Testbed:
         # A persistent TUN device: it and its routes outlive a gateway that
         # is killed, so a restarted one picks up the same connections.
         _ip("-n", n, "tuntap", "add", "dev", TUN, "mode", "tun")
-        _ip("-n", n, "link", "set", TUN, "up")
+        _ip("-n", n, "link", "set", TUN, "up", "txqueuelen", str(TUN_QUEUE))
         _ip("-n", n, "-6", "route", "add", PREFIX, "dev", TUN)
         _ip("-n", n, "route", "add", f"{POOL}/32", "dev", TUN)
         _ip("-n", h, "addr", "add", f"{HOST4}/29", "dev", "eth0")
