@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -71,8 +72,8 @@ def line_exchange(s: socket.socket, text: str) -> None:
     assert got.decode() == text + "\n"
 
 
-def services_seen(bed: tb.Testbed) -> dict[int, str]:
-    """Pool port -> the client endpoint that said it first on it, as the host saw."""
+def services_seen(bed: tb.Testbed) -> dict[int, list[str]]:
+    """Pool port -> the client endpoints that spoke first on it, as the host saw."""
     seen = {}
     for m in re.finditer(rf"tcp {re.escape(tb.POOL)}:(\d+) first (\S+)", bed.services_out()):
         seen.setdefault(int(m.group(1)), [])
@@ -92,6 +93,7 @@ def db(bed: tb.Testbed) -> sqlite3.Connection:
 # ------------------------------------------------------------------ HTTP
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_http_through_the_nat64_is_attributed_to_the_client(bed):
     bed.serve()
     bed.gateway()
@@ -119,6 +121,7 @@ def test_http_through_the_nat64_is_attributed_to_the_client(bed):
 # ------------------------------------------------------------------ UDP, ping
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ping") is None, reason="needs ping (iputils-ping)")
 def test_udp_request_response_and_ping_through_the_nat64(bed):
     bed.serve()
     bed.gateway()

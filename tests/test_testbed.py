@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.skipif(tb.available() is not None, reason=f"the test bed {tb.available()}")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_up_curl_who_down(tmp_path):
     name = f"readme{os.getpid() % 100000}"
     state = tmp_path / "state"

@@ -35,7 +35,8 @@ MAX_WAITING_PACKETS = 16
 MAX_PENDING = 8192
 #: First retransmission timeout of a request, doubled after each try.
 REQUEST_RTO = 0.25
-#: Tries of a request before its packets are dropped (0.25+0.5+1+2+2 s).
+#: Sends of a request; its packets are dropped 4 s after the last (sent at
+#: 0, 0.25, 0.75, 1.75 and 3.75 s).
 REQUEST_TRIES = 5
 #: HELLO retransmission: first timeout and the cap of its backoff; a gateway
 #: keeps trying for as long as it runs.
