@@ -170,3 +170,16 @@ def test_garbage_from_the_tun_is_counted_never_raised():
         gw.packet(junk, 0.1)
     gw.packet(t.udp4(HOST, SERVER_PORT, POOL, core.HANDOFF_PORT, b"\x00\x01"), 0.1)
     assert sum(v for k, v in gw.counts.items() if k.startswith(("drop_", "handoff_"))) == 6
+
+
+def test_touch_answered_unmapped_makes_the_next_packet_map_again():
+    gw = welcomed(touch_interval=1.0)
+    gw.packet(reply([wire.Mapping(40000, CLIENT, CPORT)]), 0.0)
+    gw.packet(syn(), 0.1)
+    gw.flush(0.1)
+    handoff, _ = split(gw.flush(1.0))
+    assert handoff == [[wire.Cookie(COOKIE), wire.Touch((40000,))]]
+    gw.packet(reply([wire.Unmapped(40000)]), 1.1)  # e.g. the server's table was reset
+    gw.packet(syn(), 1.2)
+    handoff, out = split(gw.flush(1.2))
+    assert handoff == [[wire.Cookie(COOKIE), wire.Map(CLIENT, CPORT)]] and out == []

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -145,6 +146,45 @@ def test_udp_request_response_and_ping_through_the_nat64(bed):
     # A host without a handoff server: refused by the gateway, not silently lost.
     ping = bed.run(bed.client, "ping", "-c", "1", "-W", "5", "64:ff9b::192.0.2.5")
     assert ping.returncode != 0 and "Administratively prohibited" in ping.stdout, ping.stdout
+
+
+@pytest.mark.slow
+def test_icmp_errors_cross_the_nat64_both_ways(bed):
+    bed.serve()
+    gw = bed.gateway()
+    # IPv4 -> IPv6: the host's port unreachable reaches the client's socket.
+    with bed.inside(bed.client):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(5)
+        s.connect((HOST6, 9))
+        s.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            s.recv(100)
+    # IPv6 -> IPv4: a client link of IPv6 MTU 1400 makes the NAT64's kernel
+    # send Packet Too Big for the host's 1408-octet reply; translated, the
+    # host learns a path MTU of 1380 to the pool address.
+    bed.sysctl(bed.nat64, "net.ipv6.conf.v6.mtu=1400")
+    with bed.inside(bed.client):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(2)
+        s.sendto(b"x" * 1380, (HOST6, tb.ECHO_PORT))
+        with pytest.raises(socket.timeout):
+            s.recv(2000)  # that reply was too big for the client's link
+    route = bed.run(bed.host, "ip", "route", "get", tb.POOL).stdout
+    assert re.search(r"\bmtu 1380\b", route), route
+    # The host now fragments such replies: out of scope, so counted.
+    with bed.inside(bed.client):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(2)
+        s.sendto(b"x" * 1380, (HOST6, tb.ECHO_PORT))
+        with pytest.raises(socket.timeout):
+            s.recv(2000)
+    gw.proc.send_signal(signal.SIGUSR1)
+    counts = json.loads(gw.wait_for(r"counts (\{.*\})\n").group(1))
+    assert counts["drop_fragment"] >= 2 and counts["to_ipv6"] >= 2, counts
 
 
 # ------------------------------------------------------------------ restarts
