@@ -183,3 +183,12 @@ def test_touch_answered_unmapped_makes_the_next_packet_map_again():
     gw.packet(syn(), 1.2)
     handoff, out = split(gw.flush(1.2))
     assert handoff == [[wire.Cookie(COOKIE), wire.Map(CLIENT, CPORT)]] and out == []
+
+
+def test_touch_goes_before_new_maps_in_the_same_datagram():
+    gw = welcomed(touch_interval=1.0)
+    gw.packet(reply([wire.Mapping(40000, CLIENT, CPORT)]), 0.0)
+    gw.packet(syn(), 0.5)
+    gw.packet(syn(1), 1.0)  # a new flow in the same batch as the due TOUCH
+    handoff, _ = split(gw.flush(1.0))
+    assert handoff == [[wire.Cookie(COOKIE), wire.Touch((40000,)), wire.Map(CLIENT, 1)]]

@@ -276,6 +276,14 @@ class Gateway:
                     srv.hello_rto = min(srv.hello_rto * 2, HELLO_RTO_MAX)
                     self.counts["hello_sent"] += 1
                 continue
+            if touch and srv.used:
+                # Before new requests: a MAP that must delete an entry to make
+                # room has to see the recency of every port we used.
+                ports = sorted(srv.used)
+                srv.used.clear()
+                for i in range(0, len(ports), 255):
+                    srv.outbox.append(wire.Touch(tuple(ports[i:i + 255])))
+                self.counts["touched"] += len(ports)
             for table in (srv.maps, srv.lookups):
                 expired = []
                 for key, waiting in table.items():
@@ -291,12 +299,6 @@ class Gateway:
                     waiting.tries += 1
                 for key in expired:
                     self.counts["drop_request_timeout"] += len(table.pop(key).packets)
-            if touch and srv.used:
-                ports = sorted(srv.used)
-                srv.used.clear()
-                for i in range(0, len(ports), 255):
-                    srv.outbox.append(wire.Touch(tuple(ports[i:i + 255])))
-                self.counts["touched"] += len(ports)
 
     def flush(self, now: float) -> list[bytes]:
         """Everything for the TUN device since the last flush: translated
