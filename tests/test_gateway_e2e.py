@@ -185,6 +185,7 @@ def test_icmp_errors_cross_the_nat64_both_ways(bed):
     gw.proc.send_signal(signal.SIGUSR1)
     counts = json.loads(gw.wait_for(r"counts (\{.*\})\n").group(1))
     assert counts["drop_fragment"] >= 2 and counts["to_ipv6"] >= 2, counts
+    assert gw.stop() == 0 and "stopped: counts {" in gw.text()
 
 
 # ------------------------------------------------------------------ restarts

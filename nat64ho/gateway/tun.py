@@ -99,8 +99,12 @@ def run(gw: Gateway, tun: str, banner: str) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="nat64ho gateway: %(message)s")
     gw.log = log.info
+    existed = os.path.exists(f"/sys/class/net/{tun}")
     fd = open_tun(tun)
     log.info("%s", banner)
+    if not existed:
+        # Ours until we exit: nothing routes to it until someone does.
+        log.info("created tun %s: set it up and route the prefix and the pool address to it", tun)
     try:
         try:
             import uvloop
