@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nat64ho import cli, schema
-from tests.conftest import connect, run, v6
+from tests.helpers import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\
     2019-03-18 10:06:28.436754 Initialized 192.0.2.7

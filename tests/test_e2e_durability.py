@@ -11,7 +11,7 @@ import pytest
 
 from nat64ho import wire
 from nat64ho.eventlog import parse_line
-from tests.conftest import connect, run, v6
+from tests.helpers import connect, run, v6
 
 
 def entries(db) -> dict[tuple[bytes, int], int]:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nat64ho import wire
-from tests.conftest import connect, run, v6, wait_for
+from tests.helpers import connect, run, v6, wait_for
 
 
 def scrape(url: str) -> dict[str, list]:

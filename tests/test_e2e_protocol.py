@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from nat64ho import wire
-from tests.conftest import connect, run, v6
+from tests.helpers import connect, run, v6
 
 
 def test_hello_map_lookup_touch(server_factory):

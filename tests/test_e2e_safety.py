@@ -21,14 +21,9 @@ from pathlib import Path
 import pytest
 
 from nat64ho import wire
-from tests.conftest import ServerProcess, connect, run, v6, wait_for
+from tests.helpers import ServerProcess, connect, fill, nat64ho, run, tmpfs, umount, v6, wait_for
 
 NAT64HO = [sys.executable, "-m", "nat64ho"]
-
-
-def nat64ho(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*NAT64HO, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def one_error(r: subprocess.CompletedProcess) -> str:
@@ -95,38 +90,6 @@ def procs():
     yield make
     for p in started:
         p.kill()
-
-
-def tmpfs(where: Path, size: str):
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
-                        "nat64ho-test", str(where)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
-    return where
-
-
-def umount(where: Path) -> None:
-    if subprocess.run(["umount", str(where)]).returncode:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem refuses more; returns it."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    chunk = b"\0" * 65536
-    try:
-        while True:
-            try:
-                os.write(fd, chunk)
-            except OSError:
-                if len(chunk) == 1:
-                    break
-                chunk = chunk[: len(chunk) // 2]
-    finally:
-        os.close(fd)
-    return filler
 
 
 def serve_args(db: Path, log: Path, *more: str) -> list[str]:
@@ -225,13 +188,6 @@ def test_database_that_cannot_be_written_is_refused_at_start(tmp_path):
         assert "listening" not in r.stderr
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmpfs(tmp_path / "small", "2m")
-    yield mnt
-    umount(mnt)
 
 
 @pytest.mark.slow

@@ -17,8 +17,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -26,6 +24,7 @@ import pytest
 
 from nat64ho import history
 from nat64ho.gateway import testbed as tb
+from tests.helpers import nat64ho
 
 pytestmark = pytest.mark.skipif(tb.available() is not None,
                                 reason=f"the test bed {tb.available()}")
@@ -46,11 +45,6 @@ def bed(tmp_path):
     finally:
         bed.destroy()
     assert not bed.exists()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nat64ho", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def connect(bed: tb.Testbed, source: str | None = None, timeout: float = 15.0) -> socket.socket:
@@ -108,11 +102,11 @@ def test_http_through_the_nat64_is_attributed_to_the_client(bed):
     assert re.search(rf"^http {re.escape(tb.POOL)}:{port} \"GET / HTTP/1.1\" 200",
                      bed.services_out(), re.M)
 
-    who = cli("who", "--db", str(bed.db), f"{tb.POOL}:{port}", "--format", "json")
+    who = nat64ho("who", "--db", str(bed.db), f"{tb.POOL}:{port}", "--format", "json")
     assert who.returncode == 0, who.stderr
     held = json.loads(who.stdout)
     assert (held["held"], held["ipv6"], held["ipv6_port"]) == (True, tb.CLIENT6, int(local_port))
-    query = cli("query", "--db", str(bed.db), "--port", str(port), "--format", "json")
+    query = nat64ho("query", "--db", str(bed.db), "--port", str(port), "--format", "json")
     assert query.returncode == 0, query.stderr
     rows = json.loads(query.stdout)
     assert [(r["nat"], r["ipv6"], r["ipv6_port"]) for r in rows] == [
@@ -369,9 +363,9 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
         reused = next(p for p, eps in seen.items() if len(eps) == 2)
         for ep in seen[reused]:
             at = next(a for _, e, a in conns if e == ep)
-            who = cli("who", "--db", str(bed.db), f"{tb.POOL}:{reused}", "--format", "json",
-                      "--at", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
-                      + f".{int(at * 1e6) % 1000000:06d}")
+            who = nat64ho("who", "--db", str(bed.db), f"{tb.POOL}:{reused}", "--format", "json",
+                          "--at", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+                          + f".{int(at * 1e6) % 1000000:06d}")
             held = json.loads(who.stdout)
             assert f"[{held['ipv6']}]:{held['ipv6_port']}" == ep
     finally:

@@ -9,7 +9,7 @@ import pytest
 from nat64ho import wire
 from nat64ho.eventlog import EventKind
 from nat64ho.table import Bucket, NatTable, Row
-from tests.conftest import v6
+from tests.helpers import v6
 
 NAT = 0xC0000209  # 192.0.2.9
 S = 1_000_000  # one second in µs

@@ -1,0 +1,187 @@
+"""What tests share: a real ``nat64ho serve`` process and a NAT64 client for
+it, the ``nat64ho`` command, read-only views of a table file, and tmpfs mounts.
+
+Fixtures stay in conftest.py; test files import helpers from here."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nat64ho import wire
+from nat64ho.bench import Child
+from nat64ho.peer import Client, Peer
+
+
+def v6(i: int, prefix: str = "2001:db8::") -> bytes:
+    """A distinct test IPv6 address."""
+    return (int(ipaddress.IPv6Address(prefix)) + i).to_bytes(16, "big")
+
+
+class ServerProcess:
+    """``nat64ho serve`` in a child process, bound to an ephemeral port."""
+
+    def __init__(self, tmp: Path, *args: str, db: Path | None = None, log: Path | None = None,
+                 env: dict | None = None):
+        self.tmp = tmp
+        self.db = db or tmp / "table.db"
+        self.log = log or tmp / "events.log"
+        self.args = list(args)
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.stderr_lines: list[str] = []
+
+    def start(self, timeout: float = 20.0) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
+               "--listen", f"127.0.0.1:{self.port}", "--log-file", str(self.log), *self.args]
+        self.child = Child(cmd, timeout, env=self.env)
+        self.proc = self.child.proc
+        self.stderr_lines = self.child.lines
+        self.port = self.child.address[1]
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> "ServerProcess":
+        self.stop()
+        return self.start()
+
+
+async def connect(server: ServerProcess, *, boot_id: bytes | None = None,
+                  local: str = "127.0.0.1", hello: bool = True) -> Client:
+    """A NAT64 client for ``server``, after HELLO/WELCOME unless told not to."""
+    client = await Client.connect(server.host, server.port, local=local, peer=Peer(boot_id))
+    if hello:
+        await client.hello()
+    return client
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``predicate`` until it is true (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def nat64ho(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The ``nat64ho`` command, run to its end; stdin is ``input`` or nothing."""
+    return subprocess.run([sys.executable, "-m", "nat64ho", *args], input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mappings(messages: list) -> list[wire.Mapping]:
+    return [m for m in messages if isinstance(m, wire.Mapping)]
+
+
+def entries(db: Path) -> dict[tuple[bytes, int], int]:
+    """(IPv6 address, port) -> NAT port of every entry, read without writing."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+def table_rows(db: Path) -> dict[tuple[int, int], tuple[bytes, int]]:
+    """(NAT64, port) -> endpoint of every entry, read without writing."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {(n, p): (bytes(a), ap) for n, p, a, ap in
+                conn.execute("SELECT nat, port, addr, aport FROM entry")}
+    finally:
+        conn.close()
+
+
+def digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class Recorder:
+    """A transport for an in-process server that keeps what it sends."""
+
+    def __init__(self):
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+    def is_closing(self):
+        return False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def tmpfs(where: Path, size: str) -> Path:
+    """A fresh tmpfs of ``size`` mounted on ``where`` (made here)."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                        "nat64ho-test", str(where)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    return where
+
+
+def umount(where: Path) -> None:
+    if subprocess.run(["umount", str(where)]).returncode:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem refuses more; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError:
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]
+    finally:
+        os.close(fd)
+    return filler

@@ -1,0 +1,136 @@
+"""SIGKILL storms under load: nothing acknowledged is lost, and an eviction
+is never half written."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import sqlite3
+import time
+
+import pytest
+
+from nat64ho import wire
+from tests.helpers import ServerProcess, connect, nat64ho, run, table_rows, v6
+
+
+async def mapping_load(srv: ServerProcess, peers: list, locals_: list[str], acked: list[dict],
+                       counter, kill_after: float, per_datagram: int = 8) -> None:
+    """NAT64s asking for new endpoints as fast as they are answered, until
+    the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
+    endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
+    from nat64ho.peer import Client
+    clients = [await Client.connect(srv.host, srv.port, local=local, peer=peer)
+               for peer, local in zip(peers, locals_)]
+    asyncio.get_running_loop().call_later(kill_after, srv.kill)
+
+    async def one(i: int, c) -> None:
+        while srv.proc.poll() is None:
+            c.send([wire.Map(v6(next(counter)), 7) for _ in range(per_datagram)])
+            for m in await c.collect(per_datagram, timeout=0.5):
+                if isinstance(m, wire.Mapping):
+                    acked[i][(m.addr, m.port)] = m.nat_port
+                elif isinstance(m, wire.Deleted):
+                    acked[i].pop((m.addr, m.port), None)
+
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
+    import itertools
+    srv = ServerProcess(tmp_path)
+    locals_ = [f"127.0.0.{i}" for i in range(1, 5)]
+    nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
+    acked: list[dict] = [{} for _ in locals_]
+    counter = itertools.count()
+    rng = random.Random(6)
+    startups = []
+    try:
+        t = time.monotonic()
+        srv.start()
+        startups.append(time.monotonic() - t)
+
+        async def hello():
+            clients = [(await connect(srv, local=a)) for a in locals_]
+            for c in clients:
+                c.close()
+            return [c.peer for c in clients]
+
+        peers = run(hello())
+        for cycle in range(20):
+            run(mapping_load(srv, peers, locals_, acked, counter, rng.uniform(0.2, 0.8)))
+            assert srv.proc.returncode == -signal.SIGKILL
+            rows = table_rows(srv.db)
+            for nat, got in zip(nats, acked):
+                for endpoint, port in got.items():
+                    assert rows[(nat, port)] == endpoint, f"cycle {cycle}: acknowledged entry lost"
+            t = time.monotonic()
+            srv.start()
+            startups.append(time.monotonic() - t)
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    rows = table_rows(srv.db)
+    total = sum(len(a) for a in acked)
+    assert total > 20 * 50, "the load was too light to mean anything"
+    for nat, got in zip(nats, acked):
+        assert len(set(got.values())) == len(got)  # no port announced for two endpoints
+        held = {p: e for (n, p), e in rows.items() if n == nat}
+        assert len(set(held.values())) == len(held)
+        for endpoint, port in got.items():
+            assert held[port] == endpoint
+    assert nat64ho("check", "--db", str(srv.db)).returncode == 0
+    # Start-up does not grow with the table or with the number of crashes.
+    first, last = sorted(startups[:5])[2], sorted(startups[-5:])[2]
+    assert last < first * 1.5 + 0.5, startups
+
+
+@pytest.mark.slow
+def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
+    import itertools
+    srv = ServerProcess(tmp_path, "--ports", "1028-1035")
+    acked: list[dict] = [{}]
+    counter = itertools.count()
+    rng = random.Random(7)
+    try:
+        srv.start()
+
+        async def hello():
+            c = await connect(srv)
+            c.close()
+            return c.peer
+
+        peer = run(hello())
+        for cycle in range(8):
+            # Every MAP of a new endpoint on an 8-port table evicts one.
+            run(mapping_load(srv, [peer], ["127.0.0.1"], acked, counter, rng.uniform(0.2, 0.6),
+                             per_datagram=3))
+            srv.start()
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    events = conn.execute("SELECT kind, port, addr, aport FROM event WHERE kind != 0 ORDER BY id").fetchall()
+    conn.close()
+    assert sum(k == 2 for k, *_ in events) > 8 * 20, "too few evictions to have crashed amid one"
+    # Per port, history reads Created (Deleted Created)*: never a Deleted whose
+    # Created was lost, nor a Created over a holder that was not deleted.
+    history: dict[int, list] = {}
+    for kind, port, addr, aport in events:
+        history.setdefault(port, []).append((kind, bytes(addr), aport))
+    rows = table_rows(srv.db)
+    assert len(rows) == 8
+    for port, seq in history.items():
+        kinds = [k for k, _, _ in seq]
+        assert kinds == [1] + [2, 1] * ((len(kinds) - 1) // 2), (port, kinds)
+        for (k1, a1, p1), (k2, a2, p2) in zip(seq, seq[1:]):
+            if k2 == 2:  # the Deleted names the holder the Created before it made
+                assert (a1, p1) == (a2, p2)
+        assert rows[(int.from_bytes(socket.inet_aton("127.0.0.1"), "big"), port)] == seq[-1][1:]
+    for endpoint, port in acked[0].items():
+        assert (1, *endpoint) in history[port]
