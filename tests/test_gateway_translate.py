@@ -332,8 +332,17 @@ def test_any_bytes_translate_or_raise_untranslatable(data, version):
         data = bytes((0x60 | data[0] & 0xF,)) + data[1:24] + HOST6 + data[40:]
     elif len(data) >= 20:
         data = bytes((0x45,)) + data[1:16] + POOL + data[20:]
-    for fn in (out6, in4):
-        try:
-            fn(data)
-        except t.Untranslatable:
-            pass
+    try:
+        out = out6(data)
+    except t.Untranslatable as exc:
+        assert exc.reason in t.REASONS
+    else:  # a well-formed IPv4 packet from the pool
+        assert out[0] == 0x45 and int.from_bytes(out[2:4], "big") == len(out)
+        assert ref_csum(out[:20]) == 0 and out[12:16] == POOL
+    try:
+        out = in4(data)
+    except t.Untranslatable as exc:
+        assert exc.reason in t.REASONS
+    else:  # a well-formed IPv6 packet to the client
+        assert out[0] >> 4 == 6 and int.from_bytes(out[4:6], "big") == len(out) - 40
+        assert out[24:40] == CLIENT
