@@ -45,7 +45,8 @@ class Proc:
                                      stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.lines: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
 
     def _pump(self) -> None:
         for line in self.proc.stderr:
@@ -63,7 +64,7 @@ class Proc:
                 if m:
                     return m
             if self.proc.poll() is not None and not any(re.search(pattern, l) for l in self.lines):
-                time.sleep(0.2)  # let the pump read the last lines
+                self.pump.join(10)  # it ends at EOF, having read the last lines
                 if not any(re.search(pattern, l) for l in self.lines):
                     raise AssertionError(f"exited without {pattern!r}:\n{self.stderr}")
             time.sleep(0.05)
