@@ -104,6 +104,15 @@ def nat64ho(*args: str, input: str | None = None, timeout: float = 60) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def one_error(out: subprocess.CompletedProcess | str) -> str:
+    """The single ``Error:`` line of a failed command's stderr (and no traceback)."""
+    text = out if isinstance(out, str) else out.stderr
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
 def mappings(messages: list) -> list[wire.Mapping]:
     return [m for m in messages if isinstance(m, wire.Mapping)]
 

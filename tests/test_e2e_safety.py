@@ -21,17 +21,10 @@ from pathlib import Path
 import pytest
 
 from nat64ho import wire
-from tests.helpers import ServerProcess, connect, fill, nat64ho, run, tmpfs, umount, v6, wait_for
+from tests.helpers import (ServerProcess, connect, fill, nat64ho, one_error, run, tmpfs, umount, v6,
+                           wait_for)
 
 NAT64HO = [sys.executable, "-m", "nat64ho"]
-
-
-def one_error(r: subprocess.CompletedProcess) -> str:
-    """The single ``Error:`` line of a failed command (and no traceback)."""
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, r.stderr
-    return errors[0]
 
 
 class Proc:
@@ -222,15 +215,9 @@ def test_stop_while_commits_fail_ends_and_counts_what_is_lost(small_fs, tmp_path
     assert took < 15, took
     assert status == 1
     m = re.search(r"^Error: (\S+): stopped with (\d+) changes not committed \(.*\); none of "
-                  r"them was acknowledged to a NAT64$", one_error_lines(p.stderr), re.M)
+                  r"them was acknowledged to a NAT64$", one_error(p.stderr), re.M)
     assert m and m.group(1) == str(db) and int(m.group(2)) >= 2, p.stderr  # entry + Created
     assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr
-
-
-def one_error_lines(text: str) -> str:
-    errors = [l for l in text.splitlines() if l.startswith("Error:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 # ---------------------------------------------------------------- 3. log catch-up
