@@ -4,9 +4,12 @@ leave them as they were; damage found while serving stops the server."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import sqlite3
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,17 +21,29 @@ from tests.helpers import ServerProcess, connect, digest, mappings, nat64ho, one
 def healthy_db(path: Path, entries_n: int = 3000) -> Path:
     """A nat64ho database with enough rows to span many pages, checkpointed
     into the main file (as after a clean stop)."""
-    conn = schema.open_db(path, create=True)
-    conn.execute("BEGIN")
-    conn.execute("INSERT INTO nat VALUES (3221226249, x'0102030405060708', 1, 1)")
-    conn.executemany("INSERT INTO entry VALUES (3221226249, ?, ?, ?, ?, ?)",
-                     [(1028 + i, v6(i), 1000 + i % 50000, i, i) for i in range(entries_n)])
-    conn.executemany("INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, 3221226249, ?, ?, ?)",
-                     [(i, 1028 + i, v6(i), 1000 + i % 50000) for i in range(entries_n)])
-    conn.execute("COMMIT")
-    conn.close()
-    assert not Path(f"{path}-wal").exists()
+    data, mode = _healthy_image(entries_n)
+    path.write_bytes(data)
+    path.chmod(mode)
     return path
+
+
+@functools.cache
+def _healthy_image(entries_n: int) -> tuple[bytes, int]:
+    # Built once per run and copied: several tests damage a fresh one each.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "table.db"
+        conn = schema.open_db(path, create=True)
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO nat VALUES (3221226249, x'0102030405060708', 1, 1)")
+        conn.executemany("INSERT INTO entry VALUES (3221226249, ?, ?, ?, ?, ?)",
+                         [(1028 + i, v6(i), 1000 + i % 50000, i, i) for i in range(entries_n)])
+        conn.executemany("INSERT INTO event (ts, kind, nat, port, addr, aport) "
+                         "VALUES (?, 1, 3221226249, ?, ?, ?)",
+                         [(i, 1028 + i, v6(i), 1000 + i % 50000) for i in range(entries_n)])
+        conn.execute("COMMIT")
+        conn.close()
+        assert not Path(f"{path}-wal").exists() and not Path(f"{path}-journal").exists()
+        return path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
 
 
 def _page_of(path: Path, name: str) -> tuple[int, int]:
