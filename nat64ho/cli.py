@@ -8,6 +8,7 @@ for operator mistakes.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ class _Group(TyperGroup):
             if hasattr(param, "_get_number_range_help_str"):
                 # "[x>=0]" in help: the help text says the range in words.
                 param._get_number_range_help_str = lambda: None
+            if hasattr(param, "_usage_display_name"):
+                # An argument shows as NAME, [NAME] or NAME..., as man pages
+                # write it: no "{NAME}" and no "<list[str]>" beside it.
+                param._usage_display_name = functools.partial(_usage_name, param)
+                param.display_type_rich = lambda ctx: None
         return command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -51,6 +57,11 @@ class _Group(TyperGroup):
             sys.exit(130)
         # Without standalone mode a typer.Exit comes back as its status.
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_name(param) -> str:
+    name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
+    return name + ("..." if param.nargs != 1 else "")
 
 
 def _one_line(message: str) -> str:
@@ -888,7 +899,7 @@ def parse_seq(text: str, what: str) -> int:
 @app.command("import", short_help="Add log files to the history (creates the database).")
 def import_(
     files: Annotated[list[str], typer.Argument(
-        metavar="FILE...", help="Log files in the PROTOCOL.md §6 format (this server's or the "
+        metavar="FILE", help="Log files in the PROTOCOL.md §6 format (this server's or the "
              "original handoff server's); .gz is decompressed; '-' reads stdin.",
         show_default=False)],
     db: DbOption = None,
