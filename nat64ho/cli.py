@@ -258,7 +258,8 @@ def serve(
 # query, who, export, import, stats, prune: thin shells over nat64ho.history.
 # Reads open the database read-only, so they never create or change one.
 
-import csv  # noqa: E402  (kept with the commands that use them)
+import collections  # noqa: E402  (kept with the commands that use them)
+import csv  # noqa: E402
 import gzip  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
@@ -787,7 +788,10 @@ def export(
     if follow:
         _follow(db, writer, fmt, nat_v, after_v)
         return
-    state = {"n": 0, "seq": None, "ts": None}
+    # The last rows handed to the writer, for an interrupted export to name
+    # the last one that reached the file (a writer holds at most FETCH).
+    recent: collections.deque = collections.deque(maxlen=2 * history.FETCH + 2)
+    handed = [0]
 
     def counted(rows):
         # Ids travel with the rows so that an interrupted export can say
@@ -795,12 +799,11 @@ def export(
         n = 0
         for row in rows:
             n += 1
-            state["seq"], state["ts"] = row[0], row[1]
+            handed[0] = n
+            recent.append(row[:2])
             if not n % history.FETCH:
-                state["n"] = n
                 bar.update(n, n)
             yield row if fmt == "jsonl" else row[1:]
-        state["n"] = n
 
     with _Database(db) as conn:
         rows = history.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
@@ -825,23 +828,40 @@ def export(
         else:
             total = None
         bar = _Progress(f"export to {output}", "events", total)
+        lines = _LineCounter(out)
         try:
             with out:
-                n = writer(counted(rows), out)
+                n = writer(counted(rows), lines)
         except KeyboardInterrupt:
             bar.close()
-            if state["seq"] is None:
+            written = lines.lines - (fmt == "csv")
+            if written <= 0:
                 _interrupted(f"nothing written to {output}")
+            # Rows handed over but still in the writer's buffer were not written.
+            seq, ts = recent[-(handed[0] - written + 1)]
             if since_v is None and until_v is None:
-                how = f"--after {state['seq']}"
+                how = f"--after {seq}"
             else:
-                how = f"--since '{ts_str(state['ts'])}' (its events at that instant again)"
-            _interrupted(f"{state['n']} events written to {output}, the last one "
-                         f"seq {state['seq']} at {ts_str(state['ts'])}; to write the rest to "
+                how = f"--since '{ts_str(ts)}' (its events at that instant again)"
+            _interrupted(f"{written} events written to {output}, the last one "
+                         f"seq {seq} at {ts_str(ts)}; to write the rest to "
                          f"another file, run the same command with {how}")
         finally:
             bar.close()
         typer.echo(f"{n} events written to {output}", err=True)
+
+
+class _LineCounter:
+    """A text stream that counts the lines written through it."""
+
+    def __init__(self, out):
+        self.out = out
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        n = self.out.write(text)
+        self.lines += text.count("\n")
+        return n
 
 
 #: How often --follow asks the database for new events, in seconds: a read of
