@@ -827,7 +827,7 @@ def export(
             total = max(history.last_event_id(conn) - lo, 0)
         else:
             total = None
-        bar = _Progress(f"export to {output}", "events", total)
+        bar = _Progress("export", "events", total)
         lines = _LineCounter(out)
         try:
             with out:
