@@ -397,7 +397,7 @@ class _Progress:
                 rate = task.fields["count"] / elapsed if elapsed > 0.2 else 0
                 return Text(f"{task.fields['count']:,} {noun}  {rate:,.0f} {noun}/s")
 
-        columns = [TextColumn(what), BarColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn()]
         if total:
             columns += [TaskProgressColumn(), TimeRemainingColumn()]
         columns.append(Rate())
@@ -411,6 +411,10 @@ class _Progress:
                 self.bar.update(self.task, count=count)
             else:
                 self.bar.update(self.task, completed=done, count=count)
+
+    def rebuilding(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description="import, now rebuilding the table")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -874,13 +878,19 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
     each written once in id order and flushed, until a signal."""
     import signal
 
-    stop = {"signal": None}
+    stop = {"signal": None, "writing": False}
 
     def on_signal(signum, frame):
+        # Between writing a batch and noting its last seq the signal waits,
+        # so that the resume point printed is exactly what was delivered; a
+        # second signal (a reader that stopped reading) ends it at once.
+        again = stop["signal"] is not None
         stop["signal"] = signum
-        raise KeyboardInterrupt
+        if again or not stop["writing"]:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     last = after or 0
     header = fmt == "csv"
     try:
@@ -891,6 +901,7 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
                 rows = list(history.history_rows(conn, nat=nat, after=last, with_id=True,
                                                  limit=history.FETCH))
                 if rows:
+                    stop["writing"] = True
                     if fmt == "jsonl":
                         writer(rows, sys.stdout)
                     else:
@@ -903,6 +914,9 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
                         sys.stdout.write(out)
                     sys.stdout.flush()
                     last = rows[-1][0]
+                    stop["writing"] = False
+                    if stop["signal"] is not None:
+                        raise KeyboardInterrupt
                 if len(rows) < history.FETCH:
                     time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
@@ -981,7 +995,7 @@ def import_(
             # that holds its hot pages saves a read per row on a big history.
             conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
             result = history.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
-                                         on_commit=progress)
+                                         on_progress=progress, on_rebuild=bar.rebuilding)
     except KeyboardInterrupt:
         bar.close()
         _interrupted(f"{state['lines']} lines read and {state['added']} events added so far "

@@ -35,6 +35,8 @@ _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
 #: a small part of the cost, small enough that the server's own commits wait
 #: well under a second for the write lock.
 IMPORT_BATCH = 20_000
+#: Lines between two progress reports of an import.
+PROGRESS_LINES = 4096
 #: Events deleted per prune transaction, for the same reason.
 PRUNE_BATCH = 50_000
 #: Rows fetched from SQLite at a time while streaming.
@@ -595,7 +597,8 @@ _HEX_COLON = frozenset("0123456789abcdefABCDEF:.")
 def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
                 on_bad: Callable[[str, int, str], None], *,
                 rebuild_table: bool = False,
-                on_commit: Optional[Callable[[int, int], None]] = None) -> ImportResult:
+                on_progress: Optional[Callable[[int, int], None]] = None,
+                on_rebuild: Optional[Callable[[], None]] = None) -> ImportResult:
     """Add the events of each ``(name, stream from open_log)`` to the history.
 
     Events already there are left alone (the unique event index), so an
@@ -605,8 +608,9 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
     entry where that event is a Created, never replacing an entry already in
     the table. It is meant for a stopped server: a running one keeps its
     free ports in memory and would not see entries added behind its back.
-    ``on_commit(lines, added)`` is called after each committed batch, with
-    the totals so far. Raises :class:`LogUnreadable` for read errors (the
+    ``on_progress(lines, added)`` is called every few thousand lines with the
+    lines read and the events committed so far; ``on_rebuild()`` before the
+    table is rebuilt (one statement, no progress of its own). Raises :class:`LogUnreadable` for read errors (the
     batches committed before it stay: importing again completes the work).
     """
     parse = _FastParser()
@@ -649,8 +653,8 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
                     on_bad(name, number, str(exc))
                 if len(batch) >= IMPORT_BATCH:
                     added += commit()
-                    if on_commit is not None:
-                        on_commit(lines + number, added)
+                if on_progress is not None and not number % PROGRESS_LINES:
+                    on_progress(lines + number, added)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             if batch:
                 added += commit()
@@ -658,8 +662,10 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
         lines += number
     if batch:
         added += commit()
-    if on_commit is not None:
-        on_commit(lines, added)
+    if on_progress is not None:
+        on_progress(lines, added)
+    if rebuild_table and on_rebuild is not None:
+        on_rebuild()
     entries = _rebuild(conn) if rebuild_table else 0
     return ImportResult(lines, added, skipped, entries)
 

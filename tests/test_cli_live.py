@@ -104,6 +104,11 @@ def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log):
     assert re.search(r"\d+%", screen) and re.search(r"[\d,]+ lines\s+[\d,]+ lines/s", screen), screen
     assert "30000 lines read, 30000 events added" in screen and "Traceback" not in screen
 
+    status, screen = in_pty(["import", str(small), "--rebuild-table", "--db",
+                             str(tmp_path / "r.db")])
+    assert status == 0 and "import, now rebuilding the table" in screen, screen
+    assert "30000 entries added to the table" in screen
+
     status, screen = in_pty(["export", "--db", str(db), "-o", str(tmp_path / "out.log")])
     assert status == 0 and re.search(r"\d+%", screen) and "events/s" in screen, screen
     assert "30000 events written" in screen
@@ -128,7 +133,7 @@ def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log):
 def test_ctrl_c_of_import_says_how_far_and_rerunning_finishes(tmp_path, big_log):
     db = tmp_path / "t.db"
     status, screen = in_pty(["import", str(big_log), "--db", str(db)],
-                            stop_when=r"[1-9][\d,]* lines ", sig=signal.SIGINT)
+                            stop_when=r"\b[2-9]\d,\d{3} lines ", sig=signal.SIGINT)
     assert status == 130, screen
     assert "Traceback" not in screen and "KeyboardInterrupt" not in screen
     m = re.search(r"Interrupted: (\d+) lines read and (\d+) events added so far .*run the "
