@@ -1255,8 +1255,7 @@ def probe(
         if ipaddress.ip_address(host).version != 4 or port == 0:
             raise UsageError(f"SERVER {server_addr!r}: give an IPv4 address (and a port "
                              "1-65535): the protocol runs over IPv4")
-        if ipaddress.ip_address(source).version != 4 if _is_ip(source) else True:
-            raise UsageError(f"--source {source!r}: not an IPv4 address")
+        parse_ipv4(source, "--source")
         wait = parse_seconds(timeout, "--timeout") / 1e6
         if not 0 < wait <= 60:
             raise UsageError(f"--timeout {timeout!r}: expected seconds, above 0 and at most 60")
@@ -1290,14 +1289,6 @@ def probe(
         raise typer.Exit(130)
     if not ok:
         raise typer.Exit(1)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 def main() -> None:
