@@ -1,8 +1,9 @@
 """The ``nat64ho`` command line: parses options, calls the library, prints.
 
 Every named library error is turned here, once, into one ``Error: …`` line
-and exit status 2 (1 for a runtime failure); nothing else prints tracebacks
-for operator mistakes.
+and exit status 2 (1 for a runtime failure); the parser's own complaints
+(a missing option, a number out of range) take the same one-line form in
+:class:`_Group`. Nothing else prints tracebacks for operator mistakes.
 """
 
 from __future__ import annotations
