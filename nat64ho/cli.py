@@ -678,7 +678,16 @@ def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> N
 
     def answers(conn) -> Iterator[dict]:
         reader = csv.reader(source)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader, None)
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                bad["n"] += 1
+                typer.echo(f"Error: {label}:{reader.line_num}: {exc}; the rest of the file "
+                           "is not read", err=True)
+                return
+            if row is None:
+                return
             number = reader.line_num
             cells = [c.strip() for c in row]
             if not cells or not any(cells) or cells[0].startswith("#"):

@@ -328,3 +328,13 @@ def test_who_port_window_sees_a_holder_known_only_from_the_table(tmp_path):
         assert history.who_port_window(conn, nat, 5000, 1_000_000, 500_000) == []
     finally:
         conn.close()
+
+
+def test_who_reports_with_an_oversized_field_stops_with_one_error_line(example_db, tmp_path):
+    reports = tmp_path / "huge.csv"
+    reports.write_text("192.0.2.9,47102,2019-03-18 15:00Z\n192.0.2.9,47102," + "x" * 200_000 + "\n")
+    r = nat64ho("who", "--reports", str(reports), "--db", str(example_db), "--format", "csv")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"Error: {reports}:2: field larger than field limit")
+    assert r.stderr.count("\n") == 1
+    assert len(r.stdout.splitlines()) == 2  # the header and the first report's answer
