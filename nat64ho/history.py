@@ -173,6 +173,8 @@ def _db_path(conn) -> str:
 def _bad(conn, row, ok) -> Exception:
     if ok is schema.entry_ok:
         return schema.bad_entry(_db_path(conn), row)
+    if ok is _id_event_ok:
+        row = row[1:]
     return schema.bad_event(_db_path(conn), row, conn)
 
 
@@ -386,7 +388,12 @@ def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
     sql += f" ORDER BY {order}"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    return _stream(conn.execute(sql, args), None, schema.event_ok, conn)
+    return _stream(conn.execute(sql, args), None, _id_event_ok if with_id else schema.event_ok, conn)
+
+
+def _id_event_ok(row) -> bool:
+    """schema.event_ok for a row that starts with its id."""
+    return schema.event_ok(row[1:])
 
 
 def last_event_id(conn: sqlite3.Connection) -> int:
@@ -620,6 +627,10 @@ class _FastParser:
         return e.ts
 
     def _nat(self, text: str) -> int:
+        # parse_line allows a line end after an Initialized address; here
+        # the address is followed by its port, so nothing may trail it.
+        if not set(text) <= _DIGIT_DOT:
+            raise ValueError
         if len(self._nats) > 65536:
             self._nats.clear()
         e = parse_line(f"1970-01-01 00:00:00.000000 Initialized {text}")
@@ -630,6 +641,7 @@ class _FastParser:
 # Characters the reference parser's IPv6 pattern allows; inet_pton rejects
 # anything else anyway, but "%zone" and spaces must never reach it.
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:.")
+_DIGIT_DOT = frozenset("0123456789.")
 
 
 def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
