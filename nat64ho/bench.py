@@ -613,7 +613,8 @@ def sqlite_ceiling(directory: Path, sync: str, nats: int,
     """Entries/s of raw inserts of what a new entry costs the store (its row
     and its Created event, same schema, same statements, same synchronous
     mode), one transaction per batch; returns the best rate and its batch."""
-    from nat64ho.store import _INSERT_EVENT, _UPSERT_ENTRY, PAGE_CACHE_KIB
+    from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY
+    from nat64ho.store import PAGE_CACHE_KIB
 
     path = directory / "ceiling.db"
     conn = schema.open_db(path, create=True)
@@ -640,8 +641,8 @@ def sqlite_ceiling(directory: Path, sync: str, nats: int,
                 t = time.perf_counter()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(_UPSERT_ENTRY, entries)
-                    conn.executemany(_INSERT_EVENT, events)
+                    conn.executemany(UPSERT_ENTRY, entries)
+                    conn.executemany(INSERT_EVENT, events)
                     conn.execute("COMMIT")
                 except sqlite3.IntegrityError:
                     # A random endpoint that collides is vanishingly rare;

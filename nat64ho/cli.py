@@ -266,7 +266,7 @@ def serve(
 
 
 # ---------------------------------------------------------------- operator commands
-# query, who, export, import, stats, prune: thin shells over nat64ho.history.
+# query, who, export, import, stats, prune: thin shells over nat64ho.ops.
 # Reads open the database read-only, so they never create or change one.
 
 import collections  # noqa: E402  (kept with the commands that use them)
@@ -280,7 +280,9 @@ import sqlite3  # noqa: E402
 import time  # noqa: E402
 from typing import Iterable, Iterator  # noqa: E402
 
-from nat64ho import history  # noqa: E402
+from nat64ho.ops import db as opsdb  # noqa: E402
+from nat64ho.ops import export as ops_export  # noqa: E402
+from nat64ho.ops import importer, maintenance, queries  # noqa: E402
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str  # noqa: E402
 
 #: The one exit status for a database that cannot be used (missing, busy,
@@ -387,12 +389,11 @@ class _Database:
             except OSError:
                 pass
             raise typer.Exit(0)
-        if isinstance(exc, sqlite3.OperationalError) and any(
-                w in str(exc) for w in ("locked", "busy")):
+        if schema.is_busy(exc):
             fail(f"{self.path}: database is busy (locked by another process); try again", EXIT_DB)
         if isinstance(exc, sqlite3.DatabaseError):
             fail(f"{self.path}: {exc}", EXIT_DB)
-        if isinstance(exc, (history.HistoryError, schema.DatabaseError)):
+        if isinstance(exc, (opsdb.HistoryError, schema.DatabaseError)):
             fail(str(exc), EXIT_DB)
         return False
 
@@ -524,12 +525,12 @@ def query(
         port_v = parse_port(port, "--port") if port is not None else None
     except UsageError as exc:
         fail(str(exc))
-    text = history.LineFormatter()  # cached dates and NAT64 addresses, C-library IPv6
+    text = ops_export.LineFormatter()  # cached dates and NAT64 addresses, C-library IPv6
     with _Database(db) as conn:
         rows = ({"nat": text.nat(e.nat), "port": e.port, "ipv6": (v6 := text.ipv6(e.addr)),
                  "ipv6_port": e.aport, "endpoint": f"[{v6}]:{e.aport}",
                  "created": text.ts(e.created), "last_use": text.ts(e.last_use)}
-                for e in history.query_entries(conn, nat=nat_v, ipv6=net[0] if net else None,
+                for e in queries.query_entries(conn, nat=nat_v, ipv6=net[0] if net else None,
                                                port=port_v))
         if fmt == "table":
             cols = [("nat", "NAT64", 15), ("port", "PORT", 5), ("created", "CREATED", _TS_W),
@@ -540,7 +541,7 @@ def query(
         _emit(rows, fmt, cols)
 
 
-def _holding_dict(h: history.Holding) -> dict:
+def _holding_dict(h: queries.Holding) -> dict:
     return {
         "nat": ipv4_str(h.nat), "port": h.port, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport,
         "endpoint": _endpoint(h.addr, h.aport),
@@ -610,12 +611,12 @@ def who(
         if nat_port is not None:
             instant = when if when is not None else int(time.time() * 1_000_000)
             if tol is not None:
-                found = history.who_port_window(conn, *nat_port, instant, tol)
+                found = queries.who_port_window(conn, *nat_port, instant, tol)
                 _who_window(found, nat_port, instant, tol, fmt)
                 return
-            _who_port(history.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
+            _who_port(queries.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
         else:
-            holdings = map(_holding_dict, history.who_endpoint(conn, net, aport, when))
+            holdings = map(_holding_dict, queries.who_endpoint(conn, net, aport, when))
             if fmt == "table":
                 first = next(holdings, None)
                 if first is None:
@@ -664,7 +665,7 @@ def _window_rows(report, nat_port, at: int, tol: int, found: list) -> Iterator[d
     for h in found:
         yield {**base, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport, "from": _utc(h.start),
                "until": _utc(h.end), "current": h.current,
-               "distance_s": _seconds(history.distance(h, at)),
+               "distance_s": _seconds(queries.distance(h, at)),
                "endpoint": _endpoint(h.addr, h.aport),
                "from_text": _utc(h.start) or "before history",
                "until_text": "now (current)" if h.current else _utc(h.end) or "not recorded"}
@@ -728,7 +729,7 @@ def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> N
                 bad["n"] += 1
                 typer.echo(f"Error: {label}:{number}: {exc}", err=True)
                 continue
-            found = history.who_port_window(conn, nat, port, at, tol)
+            found = queries.who_port_window(conn, nat, port, at, tol)
             yield from _window_rows(number, (nat, port), at, tol, found)
 
     with _Database(db) as conn:
@@ -748,7 +749,7 @@ def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> N
         raise typer.Exit(1)
 
 
-def _who_port(h: Optional[history.Holding], nat_port: tuple[int, int], at: int, fmt: str) -> None:
+def _who_port(h: Optional[queries.Holding], nat_port: tuple[int, int], at: int, fmt: str) -> None:
     subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]}"
     if fmt != "table":
         row = {"nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": ts_str(at),
@@ -820,13 +821,13 @@ def export(
             raise UsageError("--follow writes to stdout: redirect it instead of --output")
     except UsageError as exc:
         fail(str(exc))
-    writer = {"log": history.write_log, "jsonl": history.write_jsonl, "csv": history.write_csv}[fmt]
+    writer = {"log": ops_export.write_log, "jsonl": ops_export.write_jsonl, "csv": ops_export.write_csv}[fmt]
     if follow:
         _follow(db, writer, fmt, nat_v, after_v)
         return
     # The last rows handed to the writer, for an interrupted export to name
     # the last one that reached the file (a writer holds at most FETCH).
-    recent: collections.deque = collections.deque(maxlen=2 * history.FETCH + 2)
+    recent: collections.deque = collections.deque(maxlen=2 * opsdb.FETCH + 2)
     handed = [0]
 
     def counted(rows):
@@ -837,12 +838,12 @@ def export(
             n += 1
             handed[0] = n
             recent.append(row[:2])
-            if not n % history.FETCH:
+            if not n % opsdb.FETCH:
                 bar.update(n, n)
             yield row if fmt == "jsonl" else row[1:]
 
     with _Database(db) as conn:
-        rows = history.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
+        rows = ops_export.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
                                     after=after_v, with_id=True)
         if output is None or output == "-":
             bar = _Progress("export", "events", None, show=False)  # stdout is the data
@@ -860,7 +861,7 @@ def export(
         # else the id range, which is what an unpruned history holds.
         if nat_v is None and since_v is None and until_v is None:
             lo = after_v or 0
-            total = max(history.last_event_id(conn) - lo, 0)
+            total = max(ops_export.last_event_id(conn) - lo, 0)
         else:
             total = None
         bar = _Progress("export", "events", total)
@@ -930,8 +931,8 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
             while True:
                 # One short read transaction per batch: the WAL a reader pins
                 # stays small and a checkpoint of the server is never held up.
-                rows = list(history.history_rows(conn, nat=nat, after=last, with_id=True,
-                                                 limit=history.FETCH))
+                rows = list(ops_export.history_rows(conn, nat=nat, after=last, with_id=True,
+                                                 limit=opsdb.FETCH))
                 if rows:
                     stop["writing"] = True
                     if fmt == "jsonl":
@@ -949,7 +950,7 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
                     stop["writing"] = False
                     if stop["signal"] is not None:
                         raise KeyboardInterrupt
-                if len(rows) < history.FETCH:
+                if len(rows) < opsdb.FETCH:
                     time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
         typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
@@ -986,7 +987,7 @@ def import_(
         if name != "-" and not os.path.isfile(name):
             fail(f"{name!r}: no such file")
     path = db_path(db)
-    if rebuild_table and history.database_in_use(path):
+    if rebuild_table and opsdb.database_in_use(path):
         fail(f"{path}: another process has this database open (a running server?); "
              "stop it before --rebuild-table: a server keeps its free ports in memory", EXIT_DB)
     created = None
@@ -1006,7 +1007,7 @@ def import_(
 
     def logs():
         for name in files:
-            stream = history.open_log(name)
+            stream = importer.open_log(name)
             state["stream"] = stream
             try:
                 yield name, stream
@@ -1017,7 +1018,7 @@ def import_(
 
     def progress(lines: int, added: int) -> None:
         state["lines"], state["added"] = lines, added
-        at = history.log_position(state["stream"]) if state["stream"] is not None else None
+        at = importer.log_position(state["stream"]) if state["stream"] is not None else None
         bar.update(None if total is None else state["done"] + (at or 0), lines)
 
     bar = _Progress("import", "lines", total)
@@ -1026,7 +1027,7 @@ def import_(
             # New events land at random places in the address index; a cache
             # that holds its hot pages saves a read per row on a big history.
             conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
-            result = history.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
+            result = importer.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
                                          on_progress=progress, on_rebuild=bar.rebuilding)
     except KeyboardInterrupt:
         bar.close()
@@ -1099,7 +1100,7 @@ def stats(
         if ports is None:
             row = conn.execute("SELECT value FROM meta WHERE key = 'ports'").fetchone()
             first, last = parse_ports(row[0] if row else "1028-65535")
-        found = history.stats(conn, now, last - first + 1)
+        found = queries.stats(conn, now, last - first + 1)
     rows = [{"nat": ipv4_str(s.nat), "entries": s.entries, "capacity": s.capacity,
              "fill": f"{s.entries}/{s.capacity}",
              "oldest_last_use": _ts_or(s.oldest_last_use, None),
@@ -1138,7 +1139,7 @@ def prune(
     except UsageError as exc:
         fail(str(exc))
     with _Database(db, write=True, own="prune") as conn:
-        total = history.prune_count(conn, cutoff) if sys.stderr.isatty() else None
+        total = maintenance.prune_count(conn, cutoff) if sys.stderr.isatty() else None
         bar = _Progress("prune", "events", total, show=bool(total))
         done = {"n": 0}
 
@@ -1147,7 +1148,7 @@ def prune(
             bar.update(n, n)
 
         try:
-            n = history.prune(conn, cutoff, on_batch=batch)
+            n = maintenance.prune(conn, cutoff, on_batch=batch)
         except KeyboardInterrupt:
             bar.close()
             _interrupted(f"{done['n']} history events before {ts_str(cutoff)} deleted so far "

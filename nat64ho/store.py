@@ -20,6 +20,8 @@ import aiosqlite
 
 from nat64ho import schema
 from nat64ho.eventlog import Event
+from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT, PRUNE_BATCH, PRUNE_EVENTS
+from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.table import Entry, Row
 
 log = logging.getLogger("nat64ho.store")
@@ -34,17 +36,8 @@ MAX_RETRY_DELAY = 2.0
 PAGE_CACHE_KIB = 32 * 1024
 #: Seconds a stop keeps retrying failing commits before it gives up on them.
 CLOSE_GIVE_UP = 5.0
-#: Rows per DELETE when pruning history, so the writer is never held for long.
-PRUNE_CHUNK = 20_000
 
-_UPSERT_ENTRY = (
-    "INSERT INTO entry (nat, port, addr, aport, created, last_use) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (nat, port) DO UPDATE SET addr = excluded.addr, aport = excluded.aport, "
-    "created = excluded.created, last_use = excluded.last_use"
-)
 _UPDATE_RECENCY = "UPDATE entry SET last_use = ? WHERE nat = ? AND port = ?"
-_INSERT_EVENT = ("INSERT OR IGNORE INTO event (ts, kind, nat, port, addr, aport) "
-                 "VALUES (?, ?, ?, ?, ?, ?)")
 _UPSERT_NAT = (
     "INSERT INTO nat (nat, boot_id, first_hello, last_hello) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (nat) DO UPDATE SET boot_id = excluded.boot_id, last_hello = excluded.last_hello"
@@ -449,10 +442,8 @@ class Store:
         """Delete history events older than ``before`` (µs), in small chunks."""
         total = 0
         while True:
-            cur = await self._w.execute(
-                "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? LIMIT ?)",
-                (before, PRUNE_CHUNK))
+            cur = await self._w.execute(PRUNE_EVENTS, (before, PRUNE_BATCH))
             total += cur.rowcount
-            if cur.rowcount < PRUNE_CHUNK:
+            if cur.rowcount < PRUNE_BATCH:
                 return total
             await asyncio.sleep(0)

@@ -13,7 +13,8 @@ import textwrap
 
 import pytest
 
-from nat64ho import eventlog, history, schema, wire
+from nat64ho import eventlog, schema, wire
+from nat64ho.ops import export, importer, queries
 from tests.conftest import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\
@@ -126,7 +127,7 @@ def test_a_huge_line_is_skipped_in_bounded_memory(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120).stdout.splitlines()
-    assert out[0] == f"{log}:2: skipped: line longer than {history.MAX_LINE} octets"
+    assert out[0] == f"{log}:2: skipped: line longer than {importer.MAX_LINE} octets"
     assert out[1].endswith("5 lines read, 4 events added, 0 already present, 1 skipped")
     status, rss_kib = map(int, out[2].split())
     assert status == 1
@@ -142,7 +143,7 @@ def test_line_numbers_count_lf_only_as_editors_do(tmp_path):
     conn = schema.open_db(tmp_path / "t.db", create=True)
     try:
         import io
-        result = history.import_logs(conn, [("log", io.BytesIO(text.encode()))],
+        result = importer.import_logs(conn, [("log", io.BytesIO(text.encode()))],
                                      lambda *a: bad.append(a))
     finally:
         conn.close()
@@ -159,12 +160,12 @@ def test_a_crlf_file_still_numbers_lines_one_by_one(tmp_path):
 
 
 def test_import_caches_are_bounded():
-    parse = history._FastParser()
+    parse = importer._FastParser()
     for day in range(6000):
         date = eventlog.ts_str(day * 86_400_000_000)[:10]
         parse(f"{date} 00:00:01.000000 Created 192.0.2.{day % 256}:1 [2001:db8::1]:2\n")
     assert len(parse._days) <= 4096 and len(parse._nats) <= 65537
-    fmt = history.LineFormatter()
+    fmt = export.LineFormatter()
     for nat in range(70_000):
         fmt.nat(nat)
     assert len(fmt._nats) <= 65536
@@ -322,10 +323,10 @@ def test_who_port_window_sees_a_holder_known_only_from_the_table(tmp_path):
         nat = 0xC0000209
         conn.execute("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
                      (nat, 5000, v6(1), 7, 2_000_000, 2_000_000))
-        found = history.who_port_window(conn, nat, 5000, 1_000_000, 1_500_000)
-        assert [(h.aport, h.current, history.distance(h, 1_000_000)) for h in found] == [
+        found = queries.who_port_window(conn, nat, 5000, 1_000_000, 1_500_000)
+        assert [(h.aport, h.current, queries.distance(h, 1_000_000)) for h in found] == [
             (7, True, 1_000_000)]
-        assert history.who_port_window(conn, nat, 5000, 1_000_000, 500_000) == []
+        assert queries.who_port_window(conn, nat, 5000, 1_000_000, 500_000) == []
     finally:
         conn.close()
 
