@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nat64ho import cli, schema
+from nat64ho.cli import database as cli_database
 from tests.conftest import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\
@@ -171,7 +172,7 @@ def test_newer_database_is_refused(db):
 
 def test_locked_database_is_retried_then_reported(db, monkeypatch):
     monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
-    monkeypatch.setattr(cli, "BUSY_RETRY_S", 0.3)
+    monkeypatch.setattr(cli_database, "BUSY_RETRY_S", 0.3)
     locker = sqlite3.connect(db, isolation_level=None)
     locker.execute("PRAGMA locking_mode = EXCLUSIVE")
     locker.execute("BEGIN EXCLUSIVE")
