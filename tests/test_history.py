@@ -1,4 +1,4 @@
-"""The operator queries of nat64ho.history on a real SQLite file: attribution
+"""The operator queries of nat64ho.ops on a real SQLite file: attribution
 rules, export byte-identity, import idempotence, pruning, and index use."""
 
 from __future__ import annotations

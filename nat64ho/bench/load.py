@@ -400,7 +400,6 @@ async def _client(cfg: BenchConfig, address, index, sessions, conn, echo) -> Non
     conn.send(("done", (load.counts, load.latencies.tobytes())))
 
 
-
 def start_echo() -> Child:
     return Child([sys.executable, "-c", "from nat64ho.bench.load import echo_main; echo_main()"])
 

@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
 from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError
 
+
 class _Group(TyperGroup):
     """Every usage mistake as one ``Error:`` line (click prints a usage block),
     and option help without the framework's range notes."""

@@ -80,7 +80,6 @@ class Database:
         return False
 
 
-
 def create_database(path: Path) -> int:
     """Make a new database as ``serve`` would (the same migrations), readable
     by its owner and group only: files 0640, directories 0750. Returns the

@@ -129,7 +129,6 @@ def export(
         typer.echo(f"{n} events written to {output}", err=True)
 
 
-
 #: the id index, so the server's commits never wait on it.
 FOLLOW_POLL_S = 0.25
 

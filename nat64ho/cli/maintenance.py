@@ -49,7 +49,6 @@ def prune(
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
 
-
 def check(db: DbOption = None) -> None:
     """Check a database without changing it: file header, schema version, tables
     and indexes, PRAGMA integrity_check. Safe while the server runs.

@@ -150,7 +150,6 @@ def parse_time(text: str, what: str) -> int:
     return ts_from_datetime(when)
 
 
-
 DbOption = Annotated[
     Optional[Path],
     typer.Option("--db", metavar="PATH", help="The SQLite database. Default: $NAT64HO_DB, else "
@@ -198,7 +197,6 @@ def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, Opti
                          "IPV6/LEN prefix") from None
 
 
-
 def parse_seconds(text: str, what: str) -> int:
     """Non-negative seconds (a fraction allowed) as microseconds."""
     try:
@@ -208,7 +206,6 @@ def parse_seconds(text: str, what: str) -> int:
     if not 0 <= value <= 366 * 86400:
         raise UsageError(f"{what} {text!r}: expected seconds, 0 to 31622400, e.g. 60")
     return round(value * 1_000_000)
-
 
 
 def parse_seq(text: str, what: str) -> int:

@@ -73,7 +73,6 @@ def probe(
     def say(line: str) -> None:
         typer.echo(line)
 
-
     try:
         ok = asyncio.run(p.run(host, port, source, plan, wait, say))
     except OSError as exc:

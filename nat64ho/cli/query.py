@@ -153,7 +153,6 @@ def who(
             emit(holdings, fmt, cols)
 
 
-
 def _utc(ts: Optional[int]) -> Optional[str]:
     """Times of abuse answers: in UTC and saying so (RFC 3339, space form)."""
     return None if ts is None else ts_str(ts) + "Z"
@@ -284,7 +283,6 @@ def _who_port(h: Optional[queries.Holding], nat_port: tuple[int, int], at: int, 
             typer.echo(f"    {line}")
     else:
         typer.echo("  events: none recorded (known from the current table)")
-
 
 
 def stats(

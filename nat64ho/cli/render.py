@@ -115,7 +115,6 @@ def emit(rows: Iterable[dict], fmt: str, columns: list[tuple[str, str, int]]) ->
 TS_W = 26  # 2019-03-18 15:22:02.062254
 
 
-
 class LineCounter:
     """A text stream that counts the lines written through it."""
 

@@ -55,7 +55,6 @@ class Holding(NamedTuple):
         return (self.start is None or self.start <= at) and (self.end is None or at < self.end)
 
 
-
 @dataclass
 class NatStats:
     """One NAT64 as ``stats`` reports it; times may be None when unknown."""
@@ -115,7 +114,6 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
         else:
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? ORDER BY port", (n,))
         yield from stream(cur, Entry, schema.entry_ok, conn)
-
 
 
 def _entry_row(conn, row):
