@@ -3,6 +3,7 @@ rules, export byte-identity, import idempotence, pruning, and index use."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho import schema
+from nat64ho import schema, store
 from nat64ho.eventlog import BadLine, Event, EventKind, format_event, parse_line
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import export as ops_export
@@ -403,6 +404,35 @@ def test_prune_deletes_old_events_only(db, monkeypatch):
     assert maintenance.prune(db, us("2019-03-18 15:22:02.062478")) == 0
     # The pruned entry is still attributed, from the table.
     assert queries.who_port(db, NAT7, 3719, 2).current
+
+
+def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypatch):
+    # serve --keep-history (Store.prune, on aiosqlite) and `nat64ho prune`
+    # run one statement with one batch size; both must leave the same history.
+    cut = us("2019-03-18 15:22:02.062478")
+    for name in ("ops.db", "server.db"):
+        conn = schema.open_db(tmp_path / name, create=True)
+        load(conn, EXAMPLE)
+        conn.close()
+    monkeypatch.setattr(maintenance, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(store, "PRUNE_BATCH", 2)
+    conn = schema.open_db(tmp_path / "ops.db")
+    by_ops, left_ops = maintenance.prune(conn, cut), export(conn)
+    conn.close()
+
+    async def server_prune() -> int:
+        s = await store.Store.open(tmp_path / "server.db")
+        try:
+            return await s.prune(cut)
+        finally:
+            await s.close()
+
+    by_server = asyncio.run(server_prune())
+    conn = schema.open_db(tmp_path / "server.db", readonly=True)
+    left_server = export(conn)
+    conn.close()
+    assert by_server == by_ops == 3
+    assert left_server == left_ops == EXAMPLE.splitlines(True)[3]
 
 
 # ---------------------------------------------------------------- plans and locks
