@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from nat64ho import __version__
 from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
 from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError
 
@@ -79,7 +80,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from nat64ho import __version__
         typer.echo(f"nat64ho {__version__}")
         raise typer.Exit()
 
