@@ -129,6 +129,7 @@ def export(
         typer.echo(f"{n} events written to {output}", err=True)
 
 
+#: How often --follow asks the database for new events, in seconds: a read of
 #: the id index, so the server's commits never wait on it.
 FOLLOW_POLL_S = 0.25
 

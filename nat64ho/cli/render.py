@@ -126,6 +126,3 @@ class LineCounter:
         n = self.out.write(text)
         self.lines += text.count("\n")
         return n
-
-
-#: How often --follow asks the database for new events, in seconds: a read of

@@ -87,6 +87,8 @@ def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int
     return sorted(found)
 
 
+# ---------------------------------------------------------------- query
+
 def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
     """First and last address of a prefix as blobs: SQLite compares blobs
     octet by octet, so a prefix is one range of the address indexes."""
