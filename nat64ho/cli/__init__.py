@@ -101,9 +101,11 @@ app.command("import", short_help="Add log files to the history (creates the data
     importer.import_)
 app.command(short_help="Per NAT64: table fill, HELLOs, recent Created/Deleted.")(query.stats)
 app.command(short_help="Delete history events older than a time.")(maintenance.prune)
+app.command(short_help="Remove a NAT64 and its table; its history stays.")(maintenance.forget)
 app.command(short_help="Check a database without changing it.")(maintenance.check)
 app.command(short_help="Load a server over loopback and report its speed.")(bench.bench)
-app.command()(gateway.gateway)
+app.command(short_help="Run a userspace NAT64 on TUN whose ports come from handoff servers.")(
+    gateway.gateway)
 app.command(short_help="Talk to a server as a NAT64 would and print each answer.")(probe.probe)
 app.add_typer(gateway.testbed_app, name="testbed")
 

@@ -31,8 +31,9 @@ def gateway(
 ) -> None:
     """Run a userspace stateful NAT64 whose port table lives in handoff servers.
 
-    IPv6 packets to PREFIX::<IPv4 of a server> leave from POOL:<port the server
-    maps>; packets to POOL:<port> return to the client the server names. Linux,
+    IPv6 packets to PREFIX::IPV4, where IPV4 has a handoff server, leave from
+    POOL:PORT, PORT being what that server maps; packets to POOL:PORT return to
+    the client the server names. Linux,
     root. SIGTERM: exit 0; SIGUSR1: log the counters.
     """
     from nat64ho.gateway import core, tun as tun_io
@@ -69,6 +70,7 @@ def gateway(
 
 testbed_app = typer.Typer(help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
                           "gateway, IPv4 host with 'nat64ho serve' and services.",
+                          short_help="Build or remove a NAT64 test bed in network namespaces.",
                           no_args_is_help=True)
 TestbedName = Annotated[str, typer.Option("--name", metavar="NAME", help="Prefix of the "
                                           "namespaces: NAME-client, NAME-nat64, NAME-host.")]

@@ -9,9 +9,10 @@ import typer
 
 from nat64ho import schema
 from nat64ho.cli.database import Database
-from nat64ho.cli.options import EXIT_DB, DbOption, UsageError, db_path, fail, parse_time
+from nat64ho.cli.options import (EXIT_DB, DbOption, UsageError, db_path, fail, parse_ipv4,
+                                 parse_time)
 from nat64ho.cli.render import Progress, interrupted
-from nat64ho.eventlog import ts_str
+from nat64ho.eventlog import ipv4_str, ts_str
 from nat64ho.ops import maintenance
 
 
@@ -47,6 +48,30 @@ def prune(
         finally:
             bar.close()
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
+
+
+def forget(
+    nat: Annotated[str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.",
+                                       show_default=False)],
+    db: DbOption = None,
+) -> None:
+    """Remove a NAT64 and its table from the database, so that it no longer counts
+    against serve --max-nats; its history (the log's events) stays. The NAT64 is
+    welcomed again as a new one if it comes back.
+
+    Refused while a server owns the table: stop it first.
+    """
+    try:
+        address = parse_ipv4(nat, "NAT")
+    except UsageError as exc:
+        fail(str(exc))
+    with Database(db, write=True, own="forget") as conn:
+        try:
+            entries, known = maintenance.forget(conn, address)
+        except maintenance.NotKnown:
+            fail(f"NAT64 {nat} is not known in {db_path(db)}", EXIT_DB)
+    typer.echo(f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+               + (" and its boot record" if known else "") + "; its history stays")
 
 
 def check(db: DbOption = None) -> None:

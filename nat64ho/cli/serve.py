@@ -32,8 +32,17 @@ def serve(
              "(0 = unlimited). A NAT64 says HELLO once per boot.", min=0)] = 5.0,
     create_rate: Annotated[float, typer.Option(
         metavar="N", help="New entries per second per NAT64, with a burst of as many (0 = unlimited). "
-             "The default refills a full 64508-port table in under two seconds.",
-        min=0)] = 50_000.0,
+             "At the default a full 64508-port table turns over in 65 s, faster than the 2 minutes "
+             "a UDP mapping must live (RFC 4787): a NAT64 creating faster keeps nothing alive.",
+        min=0)] = 1000.0,
+    request_rate: Annotated[float, typer.Option(
+        metavar="N", help="Request messages (MAP, LOOKUP, TOUCH) per second per NAT64, with a burst "
+             "of as many (0 = unlimited); beyond it requests get ERROR RATE_LIMITED, so one "
+             "NAT64 cannot take the server from the others.", min=0)] = 10_000.0,
+    cookie_lifetime: Annotated[int, typer.Option(
+        metavar="SECONDS", help="Cookies change every SECONDS and are accepted for one or two "
+             "of these; a NAT64 holding an expired one says HELLO again (nothing is logged).",
+        min=1)] = 86400,
     sync: Annotated[Sync, typer.Option(
         metavar="full|normal", parser=SYNC_CHOICE, help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.")] = Sync.FULL,
     cache_size: Annotated[int, typer.Option(
@@ -46,12 +55,20 @@ def serve(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,
     max_nats: Annotated[int, typer.Option(
-        metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
-             "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
+        metavar="N", help="Confirmed NAT64 addresses the server keeps tables for; a new one beyond "
+             "this gets ERROR NOT_ALLOWED. Only a NAT64 that proved its address (its cookie came "
+             "back) counts, so spoofed HELLOs take no place; 'nat64ho forget' frees one.",
         min=1)] = 4096,
     standby: Annotated[bool, typer.Option(
         "--standby", help="If another server owns the table, wait until it stops, then take "
              "over and serve (default: exit 1).")] = False,
+    ipfix: Annotated[Optional[list[str]], typer.Option(
+        metavar="ADDR:PORT", help="Send each Created and Deleted event as an IPFIX record (NAT64 BIB "
+                                  "create/delete) over UDP to this collector; repeat for more. "
+                                  "Best effort: the history stays the record. Default: off.",
+        show_default=False)] = None,
+    ipfix_domain: Annotated[int, typer.Option(
+        metavar="N", help="IPFIX observation domain id in the messages (0-4294967295).")] = 0,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -69,6 +86,7 @@ def serve(
         first, last = parse_ports(ports)
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
+        collectors = parse_collectors(ipfix or [], ipfix_domain)
     except UsageError as exc:
         fail(str(exc))
     path = db_path(db)
@@ -77,8 +95,9 @@ def serve(
     config = server.Config(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
+        request_rate=request_rate, cookie_lifetime=cookie_lifetime,
         sync=sync.value, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
-        max_nats=max_nats, standby=standby,
+        max_nats=max_nats, standby=standby, ipfix=collectors, ipfix_domain=ipfix_domain,
     )
     try:
         server.run(config)
@@ -93,3 +112,18 @@ def serve(
         fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
 
 
+
+
+def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:
+    """The ``--ipfix`` collectors, each once, and a valid ``--ipfix-domain``."""
+    if not 0 <= domain <= 0xFFFFFFFF:
+        raise UsageError(f"--ipfix-domain {domain}: not a 32-bit unsigned number (0-4294967295)")
+    out: list[tuple[str, int]] = []
+    for text in texts:
+        host, port = parse_listen(text, "--ipfix")
+        if port == 0:
+            raise UsageError(f"--ipfix {text!r}: not a port number (1-65535)")
+        if (host, port) in out:
+            raise UsageError(f"--ipfix {text!r}: given twice")
+        out.append((host, port))
+    return out

@@ -32,3 +32,18 @@ def prune(conn: sqlite3.Connection, before_us: int,
             on_batch(total)
         if n < PRUNE_BATCH:
             return total
+
+
+class NotKnown(LookupError):
+    """The NAT64 has no row and no entries in the database."""
+
+
+def forget(conn: sqlite3.Connection, nat: int) -> tuple[int, bool]:
+    """Remove a NAT64 and its table (its history stays); returns the entries
+    removed and whether it had a row. Raises :class:`NotKnown`."""
+    with atomic(conn):
+        entries = conn.execute("DELETE FROM entry WHERE nat = ?", (nat,)).rowcount
+        known = conn.execute("DELETE FROM nat WHERE nat = ?", (nat,)).rowcount > 0
+        if not entries and not known:
+            raise NotKnown(nat)
+    return entries, known
