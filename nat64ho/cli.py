@@ -166,6 +166,13 @@ def serve(
         metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
              "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
         min=1)] = 4096,
+    ipfix: Annotated[Optional[list[str]], typer.Option(
+        metavar="ADDR:PORT", help="Send each Created and Deleted event as an IPFIX record (NAT64 BIB "
+                                  "create/delete) over UDP to this collector; repeat for more. "
+                                  "Best effort: the history stays the record. Default: off.",
+        show_default=False)] = None,
+    ipfix_domain: Annotated[int, typer.Option(
+        metavar="N", help="IPFIX observation domain id in the messages (0-4294967295).")] = 0,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -179,6 +186,7 @@ def serve(
         first, last = parse_ports(ports)
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
+        collectors = parse_collectors(ipfix or [], ipfix_domain)
         if sync not in ("full", "normal"):
             raise UsageError(f"--sync {sync!r}: expected 'full' or 'normal'")
     except UsageError as exc:
@@ -190,7 +198,7 @@ def serve(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
         sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
-        max_nats=max_nats,
+        max_nats=max_nats, ipfix=collectors, ipfix_domain=ipfix_domain,
     )
     try:
         server.run(config)
@@ -200,6 +208,21 @@ def serve(
         fail(exc.strerror, 1)
     except OSError as exc:
         fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
+
+
+def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:
+    """The ``--ipfix`` collectors, each once, and a valid ``--ipfix-domain``."""
+    if not 0 <= domain <= 0xFFFFFFFF:
+        raise UsageError(f"--ipfix-domain {domain}: not a 32-bit unsigned number (0-4294967295)")
+    out: list[tuple[str, int]] = []
+    for text in texts:
+        host, port = parse_listen(text, "--ipfix")
+        if port == 0:
+            raise UsageError(f"--ipfix {text!r}: not a port number (1-65535)")
+        if (host, port) in out:
+            raise UsageError(f"--ipfix {text!r}: given twice")
+        out.append((host, port))
+    return out
 
 
 # ---------------------------------------------------------------- operator commands

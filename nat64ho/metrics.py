@@ -89,6 +89,31 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("nat64ho_store_failing",
                                 "1 while commits to the database fail (disk full, locked).",
                                 value=1 if s.store.failing else 0)
+        if s.ipfix is not None:
+            yield from _ipfix_families(s.ipfix)
+
+
+def _ipfix_families(exporter):
+    """What ``--ipfix`` sent, per collector (best effort: UDP)."""
+    records = CounterMetricFamily("nat64ho_ipfix_records_sent",
+                                  "IPFIX data records sent, by collector.", labels=["collector"])
+    messages = CounterMetricFamily("nat64ho_ipfix_messages_sent",
+                                   "IPFIX messages (UDP datagrams) sent, by collector.",
+                                   labels=["collector"])
+    failures = CounterMetricFamily("nat64ho_ipfix_send_failures",
+                                   "IPFIX messages not sent: buffer_full, refused (ICMP: nobody "
+                                   "listening), unreachable, other.",
+                                   labels=["collector", "reason"])
+    for c in exporter.collectors:
+        records.add_metric([c.name], c.records)
+        messages.add_metric([c.name], c.messages)
+        for reason, n in sorted(c.failures.items()):
+            failures.add_metric([c.name, reason], n)
+    yield records
+    yield messages
+    yield failures
+    yield CounterMetricFamily("nat64ho_ipfix_errors", "Commits whose IPFIX export failed "
+                              "unexpectedly (a bug; logged once).", value=exporter.errors)
 
 
 class Metrics:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventKind, format_event
+from nat64ho.ipfix_udp import Exporter
 from nat64ho.schema import NotOurDatabase
 from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
 from nat64ho.table import Bucket, NatTable
@@ -77,6 +78,8 @@ class Config:
     keep_history_days: float | None = None
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
+    ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
+    ipfix_domain: int = 0  # IPFIX observation domain id
 
 
 def wall_us() -> int:
@@ -451,11 +454,16 @@ class Server(asyncio.DatagramProtocol):
             self._send(welcome, addr)
 
     # ------------------------------------------------------------ commits
+    #: IPFIX export of committed events (serve --ipfix); None: off.
+    ipfix: Exporter | None = None
+
     def _committed(self, batch: Batch) -> None:
         if self.pending_nats:
             self.pending_nats.difference_update(batch.nats)
         if batch.events:
             self.logfile.write([format_event(e) + "\n" for e in batch.events])
+            if self.ipfix is not None:
+                self.ipfix.export(batch.events)
             for kind, n in Counter(e.kind for e in batch.events).items():
                 self.counts[_EVENT_COUNTS[kind]] += n
         self.cached = sum(len(s.table.by_port) for s in self.nats.values())
@@ -609,6 +617,20 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
             logfile.close()
             raise
         log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+    if config.ipfix:
+        exporter = Exporter(config.ipfix, config.ipfix_domain)
+        try:
+            exporter.start()
+        except OSError:
+            transport.close()
+            if metrics is not None:
+                await metrics.stop()
+            await store.close()
+            logfile.close()
+            raise
+        server.ipfix = exporter
+        log.info("IPFIX export to %s, observation domain %d",
+                 ", ".join(c.name for c in exporter.collectors), config.ipfix_domain)
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
@@ -627,6 +649,8 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
         if metrics is not None:
             await metrics.stop()
         await store.close()
+        if server.ipfix is not None:
+            server.ipfix.close()
         logfile.close()
         log.info("stopped: %s", server.summary())
     if store.damaged is not None:

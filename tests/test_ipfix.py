@@ -5,15 +5,28 @@ exporting to Debian's nfcapd, read back with nfdump."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
 import struct
+import subprocess
+import urllib.request
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
-from nat64ho import ipfix, wire
-from nat64ho.eventlog import Event, EventKind
+from nat64ho import cli, ipfix, wire
+from nat64ho.eventlog import Event, EventKind, parse_line
+from nat64ho.ipfix_udp import Exporter
+from tests.conftest import connect, run, v6, wait_for
 
 NAT = int(ipaddress.IPv4Address("192.0.2.7"))
 V17 = ipaddress.IPv6Address("2001:db8::17").packed
@@ -194,3 +207,206 @@ def test_any_events_round_trip_through_an_rfc_7011_reader(batches, domain):
     counts = [0] + [len(read_messages([datagrams[0], d])[0]) for d in datagrams[1:]]
     assert [h[0] for h in headers] == [sum(counts[:i]) for i in range(len(datagrams))]
     assert {h[1] for h in headers} == {domain}
+
+
+# ---------------------------------------------------------------- the UDP side
+
+def udp_listener() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(10)
+    return s
+
+
+def test_exporter_sends_template_then_records_to_every_collector():
+    a, b = udp_listener(), udp_listener()
+    ex = Exporter([a.getsockname(), b.getsockname()], domain=7, clock=lambda: NOW)
+    try:
+        ex.start()
+        ex.export([CREATED, Event(TS, EventKind.INITIALIZED, NAT), DELETED])
+        for s in (a, b):
+            first, second = s.recv(2000), s.recv(2000)
+            records, headers = read_messages([first, second])
+            assert [r[230] for r in records] == [b"\x0a", b"\x0b"]
+            assert [h[:2] for h in headers] == [(0, 7), (0, 7)]
+        assert [(c.messages, c.records, c.failures) for c in ex.collectors] == [(2, 2, {})] * 2
+    finally:
+        ex.close()
+        a.close()
+        b.close()
+
+
+def test_a_collector_not_listening_is_counted_and_never_raises():
+    # A port nobody listens on: the kernel answers ICMP port unreachable,
+    # which the connected socket reports at a later send.
+    s = udp_listener()
+    dead = s.getsockname()
+    s.close()
+    ex = Exporter([dead], clock=lambda: NOW)
+    try:
+        ex.start()
+        wait_for(lambda: ex.export([CREATED]) or ex.collectors[0].failures.get("refused"))
+        c = ex.collectors[0]
+        assert c.failures["refused"] >= 1
+        assert c.messages + sum(c.failures.values()) == ex.encoder.sequence + 1
+    finally:
+        ex.close()
+
+
+def test_an_unexpected_error_in_export_is_counted_not_raised(caplog):
+    ex = Exporter([("127.0.0.1", 9)], clock=lambda: NOW)
+    try:
+        ex.start()
+        ex.export([Event(TS, EventKind.CREATED, NAT, 1, None, 1)])  # no address: cannot encode
+        ex.export([Event(TS, EventKind.CREATED, NAT, 1, None, 1)])
+    finally:
+        ex.close()
+    assert ex.errors == 2
+    assert caplog.text.count("IPFIX export failed") == 1
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.mark.parametrize("args,line", [
+    (["--ipfix", "collector:4739"], "Error: --ipfix 'collector:4739': 'collector' is not an IP address"),
+    (["--ipfix", "127.0.0.1"], "Error: --ipfix '127.0.0.1': expected ADDR:PORT, e.g. 127.0.0.1:6464"),
+    (["--ipfix", "127.0.0.1:0"], "Error: --ipfix '127.0.0.1:0': not a port number (1-65535)"),
+    (["--ipfix", "127.0.0.1:4739", "--ipfix", "127.0.0.1:4739"],
+     "Error: --ipfix '127.0.0.1:4739': given twice"),
+    (["--ipfix", "127.0.0.1:4739", "--ipfix-domain", "4294967296"],
+     "Error: --ipfix-domain 4294967296: not a 32-bit unsigned number (0-4294967295)"),
+])
+def test_bad_ipfix_options_give_one_error_line_and_status_2(tmp_path, args, line):
+    db = tmp_path / "t.db"
+    r = CliRunner().invoke(cli.app, ["serve", "--db", str(db), "--listen", "127.0.0.1:0", *args])
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", line + "\n")
+    assert not db.exists()
+
+
+# ---------------------------------------------------------------- end to end
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+class Nfcapd:
+    """Debian's nfcapd on 127.0.0.1, printing each record it stores (-E)."""
+
+    def __init__(self, tmp):
+        self.dir = tmp / "flows"
+        self.dir.mkdir()
+        self.out = tmp / "nfcapd.out"
+        self.port = free_udp_port()
+        # stdbuf: -E prints through stdio, which would hold it until exit.
+        self.proc = subprocess.Popen(
+            ["stdbuf", "-oL", "nfcapd", "-E", "-b", "127.0.0.1", "-p", str(self.port),
+             "-w", str(self.dir), "-t", "3600"],
+            stdout=open(self.out, "w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: "Startup nfcapd" in self.output() or self.proc.poll() is not None)
+        assert self.proc.poll() is None, self.output()
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def records_seen(self) -> int:
+        return self.output().count("Flow Record:")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # writes and closes the capture file
+            self.proc.wait(30)
+        return self.output()
+
+    def read(self) -> list[dict]:
+        r = subprocess.run(["nfdump", "-R", str(self.dir), "-o", "json"], capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+
+@pytest.fixture
+def nfcapd(tmp_path):
+    if shutil.which("nfcapd") is None or shutil.which("nfdump") is None:
+        pytest.skip("nfcapd/nfdump not installed (Debian package nfdump; .ci/run installs it)")
+    n = Nfcapd(tmp_path)
+    yield n
+    if n.proc.poll() is None:
+        n.proc.kill()
+        n.proc.wait(10)
+
+
+def utc_ms(ts_us: int) -> str:
+    """nfdump's time text (TZ=UTC) for an event time in µs."""
+    t = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ts_us // 1000)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+
+
+@pytest.mark.slow
+def test_nfcapd_receives_every_created_and_deleted(server_factory, nfcapd, tmp_path):
+    srv = server_factory("--ports", "1028-1031", "--ipfix", f"127.0.0.1:{nfcapd.port}",
+                         "--metrics", "127.0.0.1:0")
+    url = wait_for(lambda: re.search(r"metrics on (http://\S+)", srv.stderr)).group(1)
+
+    async def go():
+        c = await connect(srv)
+        for i in range(7):  # 4 ports: three evictions
+            await c.map(v6(i), 40000 + i)
+        c.close()
+
+    run(go())
+    logged = [parse_line(line) for line in srv.log.read_text().splitlines()]
+    changes = [e for e in logged if e.kind != EventKind.INITIALIZED]
+    assert [e.kind for e in changes].count(EventKind.DELETED) == 3 and len(changes) == 10
+    wait_for(lambda: nfcapd.records_seen() >= len(changes), timeout=20)
+    metrics = scrape(url)
+    collector = (("collector", f"127.0.0.1:{nfcapd.port}"),)
+    assert metrics[("nat64ho_ipfix_records_sent_total", collector)] == 10
+    assert metrics[("nat64ho_ipfix_messages_sent_total", collector)] >= 2  # template first
+    assert not any(k[0] == "nat64ho_ipfix_send_failures_total" for k in metrics)
+    assert srv.stop() == 0
+
+    summary = nfcapd.stop()
+    assert re.search(r"Flows: 10, .*Sequence Errors: 0, Bad Packets: 0", summary), summary
+    flows = nfcapd.read()
+    assert len(flows) == 10
+    names = {EventKind.CREATED: "NAT64 BIB create", EventKind.DELETED: "NAT64 BIB delete"}
+    got = sorted((f["t_event"], f["nat_event"], f["src6_addr"], f["src_port"], f["src4_xlt_ip"],
+                  int(f["src_xlt_port"]), f["first"], f["last"]) for f in flows)
+    want = sorted((utc_ms(e.ts), names[e.kind], str(ipaddress.IPv6Address(e.addr)), e.aport,
+                   str(ipaddress.IPv4Address(e.nat)), e.port, utc_ms(e.ts), utc_ms(e.ts))
+                  for e in changes)
+    assert got == want
+
+
+@pytest.mark.slow
+def test_a_collector_that_is_down_costs_the_server_nothing(server_factory):
+    port = free_udp_port()  # nobody listens there
+    srv = server_factory("--ports", "1028-1029", "--ipfix", f"127.0.0.1:{port}",
+                         "--metrics", "127.0.0.1:0")
+    url = wait_for(lambda: re.search(r"metrics on (http://\S+)", srv.stderr)).group(1)
+
+    async def go():
+        c = await connect(srv)
+        answers = []
+        for i in range(4):
+            answers += await c.map(v6(i), 1)
+        c.close()
+        return answers
+
+    answers = run(go())
+    assert sum(isinstance(m, wire.Mapping) for m in answers) == 4
+    metrics = wait_for(lambda: (m := scrape(url)) and m.get(
+        ("nat64ho_ipfix_send_failures_total",
+         (("collector", f"127.0.0.1:{port}"), ("reason", "refused")))) and m)
+    assert metrics[("nat64ho_entries_created_total", ())] == 4
+    assert srv.stop() == 0
+    assert f"IPFIX collector 127.0.0.1:{port}: send failed: Connection refused" in srv.stderr
