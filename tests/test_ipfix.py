@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -326,11 +327,12 @@ class Nfcapd:
             self.proc.wait(30)
         return self.output()
 
-    def read(self) -> list[dict]:
-        r = subprocess.run(["nfdump", "-R", str(self.dir), "-o", "json"], capture_output=True,
-                           text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
+    def read(self, *filter: str) -> list[dict]:
+        r = subprocess.run(["nfdump", "-R", str(self.dir), "-o", "json", *filter],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        # With nothing to show, 1.7.1 writes a message inside the JSON array.
+        return json.loads(r.stdout.replace("No matching flows\n", ""))
 
 
 @pytest.fixture
@@ -342,6 +344,13 @@ def nfcapd(tmp_path):
     if n.proc.poll() is None:
         n.proc.kill()
         n.proc.wait(10)
+
+
+def t_event(f: dict) -> str:
+    """A record's t_event, mended: nfdump 1.7.1 prints its milliseconds
+    without leading zeros (.76 for .076), unlike first and last."""
+    second, ms = f["t_event"].split(".")
+    return f"{second}.{int(ms):03d}"
 
 
 def utc_ms(ts_us: int) -> str:
@@ -379,12 +388,28 @@ def test_nfcapd_receives_every_created_and_deleted(server_factory, nfcapd, tmp_p
     flows = nfcapd.read()
     assert len(flows) == 10
     names = {EventKind.CREATED: "NAT64 BIB create", EventKind.DELETED: "NAT64 BIB delete"}
-    got = sorted((f["t_event"], f["nat_event"], f["src6_addr"], f["src_port"], f["src4_xlt_ip"],
+    got = sorted((t_event(f), f["nat_event"], f["src6_addr"], f["src_port"], f["src4_xlt_ip"],
                   int(f["src_xlt_port"]), f["first"], f["last"]) for f in flows)
     want = sorted((utc_ms(e.ts), names[e.kind], str(ipaddress.IPv6Address(e.addr)), e.aport,
                    str(ipaddress.IPv4Address(e.nat)), e.port, utc_ms(e.ts), utc_ms(e.ts))
                   for e in changes)
     assert got == want
+    # The README's abuse-report query: who held this NAT port, when.
+    port = next(e.port for e in changes if e.kind == EventKind.DELETED)
+    held = nfcapd.read(f"src xip 127.0.0.1 and src xport {port}")
+    assert sorted((t_event(f), f["nat_event"], f["src6_addr"]) for f in held) == sorted(
+        (utc_ms(e.ts), names[e.kind], str(ipaddress.IPv6Address(e.addr)))
+        for e in changes if e.port == port)
+    assert len(held) >= 3  # created, deleted, created for another client
+    # -t time windows select on the event time (in flowStart/End).
+
+    def window(a_us: int, b_us: int) -> str:
+        return "-".join((dt.datetime(1970, 1, 1) + dt.timedelta(seconds=t // 1_000_000))
+                        .strftime("%Y/%m/%d.%H:%M:%S") for t in (a_us, b_us))
+
+    first, last = min(e.ts for e in changes), max(e.ts for e in changes)
+    assert len(nfcapd.read("-t", window(first, last + 1_000_000))) == 10
+    assert nfcapd.read("-t", window(last + 1_000_000, last + 2_000_000)) == []
 
 
 @pytest.mark.slow
@@ -410,3 +435,17 @@ def test_a_collector_that_is_down_costs_the_server_nothing(server_factory):
     assert metrics[("nat64ho_entries_created_total", ())] == 4
     assert srv.stop() == 0
     assert f"IPFIX collector 127.0.0.1:{port}: send failed: Connection refused" in srv.stderr
+
+
+def test_nfcapd_sees_a_lost_datagram_as_a_sequence_error(nfcapd):
+    ex = Exporter([("127.0.0.1", nfcapd.port)])
+    try:
+        ex.start()
+        collector = ex.collectors[0]
+        first, lost, last = (ex.encoder.encode([CREATED, DELETED], time.time()) for _ in range(3))
+        for m in first + last:  # the middle message never arrives
+            collector.send(m)
+        wait_for(lambda: nfcapd.records_seen() >= 4)
+    finally:
+        ex.close()
+    assert re.search(r"Flows: 4, .*Sequence Errors: 1, Bad Packets: 0", nfcapd.stop()), nfcapd.output()
