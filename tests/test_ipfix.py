@@ -237,6 +237,22 @@ def test_exporter_sends_template_then_records_to_every_collector():
         b.close()
 
 
+def test_an_ipv6_collector_gets_the_same_messages():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind(("::1", 0))
+    s.settimeout(10)
+    ex = Exporter([("::1", s.getsockname()[1])], clock=lambda: NOW)
+    try:
+        ex.start()
+        ex.export([CREATED])
+        records, _ = read_messages([s.recv(2000), s.recv(2000)])
+        assert records[0][27] == V17 and records[0][225] == NAT.to_bytes(4, "big")
+        assert ex.collectors[0].name == f"[::1]:{s.getsockname()[1]}"
+    finally:
+        ex.close()
+        s.close()
+
+
 def test_a_collector_not_listening_is_counted_and_never_raises():
     # A port nobody listens on: the kernel answers ICMP port unreachable,
     # which the connected socket reports at a later send.
@@ -282,6 +298,11 @@ def test_bad_ipfix_options_give_one_error_line_and_status_2(tmp_path, args, line
     r = CliRunner().invoke(cli.app, ["serve", "--db", str(db), "--listen", "127.0.0.1:0", *args])
     assert (r.exit_code, r.stdout, r.stderr) == (2, "", line + "\n")
     assert not db.exists()
+
+
+def test_ipfix_options_accept_ipv4_and_ipv6_collectors():
+    assert cli.parse_collectors(["[::1]:4739", "127.0.0.1:4739"], 2**32 - 1) == [
+        ("::1", 4739), ("127.0.0.1", 4739)]
 
 
 # ---------------------------------------------------------------- end to end
