@@ -1276,7 +1276,7 @@ def bench(
 # The NAT64 side (nat64ho.gateway): a userspace NAT64 on a TUN device, and
 # the namespaces to try it in.
 
-@app.command()
+@app.command(short_help="Run a userspace NAT64 on TUN whose ports come from handoff servers.")
 def gateway(
     tun: Annotated[str, typer.Option(metavar="NAME", help="TUN device to attach to (created if "
                                      "missing; route the prefix and the pool address to it).")],
@@ -1296,8 +1296,9 @@ def gateway(
 ) -> None:
     """Run a userspace stateful NAT64 whose port table lives in handoff servers.
 
-    IPv6 packets to PREFIX::<IPv4 of a server> leave from POOL:<port the server
-    maps>; packets to POOL:<port> return to the client the server names. Linux,
+    IPv6 packets to PREFIX::IPV4, where IPV4 has a handoff server, leave from
+    POOL:PORT, PORT being what that server maps; packets to POOL:PORT return to
+    the client the server names. Linux,
     root. SIGTERM: exit 0; SIGUSR1: log the counters.
     """
     from nat64ho.gateway import core, tun as tun_io
@@ -1334,6 +1335,7 @@ def gateway(
 
 testbed_app = typer.Typer(help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
                           "gateway, IPv4 host with 'nat64ho serve' and services.",
+                          short_help="Build or remove a NAT64 test bed in network namespaces.",
                           no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 TestbedName = Annotated[str, typer.Option("--name", metavar="NAME", help="Prefix of the "
