@@ -1,23 +1,76 @@
 """The ``nat64ho`` command line: parses options, calls the library, prints.
 
 Every named library error is turned here, once, into one ``Error: …`` line
-and exit status 2 (1 for a runtime failure); nothing else prints tracebacks
-for operator mistakes.
+and exit status 2 (1 for a runtime failure); the parser's own complaints
+(a missing option, a number out of range) take the same one-line form in
+:class:`_Group`. Nothing else prints tracebacks for operator mistakes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from nat64ho import schema
 
+try:  # typer raises the exceptions of the click it carries
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # typer releases that depend on click instead
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+
+class _Group(TyperGroup):
+    """Every usage mistake as one ``Error:`` line (click prints a usage block),
+    and option help without the framework's range notes."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if hasattr(param, "_get_number_range_help_str"):
+                # "[x>=0]" in help: the help text says the range in words.
+                param._get_number_range_help_str = lambda: None
+            if hasattr(param, "_usage_display_name"):
+                # An argument shows as NAME, [NAME] or NAME..., as man pages
+                # write it: no "{NAME}" and no "<list[str]>" beside it.
+                param._usage_display_name = functools.partial(_usage_name, param)
+                param.display_type_rich = lambda ctx: None
+        return command
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        except ClickException as exc:
+            typer.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(130)
+        # Without standalone mode a typer.Exit comes back as its status.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_name(param) -> str:
+    name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
+    return name + ("..." if param.nargs != 1 else "")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 app = typer.Typer(
+    cls=_Group,
     help="NAT64 handoff server: the authoritative, durable connection table for NAT64s "
          "(PROTOCOL.md v1).",
     rich_markup_mode=None,
@@ -128,7 +181,7 @@ def _root(
 
 # ---------------------------------------------------------------- serve
 
-@app.command()
+@app.command(short_help="Run the handoff server on UDP, keeping the tables in SQLite.")
 def serve(
     db: DbOption = None,
     listen: Annotated[str, typer.Option(
@@ -176,6 +229,9 @@ def serve(
              "this gets ERROR NOT_ALLOWED. Only a NAT64 that proved its address (its cookie came "
              "back) counts, so spoofed HELLOs take no place; 'nat64ho forget' frees one.",
         min=1)] = 4096,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="If another server owns the table, wait until it stops, then take "
+             "over and serve (default: exit 1).")] = False,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -186,6 +242,10 @@ def serve(
 
     try:
         host, port = parse_listen(listen)
+        if ipaddress.ip_address(host).version == 6 and host not in ("::", "::0"):
+            raise UsageError(f"--listen {listen!r}: the handoff protocol runs over IPv4 (NAT64s "
+                             "are IPv4 peers); give an IPv4 address, or [::] for all addresses "
+                             "of both families")
         first, last = parse_ports(ports)
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
@@ -201,10 +261,13 @@ def serve(
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
         request_rate=request_rate, cookie_lifetime=cookie_lifetime,
         sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
-        max_nats=max_nats,
+        max_nats=max_nats, standby=standby,
     )
     try:
         server.run(config)
+    except KeyboardInterrupt:
+        # A Ctrl-C that lands while Python tears the loop down: still one line.
+        fail("interrupted", 130)
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
     except server.ListenError as exc:
@@ -217,14 +280,16 @@ def serve(
 # query, who, export, import, stats, prune: thin shells over nat64ho.history.
 # Reads open the database read-only, so they never create or change one.
 
-import csv  # noqa: E402  (kept with the commands that use them)
+import collections  # noqa: E402  (kept with the commands that use them)
+import csv  # noqa: E402
 import gzip  # noqa: E402
+import io  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sqlite3  # noqa: E402
 import time  # noqa: E402
-from typing import Iterable  # noqa: E402
+from typing import Iterable, Iterator  # noqa: E402
 
 from nat64ho import history  # noqa: E402
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str  # noqa: E402
@@ -294,9 +359,11 @@ class _Database:
     is closed on the way out.
     """
 
-    def __init__(self, db: Optional[Path], *, write: bool = False):
+    def __init__(self, db: Optional[Path], *, write: bool = False, own: Optional[str] = None):
         self.path = db_path(db)
         self.write = write
+        self.own = own  # the command, if it must own the table (nat64ho.owner)
+        self.ownership = None
         self.conn = None
 
     def __enter__(self):
@@ -304,16 +371,26 @@ class _Database:
         while True:
             try:
                 self.conn = schema.open_db(self.path, readonly=not self.write)
-                return self.conn
+                break
             except schema.DatabaseBusy as exc:
                 if time.monotonic() >= deadline:
                     fail(str(exc), EXIT_DB)
                 time.sleep(0.1)
             except schema.DatabaseError as exc:
                 fail(str(exc), EXIT_DB)
+        if self.own is not None:
+            from nat64ho import owner
+            try:
+                self.ownership = owner.acquire(self.path, what=self.own)
+            except owner.TableOwned as exc:
+                self.conn.close()
+                fail(str(exc), EXIT_DB)
+        return self.conn
 
     def __exit__(self, kind, exc, tb):
         self.conn.close()
+        if self.ownership is not None:
+            self.ownership.release()
         if isinstance(exc, BrokenPipeError):
             # `nat64ho export | head`: the reader has all it wanted.
             try:
@@ -326,9 +403,63 @@ class _Database:
             fail(f"{self.path}: database is busy (locked by another process); try again", EXIT_DB)
         if isinstance(exc, sqlite3.DatabaseError):
             fail(f"{self.path}: {exc}", EXIT_DB)
-        if isinstance(exc, history.HistoryError):
+        if isinstance(exc, (history.HistoryError, schema.DatabaseError)):
             fail(str(exc), EXIT_DB)
         return False
+
+
+class _Progress:
+    """A progress bar on stderr while it is a terminal, else nothing at all.
+
+    ``total`` is in the bar's own unit (octets of input, rows); ``count`` is
+    what the operator counts (lines, events), shown with its rate.
+    """
+
+    def __init__(self, what: str, noun: str, total: Optional[int], show: bool = True):
+        self.noun = noun
+        self.bar = None
+        if not show or not sys.stderr.isatty():
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn,
+                                   TextColumn, TimeRemainingColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                elapsed = task.elapsed or 0
+                rate = task.fields["count"] / elapsed if elapsed > 0.2 else 0
+                return Text(f"{task.fields['count']:,} {noun}  {rate:,.0f} {noun}/s")
+
+        columns = [TextColumn("{task.description}"), BarColumn()]
+        if total:
+            columns += [TaskProgressColumn(), TimeRemainingColumn()]
+        columns.append(Rate())
+        self.bar = Progress(*columns, console=Console(file=sys.stderr), transient=False)
+        self.task = self.bar.add_task(what, total=total or None, count=0)
+        self.bar.start()
+
+    def update(self, done: Optional[int], count: int) -> None:
+        if self.bar is not None:
+            if done is None:
+                self.bar.update(self.task, count=count)
+            else:
+                self.bar.update(self.task, completed=done, count=count)
+
+    def rebuilding(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description="import, now rebuilding the table")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _interrupted(message: str) -> NoReturn:
+    """Ctrl-C: say how far the work got and how to go on; exit 130 as a shell does."""
+    typer.echo(f"\nInterrupted: {message}", err=True)
+    raise typer.Exit(130)
 
 
 def _ts_or(value: Optional[int], missing: str) -> str:
@@ -379,7 +510,7 @@ def _emit(rows: Iterable[dict], fmt: str, columns: list[tuple[str, str, int]]) -
 _TS_W = 26  # 2019-03-18 15:22:02.062254
 
 
-@app.command()
+@app.command(short_help="Show the current entries of the tables.")
 def query(
     db: DbOption = None,
     nat: Annotated[Optional[str], typer.Option(
@@ -431,16 +562,26 @@ def _holding_dict(h: history.Holding) -> dict:
     }
 
 
-@app.command()
+@app.command(short_help="Who held a NAT port when; or every port a client held.")
 def who(
-    target: Annotated[str, typer.Argument(
-        metavar="TARGET",
+    target: Annotated[Optional[str], typer.Argument(
+        metavar="NAT:PORT|CLIENT",
         help="A NAT port (192.0.2.9:47102): who held it. A client endpoint ([2001:db8::55]:34643), "
-             "address (2001:db8::55) or prefix (2001:db8::/48): every NAT port it held.",
-        show_default=False)],
+             "address (2001:db8::55) or prefix (2001:db8::/48): every NAT port it held. "
+             "Not with --reports.",
+        show_default=False)] = None,
     at: Annotated[Optional[str], typer.Option(
         metavar="TIME", help="The instant asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
-             "or ISO 8601. Default: now for a NAT port; every time for a client.",
+             "or RFC 3339 with any offset. Default: now for a NAT port; every time for a client.",
+        show_default=False)] = None,
+    tolerance: Annotated[Optional[str], typer.Option(
+        metavar="SECONDS", help="For a NAT port: list every holder at some instant within "
+             "this many seconds of --at, closest first, and say when that is more than one "
+             "(the report's clock may be off).", show_default=False)] = None,
+    reports: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Answer a CSV of abuse reports, one per row: nat,port,time"
+             "[,tolerance] (a header row is optional; '-' reads stdin); --tolerance is the "
+             "default for rows without one. One output row per report and holder.",
         show_default=False)] = None,
     db: DbOption = None,
     fmt: FormatOption = "table",
@@ -450,20 +591,39 @@ def who(
 
     The history may begin after a holding began: a Deleted with no Created before
     it still names the holder, and the current table names holders whose history
-    was pruned. No holder is a normal answer (exit status 0).
+    was pruned. No holder is a normal answer (exit status 0). With --reports, a
+    row that cannot be read is named in one Error line and skipped; the exit
+    status is then 1.
     """
     try:
         _check_format(fmt, _TABLE_FORMATS)
         when = parse_time(at, "--at") if at is not None else None
-        if target.startswith("[") or target.count(":") > 1:
+        tol = parse_seconds(tolerance, "--tolerance") if tolerance is not None else None
+        if reports is not None:
+            if target is not None or at is not None:
+                raise UsageError("--reports answers the reports in the file: give no "
+                                 "NAT:PORT and no --at")
+        elif target is None:
+            raise UsageError("give a NAT:PORT or a client to ask about, or --reports FILE")
+        elif target.startswith("[") or target.count(":") > 1:
             nat_port, (net, aport) = None, parse_ipv6_target(target, "target")
+            if tol is not None:
+                raise UsageError("--tolerance is for a NAT:PORT; a client's holdings are "
+                                 "listed with their whole time ranges")
         else:
             nat_port = parse_nat_port(target, "target")
     except UsageError as exc:
         fail(str(exc))
+    if reports is not None:
+        _who_reports(db, reports, tol or 0, fmt)
+        return
     with _Database(db) as conn:
         if nat_port is not None:
             instant = when if when is not None else int(time.time() * 1_000_000)
+            if tol is not None:
+                found = history.who_port_window(conn, *nat_port, instant, tol)
+                _who_window(found, nat_port, instant, tol, fmt)
+                return
             _who_port(history.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
         else:
             holdings = map(_holding_dict, history.who_endpoint(conn, net, aport, when))
@@ -483,6 +643,120 @@ def who(
                 cols = [(k, "", 0) for k in ("nat", "port", "ipv6", "ipv6_port", "from", "until",
                                               "current")]
             _emit(holdings, fmt, cols)
+
+
+def parse_seconds(text: str, what: str) -> int:
+    """Non-negative seconds (a fraction allowed) as microseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 366 * 86400:
+        raise UsageError(f"{what} {text!r}: expected seconds, 0 to 31622400, e.g. 60")
+    return round(value * 1_000_000)
+
+
+def _utc(ts: Optional[int]) -> Optional[str]:
+    """Times of abuse answers: in UTC and saying so (RFC 3339, space form)."""
+    return None if ts is None else ts_str(ts) + "Z"
+
+
+def _seconds(us: int) -> str:
+    return f"{us / 1e6:g}"
+
+
+def _window_rows(report, nat_port, at: int, tol: int, found: list) -> Iterator[dict]:
+    base = {"report": report, "nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": _utc(at),
+            "tolerance_s": _seconds(tol), "holders": len(found), "ambiguous": len(found) > 1}
+    if not found:
+        yield {**base, "ipv6": None, "ipv6_port": None, "from": None, "until": None,
+               "current": None, "distance_s": None, "endpoint": None,
+               "from_text": None, "until_text": None}
+    for h in found:
+        yield {**base, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport, "from": _utc(h.start),
+               "until": _utc(h.end), "current": h.current,
+               "distance_s": _seconds(history.distance(h, at)),
+               "endpoint": _endpoint(h.addr, h.aport),
+               "from_text": _utc(h.start) or "before history",
+               "until_text": "now (current)" if h.current else _utc(h.end) or "not recorded"}
+
+
+_WINDOW_KEYS = ("report", "nat", "port", "at", "tolerance_s", "holders", "ambiguous", "ipv6",
+                "ipv6_port", "from", "until", "current", "distance_s")
+
+
+def _who_window(found: list, nat_port, at: int, tol: int, fmt: str) -> None:
+    rows = list(_window_rows(None, nat_port, at, tol, found))
+    if fmt != "table":
+        _emit(rows, fmt, [(k, "", 0) for k in _WINDOW_KEYS if k != "report"])
+        return
+    subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]} at {_utc(at)} ± {_seconds(tol)} s"
+    if not found:
+        typer.echo(f"No entry: {subject}: not held as far as this database knows.")
+        return
+    verdict = "1 holder" if len(found) == 1 else f"{len(found)} holders: AMBIGUOUS"
+    typer.echo(f"{subject}: {verdict} (closest to the reported time first)")
+    _emit(rows, "table", [("endpoint", "IPV6 ENDPOINT", 46), ("from_text", "FROM", _TS_W + 1),
+                          ("until_text", "UNTIL", _TS_W + 1), ("distance_s", "AWAY (S)", 0)])
+
+
+def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> None:
+    try:
+        source = sys.stdin if name == "-" else open(name, newline="", encoding="utf-8",
+                                                    errors="replace")
+    except OSError as exc:
+        fail(f"--reports {name!r}: {exc.strerror or exc}")
+    label = "stdin" if name == "-" else name
+    bad = {"n": 0}
+
+    def answers(conn) -> Iterator[dict]:
+        reader = csv.reader(source)
+        while True:
+            try:
+                row = next(reader, None)
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                bad["n"] += 1
+                typer.echo(f"Error: {label}:{reader.line_num}: {exc}; the rest of the file "
+                           "is not read", err=True)
+                return
+            if row is None:
+                return
+            number = reader.line_num
+            cells = [c.strip() for c in row]
+            if not cells or not any(cells) or cells[0].startswith("#"):
+                continue
+            if number == 1 and cells[0].lower() == "nat":
+                continue  # the optional header
+            try:
+                if len(cells) not in (3, 4):
+                    raise UsageError(f"expected nat,port,time[,tolerance], got {len(cells)} fields")
+                nat = parse_ipv4(cells[0], "nat")
+                port = parse_port(cells[1], "port")
+                at = parse_time(cells[2], "time")
+                tol = parse_seconds(cells[3], "tolerance") if len(cells) == 4 and cells[3] \
+                    else default_tol
+            except UsageError as exc:
+                bad["n"] += 1
+                typer.echo(f"Error: {label}:{number}: {exc}", err=True)
+                continue
+            found = history.who_port_window(conn, nat, port, at, tol)
+            yield from _window_rows(number, (nat, port), at, tol, found)
+
+    with _Database(db) as conn:
+        if fmt == "table":
+            cols = [("report", "ROW", 4), ("natport", "NAT:PORT", 21), ("at", "AT (UTC)", _TS_W + 1),
+                    ("tol", "±S", 5), ("answer", "ANSWER", 11), ("endpoint", "IPV6 ENDPOINT", 46),
+                    ("from_text", "FROM", _TS_W + 1), ("until_text", "UNTIL", 0)]
+            rows = ({**r, "natport": f"{r['nat']}:{r['port']}", "tol": r["tolerance_s"],
+                     "answer": ("none" if not r["holders"] else "AMBIGUOUS" if r["ambiguous"]
+                                else "1 holder")} for r in answers(conn))
+            _emit(rows, "table", cols)
+        else:
+            _emit(answers(conn), fmt, [(k, "", 0) for k in _WINDOW_KEYS])
+    if name != "-":
+        source.close()
+    if bad["n"]:
+        raise typer.Exit(1)
 
 
 def _who_port(h: Optional[history.Holding], nat_port: tuple[int, int], at: int, fmt: str) -> None:
@@ -514,7 +788,7 @@ def _who_port(h: Optional[history.Holding], nat_port: tuple[int, int], at: int, 
         typer.echo("  events: none recorded (known from the current table)")
 
 
-@app.command()
+@app.command(short_help="Write the history as log lines, JSON lines or CSV.")
 def export(
     db: DbOption = None,
     nat: Annotated[Optional[str], typer.Option(
@@ -524,10 +798,17 @@ def export(
         show_default=False)] = None,
     until: Annotated[Optional[str], typer.Option(
         metavar="TIME", help="Only events before this time.", show_default=False)] = None,
+    after: Annotated[Optional[str], typer.Option(
+        metavar="SEQ", help="Only events after this sequence number (the 'seq' of --format "
+             "jsonl): resumes an export or a --follow exactly where it stopped.",
+        show_default=False)] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="After the history, keep printing each new event once the "
+             "server has committed it, until SIGINT or SIGTERM.")] = False,
     fmt: Annotated[str, typer.Option(
         "--format", metavar="log|jsonl|csv",
         help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
-             "object per line; csv: with a header row.")] = "log",
+             "object per line, with its sequence number; csv: with a header row.")] = "log",
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", metavar="FILE", help="Write here instead of stdout; a name ending in "
              ".gz is gzip-compressed.", show_default=False)] = None,
@@ -542,13 +823,41 @@ def export(
         nat_v = parse_ipv4(nat, "--nat") if nat is not None else None
         since_v = parse_time(since, "--since") if since is not None else None
         until_v = parse_time(until, "--until") if until is not None else None
+        after_v = parse_seq(after, "--after") if after is not None else None
+        if (after_v is not None or follow) and (since_v is not None or until_v is not None):
+            raise UsageError("--after and --follow go in sequence order: use them without "
+                             "--since/--until")
+        if follow and output not in (None, "-"):
+            raise UsageError("--follow writes to stdout: redirect it instead of --output")
     except UsageError as exc:
         fail(str(exc))
     writer = {"log": history.write_log, "jsonl": history.write_jsonl, "csv": history.write_csv}[fmt]
+    if follow:
+        _follow(db, writer, fmt, nat_v, after_v)
+        return
+    # The last rows handed to the writer, for an interrupted export to name
+    # the last one that reached the file (a writer holds at most FETCH).
+    recent: collections.deque = collections.deque(maxlen=2 * history.FETCH + 2)
+    handed = [0]
+
+    def counted(rows):
+        # Ids travel with the rows so that an interrupted export can say
+        # exactly where to resume; the writers other than jsonl drop them.
+        n = 0
+        for row in rows:
+            n += 1
+            handed[0] = n
+            recent.append(row[:2])
+            if not n % history.FETCH:
+                bar.update(n, n)
+            yield row if fmt == "jsonl" else row[1:]
+
     with _Database(db) as conn:
-        rows = history.history_rows(conn, nat=nat_v, since=since_v, until=until_v)
+        rows = history.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
+                                    after=after_v, with_id=True)
         if output is None or output == "-":
-            writer(rows, sys.stdout)
+            bar = _Progress("export", "events", None, show=False)  # stdout is the data
+            writer(counted(rows), sys.stdout)
             sys.stdout.flush()
             return
         try:
@@ -558,15 +867,116 @@ def export(
                 out = open(output, "w", encoding="ascii", newline="", buffering=1 << 20)
         except OSError as exc:
             fail(f"--output {output!r}: {exc.strerror or exc}", EXIT_DB)
-        with out:
-            n = writer(rows, out)
+        # Rows to write: exact for a NAT64 or a window (a walk of an index),
+        # else the id range, which is what an unpruned history holds.
+        if nat_v is None and since_v is None and until_v is None:
+            lo = after_v or 0
+            total = max(history.last_event_id(conn) - lo, 0)
+        else:
+            total = None
+        bar = _Progress("export", "events", total)
+        lines = _LineCounter(out)
+        try:
+            with out:
+                n = writer(counted(rows), lines)
+        except KeyboardInterrupt:
+            bar.close()
+            written = lines.lines - (fmt == "csv")
+            if written <= 0:
+                _interrupted(f"nothing written to {output}")
+            # Rows handed over but still in the writer's buffer were not written.
+            seq, ts = recent[-(handed[0] - written + 1)]
+            if since_v is None and until_v is None:
+                how = f"--after {seq}"
+            else:
+                how = f"--since '{ts_str(ts)}' (its events at that instant again)"
+            _interrupted(f"{written} events written to {output}, the last one "
+                         f"seq {seq} at {ts_str(ts)}; to write the rest to "
+                         f"another file, run the same command with {how}")
+        finally:
+            bar.close()
         typer.echo(f"{n} events written to {output}", err=True)
 
 
-@app.command("import")
+class _LineCounter:
+    """A text stream that counts the lines written through it."""
+
+    def __init__(self, out):
+        self.out = out
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        n = self.out.write(text)
+        self.lines += text.count("\n")
+        return n
+
+
+#: How often --follow asks the database for new events, in seconds: a read of
+#: the id index, so the server's commits never wait on it.
+FOLLOW_POLL_S = 0.25
+
+
+def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Optional[int]) -> None:
+    """``export --follow``: the history, then every event committed after it,
+    each written once in id order and flushed, until a signal."""
+    import signal
+
+    stop = {"signal": None, "writing": False}
+
+    def on_signal(signum, frame):
+        # Between writing a batch and noting its last seq the signal waits,
+        # so that the resume point printed is exactly what was delivered; a
+        # second signal (a reader that stopped reading) ends it at once.
+        again = stop["signal"] is not None
+        stop["signal"] = signum
+        if again or not stop["writing"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    last = after or 0
+    header = fmt == "csv"
+    try:
+        with _Database(db) as conn:
+            while True:
+                # One short read transaction per batch: the WAL a reader pins
+                # stays small and a checkpoint of the server is never held up.
+                rows = list(history.history_rows(conn, nat=nat, after=last, with_id=True,
+                                                 limit=history.FETCH))
+                if rows:
+                    stop["writing"] = True
+                    if fmt == "jsonl":
+                        writer(rows, sys.stdout)
+                    else:
+                        text = io.StringIO()
+                        writer((r[1:] for r in rows), text)
+                        out = text.getvalue()
+                        if fmt == "csv" and not header:
+                            out = out.split("\n", 1)[1]
+                        header = False
+                        sys.stdout.write(out)
+                    sys.stdout.flush()
+                    last = rows[-1][0]
+                    stop["writing"] = False
+                    if stop["signal"] is not None:
+                        raise KeyboardInterrupt
+                if len(rows) < history.FETCH:
+                    time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
+        raise typer.Exit(0 if stop["signal"] == signal.SIGTERM else 130)
+
+
+def parse_seq(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"{what} {text!r}: not a sequence number (the 'seq' of --format jsonl)")
+    return int(text)
+
+
+@app.command("import", short_help="Add log files to the history (creates the database).")
 def import_(
     files: Annotated[list[str], typer.Argument(
-        metavar="FILE...", help="Log files in the PROTOCOL.md §6 format (this server's or the "
+        metavar="FILE", help="Log files in the PROTOCOL.md §6 format (this server's or the "
              "original handoff server's); .gz is decompressed; '-' reads stdin.",
         show_default=False)],
     db: DbOption = None,
@@ -576,46 +986,106 @@ def import_(
              "table already has one for the port or the endpoint. Only with the server stopped: "
              "a running server keeps its free ports in memory.")] = False,
 ) -> None:
-    """Add log files to the history. Changes the database (which must exist).
+    """Add log files to the history; creates the database if it is missing.
 
     Events already in the history are left alone, so importing a file twice adds
-    nothing. A line that does not parse is reported as FILE:LINE and skipped;
-    the exit status is then 1 (0 when every line was taken).
+    nothing and an interrupted import is finished by running it again. A line
+    that does not parse (or is longer than 4096 octets) is reported as
+    FILE:LINE and skipped; the exit status is then 1 (0 when every line was taken).
     """
     for name in files:
         if name != "-" and not os.path.isfile(name):
             fail(f"{name!r}: no such file")
-    if rebuild_table and history.database_in_use(db_path(db)):
-        fail(f"{db_path(db)}: another process has this database open (a running server?); "
+    path = db_path(db)
+    if rebuild_table and history.database_in_use(path):
+        fail(f"{path}: another process has this database open (a running server?); "
              "stop it before --rebuild-table: a server keeps its free ports in memory", EXIT_DB)
+    created = None
+    if not path.exists():
+        created = _create_database(path)
+
     def bad(name: str, number: int, reason: str) -> None:
-        typer.echo(f"{name}:{number}: skipped: {reason}", err=True)
+        if bar.bar is not None:
+            bar.bar.console.print(f"{name}:{number}: skipped: {reason}", markup=False,
+                                  highlight=False)
+        else:
+            typer.echo(f"{name}:{number}: skipped: {reason}", err=True)
+
+    sizes = {name: os.path.getsize(name) for name in files if name != "-"}
+    total = sum(sizes.values()) if "-" not in files else None
+    state = {"done": 0, "stream": None, "lines": 0, "added": 0}
 
     def logs():
         for name in files:
             stream = history.open_log(name)
+            state["stream"] = stream
             try:
                 yield name, stream
             finally:
                 if name != "-":
                     stream.close()
+                state["done"] += sizes.get(name, 0)
 
-    with _Database(db, write=True) as conn:
-        # New events land at random places in the address index; a cache
-        # that holds its hot pages saves a read per row on a big history.
-        conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
-        result = history.import_logs(conn, logs(), bad, rebuild_table=rebuild_table)
+    def progress(lines: int, added: int) -> None:
+        state["lines"], state["added"] = lines, added
+        at = history.log_position(state["stream"]) if state["stream"] is not None else None
+        bar.update(None if total is None else state["done"] + (at or 0), lines)
+
+    bar = _Progress("import", "lines", total)
+    try:
+        with _Database(db, write=True, own="import --rebuild-table" if rebuild_table else None) as conn:
+            # New events land at random places in the address index; a cache
+            # that holds its hot pages saves a read per row on a big history.
+            conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
+            result = history.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
+                                         on_progress=progress, on_rebuild=bar.rebuilding)
+    except KeyboardInterrupt:
+        bar.close()
+        _interrupted(f"{state['lines']} lines read and {state['added']} events added so far "
+                     "(each batch is committed); run the same command again to finish: "
+                     "events already imported are skipped")
+    finally:
+        bar.close()
     summary = (f"{result.lines} lines read, {result.added} events added, "
                f"{result.lines - result.skipped - result.added} already present, "
                f"{result.skipped} skipped")
     if rebuild_table:
         summary += f"; {result.entries} entries added to the table"
+    if created is not None:
+        summary = f"created {path} (schema version {created}); " + summary
     typer.echo(summary, err=True)
     if result.skipped:
         raise typer.Exit(1)
 
 
-@app.command()
+def _create_database(path: Path) -> int:
+    """Make a new database as ``serve`` would (the same migrations), readable
+    by its owner and group only: files 0640, directories 0750. Returns the
+    schema version."""
+    old = os.umask(0o027)
+    try:
+        missing = []
+        parent = path.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            os.mkdir(d, 0o750)
+        conn = schema.open_db(path, create=True)
+    except schema.DatabaseError as exc:
+        fail(str(exc), EXIT_DB)
+    except OSError as exc:
+        fail(f"{path}: cannot be created ({exc.strerror or exc})", EXIT_DB)
+    finally:
+        # The -wal and -shm files SQLite makes later take the database's mode.
+        os.umask(old)
+    try:
+        return max(v for v, _, _ in schema.migrations())
+    finally:
+        conn.close()
+
+
+@app.command(short_help="Per NAT64: table fill, HELLOs, recent Created/Deleted.")
 def stats(
     db: DbOption = None,
     ports: Annotated[Optional[str], typer.Option(
@@ -663,7 +1133,7 @@ def stats(
     _emit(rows, fmt, cols)
 
 
-@app.command()
+@app.command(short_help="Delete history events older than a time.")
 def prune(
     before: Annotated[str, typer.Option(
         metavar="TIME", help="Delete history events older than this (UTC unless a zone is "
@@ -672,32 +1142,47 @@ def prune(
 ) -> None:
     """Delete old history events. Changes the database; current entries are never touched.
 
-    Works in small transactions, so a running server is delayed by one batch at most.
+    Refused while a server owns the table (it prunes itself with serve --keep-history).
     """
     try:
         cutoff = parse_time(before, "--before")
     except UsageError as exc:
         fail(str(exc))
-    with _Database(db, write=True) as conn:
-        n = history.prune(conn, cutoff)
+    with _Database(db, write=True, own="prune") as conn:
+        total = history.prune_count(conn, cutoff) if sys.stderr.isatty() else None
+        bar = _Progress("prune", "events", total, show=bool(total))
+        done = {"n": 0}
+
+        def batch(n: int) -> None:
+            done["n"] = n
+            bar.update(n, n)
+
+        try:
+            n = history.prune(conn, cutoff, on_batch=batch)
+        except KeyboardInterrupt:
+            bar.close()
+            _interrupted(f"{done['n']} history events before {ts_str(cutoff)} deleted so far "
+                         "(each batch is committed); run the same command again to finish")
+        finally:
+            bar.close()
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
 
 # ---------------------------------------------------------------- check
 
-@app.command()
+@app.command(short_help="Check a database without changing it.")
 def check(db: DbOption = None) -> None:
     """Check a database without changing it: file header, schema version, tables
     and indexes, PRAGMA integrity_check. Safe while the server runs.
 
     Exit status 0 when healthy, 1 when anything is wrong (each finding on its
-    own line), 2 when the database is missing.
+    own line) or the database is missing.
     """
     path = db_path(db)
     try:
         report = schema.check(path)
     except schema.DatabaseMissing as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_DB)
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
     if not report.ok:
@@ -710,7 +1195,7 @@ def check(db: DbOption = None) -> None:
 
 # ---------------------------------------------------------------- bench
 
-@app.command()
+@app.command(short_help="Load a server over loopback and report its speed.")
 def bench(
     mode: Annotated[str, typer.Option(
         metavar="create|lookup|mixed", help="create: new endpoints (durable answers); lookup: "
@@ -773,6 +1258,192 @@ def bench(
     except (RuntimeError, OSError) as exc:
         fail(str(exc), 1)
     typer.echo(report.format())
+
+
+# ---------------------------------------------------------------- gateway, testbed
+# The NAT64 side (nat64ho.gateway): a userspace NAT64 on a TUN device, and
+# the namespaces to try it in.
+
+@app.command()
+def gateway(
+    tun: Annotated[str, typer.Option(metavar="NAME", help="TUN device to attach to (created if "
+                                     "missing; route the prefix and the pool address to it).")],
+    pool: Annotated[str, typer.Option(metavar="IPV4", help="The pool address: the source of "
+                                      "translated packets and of handoff datagrams.")],
+    server: Annotated[list[str], typer.Option(
+        metavar="ADDR:PORT", help="A handoff server; traffic to ADDR is translated with its table. "
+             "Repeat for more hosts.")],
+    prefix: Annotated[str, typer.Option(metavar="PREFIX/96", help="NAT64 prefix (RFC 6052).")]
+        = "64:ff9b::/96",
+    handoff_port: Annotated[str, typer.Option(
+        metavar="N", help="Source port of handoff datagrams; keep it outside the servers' "
+             "port range.")] = "1027",
+    touch_interval: Annotated[float, typer.Option(
+        metavar="SECONDS", help="How often the ports in use are TOUCHed (the servers' LRU "
+             "order is this precise).", min=0.05, max=3600)] = 5.0,
+) -> None:
+    """Run a userspace stateful NAT64 whose port table lives in handoff servers.
+
+    IPv6 packets to PREFIX::<IPv4 of a server> leave from POOL:<port the server
+    maps>; packets to POOL:<port> return to the client the server names. Linux,
+    root. SIGTERM: exit 0; SIGUSR1: log the counters.
+    """
+    from nat64ho.gateway import core, tun as tun_io
+
+    try:
+        net = ipaddress.IPv6Network(prefix, strict=True) if "/" in prefix else None
+        if net is None or net.prefixlen != 96:
+            raise UsageError(f"--prefix {prefix!r}: expected an IPv6 /96, e.g. 64:ff9b::/96")
+        pool_v = parse_ipv4(pool, "--pool")
+        hport = parse_port(handoff_port, "--handoff-port")
+        servers = []
+        for text in server:
+            host, port = parse_listen(text, "--server")
+            if ":" in host or port == 0:
+                raise UsageError(f"--server {text!r}: expected IPV4:PORT, e.g. 192.0.2.1:6464")
+            servers.append((ipaddress.IPv4Address(host).packed, port))
+        if len({a for a, _ in servers}) != len(servers):
+            raise UsageError("--server: one server per IPv4 address")
+        if not tun or len(tun.encode()) > 15 or "/" in tun:
+            raise UsageError(f"--tun {tun!r}: not an interface name (1-15 characters)")
+    except ValueError:
+        fail(f"--prefix {prefix!r}: not an IPv6 prefix")
+    except UsageError as exc:
+        fail(str(exc))
+    gw = core.Gateway(net.network_address.packed[:12], pool_v.to_bytes(4, "big"), servers,
+                      handoff_port=hport, touch_interval=touch_interval)
+    banner = (f"tun {tun}, prefix {net}, pool {pool} (handoff from port {hport}), servers "
+              + ", ".join(server) + f", boot id {gw.boot_id.hex()}")
+    try:
+        tun_io.run(gw, tun, banner)
+    except OSError as exc:
+        fail(f"--tun {tun}: {exc.strerror or exc}", 1)
+
+
+testbed_app = typer.Typer(help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
+                          "gateway, IPv4 host with 'nat64ho serve' and services.",
+                          no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+TestbedName = Annotated[str, typer.Option("--name", metavar="NAME", help="Prefix of the "
+                                          "namespaces: NAME-client, NAME-nat64, NAME-host.")]
+TestbedState = Annotated[Path, typer.Option("--state", metavar="DIR", help="Database and logs.")]
+
+
+@testbed_app.command("up")
+def testbed_up(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")) -> None:
+    """Build the namespaces and start the server, the services and the gateway."""
+    from nat64ho.gateway import testbed as tb
+
+    try:
+        tb.check_name(name)
+    except tb.TestbedError as exc:
+        fail(str(exc))
+    if (why := tb.available()) is not None:
+        fail(f"the test bed {why}", 1)
+    try:
+        bed = tb.up(name, state.absolute())
+    except tb.TestbedError as exc:
+        fail(str(exc), 1)
+    typer.echo(f"""Test bed {name!r} is up; state in {bed.state}.
+  client {tb.CLIENT6} (netns {bed.client}), NAT64 pool {tb.POOL} (netns {bed.nat64}),
+  host {tb.HOST4} (netns {bed.host}): nat64ho serve :{tb.HANDOFF_PORT}, HTTP :{tb.HTTP_PORT}, echo :{tb.ECHO_PORT}
+Try:
+  ip netns exec {bed.client} curl http://[64:ff9b::{tb.HOST4}]:{tb.HTTP_PORT}/
+  cat {bed.state}/services.out
+  nat64ho who --db {bed.db} {tb.POOL}:PORT
+Stop: nat64ho testbed down --name {name}""")
+
+
+@testbed_app.command("down")
+def testbed_down(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")) -> None:
+    """Stop everything in the test bed's namespaces and delete them (the state stays)."""
+    from nat64ho.gateway import testbed as tb
+
+    try:
+        tb.check_name(name)
+    except tb.TestbedError as exc:
+        fail(str(exc))
+    if (why := tb.available()) is not None:
+        fail(f"the test bed {why}", 1)
+    try:
+        gone = tb.down(name, state)
+    except tb.TestbedError as exc:
+        fail(str(exc), 1)
+    typer.echo(f"Test bed {name!r} " + ("removed." if gone else "was not up."))
+
+
+@app.command(short_help="Talk to a server as a NAT64 would and print each answer.")
+def probe(
+    server_addr: Annotated[str, typer.Argument(
+        metavar="SERVER", help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
+        show_default=False)],
+    map_: Annotated[Optional[list[str]], typer.Option(
+        "--map", metavar="[IPV6]:PORT", help="Send a MAP for this client endpoint (repeat for "
+             "more). Creates an entry, as a NAT64 would.", show_default=False)] = None,
+    lookup: Annotated[Optional[list[str]], typer.Option(
+        metavar="PORT", help="Send a LOOKUP for this NAT port (repeat for more).",
+        show_default=False)] = None,
+    touch: Annotated[Optional[list[str]], typer.Option(
+        metavar="PORT[,PORT...]", help="Send a TOUCH of these NAT ports (repeat for more "
+             "TOUCHes); only ports without an entry are answered.", show_default=False)] = None,
+    source: Annotated[str, typer.Option(
+        metavar="IPV4", help="Local address to send from: the server keeps one table per "
+             "source address.")] = "0.0.0.0",
+    timeout: Annotated[str, typer.Option(
+        metavar="SECONDS", help="How long to wait for each answer.")] = "2",
+) -> None:
+    """Say HELLO to a server and confirm the session as a NAT64 does, then send each
+    --map, then each --lookup, then each --touch, printing every answer decoded with
+    its round-trip time.
+
+    Exit status 0 when the server answered every HELLO, MAP and LOOKUP, 1 when
+    one went unanswered, 2 for bad values. A probe is a new NAT64 boot for the
+    source address: never probe from the address of a NAT64 in service.
+    """
+    from nat64ho import probe as p
+
+    try:
+        if ":" in server_addr:
+            host, port = parse_listen(server_addr, "SERVER")
+        else:
+            host, port = parse_listen(f"{server_addr}:6464", "SERVER")
+        if ipaddress.ip_address(host).version != 4 or port == 0:
+            raise UsageError(f"SERVER {server_addr!r}: give an IPv4 address (and a port "
+                             "1-65535): the protocol runs over IPv4")
+        parse_ipv4(source, "--source")
+        wait = parse_seconds(timeout, "--timeout") / 1e6
+        if not 0 < wait <= 60:
+            raise UsageError(f"--timeout {timeout!r}: expected seconds, above 0 and at most 60")
+        maps = []
+        for text in map_ or []:
+            net, aport = parse_ipv6_target(text, "--map")
+            if net.prefixlen != 128 or aport is None:
+                raise UsageError(f"--map {text!r}: expected [IPV6]:PORT, e.g. '[2001:db8::1]:4000'")
+            maps.append((net.network_address.packed, aport))
+        lookups = [parse_port(x, "--lookup") for x in lookup or []]
+        touches = []
+        for text in touch or []:
+            ports = [parse_port(x.strip(), "--touch") for x in text.split(",")]
+            if len(ports) > 255:
+                raise UsageError(f"--touch {text!r}: at most 255 ports in one TOUCH")
+            touches.append(ports)
+    except UsageError as exc:
+        fail(str(exc))
+    plan = p.Plan(maps, lookups, touches)
+
+    def say(line: str) -> None:
+        typer.echo(line)
+
+    import asyncio
+
+    try:
+        ok = asyncio.run(p.run(host, port, source, plan, wait, say))
+    except OSError as exc:
+        fail(f"{host}:{port} from {source}: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import gzip
-import io
 import ipaddress
 import os
 import socket
@@ -28,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, TextIO
 
+from nat64ho import schema
 from nat64ho.eventlog import BadLine, Event, EventKind, ipv4_str, ipv6_str, parse_line, ts_str
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
@@ -36,6 +36,8 @@ _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
 #: a small part of the cost, small enough that the server's own commits wait
 #: well under a second for the write lock.
 IMPORT_BATCH = 20_000
+#: Lines between two progress reports of an import.
+PROGRESS_LINES = 4096
 #: Events deleted per prune transaction, for the same reason.
 PRUNE_BATCH = 50_000
 #: Rows fetched from SQLite at a time while streaming.
@@ -132,7 +134,8 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
     port, or clients in one IPv6 prefix (a /128 for one address)."""
     cols = "nat, port, addr, aport, created, last_use"
     if nat is None and ipv6 is None and port is None:
-        yield from _stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry)
+        yield from _stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry,
+                           schema.entry_ok, conn)
         return
     for n in [nat] if nat is not None else nat_addresses(conn, history=False):
         if ipv6 is not None:
@@ -144,20 +147,50 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND port = ?", (n, port))
         else:
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? ORDER BY port", (n,))
-        yield from _stream(cur, Entry)
+        yield from _stream(cur, Entry, schema.entry_ok, conn)
 
 
-def _stream(cur: sqlite3.Cursor, make=None) -> Iterator:
+def _stream(cur: sqlite3.Cursor, make=None, ok=None, conn=None) -> Iterator:
+    """Rows of ``cur`` in chunks; each must pass ``ok`` (see schema.entry_ok)."""
     while rows := cur.fetchmany(FETCH):
+        if ok is not None:
+            for row in rows:
+                if not ok(row):
+                    raise _bad(conn, row, ok)
         if make is None:
             yield from rows
         else:
             yield from map(make._make, rows)
 
 
+def _db_path(conn) -> str:
+    try:
+        return conn.execute("PRAGMA database_list").fetchone()[2] or "database"
+    except sqlite3.Error:
+        return "database"
+
+
+def _bad(conn, row, ok) -> Exception:
+    if ok is schema.entry_ok:
+        return schema.bad_entry(_db_path(conn), row)
+    if ok is _id_event_ok:
+        row = row[1:]
+    return schema.bad_event(_db_path(conn), row, conn)
+
+
+def _entry_row(conn, row):
+    """A (addr, aport, created) read of one entry, checked."""
+    if row is not None and not (type(row[0]) is bytes and len(row[0]) == 16
+                                and type(row[1]) is int and type(row[2]) is int):
+        raise schema.BadRow(f"{_db_path(conn)}: table entry, a row of this query does not decode "
+                            f"(addr {row[0]!r:.40}, aport {row[1]!r}, created {row[2]!r}); run "
+                            "'nat64ho check'")
+    return row
+
+
 # ---------------------------------------------------------------- who
 
-def _event(row, nat: int, port: int) -> Event:
+def _make_event(row, nat: int, port: int) -> Event:
     ts, kind, addr, aport = row
     return Event(ts, EventKind(kind), nat, port, addr, aport)
 
@@ -171,6 +204,13 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
     database knows, nobody did."""
     key = (nat, port)
+
+    def _event(r, nat, port):
+        full = (r[0], r[1], nat, port, r[2], r[3])
+        if not schema.event_ok(full):
+            raise _bad(conn, full, schema.event_ok)
+        return _make_event(r, nat, port)
+
     before = [_event(r, *key) for r in conn.execute(
         "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
         "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2", (*key, at))]
@@ -181,8 +221,8 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     # timestamp, and the rule above says which of them came first.
     prev = max(before, key=_order) if before else None
     nxt = min(after, key=_order) if after else None
-    row = conn.execute("SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?",
-                       key).fetchone()
+    row = _entry_row(conn, conn.execute(
+        "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key).fetchone())
     if prev is not None and prev.kind == EventKind.CREATED:
         holder = (prev.addr, prev.aport)
         if row is not None and (row[0], row[1]) != holder and prev.ts < row[2] <= at:
@@ -204,6 +244,39 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
         # table clock, which may differ from the log's by a little.
         return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
     return None
+
+
+#: Events of one port looked at within a tolerance window: a port reused
+#: more often than this within minutes makes a report useless anyway.
+WINDOW_EVENTS = 1000
+
+
+def who_port_window(conn: sqlite3.Connection, nat: int, port: int, at: int,
+                    tolerance: int) -> list[Holding]:
+    """Every holder of ``nat``:``port`` at some instant of
+    [at - tolerance, at + tolerance], closest to ``at`` first (a holding
+    that covers ``at`` is at distance 0)."""
+    lo, hi = at - tolerance, at + tolerance
+    # Each holding that overlaps the window either covers its start, its
+    # end, or begins inside it with a Created.
+    instants = [lo, hi, at] + [r[0] for r in conn.execute(
+        "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
+        "ORDER BY ts LIMIT ?", (nat, port, _CREATED, lo, hi, WINDOW_EVENTS))]
+    found: dict[tuple, Holding] = {}
+    for t in instants:
+        h = who_port(conn, nat, port, t)
+        if h is not None:
+            found.setdefault((h.addr, h.aport, h.start, h.end), h)
+    return sorted(found.values(), key=lambda h: (distance(h, at), h.start or 0))
+
+
+def distance(h: Holding, at: int) -> int:
+    """Microseconds from ``at`` to the nearest instant of the holding."""
+    if h.covers(at):
+        return 0
+    if h.start is not None and at < h.start:
+        return h.start - at
+    return at - h.end if h.end is not None else 0
 
 
 def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
@@ -228,8 +301,8 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
 
     def flush() -> Iterator[Holding]:
         for (n, p), created in open_.items():
-            row = conn.execute("SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?",
-                               (n, p)).fetchone()
+            row = _entry_row(conn, conn.execute(
+                "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)).fetchone())
             current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
             if current:
                 seen_current.add((n, p))
@@ -242,7 +315,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
                 yield h
         done.clear()
 
-    for ts, kind, n, p, addr, ap in _stream(cur):
+    for ts, kind, n, p, addr, ap in _stream(cur, None, schema.event_ok, conn):
         if (addr, ap) != group:
             yield from flush()
             group = (addr, ap)
@@ -265,6 +338,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
                 f"{extra} ORDER BY addr, aport", (n, lo, hi, *args)).fetchall():
             if (n, p) in seen_current:
                 continue
+            _entry_row(conn, (addr, ap, created))
             h = Holding(n, p, addr, ap, created, None, True, None, None)
             if at is None or h.covers(at):
                 yield h
@@ -273,17 +347,24 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
 # ---------------------------------------------------------------- export
 
 def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
-                 since: Optional[int] = None, until: Optional[int] = None) -> Iterator[tuple]:
-    """History rows ``(ts, kind, nat, port, addr, aport)``, streamed.
+                 since: Optional[int] = None, until: Optional[int] = None,
+                 after: Optional[int] = None, with_id: bool = False,
+                 limit: Optional[int] = None) -> Iterator[tuple]:
+    """History rows ``(ts, kind, nat, port, addr, aport)``, streamed; with
+    ``with_id``, the event id (its sequence number) comes first.
 
     Without a time window: in the order the server logged them (id order),
     which is what makes an export byte-identical to its log. With ``since``
     (inclusive) or ``until`` (exclusive): in time order along the ts index,
     so that a narrow window of a huge history costs only its own rows; the
     two orders differ only where the clock stepped back or older logs were
-    imported later.
+    imported later. ``after``: only events with a higher id (id order), so
+    that a reader resumes exactly where it stopped.
     """
     where, args = [], []
+    if after is not None:
+        where.append("id > ?")
+        args.append(after)
     if nat is not None:
         where.append("nat = ?")
         args.append(nat)
@@ -297,14 +378,28 @@ def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
         order = "id"
     else:
         order = "ts, id"
-    sql = "SELECT ts, kind, nat, port, addr, aport FROM event"
+    sql = f"SELECT {'id, ' if with_id else ''}ts, kind, nat, port, addr, aport FROM event"
     if where:
         sql += " WHERE " + " AND ".join(where)
     if since is not None or until is not None:
         # Otherwise the planner may prefer the (nat, port, ts) index for a
         # --nat filter and then sort the whole result before the first row.
         sql = sql.replace("FROM event", "FROM event INDEXED BY event_ts")
-    return _stream(conn.execute(f"{sql} ORDER BY {order}", args))
+    sql += f" ORDER BY {order}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return _stream(conn.execute(sql, args), None, _id_event_ok if with_id else schema.event_ok, conn)
+
+
+def _id_event_ok(row) -> bool:
+    """schema.event_ok for a row that starts with its id."""
+    return schema.event_ok(row[1:])
+
+
+def last_event_id(conn: sqlite3.Connection) -> int:
+    """The highest event id (0 for an empty history): a cheap upper bound
+    for progress."""
+    return conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0]
 
 
 _KINDS = ("Initialized", "Created", "Deleted")
@@ -324,6 +419,8 @@ class LineFormatter:
     def nat(self, nat: int) -> str:
         text = self._nats.get(nat)
         if text is None:
+            if len(self._nats) >= 65536:  # bounded, like the import caches
+                self._nats.clear()
             text = self._nats[nat] = ipv4_str(nat)
         return text
 
@@ -360,18 +457,20 @@ def write_log(rows: Iterable[tuple], out: TextIO) -> int:
 
 
 def write_jsonl(rows: Iterable[tuple], out: TextIO) -> int:
-    """One JSON object per line with fixed keys: ts, event, nat, port, ipv6, ipv6_port
-    (the last three null for Initialized)."""
+    """One JSON object per line with fixed keys: seq, ts, event, nat, port, ipv6,
+    ipv6_port (the last three null for Initialized). ``rows`` carry their id
+    first (``history_rows(with_id=True)``): it is ``seq``, for ``--after``."""
     f = LineFormatter()
     n = 0
-    for ts, kind, nat, port, addr, aport in rows:
+    for seq, ts, kind, nat, port, addr, aport in rows:
         # Every value is digits, dots, colons or a fixed word: no escaping needed.
         if kind == 0:
-            out.write(f'{{"ts": "{f.ts(ts)}", "event": "Initialized", "nat": "{f.nat(nat)}", '
-                      f'"port": null, "ipv6": null, "ipv6_port": null}}\n')
+            out.write(f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "Initialized", '
+                      f'"nat": "{f.nat(nat)}", "port": null, "ipv6": null, "ipv6_port": null}}\n')
         else:
-            out.write(f'{{"ts": "{f.ts(ts)}", "event": "{_KINDS[kind]}", "nat": "{f.nat(nat)}", '
-                      f'"port": {port}, "ipv6": "{f.ipv6(addr)}", "ipv6_port": {aport}}}\n')
+            out.write(f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "{_KINDS[kind]}", '
+                      f'"nat": "{f.nat(nat)}", "port": {port}, "ipv6": "{f.ipv6(addr)}", '
+                      f'"ipv6_port": {aport}}}\n')
         n += 1
     return n
 
@@ -417,20 +516,55 @@ def database_in_use(path) -> bool:
         os.close(fd)
 
 
-def open_log(name: str) -> TextIO:
-    """A log to import as text: ``-`` is stdin, ``*.gz`` is decompressed.
-    Raises :class:`LogUnreadable`."""
+def open_log(name: str) -> BinaryIO:
+    """A log to import as octets: ``-`` is stdin, ``*.gz`` is decompressed.
+    Lines are read from it with :func:`read_lines`. Raises :class:`LogUnreadable`."""
     try:
         if name == "-":
-            raw: BinaryIO = sys.stdin.buffer
-        elif name.endswith(".gz"):
-            raw = gzip.open(name, "rb")
-        else:
-            raw = open(name, "rb")
+            return sys.stdin.buffer
+        if name.endswith(".gz"):
+            return gzip.open(name, "rb")
+        return open(name, "rb")
     except OSError as exc:
         raise LogUnreadable(f"{name}: {exc.strerror or exc}") from None
-    # Log lines are ASCII; anything else becomes U+FFFD and fails to parse.
-    return io.TextIOWrapper(raw, encoding="ascii", errors="replace", newline="")
+
+
+def log_position(stream: BinaryIO) -> Optional[int]:
+    """Octets of the file on disk consumed so far (the compressed ones for
+    gzip), for progress against its size; None for a pipe."""
+    try:
+        raw = stream.fileobj if isinstance(stream, gzip.GzipFile) else stream
+        return raw.tell()
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+#: Longest line import reads (a log line is under 130 octets); a longer one
+#: is skipped without ever being held in memory whole.
+MAX_LINE = 4096
+
+
+class _TooLong(str):
+    """Stands in for a line longer than :data:`MAX_LINE`."""
+
+
+def read_lines(stream: BinaryIO) -> Iterator[str]:
+    """The lines of a log, split at LF only (as editors number them: a bare
+    CR is part of its line), as ASCII text (anything else becomes U+FFFD and
+    fails to parse). A line over MAX_LINE octets comes out as a _TooLong."""
+    while True:
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            # Drop the rest of it in bounded reads.
+            while True:
+                rest = stream.readline(MAX_LINE)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield _TooLong()
+            continue
+        yield line.decode("ascii", "replace")
 
 
 class _FastParser:
@@ -486,10 +620,17 @@ class _FastParser:
 
     def _day(self, text: str) -> int:
         e = parse_line(f"{text} 00:00:00.000000 Initialized 0.0.0.0")
+        if len(self._days) >= 4096:
+            # Bounded: a log of garbage dates must not grow it without end.
+            self._days.clear()
         self._days[text] = e.ts
         return e.ts
 
     def _nat(self, text: str) -> int:
+        # parse_line allows a line end after an Initialized address; here
+        # the address is followed by its port, so nothing may trail it.
+        if not set(text) <= _DIGIT_DOT:
+            raise ValueError
         if len(self._nats) > 65536:
             self._nats.clear()
         e = parse_line(f"1970-01-01 00:00:00.000000 Initialized {text}")
@@ -500,12 +641,15 @@ class _FastParser:
 # Characters the reference parser's IPv6 pattern allows; inet_pton rejects
 # anything else anyway, but "%zone" and spaces must never reach it.
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:.")
+_DIGIT_DOT = frozenset("0123456789.")
 
 
-def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, TextIO]],
+def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
                 on_bad: Callable[[str, int, str], None], *,
-                rebuild_table: bool = False) -> ImportResult:
-    """Add the events of each ``(name, text stream)`` to the history.
+                rebuild_table: bool = False,
+                on_progress: Optional[Callable[[int, int], None]] = None,
+                on_rebuild: Optional[Callable[[], None]] = None) -> ImportResult:
+    """Add the events of each ``(name, stream from open_log)`` to the history.
 
     Events already there are left alone (the unique event index), so an
     import can be repeated or resumed. A line that does not parse is passed
@@ -514,8 +658,10 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, TextIO]],
     entry where that event is a Created, never replacing an entry already in
     the table. It is meant for a stopped server: a running one keeps its
     free ports in memory and would not see entries added behind its back.
-    Raises :class:`LogUnreadable` for read errors (the batches committed
-    before it stay: importing again completes the work).
+    ``on_progress(lines, added)`` is called every few thousand lines with the
+    lines read and the events committed so far; ``on_rebuild()`` before the
+    table is rebuilt (one statement, no progress of its own). Raises :class:`LogUnreadable` for read errors (the
+    batches committed before it stay: importing again completes the work).
     """
     parse = _FastParser()
     lines = skipped = added = 0
@@ -545,7 +691,11 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, TextIO]],
     for name, stream in logs:
         number = 0
         try:
-            for number, line in enumerate(stream, 1):
+            for number, line in enumerate(read_lines(stream), 1):
+                if type(line) is _TooLong:
+                    skipped += 1
+                    on_bad(name, number, f"line longer than {MAX_LINE} octets")
+                    continue
                 try:
                     batch.append(parse(line))
                 except BadLine as exc:
@@ -553,6 +703,8 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, TextIO]],
                     on_bad(name, number, str(exc))
                 if len(batch) >= IMPORT_BATCH:
                     added += commit()
+                if on_progress is not None and not number % PROGRESS_LINES:
+                    on_progress(lines + number, added)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             if batch:
                 added += commit()
@@ -560,6 +712,10 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, TextIO]],
         lines += number
     if batch:
         added += commit()
+    if on_progress is not None:
+        on_progress(lines, added)
+    if rebuild_table and on_rebuild is not None:
+        on_rebuild()
     entries = _rebuild(conn) if rebuild_table else 0
     return ImportResult(lines, added, skipped, entries)
 
@@ -604,13 +760,24 @@ def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
         entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         first, last = hellos.get(nat, (None, None))
+        for column, v in (("entry.last_use", oldest), ("nat.first_hello", first),
+                          ("nat.last_hello", last)):
+            if v is not None and type(v) is not int:
+                raise schema.BadRow(f"{_db_path(conn)}: {column} of NAT64 {ipv4_str(nat)} holds "
+                                    f"{type(v).__name__} {v!r:.40}, not a time; run 'nat64ho check'")
         c = counts.get((nat, _CREATED), [0, 0])
         d = counts.get((nat, _DELETED), [0, 0])
         out.append(NatStats(nat, entries, capacity, oldest, first, last, c[1], d[1], c[0], d[0]))
     return out
 
 
-def prune(conn: sqlite3.Connection, before_us: int) -> int:
+def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
+    """How many events :func:`prune` would delete (a walk of the ts index)."""
+    return conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0]
+
+
+def prune(conn: sqlite3.Connection, before_us: int,
+          on_batch: Optional[Callable[[int], None]] = None) -> int:
     """Delete history events older than ``before_us``; returns how many.
 
     Current entries are never touched. Works in transactions of
@@ -628,5 +795,7 @@ def prune(conn: sqlite3.Connection, before_us: int) -> int:
             conn.execute("ROLLBACK")
             raise
         total += n
+        if on_batch is not None:
+            on_batch(total)
         if n < PRUNE_BATCH:
             return total

@@ -91,6 +91,10 @@ class ServerCollector(Collector):
                                 value=s.cached)
         yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
                                 value=s.store.backlog)
+        yield GaugeMetricFamily("nat64ho_log_lines_waiting",
+                                "Event lines committed but not yet in the log file (it could "
+                                "not be written); copied from the history when it can.",
+                                value=s.logfile.waiting)
         yield GaugeMetricFamily("nat64ho_store_failing",
                                 "1 while commits to the database fail (disk full, locked).",
                                 value=1 if s.store.failing else 0)

@@ -8,10 +8,12 @@ where a read was asked for.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import time
 from importlib import resources
 from pathlib import Path
@@ -42,6 +44,10 @@ class NewerDatabase(DatabaseError):
 
 class OutdatedDatabase(DatabaseError):
     """The database lacks migrations that only ``serve`` applies."""
+
+
+class DatabaseUnwritable(DatabaseError):
+    """``serve`` cannot write the database (read-only file or mount, full disk)."""
 
 
 class DatabaseBusy(DatabaseError):
@@ -84,6 +90,9 @@ def _connect(path: Path, mode: str) -> sqlite3.Connection:
     uri = f"file:{path.as_posix()}?mode={mode}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
+    # Before anything reads: SQL stored in the file (views, triggers, index
+    # expressions) may then call no function with side effects.
+    conn.execute("PRAGMA trusted_schema = OFF")
     return conn
 
 
@@ -108,6 +117,11 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     if "schema_migrations" not in tables:
         raise NotOurDatabase(
             f"{path}: an SQLite database of another program (no schema_migrations table)")
+    # Read it only once it is known to be the plain table the migrations
+    # made: a view of the same name could run any query.
+    [(sql,)] = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'schema_migrations'")
+    if _norm(sql) != _norm(_expected(1)["schema_migrations"][2]):
+        raise NotOurDatabase(f"{path}: table schema_migrations differs from the schema")
     return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
 
@@ -172,17 +186,20 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         if not create:
             raise DatabaseMissing(f"{path}: no such database (start 'nat64ho serve --db {path}' "
                                   "to create it, or give --db)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-    elif path.is_dir():
-        raise NotOurDatabase(f"{path}: is a directory, not a database file")
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     else:
         check_file(path)
+    check_companions(path)
     conn = _connect(path, "ro" if readonly else "rwc" if create else "rw")
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Identify the file before anything writes to it: switching a foreign
         # database to WAL would already change its header.
-        check_version(conn, path)
+        applied = check_version(conn, path)
+        problems = schema_problems(conn, applied)
+        if problems:
+            raise NotOurDatabase(f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
+                                 "migrations; refusing to use this database)")
         if readonly:
             _require_current(conn, path)
         else:
@@ -239,16 +256,46 @@ def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
 _MAGIC = b"SQLite format 3\x00"
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int) -> NotOurDatabase:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return NotOurDatabase(f"{path}: is {kind}, not a database file")
+
+
+def check_companions(path: Path) -> None:
+    """Refuse a -wal or -shm beside the database that is not a regular file:
+    SQLite would block on a FIFO there as on the database itself."""
+    for extra in ("-wal", "-shm"):
+        try:
+            mode = os.stat(f"{path}{extra}").st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise _not_regular(Path(f"{path}{extra}"), mode)
+
+
 def check_file(path: Path) -> None:
-    """Refuse a non-empty file that is not an intact SQLite database file:
-    wrong magic, a size that is not whole pages, or fewer pages than its
-    header records. Raises NotOurDatabase; reads 100 octets."""
+    """Refuse what is not a regular file (without blocking on a FIFO), and a
+    non-empty file that is not an intact SQLite database file: wrong magic,
+    a size that is not whole pages, or fewer pages than its header records.
+    Raises NotOurDatabase; reads 100 octets."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(100)
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise NotOurDatabase(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        size = st.st_size
+        head = os.pread(fd, 100, 0)
+    except OSError as exc:
+        raise NotOurDatabase(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
     if size == 0:
         return  # SQLite's empty database: nothing to lose, migrations fill it
     if len(head) < 100 or not head.startswith(_MAGIC):
@@ -272,20 +319,56 @@ def check_file(path: Path) -> None:
                              f"header records {pages})")
 
 
-def expected_schema() -> dict[tuple[str, str], str]:
-    """(type, name) -> SQL of every table and index the shipped migrations
-    create, as SQLite stores it."""
+def _norm(sql: str | None) -> str:
+    return " ".join((sql or "").split())
+
+
+#: Tables SQLite itself may add (ANALYZE statistics): they steer query plans,
+#: never what a query returns.
+_SQLITE_OWN = frozenset({"sqlite_stat1", "sqlite_stat4"})
+
+
+@functools.lru_cache(maxsize=None)
+def _expected(version: int) -> dict[str, tuple[str, str, str]]:
+    """name -> (type, tbl_name, sql) of everything in sqlite_master after
+    migrations 1..``version``, built once by applying them in memory."""
     mem = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        migrate(mem, Path(":memory:"))
+        for v, name, sql in migrations()[:version]:
+            mem.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)")
+            for statement in _statements(sql):
+                mem.execute(statement)
         return _schema_of(mem)
     finally:
         mem.close()
 
 
-def _schema_of(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
-    return {(t, n): sql for t, n, sql in conn.execute(
-        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str, str]]:
+    return {n: (t, tbl, sql) for t, n, tbl, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master")}
+
+
+def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
+    """Every difference between the file's whole sqlite_master and what the
+    migrations it records build: unknown views, triggers, tables and indexes
+    first. Reads sqlite_master only."""
+    want = _expected(max(applied, default=0))
+    have = _schema_of(conn)
+    problems = []
+    for name, (kind, tbl, sql) in sorted(have.items()):
+        if name in _SQLITE_OWN and kind == "table":
+            continue
+        mine = want.get(name)
+        if mine is None or mine[0] != kind:
+            problems.append(f"unknown {kind} {name}" + (f" on {tbl}" if tbl != name else ""))
+    for name, (kind, tbl, sql) in sorted(want.items()):
+        found = have.get(name)
+        if found is None or found[0] != kind:
+            problems.append(f"{kind} {name} is missing")
+        elif found[1] != tbl or _norm(found[2]) != _norm(sql):
+            problems.append(f"{kind} {name} differs from the schema")
+    return problems
 
 
 class CheckReport:
@@ -311,11 +394,9 @@ def check(path: Path | str) -> CheckReport:
     report = CheckReport(path)
     if not path.exists():
         raise DatabaseMissing(f"{path}: no such database")
-    if path.is_dir():
-        report.problems.append(f"{path}: is a directory, not a database file")
-        return report
     try:
         check_file(path)
+        check_companions(path)
     except NotOurDatabase as exc:
         report.problems.append(str(exc))
         return report
@@ -330,19 +411,20 @@ def check(path: Path | str) -> CheckReport:
             if not isinstance(exc, OutdatedDatabase):
                 return report
             applied = []
-        found = _schema_of(conn)
         if applied:
-            for (kind, name), sql in expected_schema().items():
-                have = found.get((kind, name))
-                if have is None:
-                    report.problems.append(f"{path}: {kind} {name} is missing")
-                elif " ".join(have.split()) != " ".join(sql.split()):
-                    report.problems.append(f"{path}: {kind} {name} differs from the schema")
+            schema = schema_problems(conn, applied)
+            if schema:
+                # integrity_check would evaluate the planted SQL (a view's
+                # query, an index expression): report and read no further.
+                report.problems += [f"{path}: {p}" for p in schema]
+                return report
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)")]
         if rows != ["ok"]:
             report.problems += [f"{path}: integrity_check: {r}" for r in rows]
         for r in conn.execute("PRAGMA foreign_key_check"):
             report.problems.append(f"{path}: foreign_key_check: {r}")
+        if applied:
+            report.problems += [f"{path}: {p}" for p in bad_rows(conn)]
         if report.ok:
             report.facts = {
                 "schema version": max(applied),
@@ -360,3 +442,105 @@ def check(path: Path | str) -> CheckReport:
     finally:
         conn.close()
     return report
+
+
+# ---------------------------------------------------------------- rows
+# SQLite keeps whatever type a row was given (a text in an INTEGER column of
+# a non-STRICT table): the rows commands and the server decode are checked
+# here, so a planted or damaged one is named instead of raising deep inside.
+
+class BadRow(DatabaseError):
+    """A row does not decode; the message names the table and the row."""
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_port(v) -> bool:
+    return type(v) is int and 0 <= v <= 65535
+
+
+def _is_addr(v) -> bool:
+    return type(v) is bytes and len(v) == 16
+
+
+_ENTRY = (("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port),
+          ("created", _is_int), ("last_use", _is_int))
+_EVENT = (("ts", _is_int), ("kind", lambda v: v in (0, 1, 2) and type(v) is int),
+          ("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port))
+
+
+def _show(v) -> str:
+    if isinstance(v, bytes):
+        return f"a blob of {len(v)} octets"
+    return f"{type(v).__name__} {v!r}"[:60]
+
+
+def entry_ok(row) -> bool:
+    """Whether (nat, port, addr, aport, created, last_use) decodes."""
+    nat, port, addr, aport, created, last_use = row
+    return (type(nat) is int and type(port) is int and 0 <= port <= 65535 and type(addr) is bytes
+            and len(addr) == 16 and type(aport) is int and 0 <= aport <= 65535
+            and type(created) is int and type(last_use) is int)
+
+
+def event_ok(row) -> bool:
+    """Whether (ts, kind, nat, port, addr, aport) decodes."""
+    ts, kind, nat, port, addr, aport = row
+    if not (type(ts) is int and type(nat) is int and type(port) is int and 0 <= port <= 65535):
+        return False
+    if kind == 0 and type(kind) is int:
+        return True
+    return (kind in (1, 2) and type(kind) is int and type(addr) is bytes and len(addr) == 16
+            and type(aport) is int and 0 <= aport <= 65535)
+
+
+def bad_entry(path, row) -> BadRow:
+    """The error for an entry row that failed :func:`entry_ok`."""
+    why = next(f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row) if not ok(v))
+    return BadRow(f"{path}: table entry, row (nat={row[0]!r}, port={row[1]!r}) does not decode: "
+                  f"{why}; run 'nat64ho check --db {path}'")
+
+
+def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
+    """The error for an event row that failed :func:`event_ok`, with its id
+    when ``conn`` can find it."""
+    checks = _EVENT if row[1] != 0 else _EVENT[:4]
+    why = next((f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row) if not ok(v)),
+               "wrong types")
+    where = f"ts={row[0]!r}, nat={row[2]!r}, port={row[3]!r}"
+    if conn is not None:
+        try:
+            found = conn.execute("SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? "
+                                 "AND port IS ?", row[:4]).fetchone()
+        except sqlite3.Error:
+            found = None
+        if found is not None:
+            where = f"id {found[0]}"
+    return BadRow(f"{path}: table event, row {where} does not decode: {why}; "
+                  f"run 'nat64ho check --db {path}'")
+
+
+def bad_rows(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
+    """Rows of entry, event and nat whose types the code cannot decode (a
+    full scan: for ``check``)."""
+    found = []
+    for nat, port in conn.execute(
+            "SELECT nat, port FROM entry WHERE typeof(nat) != 'integer' OR typeof(port) != "
+            "'integer' OR port NOT BETWEEN 0 AND 65535 OR typeof(addr) != 'blob' OR "
+            "length(addr) != 16 OR typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535 "
+            "OR typeof(created) != 'integer' OR typeof(last_use) != 'integer' LIMIT ?", (limit,)):
+        found.append(f"table entry, row (nat={nat!r}, port={port!r}) does not decode "
+                     "(wrong type or size)")
+    for (rowid,) in conn.execute(
+            "SELECT id FROM event WHERE typeof(ts) != 'integer' OR typeof(kind) != 'integer' OR "
+            "typeof(nat) != 'integer' OR typeof(port) != 'integer' OR port NOT BETWEEN 0 AND 65535"
+            " OR (kind != 0 AND (typeof(addr) != 'blob' OR length(addr) != 16 OR "
+            "typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535)) LIMIT ?", (limit,)):
+        found.append(f"table event, row id {rowid} does not decode (wrong type or size)")
+    for (nat,) in conn.execute(
+            "SELECT nat FROM nat WHERE typeof(boot_id) != 'blob' OR typeof(first_hello) != "
+            "'integer' OR typeof(last_hello) != 'integer' LIMIT ?", (limit,)):
+        found.append(f"table nat, row nat={nat!r} does not decode (wrong type)")
+    return found

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventClock, EventKind, format_event
-from nat64ho.schema import NotOurDatabase
+from nat64ho.schema import BadRow, DatabaseError, NotOurDatabase
 from nat64ho.session import DEFAULT_COOKIE_LIFETIME, Bucket, Confirmation, Refused, Sessions, Share
 from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
 from nat64ho.table import NatTable
@@ -60,6 +60,8 @@ READERS = 4
 MAX_VICTIM_PAGES = 64
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
+#: How often a standby server tries to take the table.
+STANDBY_POLL = 0.2
 #: Shortest interval between two reports of unexpected errors in the log;
 #: the ones between are counted (metric "internal_error") and summed up.
 BUG_LOG_INTERVAL = 60.0
@@ -94,6 +96,7 @@ class Config:
     keep_history_days: float | None = None
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
+    standby: bool = False  #: wait for another server to release the table
 
 
 def wall_us() -> int:
@@ -116,45 +119,142 @@ class Clock:
 
 
 class LogFile:
-    """The event log (PROTOCOL.md §6). Lines are flushed to the OS before the
-    answers they describe are sent; SIGHUP reopens the file for logrotate."""
+    """The event log (PROTOCOL.md §6). Lines reach the OS before the answers
+    they describe are sent; SIGHUP reopens the file for logrotate.
+
+    When a write fails (disk full) the file is cut back to its last whole
+    line and later lines are not written directly: every CATCH_UP_RETRY a
+    task copies them from the history (the event table, in id order) until
+    the file has caught up, so it ends equal to ``nat64ho export``.
+    """
+
+    #: Seconds between tries to write a failing log file again.
+    CATCH_UP_RETRY = 1.0
+    #: History rows read per catch-up step.
+    CATCH_UP_ROWS = 2000
 
     def __init__(self, path: str):
         self.path = path
-        self._f = None
-        self._failing = False
+        self._fd = -1
+        self._good = 0  # size of the file after the last whole write
+        #: Lines committed to the database but not yet in the file.
+        self.waiting = 0
+        self.store: Store | None = None  #: where catch-up reads the history
+        self._behind: tuple | None = None  # key of the first missing event, while behind
+        self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
+        self._last: tuple | None = None  # key of the last event committed while behind
+        self._task: asyncio.Task | None = None
         self.open()
 
     def open(self) -> None:
         if self.path == "-":
-            self._f = sys.stdout
             return
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="ascii", buffering=1 << 16)
+        Path(self.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._good = os.fstat(self._fd).st_size
 
     def reopen(self) -> None:
         if self.path == "-":
             return
-        old = self._f
+        old = self._fd
         self.open()
-        old.close()
+        os.close(old)
         log.info("reopened log file %s", self.path)
 
-    def write(self, lines: list[str]) -> None:
+    def _emit(self, data: str) -> None:
+        if self.path == "-":
+            sys.stdout.write(data)
+            sys.stdout.flush()
+            return
+        raw = data.encode("ascii")
+        view = memoryview(raw)
         try:
-            self._f.write("".join(lines))
-            self._f.flush()
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            # A part of a line must not stay: the catch-up rewrites it whole.
+            try:
+                os.ftruncate(self._fd, self._good)
+            except OSError:
+                pass
+            raise
+        self._good += len(raw)
+
+    def write(self, events: list[Event]) -> None:
+        """Write the lines of ``events``, just committed."""
+        if self._behind is not None:
+            # Catching up: the order comes from the history, not from here.
+            self.waiting += len(events)
+            self._last = _event_key(events[-1])
+            return
+        try:
+            self._emit("".join([format_event(e) + "\n" for e in events]))
         except OSError as exc:
-            if not self._failing:
-                log.error("cannot write log file %s: %s (events are still in the database; "
-                          "'nat64ho export' recovers them)", self.path, exc)
-            self._failing = True
-        else:
-            self._failing = False
+            self.waiting += len(events)
+            self._behind = _event_key(events[0])
+            self._after = -1
+            self._last = _event_key(events[-1])
+            log.error("cannot write log file %s: %s; its lines wait in the database and are "
+                      "copied in order once it can be written", self.path, exc)
+            if self.store is not None and self._task is None:
+                self._task = asyncio.ensure_future(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        store = self.store
+        copied = 0
+        told = False
+        while True:
+            await asyncio.sleep(self.CATCH_UP_RETRY)
+            try:
+                if self._after < 0:
+                    first = await store.event_id(self._behind)
+                    if first is None:
+                        continue  # not found yet: ask again next time
+                    self._after = first - 1
+                while True:
+                    rows = await store.read_events(self._after, self.CATCH_UP_ROWS)
+                    lines = []
+                    done = False
+                    for row in rows:
+                        lines.append(format_event(Event(row[1], EventKind(row[2]), *row[3:])) + "\n")
+                        if _event_key(row[1:]) == self._last:
+                            done = True  # later rows come with their own commit
+                            break
+                    self._emit("".join(lines))
+                    copied += len(lines)
+                    self.waiting = max(0, self.waiting - len(lines))
+                    if lines:
+                        self._after = rows[len(lines) - 1][0]
+                    if done or not rows:
+                        break
+            except OSError:
+                continue  # still failing: the error was said once
+            except (sqlite3.Error, ValueError, TypeError) as exc:
+                if not told:
+                    log.error("cannot read the history to catch up log file %s: %s", self.path, exc)
+                    told = True
+                continue
+            # No await since the last row: nothing committed in between.
+            self._behind = self._last = None
+            self.waiting = 0
+            self._task = None
+            log.warning("log file %s written again: %d lines caught up from the database",
+                        self.path, copied)
+            return
 
     def close(self) -> None:
-        if self._f is not None and self._f is not sys.stdout:
-            self._f.close()
+        if self._task is not None:
+            self._task.cancel()
+            log.error("log file %s stops %d lines short (they are in the database: "
+                      "'nat64ho export' has them)", self.path, self.waiting)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _event_key(e) -> tuple:
+    """What identifies an event in the history (its unique index)."""
+    return (e[0], int(e[1]), e[2], e[3])
 
 
 class NatState:
@@ -180,6 +280,7 @@ class Server(asyncio.DatagramProtocol):
         self.config = config
         self.store = store
         self.logfile = logfile
+        logfile.store = store
         self.clock = Clock(store.clock_hwm)
         self.events = EventClock(store.last_event_ts)
         self.sessions = Sessions(
@@ -203,6 +304,7 @@ class Server(asyncio.DatagramProtocol):
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
+        self._bad_row_quiet = 0.0
         store.on_commit = self._committed
 
     # ------------------------------------------------------------ socket
@@ -394,15 +496,25 @@ class Server(asyncio.DatagramProtocol):
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if isinstance(exc, DatabaseDamaged):
-                return  # the store said so once, and the server is stopping
-            if is_damage(exc):
-                self.store.damage(exc)
-                return
-            self._drop("internal_error")
-            self._bug("datagram read failed", exc)
+            self._read_failed(task.exception())
         self._read_next()
+
+    def _read_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, DatabaseDamaged):
+            return  # the store said so once, and the server is stopping
+        if isinstance(exc, BadRow):
+            # One NAT64's row: refuse that datagram, keep serving the rest.
+            self._drop("bad_row")
+            now = time.monotonic()
+            if now >= self._bad_row_quiet:
+                log.error("%s (datagram dropped)", exc)
+                self._bad_row_quiet = now + BUG_LOG_INTERVAL
+            return
+        if is_damage(exc):
+            self.store.damage(exc)
+            return
+        self._drop("internal_error")
+        self._bug("datagram read failed", exc)
 
     async def _read_one(self, state: NatState) -> None:
         """Decide the oldest waiting datagram of ``state``, after reading what
@@ -470,17 +582,19 @@ class Server(asyncio.DatagramProtocol):
         ports, total = await self.store.load_table(state.nat)
         state.table.load(ports, total)
 
-    async def drain(self, timeout: float) -> None:
-        """Decide the datagrams waiting for reads, for at most ``timeout`` s."""
+    async def drain(self, timeout: float, give_up=lambda: False) -> None:
+        """Decide the datagrams waiting for reads, for at most ``timeout`` s,
+        checking ``give_up()`` (answers that wait for a failing commit would
+        wait in vain) every tenth of a second."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.tasks and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(list(self.tasks), timeout=left)
+        while self.tasks and not give_up() and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self.tasks), timeout=min(left, 0.1))
 
     # ------------------------------------------------------------ commits
     def _committed(self, batch: Batch) -> None:
         if batch.events:
-            self.logfile.write([format_event(e) + "\n" for e in batch.events])
+            self.logfile.write(batch.events)
             for kind, n in Counter(e.kind for e in batch.events).items():
                 self.counts[_EVENT_COUNTS[kind]] += n
         nats = self.nats
@@ -570,6 +684,10 @@ def _bind(host: str, port: int) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:
             pass
+        if sock.family == socket.AF_INET6:
+            # Only [::] gets here (the CLI refuses other IPv6 addresses): it
+            # serves IPv4 NAT64s, which arrive as ::ffff:a.b.c.d.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
@@ -608,8 +726,106 @@ async def _prune(store: Store, days: float) -> None:
         await asyncio.sleep(PRUNE_INTERVAL)
 
 
-async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
-    """Run until SIGTERM/SIGINT; returns the server after a clean stop."""
+class NotCommitted(DatabaseError):
+    """A stop gave up on changes whose commits kept failing."""
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, outermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+def _made_private(dirs: list[Path], files: list[Path]) -> None:
+    """Tighten what this start created, whatever umask it ran under: the
+    database holds the cookie secret, the log holds who used which port."""
+    for d in dirs:
+        try:
+            os.chmod(d, 0o750)
+        except OSError:
+            pass
+    for f in files:
+        try:
+            mode = os.stat(f).st_mode & 0o777
+            if mode & ~0o640:
+                os.chmod(f, mode & 0o640)
+        except OSError:
+            pass
+
+
+async def _take_table(config: Config, stop: asyncio.Event):
+    """Own the table of ``config.db`` (see nat64ho.owner); with ``standby``
+    wait for it, or for a stop. Returns None when stopped while waiting."""
+    from nat64ho import owner
+
+    told = False
+    while True:
+        try:
+            return owner.acquire(config.db, what="serve")
+        except owner.TableOwned as exc:
+            if not config.standby or getattr(exc, "holder", None) is None:
+                raise
+            if not told:
+                log.info("standby: %s is owned by %s; waiting to take over", config.db,
+                         exc.holder)
+                _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
+                told = True
+        try:
+            await asyncio.wait_for(stop.wait(), STANDBY_POLL)
+            return None
+        except asyncio.TimeoutError:
+            pass
+
+
+async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:
+    """Run until SIGTERM/SIGINT; returns the server after a clean stop (None
+    when stopped before it served, in standby)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and not hurry.is_set():
+            hurry.set()
+            log.warning("second signal: giving up on commits that fail")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _serve(config, ready, stop, hurry)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Event):
+    db = Path(config.db)
+    created_dirs = _new_dirs(db)
+    log_path = Path(config.log_file) if config.log_file != "-" else None
+    if log_path is not None:
+        created_dirs += [d for d in _new_dirs(log_path) if d not in created_dirs]
+    if created_dirs:
+        db.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    candidates = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")]
+    if log_path is not None:
+        candidates.append(log_path)
+    created = [f for f in candidates if not f.exists()]
+    ownership = await _take_table(config, stop)
+    if ownership is None:
+        log.info("stopped while in standby")
+        return None
+    try:
+        return await _serve_owned(config, ready, stop, hurry, created_dirs, created)
+    finally:
+        ownership.release()
+
+
+async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created):
     loop = asyncio.get_running_loop()
     store = await Store.open(config.db, sync=config.sync)
     try:
@@ -617,9 +833,13 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
         await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
     except sqlite3.Error as exc:
         log.warning("cannot record the port range in %s: %s", config.db, exc)
-    logfile = LogFile(config.log_file)
+    try:
+        logfile = LogFile(config.log_file)
+    except OSError:
+        await store.close()
+        raise
+    _made_private(created_dirs, created)
     server = Server(config, store, logfile)
-    stop = asyncio.Event()
     store.on_damage = lambda why: stop.set()
     try:
         transport, _ = await loop.create_datagram_endpoint(
@@ -629,8 +849,6 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
         logfile.close()
         raise
     helpers = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
     sockname = transport.get_extra_info("sockname")
     log.info("listening on %s:%d, database %s, log %s, ports %d-%d",
@@ -656,24 +874,27 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server:
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
+    unsaved = 0
     try:
         await stop.wait()
     finally:
         _sd_notify("STOPPING=1")
         log.info("stopping: committing what is in flight")
         transport.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await server.drain(STOP_GRACE)
+        await server.drain(STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set())
         for h in helpers:
             h.cancel()
         if metrics is not None:
             await metrics.stop()
-        await store.close()
+        unsaved = await store.close(hurry)
         logfile.close()
         log.info("stopped: %s", server.summary())
     if store.damaged is not None:
         raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
+    if unsaved:
+        why = store.failing or "a second signal came first"
+        raise NotCommitted(f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
+                           "none of them was acknowledged to a NAT64")
     return server
 
 
@@ -681,6 +902,8 @@ def run(config: Config) -> None:
     """Blocking entry point for ``nat64ho serve``."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="nat64ho: %(levelname)s: %(message)s")
+    # Nothing serve creates is for other users, whatever umask it inherits.
+    os.umask(0o027)
     try:
         import uvloop
     except ImportError:

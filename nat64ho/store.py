@@ -32,6 +32,8 @@ MAX_RETRY_DELAY = 2.0
 #: SQLite page cache per connection, in KiB: the hot part of the indexes fits,
 #: and the two connections stay well inside the server's memory budget.
 PAGE_CACHE_KIB = 32 * 1024
+#: Seconds a stop keeps retrying failing commits before it gives up on them.
+CLOSE_GIVE_UP = 5.0
 #: Rows per DELETE when pruning history, so the writer is never held for long.
 PRUNE_CHUNK = 20_000
 #: Endpoints or ports read by one SELECT: SQLite joins at most 500 SELECTs
@@ -136,6 +138,7 @@ class Store:
         reader = await aiosqlite.connect(f"file:{path.as_posix()}?mode=ro", uri=True,
                                          isolation_level=None)
         for conn in (writer, reader):
+            await conn.execute("PRAGMA trusted_schema = OFF")
             await conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
             await conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         await writer.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
@@ -146,7 +149,22 @@ class Store:
         log.info("database %s: journal_mode=%s, synchronous=%s", path, journal,
                  {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, level))
         self = cls(path, writer, reader)
-        await self._load_meta()
+        try:
+            await self._load_meta()
+            # Written once at start, so that a file this process cannot
+            # write is refused now, not found out at the first HELLO.
+            await writer.execute("BEGIN IMMEDIATE")
+            await writer.execute("INSERT OR REPLACE INTO meta VALUES ('secret', ?)", (self.secret,))
+            await writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            for conn in (writer, reader):
+                try:
+                    await conn.close()
+                except sqlite3.Error:
+                    pass
+            full = " (its filesystem is full)" if schema._no_space(path) else ""
+            raise schema.DatabaseUnwritable(
+                f"{path}: cannot be written ({exc}){full}; serve needs to write its table") from None
         self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
         self._ticker = asyncio.create_task(self._tick(), name="nat64ho-recency")
         return self
@@ -173,23 +191,62 @@ class Store:
             await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             self.meta[key] = value
 
-    async def close(self) -> None:
-        """Commit everything pending (recency included) and close."""
+    async def close(self, give_up: asyncio.Event | None = None) -> int:
+        """Commit everything pending (recency included) and close. While
+        commits fail, stop trying after CLOSE_GIVE_UP seconds, or when
+        ``give_up`` is set; returns the changes left uncommitted (none of
+        them was acknowledged: answers wait for their commit)."""
         self._closing = True
         self._recency_due = True
         self._wake.set()
+        unsaved = 0
         if self._flusher is not None:
-            await self._flusher
+            start = self._loop.time()
+            while not self._flusher.done():
+                await asyncio.wait([self._flusher], timeout=0.1)
+                failing_long = self.failing is not None and \
+                    self._loop.time() - start >= CLOSE_GIVE_UP
+                if not self._flusher.done() and (failing_long or (give_up and give_up.is_set())):
+                    unsaved = self.unsaved
+                    self._flusher.cancel()
+                    await self._w.interrupt()
+                    break
         if self._ticker is not None:
             self._ticker.cancel()
-        await self._r.close()
-        await self._w.close()
+        for conn in (self._r, self._w):
+            try:
+                await asyncio.wait_for(conn.close(), CLOSE_GIVE_UP)
+            except (sqlite3.Error, asyncio.TimeoutError):
+                pass
+        return unsaved
+
+    @property
+    def unsaved(self) -> int:
+        """Changes decided but not committed: entries, events, HELLOs."""
+        n = self.backlog + len(self._batch.nats)
+        if self._inflight is not None:
+            n += len(self._inflight.nats)
+        return n
 
     # ------------------------------------------------------------ reads
     async def load_table(self, nat: int) -> tuple[list[int], int]:
         rows = await self._r.execute_fetchall("SELECT port FROM entry WHERE nat = ?", (nat,))
         ports = [r[0] for r in rows]
+        for p in ports:
+            if type(p) is not int or not 0 <= p <= 65535:
+                raise schema.BadRow(f"{self.path}: table entry, row (nat={nat}, port={p!r:.40}) "
+                                    f"does not decode: port holds {type(p).__name__}; run "
+                                    f"'nat64ho check --db {self.path}'")
         return ports, len(ports)
+
+    def _rows(self, nat: int, rows) -> list[Row]:
+        """Checked entry rows: a planted or damaged one is refused by name."""
+        out = []
+        for r in rows:
+            if not schema.entry_ok((nat, *r)):
+                raise schema.bad_entry(self.path, (nat, *r))
+            out.append(Row(*r))
+        return out
 
     async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]:
         # One point lookup per endpoint, joined: an OR of them makes SQLite
@@ -201,7 +258,7 @@ class Store:
             args: list = []
             for addr, aport in chunk:
                 args += (nat, addr, aport)
-            out += [Row(*r) for r in await self._r.execute_fetchall(sql, args)]
+            out += self._rows(nat, await self._r.execute_fetchall(sql, args))
         return out
 
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
@@ -209,8 +266,8 @@ class Store:
         for i in range(0, len(ports), READ_CHUNK):
             chunk = ports[i:i + READ_CHUNK]
             marks = ",".join("?" * len(chunk))
-            out += [Row(*r) for r in await self._r.execute_fetchall(
-                f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *chunk))]
+            out += self._rows(nat, await self._r.execute_fetchall(
+                f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *chunk)))
         return out
 
     async def read_oldest(self, nat: int, n: int, after: tuple[int, int] | None = None) -> list[Row]:
@@ -222,7 +279,21 @@ class Store:
             rows = await self._r.execute_fetchall(
                 f"{_ROW} WHERE nat = ? AND (last_use, port) > (?, ?) ORDER BY last_use, port LIMIT ?",
                 (nat, *after, n))
-        return [Row(*r) for r in rows]
+        return self._rows(nat, rows)
+
+    async def event_id(self, key: tuple) -> int | None:
+        """The id of the history event (ts, kind, nat, port), if stored."""
+        rows = await self._r.execute_fetchall(
+            "SELECT id FROM event WHERE nat = ? AND port = ? AND ts = ? AND kind = ?",
+            (key[2], key[3], key[0], key[1]))
+        return rows[0][0] if rows else None
+
+    async def read_events(self, after: int, n: int) -> list[tuple]:
+        """Up to ``n`` history rows (id, ts, kind, nat, port, addr, aport)
+        with ids above ``after``, in id order."""
+        return list(await self._r.execute_fetchall(
+            "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? ORDER BY id "
+            "LIMIT ?", (after, n)))
 
     # ------------------------------------------------------------ writes
     @property

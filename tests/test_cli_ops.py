@@ -149,7 +149,7 @@ def test_bad_value_through_the_real_command_has_no_traceback(example_db):
 
 @pytest.mark.parametrize("args", [
     ["query"], ["who", "192.0.2.9:47102"], ["who", "2001:db8::1"], ["export"], ["stats"],
-    ["import", "-"], ["prune", "--before", "2020-01-01"],
+    ["prune", "--before", "2020-01-01"], ["check"],
 ])
 def test_missing_database_is_an_error_and_is_not_created(tmp_path, args):
     missing = tmp_path / "sub" / "none.db"

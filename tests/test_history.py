@@ -45,7 +45,7 @@ def db(tmp_path):
 
 def load(conn, text: str, **kw) -> tuple[history.ImportResult, list]:
     bad = []
-    result = history.import_logs(conn, [("log", io.StringIO(text))],
+    result = history.import_logs(conn, [("log", io.BytesIO(text.encode()))],
                                  lambda *a: bad.append(a), **kw)
     return result, bad
 
@@ -110,12 +110,13 @@ def test_export_jsonl_and_csv_have_fixed_columns(db):
     import json
     load(db, EXAMPLE)
     out = io.StringIO()
-    history.write_jsonl(history.history_rows(db), out)
+    history.write_jsonl(history.history_rows(db, with_id=True), out)
     objs = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert objs[0] == {"ts": "2019-03-18 10:06:28.436754", "event": "Initialized",
+    assert objs[0] == {"seq": 1, "ts": "2019-03-18 10:06:28.436754", "event": "Initialized",
                        "nat": "192.0.2.7", "port": None, "ipv6": None, "ipv6_port": None}
-    assert objs[3] == {"ts": "2019-03-18 15:22:02.062478", "event": "Created", "nat": "192.0.2.9",
-                       "port": 47102, "ipv6": "2001:db8::55", "ipv6_port": 34643}
+    assert objs[3] == {"seq": 4, "ts": "2019-03-18 15:22:02.062478", "event": "Created",
+                       "nat": "192.0.2.9", "port": 47102, "ipv6": "2001:db8::55",
+                       "ipv6_port": 34643}
     out = io.StringIO()
     history.write_csv(history.history_rows(db), out)
     lines = out.getvalue().splitlines()
@@ -244,7 +245,7 @@ def test_open_log_reads_gzip_and_reports_missing_files(tmp_path):
     path = tmp_path / "x.log.gz"
     with gzip.open(path, "wt") as f:
         f.write(EXAMPLE)
-    assert history.open_log(str(path)).read() == EXAMPLE
+    assert history.open_log(str(path)).read() == EXAMPLE.encode()
     with pytest.raises(history.LogUnreadable, match="nope.log"):
         history.open_log(str(tmp_path / "nope.log"))
 

@@ -1,0 +1,78 @@
+"""``nat64ho testbed up|down`` as README tells a newcomer to use it, and the
+gateway's answers to bad command lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nat64ho.gateway import testbed as tb
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nat64ho", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(tb.available() is not None, reason=f"the test bed {tb.available()}")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_up_curl_who_down(tmp_path):
+    name = f"readme{os.getpid() % 100000}"
+    state = tmp_path / "state"
+    try:
+        up = cli("testbed", "up", "--name", name, "--state", str(state))
+        assert up.returncode == 0, up.stderr
+        assert f"ip netns exec {name}-client curl" in up.stdout
+        again = cli("testbed", "up", "--name", name, "--state", str(state))
+        assert again.returncode == 1
+        assert again.stderr.startswith(f"Error: test bed {name!r} exists")
+
+        curl = subprocess.run(["ip", "netns", "exec", f"{name}-client", "curl", "-sS", "-m", "20",
+                               "-w", " local %{local_port}", "http://[64:ff9b::192.0.2.1]:8080/"],
+                              capture_output=True, text=True, timeout=60)
+        assert curl.returncode == 0, curl.stderr
+        port = re.search(r"You came from 192\.0\.2\.9:(\d+)\.", curl.stdout).group(1)
+        local = curl.stdout.rsplit(" local ", 1)[1]
+        log = (state / "services.out").read_text()
+        assert f"http 192.0.2.9:{port} \"GET / HTTP/1.1\" 200" in log
+        who = cli("who", "--db", str(state / "table.db"), f"192.0.2.9:{port}")
+        assert who.returncode == 0, who.stderr
+        assert who.stdout.startswith(f"192.0.2.9:{port} at ")
+        assert who.stdout.splitlines()[0].endswith(f": [2001:db8:1::10]:{local}")
+    finally:
+        down = cli("testbed", "down", "--name", name, "--state", str(state))
+    assert down.returncode == 0, down.stderr
+    assert down.stdout == f"Test bed {name!r} removed.\n"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in listed
+    assert cli("testbed", "down", "--name", name).stdout == f"Test bed {name!r} was not up.\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pool", "192.0.2.300"], "Error: --pool '192.0.2.300': not an IPv4 address"),
+    (["--prefix", "64:ff9b::/64"], "Error: --prefix '64:ff9b::/64': expected an IPv6 /96"),
+    (["--prefix", "nonsense/96"], "Error: --prefix 'nonsense/96': not an IPv6 prefix"),
+    (["--server", "192.0.2.1"], "Error: --server '192.0.2.1': expected ADDR:PORT"),
+    (["--server", "[2001:db8::1]:6464"], "Error: --server '[2001:db8::1]:6464': expected IPV4:PORT"),
+    (["--handoff-port", "70000"], "Error: --handoff-port '70000': not a port number"),
+    (["--tun", "a-name-far-too-long"], "Error: --tun 'a-name-far-too-long': not an interface name"),
+])
+def test_gateway_bad_values_exit_2_with_one_error_line(args, message):
+    base = {"--tun": "nat64", "--pool": "192.0.2.9", "--server": "192.0.2.1:6464"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    p = cli("gateway", *[x for kv in base.items() for x in kv], timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_testbed_bad_name_exit_2():
+    p = cli("testbed", "up", "--name", "Has Space", timeout=60)
+    assert p.returncode == 2
+    assert p.stderr == "Error: --name 'Has Space': use 1-21 characters of a-z, 0-9 and '-'\n"
