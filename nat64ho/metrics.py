@@ -61,7 +61,7 @@ class ServerCollector(Collector):
         limited.add_metric(["request"], c["limited_request_rate"])
         limited.add_metric(["reads"], c["limited_nat_reads"])
         limited.add_metric(["waiting"], c["limited_nat_waiting"])
-        limited.add_metric(["backlog"], c["deferred"])
+        limited.add_metric(["backlog"], c["limited_backlog"])
         yield limited
         yield counter("commits", "Transactions committed (each one fsync with --sync full).",
                       s.store.stats["commits"])

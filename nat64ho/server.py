@@ -41,8 +41,9 @@ RCVBUF = 4 * 1024 * 1024
 #: together; beyond this new work is dropped ("overloaded") so memory stays
 #: bounded. The last guard: each NAT64's own share (below) comes first.
 MAX_INFLIGHT = 8192
-#: Rows waiting to be committed beyond which new entries are refused (ERROR
-#: RATE_LIMITED): a full or stuck disk must not grow memory without bound.
+#: Rows waiting to be committed beyond which new entries are refused (no
+#: answer; the NAT64 retries): a full or stuck disk must not grow memory
+#: without bound.
 MAX_BACKLOG = 200_000
 #: A NAT64's share (PROTOCOL.md §7): its datagrams waiting for reads, its
 #: answers waiting for a commit, its rows waiting to be committed. Beyond
@@ -460,10 +461,10 @@ class Server(asyncio.DatagramProtocol):
         share = state.share
         if confirmation is not None:
             self._record_boot(confirmation)
-        create_ok = (store.failing is None and store.backlog < MAX_BACKLOG
-                     and share.backlog < MAX_NAT_BACKLOG)
         out = state.table.apply(body, self.clock.now(), partial(self.events.stamp, wall_us()),
-                                store.pending_seq, state.create, create_ok=create_ok)
+                                store.pending_seq, state.create,
+                                create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
+                                share_ok=share.backlog < MAX_NAT_BACKLOG)
         if out.created or out.touched or out.events:
             share.backlog += store.add(state.nat, out.created, out.touched, out.events)
         counts = self.counts

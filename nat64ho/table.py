@@ -202,14 +202,16 @@ class NatTable:
 
     # ------------------------------------------------------------ step 2
     def apply(self, messages: list, now: int, stamp: Callable[[], int], seq: int,
-              create: Bucket | None = None, create_ok: bool = True) -> Outcome:
+              create: Bucket | None = None, create_ok: bool = True,
+              share_ok: bool = True) -> Outcome:
         """Decide ``messages`` (the datagram after its COOKIE).
 
         ``now`` is the monotonic table clock in µs, and ``stamp()`` gives each
         event its UTC time in µs (strictly increasing, PROTOCOL.md §6); ``seq`` is the write batch new entries join.
-        With ``create_ok`` false (storage, or this NAT64's share of it, cannot
-        keep up) a MAP that needs a new entry is answered ERROR RATE_LIMITED,
-        so the NAT64 retries later.
+        With ``create_ok`` false (storage cannot keep up) a MAP that needs a
+        new entry gets no answer, so the NAT64 retries later; with
+        ``share_ok`` false (this NAT64 has too much waiting to be committed,
+        PROTOCOL.md §7) it is answered ERROR RATE_LIMITED.
         """
         units: list[list[bytes]] = []
         events: list[Event] = []
@@ -250,6 +252,9 @@ class NatTable:
                     continue
                 if not create_ok:
                     counts["deferred"] = counts.get("deferred", 0) + 1
+                    continue
+                if not share_ok:
+                    counts["limited_backlog"] = counts.get("limited_backlog", 0) + 1
                     units.append([_RATE_LIMITED_MAP])
                     continue
                 unit = self._create(m, now, stamp, seq, create, events, created, counts)

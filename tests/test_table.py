@@ -119,9 +119,12 @@ def test_answers_wait_for_the_batch_that_holds_the_entry():
 def test_create_refused_when_storage_is_behind():
     t = table()
     out = t.apply([wire.Map(v6(1), 1)], S, lambda: S, 1, create_ok=False)
-    # Refused whole and said so (PROTOCOL.md §7): the NAT64 retries later.
-    assert [decode(u) for u in out.units] == [[wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)]]
-    assert out.created == [] and out.events == [] and out.counts["deferred"] == 1
+    assert out.units == [] and out.created == [] and out.counts["deferred"] == 1
+    # Over this NAT64's share: refused and said so (PROTOCOL.md §7).
+    out = t.apply([wire.Map(v6(1), 1), wire.Lookup(1)], S, lambda: S, 1, share_ok=False)
+    assert [decode(u) for u in out.units] == [[wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)],
+                                              [wire.Unmapped(1)]]
+    assert out.created == [] and out.events == [] and out.counts["limited_backlog"] == 1
 
 
 def test_entries_only_in_the_database_are_read_first():
