@@ -261,9 +261,10 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
         finally:
             holder.kill()
             holder.wait()
-        for _ in range(10):  # retransmitted, as a NAT64 does, until the commit is done
+        for _ in range(20):  # retransmitted, as a NAT64 does, until the commit is done
             if out := mappings(await c.exchange([wire.Map(v6(1), 1)], timeout=1)):
                 break
+            await asyncio.sleep(0.5)  # RATE_LIMITED (its share is full): retry later
         c.close()
         return grown, sent, out[0]
 
@@ -272,7 +273,9 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     # Below what MAX_INFLIGHT small answers can hold, with room for the allocator.
     assert grown < 48 * 1024, f"RSS grew by {grown} KiB"
     assert srv.stop() == 0
-    assert "overloaded=" in srv.stderr.splitlines()[-1]
+    # Past the NAT64's own share (PROTOCOL.md §7) its retransmissions are
+    # refused before they hold anything.
+    assert "nat_waiting=" in srv.stderr.splitlines()[-1]
     assert entries(srv.db)[(v6(1), 1)] == m.nat_port
 
 
@@ -680,7 +683,10 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         out = asyncio.run(serve_once(req(wire.Map(v6(3), 3))))
     assert out == [wire.Deleted(a.nat_port, v6(1), 1), wire.Mapping(a.nat_port, v6(3), 3)]
     lines = (tmp_path / "events.log").read_text().splitlines()
-    assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 3 + ["2030-06-01 10:30"] * 2
+    # Event times never go back (PROTOCOL.md §6): stepped back, they stay
+    # just after the newest one.
+    assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 5
+    assert lines == sorted(lines)
     assert lines[-2].endswith(f"Deleted 192.0.2.7:{a.nat_port} [2001:db8::1]:1")
 
 
