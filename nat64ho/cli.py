@@ -1168,6 +1168,31 @@ def prune(
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
 
+@app.command(short_help="Remove a NAT64 and its table; its history stays.")
+def forget(
+    nat: Annotated[str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.",
+                                       show_default=False)],
+    db: DbOption = None,
+) -> None:
+    """Remove a NAT64 and its table from the database, so that it no longer counts
+    against serve --max-nats; its history (the log's events) stays. The NAT64 is
+    welcomed again as a new one if it comes back.
+
+    Refused while a server owns the table: stop it first.
+    """
+    try:
+        address = parse_ipv4(nat, "NAT")
+    except UsageError as exc:
+        fail(str(exc))
+    with _Database(db, write=True, own="forget") as conn:
+        try:
+            entries, known = history.forget(conn, address)
+        except history.NotKnown:
+            fail(f"NAT64 {nat} is not known in {db_path(db)}", EXIT_DB)
+    typer.echo(f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+               + (" and its boot record" if known else "") + "; its history stays")
+
+
 # ---------------------------------------------------------------- check
 
 @app.command(short_help="Check a database without changing it.")
