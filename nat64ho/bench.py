@@ -481,7 +481,7 @@ def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
     not capacity) unless ``extra`` sets them."""
     return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db),
                   "--listen", "127.0.0.1:0", "--log-file", str(log), "--sync", sync,
-                  "--hello-rate", "0", "--create-rate", "0", *extra])
+                  "--hello-rate", "0", "--create-rate", "0", "--request-rate", "0", *extra])
 
 
 def start_echo() -> Child:

@@ -202,8 +202,17 @@ def serve(
              "(0 = unlimited). A NAT64 says HELLO once per boot.", min=0)] = 5.0,
     create_rate: Annotated[float, typer.Option(
         metavar="N", help="New entries per second per NAT64, with a burst of as many (0 = unlimited). "
-             "The default refills a full 64508-port table in under two seconds.",
-        min=0)] = 50_000.0,
+             "At the default a full 64508-port table turns over in 65 s, faster than the 2 minutes "
+             "a UDP mapping must live (RFC 4787): a NAT64 creating faster keeps nothing alive.",
+        min=0)] = 1000.0,
+    request_rate: Annotated[float, typer.Option(
+        metavar="N", help="Request messages (MAP, LOOKUP, TOUCH) per second per NAT64, with a burst "
+             "of as many (0 = unlimited); beyond it requests get ERROR RATE_LIMITED, so one "
+             "NAT64 cannot take the server from the others.", min=0)] = 10_000.0,
+    cookie_lifetime: Annotated[int, typer.Option(
+        metavar="SECONDS", help="Cookies change every SECONDS and are accepted for one or two "
+             "of these; a NAT64 holding an expired one says HELLO again (nothing is logged).",
+        min=1)] = 86400,
     sync: Annotated[str, typer.Option(
         metavar="full|normal", help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.")] = "full",
     cache_size: Annotated[int, typer.Option(
@@ -216,8 +225,9 @@ def serve(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,
     max_nats: Annotated[int, typer.Option(
-        metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
-             "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
+        metavar="N", help="Confirmed NAT64 addresses the server keeps tables for; a new one beyond "
+             "this gets ERROR NOT_ALLOWED. Only a NAT64 that proved its address (its cookie came "
+             "back) counts, so spoofed HELLOs take no place; 'nat64ho forget' frees one.",
         min=1)] = 4096,
     standby: Annotated[bool, typer.Option(
         "--standby", help="If another server owns the table, wait until it stops, then take "
@@ -257,6 +267,7 @@ def serve(
     config = server.Config(
         db=path, host=host, port=port, log_file=log_file, first_port=first, last_port=last,
         allow=prefixes, min_idle=min_idle, hello_rate=hello_rate, create_rate=create_rate,
+        request_rate=request_rate, cookie_lifetime=cookie_lifetime,
         sync=sync, cache_size=cache_size, keep_history_days=keep_history, metrics=metrics_at,
         max_nats=max_nats, standby=standby, ipfix=collectors, ipfix_domain=ipfix_domain,
     )
@@ -1178,6 +1189,31 @@ def prune(
         finally:
             bar.close()
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
+
+
+@app.command(short_help="Remove a NAT64 and its table; its history stays.")
+def forget(
+    nat: Annotated[str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.",
+                                       show_default=False)],
+    db: DbOption = None,
+) -> None:
+    """Remove a NAT64 and its table from the database, so that it no longer counts
+    against serve --max-nats; its history (the log's events) stays. The NAT64 is
+    welcomed again as a new one if it comes back.
+
+    Refused while a server owns the table: stop it first.
+    """
+    try:
+        address = parse_ipv4(nat, "NAT")
+    except UsageError as exc:
+        fail(str(exc))
+    with _Database(db, write=True, own="forget") as conn:
+        try:
+            entries, known = history.forget(conn, address)
+        except history.NotKnown:
+            fail(f"NAT64 {nat} is not known in {db_path(db)}", EXIT_DB)
+    typer.echo(f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+               + (" and its boot record" if known else "") + "; its history stays")
 
 
 # ---------------------------------------------------------------- check

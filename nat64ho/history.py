@@ -771,6 +771,26 @@ def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
     return out
 
 
+class NotKnown(LookupError):
+    """The NAT64 has no row and no entries in the database."""
+
+
+def forget(conn: sqlite3.Connection, nat: int) -> tuple[int, bool]:
+    """Remove a NAT64 and its table (its history stays); returns the entries
+    removed and whether it had a row. Raises :class:`NotKnown`."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        entries = conn.execute("DELETE FROM entry WHERE nat = ?", (nat,)).rowcount
+        known = conn.execute("DELETE FROM nat WHERE nat = ?", (nat,)).rowcount > 0
+        if not entries and not known:
+            raise NotKnown(nat)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return entries, known
+
+
 def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
     """How many events :func:`prune` would delete (a walk of the ts index)."""
     return conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0]

@@ -57,6 +57,11 @@ class ServerCollector(Collector):
                                       labels=["limit"])
         limited.add_metric(["hello"], s.drops["hello_rate"])
         limited.add_metric(["create"], c["rate_limited"])
+        # A NAT64's share (PROTOCOL.md §7): requests, reads, answers waiting.
+        limited.add_metric(["request"], c["limited_request_rate"])
+        limited.add_metric(["reads"], c["limited_nat_reads"])
+        limited.add_metric(["waiting"], c["limited_nat_waiting"])
+        limited.add_metric(["backlog"], c["limited_backlog"])
         yield limited
         yield counter("commits", "Transactions committed (each one fsync with --sync full).",
                       s.store.stats["commits"])
@@ -80,8 +85,8 @@ class ServerCollector(Collector):
                 capacity.add_metric([ipv4_str(nat)], state.table.capacity)
         yield occupancy
         yield capacity
-        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (said HELLO at some time).",
-                                value=len(s.store.nats))
+        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (confirmed at some time).",
+                                value=len(s.sessions.boots))
         yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
                                 value=s.cached)
         yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
