@@ -23,7 +23,7 @@ EXAMPLE = textwrap.dedent("""\
     2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643
     """)
 
-COMMANDS = ["serve", "query", "who", "export", "import", "stats", "prune", "check", "bench",
+COMMANDS = ["serve", "query", "who", "export", "import", "stats", "prune", "forget", "check", "bench",
             "gateway", "probe", "testbed"]
 
 
