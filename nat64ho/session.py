@@ -279,12 +279,6 @@ class Sessions:
         cached = self._cookies[nat] = (epoch, cookie(self.secret, nat, boot, epoch), prev)
         return cached
 
-    def forget(self, nat: int) -> None:
-        """Drop everything known of ``nat`` (its table left the database)."""
-        self.boots.pop(nat, None)
-        self._cookies.pop(nat, None)
-        self.claims.pop(nat, None)
-
     # ------------------------------------------------------------ answers
     @staticmethod
     def _refuse(reason: str, code: wire.ErrorCode, size: int,
