@@ -24,8 +24,8 @@ EXAMPLE = textwrap.dedent("""\
     2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643
     """)
 
-COMMANDS = ["serve", "query", "who", "export", "import", "stats", "prune", "check", "bench",
-            "probe"]
+COMMANDS = ["serve", "query", "who", "export", "import", "stats", "prune", "forget", "check", "bench",
+            "gateway", "probe", "testbed"]
 
 
 def nat64ho(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -182,8 +182,8 @@ def test_help_shows_no_framework_internals_and_whole_summaries():
     assert names == COMMANDS
     for line in listed:
         assert not line.rstrip().endswith(("...", "\u2026")), line
-    for command in COMMANDS:
-        r = nat64ho(command, "--help")
+    for command in [[c] for c in COMMANDS] + [["testbed", "up"], ["testbed", "down"]]:
+        r = nat64ho(*command, "--help")
         assert r.returncode == 0 and r.stderr == ""
         text = r.stdout
         for internal in (r"<[a-z]+(\[[a-z]+\])?>", r"\{[A-Z]", r"\bx\s*[<>]=", r"\[\w+<=x"):
