@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ipaddress  # noqa: E402
 
-from nat64ho import history, schema  # noqa: E402
+from nat64ho import schema  # noqa: E402
+from nat64ho.ops import export, queries  # noqa: E402
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str  # noqa: E402
 
 SCRATCH_NAT = (203 << 24) | (0 << 16) | (113 << 8) | 1  # 203.0.113.1, TEST-NET-3
@@ -75,7 +76,7 @@ def main() -> None:
     conn = schema.open_db(args.db, readonly=True)
     events = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     entries = conn.execute("SELECT count(*) FROM entry").fetchone()[0]
-    nats = history.nat_addresses(conn)
+    nats = queries.nat_addresses(conn)
     t_min, t_max = conn.execute("SELECT min(ts), max(ts) FROM event").fetchone()
     print(f"database: {args.db}: {len(nats)} NAT64s, {entries} entries, {events} events, "
           f"{os.path.getsize(args.db) / 1e9:.1f} GB, history {ts_str(t_min)} .. {ts_str(t_max)}")
@@ -93,7 +94,7 @@ def main() -> None:
     def query_nat():
         out = Null()
         n = 0
-        for e in history.query_entries(conn, nat=nat):
+        for e in queries.query_entries(conn, nat=nat):
             out.write(f"{ipv4_str(e.nat):<15}  {e.port:<5}  {ts_str(e.created)}  "
                       f"{ts_str(e.last_use)}  [{ipv6_str(e.addr)}]:{e.aport}\n")
             n += 1
@@ -109,7 +110,7 @@ def main() -> None:
     for _ in range(args.samples):
         n_, p = rng.choice(nats), rng.randint(1028, 65535)
         at = rng.randint(t_min, t_max)
-        t, h = timed(history.who_port, conn, n_, p, at)
+        t, h = timed(queries.who_port, conn, n_, p, at)
         times.append(t)
         found += h is not None
     sample = (ipv4_str(n_), p, ts_str(at))
@@ -124,7 +125,7 @@ def main() -> None:
     times, rows = [], 0
     for addr, aport in picks:
         net = ipaddress.IPv6Network((addr, 128))
-        t, hs = timed(lambda: list(history.who_endpoint(conn, net, aport)))
+        t, hs = timed(lambda: list(queries.who_endpoint(conn, net, aport)))
         times.append(t)
         rows += len(hs)
     addr, aport = picks[-1]
@@ -134,7 +135,7 @@ def main() -> None:
     times, rows = [], 0
     for addr, _ in picks[: max(1, len(picks) // 4)]:
         net = ipaddress.IPv6Network((addr, 64), strict=False)
-        t, hs = timed(lambda: list(history.who_endpoint(conn, net)))
+        t, hs = timed(lambda: list(queries.who_endpoint(conn, net)))
         times.append(t)
         rows += len(hs)
     print(f"who PREFIX/64: {len(times)} lookups, {rows / len(times):.1f} holdings each; "
@@ -142,7 +143,7 @@ def main() -> None:
 
     # export: log lines, streamed.
     limit = args.export_lines or None
-    t, n = timed(history.write_log, itertools.islice(history.history_rows(conn), limit), Null())
+    t, n = timed(export.write_log, itertools.islice(export.history_rows(conn), limit), Null())
     print(f"export (library, {n} lines): {n / t:,.0f} lines/s")
     with tempfile.TemporaryDirectory(dir=args.db.parent) as tmp:
         log = Path(tmp) / "sample.log"
@@ -150,8 +151,8 @@ def main() -> None:
         with open(log, "w") as out:
             # The same command an operator runs, cut after --import-lines by
             # a window on the first events.
-            rows = itertools.islice(history.history_rows(conn), args.import_lines)
-            history.write_log(rows, out)
+            rows = itertools.islice(export.history_rows(conn), args.import_lines)
+            export.write_log(rows, out)
         until = ts_str(conn.execute("SELECT ts FROM event WHERE id = ?",
                                     (min(events, args.import_lines) + 1,)).fetchone()[0])
         t_cmd = command("export", "--until", until, "--db", db, "--output", str(Path(tmp) / "w.log"))

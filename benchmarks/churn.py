@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nat64ho import bench  # noqa: E402
+from nat64ho import bench, testing  # noqa: E402
 
 #: Seconds between RSS samples.
 SAMPLE = 5.0
@@ -55,7 +55,7 @@ def main() -> None:
     with socket.socket() as s:  # a free loopback port for the metrics endpoint
         s.bind(("127.0.0.1", 0))
         metrics = s.getsockname()[1]
-    server = bench.start_server(args.db, args.db.with_suffix(".log"), "full",
+    server = testing.start_server(args.db, args.db.with_suffix(".log"), "full",
                                 [f"--metrics=127.0.0.1:{metrics}", *args.server_arg])
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -63,7 +63,7 @@ def main() -> None:
     def sample():
         t0 = time.monotonic()
         while not stop.wait(SAMPLE):
-            rss = bench.proc_rss(server.pid)
+            rss = testing.proc_rss(server.pid)
             samples.append((time.monotonic() - t0, rss))
             print(f"{samples[-1][0]:7.0f} s  RSS {rss / 2**20:6.1f} MB  "
                   f"{gauges(metrics)}", flush=True)
@@ -76,7 +76,7 @@ def main() -> None:
         result = bench.drive(cfg, server.address, server.pid)
     finally:
         stop.set()
-        peak = bench.proc_peak_rss(server.pid)
+        peak = testing.proc_peak_rss(server.pid)
         server.stop()
     created = result.counts["messages"]
     half = [rss for t, rss in samples if t >= args.seconds / 2]

@@ -39,6 +39,23 @@ class Event(NamedTuple):
     aport: int | None = None  #: client IPv6 port
 
 
+class EventClock:
+    """Event times that strictly increase over the whole server (PROTOCOL.md
+    §6): an event in the same microsecond as the one before, or behind it
+    after a wall-clock step, takes the next microsecond, so no two events
+    share a time and the history holds exactly the lines of the log."""
+
+    __slots__ = ("last",)
+
+    def __init__(self, last: int = 0):
+        self.last = last  #: the newest event time handed out (or recorded)
+
+    def stamp(self, wall: int) -> int:
+        ts = wall if wall > self.last else self.last + 1
+        self.last = ts
+        return ts
+
+
 def ipv4_str(nat: int) -> str:
     return f"{nat >> 24}.{(nat >> 16) & 255}.{(nat >> 8) & 255}.{nat & 255}"
 

@@ -57,6 +57,11 @@ class ServerCollector(Collector):
                                       labels=["limit"])
         limited.add_metric(["hello"], s.drops["hello_rate"])
         limited.add_metric(["create"], c["rate_limited"])
+        # A NAT64's share (PROTOCOL.md §7): requests, reads, answers waiting.
+        limited.add_metric(["request"], c["limited_request_rate"])
+        limited.add_metric(["reads"], c["limited_nat_reads"])
+        limited.add_metric(["waiting"], c["limited_nat_waiting"])
+        limited.add_metric(["backlog"], c["limited_backlog"])
         yield limited
         yield counter("commits", "Transactions committed (each one fsync with --sync full).",
                       s.store.stats["commits"])
@@ -80,8 +85,8 @@ class ServerCollector(Collector):
                 capacity.add_metric([ipv4_str(nat)], state.table.capacity)
         yield occupancy
         yield capacity
-        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (said HELLO at some time).",
-                                value=len(s.store.nats))
+        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (confirmed at some time).",
+                                value=len(s.sessions.boots))
         yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
                                 value=s.cached)
         yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
@@ -93,6 +98,31 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("nat64ho_store_failing",
                                 "1 while commits to the database fail (disk full, locked).",
                                 value=1 if s.store.failing else 0)
+        if s.ipfix is not None:
+            yield from _ipfix_families(s.ipfix)
+
+
+def _ipfix_families(exporter):
+    """What ``--ipfix`` sent, per collector (best effort: UDP)."""
+    records = CounterMetricFamily("nat64ho_ipfix_records_sent",
+                                  "IPFIX data records sent, by collector.", labels=["collector"])
+    messages = CounterMetricFamily("nat64ho_ipfix_messages_sent",
+                                   "IPFIX messages (UDP datagrams) sent, by collector.",
+                                   labels=["collector"])
+    failures = CounterMetricFamily("nat64ho_ipfix_send_failures",
+                                   "IPFIX messages not sent: buffer_full, refused (ICMP: nobody "
+                                   "listening), unreachable, other.",
+                                   labels=["collector", "reason"])
+    for c in exporter.collectors:
+        records.add_metric([c.name], c.records)
+        messages.add_metric([c.name], c.messages)
+        for reason, n in sorted(c.failures.items()):
+            failures.add_metric([c.name, reason], n)
+    yield records
+    yield messages
+    yield failures
+    yield CounterMetricFamily("nat64ho_ipfix_errors", "Commits whose IPFIX export failed "
+                              "unexpectedly (a bug; logged once).", value=exporter.errors)
 
 
 class Metrics:

@@ -2,7 +2,9 @@
 
 Used by the end-to-end tests, the benchmark and anyone simulating a NAT64.
 :class:`Peer` keeps the session (boot id, cookie, port range) and the NAT64's
-cache of mappings; :class:`Client` moves its datagrams over UDP.
+cache of mappings; :class:`Client` moves its datagrams over UDP, confirms
+each WELCOME at once (PROTOCOL.md §4.4) and says HELLO again, with the same
+boot id, when the server refuses an expired cookie (§4.3).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class Peer:
     def hello(self) -> bytes:
         return wire.encode(wire.Hello(self.boot_id))
 
+    def confirm(self) -> bytes:
+        """The datagram that confirms our boot: only our COOKIE."""
+        if self.cookie is None:
+            raise NoSession("no cookie yet: send hello() and feed the WELCOME to receive()")
+        return wire.encode(wire.Cookie(self.cookie))
+
     def request(self, messages: list) -> bytes:
         """A datagram: our COOKIE, then ``messages``."""
         if self.cookie is None:
@@ -58,34 +66,59 @@ class Peer:
         return messages
 
 
-class Client(asyncio.DatagramProtocol):
-    """A :class:`Peer` on a UDP socket. Replies queue up in :attr:`inbox`."""
+#: Least time between two HELLOs a :class:`Client` sends by itself after
+#: BAD_COOKIE: one per round of refusals, well inside the server's HELLO rate.
+REHELLO_INTERVAL = 0.5
 
-    def __init__(self, peer: Peer | None = None):
+
+class Client(asyncio.DatagramProtocol):
+    """A :class:`Peer` on a UDP socket. Replies queue up in :attr:`inbox`.
+
+    With ``auto`` (the default) it keeps its session by itself: a WELCOME
+    for our boot is confirmed at once, and a BAD_COOKIE is answered with a
+    HELLO (same boot id) and a confirmation; requests refused meanwhile are
+    the caller's to retry."""
+
+    def __init__(self, peer: Peer | None = None, *, auto: bool = True):
         self.peer = peer or Peer()
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
         self.malformed = 0
+        self.auto = auto
+        self.rehellos = 0  #: HELLOs sent after BAD_COOKIE
+        self._last_rehello = float("-inf")
 
     @classmethod
     async def connect(cls, host: str, port: int, *, local: str = "127.0.0.1",
-                      peer: Peer | None = None) -> "Client":
+                      peer: Peer | None = None, auto: bool = True) -> "Client":
         loop = asyncio.get_running_loop()
         _, client = await loop.create_datagram_endpoint(
-            lambda: cls(peer), local_addr=(local, 0), remote_addr=(host, port))
+            lambda: cls(peer, auto=auto), local_addr=(local, 0), remote_addr=(host, port))
         return client
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
+        peer = self.peer
         try:
-            messages = self.peer.receive(data)
+            messages = peer.receive(data)
         except wire.Malformed:
             self.malformed += 1
             return
         for m in messages:
             self.inbox.put_nowait(m)
+            if not self.auto or self.transport is None:
+                continue
+            cls = type(m)
+            if cls is wire.Welcome and m.boot_id == peer.boot_id and peer.cookie is not None:
+                self.transport.sendto(peer.confirm())
+            elif cls is wire.Error and m.code == wire.ErrorCode.BAD_COOKIE:
+                now = asyncio.get_running_loop().time()
+                if now - self._last_rehello >= REHELLO_INTERVAL:
+                    self._last_rehello = now
+                    self.rehellos += 1
+                    self.transport.sendto(peer.hello())
 
     def error_received(self, exc: Exception) -> None:
         pass

@@ -54,6 +54,14 @@ class DatabaseBusy(DatabaseError):
     """Another process held a lock on the database for too long."""
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether an SQLite error means another connection held a lock past the
+    busy timeout (SQLite says so only in the message: "database is locked",
+    "database table is locked", "busy")."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc))
+
+
 def default_db_path() -> Path:
     """``$NAT64HO_DB``, else ``$XDG_DATA_HOME/nat64ho/table.db``
     (``~/.local/share/nat64ho/table.db``)."""
@@ -211,7 +219,7 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.OperationalError as exc:
         conn.close()
-        if "locked" in str(exc) or "busy" in str(exc):
+        if is_busy(exc):
             raise DatabaseBusy(f"{path}: database is busy (locked by another process); try again") from None
         if _no_space(path):
             raise NotOurDatabase(f"{path}: cannot be opened ({exc}): its filesystem is full") from None
@@ -433,7 +441,7 @@ def check(path: Path | str) -> CheckReport:
                 "events": conn.execute("SELECT count(*) FROM event").fetchone()[0],
             }
     except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
+        if is_busy(exc):
             raise DatabaseBusy(f"{path}: database is busy (locked by another process); "
                                "try again") from None
         report.problems.append(f"{path}: {exc}")

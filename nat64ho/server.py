@@ -10,8 +10,6 @@ wait for their commit. Nothing a peer sends raises out of
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import heapq
 import ipaddress
 import logging
@@ -22,31 +20,46 @@ import socket
 import sqlite3
 import sys
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from nat64ho import wire
-from nat64ho.eventlog import Event, EventKind, format_event
+from nat64ho.eventlog import Event, EventClock, EventKind, format_event
+from nat64ho.ipfix_udp import Exporter
 from nat64ho.schema import BadRow, DatabaseError, NotOurDatabase
+from nat64ho.session import DEFAULT_COOKIE_LIFETIME, Bucket, Confirmation, Refused, Sessions, Share
 from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
-from nat64ho.table import Bucket, NatTable
+from nat64ho.table import NatTable
 
 log = logging.getLogger("nat64ho")
 
 #: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
 #: rather than being dropped while a commit runs.
 RCVBUF = 4 * 1024 * 1024
-#: Datagrams waiting on database reads or commits at once; beyond this new
-#: work is dropped ("overloaded") so memory stays bounded.
+#: Datagrams waiting on database reads or commits at once, all NAT64s
+#: together; beyond this new work is dropped ("overloaded") so memory stays
+#: bounded. The last guard: each NAT64's own share (below) comes first.
 MAX_INFLIGHT = 8192
 #: Rows waiting to be committed beyond which new entries are refused (no
-#: answer): a full or stuck disk must not grow memory without bound.
+#: answer; the NAT64 retries): a full or stuck disk must not grow memory
+#: without bound.
 MAX_BACKLOG = 200_000
+#: A NAT64's share (PROTOCOL.md §7): its datagrams waiting for reads, its
+#: answers waiting for a commit, its rows waiting to be committed. Beyond
+#: them its requests get ERROR RATE_LIMITED; the other NAT64s go on. Each
+#: is far above what one NAT64 needs at its request rate while commits take
+#: their usual milliseconds, and a small part of the server-wide bound.
+MAX_NAT_QUEUE = 512
+MAX_NAT_WAITING = 1024
+MAX_NAT_BACKLOG = 20_000
+#: Datagrams read for at once (of different NAT64s: each NAT64's datagrams
+#: are decided in arrival order). More keeps the reader thread busy while
+#: the event loop decides; the reads themselves run one at a time.
+READERS = 4
 #: Pages of LRU candidates read for one datagram before giving up.
 MAX_VICTIM_PAGES = 64
-#: Sources whose HELLO rate is tracked; the oldest are forgotten beyond this.
-MAX_HELLO_SOURCES = 65536
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
 #: How often a standby server tries to take the table.
@@ -73,13 +86,21 @@ class Config:
     allow: list = field(default_factory=list)  # IPv4Network; empty = any
     min_idle: float = 0.0  # seconds
     hello_rate: float = 5.0
-    create_rate: float = 50_000.0
+    #: New entries per second per NAT64. At 1,000/s a full 64508-port table
+    #: turns over in 65 s, under the 2-minute least lifetime RFC 4787 REQ-5
+    #: asks of a UDP mapping: a NAT64 creating faster keeps nothing alive.
+    create_rate: float = 1000.0
+    #: Request messages (MAP, LOOKUP, TOUCH) per second per NAT64.
+    request_rate: float = 10_000.0
+    cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME
     sync: str = "full"
     cache_size: int = 100_000
     keep_history_days: float | None = None
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
     standby: bool = False  #: wait for another server to release the table
+    ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
+    ipfix_domain: int = 0  # IPFIX observation domain id
 
 
 def wall_us() -> int:
@@ -241,20 +262,20 @@ def _event_key(e) -> tuple:
 
 
 class NatState:
-    """What the server knows of one NAT64 beside its table."""
+    """What the server holds of one confirmed NAT64: its table (a cache of
+    the database), its create rate, its share (§7) and its datagrams
+    waiting for reads, decided in arrival order."""
 
-    __slots__ = ("nat", "boot_id", "boot_seq", "cookie", "old_cookie", "table", "create", "loading")
+    __slots__ = ("nat", "table", "create", "share", "queue", "busy", "loading")
 
-    def __init__(self, nat: int, boot_id: bytes, cookie: bytes, table: NatTable, create: Bucket):
+    def __init__(self, nat: int, table: NatTable, create: Bucket, share: Share):
         self.nat = nat
-        self.boot_id = boot_id
-        self.boot_seq = 0  #: the write batch recording boot_id (0: already on disk)
-        self.cookie = cookie
-        #: The previous boot's cookie, still accepted until the new one is
-        #: used: a HELLO with a spoofed source must not cut the real NAT64 off.
-        self.old_cookie: bytes | None = None
         self.table = table
         self.create = create
+        self.share = share
+        #: Datagrams waiting for reads: (body, address, confirmation).
+        self.queue: deque[tuple[list, tuple, Confirmation | None]] = deque()
+        self.busy = False  #: one of its datagrams is being read for
         self.loading: asyncio.Task | None = None
 
 
@@ -265,23 +286,30 @@ class Server(asyncio.DatagramProtocol):
         self.logfile = logfile
         logfile.store = store
         self.clock = Clock(store.clock_hwm)
+        self.events = EventClock(store.last_event_ts)
+        self.sessions = Sessions(
+            store.secret, first_port=config.first_port, last_port=config.last_port,
+            allow=config.allow, hello_rate=config.hello_rate, max_nats=config.max_nats,
+            cookie_lifetime=config.cookie_lifetime,
+            known={nat: r.boot_id for nat, r in store.nats.items()})
         self.transport: asyncio.DatagramTransport | None = None
         self.nats: dict[int, NatState] = {}
-        self.hello_buckets: OrderedDict[int, Bucket] = OrderedDict()
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self.rng = random.Random(os.urandom(32))
         self.min_idle_us = int(config.min_idle * 1_000_000)
         self.cached = 0  # entries held in memory, all NAT64s together
-        #: NAT64s welcomed whose first HELLO is not committed yet: counted
-        #: against --max-nats, or a burst between two commits would overshoot.
-        self.pending_nats: set[int] = set()
+        #: NAT64s with datagrams waiting for reads, served in turn: one
+        #: datagram of one NAT64, then the next NAT64 (§7: no NAT64's
+        #: misses delay another's more than a turn).
+        self.ready: deque[NatState] = deque()
+        self.queued = 0  #: datagrams waiting for reads, all NAT64s
+        self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
         self._bad_row_quiet = 0.0
         store.on_commit = self._committed
-        self._allow = config.allow
 
     # ------------------------------------------------------------ socket
     def connection_made(self, transport) -> None:
@@ -321,10 +349,10 @@ class Server(asyncio.DatagramProtocol):
             self.transport.sendto(d, addr)
             self.counts["datagrams_out"] += 1
 
-    def _error(self, code: wire.ErrorCode, offending: int, received: int, addr) -> None:
-        # PROTOCOL.md §7: never more octets to an unproven source than it sent.
-        if received >= 4:
-            self._send([[bytes((wire.Kind.ERROR, 1, code, offending))]], addr)
+    def _refused(self, verdict: Refused, addr) -> None:
+        self._drop(verdict.reason)
+        if verdict.answer is not None:
+            self._send([[verdict.answer]], addr)
 
     # ------------------------------------------------------------ dispatch
     def _datagram(self, data: bytes, addr) -> None:
@@ -339,96 +367,184 @@ class Server(asyncio.DatagramProtocol):
             return
         first = messages[0]
         kind = type(first)
+        sessions = self.sessions
         if kind is wire.Hello:
             if len(messages) != 1:
                 self._drop("hello_not_alone")
                 return
-            self._hello(nat, first, len(data), addr)
+            self.counts["hellos"] += 1
+            verdict = sessions.hello(nat, first, len(data), self.clock.now(), wall_us())
+            if type(verdict) is Refused:
+                self._refused(verdict, addr)
+            else:
+                self._send([[verdict.answer]], addr)
             return
         if kind is not wire.Cookie:
-            self._drop("no_cookie")
-            self._error(wire.ErrorCode.BAD_COOKIE, data[0], len(data), addr)
-            return
-        state = self.nats.get(nat) or self._known(nat)
-        if state is None or not self._cookie_ok(state, first.cookie):
-            self._drop("bad_cookie")
-            self._error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE, len(data), addr)
+            self._refused(sessions.no_cookie(data[0], len(data)), addr)
             return
         body = messages[1:]
         for m in body:
             if type(m) is wire.Cookie or type(m) is wire.Hello:
                 self._drop("misplaced_session")
                 return
+        opened = sessions.open(nat, first.cookie, len(data), wall_us())
+        if type(opened) is Refused:
+            self._refused(opened, addr)
+            return
+        confirmation = opened.confirmation
+        state = self.nats.get(nat) or self._new_state(nat)
         if not body:
+            if confirmation is not None:
+                self._record_boot(confirmation)
+            return
+        share = state.share
+        now = self.clock.now()
+        if not share.requests.spend(len(body), now):
+            self._limited(state, body, "request_rate", addr, confirmation)
+            return
+        if share.waiting >= MAX_NAT_WAITING:
+            self._limited(state, body, "nat_waiting", addr, confirmation)
             return
         table = state.table
-        if table.loaded and table.needs(body) is None:
+        if not state.queue and table.loaded and table.needs(body) is None:
             self.counts["cache_hit"] += 1
-            self._decide(state, body, addr)
-        elif len(self.tasks) >= MAX_INFLIGHT:
+            self._decide(state, body, addr, confirmation)
+        elif share.queued >= MAX_NAT_QUEUE:
+            self._limited(state, body, "nat_reads", addr, confirmation)
+        elif self.queued + self.waiting >= MAX_INFLIGHT:
+            if confirmation is not None:
+                self._record_boot(confirmation)
             self._drop("overloaded")
         else:
             self.counts["cache_miss"] += 1
-            self._spawn(self._slow(state, body, addr))
+            state.queue.append((body, addr, confirmation))
+            share.queued += 1
+            self.queued += 1
+            if not state.busy:
+                state.busy = True
+                self.ready.append(state)
+            self._read_next()
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+    def _limited(self, state: NatState, body: list, reason: str, addr,
+                 confirmation: Confirmation | None) -> None:
+        """Refuse a datagram over its NAT64's share whole (§7): ERROR
+        RATE_LIMITED for each request while the NAT64's error budget lasts."""
+        if confirmation is not None:
+            self._record_boot(confirmation)
+        self._drop(reason)
+        self.counts[f"limited_{reason}"] += 1
+        if state.share.errors.take(self.clock.now()):
+            units = [[_RATE_LIMITED[type(m)]] for m in body if type(m) in _RATE_LIMITED]
+            if units:
+                self._send(units, addr)
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if isinstance(exc, DatabaseDamaged):
-                return  # the store said so once, and the server is stopping
-            if isinstance(exc, BadRow):
-                # One NAT64's row: refuse that datagram, keep serving the rest.
-                self._drop("bad_row")
-                now = time.monotonic()
-                if now >= self._bad_row_quiet:
-                    log.error("%s (datagram dropped)", exc)
-                    self._bad_row_quiet = now + BUG_LOG_INTERVAL
-                return
-            if is_damage(exc):
-                self.store.damage(exc)
-                return
-            self._drop("internal_error")
-            self._bug("datagram task failed", exc)
+    def _new_state(self, nat: int) -> NatState:
+        """State for a confirmed NAT64 first heard from since the start."""
+        config = self.config
+        now = self.clock.now()
+        table = NatTable(nat, config.first_port, config.last_port, min_idle=self.min_idle_us,
+                         rng=random.Random(self.rng.getrandbits(128)))
+        state = NatState(nat, table, Bucket(config.create_rate, now),
+                         Share(config.request_rate, now))
+        self.nats[nat] = state
+        return state
 
-    def _decide(self, state: NatState, body: list, addr) -> None:
+    def _record_boot(self, c: Confirmation) -> None:
+        """A confirmed boot joins the next commit: recorded, and logged as
+        ``Initialized`` when its boot id is new (PROTOCOL.md §4.4)."""
+        wall = wall_us()
+        event = None
+        if c.initialized:
+            event = Event(self.events.stamp(wall), EventKind.INITIALIZED, c.nat)
+        self.store.add_boot(c.nat, c.boot_id, wall, event)
+
+    def _decide(self, state: NatState, body: list, addr,
+                confirmation: Confirmation | None = None) -> None:
         store = self.store
-        out = state.table.apply(body, self.clock.now(), wall_us(), store.pending_seq,
-                                state.create,
-                                create_ok=store.failing is None and store.backlog < MAX_BACKLOG)
+        share = state.share
+        if confirmation is not None:
+            self._record_boot(confirmation)
+        out = state.table.apply(body, self.clock.now(), partial(self.events.stamp, wall_us()),
+                                store.pending_seq, state.create,
+                                create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
+                                share_ok=share.backlog < MAX_NAT_BACKLOG)
         if out.created or out.touched or out.events:
-            store.add(state.nat, out.created, out.touched, out.events)
+            share.backlog += store.add(state.nat, out.created, out.touched, out.events)
         counts = self.counts
         for what, n in out.counts.items():  # Counter.update costs twice this per datagram
             counts[what] += n
         if not out.units:
             return
         if out.wait_seq > store.committed_seq:
-            self._send_later(out.wait_seq, out.units, addr)
+            # A commit that is stuck (disk full, lock held) meets
+            # retransmissions: beyond MAX_INFLIGHT the answer is dropped, and
+            # the retransmission after the commit gets the same one.
+            if self.queued + self.waiting >= MAX_INFLIGHT:
+                self._drop("overloaded")
+                return
+            store.answer_after(out.wait_seq, state.nat, out.units, addr)
+            share.waiting += 1
+            self.waiting += 1
         else:
             self._send(out.units, addr)
 
-    def _send_later(self, seq: int, units, addr) -> None:
-        """Send ``units`` once batch ``seq`` is committed. While a commit is
-        stuck (disk full, lock held) a NAT64 retransmits, and each waiting
-        answer holds memory: beyond MAX_INFLIGHT the answer is dropped; the
-        retransmission after the commit gets the same one."""
-        if len(self.tasks) >= MAX_INFLIGHT:
-            self._drop("overloaded")
+    # ------------------------------------------------------------ reads
+    def _read_next(self) -> None:
+        """Start reads for the NAT64s next in turn, up to READERS at once."""
+        while self.ready and len(self.tasks) < READERS:
+            state = self.ready.popleft()
+            task = asyncio.ensure_future(self._read_one(state))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._read_failed(task.exception())
+        self._read_next()
+
+    def _read_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, DatabaseDamaged):
+            return  # the store said so once, and the server is stopping
+        if isinstance(exc, BadRow):
+            # One NAT64's row: refuse that datagram, keep serving the rest.
+            self._drop("bad_row")
+            now = time.monotonic()
+            if now >= self._bad_row_quiet:
+                log.error("%s (datagram dropped)", exc)
+                self._bad_row_quiet = now + BUG_LOG_INTERVAL
             return
-        self._spawn(self._send_after(seq, units, addr))
+        if is_damage(exc):
+            self.store.damage(exc)
+            return
+        self._drop("internal_error")
+        self._bug("datagram read failed", exc)
 
-    async def _send_after(self, seq: int, units, addr) -> None:
-        await self.store.wait(seq)
-        self._send(units, addr)
+    async def _read_one(self, state: NatState) -> None:
+        """Decide the oldest waiting datagram of ``state``, after reading what
+        memory lacks; then give the NAT64 back its turn."""
+        body, addr, confirmation = state.queue.popleft()
+        state.share.queued -= 1
+        self.queued -= 1
+        try:
+            await self._read_for(state, body)
+            self._decide(state, body, addr, confirmation)
+        finally:
+            if state.queue:
+                self.ready.append(state)
+            else:
+                state.busy = False
+        table = state.table
+        if table.readers == 0 and self.cached > self.config.cache_size:
+            # Trimming skips NAT64s with reads in flight; under steady misses
+            # that can be most of them at every commit, and the cache grew
+            # without bound (150k entries of 100k after 100 s of churn).
+            # Only after _decide: the rows just read are then in use, and
+            # forgetting one before would make its endpoint look new.
+            self._trim(self.cached - self.config.cache_size)
 
-    async def _slow(self, state: NatState, body: list, addr) -> None:
-        """Read from the database what memory lacks, then decide."""
+    async def _read_for(self, state: NatState, body: list) -> None:
+        """Read from the database what memory lacks to decide ``body``."""
         table = state.table
         if not table.loaded:
             await self._load(state)
@@ -460,14 +576,6 @@ class Server(asyncio.DatagramProtocol):
                     break  # the database has no more: apply() answers TABLE_FULL
         finally:
             table.readers -= 1
-        self._decide(state, body, addr)
-        if table.readers == 0 and self.cached > self.config.cache_size:
-            # Trimming skips NAT64s with reads in flight; under steady misses
-            # that can be most of them at every commit, and the cache grew
-            # without bound (150k entries of 100k after 100 s of churn).
-            # Only after _decide: the rows just read are then in use, and
-            # forgetting one before would make its endpoint look new.
-            self._trim(self.cached - self.config.cache_size)
 
     async def _load(self, state: NatState) -> None:
         if state.loading is None:
@@ -478,97 +586,40 @@ class Server(asyncio.DatagramProtocol):
         ports, total = await self.store.load_table(state.nat)
         state.table.load(ports, total)
 
-    # ------------------------------------------------------------ session
-    def _cookie(self, nat: int, boot_id: bytes) -> bytes:
-        return hmac.new(self.store.secret, nat.to_bytes(4, "big") + boot_id,
-                        hashlib.sha256).digest()[:8]
-
-    @staticmethod
-    def _cookie_ok(state: NatState, cookie: bytes) -> bool:
-        if hmac.compare_digest(state.cookie, cookie):
-            state.old_cookie = None
-            return True
-        return state.old_cookie is not None and hmac.compare_digest(state.old_cookie, cookie)
-
-    def _new_state(self, nat: int, boot_id: bytes) -> NatState:
-        table = NatTable(nat, self.config.first_port, self.config.last_port,
-                         min_idle=self.min_idle_us, rng=random.Random(self.rng.getrandbits(128)))
-        state = NatState(nat, boot_id, self._cookie(nat, boot_id), table,
-                         Bucket(self.config.create_rate, self.clock.now()))
-        self.nats[nat] = state
-        return state
-
-    def _known(self, nat: int) -> NatState | None:
-        """State for a NAT64 that said HELLO before this server started."""
-        record = self.store.nats.get(nat)
-        if record is None:
-            return None
-        return self._new_state(nat, record.boot_id)
-
-    def _allowed(self, nat: int) -> bool:
-        if not self._allow:
-            return True
-        ip = ipaddress.IPv4Address(nat)
-        return any(ip in net for net in self._allow)
-
-    def _hello(self, nat: int, hello: wire.Hello, received: int, addr) -> None:
-        self.counts["hellos"] += 1
-        if not self._allowed(nat):
-            self._drop("not_allowed")
-            self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
-            return
-        now = self.clock.now()
-        bucket = self.hello_buckets.get(nat)
-        if bucket is None:
-            bucket = self.hello_buckets[nat] = Bucket(self.config.hello_rate, now)
-            if len(self.hello_buckets) > MAX_HELLO_SOURCES:
-                self.hello_buckets.popitem(last=False)
-        if not bucket.take(now):
-            self._drop("hello_rate")
-            self._error(wire.ErrorCode.RATE_LIMITED, wire.Kind.HELLO, received, addr)
-            return
-        if hello.version != wire.VERSION:
-            self._drop("bad_version")
-            self._error(wire.ErrorCode.BAD_VERSION, wire.Kind.HELLO, received, addr)
-            return
-        state = self.nats.get(nat) or self._known(nat)
-        if state is None:
-            if len(self.store.nats) + len(self.pending_nats) >= self.config.max_nats:
-                self._drop("too_many_nats")
-                self._error(wire.ErrorCode.NOT_ALLOWED, wire.Kind.HELLO, received, addr)
-                return
-            state = self._new_state(nat, hello.boot_id)
-            self.pending_nats.add(nat)
-            new_boot = True
-        else:
-            new_boot = state.boot_id != hello.boot_id
-        wall = wall_us()
-        if new_boot:
-            # A NAT64 (re)start: logged once, even if the HELLO is repeated
-            # before the commit; the WELCOME waits for that commit.
-            state.boot_id = hello.boot_id
-            state.old_cookie = state.cookie
-            state.cookie = self._cookie(nat, hello.boot_id)
-            self.store.add_hello(nat, hello.boot_id, wall, Event(wall, EventKind.INITIALIZED, nat))
-            state.boot_seq = self.store.pending_seq
-        else:
-            self.store.add_hello(nat, hello.boot_id, wall, None)
-        welcome = [[wire.encode(wire.Welcome(self.config.first_port, self.config.last_port,
-                                             state.cookie, hello.boot_id))]]
-        if state.boot_seq > self.store.committed_seq:
-            self._send_later(state.boot_seq, welcome, addr)
-        else:
-            self._send(welcome, addr)
+    async def drain(self, timeout: float, give_up=lambda: False) -> None:
+        """Decide the datagrams waiting for reads, for at most ``timeout`` s,
+        checking ``give_up()`` (answers that wait for a failing commit would
+        wait in vain) every tenth of a second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.tasks and not give_up() and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self.tasks), timeout=min(left, 0.1))
 
     # ------------------------------------------------------------ commits
+    #: IPFIX export of committed events (serve --ipfix); None: off.
+    ipfix: Exporter | None = None
+
     def _committed(self, batch: Batch) -> None:
-        if self.pending_nats:
-            self.pending_nats.difference_update(batch.nats)
         if batch.events:
             self.logfile.write(batch.events)
+            if self.ipfix is not None:
+                self.ipfix.export(batch.events)
             for kind, n in Counter(e.kind for e in batch.events).items():
                 self.counts[_EVENT_COUNTS[kind]] += n
-        self.cached = sum(len(s.table.by_port) for s in self.nats.values())
+        nats = self.nats
+        for nat, rows in batch.rows_by_nat.items():
+            state = nats.get(nat)
+            if state is not None:
+                state.share.backlog -= rows
+        if batch.answers:
+            send = self._send
+            for nat, units, addr in batch.answers:
+                state = nats.get(nat)
+                if state is not None:
+                    state.share.waiting -= 1
+                send(units, addr)
+            self.waiting -= len(batch.answers)
+        self.cached = sum(len(s.table.by_port) for s in nats.values())
         if self.cached > self.config.cache_size:
             self._trim(self.cached - self.config.cache_size)
 
@@ -603,6 +654,12 @@ class Server(asyncio.DatagramProtocol):
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
         return (f"{self.counts['datagrams_in']} datagrams in, {self.counts['datagrams_out']} out, "
                 f"{self.counts['created']} created, {self.counts['deleted']} deleted; drops: {drops}")
+
+
+#: The answer to a request refused over its NAT64's share, by message type.
+_RATE_LIMITED = {cls: wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, kind))
+                 for cls, kind in ((wire.Map, wire.Kind.MAP), (wire.Lookup, wire.Kind.LOOKUP),
+                                   (wire.Touch, wire.Kind.TOUCH))}
 
 
 def _source_ipv4(host: str) -> int | None:
@@ -823,6 +880,20 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             logfile.close()
             raise
         log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+    if config.ipfix:
+        exporter = Exporter(config.ipfix, config.ipfix_domain)
+        try:
+            exporter.start()
+        except OSError:
+            transport.close()
+            if metrics is not None:
+                await metrics.stop()
+            await store.close()
+            logfile.close()
+            raise
+        server.ipfix = exporter
+        log.info("IPFIX export to %s, observation domain %d",
+                 ", ".join(c.name for c in exporter.collectors), config.ipfix_domain)
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
@@ -833,19 +904,14 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         _sd_notify("STOPPING=1")
         log.info("stopping: committing what is in flight")
         transport.close()
-        if server.tasks:
-            # Answers that wait for a failing commit would wait in vain.
-            waiting = asyncio.ensure_future(asyncio.wait(list(server.tasks), timeout=STOP_GRACE))
-            while not waiting.done():
-                await asyncio.wait([waiting], timeout=0.1)
-                if store.failing is not None or hurry.is_set():
-                    waiting.cancel()
-                    break
+        await server.drain(STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set())
         for h in helpers:
             h.cancel()
         if metrics is not None:
             await metrics.stop()
         unsaved = await store.close(hurry)
+        if server.ipfix is not None:
+            server.ipfix.close()
         logfile.close()
         log.info("stopped: %s", server.summary())
     if store.damaged is not None:

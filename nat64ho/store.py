@@ -20,6 +20,8 @@ import aiosqlite
 
 from nat64ho import schema
 from nat64ho.eventlog import Event
+from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT, PRUNE_BATCH, PRUNE_EVENTS
+from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.table import Entry, Row
 
 log = logging.getLogger("nat64ho.store")
@@ -34,17 +36,11 @@ MAX_RETRY_DELAY = 2.0
 PAGE_CACHE_KIB = 32 * 1024
 #: Seconds a stop keeps retrying failing commits before it gives up on them.
 CLOSE_GIVE_UP = 5.0
-#: Rows per DELETE when pruning history, so the writer is never held for long.
-PRUNE_CHUNK = 20_000
+#: Endpoints or ports read by one SELECT: SQLite joins at most 500 SELECTs
+#: in a compound one, and a datagram of 65507 octets names up to 16376 ports.
+READ_CHUNK = 250
 
-_UPSERT_ENTRY = (
-    "INSERT INTO entry (nat, port, addr, aport, created, last_use) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (nat, port) DO UPDATE SET addr = excluded.addr, aport = excluded.aport, "
-    "created = excluded.created, last_use = excluded.last_use"
-)
 _UPDATE_RECENCY = "UPDATE entry SET last_use = ? WHERE nat = ? AND port = ?"
-_INSERT_EVENT = ("INSERT OR IGNORE INTO event (ts, kind, nat, port, addr, aport) "
-                 "VALUES (?, ?, ?, ?, ?, ?)")
 _UPSERT_NAT = (
     "INSERT INTO nat (nat, boot_id, first_hello, last_hello) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (nat) DO UPDATE SET boot_id = excluded.boot_id, last_hello = excluded.last_hello"
@@ -73,9 +69,9 @@ class NatRecord(NamedTuple):
 
 
 class Batch:
-    """Changes that will commit together."""
+    """Changes that will commit together, and what waits for them."""
 
-    __slots__ = ("seq", "entries", "events", "nats", "done")
+    __slots__ = ("seq", "entries", "events", "nats", "done", "answers", "rows_by_nat")
 
     def __init__(self, seq: int, loop: asyncio.AbstractEventLoop):
         self.seq = seq
@@ -83,6 +79,11 @@ class Batch:
         self.events: list[Event] = []
         self.nats: dict[int, tuple[bytes, int]] = {}
         self.done: asyncio.Future = loop.create_future()
+        #: Answers that may leave once this batch is durable: (NAT64, units,
+        #: address). They live here rather than in a task each.
+        self.answers: list[tuple[int, list, tuple]] = []
+        #: Rows (entries and events) each NAT64 added, for its share (§7).
+        self.rows_by_nat: dict[int, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.events or self.nats)
@@ -98,6 +99,7 @@ class Store:
         self.secret = b""
         self.meta: dict[str, object] = {}
         self.clock_hwm = 0
+        self.last_event_ts = 0  #: the newest event time in the history
         self.nats: dict[int, NatRecord] = {}
         self._loop = asyncio.get_running_loop()
         self.committed_seq = 0
@@ -172,6 +174,9 @@ class Store:
         for nat, boot_id, first, last in await self._w.execute_fetchall(
                 "SELECT nat, boot_id, first_hello, last_hello FROM nat"):
             self.nats[nat] = NatRecord(bytes(boot_id), first, last)
+        # An index seek (event_ts): event times go on strictly after it.
+        [(last_ts,)] = await self._w.execute_fetchall("SELECT max(ts) FROM event")
+        self.last_event_ts = last_ts or 0
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None:
         """Record a server-wide value (e.g. the port range, for ``stats``)."""
@@ -239,16 +244,24 @@ class Store:
     async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]:
         # One point lookup per endpoint, joined: an OR of them makes SQLite
         # scan the NAT64's whole index range.
-        sql = " UNION ALL ".join([f"{_ROW} WHERE nat = ? AND addr = ? AND aport = ?"] * len(endpoints))
-        args: list = []
-        for addr, aport in endpoints:
-            args += (nat, addr, aport)
-        return self._rows(nat, await self._r.execute_fetchall(sql, args))
+        out: list[Row] = []
+        for i in range(0, len(endpoints), READ_CHUNK):
+            chunk = endpoints[i:i + READ_CHUNK]
+            sql = " UNION ALL ".join([f"{_ROW} WHERE nat = ? AND addr = ? AND aport = ?"] * len(chunk))
+            args: list = []
+            for addr, aport in chunk:
+                args += (nat, addr, aport)
+            out += self._rows(nat, await self._r.execute_fetchall(sql, args))
+        return out
 
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
-        marks = ",".join("?" * len(ports))
-        return self._rows(nat, await self._r.execute_fetchall(
-            f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *ports)))
+        out: list[Row] = []
+        for i in range(0, len(ports), READ_CHUNK):
+            chunk = ports[i:i + READ_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out += self._rows(nat, await self._r.execute_fetchall(
+                f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *chunk)))
+        return out
 
     async def read_oldest(self, nat: int, n: int, after: tuple[int, int] | None = None) -> list[Row]:
         """The ``n`` entries of ``nat`` with the oldest saved last use, after ``after``."""
@@ -290,22 +303,37 @@ class Store:
             n += len(self._inflight.entries) + len(self._inflight.events)
         return n
 
-    def add(self, nat: int, created: Iterable[Entry], touched: Iterable[Entry],
-            events: Iterable[Event]) -> None:
+    def add(self, nat: int, created: list[Entry], touched: Iterable[Entry],
+            events: list[Event]) -> int:
+        """Queue changes of ``nat`` for the next commit; returns how many
+        rows they add to it."""
         b = self._batch
         for e in created:
             b.entries.append((nat, e))
         for e in touched:
             self._dirty.append((nat, e))
         b.events.extend(events)
-        if b:
+        rows = len(created) + len(events)
+        if rows:
+            b.rows_by_nat[nat] = b.rows_by_nat.get(nat, 0) + rows
             self._wake.set()
+        return rows
 
-    def add_hello(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None:
+    def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None:
+        """Record a confirmed boot of ``nat`` (and its ``Initialized``)."""
         self._batch.nats[nat] = (boot_id, wall)
         if event is not None:
             self._batch.events.append(event)
         self._wake.set()
+
+    def answer_after(self, seq: int, nat: int, units: list, addr: tuple) -> None:
+        """Hand ``units`` to the commit callback once batch ``seq`` is durable."""
+        b = self._batch
+        if b.seq != seq:
+            b = self._inflight
+            if b is None or b.seq != seq:
+                raise AssertionError(f"no batch {seq}")
+        b.answers.append((nat, units, addr))
 
     def flush_recency_soon(self) -> None:
         self._recency_due = True
@@ -322,6 +350,13 @@ class Store:
                 await asyncio.shield(b.done)
                 return
         raise AssertionError(f"no batch {seq}")
+
+    async def flushed(self) -> None:
+        """Return once every change added so far is committed."""
+        if self._batch:
+            await self.wait(self._batch.seq)
+        elif self._inflight is not None:
+            await self.wait(self._inflight.seq)
 
     async def _tick(self) -> None:
         while True:
@@ -449,10 +484,8 @@ class Store:
         """Delete history events older than ``before`` (µs), in small chunks."""
         total = 0
         while True:
-            cur = await self._w.execute(
-                "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? LIMIT ?)",
-                (before, PRUNE_CHUNK))
+            cur = await self._w.execute(PRUNE_EVENTS, (before, PRUNE_BATCH))
             total += cur.rowcount
-            if cur.rowcount < PRUNE_CHUNK:
+            if cur.rowcount < PRUNE_BATCH:
                 return total
             await asyncio.sleep(0)

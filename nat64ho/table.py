@@ -25,10 +25,11 @@ from __future__ import annotations
 import random
 import re
 from collections import OrderedDict
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from nat64ho import wire
 from nat64ho.eventlog import Event, EventKind
+from nat64ho.session import Bucket
 
 #: Random probes for a free port before counting through the free ones.
 #: Probing is uniform and cheap while the table has room; with this many
@@ -82,28 +83,6 @@ class Needs(NamedTuple):
     victims: int  #: how many more LRU candidates to fetch (from the oldest)
 
 
-class Bucket:
-    """Token bucket: ``rate`` per second, burst of ``rate``; rate 0 = unlimited."""
-
-    __slots__ = ("rate", "tokens", "stamp")
-
-    def __init__(self, rate: float, now: int):
-        self.rate = rate
-        self.tokens = max(rate, 1.0)
-        self.stamp = now
-
-    def take(self, now: int) -> bool:
-        if self.rate <= 0:
-            return True
-        if now > self.stamp:
-            self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate / 1e6)
-            self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class Outcome(NamedTuple):
     units: list[list[bytes]]  #: encoded replies; a DELETED shares a unit with its MAPPING
     events: list[Event]
@@ -114,6 +93,7 @@ class Outcome(NamedTuple):
 
 
 _UNMAPPED = wire.Kind.UNMAPPED.to_bytes(1, "big") + b"\x01"
+_RATE_LIMITED_MAP = wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))
 
 
 class NatTable:
@@ -221,14 +201,17 @@ class NatTable:
         del self.by_endpoint[(e.addr, e.aport)]
 
     # ------------------------------------------------------------ step 2
-    def apply(self, messages: list, now: int, wall: int, seq: int,
-              create: Bucket | None = None, create_ok: bool = True) -> Outcome:
+    def apply(self, messages: list, now: int, stamp: Callable[[], int], seq: int,
+              create: Bucket | None = None, create_ok: bool = True,
+              share_ok: bool = True) -> Outcome:
         """Decide ``messages`` (the datagram after its COOKIE).
 
-        ``now`` is the monotonic table clock and ``wall`` the UTC time for
-        events, both in µs; ``seq`` is the write batch new entries join.
+        ``now`` is the monotonic table clock in µs, and ``stamp()`` gives each
+        event its UTC time in µs (strictly increasing, PROTOCOL.md §6); ``seq`` is the write batch new entries join.
         With ``create_ok`` false (storage cannot keep up) a MAP that needs a
-        new entry gets no answer, so the NAT64 retries later.
+        new entry gets no answer, so the NAT64 retries later; with
+        ``share_ok`` false (this NAT64 has too much waiting to be committed,
+        PROTOCOL.md §7) it is answered ERROR RATE_LIMITED.
         """
         units: list[list[bytes]] = []
         events: list[Event] = []
@@ -270,7 +253,11 @@ class NatTable:
                 if not create_ok:
                     counts["deferred"] = counts.get("deferred", 0) + 1
                     continue
-                unit = self._create(m, now, wall, seq, create, events, created, counts)
+                if not share_ok:
+                    counts["limited_backlog"] = counts.get("limited_backlog", 0) + 1
+                    units.append([_RATE_LIMITED_MAP])
+                    continue
+                unit = self._create(m, now, stamp, seq, create, events, created, counts)
                 if created and created[-1].seq == seq:
                     wait = seq
                 units.append(unit)
@@ -286,11 +273,11 @@ class NatTable:
             e.dirty = True
             touched.append(e)
 
-    def _create(self, m: wire.Map, now: int, wall: int, seq: int, bucket: Bucket | None,
+    def _create(self, m: wire.Map, now: int, stamp: Callable[[], int], seq: int, bucket: Bucket | None,
                 events: list[Event], created: list[Entry], counts: dict[str, int]) -> list[bytes]:
         if bucket is not None and not bucket.take(now):
             counts["rate_limited"] = counts.get("rate_limited", 0) + 1
-            return [wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))]
+            return [_RATE_LIMITED_MAP]
         unit: list[bytes] = []
         if self.nfree:
             port = self._take_free()
@@ -300,14 +287,14 @@ class NatTable:
                 counts["table_full"] = counts.get("table_full", 0) + 1
                 return [wire.encode(wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP))]
             port = victim.port
-            events.append(Event(wall, EventKind.DELETED, self.nat, port, victim.addr, victim.aport))
+            events.append(Event(stamp(), EventKind.DELETED, self.nat, port, victim.addr, victim.aport))
             unit.append(wire.deleted(port, victim.addr, victim.aport))
             counts["deleted"] = counts.get("deleted", 0) + 1
         e = Entry(port, m.addr, m.port, now, now, seq)
         self.total += 1
         self._remember(e)
         created.append(e)
-        events.append(Event(wall, EventKind.CREATED, self.nat, port, m.addr, m.port))
+        events.append(Event(stamp(), EventKind.CREATED, self.nat, port, m.addr, m.port))
         unit.append(wire.mapping(port, m.addr, m.port))
         counts["created"] = counts.get("created", 0) + 1
         return unit

@@ -3,6 +3,9 @@ numbers. Speeds are not asserted; this machine is shared with the tests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from typer.testing import CliRunner
 
 from nat64ho import bench
@@ -39,3 +42,12 @@ def test_cli_refuses_a_remote_server():
     result = CliRunner().invoke(app, ["bench", "--server", "192.0.2.1:6464"])
     assert result.exit_code == 2
     assert "loopback" in result.output
+
+
+def test_the_server_never_imports_the_benchmark_or_the_test_launcher():
+    code = ("import sys, nat64ho.server, nat64ho.store; "
+            "print(sorted(m for m in sys.modules if m.startswith(('nat64ho.bench', "
+            "'nat64ho.testing', 'nat64ho.cli', 'nat64ho.ops'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "[]\n"

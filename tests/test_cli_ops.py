@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nat64ho import cli, schema
+from nat64ho.cli import database as cli_database
 from tests.helpers import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\
@@ -149,7 +150,7 @@ def test_bad_value_through_the_real_command_has_no_traceback(example_db):
 
 @pytest.mark.parametrize("args", [
     ["query"], ["who", "192.0.2.9:47102"], ["who", "2001:db8::1"], ["export"], ["stats"],
-    ["import", "-"], ["prune", "--before", "2020-01-01"],
+    ["prune", "--before", "2020-01-01"], ["check"],
 ])
 def test_missing_database_is_an_error_and_is_not_created(tmp_path, args):
     missing = tmp_path / "sub" / "none.db"
@@ -171,7 +172,7 @@ def test_newer_database_is_refused(db):
 
 def test_locked_database_is_retried_then_reported(db, monkeypatch):
     monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
-    monkeypatch.setattr(cli, "BUSY_RETRY_S", 0.3)
+    monkeypatch.setattr(cli_database, "BUSY_RETRY_S", 0.3)
     locker = sqlite3.connect(db, isolation_level=None)
     locker.execute("PRAGMA locking_mode = EXCLUSIVE")
     locker.execute("BEGIN EXCLUSIVE")

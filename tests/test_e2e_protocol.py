@@ -38,9 +38,10 @@ def test_eviction_sends_deleted_then_mapping_in_one_datagram(server_factory):
         # Raw datagrams, to see how the answer was framed.
         c.inbox = type(c.inbox)()
         got = []
-        c.datagram_received = lambda data, addr: got.append(data)
+        arrived = asyncio.Event()
+        c.datagram_received = lambda data, addr: (got.append(data), arrived.set())
         c.send([wire.Map(v6(100), 6000)])
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(arrived.wait(), 5)
         assert len(got) == 1
         assert wire.parse(got[0], wire.Direction.TO_NAT64) == [
             wire.Deleted(first[0], v6(0), 5000), wire.Mapping(first[0], v6(100), 6000)]

@@ -194,7 +194,7 @@ def test_check_finds_a_schema_that_was_changed(tmp_path):
 def test_check_of_a_missing_file_creates_nothing(tmp_path):
     db = tmp_path / "absent.db"
     r = nat64ho("check", "--db", str(db))
-    assert (r.returncode, r.stderr) == (2, f"Error: {db}: no such database\n")
+    assert (r.returncode, r.stderr) == (1, f"Error: {db}: no such database\n")
     assert not db.exists()
 
 

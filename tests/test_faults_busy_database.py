@@ -109,9 +109,10 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
         finally:
             holder.kill()
             holder.wait()
-        for _ in range(10):  # retransmitted, as a NAT64 does, until the commit is done
+        for _ in range(20):  # retransmitted, as a NAT64 does, until the commit is done
             if out := mappings(await c.exchange([wire.Map(v6(1), 1)], timeout=1)):
                 break
+            await asyncio.sleep(0.5)  # RATE_LIMITED (its share is full): retry later
         c.close()
         return grown, sent, out[0]
 
@@ -120,7 +121,9 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     # Below what MAX_INFLIGHT small answers can hold, with room for the allocator.
     assert grown < 48 * 1024, f"RSS grew by {grown} KiB"
     assert srv.stop() == 0
-    assert "overloaded=" in srv.stderr.splitlines()[-1]
+    # Past the NAT64's own share (PROTOCOL.md §7) its retransmissions are
+    # refused before they hold anything.
+    assert "nat_waiting=" in srv.stderr.splitlines()[-1]
     assert entries(srv.db)[(v6(1), 1)] == m.nat_port
 
 

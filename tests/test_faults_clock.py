@@ -99,10 +99,13 @@ def test_wall_clock_steps_while_serving(tmp_path):
     kinds = [rest.split()[0] for _, rest in lines]
     assert kinds == ["Initialized", "Created", "Created", "Deleted", "Created", "Initialized",
                      "Deleted", "Created", "Initialized", "Deleted", "Created"]
-    # Log times are the wall clock as the host has it, steps and all.
-    expected = [0, 0, 0, -HOUR, -HOUR, -HOUR, DAY, DAY, -DAY, -DAY, -DAY]
+    # Event times never go back (PROTOCOL.md §6): a step forward moves them
+    # on, a step back holds them just after the newest one until the clock
+    # catches up, so the history stays unambiguous.
+    expected = [0, 0, 0, 0, 0, 0, DAY, DAY, DAY, DAY, DAY]
     for (ts, rest), shift in zip(lines, expected):
         assert abs(ts - (real + shift)) < 30, (rest, ts - real)
+    assert all(a[0] < b[0] for a, b in zip(lines, lines[1:]))
 
 
 def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
@@ -127,8 +130,10 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         out = []
         for request in requests:
             srv.datagram_received(request() if callable(request) else request, nat)
-            while srv.tasks:
-                await asyncio.gather(*list(srv.tasks))
+            while srv.tasks or srv.waiting:
+                if srv.tasks:
+                    await asyncio.gather(*list(srv.tasks))
+                await store.flushed()
             for data, _ in rec.sent:
                 out += peer.receive(data)
             rec.sent.clear()
@@ -150,5 +155,8 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         out = asyncio.run(serve_once(req(wire.Map(v6(3), 3))))
     assert out == [wire.Deleted(a.nat_port, v6(1), 1), wire.Mapping(a.nat_port, v6(3), 3)]
     lines = (tmp_path / "events.log").read_text().splitlines()
-    assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 3 + ["2030-06-01 10:30"] * 2
+    # Event times never go back (PROTOCOL.md §6): stepped back, they stay
+    # just after the newest one.
+    assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 5
+    assert lines == sorted(lines)
     assert lines[-2].endswith(f"Deleted 192.0.2.7:{a.nat_port} [2001:db8::1]:1")

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from nat64ho import history
+from nat64ho.ops import queries
 from nat64ho.gateway import testbed as tb
 from tests.helpers import nat64ho
 
@@ -132,7 +132,7 @@ def test_udp_request_response_and_ping_through_the_nat64(bed):
         local = s.getsockname()[1]
     m = re.search(rf"^udp {re.escape(tb.POOL)}:(\d+) 9 octets", bed.services_out(), re.M)
     with db(bed) as conn:
-        held = history.who_port(conn, POOL_INT, int(m.group(1)), int(time.time() * 1e6))
+        held = queries.who_port(conn, POOL_INT, int(m.group(1)), int(time.time() * 1e6))
     assert held is not None and held.aport == local
 
     ping = bed.run(bed.client, "ping", "-c", "3", "-i", "0.2", "-W", "5", HOST6)
@@ -284,7 +284,7 @@ def test_tcp_connection_survives_gateway_kill_and_server_restart(bed):
     assert re.findall(rf"tcp {re.escape(tb.POOL)}:(\d+) accepted", out) == [str(port)]
     assert not re.search(r"^tcp \S+ error", out, re.M), out
     with db(bed) as conn:
-        assert [e.port for e in history.query_entries(conn, nat=POOL_INT)] == [port]
+        assert [e.port for e in queries.query_entries(conn, nat=POOL_INT)] == [port]
     # The restarted gateway recovered the entry from the server (its MAP or
     # LOOKUP was answered with the same port); nothing was created again.
     events = bed.events.read_text()
@@ -325,7 +325,7 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
     def table() -> dict[str, int]:
         with db(bed) as conn:
             return {f"[{socket.inet_ntop(socket.AF_INET6, e.addr)}]:{e.aport}": e.port
-                    for e in history.query_entries(conn, nat=POOL_INT)}
+                    for e in queries.query_entries(conn, nat=POOL_INT)}
 
     def deleted() -> list[str]:
         return re.findall(r" Deleted \S+ (\S+)", bed.events.read_text())
@@ -356,7 +356,7 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
         with db(bed) as conn:
             for s, ep, at in conns:
                 port = next(p for p, eps in seen.items() if f"{ep}" in eps)
-                held = history.who_port(conn, POOL_INT, port, int(at * 1e6))
+                held = queries.who_port(conn, POOL_INT, port, int(at * 1e6))
                 assert held is not None
                 assert f"[{socket.inet_ntop(socket.AF_INET6, held.addr)}]:{held.aport}" == ep
         # And through the command, for a reused port: first holder, then the next.

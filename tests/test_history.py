@@ -1,8 +1,9 @@
-"""The operator queries of nat64ho.history on a real SQLite file: attribution
+"""The operator queries of nat64ho.ops on a real SQLite file: attribution
 rules, export byte-identity, import idempotence, pruning, and index use."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import subprocess
@@ -13,9 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho import history, schema
+from nat64ho import schema, store
 from nat64ho.eventlog import BadLine, Event, EventKind, format_event, parse_line
-from nat64ho.history import Holding
+from nat64ho.ops import db as opsdb
+from nat64ho.ops import export as ops_export
+from nat64ho.ops import importer, maintenance, queries
+from nat64ho.ops.queries import Holding
 
 EXAMPLE = textwrap.dedent("""\
     2019-03-18 10:06:28.436754 Initialized 192.0.2.7
@@ -43,9 +47,9 @@ def db(tmp_path):
     conn.close()
 
 
-def load(conn, text: str, **kw) -> tuple[history.ImportResult, list]:
+def load(conn, text: str, **kw) -> tuple[importer.ImportResult, list]:
     bad = []
-    result = history.import_logs(conn, [("log", io.StringIO(text))],
+    result = importer.import_logs(conn, [("log", io.BytesIO(text.encode()))],
                                  lambda *a: bad.append(a), **kw)
     return result, bad
 
@@ -57,7 +61,7 @@ def add_entry(conn, nat, port, addr, aport, created, last_use=None):
 
 def export(conn, **kw) -> str:
     out = io.StringIO()
-    history.write_log(history.history_rows(conn, **kw), out)
+    ops_export.write_log(ops_export.history_rows(conn, **kw), out)
     return out.getvalue()
 
 
@@ -92,7 +96,7 @@ def test_import_accepts_crlf_and_a_last_line_without_newline(db):
 
 
 def test_import_commits_in_batches(db, monkeypatch):
-    monkeypatch.setattr(history, "IMPORT_BATCH", 2)
+    monkeypatch.setattr(importer, "IMPORT_BATCH", 2)
     result, _ = load(db, EXAMPLE)
     assert result.added == 4 and export(db) == EXAMPLE
 
@@ -110,16 +114,17 @@ def test_export_jsonl_and_csv_have_fixed_columns(db):
     import json
     load(db, EXAMPLE)
     out = io.StringIO()
-    history.write_jsonl(history.history_rows(db), out)
+    ops_export.write_jsonl(ops_export.history_rows(db, with_id=True), out)
     objs = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert objs[0] == {"ts": "2019-03-18 10:06:28.436754", "event": "Initialized",
+    assert objs[0] == {"seq": 1, "ts": "2019-03-18 10:06:28.436754", "event": "Initialized",
                        "nat": "192.0.2.7", "port": None, "ipv6": None, "ipv6_port": None}
-    assert objs[3] == {"ts": "2019-03-18 15:22:02.062478", "event": "Created", "nat": "192.0.2.9",
-                       "port": 47102, "ipv6": "2001:db8::55", "ipv6_port": 34643}
+    assert objs[3] == {"seq": 4, "ts": "2019-03-18 15:22:02.062478", "event": "Created",
+                       "nat": "192.0.2.9", "port": 47102, "ipv6": "2001:db8::55",
+                       "ipv6_port": 34643}
     out = io.StringIO()
-    history.write_csv(history.history_rows(db), out)
+    ops_export.write_csv(ops_export.history_rows(db), out)
     lines = out.getvalue().splitlines()
-    assert lines[0] == history.CSV_HEADER
+    assert lines[0] == ops_export.CSV_HEADER
     assert lines[1] == "2019-03-18 10:06:28.436754,Initialized,192.0.2.7,,,"
     assert lines[4] == "2019-03-18 15:22:02.062478,Created,192.0.2.9,47102,2001:db8::55,34643"
 
@@ -143,7 +148,7 @@ events = st.builds(
 @settings(max_examples=500, deadline=None)
 @given(events)
 def test_fast_formatter_equals_format_event(e):
-    assert history.LineFormatter().line(tuple(e)) == format_event(e)
+    assert ops_export.LineFormatter().line(tuple(e)) == format_event(e)
 
 
 def _reference(line):
@@ -156,7 +161,7 @@ def _reference(line):
 
 def _fast(line):
     try:
-        return history._FastParser()(line)
+        return importer._FastParser()(line)
     except BadLine:
         return "bad"
 
@@ -244,17 +249,17 @@ def test_open_log_reads_gzip_and_reports_missing_files(tmp_path):
     path = tmp_path / "x.log.gz"
     with gzip.open(path, "wt") as f:
         f.write(EXAMPLE)
-    assert history.open_log(str(path)).read() == EXAMPLE
-    with pytest.raises(history.LogUnreadable, match="nope.log"):
-        history.open_log(str(tmp_path / "nope.log"))
+    assert importer.open_log(str(path)).read() == EXAMPLE.encode()
+    with pytest.raises(importer.LogUnreadable, match="nope.log"):
+        importer.open_log(str(tmp_path / "nope.log"))
 
 
 def test_truncated_gzip_keeps_what_was_read_and_raises(db, tmp_path):
     import gzip
     path = tmp_path / "x.log.gz"
     path.write_bytes(gzip.compress(EXAMPLE.encode() * 50)[:-30])
-    with pytest.raises(history.LogUnreadable, match="x.log.gz"):
-        history.import_logs(db, [(str(path), history.open_log(str(path)))], lambda *a: None)
+    with pytest.raises(importer.LogUnreadable, match="x.log.gz"):
+        importer.import_logs(db, [(str(path), importer.open_log(str(path)))], lambda *a: None)
     assert db.execute("SELECT count(*) FROM event").fetchone()[0] == 4
 
 
@@ -262,7 +267,7 @@ def test_truncated_gzip_keeps_what_was_read_and_raises(db, tmp_path):
 
 def test_who_before_the_deleted_names_the_deleted_holder(db):
     load(db, EXAMPLE)
-    h = history.who_port(db, NAT9, 47102, us("2019-03-18 15:00:00.000000"))
+    h = queries.who_port(db, NAT9, 47102, us("2019-03-18 15:00:00.000000"))
     assert (h.addr, h.aport) == (v6("2001:db8::75"), 33131)
     assert h.start is None and h.end == us("2019-03-18 15:22:02.062254")
     assert h.created is None and h.deleted.kind == EventKind.DELETED and not h.current
@@ -270,7 +275,7 @@ def test_who_before_the_deleted_names_the_deleted_holder(db):
 
 def test_who_after_the_created_names_the_new_holder(db):
     load(db, EXAMPLE)
-    h = history.who_port(db, NAT9, 47102, us("2019-03-18 15:30:00.000000"))
+    h = queries.who_port(db, NAT9, 47102, us("2019-03-18 15:30:00.000000"))
     assert (h.addr, h.aport) == (v6("2001:db8::55"), 34643)
     assert h.start == us("2019-03-18 15:22:02.062478") and h.end is None
     assert format_event(h.created) == EXAMPLE.splitlines()[3]
@@ -279,28 +284,28 @@ def test_who_after_the_created_names_the_new_holder(db):
 
 def test_who_between_deleted_and_created_is_nobody(db):
     load(db, EXAMPLE)
-    assert history.who_port(db, NAT9, 47102, us("2019-03-18 15:22:02.062254")) is None
-    assert history.who_port(db, NAT9, 47102, us("2019-03-18 15:22:02.062300")) is None
-    assert history.who_port(db, NAT9, 47103, us("2019-03-18 15:30:00.000000")) is None
-    assert history.who_port(db, NAT7, 3719, us("2019-03-18 10:00:00.000000")) is None
+    assert queries.who_port(db, NAT9, 47102, us("2019-03-18 15:22:02.062254")) is None
+    assert queries.who_port(db, NAT9, 47102, us("2019-03-18 15:22:02.062300")) is None
+    assert queries.who_port(db, NAT9, 47103, us("2019-03-18 15:30:00.000000")) is None
+    assert queries.who_port(db, NAT7, 3719, us("2019-03-18 10:00:00.000000")) is None
 
 
 def test_who_on_created_instant_and_still_held(db):
     load(db, EXAMPLE)
     add_entry(db, NAT9, 47102, "2001:db8::55", 34643, us("2019-03-18 15:22:02.062470"))
     at = us("2019-03-18 15:22:02.062478")
-    h = history.who_port(db, NAT9, 47102, at)
+    h = queries.who_port(db, NAT9, 47102, at)
     assert (h.addr, h.current, h.start, h.end) == (v6("2001:db8::55"), True, at, None)
-    far = history.who_port(db, NAT9, 47102, us("2030-01-01 00:00:00.000000"))
+    far = queries.who_port(db, NAT9, 47102, us("2030-01-01 00:00:00.000000"))
     assert far.current and far.created is not None
 
 
 def test_who_closed_holding_has_both_events(db):
     load(db, EXAMPLE + "2019-03-19 00:00:00.000000 Deleted 192.0.2.9:47102 [2001:db8::55]:34643\n")
-    h = history.who_port(db, NAT9, 47102, us("2019-03-18 18:00:00.000000"))
+    h = queries.who_port(db, NAT9, 47102, us("2019-03-18 18:00:00.000000"))
     assert h.start == us("2019-03-18 15:22:02.062478") and h.end == us("2019-03-19 00:00:00.000000")
     assert h.created.kind == EventKind.CREATED and h.deleted.kind == EventKind.DELETED
-    assert history.who_port(db, NAT9, 47102, us("2019-03-19 00:00:00.000000")) is None
+    assert queries.who_port(db, NAT9, 47102, us("2019-03-19 00:00:00.000000")) is None
 
 
 def test_who_same_instant_deleted_precedes_created(db):
@@ -309,25 +314,25 @@ def test_who_same_instant_deleted_precedes_created(db):
         2019-03-18 11:00:00.000000 Deleted 192.0.2.9:5000 [2001:db8::1]:1
         2019-03-18 11:00:00.000000 Created 192.0.2.9:5000 [2001:db8::2]:2
         """))
-    before = history.who_port(db, NAT9, 5000, us("2019-03-18 10:59:59.999999"))
+    before = queries.who_port(db, NAT9, 5000, us("2019-03-18 10:59:59.999999"))
     assert (before.addr, before.end) == (v6("2001:db8::1"), us("2019-03-18 11:00:00.000000"))
-    same = history.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000"))
+    same = queries.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000"))
     assert same.addr == v6("2001:db8::2") and same.created is not None
 
 
 def test_who_entry_without_history(db):
     add_entry(db, NAT9, 6000, "2001:db8::6", 66, us("2019-03-18 12:00:00.000000"))
-    h = history.who_port(db, NAT9, 6000, us("2019-03-18 13:00:00.000000"))
+    h = queries.who_port(db, NAT9, 6000, us("2019-03-18 13:00:00.000000"))
     assert h == Holding(NAT9, 6000, v6("2001:db8::6"), 66, us("2019-03-18 12:00:00.000000"),
                         None, True, None, None)
-    assert history.who_port(db, NAT9, 6000, us("2019-03-18 11:00:00.000000")) is None
+    assert queries.who_port(db, NAT9, 6000, us("2019-03-18 11:00:00.000000")) is None
 
 
 def test_who_table_overrides_a_history_with_a_gap(db):
     load(db, "2019-03-18 10:00:00.000000 Created 192.0.2.9:5000 [2001:db8::1]:1\n")
     add_entry(db, NAT9, 5000, "2001:db8::2", 2, us("2019-03-18 12:00:00.000000"))
-    assert history.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000")).addr == v6("2001:db8::1")
-    now = history.who_port(db, NAT9, 5000, us("2019-03-18 13:00:00.000000"))
+    assert queries.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000")).addr == v6("2001:db8::1")
+    now = queries.who_port(db, NAT9, 5000, us("2019-03-18 13:00:00.000000"))
     assert now.addr == v6("2001:db8::2") and now.current
 
 
@@ -339,23 +344,23 @@ def test_who_endpoint_lists_every_holding(db):
         """))
     add_entry(db, NAT7, 4000, "2001:db8::55", 34643, us("2019-03-19 01:00:00.000000"))
     add_entry(db, NAT7, 4002, "2001:db8:0:1::1", 1, us("2019-03-19 03:00:00.000000"))
-    one = list(history.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643))
+    one = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643))
     assert [(h.nat, h.port, h.start, h.end, h.current) for h in one] == [
         (NAT9, 47102, us("2019-03-18 15:22:02.062478"), us("2019-03-19 00:00:00.000000"), False),
         (NAT7, 4000, us("2019-03-19 01:00:00.000000"), None, True),
     ]
-    addr = list(history.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128")))
+    addr = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128")))
     assert len(addr) == 3 and {h.aport for h in addr} == {34643, 999}
-    at = list(history.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643,
+    at = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643,
                                    at=us("2019-03-18 20:00:00.000000")))
     assert [h.port for h in at] == [47102]
-    wide = list(history.who_endpoint(db, ipaddress.IPv6Network("2001:db8::/32")))
+    wide = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::/32")))
     # ::17 (open, not in the table), ::55 x3, ::75 (Deleted only), and the
     # table-only entry of 2001:db8:0:1::1 last.
     assert len(wide) == 6 and wide[-1].port == 4002 and wide[-1].created is None
     deleted_only = [h for h in wide if h.addr == v6("2001:db8::75")]
     assert deleted_only[0].start is None and deleted_only[0].deleted is not None
-    assert list(history.who_endpoint(db, ipaddress.IPv6Network("2001:db9::/32"))) == []
+    assert list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db9::/32"))) == []
 
 
 # ---------------------------------------------------------------- query, stats, prune
@@ -364,15 +369,15 @@ def test_query_entries_filters_and_order(db):
     add_entry(db, NAT9, 3000, "2001:db8::1", 1, 10, 20)
     add_entry(db, NAT9, 2000, "2001:db8:1::1", 1, 11, 21)
     add_entry(db, NAT7, 4000, "2001:db8::2", 2, 12, 22)
-    ports = lambda **kw: [(e.nat, e.port) for e in history.query_entries(db, **kw)]  # noqa: E731
+    ports = lambda **kw: [(e.nat, e.port) for e in queries.query_entries(db, **kw)]  # noqa: E731
     assert ports() == [(NAT7, 4000), (NAT9, 2000), (NAT9, 3000)]
     assert ports(nat=NAT9) == [(NAT9, 2000), (NAT9, 3000)]
     assert ports(port=4000) == [(NAT7, 4000)]
     assert ports(ipv6=ipaddress.IPv6Network("2001:db8::/48")) == [(NAT7, 4000), (NAT9, 3000)]
     assert ports(ipv6=ipaddress.IPv6Network("2001:db8::1/128"), nat=NAT9) == [(NAT9, 3000)]
     assert ports(nat=NAT9, port=2001) == []
-    e = next(history.query_entries(db, nat=NAT7))
-    assert e == history.Entry(NAT7, 4000, v6("2001:db8::2"), 2, 12, 22)
+    e = next(queries.query_entries(db, nat=NAT7))
+    assert e == queries.Entry(NAT7, 4000, v6("2001:db8::2"), 2, 12, 22)
 
 
 def test_stats_counts_recent_events(db):
@@ -385,20 +390,49 @@ def test_stats_counts_recent_events(db):
         """))
     add_entry(db, NAT9, 2, "2001:db8::3", 1, now - 5, now - 3)
     db.execute("INSERT INTO nat VALUES (?, ?, ?, ?)", (NAT9, bytes(8), 100, 200))
-    [s] = history.stats(db, now, 64508)
-    assert s == history.NatStats(NAT9, 1, 64508, now - 3, 100, 200, 1, 1, 2, 1)
+    [s] = queries.stats(db, now, 64508)
+    assert s == queries.NatStats(NAT9, 1, 64508, now - 3, 100, 200, 1, 1, 2, 1)
 
 
 def test_prune_deletes_old_events_only(db, monkeypatch):
-    monkeypatch.setattr(history, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(maintenance, "PRUNE_BATCH", 2)
     load(db, EXAMPLE)
     add_entry(db, NAT7, 3719, "2001:db8::17", 53186, 1)
-    assert history.prune(db, us("2019-03-18 15:22:02.062478")) == 3
+    assert maintenance.prune(db, us("2019-03-18 15:22:02.062478")) == 3
     assert export(db) == EXAMPLE.splitlines(True)[3]
     assert db.execute("SELECT count(*) FROM entry").fetchone()[0] == 1
-    assert history.prune(db, us("2019-03-18 15:22:02.062478")) == 0
+    assert maintenance.prune(db, us("2019-03-18 15:22:02.062478")) == 0
     # The pruned entry is still attributed, from the table.
-    assert history.who_port(db, NAT7, 3719, 2).current
+    assert queries.who_port(db, NAT7, 3719, 2).current
+
+
+def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypatch):
+    # serve --keep-history (Store.prune, on aiosqlite) and `nat64ho prune`
+    # run one statement with one batch size; both must leave the same history.
+    cut = us("2019-03-18 15:22:02.062478")
+    for name in ("ops.db", "server.db"):
+        conn = schema.open_db(tmp_path / name, create=True)
+        load(conn, EXAMPLE)
+        conn.close()
+    monkeypatch.setattr(maintenance, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(store, "PRUNE_BATCH", 2)
+    conn = schema.open_db(tmp_path / "ops.db")
+    by_ops, left_ops = maintenance.prune(conn, cut), export(conn)
+    conn.close()
+
+    async def server_prune() -> int:
+        s = await store.Store.open(tmp_path / "server.db")
+        try:
+            return await s.prune(cut)
+        finally:
+            await s.close()
+
+    by_server = asyncio.run(server_prune())
+    conn = schema.open_db(tmp_path / "server.db", readonly=True)
+    left_server = export(conn)
+    conn.close()
+    assert by_server == by_ops == 3
+    assert left_server == left_ops == EXAMPLE.splitlines(True)[3]
 
 
 # ---------------------------------------------------------------- plans and locks
@@ -419,7 +453,7 @@ def test_prune_deletes_old_events_only(db, monkeypatch):
     ("SELECT min(nat) FROM event WHERE nat > ?", (1,), "event_nat_port_ts"),
 ])
 def test_queries_use_an_index_and_no_sort(db, sql, args, index):
-    # The statements history.py runs; a plan change here is what would make
+    # The statements the operator modules run; a plan change here is what would make
     # them scan 100 M rows.
     plan = " | ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
     assert f"INDEX {index}" in plan or index in plan, plan
@@ -429,7 +463,7 @@ def test_queries_use_an_index_and_no_sort(db, sql, args, index):
 def test_database_in_use_sees_another_process(tmp_path):
     path = tmp_path / "t.db"
     schema.open_db(path, create=True).close()
-    assert not history.database_in_use(path)
+    assert not opsdb.database_in_use(path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
          "c.execute('SELECT count(*) FROM event').fetchone(); print('open', flush=True); "
@@ -437,8 +471,8 @@ def test_database_in_use_sees_another_process(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "open\n"
-        assert history.database_in_use(path)
+        assert opsdb.database_in_use(path)
     finally:
         holder.stdin.close()
         holder.wait(10)
-    assert not history.database_in_use(path)
+    assert not opsdb.database_in_use(path)

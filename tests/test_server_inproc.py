@@ -43,8 +43,12 @@ async def start(tmp_path, **kw):
 
 
 async def settle(srv: Server):
-    while srv.tasks:
-        await asyncio.gather(*list(srv.tasks))
+    """Until every datagram is decided and every answer waiting for a
+    commit has left."""
+    while srv.tasks or srv.waiting:
+        if srv.tasks:
+            await asyncio.gather(*list(srv.tasks))
+        await srv.store.flushed()
 
 
 async def stop(srv: Server):
@@ -70,6 +74,8 @@ def test_log_lines_are_utc_microseconds_in_protocol_format(tmp_path):
             await settle(srv)
             [welcome] = replies(rec, peer)
             assert isinstance(welcome, wire.Welcome)
+            srv.datagram_received(peer.confirm(), NAT)  # Initialized is logged now
+            await settle(srv)
             clock.move_to("2019-03-18 10:06:28.491727")
             srv.datagram_received(peer.request([wire.Map(V17, 53186)]), NAT)
             await settle(srv)
@@ -100,11 +106,16 @@ def test_protocol_example_lines_round_trip():
 def test_initialized_only_for_a_new_boot_id(tmp_path):
     async def go():
         srv, rec = await start(tmp_path)
-        a, b = Peer(b"A" * 8), Peer(b"B" * 8)
+        a, b, c = Peer(b"A" * 8), Peer(b"B" * 8), Peer(b"C" * 8)
         for peer in (a, a, b, b, a):
             srv.datagram_received(peer.hello(), NAT)
             await settle(srv)
             assert isinstance(replies(rec, peer)[0], wire.Welcome)
+            srv.datagram_received(peer.confirm(), NAT)
+            await settle(srv)
+        # A HELLO nobody confirms is a claim only: nothing logged.
+        srv.datagram_received(c.hello(), NAT)
+        await settle(srv)
         await stop(srv)
 
     asyncio.run(go())
@@ -167,14 +178,19 @@ def test_malformed_is_counted_not_answered(tmp_path, junk):
     asyncio.run(go())
 
 
-def test_repeated_hello_before_commit_logs_one_initialized(tmp_path):
+def test_hellos_write_nothing_and_one_confirmation_logs_one_initialized(tmp_path):
     async def go():
         srv, rec = await start(tmp_path)
         peer = Peer()
-        for _ in range(3):  # retransmitted before the first commit completes
+        for _ in range(3):  # retransmitted: each is a claim, answered
             srv.datagram_received(peer.hello(), NAT)
         await settle(srv)
         assert [type(m) for m in replies(rec, peer)] == [wire.Welcome] * 3
+        assert srv.store.stats["commits"] == 0  # a claim writes nothing
+        assert (tmp_path / "events.log").read_text() == ""
+        for _ in range(2):  # the first confirms; the second is a plain datagram
+            srv.datagram_received(peer.confirm(), NAT)
+        await settle(srv)
         await stop(srv)
 
     asyncio.run(go())
@@ -192,13 +208,14 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
         # the WELCOME goes to the real address, so the forger learns nothing.
         srv.datagram_received(spoofer.hello(), NAT)
         await settle(srv)
-        rec.sent.clear()
+        [welcome] = replies(rec, spoofer)  # what reached the real address
         srv.datagram_received(real.request([wire.Map(V17, 1)]), NAT)
         await settle(srv)
         [m] = replies(rec, real)
         assert isinstance(m, wire.Mapping)
-        # Once the new boot's cookie is used, the old one is retired.
-        spoofer.cookie = srv.nats[0xC0000207].cookie
+        # Whoever receives at the address (here: a real reboot) confirms the
+        # new boot by using its cookie; the old one retires then.
+        assert spoofer.cookie == welcome.cookie
         srv.datagram_received(spoofer.request([wire.Lookup(m.nat_port)]), NAT)
         await settle(srv)
         assert replies(rec) == [m]

@@ -26,7 +26,7 @@ def decode(unit: list[bytes]) -> list:
 
 
 def mapped(t: NatTable, i: int, now: int, seq: int = 1):
-    out = t.apply([wire.Map(v6(i), 1000 + i)], now, now, seq)
+    out = t.apply([wire.Map(v6(i), 1000 + i)], now, lambda: now, seq)
     [unit] = out.units
     return decode(unit), out
 
@@ -63,7 +63,7 @@ def test_full_table_deletes_least_recently_used_first():
     for i in range(8):
         ports[i] = mapped(t, i, S * (i + 1))[0][0].nat_port
     # Entry 0 is the oldest, but a LOOKUP and a TOUCH make 0 and 1 recent.
-    t.apply([wire.Lookup(ports[0]), wire.Touch((ports[1],))], 20 * S, 20 * S, 1)
+    t.apply([wire.Lookup(ports[0]), wire.Touch((ports[1],))], 20 * S, lambda: 20 * S, 1)
     msgs, out = mapped(t, 100, 21 * S)
     assert msgs == [wire.Deleted(ports[2], v6(2), 1002), wire.Mapping(ports[2], v6(100), 1100)]
     assert [(e.kind, e.port) for e in out.events] == [(EventKind.DELETED, ports[2]),
@@ -90,7 +90,7 @@ def test_lookup_and_touch_answers():
     [m], _ = mapped(t, 1, S)
     free = next(p for p in range(1028, 1036) if p != m.nat_port)
     out = t.apply([wire.Lookup(m.nat_port), wire.Lookup(free), wire.Touch((m.nat_port, free, 9))],
-                  2 * S, 2 * S, 1)
+                  2 * S, lambda: 2 * S, 1)
     assert [decode(u)[0] for u in out.units] == [m, wire.Unmapped(free), wire.Unmapped(free),
                                                  wire.Unmapped(9)]
 
@@ -99,10 +99,10 @@ def test_create_rate_limit():
     t = table(1028, 2000)
     bucket = Bucket(3, 0)
     answers = [decode(u)[0] for u in t.apply([wire.Map(v6(i), 1) for i in range(5)],
-                                             0, 0, 1, bucket).units]
+                                             0, lambda: 0, 1, bucket).units]
     assert [type(a) for a in answers] == [wire.Mapping] * 3 + [wire.Error] * 2
     assert answers[3].code == wire.ErrorCode.RATE_LIMITED
-    out = t.apply([wire.Map(v6(9), 1)], S, S, 1, bucket)  # one second refills
+    out = t.apply([wire.Map(v6(9), 1)], S, lambda: S, 1, bucket)  # one second refills
     assert isinstance(decode(out.units[0])[0], wire.Mapping)
 
 
@@ -112,14 +112,19 @@ def test_answers_wait_for_the_batch_that_holds_the_entry():
     assert out.wait_seq == 4
     [m], out = mapped(t, 1, 2 * S, seq=5)  # retransmitted MAP: still batch 4
     assert out.wait_seq == 4
-    out = t.apply([wire.Lookup(1), wire.Touch((m.nat_port,))], 3 * S, 3 * S, 6)
+    out = t.apply([wire.Lookup(1), wire.Touch((m.nat_port,))], 3 * S, lambda: 3 * S, 6)
     assert out.wait_seq == 0
 
 
 def test_create_refused_when_storage_is_behind():
     t = table()
-    out = t.apply([wire.Map(v6(1), 1)], S, S, 1, create_ok=False)
+    out = t.apply([wire.Map(v6(1), 1)], S, lambda: S, 1, create_ok=False)
     assert out.units == [] and out.created == [] and out.counts["deferred"] == 1
+    # Over this NAT64's share: refused and said so (PROTOCOL.md §7).
+    out = t.apply([wire.Map(v6(1), 1), wire.Lookup(1)], S, lambda: S, 1, share_ok=False)
+    assert [decode(u) for u in out.units] == [[wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)],
+                                              [wire.Unmapped(1)]]
+    assert out.created == [] and out.events == [] and out.counts["limited_backlog"] == 1
 
 
 def test_entries_only_in_the_database_are_read_first():
@@ -134,7 +139,7 @@ def test_entries_only_in_the_database_are_read_first():
     # The database holds endpoint 2 and port 1028; victims come oldest first.
     t.feed([rows[1], rows[0]], [rows[0], rows[1]])
     assert t.needs(msgs, absent={(v6(3), 3)}) is None
-    out = t.apply(msgs, 100, 100, 1)
+    out = t.apply(msgs, 100, lambda: 100, 1)
     answers = [decode(u) for u in out.units]
     assert answers[0] == [wire.Mapping(1029, v6(2), 2)]
     assert answers[1] == [wire.Mapping(1028, v6(1), 1)]
@@ -151,9 +156,9 @@ def test_victim_from_database_when_memory_holds_only_recent_entries():
     assert needs.victims > 0
     # A stale row for a port memory holds is ignored.
     t.feed([Row(1030, v6(3), 3, 5, 5)])
-    t.apply([wire.Lookup(1030)], 50, 50, 1)
+    t.apply([wire.Lookup(1030)], 50, lambda: 50, 1)
     t.feed([], [Row(1030, v6(3), 3, 5, 5), Row(1029, v6(2), 2, 7, 7), Row(1028, v6(1), 1, 8, 8)])
-    out = t.apply(msgs, 60, 60, 1)
+    out = t.apply(msgs, 60, lambda: 60, 1)
     assert decode(out.units[0]) == [wire.Deleted(1029, v6(2), 2), wire.Mapping(1029, v6(9), 9)]
     assert t.total == 3
 
@@ -167,11 +172,11 @@ def test_bucket_unlimited_and_refill():
 
 def test_every_port_of_a_full_range_is_handed_out_once():
     t = table(1028, 65535)
-    out = t.apply([wire.Map(v6(i), 1) for i in range(64508)], S, S, 1)
+    out = t.apply([wire.Map(v6(i), 1) for i in range(64508)], S, lambda: S, 1)
     ports = [decode(u)[0].nat_port for u in out.units]
     assert sorted(ports) == list(range(1028, 65536))
     assert t.nfree == 0
-    [m] = decode(t.apply([wire.Map(v6(10**6), 1)], 2 * S, 2 * S, 1).units[0])[:1]
+    [m] = decode(t.apply([wire.Map(v6(10**6), 1)], 2 * S, lambda: 2 * S, 1).units[0])[:1]
     assert isinstance(m, wire.Deleted)
 
 
@@ -186,7 +191,7 @@ def test_free_ports_are_drawn_uniformly_even_when_nearly_full(last, free, trials
     for seed in range(trials):
         t = NatTable(NAT, 1028, last, rng=random.Random(seed))
         t.load([p for p in range(1028, last + 1) if p not in counts], last - 1027 - len(free))
-        [m] = decode(t.apply([wire.Map(v6(1), 1)], S, S, 1).units[0])
+        [m] = decode(t.apply([wire.Map(v6(1), 1)], S, lambda: S, 1).units[0])
         counts[m.nat_port] += 1
     expected = trials / len(free)
     assert all(0.75 * expected < n < 1.25 * expected for n in counts.values()), counts

@@ -1,7 +1,15 @@
 -- Wireshark dissector for the NAT64 handoff protocol (PROTOCOL.md, wire
--- profile v1) on UDP port 6464: every message with named fields, the inner
+-- profile v1.1) on UDP port 6464: every message with named fields, the inner
 -- IPv4/IPv6 packets handed to Wireshark's own dissectors, and malformed
 -- datagrams flagged with the same reason names nat64ho counts (nat64ho/wire.py).
+--
+-- v1.1 kept every octet of v1; what changed is behaviour a capture shows but
+-- cannot judge: a HELLO is only a claim, confirmed by the first datagram that
+-- carries the WELCOME's cookie (often one holding only a COOKIE); cookies
+-- change with an epoch (a lifetime set on the server) and an expired one is
+-- answered ERROR BAD_COOKIE, after which the NAT64 says HELLO again with the
+-- same boot id; requests over a NAT64's share get ERROR RATE_LIMITED. Whether
+-- a cookie is valid needs the server's secret, so the dissector never says.
 --
 -- Install: copy to ~/.local/lib/wireshark/plugins/ (or run
 --   tshark -X lua_script:nat64ho.lua ...). Filter with e.g.

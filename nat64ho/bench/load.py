@@ -1,12 +1,8 @@
-"""``nat64ho bench``: load a handoff server over loopback and compare it with
-the ceilings of the same machine, measured in the same run.
-
-Owns the load generator (client processes built on :mod:`nat64ho.peer` and
-:mod:`nat64ho.wire`), the server it may start, the two ceilings (a bare UDP
-echo server on the same event loop, raw SQLite inserts of the same rows) and
-the report. Each in-flight request has its own UDP socket, so a reply needs
-no request id to be matched: whatever arrives on a slot's socket answers that
-slot's request.
+"""The load generator of ``nat64ho bench``: client processes built on
+:mod:`nat64ho.peer` and :mod:`nat64ho.wire`, and the bare UDP echo server
+that is the first ceiling. Each in-flight request has its own UDP socket, so
+a reply needs no request id to be matched: whatever arrives on a slot's
+socket answers that slot's request.
 """
 
 from __future__ import annotations
@@ -15,24 +11,20 @@ import asyncio
 import multiprocessing
 import os
 import random
-import re
 import signal
 import socket
-import sqlite3
 import struct
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nat64ho import schema, wire
-from nat64ho.eventlog import EventKind
+from nat64ho import wire
 from nat64ho.peer import ANSWERS, Client, Peer
+from nat64ho.testing import Child, proc_cpu, proc_peak_rss
+
 
 MODES = ("create", "lookup", "mixed")
 #: A request unanswered for this long is counted lost and its slot reused.
@@ -47,12 +39,6 @@ POOL = 256
 #: MAPs per datagram while filling the tables before a lookup/mixed run.
 PREFILL_BATCH = 50
 _SERIAL = struct.Struct("!I")
-#: Batch sizes tried for the raw SQLite ceiling; the best one is reported.
-SQLITE_BATCHES = (20, 200, 2000, 10000)
-#: Seconds the SQLite ceiling spends on each batch size.
-SQLITE_SECONDS = 0.7
-_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -414,78 +400,8 @@ async def _client(cfg: BenchConfig, address, index, sessions, conn, echo) -> Non
     conn.send(("done", (load.counts, load.latencies.tobytes())))
 
 
-# ---------------------------------------------------------------- processes
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def proc_peak_rss(pid: int) -> int:
-    """Peak resident set of process ``pid``, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def proc_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class Child:
-    """A server (or echo server) in a child process on an ephemeral loopback port."""
-
-    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict | None = None):
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-        self.address: tuple[str, int] | None = None
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                m = _LISTENING.search(line)
-                if m and not found.is_set():
-                    self.address = (m.group(1), int(m.group(2)))
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or self.address is None:
-            self.stop()
-            raise RuntimeError("child did not start:\n" + "".join(self.lines))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
-    """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
-    not capacity) unless ``extra`` sets them."""
-    return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db),
-                  "--listen", "127.0.0.1:0", "--log-file", str(log), "--sync", sync,
-                  "--hello-rate", "0", "--create-rate", "0", *extra])
-
-
 def start_echo() -> Child:
-    return Child([sys.executable, "-c", "from nat64ho.bench import echo_main; echo_main()"])
+    return Child([sys.executable, "-c", "from nat64ho.bench.load import echo_main; echo_main()"])
 
 
 class _Echo(asyncio.DatagramProtocol):
@@ -528,8 +444,6 @@ async def hello_all(address: tuple[str, int], nats: int) -> list[tuple[int, byte
         out.append((i, client.peer.boot_id, client.peer.cookie))
     return out
 
-
-# ---------------------------------------------------------------- a run
 
 @dataclass
 class Result:
@@ -607,146 +521,3 @@ def drive(cfg: BenchConfig, address: tuple[str, int], pid: int | None, echo: boo
                   cpu if pid is not None else None, peak if pid is not None else None)
 
 
-def sqlite_ceiling(directory: Path, sync: str, nats: int,
-                   batches: tuple[int, ...] = SQLITE_BATCHES,
-                   seconds: float = SQLITE_SECONDS) -> tuple[float, int]:
-    """Entries/s of raw inserts of what a new entry costs the store (its row
-    and its Created event, same schema, same statements, same synchronous
-    mode), one transaction per batch; returns the best rate and its batch."""
-    from nat64ho.store import _INSERT_EVENT, _UPSERT_ENTRY, PAGE_CACHE_KIB
-
-    path = directory / "ceiling.db"
-    conn = schema.open_db(path, create=True)
-    conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
-    conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
-    rng = random.Random(1)
-    serial = 0
-    best = (0.0, batches[0])
-    try:
-        for size in batches:
-            spent = 0.0
-            done = 0
-            wall_end = time.perf_counter() + 3 * seconds
-            while spent < seconds and time.perf_counter() < wall_end:
-                ts = time.time_ns() // 1000
-                entries, events = [], []
-                for _ in range(size):
-                    serial += 1
-                    nat = (127 << 24) + serial % nats
-                    port = rng.randint(1028, 65535)
-                    addr = b"\x20\x01\x0d\xb8" + serial.to_bytes(12, "big")
-                    entries.append((nat, port, addr, 443, ts, ts))
-                    events.append((ts, EventKind.CREATED, nat, port, addr, 443))
-                t = time.perf_counter()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(_UPSERT_ENTRY, entries)
-                    conn.executemany(_INSERT_EVENT, events)
-                    conn.execute("COMMIT")
-                except sqlite3.IntegrityError:
-                    # A random endpoint that collides is vanishingly rare;
-                    # drop the batch rather than bend the statements.
-                    conn.execute("ROLLBACK")
-                    continue
-                spent += time.perf_counter() - t
-                done += size
-            if spent and done / spent > best[0]:
-                best = (done / spent, size)
-    finally:
-        conn.close()
-    return best
-
-
-@dataclass
-class Report:
-    cfg: BenchConfig
-    server: Result
-    echo: Result | None = None
-    sqlite: tuple[float, int] | None = None
-
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        s, e = self.server, self.echo
-        rows = []
-
-        def ratio(a, b):
-            return f"{a / b:.2f}" if a and b else "-"
-
-        rows.append(("messages/s", f"{s.messages_per_s:,.0f}",
-                     f"{e.messages_per_s:,.0f} (echo)" if e else "-",
-                     ratio(s.messages_per_s, e.messages_per_s if e else 0)))
-        rows.append(("datagrams/s (requests)", f"{s.datagrams_per_s:,.0f}",
-                     f"{e.datagrams_per_s:,.0f} (echo)" if e else "-",
-                     ratio(s.datagrams_per_s, e.datagrams_per_s if e else 0)))
-        for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")):
-            v = s.percentile(q)
-            ev = e.percentile(q) if e else None
-            rows.append((f"latency {name} ms", f"{v * 1e3:.2f}" if v is not None else "-",
-                         f"{ev * 1e3:.2f} (echo)" if ev is not None else "-", ""))
-        if self.cfg.mode == "create":
-            created = s.messages_per_s
-            sq = self.sqlite
-            rows.append(("new entries/s", f"{created:,.0f}",
-                         f"{sq[0]:,.0f} (sqlite, batch {sq[1]})" if sq else "-",
-                         ratio(created, sq[0] if sq else 0)))
-        rows.append(("server CPU (cores)", f"{s.cpu:.2f}" if s.cpu is not None else "n/a",
-                     f"{e.cpu:.2f} (echo)" if e and e.cpu is not None else "-", ""))
-        rows.append(("server peak RSS MB",
-                     f"{s.peak_rss / 2**20:.0f}" if s.peak_rss is not None else "n/a", "-", ""))
-        c = s.counts
-        rows.append(("lost / errors / deleted",
-                     f"{c['lost']} / {c['errors']} / {c['deleted']}", "", ""))
-        if self.cfg.rate:
-            rows.append(("offered but no free slot", f"{c['unsent']}", "", ""))
-        return rows
-
-    def format(self) -> str:
-        cfg = self.cfg
-        loop = f"{'open loop ' + format(cfg.rate, ',.0f') + ' msg/s' if cfg.rate else 'closed loop'}"
-        head = (f"nat64ho bench: mode {cfg.mode}, batch {cfg.batch}, window {cfg.window}, {loop}, "
-                f"{cfg.duration:g} s, {cfg.clients} client process(es), {cfg.nats} NAT64(s), "
-                f"sync {cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
-                f"with the server)")
-        rows = [("", "nat64ho", "ceiling", "ratio")] + self.rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [head]
-        for r in rows:
-            lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip())
-        return "\n".join(lines)
-
-
-def run(cfg: BenchConfig) -> Report:
-    """One benchmark: the server under load, then the ceilings."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
-    own_tmp = None
-    if cfg.tmp is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="nat64ho-bench-")
-        tmp = Path(own_tmp.name)
-    else:
-        tmp = cfg.tmp
-    try:
-        if cfg.server is None:
-            child = start_server(tmp / "table.db", tmp / "events.log", cfg.sync, cfg.server_args)
-            try:
-                result = drive(cfg, child.address, child.pid)
-            finally:
-                child.stop()
-        else:
-            result = drive(cfg, cfg.server, cfg.server_pid)
-        report = Report(cfg, result)
-        if cfg.ceilings:
-            # Shorter than the main run: a ceiling is steady from the start.
-            seconds = min(cfg.duration, 3.0)
-            echo = start_echo()
-            try:
-                report.echo = drive(cfg, echo.address, echo.pid, echo=True, duration=seconds)
-            finally:
-                echo.stop()
-            if cfg.mode == "create":
-                report.sqlite = sqlite_ceiling(tmp, cfg.sync, cfg.nats,
-                                               seconds=min(SQLITE_SECONDS, cfg.duration / 4))
-        return report
-    finally:
-        if own_tmp is not None:
-            own_tmp.cleanup()

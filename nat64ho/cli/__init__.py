@@ -1,0 +1,114 @@
+"""The ``nat64ho`` command line: the typer app, its commands in the order
+``--help`` lists them, and :func:`main`.
+
+Each command lives in the module of its group (serve, query, export,
+importer, maintenance, bench, gateway, probe); shared option types and
+parsers are in :mod:`.options`, output in :mod:`.render`. Every named library
+error is turned, once, into one ``Error: …`` line and exit status 2 (1 for a
+runtime failure); the parser's own complaints (a missing option, a number
+out of range) take the same one-line form in :class:`_Group`. Nothing else
+prints tracebacks for operator mistakes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from nat64ho import __version__
+from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
+from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError
+
+
+class _Group(TyperGroup):
+    """Every usage mistake as one ``Error:`` line (click prints a usage block),
+    and option help without the framework's range notes."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if hasattr(param, "_get_number_range_help_str"):
+                # "[x>=0]" in help: the help text says the range in words.
+                param._get_number_range_help_str = lambda: None
+            if hasattr(param, "_usage_display_name"):
+                # An argument shows as NAME, [NAME] or NAME..., as man pages
+                # write it: no "{NAME}" and no "<list[str]>" beside it.
+                param._usage_display_name = functools.partial(_usage_name, param)
+                param.display_type_rich = lambda ctx: None
+        return command
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        except ClickException as exc:
+            typer.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(130)
+        # Without standalone mode a typer.Exit comes back as its status.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_name(param) -> str:
+    name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
+    return name + ("..." if param.nargs != 1 else "")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="NAT64 handoff server: the authoritative, durable connection table for NAT64s "
+         "(PROTOCOL.md v1).",
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nat64ho {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """NAT64 handoff server: the authoritative, durable connection table for NAT64s."""
+
+
+# One place that lists every command, in the order of --help.
+app.command(short_help="Run the handoff server on UDP, keeping the tables in SQLite.")(serve.serve)
+app.command(short_help="Show the current entries of the tables.")(query.query)
+app.command(short_help="Who held a NAT port when; or every port a client held.")(query.who)
+app.command(short_help="Write the history as log lines, JSON lines or CSV.")(export.export)
+app.command("import", short_help="Add log files to the history (creates the database).")(
+    importer.import_)
+app.command(short_help="Per NAT64: table fill, HELLOs, recent Created/Deleted.")(query.stats)
+app.command(short_help="Delete history events older than a time.")(maintenance.prune)
+app.command(short_help="Remove a NAT64 and its table; its history stays.")(maintenance.forget)
+app.command(short_help="Check a database without changing it.")(maintenance.check)
+app.command(short_help="Load a server over loopback and report its speed.")(bench.bench)
+app.command(short_help="Run a userspace NAT64 on TUN whose ports come from handoff servers.")(
+    gateway.gateway)
+app.command(short_help="Talk to a server as a NAT64 would and print each answer.")(probe.probe)
+app.add_typer(gateway.testbed_app, name="testbed")
+
+
+def main() -> None:
+    app(prog_name="nat64ho")

@@ -1,0 +1,109 @@
+"""Opening the database for an operator command: read-only unless asked,
+never created by a read, retried while busy, and every failure one line."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from nat64ho import schema
+from nat64ho.cli.options import EXIT_DB, db_path, fail
+from nat64ho.ops import db as opsdb
+
+
+#: How long a command keeps retrying a database that stays locked, on top of
+#: the busy timeout of each attempt: a commit or checkpoint of the server
+#: finishes well within it.
+BUSY_RETRY_S = 2.0
+
+
+class Database:
+    """``with Database(db) as conn``: the database of --db, or a clean exit.
+
+    Read-only unless ``write``, and never created. A lock that outlasts the
+    busy timeout is retried for BUSY_RETRY_S more before giving up; SQLite
+    errors while the command runs become one ``Error:`` line; the connection
+    is closed on the way out.
+    """
+
+    def __init__(self, db: Optional[Path], *, write: bool = False, own: Optional[str] = None):
+        self.path = db_path(db)
+        self.write = write
+        self.own = own  # the command, if it must own the table (nat64ho.owner)
+        self.ownership = None
+        self.conn = None
+
+    def __enter__(self):
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            try:
+                self.conn = schema.open_db(self.path, readonly=not self.write)
+                break
+            except schema.DatabaseBusy as exc:
+                if time.monotonic() >= deadline:
+                    fail(str(exc), EXIT_DB)
+                time.sleep(0.1)
+            except schema.DatabaseError as exc:
+                fail(str(exc), EXIT_DB)
+        if self.own is not None:
+            from nat64ho import owner
+            try:
+                self.ownership = owner.acquire(self.path, what=self.own)
+            except owner.TableOwned as exc:
+                self.conn.close()
+                fail(str(exc), EXIT_DB)
+        return self.conn
+
+    def __exit__(self, kind, exc, tb):
+        self.conn.close()
+        if self.ownership is not None:
+            self.ownership.release()
+        if isinstance(exc, BrokenPipeError):
+            # `nat64ho export | head`: the reader has all it wanted.
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
+            raise typer.Exit(0)
+        if schema.is_busy(exc):
+            fail(f"{self.path}: database is busy (locked by another process); try again", EXIT_DB)
+        if isinstance(exc, sqlite3.DatabaseError):
+            fail(f"{self.path}: {exc}", EXIT_DB)
+        if isinstance(exc, (opsdb.HistoryError, schema.DatabaseError)):
+            fail(str(exc), EXIT_DB)
+        return False
+
+
+def create_database(path: Path) -> int:
+    """Make a new database as ``serve`` would (the same migrations), readable
+    by its owner and group only: files 0640, directories 0750. Returns the
+    schema version."""
+    old = os.umask(0o027)
+    try:
+        missing = []
+        parent = path.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            os.mkdir(d, 0o750)
+        conn = schema.open_db(path, create=True)
+    except schema.DatabaseError as exc:
+        fail(str(exc), EXIT_DB)
+    except OSError as exc:
+        fail(f"{path}: cannot be created ({exc.strerror or exc})", EXIT_DB)
+    finally:
+        # The -wal and -shm files SQLite makes later take the database's mode.
+        os.umask(old)
+    try:
+        return max(v for v, _, _ in schema.migrations())
+    finally:
+        conn.close()
+
+

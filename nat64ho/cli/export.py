@@ -1,0 +1,187 @@
+"""``export``: the history to stdout or a file, and ``--follow``."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nat64ho.cli.database import Database
+from nat64ho.cli.options import (EXIT_DB, DbOption, ExportFormat, UsageError, choice, fail,
+                                 parse_ipv4, parse_seq, parse_time)
+from nat64ho.cli.render import LineCounter, Progress, interrupted
+from nat64ho.eventlog import ts_str
+from nat64ho.ops import db as opsdb
+from nat64ho.ops import export as ops_export
+
+
+def export(
+    db: DbOption = None,
+    nat: Annotated[Optional[str], typer.Option(
+        metavar="IPV4", help="Only this NAT64's events.", show_default=False)] = None,
+    since: Annotated[Optional[str], typer.Option(
+        metavar="TIME", help="Only events at or after this time (UTC unless a zone is given).",
+        show_default=False)] = None,
+    until: Annotated[Optional[str], typer.Option(
+        metavar="TIME", help="Only events before this time.", show_default=False)] = None,
+    after: Annotated[Optional[str], typer.Option(
+        metavar="SEQ", help="Only events after this sequence number (the 'seq' of --format "
+             "jsonl): resumes an export or a --follow exactly where it stopped.",
+        show_default=False)] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="After the history, keep printing each new event once the "
+             "server has committed it, until SIGINT or SIGTERM.")] = False,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", metavar="log|jsonl|csv", parser=choice(ExportFormat, "--format"),
+        help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
+             "object per line, with its sequence number; csv: with a header row.")] = ExportFormat.LOG,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", metavar="FILE", help="Write here instead of stdout; a name ending in "
+             ".gz is gzip-compressed.", show_default=False)] = None,
+) -> None:
+    """Stream the history, in the order the server logged it (time order with --since/--until).
+
+    Constant memory however long the history; reads the database without
+    changing it, safe while the server runs.
+    """
+    try:
+        nat_v = parse_ipv4(nat, "--nat") if nat is not None else None
+        since_v = parse_time(since, "--since") if since is not None else None
+        until_v = parse_time(until, "--until") if until is not None else None
+        after_v = parse_seq(after, "--after") if after is not None else None
+        if (after_v is not None or follow) and (since_v is not None or until_v is not None):
+            raise UsageError("--after and --follow go in sequence order: use them without "
+                             "--since/--until")
+        if follow and output not in (None, "-"):
+            raise UsageError("--follow writes to stdout: redirect it instead of --output")
+    except UsageError as exc:
+        fail(str(exc))
+    writer = {"log": ops_export.write_log, "jsonl": ops_export.write_jsonl, "csv": ops_export.write_csv}[fmt]
+    if follow:
+        _follow(db, writer, fmt, nat_v, after_v)
+        return
+    # The last rows handed to the writer, for an interrupted export to name
+    # the last one that reached the file (a writer holds at most FETCH).
+    recent: collections.deque = collections.deque(maxlen=2 * opsdb.FETCH + 2)
+    handed = [0]
+
+    def counted(rows):
+        # Ids travel with the rows so that an interrupted export can say
+        # exactly where to resume; the writers other than jsonl drop them.
+        n = 0
+        for row in rows:
+            n += 1
+            handed[0] = n
+            recent.append(row[:2])
+            if not n % opsdb.FETCH:
+                bar.update(n, n)
+            yield row if fmt == "jsonl" else row[1:]
+
+    with Database(db) as conn:
+        rows = ops_export.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
+                                    after=after_v, with_id=True)
+        if output is None or output == "-":
+            bar = Progress("export", "events", None, show=False)  # stdout is the data
+            writer(counted(rows), sys.stdout)
+            sys.stdout.flush()
+            return
+        try:
+            if output.endswith(".gz"):
+                out = gzip.open(output, "wt", encoding="ascii", newline="", compresslevel=6)
+            else:
+                out = open(output, "w", encoding="ascii", newline="", buffering=1 << 20)
+        except OSError as exc:
+            fail(f"--output {output!r}: {exc.strerror or exc}", EXIT_DB)
+        # Rows to write: exact for a NAT64 or a window (a walk of an index),
+        # else the id range, which is what an unpruned history holds.
+        if nat_v is None and since_v is None and until_v is None:
+            lo = after_v or 0
+            total = max(ops_export.last_event_id(conn) - lo, 0)
+        else:
+            total = None
+        bar = Progress("export", "events", total)
+        lines = LineCounter(out)
+        try:
+            with out:
+                n = writer(counted(rows), lines)
+        except KeyboardInterrupt:
+            bar.close()
+            written = lines.lines - (fmt == "csv")
+            if written <= 0:
+                interrupted(f"nothing written to {output}")
+            # Rows handed over but still in the writer's buffer were not written.
+            seq, ts = recent[-(handed[0] - written + 1)]
+            if since_v is None and until_v is None:
+                how = f"--after {seq}"
+            else:
+                how = f"--since '{ts_str(ts)}' (its events at that instant again)"
+            interrupted(f"{written} events written to {output}, the last one "
+                         f"seq {seq} at {ts_str(ts)}; to write the rest to "
+                         f"another file, run the same command with {how}")
+        finally:
+            bar.close()
+        typer.echo(f"{n} events written to {output}", err=True)
+
+
+#: How often --follow asks the database for new events, in seconds: a read of
+#: the id index, so the server's commits never wait on it.
+FOLLOW_POLL_S = 0.25
+
+
+def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Optional[int]) -> None:
+    """``export --follow``: the history, then every event committed after it,
+    each written once in id order and flushed, until a signal."""
+    import signal
+
+    stop = {"signal": None, "writing": False}
+
+    def on_signal(signum, frame):
+        # Between writing a batch and noting its last seq the signal waits,
+        # so that the resume point printed is exactly what was delivered; a
+        # second signal (a reader that stopped reading) ends it at once.
+        again = stop["signal"] is not None
+        stop["signal"] = signum
+        if again or not stop["writing"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    last = after or 0
+    header = fmt == "csv"
+    try:
+        with Database(db) as conn:
+            while True:
+                # One short read transaction per batch: the WAL a reader pins
+                # stays small and a checkpoint of the server is never held up.
+                rows = list(ops_export.history_rows(conn, nat=nat, after=last, with_id=True,
+                                                 limit=opsdb.FETCH))
+                if rows:
+                    stop["writing"] = True
+                    if fmt == "jsonl":
+                        writer(rows, sys.stdout)
+                    else:
+                        text = io.StringIO()
+                        writer((r[1:] for r in rows), text)
+                        out = text.getvalue()
+                        if fmt == "csv" and not header:
+                            out = out.split("\n", 1)[1]
+                        header = False
+                        sys.stdout.write(out)
+                    sys.stdout.flush()
+                    last = rows[-1][0]
+                    stop["writing"] = False
+                    if stop["signal"] is not None:
+                        raise KeyboardInterrupt
+                if len(rows) < opsdb.FETCH:
+                    time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
+        raise typer.Exit(0 if stop["signal"] == signal.SIGTERM else 130)
+
+

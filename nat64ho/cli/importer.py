@@ -1,0 +1,104 @@
+"""``import``: log files into the history, with progress and a summary."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from nat64ho.cli.database import Database, create_database
+from nat64ho.cli.options import EXIT_DB, DbOption, db_path, fail
+from nat64ho.cli.render import Progress, interrupted
+from nat64ho.ops import db as opsdb
+from nat64ho.ops import importer
+
+
+#: SQLite page cache of an import, in KiB (the default is 2 MiB).
+IMPORT_CACHE_KIB = 256 * 1024
+
+
+def import_(
+    files: Annotated[list[str], typer.Argument(
+        metavar="FILE", help="Log files in the PROTOCOL.md §6 format (this server's or the "
+             "original handoff server's); .gz is decompressed; '-' reads stdin.",
+        show_default=False)],
+    db: DbOption = None,
+    rebuild_table: Annotated[bool, typer.Option(
+        "--rebuild-table", help="Also replay the events into the current table (moving from "
+             "another server): a port whose last event is a Created gets that entry, unless the "
+             "table already has one for the port or the endpoint. Only with the server stopped: "
+             "a running server keeps its free ports in memory.")] = False,
+) -> None:
+    """Add log files to the history; creates the database if it is missing.
+
+    Events already in the history are left alone, so importing a file twice adds
+    nothing and an interrupted import is finished by running it again. A line
+    that does not parse (or is longer than 4096 octets) is reported as
+    FILE:LINE and skipped; the exit status is then 1 (0 when every line was taken).
+    """
+    for name in files:
+        if name != "-" and not os.path.isfile(name):
+            fail(f"{name!r}: no such file")
+    path = db_path(db)
+    if rebuild_table and opsdb.database_in_use(path):
+        fail(f"{path}: another process has this database open (a running server?); "
+             "stop it before --rebuild-table: a server keeps its free ports in memory", EXIT_DB)
+    created = None
+    if not path.exists():
+        created = create_database(path)
+
+    def bad(name: str, number: int, reason: str) -> None:
+        if bar.bar is not None:
+            bar.bar.console.print(f"{name}:{number}: skipped: {reason}", markup=False,
+                                  highlight=False)
+        else:
+            typer.echo(f"{name}:{number}: skipped: {reason}", err=True)
+
+    sizes = {name: os.path.getsize(name) for name in files if name != "-"}
+    total = sum(sizes.values()) if "-" not in files else None
+    state = {"done": 0, "stream": None, "lines": 0, "added": 0}
+
+    def logs():
+        for name in files:
+            stream = importer.open_log(name)
+            state["stream"] = stream
+            try:
+                yield name, stream
+            finally:
+                if name != "-":
+                    stream.close()
+                state["done"] += sizes.get(name, 0)
+
+    def progress(lines: int, added: int) -> None:
+        state["lines"], state["added"] = lines, added
+        at = importer.log_position(state["stream"]) if state["stream"] is not None else None
+        bar.update(None if total is None else state["done"] + (at or 0), lines)
+
+    bar = Progress("import", "lines", total)
+    try:
+        with Database(db, write=True, own="import --rebuild-table" if rebuild_table else None) as conn:
+            # New events land at random places in the address index; a cache
+            # that holds its hot pages saves a read per row on a big history.
+            conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
+            result = importer.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
+                                         on_progress=progress, on_rebuild=bar.rebuilding)
+    except KeyboardInterrupt:
+        bar.close()
+        interrupted(f"{state['lines']} lines read and {state['added']} events added so far "
+                     "(each batch is committed); run the same command again to finish: "
+                     "events already imported are skipped")
+    finally:
+        bar.close()
+    summary = (f"{result.lines} lines read, {result.added} events added, "
+               f"{result.lines - result.skipped - result.added} already present, "
+               f"{result.skipped} skipped")
+    if rebuild_table:
+        summary += f"; {result.entries} entries added to the table"
+    if created is not None:
+        summary = f"created {path} (schema version {created}); " + summary
+    typer.echo(summary, err=True)
+    if result.skipped:
+        raise typer.Exit(1)
+
+

@@ -1,0 +1,49 @@
+"""``prune``: deleting old history. The server's ``--keep-history`` runs the
+same statement in the same batches (nat64ho.sql)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable, Optional
+
+from nat64ho.ops.db import atomic
+from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
+
+
+def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
+    """How many events :func:`prune` would delete (a walk of the ts index)."""
+    return conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0]
+
+
+def prune(conn: sqlite3.Connection, before_us: int,
+          on_batch: Optional[Callable[[int], None]] = None) -> int:
+    """Delete history events older than ``before_us``; returns how many.
+
+    Current entries are never touched. Works in transactions of
+    :data:`PRUNE_BATCH` events, each committed, so a writer sharing the
+    database waits for one batch at most; call it outside a transaction.
+    """
+    total = 0
+    while True:
+        with atomic(conn):
+            n = conn.execute(PRUNE_EVENTS, (before_us, PRUNE_BATCH)).rowcount
+        total += n
+        if on_batch is not None:
+            on_batch(total)
+        if n < PRUNE_BATCH:
+            return total
+
+
+class NotKnown(LookupError):
+    """The NAT64 has no row and no entries in the database."""
+
+
+def forget(conn: sqlite3.Connection, nat: int) -> tuple[int, bool]:
+    """Remove a NAT64 and its table (its history stays); returns the entries
+    removed and whether it had a row. Raises :class:`NotKnown`."""
+    with atomic(conn):
+        entries = conn.execute("DELETE FROM entry WHERE nat = ?", (nat,)).rowcount
+        known = conn.execute("DELETE FROM nat WHERE nat = ?", (nat,)).rowcount > 0
+        if not entries and not known:
+            raise NotKnown(nat)
+    return entries, known

@@ -1,0 +1,318 @@
+"""The read-only questions: the current table (``query``), who held a NAT
+port when (``who``), and per-NAT64 figures (``stats``).
+
+Every query walks an index of migration 0001 (the plans are checked in the
+tests), so answers cost the same on a fresh database and on one with 100 M
+events. Times are integer microseconds since the epoch (UTC).
+
+Attribution rules (``who``): a NAT port is held from its ``Created`` to its
+``Deleted``. The history may start late (logs imported from another server,
+pruned rows), so a ``Deleted`` with no ``Created`` before it still names the
+holder, and the current table names holders whose ``Created`` is gone. When
+two events of one port share a timestamp, the ``Deleted`` came first: a full
+table deletes the least recently used entry and then reuses its port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional
+
+from nat64ho import schema
+from nat64ho.eventlog import Event, EventKind, ipv4_str
+from nat64ho.ops.db import bad_row, db_path, stream
+
+_CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
+
+
+class Entry(NamedTuple):
+    """One row of the current table."""
+    nat: int  #: NAT64 IPv4 address as an integer
+    port: int  #: NAT port
+    addr: bytes  #: client IPv6 address, 16 octets
+    aport: int  #: client port
+    created: int  #: when the entry was created
+    last_use: int  #: when it was created or last named by MAP, LOOKUP or TOUCH
+
+
+class Holding(NamedTuple):
+    """One endpoint's tenure of one NAT port, and the events that prove it."""
+    nat: int
+    port: int
+    addr: bytes
+    aport: int
+    start: Optional[int]  #: None: began before the history we have
+    end: Optional[int]  #: None: still held (``current``) or not recorded
+    current: bool  #: the entry is in the table now
+    created: Optional[Event]  #: the Created that began it, if recorded
+    deleted: Optional[Event]  #: the Deleted that ended it, if recorded
+
+    def covers(self, at: int) -> bool:
+        """Whether the holding includes the instant ``at``; an end that was
+        not recorded is taken as open, so that no candidate is hidden."""
+        return (self.start is None or self.start <= at) and (self.end is None or at < self.end)
+
+
+@dataclass
+class NatStats:
+    """One NAT64 as ``stats`` reports it; times may be None when unknown."""
+    nat: int
+    entries: int
+    capacity: int
+    oldest_last_use: Optional[int]
+    first_hello: Optional[int]
+    last_hello: Optional[int]
+    created_hour: int
+    deleted_hour: int
+    created_day: int
+    deleted_day: int
+
+
+# ---------------------------------------------------------------- NAT64s
+
+def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int]:
+    """Every NAT64 the database knows: said HELLO, has entries, or (unless
+    ``history`` is false) has history."""
+    found = {r[0] for r in conn.execute("SELECT nat FROM nat")}
+    # A loose index scan: one index seek per distinct NAT64 instead of
+    # reading millions of rows to find a hundred values.
+    for table in ("entry", "event") if history else ("entry",):
+        sql = f"SELECT min(nat) FROM {table} WHERE nat > ?"
+        nat = conn.execute(f"SELECT min(nat) FROM {table}").fetchone()[0]
+        while nat is not None:
+            found.add(nat)
+            nat = conn.execute(sql, (nat,)).fetchone()[0]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------- query
+
+def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
+    """First and last address of a prefix as blobs: SQLite compares blobs
+    octet by octet, so a prefix is one range of the address indexes."""
+    return network.network_address.packed, network.broadcast_address.packed
+
+
+def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
+                  ipv6: Optional[ipaddress.IPv6Network] = None,
+                  port: Optional[int] = None) -> Iterator[Entry]:
+    """Current entries, by NAT64 then port, optionally only one NAT64, one
+    port, or clients in one IPv6 prefix (a /128 for one address)."""
+    cols = "nat, port, addr, aport, created, last_use"
+    if nat is None and ipv6 is None and port is None:
+        yield from stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry,
+                           schema.entry_ok, conn)
+        return
+    for n in [nat] if nat is not None else nat_addresses(conn, history=False):
+        if ipv6 is not None:
+            lo, hi = prefix_range(ipv6)
+            extra, args = ("AND port = ?", (port,)) if port is not None else ("", ())
+            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+                               f"{extra} ORDER BY port", (n, lo, hi, *args))
+        elif port is not None:
+            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND port = ?", (n, port))
+        else:
+            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? ORDER BY port", (n,))
+        yield from stream(cur, Entry, schema.entry_ok, conn)
+
+
+def _entry_row(conn, row):
+    """A (addr, aport, created) read of one entry, checked."""
+    if row is not None and not (type(row[0]) is bytes and len(row[0]) == 16
+                                and type(row[1]) is int and type(row[2]) is int):
+        raise schema.BadRow(f"{db_path(conn)}: table entry, a row of this query does not decode "
+                            f"(addr {row[0]!r:.40}, aport {row[1]!r}, created {row[2]!r}); run "
+                            "'nat64ho check'")
+    return row
+
+
+# ---------------------------------------------------------------- who
+
+def _make_event(row, nat: int, port: int) -> Event:
+    ts, kind, addr, aport = row
+    return Event(ts, EventKind(kind), nat, port, addr, aport)
+
+
+def _order(e: Event) -> tuple[int, int]:
+    # At one timestamp a Deleted precedes the Created that reuses the port.
+    return e.ts, 1 if e.kind == EventKind.CREATED else 0
+
+
+def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional[Holding]:
+    """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
+    database knows, nobody did."""
+    key = (nat, port)
+
+    def _event(r, nat, port):
+        full = (r[0], r[1], nat, port, r[2], r[3])
+        if not schema.event_ok(full):
+            raise bad_row(conn, full, schema.event_ok)
+        return _make_event(r, nat, port)
+
+    before = [_event(r, *key) for r in conn.execute(
+        "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
+        "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2", (*key, at))]
+    after = [_event(r, *key) for r in conn.execute(
+        "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
+        "AND ts > ? ORDER BY ts, kind LIMIT 2", (*key, at))]
+    # Two rows each way are enough: only a Deleted and a Created can share a
+    # timestamp, and the rule above says which of them came first.
+    prev = max(before, key=_order) if before else None
+    nxt = min(after, key=_order) if after else None
+    row = _entry_row(conn, conn.execute(
+        "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key).fetchone())
+    if prev is not None and prev.kind == EventKind.CREATED:
+        holder = (prev.addr, prev.aport)
+        if row is not None and (row[0], row[1]) != holder and prev.ts < row[2] <= at:
+            # The table holds a later tenant whose Created (and the Deleted
+            # of this one) the history lacks: the table is the truth.
+            return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
+        ended = nxt if (nxt is not None and nxt.kind == EventKind.DELETED
+                        and (nxt.addr, nxt.aport) == holder) else None
+        current = ended is None and row is not None and (row[0], row[1]) == holder
+        return Holding(nat, port, *holder, prev.ts, ended.ts if ended else None, current,
+                       prev, ended)
+    if nxt is not None and nxt.kind == EventKind.DELETED:
+        # No Created between the last event before `at` and this Deleted:
+        # the holder it names was already holding at `at`.
+        return Holding(nat, port, nxt.addr, nxt.aport, None, nxt.ts, False, None, nxt)
+    if row is not None and nxt is None and row[2] <= at:
+        # A current entry whose Created is not in the history (pruned, or
+        # the table came from elsewhere). Its created time is the server's
+        # table clock, which may differ from the log's by a little.
+        return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
+    return None
+
+
+#: Events of one port looked at within a tolerance window: a port reused
+#: more often than this within minutes makes a report useless anyway.
+WINDOW_EVENTS = 1000
+
+
+def who_port_window(conn: sqlite3.Connection, nat: int, port: int, at: int,
+                    tolerance: int) -> list[Holding]:
+    """Every holder of ``nat``:``port`` at some instant of
+    [at - tolerance, at + tolerance], closest to ``at`` first (a holding
+    that covers ``at`` is at distance 0)."""
+    lo, hi = at - tolerance, at + tolerance
+    # Each holding that overlaps the window either covers its start, its
+    # end, or begins inside it with a Created.
+    instants = [lo, hi, at] + [r[0] for r in conn.execute(
+        "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
+        "ORDER BY ts LIMIT ?", (nat, port, _CREATED, lo, hi, WINDOW_EVENTS))]
+    found: dict[tuple, Holding] = {}
+    for t in instants:
+        h = who_port(conn, nat, port, t)
+        if h is not None:
+            found.setdefault((h.addr, h.aport, h.start, h.end), h)
+    return sorted(found.values(), key=lambda h: (distance(h, at), h.start or 0))
+
+
+def distance(h: Holding, at: int) -> int:
+    """Microseconds from ``at`` to the nearest instant of the holding."""
+    if h.covers(at):
+        return 0
+    if h.start is not None and at < h.start:
+        return h.start - at
+    return at - h.end if h.end is not None else 0
+
+
+def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
+                 aport: Optional[int] = None, at: Optional[int] = None) -> Iterator[Holding]:
+    """Every NAT port held by clients in ``network`` (and on ``aport`` if
+    given), endpoint by endpoint in time order; with ``at``, only the
+    holdings that include that instant. Holdings known only from the current
+    table (their history pruned) come last."""
+    lo, hi = prefix_range(network)
+    # One address is an equality, so that an aport condition stays on the
+    # index too and the rows need no sort.
+    where, args = ("addr = ?", [lo]) if lo == hi else ("addr BETWEEN ? AND ?", [lo, hi])
+    if aport is not None:
+        where += " AND aport = ?"
+        args.append(aport)
+    cur = conn.execute(f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
+                       "ORDER BY addr, aport, ts", args)
+    seen_current: set[tuple[int, int]] = set()
+    group: Optional[tuple[bytes, int]] = None
+    open_: dict[tuple[int, int], Event] = {}
+    done: list[Holding] = []
+
+    def flush() -> Iterator[Holding]:
+        for (n, p), created in open_.items():
+            row = _entry_row(conn, conn.execute(
+                "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)).fetchone())
+            current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
+            if current:
+                seen_current.add((n, p))
+            done.append(Holding(n, p, created.addr, created.aport, created.ts, None, current,
+                                created, None))
+        open_.clear()
+        done.sort(key=lambda h: (h.start if h.start is not None else h.end, h.nat, h.port))
+        for h in done:
+            if at is None or h.covers(at):
+                yield h
+        done.clear()
+
+    for ts, kind, n, p, addr, ap in stream(cur, None, schema.event_ok, conn):
+        if (addr, ap) != group:
+            yield from flush()
+            group = (addr, ap)
+        e = Event(ts, EventKind(kind), n, p, addr, ap)
+        if kind == _CREATED:
+            stale = open_.pop((n, p), None)
+            if stale is not None:  # its Deleted is missing from the history
+                done.append(Holding(n, p, addr, ap, stale.ts, None, False, stale, None))
+            open_[(n, p)] = e
+        elif kind == _DELETED:
+            created = open_.pop((n, p), None)
+            done.append(Holding(n, p, addr, ap, created.ts if created else None, ts, False,
+                                created, e))
+    yield from flush()
+
+    extra, args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
+    for n in nat_addresses(conn, history=False):
+        for p, addr, ap, created in conn.execute(
+                f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+                f"{extra} ORDER BY addr, aport", (n, lo, hi, *args)).fetchall():
+            if (n, p) in seen_current:
+                continue
+            _entry_row(conn, (addr, ap, created))
+            h = Holding(n, p, addr, ap, created, None, True, None, None)
+            if at is None or h.covers(at):
+                yield h
+
+
+# ---------------------------------------------------------------- stats
+
+def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
+    """Per NAT64, by address: table fill, oldest last use, first and last
+    HELLO, Created and Deleted over the hour and the day before ``now``.
+    ``capacity``: ports per table, as the caller knows it (``--ports``, or
+    the range the server recorded when it last started)."""
+    hour, day = now - 3_600_000_000, now - 86_400_000_000
+    counts: dict[tuple[int, int], list[int]] = {}
+    # One pass over the last day along the ts index, rather than a walk of
+    # each NAT64's whole history.
+    for nat, kind, n_day, n_hour in conn.execute(
+            "SELECT nat, kind, count(*), sum(ts >= ?) FROM event WHERE ts >= ? AND ts <= ? "
+            "AND kind > 0 GROUP BY nat, kind", (hour, day, now)):
+        counts[(nat, kind)] = [n_day, n_hour]
+    hellos = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT nat, first_hello, last_hello FROM nat")}
+    out = []
+    for nat in nat_addresses(conn):
+        entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
+        oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
+        first, last = hellos.get(nat, (None, None))
+        for column, v in (("entry.last_use", oldest), ("nat.first_hello", first),
+                          ("nat.last_hello", last)):
+            if v is not None and type(v) is not int:
+                raise schema.BadRow(f"{db_path(conn)}: {column} of NAT64 {ipv4_str(nat)} holds "
+                                    f"{type(v).__name__} {v!r:.40}, not a time; run 'nat64ho check'")
+        c = counts.get((nat, _CREATED), [0, 0])
+        d = counts.get((nat, _DELETED), [0, 0])
+        out.append(NatStats(nat, entries, capacity, oldest, first, last, c[1], d[1], c[0], d[0]))
+    return out
+
+

@@ -1,0 +1,86 @@
+"""Starting a server (or any child that prints "listening on ADDR:PORT")
+in its own process and reading its CPU and memory: shared by the tests, the
+benchmark and the scripts in benchmarks/. The server never imports it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_peak_rss(pid: int) -> int:
+    """Peak resident set of process ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def proc_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Child:
+    """A server (or echo server) in a child process on an ephemeral loopback port."""
+
+    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict | None = None):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+        self.address: tuple[str, int] | None = None
+        found = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = _LISTENING.search(line)
+                if m and not found.is_set():
+                    self.address = (m.group(1), int(m.group(2)))
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or self.address is None:
+            self.stop()
+            raise RuntimeError("child did not start:\n" + "".join(self.lines))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
+    """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
+    not capacity) unless ``extra`` sets them."""
+    return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db),
+                  "--listen", "127.0.0.1:0", "--log-file", str(log), "--sync", sync,
+                  "--hello-rate", "0", "--create-rate", "0", "--request-rate", "0", *extra])
+
+
