@@ -166,6 +166,9 @@ def serve(
         metavar="N", help="NAT64 addresses the server keeps tables for; a HELLO from a new one beyond "
              "this gets ERROR NOT_ALLOWED. Bounds memory and disk against spoofed sources.",
         min=1)] = 4096,
+    check_config: Annotated[bool, typer.Option(
+        "--check-config", help="Only check the options (exit 0, or 2 with an Error: line); "
+             "opens no database or socket. install.sh checks settings with it.")] = False,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -183,6 +186,9 @@ def serve(
             raise UsageError(f"--sync {sync!r}: expected 'full' or 'normal'")
     except UsageError as exc:
         fail(str(exc))
+    if check_config:
+        typer.echo("ok: the options are valid")
+        raise typer.Exit(0)
     path = db_path(db)
     if log_file is None:
         log_file = str(path.parent / "nat64ho.log")
@@ -765,4 +771,11 @@ def bench(
 
 
 def main() -> None:
-    app(prog_name="nat64ho")
+    try:
+        app(prog_name="nat64ho")
+    except PermissionError as exc:
+        # E.g. a user outside group nat64ho on the installed database.
+        where = exc.filename or "a file"
+        typer.echo(f"Error: {where}: permission denied (run as root or as a member of the "
+                   "file's group)", err=True)
+        sys.exit(1)
