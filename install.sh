@@ -38,7 +38,9 @@ new code: the database, the event log and the settings are kept.
 What goes where:
   user and group nat64ho (system account, no login shell)
   $HOME_DIR/               home, owned by root (the service cannot change its code)
-  $VENV/           Python virtual environment with nat64ho (and uvloop)
+  $VENV            link to the current release: a virtual environment with
+                             nat64ho (and uvloop) in $HOME_DIR/releases/
+  $HOME_DIR/wheels/, requirements.txt   pinned dependencies (sha256)
   $DATA_DIR/nat64ho.db  the database (kept on upgrade and uninstall)
   $LOG_DIR/nat64ho.log  the event log (kept on upgrade and uninstall)
   $BIN_DIR/nat64ho-update   the --auto-update helper
@@ -49,6 +51,8 @@ What goes where:
   $UNIT   the unit (contrib/nat64ho.service)
   $DROPIN_DIR/auto-update.conf   only with --auto-update
   $LOGROTATE   daily rotation (contrib/logrotate/nat64ho)
+  $WRAPPER     nat64ho for operators (root, group nat64ho), with
+                             the installed database as its default --db
 
 Options:
   --listen ADDR:PORT   set NAT64HO_LISTEN in the settings (default $DEFAULT_LISTEN)
@@ -61,9 +65,12 @@ Options:
                        python3.11 that is new enough)
   --auto-update        on every start of the service, update this checkout
                        (git pull --ff-only, as the checkout's owner) and
-                       reinstall it; if that fails the service starts with the
-                       code it has. Off by default: it runs whatever the
-                       upstream branch holds. Remembered until --no-auto-update.
+                       build it as user nat64ho with the pinned dependencies;
+                       a checkout with uncommitted changes or commits its
+                       upstream lacks is refused, and on any failure the
+                       service starts with the code it has. Off by default:
+                       it runs whatever the upstream branch holds.
+                       Remembered until --no-auto-update.
   --no-auto-update     turn --auto-update off again
   --uninstall          stop and remove the service and the code; keep the
                        database, the logs, the settings and the user
@@ -73,22 +80,25 @@ Options:
   --root DIR           lay the same files out under DIR instead of /, for tests
                        and images: no systemctl, no useradd; the user is
                        recorded as lines in DIR/etc/passwd and DIR/etc/group
-                       (and shadow files when DIR has them); files are chowned
-                       to that uid only when run as root. The venv works from
-                       DIR (its scripts name DIR in their first line).
+                       (and shadow files when DIR has them) with ids free
+                       there; files are chowned to it only when run as root;
+                       the unit is enabled by its multi-user.target.wants
+                       link. The venv names the paths it has once DIR is /
+                       (the Python used must exist at the same path in DIR).
   -h, --help           this text
 
 Before changing anything it checks: root (except with --root), systemd
-running (except with --root), Python 3.11 or newer with venv, the listen and
-metrics ports free (unless nat64ho itself holds them), and for --auto-update
-a git checkout with an upstream branch.
+running (except with --root), Python 3.11 or newer with venv that other
+users may run, the listen and metrics ports free (unless nat64ho itself
+holds them), and for --auto-update a git checkout with an upstream branch.
+Before changing anything that runs, the new nat64ho checks the settings
+(serve --check-config).
 
 After installing:
   systemctl status nat64ho              is it running
   journalctl -u nat64ho                 its messages (start, stop, errors)
   $LOG_DIR/nat64ho.log     the event log (Created/Deleted/Initialized)
-  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db ADDR:PORT
-                                        who held a NAT port (also: query, stats, export)
+  nat64ho who ADDR:PORT                  who held a NAT port (also: query, stats, export)
 EOF
 }
 
@@ -587,8 +597,9 @@ nat64ho is running.
 EOF
     if [ -n "$metrics" ]; then say "  curl -s http://$metrics/metrics     Prometheus metrics"; fi
     cat <<EOF
-  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db 192.0.2.9:47102 --at '2019-03-18 15:00'
-                                            who held a NAT port then (also: query, stats, export)
+  nat64ho who 192.0.2.9:47102 --at '2019-03-18 15:00'
+                                            who held a NAT port then (also: query, stats, export;
+                                            as root or a member of group nat64ho)
 EOF
 }
 
