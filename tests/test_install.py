@@ -101,7 +101,7 @@ def test_user_is_recorded_as_a_system_account(installed):
 
 def test_venv_runs_nat64ho(installed):
     python = installed / HOME / "venv/bin/python"
-    out = subprocess.run([str(python), "-m", "nat64ho", "--help"], capture_output=True, text=True,
+    out = subprocess.run([str(python), "-I", "-m", "nat64ho", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "serve" in out
     # uvloop is a dependency on Linux: the service gets the fast loop.
@@ -129,7 +129,8 @@ def test_wrapper_on_path_defaults_to_the_installed_database(installed):
     assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
     # Run it as the booted tree would, with the tree's venv path mapped back.
     text = wrapper.read_text().replace("exec /home/nat64ho/", f"exec {installed}/home/nat64ho/")
-    text = text.replace("venv/bin/nat64ho", "venv/bin/python -m nat64ho")
+    # -I: the checkout in the working directory must not shadow it.
+    text = text.replace("venv/bin/nat64ho", "venv/bin/python -I -m nat64ho")
     local = installed / "wrapper.sh"
     local.write_text(text)
     env = {k: v for k, v in os.environ.items() if k != "NAT64HO_DB"}
@@ -163,10 +164,10 @@ def test_group_members_read_the_database_others_get_one_error_line(installed):
     try:
         for command in (["query"], ["stats"], ["check"], ["who", "192.0.2.1:1029"]):
             member = subprocess.run([*as_ids(23456, 23456, [gid]), f"NAT64HO_DB={db}", python,
-                                     "-m", "nat64ho", *command], capture_output=True, text=True)
+                                     "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
             assert member.returncode == 0, (command, member.stderr)
             outsider = subprocess.run([*as_ids(23457, 23457, []), f"NAT64HO_DB={db}", python,
-                                       "-m", "nat64ho", *command], capture_output=True, text=True)
+                                       "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
             assert outsider.returncode == 1, (command, outsider.stderr)
             assert outsider.stderr.count("\n") == 1, outsider.stderr
             assert outsider.stderr.startswith(f"Error: {db}: permission denied"), outsider.stderr
@@ -306,7 +307,7 @@ def git(*args: str | Path, cwd: Path) -> str:
 
 
 def version(root: Path) -> str:
-    return subprocess.run([str(root / HOME / "venv/bin/python"), "-m", "nat64ho", "--version"],
+    return subprocess.run([str(root / HOME / "venv/bin/python"), "-I", "-m", "nat64ho", "--version"],
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
