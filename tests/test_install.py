@@ -229,6 +229,19 @@ def test_dependencies_are_pinned_by_hash(installed):
 
 # ---------------------------------------------------------------- settings
 
+def test_check_config_answers_without_opening_anything(tmp_path):
+    import sys
+    db = tmp_path / "never.db"
+    base = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db), "--check-config"]
+    good = subprocess.run([*base, "--listen", "127.0.0.1:6464", "--allow", "192.0.2.0/24"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert good.returncode == 0 and good.stdout == "ok: the options are valid\n", good.stderr
+    bad = subprocess.run([*base, "--listen", "localhost:6464"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert bad.stderr == "Error: --listen 'localhost:6464': 'localhost' is not an IP address\n"
+    assert not db.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_bad_setting_is_refused_before_a_working_install_changes(installed):
     home = installed / HOME
     env = installed / "etc/default/nat64ho"
