@@ -542,8 +542,9 @@ write_dropin() {
 # Written by install.sh --auto-update; removed by install.sh --no-auto-update.
 [Service]
 # '-': a failed update is logged and the service starts with the code it has.
-# '+': runs as root without the sandbox, to fetch and reinstall the code the
-# service itself may not write.
+# '+': starts as root without the sandbox, only to run git as the checkout's
+# owner, the build as nat64ho, and to switch the venv link the service may
+# not write.
 ExecStartPre=-+$BIN_DIR/nat64ho-update
 # Fetching and building take longer than starting.
 TimeoutStartSec=5min
