@@ -16,6 +16,8 @@ readonly SETTINGS=/etc/default/nat64ho
 readonly UNIT=/etc/systemd/system/nat64ho.service
 readonly DROPIN_DIR=/etc/systemd/system/nat64ho.service.d
 readonly LOGROTATE=/etc/logrotate.d/nat64ho
+readonly WANTS_DIR=/etc/systemd/system/multi-user.target.wants
+readonly WRAPPER=/usr/local/bin/nat64ho
 readonly DEFAULT_LISTEN=0.0.0.0:6464
 readonly DEFAULT_METRICS=127.0.0.1:9464
 # Days of rotated event logs kept: long enough to answer abuse reports.
@@ -36,7 +38,9 @@ new code: the database, the event log and the settings are kept.
 What goes where:
   user and group nat64ho (system account, no login shell)
   $HOME_DIR/               home, owned by root (the service cannot change its code)
-  $VENV/           Python virtual environment with nat64ho (and uvloop)
+  $VENV            link to the current release: a virtual environment with
+                             nat64ho (and uvloop) in $HOME_DIR/releases/
+  $HOME_DIR/wheels/, requirements.txt   pinned dependencies (sha256)
   $DATA_DIR/nat64ho.db  the database (kept on upgrade and uninstall)
   $LOG_DIR/nat64ho.log  the event log (kept on upgrade and uninstall)
   $BIN_DIR/nat64ho-update   the --auto-update helper
@@ -47,6 +51,8 @@ What goes where:
   $UNIT   the unit (contrib/nat64ho.service)
   $DROPIN_DIR/auto-update.conf   only with --auto-update
   $LOGROTATE   daily rotation (contrib/logrotate/nat64ho)
+  $WRAPPER     nat64ho for operators (root, group nat64ho), with
+                             the installed database as its default --db
 
 Options:
   --listen ADDR:PORT   set NAT64HO_LISTEN in the settings (default $DEFAULT_LISTEN)
@@ -59,9 +65,12 @@ Options:
                        python3.11 that is new enough)
   --auto-update        on every start of the service, update this checkout
                        (git pull --ff-only, as the checkout's owner) and
-                       reinstall it; if that fails the service starts with the
-                       code it has. Off by default: it runs whatever the
-                       upstream branch holds. Remembered until --no-auto-update.
+                       build it as user nat64ho with the pinned dependencies;
+                       a checkout with uncommitted changes or commits its
+                       upstream lacks is refused, and on any failure the
+                       service starts with the code it has. Off by default:
+                       it runs whatever the upstream branch holds.
+                       Remembered until --no-auto-update.
   --no-auto-update     turn --auto-update off again
   --uninstall          stop and remove the service and the code; keep the
                        database, the logs, the settings and the user
@@ -71,22 +80,25 @@ Options:
   --root DIR           lay the same files out under DIR instead of /, for tests
                        and images: no systemctl, no useradd; the user is
                        recorded as lines in DIR/etc/passwd and DIR/etc/group
-                       (and shadow files when DIR has them); files are chowned
-                       to that uid only when run as root. The venv works from
-                       DIR (its scripts name DIR in their first line).
+                       (and shadow files when DIR has them) with ids free
+                       there; files are chowned to it only when run as root;
+                       the unit is enabled by its multi-user.target.wants
+                       link. The venv names the paths it has once DIR is /
+                       (the Python used must exist at the same path in DIR).
   -h, --help           this text
 
 Before changing anything it checks: root (except with --root), systemd
-running (except with --root), Python 3.11 or newer with venv, the listen and
-metrics ports free (unless nat64ho itself holds them), and for --auto-update
-a git checkout with an upstream branch.
+running (except with --root), Python 3.11 or newer with venv that other
+users may run, the listen and metrics ports free (unless nat64ho itself
+holds them), and for --auto-update a git checkout with an upstream branch.
+Before changing anything that runs, the new nat64ho checks the settings
+(serve --check-config).
 
 After installing:
   systemctl status nat64ho              is it running
   journalctl -u nat64ho                 its messages (start, stop, errors)
   $LOG_DIR/nat64ho.log     the event log (Created/Deleted/Initialized)
-  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db ADDR:PORT
-                                        who held a NAT port (also: query, stats, export)
+  nat64ho who ADDR:PORT                  who held a NAT port (also: query, stats, export)
 EOF
 }
 
@@ -186,11 +198,24 @@ PY=
 find_python() {
     local candidates=() c path seen=()
     if [ -n "$PYTHON" ]; then candidates=("$PYTHON"); else
-        candidates=(python3 python3.13 python3.12 python3.11)
+        candidates=(python3 python3.13 python3.12 python3.11 /usr/bin/python3)
     fi
     for c in "${candidates[@]}"; do
         path=$(command -v "$c" 2>/dev/null) || continue
-        if python_ok "$path"; then PY=$path; return 0; fi
+        if python_ok "$path"; then
+            # The interpreter itself, not a shim (pyenv): the venv links to it.
+            path=$("$path" -c 'import sys; print(sys.executable)')
+            # The service user runs it (and builds with it): one under
+            # /root, say, cannot serve.
+            # (Through env: setpriv itself execs with root's capabilities.)
+            if [ "$(id -u)" = 0 ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
+                    env "$path" -c pass 2>/dev/null; then
+                seen+=("$c (at $path, which other users cannot run)")
+                continue
+            fi
+            PY=$path
+            return 0
+        fi
         seen+=("$c $(python_version "$path")")
     done
     if [ ${#seen[@]} -eq 0 ]; then
@@ -312,18 +337,26 @@ ensure_user() {
     local line id
     line=$(grep "^$NAME:" "$R/etc/passwd" || true)
     if [ -z "$line" ]; then
-        # The first system id (100-999) free as both uid and gid, as useradd
-        # --system --user-group would pick, but counting up.
-        for id in $(seq 100 999); do
+        # Ids come from the tree's own files, never the host's: the group if
+        # the tree has it, else the highest system id (999 down, as useradd
+        # --system picks) free as both uid and gid.
+        local gid uid
+        gid=$(sed -n "s/^$NAME:[^:]*:\([0-9]*\):.*/\1/p" "$R/etc/group" | head -n 1)
+        for id in ${gid:-} $(seq 999 -1 100); do
             cut -d: -f3 "$R/etc/passwd" | grep -qx "$id" && continue
-            cut -d: -f3 "$R/etc/group" | grep -qx "$id" && continue
+            if [ -z "$gid" ]; then cut -d: -f3 "$R/etc/group" | grep -qx "$id" && continue; fi
+            uid=$id
             break
         done
+        [ -n "${uid:-}" ] || die "no free system id (100-999) in $R/etc/passwd"
+        if [ -z "$gid" ]; then
+            gid=$uid
+            printf '%s:x:%s:\n' "$NAME" "$gid" >>"$R/etc/group"
+        fi
         printf '%s:x:%s:%s:NAT64 handoff server:%s:/usr/sbin/nologin\n' \
-            "$NAME" "$id" "$id" "$HOME_DIR" >>"$R/etc/passwd"
-        grep -q "^$NAME:" "$R/etc/group" || printf '%s:x:%s:\n' "$NAME" "$id" >>"$R/etc/group"
+            "$NAME" "$uid" "$gid" "$HOME_DIR" >>"$R/etc/passwd"
         if [ -f "$R/etc/shadow" ]; then printf '%s:!*:%s::::::\n' "$NAME" "$(( $(date +%s) / 86400 ))" >>"$R/etc/shadow"; fi
-        if [ -f "$R/etc/gshadow" ]; then printf '%s:!::\n' "$NAME" >>"$R/etc/gshadow"; fi
+        if [ -f "$R/etc/gshadow" ] && ! grep -q "^$NAME:" "$R/etc/gshadow"; then printf '%s:!::\n' "$NAME" >>"$R/etc/gshadow"; fi
         line=$(grep "^$NAME:" "$R/etc/passwd")
     fi
     printf '%s %s\n' "$(cut -d: -f3 <<<"$line")" "$(cut -d: -f4 <<<"$line")"
@@ -350,7 +383,7 @@ own() {
 
 do_install() {
     check_install
-    local ids uid gid auto keep conf_python old_v new_v rebuild
+    local ids uid gid auto keep candidate had_settings
     auto=${AUTO_UPDATE:-$(read_var "$R$INSTALL_CONF" AUTO_UPDATE)}
     auto=${auto:-no}
     keep=${LOG_KEEP:-$(read_var "$R$INSTALL_CONF" LOG_KEEP)}
@@ -358,13 +391,15 @@ do_install() {
     SRC_OWNER=$(stat -c %U "$SRC")
 
     say "Installing nat64ho from $SRC${LAYOUT:+ into $ROOT} with $PY ($(python_version "$PY"))"
+    if [ -n "$R" ] && [ ! -x "$R$(readlink -f "$PY")" ]; then
+        warn "$ROOT has no $(readlink -f "$PY"): the venv will only run there once it has that Python"
+    fi
     ids=$(ensure_user)
     read -r uid gid <<<"$ids"
 
     # Code and its home belong to root: a compromised daemon cannot rewrite
-    # what runs it (or what --auto-update runs as root). The home is
-    # traversable so the checkout's owner can build with the venv's pip; the
-    # data and logs have their own 0750.
+    # what runs it. Group nat64ho may read the data and logs (operator
+    # commands); others may not.
     install -d -m 0755 "$R$HOME_DIR"
     own "0:$gid" "$R$HOME_DIR"
     install -d -m 0755 "$R$BIN_DIR"
@@ -372,27 +407,36 @@ do_install() {
     install -d -m 0750 "$R$DATA_DIR" "$R$LOG_DIR"
     own "$uid:$gid" "$R$DATA_DIR" "$R$LOG_DIR"
 
-    # A venv only works with the minor version it was made with: after a
-    # distribution upgrade of Python, make it again.
-    new_v=$(python_version "$PY")
-    old_v=$(python_version "$R$VENV/bin/python")
-    conf_python=$(read_var "$R$INSTALL_CONF" PYTHON)
-    rebuild=
-    if [ "$old_v" != "$new_v" ] || [ "$conf_python" != "$PY" ]; then
-        say "Creating the virtual environment $R$VENV"
-        "$PY" -m venv --clear "$R$VENV"
-        rebuild=1
-    fi
-    # Another checkout, or a new venv: what was installed says nothing.
-    if [ "$(read_var "$R$INSTALL_CONF" SOURCE)" != "$SRC" ]; then rebuild=1; fi
-
     install -m 0755 "$SRC/contrib/nat64ho-update" "$R$BIN_DIR/nat64ho-update"
     own 0:0 "$R$BIN_DIR/nat64ho-update"
-    write_install_conf "$auto" "$keep" "$rebuild"
-    say "Building and installing nat64ho into the venv"
-    NAT64HO_QUIET=1 "$R$BIN_DIR/nat64ho-update" --install "$R$HOME_DIR"
+    write_install_conf "$auto" "$keep"
+    pin_dependencies
 
-    install_settings
+    # The settings as they will be, checked by the new release itself before
+    # anything that runs is changed.
+    candidate=$(mktemp)
+    had_settings=
+    if [ -f "$R$SETTINGS" ]; then had_settings=1; fi
+    make_settings "$candidate"
+    say "Building and checking nat64ho as user $NAME in $R$HOME_DIR/releases"
+    if ! NAT64HO_QUIET=1 "$R$BIN_DIR/nat64ho-update" --install ${R:+--root "$R"} \
+            --settings "$candidate" "$R$HOME_DIR"; then
+        rm -f "$candidate"
+        die "nothing that runs was changed (settings, unit and venv are as they were)"
+    fi
+    install -d -m 0755 "$(dirname "$R$SETTINGS")"
+    if [ -z "$had_settings" ]; then
+        install -m 0644 "$candidate" "$R$SETTINGS"
+        say "Wrote the settings $R$SETTINGS"
+    else
+        say "Keeping the settings $R$SETTINGS"
+        if [ -n "$LISTEN" ] || [ -n "$METRICS_SET" ]; then
+            chmod --reference="$R$SETTINGS" "$candidate"
+            mv -f "$candidate" "$R$SETTINGS"
+        fi
+    fi
+    rm -f "$candidate"
+
     install -d -m 0755 "$R/etc/systemd/system"
     install -m 0644 "$SRC/contrib/nat64ho.service" "$R$UNIT"
     if [ "$auto" = yes ]; then
@@ -409,9 +453,13 @@ do_install() {
     if [ -z "$LAYOUT" ] && ! command -v logrotate >/dev/null; then
         warn "logrotate is not installed: the event log will grow until you install it (apt-get install logrotate)"
     fi
+    install_wrapper
 
     if [ -n "$LAYOUT" ]; then
-        say "Laid out under $ROOT (no service was started: --root)."
+        # What `systemctl enable` would do, so the tree starts it at boot.
+        install -d -m 0755 "$R$WANTS_DIR"
+        ln -sfn "$UNIT" "$R$WANTS_DIR/$NAME.service"
+        say "Laid out under $ROOT (enabled, not started: --root)."
         return
     fi
     systemctl daemon-reload
@@ -422,6 +470,54 @@ do_install() {
         die "nat64ho.service did not start; see above, fix $SETTINGS, then: systemctl restart nat64ho"
     fi
     print_howto
+}
+
+# Downloads (as the checkout's owner) the wheels of nat64ho's dependencies and
+# of its build backend, and pins each by sha256: nat64ho-update installs only
+# these, offline.
+pin_dependencies() {
+    local tmp f name rest
+    say "Pinning the dependencies in $R$HOME_DIR/requirements.txt"
+    tmp=$(mktemp -d)
+    own "$SRC_OWNER" "$tmp"
+    if ! as_owner "$PY" -m venv "$tmp/venv" \
+            || ! as_owner "$tmp/venv/bin/python" -m pip download --quiet --disable-pip-version-check \
+                --only-binary=:all: -d "$tmp/wheels" "$SRC" hatchling; then
+        rm -rf "$tmp"
+        die "downloading the dependencies failed; nothing that runs was changed"
+    fi
+    rm -f "$tmp"/wheels/nat64ho-*
+    {
+        say "# Written by install.sh: the only packages nat64ho-update installs (from"
+        say "# $HOME_DIR/wheels, no index), each checked against its sha256."
+        for f in "$tmp"/wheels/*.whl; do
+            name=${f##*/}; rest=${name#*-}
+            printf '%s==%s --hash=sha256:%s\n' "${name%%-*}" "${rest%%-*}" "$(sha256sum "$f" | cut -d' ' -f1)"
+        done
+    } >"$tmp/requirements.txt"
+    rm -rf "$R$HOME_DIR/wheels.new"
+    install -d -m 0755 "$R$HOME_DIR/wheels.new"
+    install -m 0644 "$tmp"/wheels/*.whl "$R$HOME_DIR/wheels.new/"
+    own -R 0:0 "$R$HOME_DIR/wheels.new"
+    rm -rf "$R$HOME_DIR/wheels"
+    mv -T "$R$HOME_DIR/wheels.new" "$R$HOME_DIR/wheels"
+    install -m 0644 "$tmp/requirements.txt" "$R$HOME_DIR/requirements.txt"
+    own 0:0 "$R$HOME_DIR/requirements.txt"
+    rm -rf "$tmp"
+}
+
+# `nat64ho` on PATH: the installed code, with the installed database as the
+# default --db (NAT64HO_DB and --db still win).
+install_wrapper() {
+    install -d -m 0755 "$R$(dirname "$WRAPPER")"
+    cat >"$R$WRAPPER" <<WRAPPER_EOF
+#!/bin/sh
+# Written by install.sh: the installed nat64ho; its database is the default.
+NAT64HO_DB=\${NAT64HO_DB:-$DATA_DIR/nat64ho.db}
+export NAT64HO_DB
+exec $VENV/bin/nat64ho "\$@"
+WRAPPER_EOF
+    chmod 0755 "$R$WRAPPER"
 }
 
 write_install_conf() {
@@ -435,7 +531,7 @@ write_install_conf() {
         say "AUTO_UPDATE=$1"
         say "LOG_KEEP=$2"
         # Kept so nat64ho-update can skip a rebuild when nothing changed.
-        if [ -z "$3" ]; then say "INSTALLED_COMMIT=$(read_var "$R$INSTALL_CONF" INSTALLED_COMMIT)"; fi
+        say "INSTALLED_COMMIT=$(read_var "$R$INSTALL_CONF" INSTALLED_COMMIT)"
     } >"$tmp"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$R$INSTALL_CONF"
@@ -446,20 +542,27 @@ write_dropin() {
 # Written by install.sh --auto-update; removed by install.sh --no-auto-update.
 [Service]
 # '-': a failed update is logged and the service starts with the code it has.
-# '+': runs as root without the sandbox, to fetch and reinstall the code the
-# service itself may not write.
+# '+': starts as root without the sandbox, only to run git as the checkout's
+# owner, the build as nat64ho, and to switch the venv link the service may
+# not write.
 ExecStartPre=-+$BIN_DIR/nat64ho-update
 # Fetching and building take longer than starting.
 TimeoutStartSec=5min
 EOF
 }
 
-install_settings() {
-    local f=$R$SETTINGS metrics=$DEFAULT_METRICS
+# Writes to FILE the settings this run leaves: the existing file with only the
+# lines named by --listen/--metrics changed, or a new one.
+make_settings() {
+    local out=$1 f=$R$SETTINGS metrics=$DEFAULT_METRICS
     if [ -n "$METRICS_SET" ]; then metrics=$METRICS; fi
-    install -d -m 0755 "$(dirname "$f")"
-    if [ ! -f "$f" ]; then
-        cat >"$f" <<EOF
+    if [ -f "$f" ]; then
+        cp "$f" "$out"
+        if [ -n "$LISTEN" ]; then set_var "$out" NAT64HO_LISTEN "$LISTEN"; fi
+        if [ -n "$METRICS_SET" ]; then set_var "$out" NAT64HO_METRICS "$METRICS"; fi
+        return
+    fi
+    cat >"$out" <<SETTINGS_EOF
 # Settings of the nat64ho service, read by $UNIT.
 # install.sh writes this file once and never overwrites it (except the line
 # named by its --listen or --metrics option). After a change:
@@ -477,16 +580,9 @@ NAT64HO_ALLOW=
 NAT64HO_METRICS=$metrics
 
 # Any other 'nat64ho serve' options, e.g. "--min-idle 120 --sync normal".
-# All of them: $VENV/bin/nat64ho serve --help
+# All of them: nat64ho serve --help
 NAT64HO_ARGS=
-EOF
-        chmod 0644 "$f"
-        say "Wrote the settings $f"
-        return
-    fi
-    say "Keeping the settings $f"
-    if [ -n "$LISTEN" ]; then set_var "$f" NAT64HO_LISTEN "$LISTEN"; fi
-    if [ -n "$METRICS_SET" ]; then set_var "$f" NAT64HO_METRICS "$METRICS"; fi
+SETTINGS_EOF
 }
 
 print_howto() {
@@ -502,8 +598,9 @@ nat64ho is running.
 EOF
     if [ -n "$metrics" ]; then say "  curl -s http://$metrics/metrics     Prometheus metrics"; fi
     cat <<EOF
-  sudo -u nat64ho $VENV/bin/nat64ho who --db $DATA_DIR/nat64ho.db 192.0.2.9:47102 --at '2019-03-18 15:00'
-                                            who held a NAT port then (also: query, stats, export)
+  nat64ho who 192.0.2.9:47102 --at '2019-03-18 15:00'
+                                            who held a NAT port then (also: query, stats, export;
+                                            as root or a member of group nat64ho)
 EOF
 }
 
@@ -514,9 +611,9 @@ do_uninstall() {
     if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ] && [ -f "$UNIT" ]; then
         systemctl disable --now --quiet "$NAME.service" || true
     fi
-    rm -f "$R$UNIT" "$R$LOGROTATE"
-    rm -rf "$R$DROPIN_DIR" "$R$VENV" "$R$BIN_DIR"
-    rm -f "$R$INSTALL_CONF"
+    rm -f "$R$UNIT" "$R$LOGROTATE" "$R$WANTS_DIR/$NAME.service" "$R$WRAPPER"
+    rm -rf "$R$DROPIN_DIR" "$R$VENV" "$R$BIN_DIR" "$R$HOME_DIR/releases" "$R$HOME_DIR/wheels"
+    rm -f "$R$INSTALL_CONF" "$R$HOME_DIR/requirements.txt"
     if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ]; then
         systemctl daemon-reload
         systemctl reset-failed "$NAME.service" 2>/dev/null || true

@@ -96,6 +96,11 @@ def migrations() -> list[tuple[int, str, str]]:
 
 def _connect(path: Path, mode: str) -> sqlite3.Connection:
     uri = f"file:{path.as_posix()}?mode={mode}"
+    if mode == "ro" and not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-wal"):
+        # A reader who may not create the -shm file (group nat64ho on the
+        # installed database) while no server has it open: a writer keeps the
+        # -wal file, so all there is lies in the file itself.
+        uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
     # Before anything reads: SQL stored in the file (views, triggers, index

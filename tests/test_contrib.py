@@ -104,6 +104,7 @@ def local_config(tmp_path: Path, postrotate: str) -> Path:
     text = LOGROTATE.read_text()
     text = text.replace("/home/nat64ho/logs/nat64ho.log", str(log))
     text = text.replace("create 0640 nat64ho nat64ho", f"create 0640 {user} {group}")
+    text = text.replace("su nat64ho nat64ho", f"su {user} {group}")
     text, n = re.subn(r"(?m)^(\s*)systemctl kill --signal=HUP nat64ho\.service.*$", rf"\g<1>{postrotate}", text)
     assert n == 1
     conf = tmp_path / "logrotate.conf"

@@ -1,7 +1,7 @@
 """install.sh, exercised through its --root mode: layout, idempotent upgrades,
---auto-update, uninstall/purge, and the precondition checks that must fail
-before anything is changed. The real (systemd) path is reviewed by hand; see
-README "Installing"."""
+settings checked before they are written, --auto-update as the service user,
+uninstall/purge, and the precondition checks that must fail before anything is
+changed. tests/test_boot.py boots such a tree with systemd."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,31 @@ def tree(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("root")
+def open_tmp():
+    """A directory others may pass through: the service user builds inside
+    the trees (pytest's own temporary directories are 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="nat64ho-install-", dir="/var/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def new_root(base: Path, name: str) -> Path:
+    root = base / name
+    root.mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def installed(open_tmp) -> Path:
+    root = new_root(open_tmp, "root")
     run("--root", root, *addresses())
     return root
+
+
+def ids(root: Path) -> tuple[int, int]:
+    _, _, uid, gid, *_ = passwd_entry(root)
+    return int(uid), int(gid)
 
 
 # ---------------------------------------------------------------- layout
@@ -72,25 +94,99 @@ def installed(tmp_path_factory) -> Path:
 def test_user_is_recorded_as_a_system_account(installed):
     name, _, uid, gid, _, home, shell = passwd_entry(installed)
     assert (name, home, shell) == ("nat64ho", "/home/nat64ho", "/usr/sbin/nologin")
-    assert 100 <= int(uid) <= 999
-    assert f"nat64ho:x:{gid}:" in (installed / "etc/group").read_text().splitlines()
+    # An empty tree: the top of the system range, whatever the host uses.
+    assert (uid, gid) == ("999", "999")
+    assert "nat64ho:x:999:" in (installed / "etc/group").read_text().splitlines()
 
 
 def test_venv_runs_nat64ho(installed):
-    nat64ho = installed / HOME / "venv/bin/nat64ho"
-    out = subprocess.run([str(nat64ho), "--help"], capture_output=True, text=True, check=True).stdout
+    python = installed / HOME / "venv/bin/python"
+    out = subprocess.run([str(python), "-I", "-m", "nat64ho", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     assert "serve" in out
     # uvloop is a dependency on Linux: the service gets the fast loop.
     subprocess.run([str(installed / HOME / "venv/bin/python"), "-c", "import uvloop"], check=True)
 
 
+def test_venv_names_the_paths_of_the_booted_tree(installed):
+    venv = installed / HOME / "venv"
+    # A relative link into releases/, swapped whole on upgrade.
+    assert os.readlink(venv).startswith("releases/")
+    scripts = [p for p in (venv / "bin").iterdir() if p.is_file() and not p.is_symlink()]
+    assert scripts
+    for script in scripts:
+        text = script.read_bytes()
+        assert str(installed).encode() not in text, script
+        if text.startswith(b"#!"):
+            assert text.startswith(b"#!/home/nat64ho/releases/"), (script, text[:80])
+    assert str(installed) not in (venv / "pyvenv.cfg").read_text()
+    wants = installed / "etc/systemd/system/multi-user.target.wants/nat64ho.service"
+    assert os.readlink(wants) == "/etc/systemd/system/nat64ho.service"
+
+
+def test_wrapper_on_path_defaults_to_the_installed_database(installed):
+    wrapper = installed / "usr/local/bin/nat64ho"
+    assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
+    # Run it as the booted tree would, with the tree's venv path mapped back.
+    text = wrapper.read_text().replace("exec /home/nat64ho/", f"exec {installed}/home/nat64ho/")
+    # -I: the checkout in the working directory must not shadow it.
+    text = text.replace("venv/bin/nat64ho", "venv/bin/python -I -m nat64ho")
+    local = installed / "wrapper.sh"
+    local.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "NAT64HO_DB"}
+    proc = subprocess.run(["sh", str(local), "check"], capture_output=True, text=True, env=env)
+    assert "Error: /home/nat64ho/data/nat64ho.db: no such database" in proc.stderr
+    env["NAT64HO_DB"] = "/nowhere/env.db"
+    proc = subprocess.run(["sh", str(local), "check"], capture_output=True, text=True, env=env)
+    assert "Error: /nowhere/env.db:" in proc.stderr
+    proc = subprocess.run(["sh", str(local), "check", "--db", "/nowhere/opt.db"], capture_output=True,
+                          text=True, env=env)
+    assert "Error: /nowhere/opt.db:" in proc.stderr
+    local.unlink()
+
+
+def as_ids(uid: int, gid: int, groups: list[int]) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups", "env", "-i"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_group_members_read_the_database_others_get_one_error_line(installed):
+    uid, gid = ids(installed)
+    home = installed / HOME
+    db = home / "data/nat64ho.db"
+    python = str(home / "venv/bin/python")
+    # Created as the service creates it (the unit's UMask=0027).
+    subprocess.run([*as_ids(uid, gid, []), "sh", "-c",
+                    f"umask 027; exec {python} -c 'from nat64ho import schema; "
+                    f"schema.open_db(\"{db}\", create=True).close()'"], check=True)
+    assert stat.S_IMODE(db.stat().st_mode) == 0o640
+    try:
+        for command in (["query"], ["stats"], ["check"], ["who", "192.0.2.1:1029"]):
+            member = subprocess.run([*as_ids(23456, 23456, [gid]), f"NAT64HO_DB={db}", python,
+                                     "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
+            assert member.returncode == 0, (command, member.stderr)
+            outsider = subprocess.run([*as_ids(23457, 23457, []), f"NAT64HO_DB={db}", python,
+                                       "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
+            assert outsider.returncode == 1, (command, outsider.stderr)
+            assert outsider.stderr.count("\n") == 1, outsider.stderr
+            assert outsider.stderr.startswith(f"Error: {db}: permission denied"), outsider.stderr
+        assert sorted(p.name for p in db.parent.iterdir()) == ["nat64ho.db"], "readers wrote nothing"
+    finally:
+        db.unlink()
+
+
 def test_unit_logrotate_and_updater_come_from_contrib(installed):
     assert (installed / "etc/systemd/system/nat64ho.service").read_bytes() == \
         (REPO / "contrib/nat64ho.service").read_bytes()
+    unit = (installed / "etc/systemd/system/nat64ho.service").read_text()
+    # A bad setting (exit 2) fails the unit instead of restarting it forever.
+    assert "\nRestartPreventExitStatus=2\n" in unit
     assert (installed / HOME / "bin/nat64ho-update").read_bytes() == \
         (REPO / "contrib/nat64ho-update").read_bytes()
     rotate = (installed / "etc/logrotate.d/nat64ho").read_text()
     assert "\n    rotate 180\n" in rotate
+    assert "\n    su nat64ho nat64ho\n" in rotate
     assert not (installed / "etc/systemd/system/nat64ho.service.d").exists(), "auto-update is off by default"
 
 
@@ -116,6 +212,74 @@ def test_directories_and_ownership(installed):
     assert ((home / "data").stat().st_uid, (home / "logs").stat().st_gid) == (int(uid), int(gid))
     assert (home.stat().st_uid, home.stat().st_gid) == (0, int(gid))
     assert (home / "venv").stat().st_uid == 0 and (home / "bin/nat64ho-update").stat().st_uid == 0
+    release = home / "venv"
+    assert {p.stat(follow_symlinks=False).st_uid for p in release.resolve().rglob("*")} == {0}
+
+
+def test_dependencies_are_pinned_by_hash(installed):
+    home = installed / HOME
+    lines = [l for l in (home / "requirements.txt").read_text().splitlines()
+             if l and not l.startswith("#")]
+    wheels = sorted(p.name for p in (home / "wheels").iterdir())
+    assert len(lines) == len(wheels) and any(l.startswith("hatchling==") for l in lines)
+    for line in lines:
+        assert "==" in line and " --hash=sha256:" in line, line
+    assert not any(w.startswith("nat64ho-") for w in wheels)
+
+
+# ---------------------------------------------------------------- settings
+
+def test_check_config_answers_without_opening_anything(tmp_path):
+    import sys
+    db = tmp_path / "never.db"
+    base = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db), "--check-config"]
+    good = subprocess.run([*base, "--listen", "127.0.0.1:6464", "--allow", "192.0.2.0/24"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert good.returncode == 0 and good.stdout == "ok: the options are valid\n", good.stderr
+    bad = subprocess.run([*base, "--listen", "localhost:6464"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert bad.stderr == "Error: --listen 'localhost:6464': 'localhost' is not an IP address\n"
+    assert not db.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_setting_is_refused_before_a_working_install_changes(installed):
+    home = installed / HOME
+    env = installed / "etc/default/nat64ho"
+    unit = installed / "etc/systemd/system/nat64ho.service"
+    before = (env.read_bytes(), os.readlink(home / "venv"), unit.read_bytes())
+    bad = f"localhost:{free_port(socket.SOCK_DGRAM)}"
+    proc = run("--root", installed, "--listen", bad, check=False)
+    assert proc.returncode == 1
+    # The refusal is nat64ho's own, in its words.
+    assert f"Error: --listen '{bad}': 'localhost' is not an IP address" in proc.stderr
+    assert "nothing that runs was changed" in proc.stderr
+    assert (env.read_bytes(), os.readlink(home / "venv"), unit.read_bytes()) == before
+    assert len(list((home / "releases").iterdir())) == 1, "the refused build is gone"
+
+    # The same for any `serve` option in NAT64HO_ARGS, as the unit splits it.
+    env.write_text(env.read_text().replace("NAT64HO_ARGS=\n", "NAT64HO_ARGS=--min-idle 5 --sync sometimes\n"))
+    edited = env.read_bytes()
+    proc = run("--root", installed, check=False)
+    assert proc.returncode == 1 and "Error: --sync 'sometimes'" in proc.stderr
+    assert env.read_bytes() == edited and os.readlink(home / "venv") == before[1]
+    env.write_bytes(before[0])
+
+
+def test_fresh_tree_takes_free_ids_of_its_own_and_writes_nothing_on_a_bad_setting(open_tmp):
+    root = new_root(open_tmp, "taken")
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nsvc:x:999:999::/:/usr/sbin/nologin\n")
+    (root / "etc/group").write_text("root:x:0:\nsvc:x:999:\nother:x:998:\n")
+    proc = run("--root", root, "--listen", f"localhost:{free_port(socket.SOCK_DGRAM)}", "--metrics", "",
+               check=False)
+    assert proc.returncode == 1 and "'localhost' is not an IP address" in proc.stderr
+    # 999 and 998 are taken in the tree: 997 for both, in both files.
+    assert ids(root) == (997, 997)
+    assert "nat64ho:x:997:" in (root / "etc/group").read_text().splitlines()
+    for never in ("etc/default/nat64ho", "etc/systemd/system/nat64ho.service",
+                  "etc/systemd/system/multi-user.target.wants", f"{HOME}/venv",
+                  "usr/local/bin/nat64ho"):
+        assert not (root / never).exists(), never
 
 
 # ---------------------------------------------------------------- upgrades
@@ -156,12 +320,13 @@ def git(*args: str | Path, cwd: Path) -> str:
 
 
 def version(root: Path) -> str:
-    return subprocess.run([str(root / HOME / "venv/bin/nat64ho"), "--version"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run([str(root / HOME / "venv/bin/python"), "-I", "-m", "nat64ho", "--version"],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_auto_update_pulls_reinstalls_and_survives_a_failed_update(installed, tmp_path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to build as the service user")
+def test_auto_update_builds_as_the_service_user_and_refuses_unverified_code(installed, tmp_path, open_tmp):
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     # upstream <- checkout, both clones of this repository's HEAD. Installing
@@ -175,26 +340,62 @@ def test_auto_update_pulls_reinstalls_and_survives_a_failed_update(installed, tm
     run("--root", root, "--auto-update", script=script)
     assert f"SOURCE={checkout}\n" in (root / HOME / "install.conf").read_text()
     dropin = (root / "etc/systemd/system/nat64ho.service.d/auto-update.conf").read_text()
-    # '-' keeps a failed update from failing the start; '+' lets it write the code.
+    # '-' keeps a failed update from failing the start; '+' lets it switch the code.
     assert "ExecStartPre=-+/home/nat64ho/bin/nat64ho-update\n" in dropin
     updater = root / HOME / "bin/nat64ho-update"
     home = root / HOME
+    uid, _ = ids(root)
 
-    nothing = run(home, script=updater)
+    nothing = run("--root", root, script=updater)
     assert "up to date" in nothing.stderr
 
+    # The new version records who runs it: only the service user may.
+    seen = open_tmp / "runs"
+    seen.mkdir(mode=0o1777)
+    seen.chmod(0o1777)
     init = upstream / "nat64ho/__init__.py"
-    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+'))
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+')
+                    + f"\nimport os as _os\nwith open('{seen}/uids', 'a') as _f:\n"
+                      "    _f.write(f'{_os.getuid()}\\n')\n")
     git("commit", "--quiet", "-am", "a newer version", cwd=upstream)
-    run(home, script=updater)
+    run("--root", root, script=updater)
+    runs = (seen / "uids").read_text().split()
+    assert runs and set(runs) == {str(uid)}, runs
     assert version(root).startswith("nat64ho 9.9.9+")
     assert git("rev-parse", "HEAD", cwd=upstream) in (home / "install.conf").read_text()
+    good = os.readlink(home / "venv")
+
+    def refused(why: str) -> None:
+        proc = run("--root", root, script=updater, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert why in proc.stderr and "the installed version stays" in proc.stderr, proc.stderr
+        assert os.readlink(home / "venv") == good
+        assert version(root).startswith("nat64ho 9.9.9+")
+
+    # Uncommitted changes, even by the checkout's owner, are never built.
+    readme = checkout / "README.md"
+    readme.write_text(readme.read_text() + "\nlocal edit\n")
+    refused("has uncommitted changes")
+    git("checkout", "--", "README.md", cwd=checkout)
+    # Nor commits the upstream does not have.
+    (checkout / "local.txt").write_text("mine\n")
+    git("add", "local.txt", cwd=checkout)
+    git("commit", "--quiet", "-m", "not pushed", cwd=checkout)
+    refused("which its upstream")
+    git("reset", "--quiet", "--hard", "HEAD~1", cwd=checkout)
+
+    # A pinned wheel that no longer matches its hash stops the build.
+    init.write_text(init.read_text().replace('"9.9.9+', '"9.9.10+'))
+    git("commit", "--quiet", "-am", "another version", cwd=upstream)
+    wheel = sorted((home / "wheels").glob("typer-*.whl"))[0]
+    original = wheel.read_bytes()
+    wheel.write_bytes(original + b"tampered")
+    refused("pinned dependencies")
+    wheel.write_bytes(original)
 
     # The upstream vanishes: the update fails, says so, and the code still runs.
     upstream.rename(tmp_path / "gone")
-    failed = run(home, script=updater, check=False)
-    assert failed.returncode != 0 and "the installed version stays" in failed.stderr
-    assert version(root).startswith("nat64ho 9.9.9+")
+    refused("git pull --ff-only")
 
     # The choice is remembered until --no-auto-update.
     assert "AUTO_UPDATE=yes\n" in (home / "install.conf").read_text()
@@ -208,7 +409,9 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
     out = run("--root", installed, "--uninstall").stdout
     assert "Kept:" in out
     for gone in ("etc/systemd/system/nat64ho.service", "etc/logrotate.d/nat64ho",
-                 f"{HOME}/venv", f"{HOME}/bin", f"{HOME}/install.conf"):
+                 "etc/systemd/system/multi-user.target.wants/nat64ho.service", "usr/local/bin/nat64ho",
+                 f"{HOME}/venv", f"{HOME}/bin", f"{HOME}/install.conf", f"{HOME}/releases",
+                 f"{HOME}/wheels", f"{HOME}/requirements.txt"):
         assert not (installed / gone).exists(), gone
     assert (home / "data/nat64ho.db").exists() and (home / "logs/nat64ho.log").exists()
     assert (installed / "etc/default/nat64ho").exists()

@@ -111,4 +111,11 @@ app.add_typer(gateway.testbed_app, name="testbed")
 
 
 def main() -> None:
-    app(prog_name="nat64ho")
+    try:
+        app(prog_name="nat64ho")
+    except PermissionError as exc:
+        # E.g. a user outside group nat64ho on the installed database.
+        where = exc.filename or "a file"
+        typer.echo(f"Error: {where}: permission denied (run as root or as a member of the "
+                   "file's group)", err=True)
+        sys.exit(1)

@@ -69,6 +69,9 @@ def serve(
         show_default=False)] = None,
     ipfix_domain: Annotated[int, typer.Option(
         metavar="N", help="IPFIX observation domain id in the messages (0-4294967295).")] = 0,
+    check_config: Annotated[bool, typer.Option(
+        "--check-config", help="Only check the options (exit 0, or 2 with an Error: line); "
+             "opens no database or socket. install.sh checks settings with it.")] = False,
 ) -> None:
     """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
 
@@ -89,6 +92,9 @@ def serve(
         collectors = parse_collectors(ipfix or [], ipfix_domain)
     except UsageError as exc:
         fail(str(exc))
+    if check_config:
+        typer.echo("ok: the options are valid")
+        raise typer.Exit(0)
     path = db_path(db)
     if log_file is None:
         log_file = str(path.parent / "nat64ho.log")
