@@ -36,7 +36,7 @@ _names = itertools.count()
 
 @pytest.fixture
 def bed(tmp_path):
-    # Unique per test run: a test bed from README (or another run) may be up.
+    # Unique per test run: a test bed from docs/testbed.md (or another run) may be up.
     bed = tb.Testbed(f"t{os.getpid() % 100000}-{next(_names)}", tmp_path / "state")
     try:
         bed.create()

@@ -1,4 +1,4 @@
-"""``nat64ho testbed up|down`` as README tells a newcomer to use it, and the
+"""``nat64ho testbed up|down`` as docs/testbed.md tells a newcomer to use it, and the
 gateway's answers to bad command lines."""
 
 from __future__ import annotations
