@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from nat64ho import cli, ipfix, wire
+from nat64ho.cli import serve as cli_serve
 from nat64ho.eventlog import Event, EventKind, parse_line
 from nat64ho.ipfix_udp import Exporter
 from tests.helpers import connect, run, v6, wait_for
@@ -301,7 +302,7 @@ def test_bad_ipfix_options_give_one_error_line_and_status_2(tmp_path, args, line
 
 
 def test_ipfix_options_accept_ipv4_and_ipv6_collectors():
-    assert cli.parse_collectors(["[::1]:4739", "127.0.0.1:4739"], 2**32 - 1) == [
+    assert cli_serve.parse_collectors(["[::1]:4739", "127.0.0.1:4739"], 2**32 - 1) == [
         ("::1", 4739), ("127.0.0.1", 4739)]
 
 
