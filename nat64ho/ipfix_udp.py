@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from nat64ho import ipfix
 from nat64ho.eventlog import Event

@@ -90,7 +90,7 @@ class Client(asyncio.DatagramProtocol):
 
     @classmethod
     async def connect(cls, host: str, port: int, *, local: str = "127.0.0.1",
-                      peer: Peer | None = None, auto: bool = True) -> "Client":
+                      peer: Peer | None = None, auto: bool = True) -> Client:
         loop = asyncio.get_running_loop()
         _, client = await loop.create_datagram_endpoint(
             lambda: cls(peer, auto=auto), local_addr=(local, 0), remote_addr=(host, port))
@@ -146,7 +146,7 @@ class Client(asyncio.DatagramProtocol):
                 break
             try:
                 m = await asyncio.wait_for(self.inbox.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             out.append(m)
             if isinstance(m, ANSWERS):
@@ -159,7 +159,7 @@ class Client(asyncio.DatagramProtocol):
         try:
             while True:
                 out.append(await asyncio.wait_for(self.inbox.get(), seconds))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return out
 
     async def hello(self, timeout: float = 2.0) -> wire.Welcome:

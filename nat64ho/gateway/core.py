@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from nat64ho import wire
 from nat64ho.gateway import translate as t
