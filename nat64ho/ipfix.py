@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from nat64ho.eventlog import Event, EventKind
 from nat64ho.wire import MAX_DATAGRAM

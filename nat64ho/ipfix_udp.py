@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from nat64ho import ipfix
 from nat64ho.eventlog import Event
@@ -60,14 +60,17 @@ class Collector:
         self._sock = sock
 
     def send(self, message: ipfix.Message) -> None:
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError(f"IPFIX collector {self.name}: send before open()")
         try:
             if not self._connected:
                 # Connected, so that the kernel reports ICMP errors (nobody
                 # listening) on the socket; tried again on each send while
                 # there is no route.
-                self._sock.connect((self.host, self.port))
+                sock.connect((self.host, self.port))
                 self._connected = True
-            self._sock.send(message.octets)
+            sock.send(message.octets)
         except OSError as exc:
             self._failed(exc)
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 from nat64ho import wire
 
@@ -42,26 +43,25 @@ class Peer:
             raise NoSession("no cookie yet: send hello() and feed the WELCOME to receive()")
         return wire.encode(wire.Cookie(self.cookie))
 
-    def request(self, messages: list) -> bytes:
+    def request(self, messages: list[wire.Message]) -> bytes:
         """A datagram: our COOKIE, then ``messages``."""
         if self.cookie is None:
             raise NoSession("no cookie yet: send hello() and feed the WELCOME to receive()")
         return wire.encode(wire.Cookie(self.cookie)) + wire.build(messages)
 
-    def receive(self, datagram: bytes) -> list:
+    def receive(self, datagram: bytes) -> list[wire.Message]:
         """Parse a server datagram and update the session and cache.
         Raises wire.Malformed like wire.parse."""
         messages = wire.parse(datagram, wire.Direction.TO_NAT64)
         for m in messages:
-            cls = type(m)
-            if cls is wire.Mapping:
+            if isinstance(m, wire.Mapping):
                 self.cache[m.nat_port] = (m.addr, m.port)
-            elif cls is wire.Deleted or cls is wire.Unmapped:
+            elif isinstance(m, (wire.Deleted, wire.Unmapped)):
                 self.cache.pop(m.nat_port, None)
-            elif cls is wire.Welcome and m.boot_id == self.boot_id:
+            elif isinstance(m, wire.Welcome) and m.boot_id == self.boot_id:
                 self.cookie = m.cookie
                 self.first_port, self.last_port = m.first_port, m.last_port
-            elif cls is wire.Error and m.code == wire.ErrorCode.BAD_COOKIE:
+            elif isinstance(m, wire.Error) and m.code == wire.ErrorCode.BAD_COOKIE:
                 self.cookie = None
         return messages
 
@@ -81,7 +81,7 @@ class Client(asyncio.DatagramProtocol):
 
     def __init__(self, peer: Peer | None = None, *, auto: bool = True):
         self.peer = peer or Peer()
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.inbox: asyncio.Queue[wire.Message] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
         self.malformed = 0
         self.auto = auto
@@ -90,16 +90,18 @@ class Client(asyncio.DatagramProtocol):
 
     @classmethod
     async def connect(cls, host: str, port: int, *, local: str = "127.0.0.1",
-                      peer: Peer | None = None, auto: bool = True) -> "Client":
+                      peer: Peer | None = None, auto: bool = True) -> Client:
         loop = asyncio.get_running_loop()
         _, client = await loop.create_datagram_endpoint(
             lambda: cls(peer, auto=auto), local_addr=(local, 0), remote_addr=(host, port))
         return client
 
-    def connection_made(self, transport) -> None:
+    # A datagram endpoint always hands over a DatagramTransport; typeshed's
+    # DatagramProtocol narrows the base the same way, with the same ignore.
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:  # type: ignore[override]
         self.transport = transport
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         peer = self.peer
         try:
             messages = peer.receive(data)
@@ -110,10 +112,10 @@ class Client(asyncio.DatagramProtocol):
             self.inbox.put_nowait(m)
             if not self.auto or self.transport is None:
                 continue
-            cls = type(m)
-            if cls is wire.Welcome and m.boot_id == peer.boot_id and peer.cookie is not None:
+            if (isinstance(m, wire.Welcome) and m.boot_id == peer.boot_id
+                    and peer.cookie is not None):
                 self.transport.sendto(peer.confirm())
-            elif cls is wire.Error and m.code == wire.ErrorCode.BAD_COOKIE:
+            elif isinstance(m, wire.Error) and m.code == wire.ErrorCode.BAD_COOKIE:
                 now = asyncio.get_running_loop().time()
                 if now - self._last_rehello >= REHELLO_INTERVAL:
                     self._last_rehello = now
@@ -128,15 +130,17 @@ class Client(asyncio.DatagramProtocol):
             self.transport.close()
 
     def send_raw(self, data: bytes) -> None:
+        if self.transport is None:
+            raise RuntimeError("not connected: make the Client with Client.connect()")
         self.transport.sendto(data)
 
-    def send(self, messages: list) -> None:
-        self.transport.sendto(self.peer.request(messages))
+    def send(self, messages: list[wire.Message]) -> None:
+        self.send_raw(self.peer.request(messages))
 
-    async def collect(self, answers: int, timeout: float = 2.0) -> list:
+    async def collect(self, answers: int, timeout: float = 2.0) -> list[wire.Message]:
         """Messages received until ``answers`` answers came, or ``timeout``
         seconds passed without completing them."""
-        out: list = []
+        out: list[wire.Message] = []
         got = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -146,20 +150,20 @@ class Client(asyncio.DatagramProtocol):
                 break
             try:
                 m = await asyncio.wait_for(self.inbox.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             out.append(m)
             if isinstance(m, ANSWERS):
                 got += 1
         return out
 
-    async def quiet(self, seconds: float = 0.2) -> list:
+    async def quiet(self, seconds: float = 0.2) -> list[wire.Message]:
         """Whatever arrives within ``seconds``."""
-        out = []
+        out: list[wire.Message] = []
         try:
             while True:
                 out.append(await asyncio.wait_for(self.inbox.get(), seconds))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return out
 
     async def hello(self, timeout: float = 2.0) -> wire.Welcome:
@@ -171,8 +175,8 @@ class Client(asyncio.DatagramProtocol):
                 raise ConnectionRefusedError(f"server answered HELLO with ERROR {m.code}")
         raise TimeoutError("no WELCOME")
 
-    async def exchange(self, messages: list, answers: int | None = None,
-                       timeout: float = 2.0) -> list:
+    async def exchange(self, messages: list[wire.Message], answers: int | None = None,
+                       timeout: float = 2.0) -> list[wire.Message]:
         """Send ``messages`` in one datagram and collect the answers (by
         default one per MAP/LOOKUP)."""
         if answers is None:
@@ -180,5 +184,5 @@ class Client(asyncio.DatagramProtocol):
         self.send(messages)
         return await self.collect(answers, timeout)
 
-    async def map(self, addr: bytes, port: int) -> list:
+    async def map(self, addr: bytes, port: int) -> list[wire.Message]:
         return await self.exchange([wire.Map(addr, port)])

@@ -18,7 +18,8 @@ from __future__ import annotations
 import collections
 import ipaddress
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from nat64ho import wire
 from nat64ho.gateway import translate as t
@@ -48,14 +49,17 @@ ICMP_ERRORS_PER_S = 100.0
 #: Room for requests in a handoff datagram, after IPv4+UDP and our COOKIE.
 _ROOM = wire.MAX_DATAGRAM - 10
 
+#: How a waiting packet was parsed: t.Parsed6 behind a MAP, t.Parsed4 behind a LOOKUP.
+P = TypeVar("P", t.Parsed6, t.Parsed4)
 
-class Pending:
+
+class Pending(Generic[P]):
     """Packets waiting for one request's answer."""
 
     __slots__ = ("packets", "due", "tries", "request")
 
-    def __init__(self, request, now: float):
-        self.packets: list = []
+    def __init__(self, request: wire.Map | wire.Lookup, now: float):
+        self.packets: list[tuple[bytes, P]] = []
         self.request = request
         self.due = now  # sent at the next flush
         self.tries = 0
@@ -72,10 +76,10 @@ class Server:
         #: NAT port -> endpoint is ``peer.cache``; this is the reverse, checked
         #: against it on use because a MAPPING may move a port without notice.
         self.endpoints: dict[tuple[bytes, int], int] = {}
-        self.maps: dict[tuple[bytes, int], Pending] = {}
-        self.lookups: dict[int, Pending] = {}
+        self.maps: dict[tuple[bytes, int], Pending[t.Parsed6]] = {}
+        self.lookups: dict[int, Pending[t.Parsed4]] = {}
         self.used: set[int] = set()
-        self.outbox: list = []
+        self.outbox: list[wire.Message] = []
         self.hello_due = 0.0
         self.hello_rto = HELLO_RTO
         self.confirm = False
@@ -105,7 +109,7 @@ class Gateway:
         self.servers = {addr: Server(addr, port, self.boot_id) for addr, port in servers}
         self.log = log
         self.out: list[bytes] = []
-        self.counts: collections.Counter = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
         self.touch_due = now + touch_interval
         self.icmp_tokens = ICMP_ERRORS_PER_S
         self.icmp_at = now
@@ -192,7 +196,7 @@ class Gateway:
         srv.used.add(p.nat_port)
         self.counts["to_ipv6"] += 1
 
-    def _wait(self, waiting: Pending, item) -> None:
+    def _wait(self, waiting: Pending[P], item: tuple[bytes, P]) -> None:
         if len(waiting.packets) >= MAX_WAITING_PACKETS:
             self.counts["drop_waiting_full"] += 1
         else:
@@ -218,28 +222,27 @@ class Gateway:
             self.counts["handoff_malformed_" + exc.reason] += 1
             return
         for m in messages:
-            kind = type(m)
-            if kind is wire.Mapping:
+            if isinstance(m, wire.Mapping):
                 key = (m.addr, m.port)
                 srv.endpoints[key] = m.nat_port
-                waiting = srv.maps.pop(key, None)
-                if waiting is not None:
-                    for pkt, p in waiting.packets:
-                        self._emit6(pkt, p, m.nat_port, srv)
-                waiting = srv.lookups.pop(m.nat_port, None)
-                if waiting is not None:
-                    for pkt, p in waiting.packets:
-                        self._emit4(pkt, p, key, srv)
-            elif kind is wire.Deleted:
+                mapped = srv.maps.pop(key, None)
+                if mapped is not None:
+                    for pkt, p6 in mapped.packets:
+                        self._emit6(pkt, p6, m.nat_port, srv)
+                looked = srv.lookups.pop(m.nat_port, None)
+                if looked is not None:
+                    for pkt, p4 in looked.packets:
+                        self._emit4(pkt, p4, key, srv)
+            elif isinstance(m, wire.Deleted):
                 self.counts["deleted"] += 1
                 if srv.endpoints.get((m.addr, m.port)) == m.nat_port:
                     del srv.endpoints[(m.addr, m.port)]
-            elif kind is wire.Unmapped:
+            elif isinstance(m, wire.Unmapped):
                 self.counts["unmapped"] += 1
-                waiting = srv.lookups.pop(m.nat_port, None)
-                if waiting is not None:
-                    self.counts["drop_unmapped"] += len(waiting.packets)
-            elif kind is wire.Welcome:
+                looked = srv.lookups.pop(m.nat_port, None)
+                if looked is not None:
+                    self.counts["drop_unmapped"] += len(looked.packets)
+            elif isinstance(m, wire.Welcome):
                 if m.boot_id != srv.peer.boot_id:
                     continue
                 self.log(f"session with {srv.name}: ports {m.first_port}-{m.last_port}")
@@ -247,9 +250,11 @@ class Gateway:
                     self.log(f"warning: {srv.name}'s range holds the handoff port {self.handoff_port}")
                 srv.confirm = True
                 srv.hello_rto = HELLO_RTO
-                for waiting in (*srv.maps.values(), *srv.lookups.values()):
-                    waiting.due = now
-            elif kind is wire.Error:
+                for mapped in srv.maps.values():
+                    mapped.due = now
+                for looked in srv.lookups.values():
+                    looked.due = now
+            elif isinstance(m, wire.Error):
                 try:
                     name = wire.ErrorCode(m.code).name
                 except ValueError:
@@ -284,7 +289,8 @@ class Gateway:
                 for i in range(0, len(ports), 255):
                     srv.outbox.append(wire.Touch(tuple(ports[i:i + 255])))
                 self.counts["touched"] += len(ports)
-            for table in (srv.maps, srv.lookups):
+            tables: tuple[dict[Any, Pending[Any]], ...] = (srv.maps, srv.lookups)
+            for table in tables:
                 expired = []
                 for key, waiting in table.items():
                     if now < waiting.due:
@@ -318,7 +324,7 @@ class Gateway:
         return out
 
     def _requests(self, srv: Server) -> None:
-        batch: list = []
+        batch: list[wire.Message] = []
         size = 0
         for m in srv.outbox:
             n = len(wire.encode(m))

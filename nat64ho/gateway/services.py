@@ -12,6 +12,7 @@ import asyncio
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 #: Longest line the echo keeps before echoing it anyway.
 MAX_LINE = 65536
@@ -32,7 +33,7 @@ class _Http(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, fmt: str, *args) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         say(f"http {self.client_address[0]}:{self.client_address[1]} {fmt % args}")
 
 
@@ -55,10 +56,12 @@ async def _echo_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 class _EchoUdp(asyncio.DatagramProtocol):
-    def connection_made(self, transport) -> None:
+    # A datagram endpoint always hands over a DatagramTransport; typeshed's
+    # DatagramProtocol narrows the base the same way, with the same ignore.
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:  # type: ignore[override]
         self.transport = transport
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         say(f"udp {addr[0]}:{addr[1]} {len(data)} octets")
         self.transport.sendto(data, addr)
 

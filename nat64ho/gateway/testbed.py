@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PREFIX = "64:ff9b::/96"
@@ -65,7 +66,7 @@ def check_name(name: str) -> None:
         raise TestbedError(f"--name {name!r}: use 1-21 characters of a-z, 0-9 and '-'")
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and p.returncode != 0:
         raise TestbedError(f"ip {' '.join(args)}: {p.stderr.strip()}")
@@ -96,7 +97,7 @@ class Proc:
     def text(self) -> str:
         return self.out.read_bytes()[self.start_at:].decode(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = READY_S) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = READY_S) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         while True:
@@ -243,12 +244,12 @@ class Testbed:
     def services_out(self) -> str:
         return (self.state / "services.out").read_text()
 
-    def run(self, ns: str, *cmd: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    def run(self, ns: str, *cmd: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
                               timeout=timeout)
 
     @contextlib.contextmanager
-    def inside(self, ns: str):
+    def inside(self, ns: str) -> Iterator[None]:
         """Run this thread in ``ns``: sockets made here stay in it."""
         libc = ctypes.CDLL(None, use_errno=True)
         with open(f"/run/netns/{ns}", "rb") as new, open("/proc/thread-self/ns/net", "rb") as old:
