@@ -75,7 +75,7 @@ class Counter(threading.Thread):
         while True:
             try:
                 self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 if self.n:
                     return
                 continue

@@ -8,7 +8,8 @@ are :mod:`nat64ho.peer` and :mod:`nat64ho.wire`.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from nat64ho import wire
 from nat64ho.eventlog import ipv6_str

@@ -25,7 +25,6 @@ from nat64ho import wire
 from nat64ho.peer import ANSWERS, Client, Peer
 from nat64ho.testing import Child, proc_cpu, proc_peak_rss
 
-
 MODES = ("create", "lookup", "mixed")
 #: A request unanswered for this long is counted lost and its slot reused.
 REPLY_TIMEOUT = 1.0
@@ -177,7 +176,7 @@ def tally(datagram: bytes) -> tuple[int, int, int]:
 class _Slot(asyncio.DatagramProtocol):
     """One request in flight, on its own socket."""
 
-    def __init__(self, load: "Load", nat: NatLoad):
+    def __init__(self, load: Load, nat: NatLoad):
         self.load = load
         self.nat = nat
         self.transport: asyncio.DatagramTransport | None = None

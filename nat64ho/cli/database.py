@@ -8,14 +8,12 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from nat64ho import schema
 from nat64ho.cli.options import EXIT_DB, db_path, fail
 from nat64ho.ops import db as opsdb
-
 
 #: How long a command keeps retrying a database that stays locked, on top of
 #: the busy timeout of each attempt: a commit or checkpoint of the server
@@ -32,7 +30,7 @@ class Database:
     is closed on the way out.
     """
 
-    def __init__(self, db: Optional[Path], *, write: bool = False, own: Optional[str] = None):
+    def __init__(self, db: Path | None, *, write: bool = False, own: str | None = None):
         self.path = db_path(db)
         self.write = write
         self.own = own  # the command, if it must own the table (nat64ho.owner)

@@ -8,13 +8,22 @@ import io
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from nat64ho.cli.database import Database
-from nat64ho.cli.options import (EXIT_DB, DbOption, ExportFormat, UsageError, choice, fail,
-                                 parse_ipv4, parse_seq, parse_time)
+from nat64ho.cli.options import (
+    EXIT_DB,
+    DbOption,
+    ExportFormat,
+    UsageError,
+    choice,
+    fail,
+    parse_ipv4,
+    parse_seq,
+    parse_time,
+)
 from nat64ho.cli.render import LineCounter, Progress, interrupted
 from nat64ho.eventlog import ts_str
 from nat64ho.ops import db as opsdb
@@ -23,14 +32,14 @@ from nat64ho.ops import export as ops_export
 
 def export(
     db: DbOption = None,
-    nat: Annotated[Optional[str], typer.Option(
+    nat: Annotated[str | None, typer.Option(
         metavar="IPV4", help="Only this NAT64's events.", show_default=False)] = None,
-    since: Annotated[Optional[str], typer.Option(
+    since: Annotated[str | None, typer.Option(
         metavar="TIME", help="Only events at or after this time (UTC unless a zone is given).",
         show_default=False)] = None,
-    until: Annotated[Optional[str], typer.Option(
+    until: Annotated[str | None, typer.Option(
         metavar="TIME", help="Only events before this time.", show_default=False)] = None,
-    after: Annotated[Optional[str], typer.Option(
+    after: Annotated[str | None, typer.Option(
         metavar="SEQ", help="Only events after this sequence number (the 'seq' of --format "
              "jsonl): resumes an export or a --follow exactly where it stopped.",
         show_default=False)] = None,
@@ -41,7 +50,7 @@ def export(
         "--format", metavar="log|jsonl|csv", parser=choice(ExportFormat, "--format"),
         help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
              "object per line, with its sequence number; csv: with a header row.")] = ExportFormat.LOG,
-    output: Annotated[Optional[str], typer.Option(
+    output: Annotated[str | None, typer.Option(
         "--output", "-o", metavar="FILE", help="Write here instead of stdout; a name ending in "
              ".gz is gzip-compressed.", show_default=False)] = None,
 ) -> None:
@@ -134,7 +143,7 @@ def export(
 FOLLOW_POLL_S = 0.25
 
 
-def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Optional[int]) -> None:
+def _follow(db: Path | None, writer, fmt: str, nat: int | None, after: int | None) -> None:
     """``export --follow``: the history, then every event committed after it,
     each written once in id order and flushed, until a signal."""
     import signal

@@ -13,7 +13,6 @@ from nat64ho.cli.render import Progress, interrupted
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import importer
 
-
 #: SQLite page cache of an import, in KiB (the default is 2 MiB).
 IMPORT_CACHE_KIB = 256 * 1024
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -69,7 +70,7 @@ class BenchMode(enum.StrEnum):
 
 
 def choice(kind: type[enum.StrEnum], option: str,
-           expected: Optional[str] = None) -> Callable[[str], enum.StrEnum]:
+           expected: str | None = None) -> Callable[[str], enum.StrEnum]:
     """A parser for an option whose values are the members of ``kind``."""
     expected = expected or "expected one of " + ", ".join(m.value for m in kind)
 
@@ -151,14 +152,14 @@ def parse_time(text: str, what: str) -> int:
 
 
 DbOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--db", metavar="PATH", help="The SQLite database. Default: $NAT64HO_DB, else "
                               "~/.local/share/nat64ho/table.db ($XDG_DATA_HOME).",
                  show_default=False),
 ]
 
 
-def db_path(db: Optional[Path]) -> Path:
+def db_path(db: Path | None) -> Path:
     return db if db is not None else schema.default_db_path()
 
 
@@ -179,7 +180,7 @@ def parse_nat_port(text: str, what: str) -> tuple[int, int]:
                          "1-65535, e.g. 192.0.2.9:47102") from None
 
 
-def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, Optional[int]]:
+def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int | None]:
     """``[2001:db8::55]:34643``, ``2001:db8::55`` or ``2001:db8::/48``: a
     prefix (a /128 for one address) and the client port, if one was given."""
     port = None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Iterable, NoReturn, Optional
+from collections.abc import Iterable
+from typing import NoReturn
 
 import typer
 
@@ -20,14 +21,20 @@ class Progress:
     what the operator counts (lines, events), shown with its rate.
     """
 
-    def __init__(self, what: str, noun: str, total: Optional[int], show: bool = True):
+    def __init__(self, what: str, noun: str, total: int | None, show: bool = True):
         self.noun = noun
         self.bar = None
         if not show or not sys.stderr.isatty():
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn,
-                                   TextColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            ProgressColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
         from rich.text import Text
 
         class Rate(ProgressColumn):
@@ -44,7 +51,7 @@ class Progress:
         self.task = self.bar.add_task(what, total=total or None, count=0)
         self.bar.start()
 
-    def update(self, done: Optional[int], count: int) -> None:
+    def update(self, done: int | None, count: int) -> None:
         if self.bar is not None:
             if done is None:
                 self.bar.update(self.task, count=count)
@@ -67,7 +74,7 @@ def interrupted(message: str) -> NoReturn:
     raise typer.Exit(130)
 
 
-def ts_or(value: Optional[int], missing: str) -> str:
+def ts_or(value: int | None, missing: str) -> str:
     return ts_str(value) if value is not None else missing
 
 

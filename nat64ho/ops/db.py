@@ -12,7 +12,7 @@ import fcntl
 import os
 import sqlite3
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from nat64ho import schema
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from typing import Iterable, Iterator, Optional, TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from nat64ho import schema
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
 from nat64ho.ops.db import FETCH, id_event_ok, stream
 
 
-def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
-                 since: Optional[int] = None, until: Optional[int] = None,
-                 after: Optional[int] = None, with_id: bool = False,
-                 limit: Optional[int] = None) -> Iterator[tuple]:
+def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,
+                 since: int | None = None, until: int | None = None,
+                 after: int | None = None, with_id: bool = False,
+                 limit: int | None = None) -> Iterator[tuple]:
     """History rows ``(ts, kind, nat, port, addr, aport)``, streamed; with
     ``with_id``, the event id (its sequence number) comes first.
 

@@ -7,7 +7,8 @@ import gzip
 import socket
 import sqlite3
 import sys
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, NamedTuple
 
 from nat64ho.eventlog import BadLine, EventKind, parse_line
 from nat64ho.ops.db import HistoryError, atomic
@@ -47,7 +48,7 @@ def open_log(name: str) -> BinaryIO:
         raise LogUnreadable(f"{name}: {exc.strerror or exc}") from None
 
 
-def log_position(stream: BinaryIO) -> Optional[int]:
+def log_position(stream: BinaryIO) -> int | None:
     """Octets of the file on disk consumed so far (the compressed ones for
     gzip), for progress against its size; None for a pipe."""
     try:
@@ -165,8 +166,8 @@ _DIGIT_DOT = frozenset("0123456789.")
 def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
                 on_bad: Callable[[str, int, str], None], *,
                 rebuild_table: bool = False,
-                on_progress: Optional[Callable[[int, int], None]] = None,
-                on_rebuild: Optional[Callable[[], None]] = None) -> ImportResult:
+                on_progress: Callable[[int, int], None] | None = None,
+                on_rebuild: Callable[[], None] | None = None) -> ImportResult:
     """Add the events of each ``(name, stream from open_log)`` to the history.
 
     Events already there are left alone (the unique event index), so an

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple
 
 from nat64ho import schema
 from nat64ho.eventlog import Event, EventKind, ipv4_str
@@ -43,11 +44,11 @@ class Holding(NamedTuple):
     port: int
     addr: bytes
     aport: int
-    start: Optional[int]  #: None: began before the history we have
-    end: Optional[int]  #: None: still held (``current``) or not recorded
+    start: int | None  #: None: began before the history we have
+    end: int | None  #: None: still held (``current``) or not recorded
     current: bool  #: the entry is in the table now
-    created: Optional[Event]  #: the Created that began it, if recorded
-    deleted: Optional[Event]  #: the Deleted that ended it, if recorded
+    created: Event | None  #: the Created that began it, if recorded
+    deleted: Event | None  #: the Deleted that ended it, if recorded
 
     def covers(self, at: int) -> bool:
         """Whether the holding includes the instant ``at``; an end that was
@@ -61,9 +62,9 @@ class NatStats:
     nat: int
     entries: int
     capacity: int
-    oldest_last_use: Optional[int]
-    first_hello: Optional[int]
-    last_hello: Optional[int]
+    oldest_last_use: int | None
+    first_hello: int | None
+    last_hello: int | None
     created_hour: int
     deleted_hour: int
     created_day: int
@@ -95,9 +96,9 @@ def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
     return network.network_address.packed, network.broadcast_address.packed
 
 
-def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
-                  ipv6: Optional[ipaddress.IPv6Network] = None,
-                  port: Optional[int] = None) -> Iterator[Entry]:
+def query_entries(conn: sqlite3.Connection, *, nat: int | None = None,
+                  ipv6: ipaddress.IPv6Network | None = None,
+                  port: int | None = None) -> Iterator[Entry]:
     """Current entries, by NAT64 then port, optionally only one NAT64, one
     port, or clients in one IPv6 prefix (a /128 for one address)."""
     cols = "nat, port, addr, aport, created, last_use"
@@ -140,7 +141,7 @@ def _order(e: Event) -> tuple[int, int]:
     return e.ts, 1 if e.kind == EventKind.CREATED else 0
 
 
-def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional[Holding]:
+def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding | None:
     """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
     database knows, nobody did."""
     key = (nat, port)
@@ -220,7 +221,7 @@ def distance(h: Holding, at: int) -> int:
 
 
 def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
-                 aport: Optional[int] = None, at: Optional[int] = None) -> Iterator[Holding]:
+                 aport: int | None = None, at: int | None = None) -> Iterator[Holding]:
     """Every NAT port held by clients in ``network`` (and on ``aport`` if
     given), endpoint by endpoint in time order; with ``at``, only the
     holdings that include that instant. Holdings known only from the current
@@ -235,7 +236,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
     cur = conn.execute(f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
                        "ORDER BY addr, aport, ts", args)
     seen_current: set[tuple[int, int]] = set()
-    group: Optional[tuple[bytes, int]] = None
+    group: tuple[bytes, int] | None = None
     open_: dict[tuple[int, int], Event] = {}
     done: list[Holding] = []
 
