@@ -224,7 +224,7 @@ class Load:
         for i in range(window):
             nat = self.nats[i % len(self.nats)]
             _, slot = await loop.create_datagram_endpoint(
-                lambda: _Slot(self, nat), local_addr=(nat.local, 0), remote_addr=(host, port))
+                lambda nat=nat: _Slot(self, nat), local_addr=(nat.local, 0), remote_addr=(host, port))
             self.slots.append(slot)
         self.idle = list(self.slots)
 

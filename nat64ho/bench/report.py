@@ -127,7 +127,7 @@ class Report:
         lines = [head]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip())
+                                   for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         return "\n".join(lines)
 
 

@@ -191,6 +191,6 @@ def _follow(db: Path | None, writer, fmt: str, nat: int | None, after: int | Non
                     time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
         typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
-        raise typer.Exit(0 if stop["signal"] == signal.SIGTERM else 130)
+        raise typer.Exit(0 if stop["signal"] == signal.SIGTERM else 130) from None
 
 

@@ -85,7 +85,7 @@ def probe(
     except OSError as exc:
         fail(f"{host}:{port} from {source}: {exc.strerror or exc}", 1)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if not ok:
         raise typer.Exit(1)
 
