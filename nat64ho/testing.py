@@ -40,7 +40,7 @@ def proc_rss(pid: int) -> int:
 class Child:
     """A server (or echo server) in a child process on an ephemeral loopback port."""
 
-    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict | None = None):
+    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
@@ -48,8 +48,11 @@ class Child:
         self.address: tuple[str, int] | None = None
         found = threading.Event()
 
-        def pump():
-            for line in self.proc.stderr:
+        stderr = self.proc.stderr
+        assert stderr is not None  # stderr=PIPE above
+
+        def pump() -> None:
+            for line in stderr:
                 self.lines.append(line)
                 m = _LISTENING.search(line)
                 if m and not found.is_set():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 from nat64ho import schema
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
@@ -16,7 +16,7 @@ from nat64ho.ops.db import FETCH, id_event_ok, stream
 def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,
                  since: int | None = None, until: int | None = None,
                  after: int | None = None, with_id: bool = False,
-                 limit: int | None = None) -> Iterator[tuple]:
+                 limit: int | None = None) -> Iterator[tuple[Any, ...]]:
     """History rows ``(ts, kind, nat, port, addr, aport)``, streamed; with
     ``with_id``, the event id (its sequence number) comes first.
 
@@ -61,7 +61,7 @@ def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,
 def last_event_id(conn: sqlite3.Connection) -> int:
     """The highest event id (0 for an empty history): a cheap upper bound
     for progress."""
-    return conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0]
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0])
 
 
 _KINDS = ("Initialized", "Created", "Deleted")
@@ -95,14 +95,14 @@ class LineFormatter:
             return socket.inet_ntop(socket.AF_INET6, addr)
         return ipv6_str(addr)
 
-    def line(self, row: tuple) -> str:
+    def line(self, row: tuple[Any, ...]) -> str:
         ts, kind, nat, port, addr, aport = row
         if kind == 0:
             return f"{self.ts(ts)} Initialized {self.nat(nat)}"
         return f"{self.ts(ts)} {_KINDS[kind]} {self.nat(nat)}:{port} [{self.ipv6(addr)}]:{aport}"
 
 
-def write_log(rows: Iterable[tuple], out: TextIO) -> int:
+def write_log(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
     """Write rows as §6 log lines; returns how many."""
     fmt = LineFormatter().line
     n = 0
@@ -119,7 +119,7 @@ def write_log(rows: Iterable[tuple], out: TextIO) -> int:
     return n
 
 
-def write_jsonl(rows: Iterable[tuple], out: TextIO) -> int:
+def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
     """One JSON object per line with fixed keys: seq, ts, event, nat, port, ipv6,
     ipv6_port (the last three null for Initialized). ``rows`` carry their id
     first (``history_rows(with_id=True)``): it is ``seq``, for ``--after``."""
@@ -141,7 +141,7 @@ def write_jsonl(rows: Iterable[tuple], out: TextIO) -> int:
 CSV_HEADER = "ts,event,nat,port,ipv6,ipv6_port"
 
 
-def write_csv(rows: Iterable[tuple], out: TextIO) -> int:
+def write_csv(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
     """CSV with a header row; the columns of :func:`write_jsonl`, empty for Initialized."""
     f = LineFormatter()
     out.write(CSV_HEADER + "\n")

@@ -12,7 +12,7 @@ from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 
 def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
     """How many events :func:`prune` would delete (a walk of the ts index)."""
-    return conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0]
+    return int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
 
 
 def prune(conn: sqlite3.Connection, before_us: int,
