@@ -19,7 +19,11 @@ from nat64ho.eventlog import ts_from_datetime
 try:  # typer raises the exceptions of the click it carries
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # typer releases that depend on click instead
-    from click.exceptions import ClickException, NoArgsIsHelpError
+    # Only that fallback needs click, which these typer releases do not install.
+    from click.exceptions import (  # type: ignore[import-not-found, no-redef]
+        ClickException,
+        NoArgsIsHelpError,
+    )
 
 __all__ = ["ClickException", "NoArgsIsHelpError"]
 
@@ -74,7 +78,7 @@ def choice(kind: type[enum.StrEnum], option: str,
     """A parser for an option whose values are the members of ``kind``."""
     expected = expected or "expected one of " + ", ".join(m.value for m in kind)
 
-    def parse(value):
+    def parse(value: str | enum.StrEnum) -> enum.StrEnum:
         if isinstance(value, kind):
             return value  # a default
         try:

@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import typer
 
@@ -35,10 +35,11 @@ class Progress:
             TextColumn,
             TimeRemainingColumn,
         )
+        from rich.progress import Task
         from rich.text import Text
 
         class Rate(ProgressColumn):
-            def render(self, task):
+            def render(self, task: Task) -> Text:
                 elapsed = task.elapsed or 0
                 rate = task.fields["count"] / elapsed if elapsed > 0.2 else 0
                 return Text(f"{task.fields['count']:,} {noun}  {rate:,.0f} {noun}/s")
@@ -82,7 +83,7 @@ def endpoint(addr: bytes, aport: int) -> str:
     return f"[{ipv6_str(addr)}]:{aport}"
 
 
-def emit(rows: Iterable[dict], fmt: str, columns: list[tuple[str, str, int]]) -> None:
+def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str, int]]) -> None:
     """Print dicts as an aligned table (columns: key, header, width; the last
     one unpadded so that rows can stream), a JSON array, or CSV."""
     out = sys.stdout
@@ -125,11 +126,11 @@ TS_W = 26  # 2019-03-18 15:22:02.062254
 class LineCounter:
     """A text stream that counts the lines written through it."""
 
-    def __init__(self, out):
+    def __init__(self, out: TextIO):
         self.out = out
         self.lines = 0
 
     def write(self, text: str) -> int:
-        n = self.out.write(text)
+        n: int = self.out.write(text)
         self.lines += text.count("\n")
         return n
