@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -73,7 +74,7 @@ def query(
         emit(rows, fmt, cols)
 
 
-def _holding_dict(h: queries.Holding) -> dict:
+def _holding_dict(h: queries.Holding) -> dict[str, Any]:
     return {
         "nat": ipv4_str(h.nat), "port": h.port, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport,
         "endpoint": endpoint(h.addr, h.aport),
@@ -146,7 +147,8 @@ def who(
                 return
             _who_port(queries.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
         else:
-            holdings = map(_holding_dict, queries.who_endpoint(conn, net, aport, when))
+            holdings: Iterator[dict[str, Any]] = map(
+                _holding_dict, queries.who_endpoint(conn, net, aport, when))
             if fmt == "table":
                 first = next(holdings, None)
                 if first is None:
@@ -174,7 +176,8 @@ def _seconds(us: int) -> str:
     return f"{us / 1e6:g}"
 
 
-def _window_rows(report, nat_port, at: int, tol: int, found: list) -> Iterator[dict]:
+def _window_rows(report: int | None, nat_port: tuple[int, int], at: int, tol: int,
+                 found: list[queries.Holding]) -> Iterator[dict[str, Any]]:
     base = {"report": report, "nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": _utc(at),
             "tolerance_s": _seconds(tol), "holders": len(found), "ambiguous": len(found) > 1}
     if not found:
@@ -194,7 +197,8 @@ _WINDOW_KEYS = ("report", "nat", "port", "at", "tolerance_s", "holders", "ambigu
                 "ipv6_port", "from", "until", "current", "distance_s")
 
 
-def _who_window(found: list, nat_port, at: int, tol: int, fmt: str) -> None:
+def _who_window(found: list[queries.Holding], nat_port: tuple[int, int], at: int, tol: int,
+                fmt: str) -> None:
     rows = list(_window_rows(None, nat_port, at, tol, found))
     if fmt != "table":
         emit(rows, fmt, [(k, "", 0) for k in _WINDOW_KEYS if k != "report"])
@@ -218,7 +222,7 @@ def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None
     label = "stdin" if name == "-" else name
     bad = {"n": 0}
 
-    def answers(conn) -> Iterator[dict]:
+    def answers(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
         reader = csv.reader(source)
         while True:
             try:

@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterable
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, overload
 
 import typer
 
@@ -31,11 +31,11 @@ class Progress:
             BarColumn,
             Progress,
             ProgressColumn,
+            Task,
             TaskProgressColumn,
             TextColumn,
             TimeRemainingColumn,
         )
-        from rich.progress import Task
         from rich.text import Text
 
         class Rate(ProgressColumn):
@@ -75,7 +75,11 @@ def interrupted(message: str) -> NoReturn:
     raise typer.Exit(130)
 
 
-def ts_or(value: int | None, missing: str) -> str:
+@overload
+def ts_or(value: int | None, missing: str) -> str: ...
+@overload
+def ts_or(value: int | None, missing: None) -> str | None: ...
+def ts_or(value: int | None, missing: str | None) -> str | None:
     return ts_str(value) if value is not None else missing
 
 
