@@ -130,7 +130,7 @@ TS_W = 26  # 2019-03-18 15:22:02.062254
 class LineCounter:
     """A text stream that counts the lines written through it."""
 
-    def __init__(self, out: TextIO):
+    def __init__(self, out: TextIO) -> None:
         self.out = out
         self.lines = 0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from nat64ho import schema
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
@@ -102,7 +102,17 @@ class LineFormatter:
         return f"{self.ts(ts)} {_KINDS[kind]} {self.nat(nat)}:{port} [{self.ipv6(addr)}]:{aport}"
 
 
-def write_log(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
+class TextSink(Protocol):
+    """Where a writer puts its text: a text file, or anything else with ``write``."""
+
+    def write(self, text: str, /) -> int: ...
+
+
+#: A writer: rows in, the count of events written out.
+Writer = Callable[[Iterable[tuple[Any, ...]], TextSink], int]
+
+
+def write_log(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """Write rows as §6 log lines; returns how many."""
     fmt = LineFormatter().line
     n = 0
@@ -119,7 +129,7 @@ def write_log(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
     return n
 
 
-def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
+def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """One JSON object per line with fixed keys: seq, ts, event, nat, port, ipv6,
     ipv6_port (the last three null for Initialized). ``rows`` carry their id
     first (``history_rows(with_id=True)``): it is ``seq``, for ``--after``."""
@@ -141,7 +151,7 @@ def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
 CSV_HEADER = "ts,event,nat,port,ipv6,ipv6_port"
 
 
-def write_csv(rows: Iterable[tuple[Any, ...]], out: TextIO) -> int:
+def write_csv(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """CSV with a header row; the columns of :func:`write_jsonl`, empty for Initialized."""
     f = LineFormatter()
     out.write(CSV_HEADER + "\n")
