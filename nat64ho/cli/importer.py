@@ -15,6 +15,7 @@ from nat64ho.cli.render import Progress, interrupted
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import importer
 
+
 @dataclass
 class _State:
     done: int = 0  # octets of the files finished

@@ -122,7 +122,7 @@ def serve(
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
     except server.ListenError as exc:
-        fail(exc.strerror, 1)
+        fail(exc.strerror or str(exc), 1)
     except OSError as exc:
         fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
 
