@@ -45,7 +45,7 @@ class Child:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-        self.address: tuple[str, int] | None = None
+        listening: list[tuple[str, int]] = []
         found = threading.Event()
 
         stderr = self.proc.stderr
@@ -56,14 +56,15 @@ class Child:
                 self.lines.append(line)
                 m = _LISTENING.search(line)
                 if m and not found.is_set():
-                    self.address = (m.group(1), int(m.group(2)))
+                    listening.append((m.group(1), int(m.group(2))))
                     found.set()
             found.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or self.address is None:
+        if not found.wait(timeout) or not listening:
             self.stop()
             raise RuntimeError("child did not start:\n" + "".join(self.lines))
+        self.address: tuple[str, int] = listening[0]
 
     @property
     def pid(self) -> int:

@@ -84,7 +84,7 @@ class Report:
         s, e = self.server, self.echo
         rows = []
 
-        def ratio(a, b):
+        def ratio(a: float, b: float) -> str:
             return f"{a / b:.2f}" if a and b else "-"
 
         rows.append(("messages/s", f"{s.messages_per_s:,.0f}",
