@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ipaddress  # noqa: E402
 
 from nat64ho import schema  # noqa: E402
-from nat64ho.ops import export, queries  # noqa: E402
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str  # noqa: E402
+from nat64ho.ops import export, queries  # noqa: E402
 
 SCRATCH_NAT = (203 << 24) | (0 << 16) | (113 << 8) | 1  # 203.0.113.1, TEST-NET-3
 
@@ -125,7 +125,7 @@ def main() -> None:
     times, rows = [], 0
     for addr, aport in picks:
         net = ipaddress.IPv6Network((addr, 128))
-        t, hs = timed(lambda: list(queries.who_endpoint(conn, net, aport)))
+        t, hs = timed(lambda net=net, aport=aport: list(queries.who_endpoint(conn, net, aport)))
         times.append(t)
         rows += len(hs)
     addr, aport = picks[-1]
@@ -135,7 +135,7 @@ def main() -> None:
     times, rows = [], 0
     for addr, _ in picks[: max(1, len(picks) // 4)]:
         net = ipaddress.IPv6Network((addr, 64), strict=False)
-        t, hs = timed(lambda: list(queries.who_endpoint(conn, net)))
+        t, hs = timed(lambda net=net: list(queries.who_endpoint(conn, net)))
         times.append(t)
         rows += len(hs)
     print(f"who PREFIX/64: {len(times)} lookups, {rows / len(times):.1f} holdings each; "

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from nat64ho import wire
-from nat64ho.testing import Child
 from nat64ho.peer import Client, Peer
+from nat64ho.testing import Child
 
 FLOOD_SOURCE = "127.3.0.1"
 VICTIM_SOURCE = "127.4.0.1"
@@ -97,7 +97,7 @@ async def flood(address, boot_id: bytes, seconds: float, window: int) -> dict:
         got.clear()
         try:
             await asyncio.wait_for(got.wait(), 0.1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             in_flight = 0  # answers dropped over the share: start a new window
         in_flight = max(0, in_flight - (answers - seen))
         seen = answers
@@ -144,7 +144,7 @@ async def victim(address, seconds: float) -> dict:
     while pending and loop.time() < deadline:
         try:
             t, m = await asyncio.wait_for(answered.get(), deadline - loop.time())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if isinstance(m, wire.Mapping) and m.addr in pending:
             latencies.append(t - pending.pop(m.addr))

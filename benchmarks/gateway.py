@@ -75,7 +75,7 @@ class Counter(threading.Thread):
         while True:
             try:
                 self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 if self.n:
                     return
                 continue
@@ -153,7 +153,7 @@ def one_way(bed: tb.Testbed, via_gateway: bool, direction: str, probes: int) -> 
     src, dst = (c, h) if direction == "6to4" else (h, c)
     target = to_host if direction == "6to4" else back
     out = []
-    for i in range(probes):
+    for _ in range(probes):
         t = time.perf_counter_ns()
         src.sendto(struct.pack("!Q", t), target)
         data = dst.recv(100)

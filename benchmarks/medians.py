@@ -58,11 +58,11 @@ def main() -> None:
         dgrams = median([x.datagrams_per_s for x in s])
         if kw["mode"] == "create" and not kw.get("rate"):
             ceiling = median([r.sqlite[0] for r in reports])
-            ratio = median([x.messages_per_s / r.sqlite[0] for x, r in zip(s, reports)])
+            ratio = median([x.messages_per_s / r.sqlite[0] for x, r in zip(s, reports, strict=True)])
             ceiling_text = f"{ceiling:,.0f} entries/s (SQLite)"
         else:
             ceiling = median([r.echo.datagrams_per_s for r in reports])
-            ratio = median([x.datagrams_per_s / r.echo.datagrams_per_s for x, r in zip(s, reports)])
+            ratio = median([x.datagrams_per_s / r.echo.datagrams_per_s for x, r in zip(s, reports, strict=True)])
             ceiling_text = f"{ceiling:,.0f} datagrams/s (echo)"
         lat = "/".join(f"{median([x.percentile(q) for x in s]) * 1e3:.1f}" for q in (0.5, 0.99, 0.999))
         cpu = median([x.cpu for x in s])

@@ -8,7 +8,8 @@ are :mod:`nat64ho.peer` and :mod:`nat64ho.wire`.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from nat64ho import wire
 from nat64ho.eventlog import ipv6_str
@@ -27,19 +28,18 @@ class Plan(NamedTuple):
     touches: list[list[int]]  #: the ports of each TOUCH
 
 
-def describe(m) -> str:
+def describe(m: wire.Message) -> str:
     """One server message in words."""
-    kind = type(m)
-    if kind is wire.Welcome:
+    if isinstance(m, wire.Welcome):
         return (f"WELCOME ports {m.first_port}-{m.last_port}, cookie {m.cookie.hex()}, "
                 f"boot id {m.boot_id.hex()}")
-    if kind is wire.Mapping:
+    if isinstance(m, wire.Mapping):
         return f"MAPPING {m.nat_port} [{ipv6_str(m.addr)}]:{m.port}"
-    if kind is wire.Deleted:
+    if isinstance(m, wire.Deleted):
         return f"DELETED {m.nat_port} [{ipv6_str(m.addr)}]:{m.port}"
-    if kind is wire.Unmapped:
+    if isinstance(m, wire.Unmapped):
         return f"UNMAPPED {m.nat_port}"
-    if kind is wire.Error:
+    if isinstance(m, wire.Error):
         try:
             name = wire.ErrorCode(m.code).name
         except ValueError:
@@ -74,10 +74,11 @@ async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
             return False
         # PROTOCOL.md §4: a datagram holding only the cookie confirms the
         # boot at once; nothing answers it.
-        client.send_raw(wire.encode(wire.Cookie(client.peer.cookie)))
+        client.send_raw(client.peer.confirm())
         say("COOKIE -> sent to confirm the session (no answer expected)")
 
-        async def ask(messages: list, answers: int, wait: float) -> tuple[list, str]:
+        async def ask(messages: list[wire.Message], answers: int,
+                      wait: float) -> tuple[list[wire.Message], str]:
             t0 = loop.time()
             client.send(messages)
             got = await client.collect(answers, wait)
@@ -87,8 +88,10 @@ async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
             timing = f"  ({_ms(rtt)})" if complete else f"  (waited {_ms(rtt)})" if got else ""
             return got, timing
 
-        for label, messages in ([(f"MAP [{ipv6_str(a)}]:{p}", [wire.Map(a, p)]) for a, p in plan.maps]
-                                + [(f"LOOKUP {n}", [wire.Lookup(n)]) for n in plan.lookups]):
+        requests: list[tuple[str, list[wire.Message]]] = [
+            (f"MAP [{ipv6_str(a)}]:{p}", [wire.Map(a, p)]) for a, p in plan.maps]
+        requests += [(f"LOOKUP {n}", [wire.Lookup(n)]) for n in plan.lookups]
+        for label, messages in requests:
             got, timing = await ask(messages, 1, timeout)
             if got:
                 say(f"{label} -> " + "; ".join(map(describe, got)) + timing)

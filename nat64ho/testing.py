@@ -40,27 +40,31 @@ def proc_rss(pid: int) -> int:
 class Child:
     """A server (or echo server) in a child process on an ephemeral loopback port."""
 
-    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict | None = None):
+    def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-        self.address: tuple[str, int] | None = None
+        listening: list[tuple[str, int]] = []
         found = threading.Event()
 
-        def pump():
-            for line in self.proc.stderr:
+        stderr = self.proc.stderr
+        assert stderr is not None  # stderr=PIPE above
+
+        def pump() -> None:
+            for line in stderr:
                 self.lines.append(line)
                 m = _LISTENING.search(line)
                 if m and not found.is_set():
-                    self.address = (m.group(1), int(m.group(2)))
+                    listening.append((m.group(1), int(m.group(2))))
                     found.set()
             found.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or self.address is None:
+        if not found.wait(timeout) or not listening:
             self.stop()
             raise RuntimeError("child did not start:\n" + "".join(self.lines))
+        self.address: tuple[str, int] = listening[0]
 
     @property
     def pid(self) -> int:

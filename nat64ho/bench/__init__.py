@@ -3,8 +3,7 @@ the ceilings of the same machine, measured in the same run. The load
 generator is in :mod:`.load`, the run and its report in :mod:`.report`; the
 server never imports this package."""
 
-from nat64ho.bench.load import (MODES, REPLY_TIMEOUT, BenchConfig, Result, drive,
-                                nat_source)
+from nat64ho.bench.load import MODES, REPLY_TIMEOUT, BenchConfig, Result, drive, nat_source
 from nat64ho.bench.report import SQLITE_BATCHES, Report, run, sqlite_ceiling
 
 __all__ = ["MODES", "REPLY_TIMEOUT", "SQLITE_BATCHES", "BenchConfig", "Report", "Result",

@@ -8,6 +8,7 @@ socket answers that slot's request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import random
@@ -18,13 +19,13 @@ import sys
 import time
 from array import array
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from nat64ho import wire
 from nat64ho.peer import ANSWERS, Client, Peer
 from nat64ho.testing import Child, proc_cpu, proc_peak_rss
-
 
 MODES = ("create", "lookup", "mixed")
 #: A request unanswered for this long is counted lost and its slot reused.
@@ -106,6 +107,7 @@ class NatLoad:
         rng = self.rng
         ports = self.ports or [1028]
         new = wire.Map(self.tag + bytes(4), 443)
+        messages: list[wire.Message]
         if mode == "create":
             messages = [new] * batch
         elif mode == "lookup":
@@ -177,10 +179,11 @@ def tally(datagram: bytes) -> tuple[int, int, int]:
 class _Slot(asyncio.DatagramProtocol):
     """One request in flight, on its own socket."""
 
-    def __init__(self, load: "Load", nat: NatLoad):
+    def __init__(self, load: Load, nat: NatLoad):
         self.load = load
         self.nat = nat
-        self.transport: asyncio.DatagramTransport | None = None
+        # Set by connection_made, before create_datagram_endpoint returns.
+        self.transport: asyncio.DatagramTransport
         self.sent = 0.0  # 0 while idle
         self.expect = 0
         self.got = 0
@@ -188,10 +191,11 @@ class _Slot(asyncio.DatagramProtocol):
         self.deleted = 0
         self.errors = 0
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A datagram endpoint always gets a DatagramTransport; typeshed types the base.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.load.reply(self, data)
 
     def error_received(self, exc: Exception) -> None:
@@ -225,7 +229,8 @@ class Load:
         for i in range(window):
             nat = self.nats[i % len(self.nats)]
             _, slot = await loop.create_datagram_endpoint(
-                lambda: _Slot(self, nat), local_addr=(nat.local, 0), remote_addr=(host, port))
+                functools.partial(_Slot, self, nat), local_addr=(nat.local, 0),
+                remote_addr=(host, port))
             self.slots.append(slot)
         self.idle = list(self.slots)
 
@@ -347,11 +352,12 @@ def loop_name() -> str:
         import uvloop
     except ImportError:
         return "asyncio"
-    return f"uvloop {uvloop.__version__}"
+    # uvloop's __all__ leaves __version__ out, though the module has it.
+    return f"uvloop {uvloop.__version__}"  # type: ignore[attr-defined]
 
 
 def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
-                    sessions: list[tuple[int, bytes, bytes]], conn, echo: bool) -> None:
+                    sessions: list[tuple[int, bytes, bytes]], conn: Connection, echo: bool) -> None:
     """Body of one client process: prefill, report ready, run when told, report."""
     loop = _new_loop()
     asyncio.set_event_loop(loop)
@@ -362,7 +368,8 @@ def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
         conn.close()
 
 
-async def _client(cfg: BenchConfig, address, index, sessions, conn, echo) -> None:
+async def _client(cfg: BenchConfig, address: tuple[str, int], index: int,
+                  sessions: list[tuple[int, bytes, bytes]], conn: Connection, echo: bool) -> None:
     rng = random.Random(index * 7919 + os.getpid())
     run_tag = os.urandom(4)
     nats = []
@@ -405,10 +412,11 @@ def start_echo() -> Child:
 
 
 class _Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # As in _Slot: the base type in typeshed, a DatagramTransport here.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.transport.sendto(data, addr)
 
 
@@ -417,7 +425,7 @@ def echo_main() -> None:
     event loop and socket settings."""
     from nat64ho.server import RCVBUF
 
-    async def main():
+    async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -441,7 +449,10 @@ async def hello_all(address: tuple[str, int], nats: int) -> list[tuple[int, byte
             await client.hello(timeout=5.0)
         finally:
             client.close()
-        out.append((i, client.peer.boot_id, client.peer.cookie))
+        cookie = client.peer.cookie
+        if cookie is None:  # the WELCOME answered another boot id
+            raise ConnectionRefusedError(f"NAT64 {i}: no session after HELLO")
+        out.append((i, client.peer.boot_id, cookie))
     return out
 
 
@@ -450,7 +461,7 @@ class Result:
     """What one load phase measured."""
 
     seconds: float
-    counts: dict
+    counts: dict[str, int]
     latencies: list[float]  # seconds, sorted
     cpu: float | None = None  # server CPU, fraction of one core
     peak_rss: int | None = None  # bytes
@@ -503,7 +514,7 @@ def drive(cfg: BenchConfig, address: tuple[str, int], pid: int | None, echo: boo
             time.sleep(max(0.0, end - time.perf_counter()))
             cpu = (proc_cpu(pid) - cpu0) / duration
             peak = proc_peak_rss(pid)
-        counts: dict = {}
+        counts: dict[str, int] = {}
         latencies = array("d")
         for conn in pipes:
             if not conn.poll(end - time.perf_counter() + 30):

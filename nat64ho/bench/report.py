@@ -84,7 +84,7 @@ class Report:
         s, e = self.server, self.echo
         rows = []
 
-        def ratio(a, b):
+        def ratio(a: float, b: float) -> str:
             return f"{a / b:.2f}" if a and b else "-"
 
         rows.append(("messages/s", f"{s.messages_per_s:,.0f}",
@@ -127,7 +127,7 @@ class Report:
         lines = [head]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                   for i, (v, w) in enumerate(zip(r, widths))).rstrip())
+                                   for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -23,12 +24,16 @@ from nat64ho import __version__
 from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
 from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError
 
+if TYPE_CHECKING:
+    from typer._click import Command, Context
+    from typer.core import TyperArgument
+
 
 class _Group(TyperGroup):
     """Every usage mistake as one ``Error:`` line (click prints a usage block),
     and option help without the framework's range notes."""
 
-    def get_command(self, ctx, cmd_name):
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         command = super().get_command(ctx, cmd_name)
         for param in getattr(command, "params", ()):
             if hasattr(param, "_get_number_range_help_str"):
@@ -41,11 +46,14 @@ class _Group(TyperGroup):
                 param.display_type_rich = lambda ctx: None
         return command
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, False, **extra)
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(EXIT_USAGE)
@@ -58,7 +66,7 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _usage_name(param) -> str:
+def _usage_name(param: TyperArgument) -> str:
     name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
     return name + ("..." if param.nargs != 1 else "")
 

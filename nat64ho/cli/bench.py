@@ -4,12 +4,11 @@ nat64ho.bench package, imported only when the command runs."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from nat64ho.cli.options import (SYNC_CHOICE, BenchMode, Sync, UsageError, choice, fail,
-                                 parse_listen)
+from nat64ho.cli.options import SYNC_CHOICE, BenchMode, Sync, UsageError, choice, fail, parse_listen
 
 
 def bench(
@@ -33,16 +32,16 @@ def bench(
     entries: Annotated[int, typer.Option(
         metavar="N", help="lookup/mixed: entries created per NAT64 before measuring.",
         min=1, max=65535)] = 20_000,
-    server_addr: Annotated[Optional[str], typer.Option(
+    server_addr: Annotated[str | None, typer.Option(
         "--server", metavar="ADDR:PORT", help="Drive this running server (loopback only). "
              "Default: start one on a temporary database.", show_default=False)] = None,
-    server_pid: Annotated[Optional[int], typer.Option(
+    server_pid: Annotated[int | None, typer.Option(
         metavar="PID", help="With --server: its process id, to report its CPU and RSS.",
         show_default=False)] = None,
     sync: Annotated[Sync, typer.Option(metavar="full|normal", parser=SYNC_CHOICE,
                                       help="SQLite synchronous mode of the started server and "
                                            "of the SQLite ceiling.")] = Sync.FULL,
-    server_arg: Annotated[Optional[list[str]], typer.Option(
+    server_arg: Annotated[list[str] | None, typer.Option(
         metavar="ARG", help="Extra argument for the started 'nat64ho serve' (repeat), e.g. "
              "--server-arg=--cache-size=500000.", show_default=False)] = None,
     ceilings: Annotated[bool, typer.Option(

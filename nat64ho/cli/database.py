@@ -8,7 +8,8 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 
 import typer
 
@@ -16,6 +17,8 @@ from nat64ho import schema
 from nat64ho.cli.options import EXIT_DB, db_path, fail
 from nat64ho.ops import db as opsdb
 
+if TYPE_CHECKING:
+    from nat64ho.owner import Ownership
 
 #: How long a command keeps retrying a database that stays locked, on top of
 #: the busy timeout of each attempt: a commit or checkpoint of the server
@@ -32,18 +35,18 @@ class Database:
     is closed on the way out.
     """
 
-    def __init__(self, db: Optional[Path], *, write: bool = False, own: Optional[str] = None):
+    def __init__(self, db: Path | None, *, write: bool = False, own: str | None = None):
         self.path = db_path(db)
         self.write = write
         self.own = own  # the command, if it must own the table (nat64ho.owner)
-        self.ownership = None
-        self.conn = None
+        self.ownership: Ownership | None = None
+        self.conn: sqlite3.Connection | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> sqlite3.Connection:
         deadline = time.monotonic() + BUSY_RETRY_S
         while True:
             try:
-                self.conn = schema.open_db(self.path, readonly=not self.write)
+                conn = schema.open_db(self.path, readonly=not self.write)
                 break
             except schema.DatabaseBusy as exc:
                 if time.monotonic() >= deadline:
@@ -56,12 +59,15 @@ class Database:
             try:
                 self.ownership = owner.acquire(self.path, what=self.own)
             except owner.TableOwned as exc:
-                self.conn.close()
+                conn.close()
                 fail(str(exc), EXIT_DB)
-        return self.conn
+        self.conn = conn
+        return conn
 
-    def __exit__(self, kind, exc, tb):
-        self.conn.close()
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if self.conn is not None:
+            self.conn.close()
         if self.ownership is not None:
             self.ownership.release()
         if isinstance(exc, BrokenPipeError):
@@ -71,7 +77,7 @@ class Database:
             except OSError:
                 pass
             raise typer.Exit(0)
-        if schema.is_busy(exc):
+        if exc is not None and schema.is_busy(exc):
             fail(f"{self.path}: database is busy (locked by another process); try again", EXIT_DB)
         if isinstance(exc, sqlite3.DatabaseError):
             fail(f"{self.path}: {exc}", EXIT_DB)

@@ -7,14 +7,26 @@ import gzip
 import io
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from types import FrameType
+from typing import Annotated, Any
 
 import typer
 
 from nat64ho.cli.database import Database
-from nat64ho.cli.options import (EXIT_DB, DbOption, ExportFormat, UsageError, choice, fail,
-                                 parse_ipv4, parse_seq, parse_time)
+from nat64ho.cli.options import (
+    EXIT_DB,
+    DbOption,
+    ExportFormat,
+    UsageError,
+    choice,
+    fail,
+    parse_ipv4,
+    parse_seq,
+    parse_time,
+)
 from nat64ho.cli.render import LineCounter, Progress, interrupted
 from nat64ho.eventlog import ts_str
 from nat64ho.ops import db as opsdb
@@ -23,14 +35,14 @@ from nat64ho.ops import export as ops_export
 
 def export(
     db: DbOption = None,
-    nat: Annotated[Optional[str], typer.Option(
+    nat: Annotated[str | None, typer.Option(
         metavar="IPV4", help="Only this NAT64's events.", show_default=False)] = None,
-    since: Annotated[Optional[str], typer.Option(
+    since: Annotated[str | None, typer.Option(
         metavar="TIME", help="Only events at or after this time (UTC unless a zone is given).",
         show_default=False)] = None,
-    until: Annotated[Optional[str], typer.Option(
+    until: Annotated[str | None, typer.Option(
         metavar="TIME", help="Only events before this time.", show_default=False)] = None,
-    after: Annotated[Optional[str], typer.Option(
+    after: Annotated[str | None, typer.Option(
         metavar="SEQ", help="Only events after this sequence number (the 'seq' of --format "
              "jsonl): resumes an export or a --follow exactly where it stopped.",
         show_default=False)] = None,
@@ -41,7 +53,7 @@ def export(
         "--format", metavar="log|jsonl|csv", parser=choice(ExportFormat, "--format"),
         help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
              "object per line, with its sequence number; csv: with a header row.")] = ExportFormat.LOG,
-    output: Annotated[Optional[str], typer.Option(
+    output: Annotated[str | None, typer.Option(
         "--output", "-o", metavar="FILE", help="Write here instead of stdout; a name ending in "
              ".gz is gzip-compressed.", show_default=False)] = None,
 ) -> None:
@@ -62,16 +74,16 @@ def export(
             raise UsageError("--follow writes to stdout: redirect it instead of --output")
     except UsageError as exc:
         fail(str(exc))
-    writer = {"log": ops_export.write_log, "jsonl": ops_export.write_jsonl, "csv": ops_export.write_csv}[fmt]
+    writer: ops_export.Writer = {"log": ops_export.write_log, "jsonl": ops_export.write_jsonl, "csv": ops_export.write_csv}[fmt]
     if follow:
         _follow(db, writer, fmt, nat_v, after_v)
         return
     # The last rows handed to the writer, for an interrupted export to name
     # the last one that reached the file (a writer holds at most FETCH).
-    recent: collections.deque = collections.deque(maxlen=2 * opsdb.FETCH + 2)
+    recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=2 * opsdb.FETCH + 2)
     handed = [0]
 
-    def counted(rows):
+    def counted(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         # Ids travel with the rows so that an interrupted export can say
         # exactly where to resume; the writers other than jsonl drop them.
         n = 0
@@ -129,25 +141,31 @@ def export(
         typer.echo(f"{n} events written to {output}", err=True)
 
 
+@dataclass
+class _Stop:
+    signal: int | None = None  # the first signal received
+    writing: bool = False  # a batch is being written
+
+
 #: How often --follow asks the database for new events, in seconds: a read of
 #: the id index, so the server's commits never wait on it.
 FOLLOW_POLL_S = 0.25
 
 
-def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Optional[int]) -> None:
+def _follow(db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | None, after: int | None) -> None:
     """``export --follow``: the history, then every event committed after it,
     each written once in id order and flushed, until a signal."""
     import signal
 
-    stop = {"signal": None, "writing": False}
+    stop = _Stop()
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         # Between writing a batch and noting its last seq the signal waits,
         # so that the resume point printed is exactly what was delivered; a
         # second signal (a reader that stopped reading) ends it at once.
-        again = stop["signal"] is not None
-        stop["signal"] = signum
-        if again or not stop["writing"]:
+        again = stop.signal is not None
+        stop.signal = signum
+        if again or not stop.writing:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -162,7 +180,7 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
                 rows = list(ops_export.history_rows(conn, nat=nat, after=last, with_id=True,
                                                  limit=opsdb.FETCH))
                 if rows:
-                    stop["writing"] = True
+                    stop.writing = True
                     if fmt == "jsonl":
                         writer(rows, sys.stdout)
                     else:
@@ -175,13 +193,13 @@ def _follow(db: Optional[Path], writer, fmt: str, nat: Optional[int], after: Opt
                         sys.stdout.write(out)
                     sys.stdout.flush()
                     last = rows[-1][0]
-                    stop["writing"] = False
-                    if stop["signal"] is not None:
+                    stop.writing = False
+                    if stop.signal is not None:
                         raise KeyboardInterrupt
                 if len(rows) < opsdb.FETCH:
                     time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
         typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
-        raise typer.Exit(0 if stop["signal"] == signal.SIGTERM else 130)
+        raise typer.Exit(0 if stop.signal == signal.SIGTERM else 130) from None
 
 

@@ -36,7 +36,8 @@ def gateway(
     the client the server names. Linux,
     root. SIGTERM: exit 0; SIGUSR1: log the counters.
     """
-    from nat64ho.gateway import core, tun as tun_io
+    from nat64ho.gateway import core
+    from nat64ho.gateway import tun as tun_io
 
     try:
         net = ipaddress.IPv6Network(prefix, strict=True) if "/" in prefix else None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, BinaryIO
 
 import typer
 
@@ -12,6 +14,14 @@ from nat64ho.cli.options import EXIT_DB, DbOption, db_path, fail
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import importer
+
+
+@dataclass
+class _State:
+    done: int = 0  # octets of the files finished
+    stream: BinaryIO | None = None  # the file being read
+    lines: int = 0
+    added: int = 0
 
 
 #: SQLite page cache of an import, in KiB (the default is 2 MiB).
@@ -57,23 +67,23 @@ def import_(
 
     sizes = {name: os.path.getsize(name) for name in files if name != "-"}
     total = sum(sizes.values()) if "-" not in files else None
-    state = {"done": 0, "stream": None, "lines": 0, "added": 0}
+    state = _State()
 
-    def logs():
+    def logs() -> Iterator[tuple[str, BinaryIO]]:
         for name in files:
             stream = importer.open_log(name)
-            state["stream"] = stream
+            state.stream = stream
             try:
                 yield name, stream
             finally:
                 if name != "-":
                     stream.close()
-                state["done"] += sizes.get(name, 0)
+                state.done += sizes.get(name, 0)
 
     def progress(lines: int, added: int) -> None:
-        state["lines"], state["added"] = lines, added
-        at = importer.log_position(state["stream"]) if state["stream"] is not None else None
-        bar.update(None if total is None else state["done"] + (at or 0), lines)
+        state.lines, state.added = lines, added
+        at = importer.log_position(state.stream) if state.stream is not None else None
+        bar.update(None if total is None else state.done + (at or 0), lines)
 
     bar = Progress("import", "lines", total)
     try:
@@ -85,7 +95,7 @@ def import_(
                                          on_progress=progress, on_rebuild=bar.rebuilding)
     except KeyboardInterrupt:
         bar.close()
-        interrupted(f"{state['lines']} lines read and {state['added']} events added so far "
+        interrupted(f"{state.lines} lines read and {state.added} events added so far "
                      "(each batch is committed); run the same command again to finish: "
                      "events already imported are skipped")
     finally:

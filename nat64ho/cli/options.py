@@ -7,8 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -18,7 +19,11 @@ from nat64ho.eventlog import ts_from_datetime
 try:  # typer raises the exceptions of the click it carries
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # typer releases that depend on click instead
-    from click.exceptions import ClickException, NoArgsIsHelpError
+    # Only that fallback needs click, which these typer releases do not install.
+    from click.exceptions import (  # type: ignore[import-not-found, no-redef]
+        ClickException,
+        NoArgsIsHelpError,
+    )
 
 __all__ = ["ClickException", "NoArgsIsHelpError"]
 
@@ -69,11 +74,11 @@ class BenchMode(enum.StrEnum):
 
 
 def choice(kind: type[enum.StrEnum], option: str,
-           expected: Optional[str] = None) -> Callable[[str], enum.StrEnum]:
+           expected: str | None = None) -> Callable[[str], enum.StrEnum]:
     """A parser for an option whose values are the members of ``kind``."""
     expected = expected or "expected one of " + ", ".join(m.value for m in kind)
 
-    def parse(value):
+    def parse(value: str | enum.StrEnum) -> enum.StrEnum:
         if isinstance(value, kind):
             return value  # a default
         try:
@@ -151,14 +156,14 @@ def parse_time(text: str, what: str) -> int:
 
 
 DbOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--db", metavar="PATH", help="The SQLite database. Default: $NAT64HO_DB, else "
                               "~/.local/share/nat64ho/table.db ($XDG_DATA_HOME).",
                  show_default=False),
 ]
 
 
-def db_path(db: Optional[Path]) -> Path:
+def db_path(db: Path | None) -> Path:
     return db if db is not None else schema.default_db_path()
 
 
@@ -179,7 +184,7 @@ def parse_nat_port(text: str, what: str) -> tuple[int, int]:
                          "1-65535, e.g. 192.0.2.9:47102") from None
 
 
-def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, Optional[int]]:
+def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int | None]:
     """``[2001:db8::55]:34643``, ``2001:db8::55`` or ``2001:db8::/48``: a
     prefix (a /128 for one address) and the client port, if one was given."""
     port = None

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from nat64ho.cli.options import (UsageError, fail, parse_ipv4, parse_ipv6_target, parse_listen,
-                                 parse_port, parse_seconds)
+from nat64ho.cli.options import (
+    UsageError,
+    fail,
+    parse_ipv4,
+    parse_ipv6_target,
+    parse_listen,
+    parse_port,
+    parse_seconds,
+)
 
 
 def probe(
     server_addr: Annotated[str, typer.Argument(
         metavar="SERVER", help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
         show_default=False)],
-    map_: Annotated[Optional[list[str]], typer.Option(
+    map_: Annotated[list[str] | None, typer.Option(
         "--map", metavar="[IPV6]:PORT", help="Send a MAP for this client endpoint (repeat for "
              "more). Creates an entry, as a NAT64 would.", show_default=False)] = None,
-    lookup: Annotated[Optional[list[str]], typer.Option(
+    lookup: Annotated[list[str] | None, typer.Option(
         metavar="PORT", help="Send a LOOKUP for this NAT port (repeat for more).",
         show_default=False)] = None,
-    touch: Annotated[Optional[list[str]], typer.Option(
+    touch: Annotated[list[str] | None, typer.Option(
         metavar="PORT[,PORT...]", help="Send a TOUCH of these NAT ports (repeat for more "
              "TOUCHes); only ports without an entry are answered.", show_default=False)] = None,
     source: Annotated[str, typer.Option(
@@ -78,7 +85,7 @@ def probe(
     except OSError as exc:
         fail(f"{host}:{port} from {source}: {exc.strerror or exc}", 1)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if not ok:
         raise typer.Exit(1)
 

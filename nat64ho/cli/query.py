@@ -5,17 +5,30 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 
 from nat64ho.cli.database import Database
-from nat64ho.cli.options import (DbOption, FormatOption, TableFormat, UsageError, fail,
-                                 parse_ipv4, parse_ipv6_target, parse_nat_port, parse_port,
-                                 parse_ports, parse_seconds, parse_time)
+from nat64ho.cli.options import (
+    DbOption,
+    FormatOption,
+    TableFormat,
+    UsageError,
+    fail,
+    parse_ipv4,
+    parse_ipv6_target,
+    parse_nat_port,
+    parse_port,
+    parse_ports,
+    parse_seconds,
+    parse_time,
+)
 from nat64ho.cli.render import TS_W, emit, endpoint, ts_or
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str
 from nat64ho.ops import export as ops_export
@@ -24,12 +37,12 @@ from nat64ho.ops import queries
 
 def query(
     db: DbOption = None,
-    nat: Annotated[Optional[str], typer.Option(
+    nat: Annotated[str | None, typer.Option(
         metavar="IPV4", help="Only this NAT64's table. Default: every NAT64.", show_default=False)] = None,
-    ipv6: Annotated[Optional[str], typer.Option(
+    ipv6: Annotated[str | None, typer.Option(
         metavar="ADDR|PREFIX/LEN", help="Only entries of this client address or prefix.",
         show_default=False)] = None,
-    port: Annotated[Optional[str], typer.Option(
+    port: Annotated[str | None, typer.Option(
         metavar="N", help="Only this NAT port.", show_default=False)] = None,
     fmt: FormatOption = TableFormat.TABLE,
 ) -> None:
@@ -61,7 +74,7 @@ def query(
         emit(rows, fmt, cols)
 
 
-def _holding_dict(h: queries.Holding) -> dict:
+def _holding_dict(h: queries.Holding) -> dict[str, Any]:
     return {
         "nat": ipv4_str(h.nat), "port": h.port, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport,
         "endpoint": endpoint(h.addr, h.aport),
@@ -73,21 +86,21 @@ def _holding_dict(h: queries.Holding) -> dict:
 
 
 def who(
-    target: Annotated[Optional[str], typer.Argument(
+    target: Annotated[str | None, typer.Argument(
         metavar="NAT:PORT|CLIENT",
         help="A NAT port (192.0.2.9:47102): who held it. A client endpoint ([2001:db8::55]:34643), "
              "address (2001:db8::55) or prefix (2001:db8::/48): every NAT port it held. "
              "Not with --reports.",
         show_default=False)] = None,
-    at: Annotated[Optional[str], typer.Option(
+    at: Annotated[str | None, typer.Option(
         metavar="TIME", help="The instant asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
              "or RFC 3339 with any offset. Default: now for a NAT port; every time for a client.",
         show_default=False)] = None,
-    tolerance: Annotated[Optional[str], typer.Option(
+    tolerance: Annotated[str | None, typer.Option(
         metavar="SECONDS", help="For a NAT port: list every holder at some instant within "
              "this many seconds of --at, closest first, and say when that is more than one "
              "(the report's clock may be off).", show_default=False)] = None,
-    reports: Annotated[Optional[str], typer.Option(
+    reports: Annotated[str | None, typer.Option(
         metavar="FILE", help="Answer a CSV of abuse reports, one per row: nat,port,time"
              "[,tolerance] (a header row is optional; '-' reads stdin); --tolerance is the "
              "default for rows without one. One output row per report and holder.",
@@ -134,7 +147,8 @@ def who(
                 return
             _who_port(queries.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
         else:
-            holdings = map(_holding_dict, queries.who_endpoint(conn, net, aport, when))
+            holdings: Iterator[dict[str, Any]] = map(
+                _holding_dict, queries.who_endpoint(conn, net, aport, when))
             if fmt == "table":
                 first = next(holdings, None)
                 if first is None:
@@ -153,7 +167,7 @@ def who(
             emit(holdings, fmt, cols)
 
 
-def _utc(ts: Optional[int]) -> Optional[str]:
+def _utc(ts: int | None) -> str | None:
     """Times of abuse answers: in UTC and saying so (RFC 3339, space form)."""
     return None if ts is None else ts_str(ts) + "Z"
 
@@ -162,7 +176,8 @@ def _seconds(us: int) -> str:
     return f"{us / 1e6:g}"
 
 
-def _window_rows(report, nat_port, at: int, tol: int, found: list) -> Iterator[dict]:
+def _window_rows(report: int | None, nat_port: tuple[int, int], at: int, tol: int,
+                 found: list[queries.Holding]) -> Iterator[dict[str, Any]]:
     base = {"report": report, "nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": _utc(at),
             "tolerance_s": _seconds(tol), "holders": len(found), "ambiguous": len(found) > 1}
     if not found:
@@ -182,7 +197,8 @@ _WINDOW_KEYS = ("report", "nat", "port", "at", "tolerance_s", "holders", "ambigu
                 "ipv6_port", "from", "until", "current", "distance_s")
 
 
-def _who_window(found: list, nat_port, at: int, tol: int, fmt: str) -> None:
+def _who_window(found: list[queries.Holding], nat_port: tuple[int, int], at: int, tol: int,
+                fmt: str) -> None:
     rows = list(_window_rows(None, nat_port, at, tol, found))
     if fmt != "table":
         emit(rows, fmt, [(k, "", 0) for k in _WINDOW_KEYS if k != "report"])
@@ -197,7 +213,7 @@ def _who_window(found: list, nat_port, at: int, tol: int, fmt: str) -> None:
                           ("until_text", "UNTIL", TS_W + 1), ("distance_s", "AWAY (S)", 0)])
 
 
-def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> None:
+def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None:
     try:
         source = sys.stdin if name == "-" else open(name, newline="", encoding="utf-8",
                                                     errors="replace")
@@ -206,7 +222,7 @@ def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> N
     label = "stdin" if name == "-" else name
     bad = {"n": 0}
 
-    def answers(conn) -> Iterator[dict]:
+    def answers(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
         reader = csv.reader(source)
         while True:
             try:
@@ -256,7 +272,7 @@ def _who_reports(db: Optional[Path], name: str, default_tol: int, fmt: str) -> N
         raise typer.Exit(1)
 
 
-def _who_port(h: Optional[queries.Holding], nat_port: tuple[int, int], at: int, fmt: str) -> None:
+def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, fmt: str) -> None:
     subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]}"
     if fmt != "table":
         row = {"nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": ts_str(at),
@@ -287,7 +303,7 @@ def _who_port(h: Optional[queries.Holding], nat_port: tuple[int, int], at: int, 
 
 def stats(
     db: DbOption = None,
-    ports: Annotated[Optional[str], typer.Option(
+    ports: Annotated[str | None, typer.Option(
         metavar="FIRST-LAST", help="Port range for the capacity column. Default: the --ports "
              "the server last started with (1028-65535 if it never recorded one).",
         show_default=False)] = None,

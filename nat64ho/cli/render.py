@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Iterable, NoReturn, Optional
+from collections.abc import Iterable
+from typing import Any, NoReturn, TextIO, overload
 
 import typer
 
@@ -20,18 +21,25 @@ class Progress:
     what the operator counts (lines, events), shown with its rate.
     """
 
-    def __init__(self, what: str, noun: str, total: Optional[int], show: bool = True):
+    def __init__(self, what: str, noun: str, total: int | None, show: bool = True):
         self.noun = noun
         self.bar = None
         if not show or not sys.stderr.isatty():
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn,
-                                   TextColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            ProgressColumn,
+            Task,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
         from rich.text import Text
 
         class Rate(ProgressColumn):
-            def render(self, task):
+            def render(self, task: Task) -> Text:
                 elapsed = task.elapsed or 0
                 rate = task.fields["count"] / elapsed if elapsed > 0.2 else 0
                 return Text(f"{task.fields['count']:,} {noun}  {rate:,.0f} {noun}/s")
@@ -44,7 +52,7 @@ class Progress:
         self.task = self.bar.add_task(what, total=total or None, count=0)
         self.bar.start()
 
-    def update(self, done: Optional[int], count: int) -> None:
+    def update(self, done: int | None, count: int) -> None:
         if self.bar is not None:
             if done is None:
                 self.bar.update(self.task, count=count)
@@ -67,7 +75,11 @@ def interrupted(message: str) -> NoReturn:
     raise typer.Exit(130)
 
 
-def ts_or(value: Optional[int], missing: str) -> str:
+@overload
+def ts_or(value: int | None, missing: str) -> str: ...
+@overload
+def ts_or(value: int | None, missing: None) -> str | None: ...
+def ts_or(value: int | None, missing: str | None) -> str | None:
     return ts_str(value) if value is not None else missing
 
 
@@ -75,7 +87,7 @@ def endpoint(addr: bytes, aport: int) -> str:
     return f"[{ipv6_str(addr)}]:{aport}"
 
 
-def emit(rows: Iterable[dict], fmt: str, columns: list[tuple[str, str, int]]) -> None:
+def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str, int]]) -> None:
     """Print dicts as an aligned table (columns: key, header, width; the last
     one unpadded so that rows can stream), a JSON array, or CSV."""
     out = sys.stdout
@@ -118,11 +130,11 @@ TS_W = 26  # 2019-03-18 15:22:02.062254
 class LineCounter:
     """A text stream that counts the lines written through it."""
 
-    def __init__(self, out):
+    def __init__(self, out: TextIO) -> None:
         self.out = out
         self.lines = 0
 
     def write(self, text: str) -> int:
-        n = self.out.write(text)
+        n: int = self.out.write(text)
         self.lines += text.count("\n")
         return n

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from nat64ho import schema
-from nat64ho.cli.options import (SYNC_CHOICE, DbOption, Sync, UsageError, db_path, fail,
-                                 parse_listen, parse_ports, parse_prefix4)
+from nat64ho.cli.options import (
+    SYNC_CHOICE,
+    DbOption,
+    Sync,
+    UsageError,
+    db_path,
+    fail,
+    parse_listen,
+    parse_ports,
+    parse_prefix4,
+)
 
 
 def serve(
     db: DbOption = None,
     listen: Annotated[str, typer.Option(
         metavar="ADDR:PORT", envvar="NAT64HO_LISTEN", help="UDP address and port to listen on.")] = "0.0.0.0:6464",
-    log_file: Annotated[Optional[str], typer.Option(
+    log_file: Annotated[str | None, typer.Option(
         "--log-file", metavar="PATH", help="Event log (Created/Deleted/Initialized lines); '-' for stdout. "
                            "Default: nat64ho.log beside the database.", show_default=False)] = None,
     ports: Annotated[str, typer.Option(
         metavar="FIRST-LAST", help="NAT port range of each NAT64's table (announced in WELCOME).")] = "1028-65535",
-    allow: Annotated[Optional[list[str]], typer.Option(
+    allow: Annotated[list[str] | None, typer.Option(
         metavar="PREFIX", envvar="NAT64HO_ALLOW", help="IPv4 prefix allowed to say HELLO; repeat for more. Default: any.",
         show_default=False)] = None,
     min_idle: Annotated[float, typer.Option(
@@ -47,11 +56,11 @@ def serve(
         metavar="full|normal", parser=SYNC_CHOICE, help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.")] = Sync.FULL,
     cache_size: Annotated[int, typer.Option(
         metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1)] = 100_000,
-    metrics: Annotated[Optional[str], typer.Option(
+    metrics: Annotated[str | None, typer.Option(
         metavar="ADDR:PORT", envvar="NAT64HO_METRICS", help="Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics "
                                   "(e.g. 127.0.0.1:9464). Default: off.",
         show_default=False)] = None,
-    keep_history: Annotated[Optional[float], typer.Option(
+    keep_history: Annotated[float | None, typer.Option(
         metavar="DAYS", help="Delete history events older than this many days (current entries are never "
              "touched). Default: keep all.", min=0, show_default=False)] = None,
     max_nats: Annotated[int, typer.Option(
@@ -62,7 +71,7 @@ def serve(
     standby: Annotated[bool, typer.Option(
         "--standby", help="If another server owns the table, wait until it stops, then take "
              "over and serve (default: exit 1).")] = False,
-    ipfix: Annotated[Optional[list[str]], typer.Option(
+    ipfix: Annotated[list[str] | None, typer.Option(
         metavar="ADDR:PORT", help="Send each Created and Deleted event as an IPFIX record (NAT64 BIB "
                                   "create/delete) over UDP to this collector; repeat for more. "
                                   "Best effort: the history stays the record. Default: off.",
@@ -113,7 +122,7 @@ def serve(
     except schema.DatabaseError as exc:
         fail(str(exc), 1)
     except server.ListenError as exc:
-        fail(exc.strerror, 1)
+        fail(exc.strerror or str(exc), 1)
     except OSError as exc:
         fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
 

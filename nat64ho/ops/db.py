@@ -12,7 +12,8 @@ import fcntl
 import os
 import sqlite3
 import struct
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from nat64ho import schema
 
@@ -38,7 +39,8 @@ def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def stream(cur: sqlite3.Cursor, make=None, ok=None, conn=None) -> Iterator:
+def stream(cur: sqlite3.Cursor, make: Any = None, ok: Callable[[Any], bool] | None = None,
+           conn: sqlite3.Connection | None = None) -> Iterator[Any]:
     """Rows of ``cur`` in chunks; each must pass ``ok`` (see schema.entry_ok)."""
     while rows := cur.fetchmany(FETCH):
         if ok is not None:
@@ -51,15 +53,17 @@ def stream(cur: sqlite3.Cursor, make=None, ok=None, conn=None) -> Iterator:
             yield from map(make._make, rows)
 
 
-def db_path(conn) -> str:
+def db_path(conn: sqlite3.Connection | None) -> str:
     """The file of ``conn``, for messages."""
+    if conn is None:
+        return "database"
     try:
-        return conn.execute("PRAGMA database_list").fetchone()[2] or "database"
+        return str(conn.execute("PRAGMA database_list").fetchone()[2] or "database")
     except sqlite3.Error:
         return "database"
 
 
-def bad_row(conn, row, ok) -> Exception:
+def bad_row(conn: sqlite3.Connection | None, row: Any, ok: Callable[[Any], bool]) -> Exception:
     """The error naming a row that failed ``ok``."""
     if ok is schema.entry_ok:
         return schema.bad_entry(db_path(conn), row)
@@ -68,7 +72,7 @@ def bad_row(conn, row, ok) -> Exception:
     return schema.bad_event(db_path(conn), row, conn)
 
 
-def id_event_ok(row) -> bool:
+def id_event_ok(row: Any) -> bool:
     """schema.event_ok for a row that starts with its id."""
     return schema.event_ok(row[1:])
 
@@ -78,7 +82,7 @@ def id_event_ok(row) -> bool:
 _SHM_DMS = 128
 
 
-def database_in_use(path) -> bool:
+def database_in_use(path: str | os.PathLike[str]) -> bool:
     """Whether another process has the database open (a running server, or
     any other connection), from the locks SQLite holds on its -shm file.
     Call it before opening the database in this process: POSIX locks do not
@@ -90,6 +94,6 @@ def database_in_use(path) -> bool:
     try:
         query = struct.pack("hhqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0)
         answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        return struct.unpack("hhqqixxxx", answer)[0] != fcntl.F_UNLCK
+        return bool(struct.unpack("hhqqixxxx", answer)[0] != fcntl.F_UNLCK)
     finally:
         os.close(fd)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from typing import Iterable, Iterator, Optional, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from nat64ho import schema
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
 from nat64ho.ops.db import FETCH, id_event_ok, stream
 
 
-def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
-                 since: Optional[int] = None, until: Optional[int] = None,
-                 after: Optional[int] = None, with_id: bool = False,
-                 limit: Optional[int] = None) -> Iterator[tuple]:
+def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,
+                 since: int | None = None, until: int | None = None,
+                 after: int | None = None, with_id: bool = False,
+                 limit: int | None = None) -> Iterator[tuple[Any, ...]]:
     """History rows ``(ts, kind, nat, port, addr, aport)``, streamed; with
     ``with_id``, the event id (its sequence number) comes first.
 
@@ -60,7 +61,7 @@ def history_rows(conn: sqlite3.Connection, *, nat: Optional[int] = None,
 def last_event_id(conn: sqlite3.Connection) -> int:
     """The highest event id (0 for an empty history): a cheap upper bound
     for progress."""
-    return conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0]
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0])
 
 
 _KINDS = ("Initialized", "Created", "Deleted")
@@ -94,14 +95,24 @@ class LineFormatter:
             return socket.inet_ntop(socket.AF_INET6, addr)
         return ipv6_str(addr)
 
-    def line(self, row: tuple) -> str:
+    def line(self, row: tuple[Any, ...]) -> str:
         ts, kind, nat, port, addr, aport = row
         if kind == 0:
             return f"{self.ts(ts)} Initialized {self.nat(nat)}"
         return f"{self.ts(ts)} {_KINDS[kind]} {self.nat(nat)}:{port} [{self.ipv6(addr)}]:{aport}"
 
 
-def write_log(rows: Iterable[tuple], out: TextIO) -> int:
+class TextSink(Protocol):
+    """Where a writer puts its text: a text file, or anything else with ``write``."""
+
+    def write(self, text: str, /) -> int: ...
+
+
+#: A writer: rows in, the count of events written out.
+Writer = Callable[[Iterable[tuple[Any, ...]], TextSink], int]
+
+
+def write_log(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """Write rows as §6 log lines; returns how many."""
     fmt = LineFormatter().line
     n = 0
@@ -118,7 +129,7 @@ def write_log(rows: Iterable[tuple], out: TextIO) -> int:
     return n
 
 
-def write_jsonl(rows: Iterable[tuple], out: TextIO) -> int:
+def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """One JSON object per line with fixed keys: seq, ts, event, nat, port, ipv6,
     ipv6_port (the last three null for Initialized). ``rows`` carry their id
     first (``history_rows(with_id=True)``): it is ``seq``, for ``--after``."""
@@ -140,7 +151,7 @@ def write_jsonl(rows: Iterable[tuple], out: TextIO) -> int:
 CSV_HEADER = "ts,event,nat,port,ipv6,ipv6_port"
 
 
-def write_csv(rows: Iterable[tuple], out: TextIO) -> int:
+def write_csv(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """CSV with a header row; the columns of :func:`write_jsonl`, empty for Initialized."""
     f = LineFormatter()
     out.write(CSV_HEADER + "\n")

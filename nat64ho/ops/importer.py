@@ -7,7 +7,8 @@ import gzip
 import socket
 import sqlite3
 import sys
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from nat64ho.eventlog import BadLine, EventKind, parse_line
 from nat64ho.ops.db import HistoryError, atomic
@@ -41,13 +42,14 @@ def open_log(name: str) -> BinaryIO:
         if name == "-":
             return sys.stdin.buffer
         if name.endswith(".gz"):
-            return gzip.open(name, "rb")
+            # A GzipFile reads like any binary file; typeshed does not call it BinaryIO.
+            return cast(BinaryIO, gzip.open(name, "rb"))
         return open(name, "rb")
     except OSError as exc:
         raise LogUnreadable(f"{name}: {exc.strerror or exc}") from None
 
 
-def log_position(stream: BinaryIO) -> Optional[int]:
+def log_position(stream: BinaryIO) -> int | None:
     """Octets of the file on disk consumed so far (the compressed ones for
     gzip), for progress against its size; None for a pipe."""
     try:
@@ -94,14 +96,14 @@ class _FastParser:
         self._days: dict[str, int] = {}
         self._nats: dict[str, int] = {}
 
-    def __call__(self, line: str) -> tuple:
+    def __call__(self, line: str) -> tuple[Any, ...]:
         try:
             return self._fast(line)
         except (ValueError, KeyError, IndexError, OSError):
             e = parse_line(line)
             return (e.ts, int(e.kind), e.nat, e.port, e.addr, e.aport)
 
-    def _fast(self, line: str) -> tuple:
+    def _fast(self, line: str) -> tuple[Any, ...]:
         if line.endswith("\n"):
             line = line[:-2] if line.endswith("\r\n") else line[:-1]
         if (len(line) < 40 or line[10] != " " or line[13] != ":" or line[16] != ":"
@@ -165,8 +167,8 @@ _DIGIT_DOT = frozenset("0123456789.")
 def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
                 on_bad: Callable[[str, int, str], None], *,
                 rebuild_table: bool = False,
-                on_progress: Optional[Callable[[int, int], None]] = None,
-                on_rebuild: Optional[Callable[[], None]] = None) -> ImportResult:
+                on_progress: Callable[[int, int], None] | None = None,
+                on_rebuild: Callable[[], None] | None = None) -> ImportResult:
     """Add the events of each ``(name, stream from open_log)`` to the history.
 
     Events already there are left alone (the unique event index), so an
@@ -183,7 +185,7 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
     """
     parse = _FastParser()
     lines = skipped = added = 0
-    batch: list[tuple] = []
+    batch: list[tuple[Any, ...]] = []
     if rebuild_table:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS replay "
                      "(nat INTEGER, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID")

@@ -4,7 +4,7 @@ same statement in the same batches (nat64ho.sql)."""
 from __future__ import annotations
 
 import sqlite3
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from nat64ho.ops.db import atomic
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
@@ -12,11 +12,11 @@ from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 
 def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
     """How many events :func:`prune` would delete (a walk of the ts index)."""
-    return conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0]
+    return int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
 
 
 def prune(conn: sqlite3.Connection, before_us: int,
-          on_batch: Optional[Callable[[int], None]] = None) -> int:
+          on_batch: Callable[[int], None] | None = None) -> int:
     """Delete history events older than ``before_us``; returns how many.
 
     Current entries are never touched. Works in transactions of

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from nat64ho import schema
 from nat64ho.eventlog import Event, EventKind, ipv4_str
@@ -43,11 +44,11 @@ class Holding(NamedTuple):
     port: int
     addr: bytes
     aport: int
-    start: Optional[int]  #: None: began before the history we have
-    end: Optional[int]  #: None: still held (``current``) or not recorded
+    start: int | None  #: None: began before the history we have
+    end: int | None  #: None: still held (``current``) or not recorded
     current: bool  #: the entry is in the table now
-    created: Optional[Event]  #: the Created that began it, if recorded
-    deleted: Optional[Event]  #: the Deleted that ended it, if recorded
+    created: Event | None  #: the Created that began it, if recorded
+    deleted: Event | None  #: the Deleted that ended it, if recorded
 
     def covers(self, at: int) -> bool:
         """Whether the holding includes the instant ``at``; an end that was
@@ -61,9 +62,9 @@ class NatStats:
     nat: int
     entries: int
     capacity: int
-    oldest_last_use: Optional[int]
-    first_hello: Optional[int]
-    last_hello: Optional[int]
+    oldest_last_use: int | None
+    first_hello: int | None
+    last_hello: int | None
     created_hour: int
     deleted_hour: int
     created_day: int
@@ -95,9 +96,9 @@ def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
     return network.network_address.packed, network.broadcast_address.packed
 
 
-def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
-                  ipv6: Optional[ipaddress.IPv6Network] = None,
-                  port: Optional[int] = None) -> Iterator[Entry]:
+def query_entries(conn: sqlite3.Connection, *, nat: int | None = None,
+                  ipv6: ipaddress.IPv6Network | None = None,
+                  port: int | None = None) -> Iterator[Entry]:
     """Current entries, by NAT64 then port, optionally only one NAT64, one
     port, or clients in one IPv6 prefix (a /128 for one address)."""
     cols = "nat, port, addr, aport, created, last_use"
@@ -118,7 +119,7 @@ def query_entries(conn: sqlite3.Connection, *, nat: Optional[int] = None,
         yield from stream(cur, Entry, schema.entry_ok, conn)
 
 
-def _entry_row(conn, row):
+def _entry_row(conn: sqlite3.Connection, row: Any) -> Any:
     """A (addr, aport, created) read of one entry, checked."""
     if row is not None and not (type(row[0]) is bytes and len(row[0]) == 16
                                 and type(row[1]) is int and type(row[2]) is int):
@@ -130,9 +131,15 @@ def _entry_row(conn, row):
 
 # ---------------------------------------------------------------- who
 
-def _make_event(row, nat: int, port: int) -> Event:
+def _make_event(row: Any, nat: int, port: int) -> Event:
     ts, kind, addr, aport = row
     return Event(ts, EventKind(kind), nat, port, addr, aport)
+
+
+def _endpoint(e: Event) -> tuple[bytes, int]:
+    # Rows passed event_ok, which gives every Created and Deleted its endpoint.
+    assert e.addr is not None and e.aport is not None
+    return e.addr, e.aport
 
 
 def _order(e: Event) -> tuple[int, int]:
@@ -140,12 +147,12 @@ def _order(e: Event) -> tuple[int, int]:
     return e.ts, 1 if e.kind == EventKind.CREATED else 0
 
 
-def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional[Holding]:
+def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding | None:
     """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
     database knows, nobody did."""
     key = (nat, port)
 
-    def _event(r, nat, port):
+    def _event(r: Any, nat: int, port: int) -> Event:
         full = (r[0], r[1], nat, port, r[2], r[3])
         if not schema.event_ok(full):
             raise bad_row(conn, full, schema.event_ok)
@@ -164,7 +171,7 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     row = _entry_row(conn, conn.execute(
         "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key).fetchone())
     if prev is not None and prev.kind == EventKind.CREATED:
-        holder = (prev.addr, prev.aport)
+        holder = _endpoint(prev)
         if row is not None and (row[0], row[1]) != holder and prev.ts < row[2] <= at:
             # The table holds a later tenant whose Created (and the Deleted
             # of this one) the history lacks: the table is the truth.
@@ -177,7 +184,7 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Optional
     if nxt is not None and nxt.kind == EventKind.DELETED:
         # No Created between the last event before `at` and this Deleted:
         # the holder it names was already holding at `at`.
-        return Holding(nat, port, nxt.addr, nxt.aport, None, nxt.ts, False, None, nxt)
+        return Holding(nat, port, *_endpoint(nxt), None, nxt.ts, False, None, nxt)
     if row is not None and nxt is None and row[2] <= at:
         # A current entry whose Created is not in the history (pruned, or
         # the table came from elsewhere). Its created time is the server's
@@ -202,7 +209,7 @@ def who_port_window(conn: sqlite3.Connection, nat: int, port: int, at: int,
     instants = [lo, hi, at] + [r[0] for r in conn.execute(
         "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
         "ORDER BY ts LIMIT ?", (nat, port, _CREATED, lo, hi, WINDOW_EVENTS))]
-    found: dict[tuple, Holding] = {}
+    found: dict[tuple[bytes, int, int | None, int | None], Holding] = {}
     for t in instants:
         h = who_port(conn, nat, port, t)
         if h is not None:
@@ -220,7 +227,7 @@ def distance(h: Holding, at: int) -> int:
 
 
 def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
-                 aport: Optional[int] = None, at: Optional[int] = None) -> Iterator[Holding]:
+                 aport: int | None = None, at: int | None = None) -> Iterator[Holding]:
     """Every NAT port held by clients in ``network`` (and on ``aport`` if
     given), endpoint by endpoint in time order; with ``at``, only the
     holdings that include that instant. Holdings known only from the current
@@ -228,6 +235,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
     lo, hi = prefix_range(network)
     # One address is an equality, so that an aport condition stays on the
     # index too and the rows need no sort.
+    args: list[bytes | int]
     where, args = ("addr = ?", [lo]) if lo == hi else ("addr BETWEEN ? AND ?", [lo, hi])
     if aport is not None:
         where += " AND aport = ?"
@@ -235,7 +243,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
     cur = conn.execute(f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
                        "ORDER BY addr, aport, ts", args)
     seen_current: set[tuple[int, int]] = set()
-    group: Optional[tuple[bytes, int]] = None
+    group: tuple[bytes, int] | None = None
     open_: dict[tuple[int, int], Event] = {}
     done: list[Holding] = []
 
@@ -246,7 +254,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
             current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
             if current:
                 seen_current.add((n, p))
-            done.append(Holding(n, p, created.addr, created.aport, created.ts, None, current,
+            done.append(Holding(n, p, *_endpoint(created), created.ts, None, current,
                                 created, None))
         open_.clear()
         done.sort(key=lambda h: (h.start if h.start is not None else h.end, h.nat, h.port))
@@ -271,11 +279,11 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
                                 created, e))
     yield from flush()
 
-    extra, args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
+    extra, extra_args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
     for n in nat_addresses(conn, history=False):
         for p, addr, ap, created in conn.execute(
                 f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
-                f"{extra} ORDER BY addr, aport", (n, lo, hi, *args)).fetchall():
+                f"{extra} ORDER BY addr, aport", (n, lo, hi, *extra_args)).fetchall():
             if (n, p) in seen_current:
                 continue
             _entry_row(conn, (addr, ap, created))
