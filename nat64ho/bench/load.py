@@ -352,8 +352,7 @@ def loop_name() -> str:
         import uvloop
     except ImportError:
         return "asyncio"
-    # uvloop's __all__ leaves __version__ out, though the module has it.
-    return f"uvloop {uvloop.__version__}"  # type: ignore[attr-defined]
+    return f"uvloop {uvloop.__version__}"
 
 
 def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
