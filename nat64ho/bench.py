@@ -2,7 +2,7 @@
 the ceilings of the same machine, measured in the same run.
 
 Owns the load generator (client processes built on :mod:`nat64ho.peer` and
-:mod:`nat64ho.wire`), the server it may start, the two ceilings (a bare UDP
+:mod:`nat64ho.core.wire`), the server it may start, the two ceilings (a bare UDP
 echo server on the same event loop, raw SQLite inserts of the same rows) and
 the report. Each in-flight request has its own UDP socket, so a reply needs
 no request id to be matched: whatever arrives on a slot's socket answers that
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nat64ho import schema, wire
+from nat64ho import schema
+from nat64ho.core import wire
 from nat64ho.eventlog import EventKind
 from nat64ho.peer import ANSWERS, Client, Peer
 

@@ -23,8 +23,8 @@ import enum
 import struct
 from typing import Iterable, NamedTuple
 
-from nat64ho.eventlog import Event, EventKind
-from nat64ho.wire import MAX_DATAGRAM
+from nat64ho.core.records import Event, EventKind
+from nat64ho.core.wire import MAX_DATAGRAM
 
 #: IPFIX version number in the message header.
 VERSION = 10

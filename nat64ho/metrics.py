@@ -79,7 +79,7 @@ class ServerCollector(Collector):
                                       labels=["nat64"])
         capacity = GaugeMetricFamily("nat64ho_table_capacity", "Ports in a NAT64's table.",
                                      labels=["nat64"])
-        for nat, state in sorted(s.nats.items()):
+        for nat, state in sorted(s.tables.nats.items()):
             if state.table.loaded:
                 occupancy.add_metric([ipv4_str(nat)], state.table.total)
                 capacity.add_metric([ipv4_str(nat)], state.table.capacity)
@@ -88,7 +88,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (confirmed at some time).",
                                 value=len(s.sessions.boots))
         yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
-                                value=s.cached)
+                                value=s.tables.cached)
         yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
                                 value=s.store.backlog)
         yield GaugeMetricFamily("nat64ho_log_lines_waiting",

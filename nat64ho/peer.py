@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from nat64ho import wire
+from nat64ho.core import wire
 
 #: Messages that answer a request (a DELETED only accompanies a MAPPING).
 ANSWERS = (wire.Welcome, wire.Mapping, wire.Unmapped, wire.Error)

@@ -10,7 +10,6 @@ wait for their commit. Nothing a peer sends raises out of
 from __future__ import annotations
 
 import asyncio
-import heapq
 import ipaddress
 import logging
 import os
@@ -20,18 +19,19 @@ import socket
 import sqlite3
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from nat64ho import wire
-from nat64ho.eventlog import Event, EventClock, EventKind, format_event
+from nat64ho.core import wire
+from nat64ho.core.records import Event, EventClock, EventKind
+from nat64ho.eventlog import format_event
 from nat64ho.ipfix_udp import Exporter
 from nat64ho.schema import BadRow, DatabaseError, NotOurDatabase
-from nat64ho.session import DEFAULT_COOKIE_LIFETIME, Bucket, Confirmation, Refused, Sessions, Share
+from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME, Confirmation, Refused, Sessions
 from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
-from nat64ho.table import NatTable
+from nat64ho.core.tables import NatState, Tables
 
 log = logging.getLogger("nat64ho")
 
@@ -58,8 +58,6 @@ MAX_NAT_BACKLOG = 20_000
 #: are decided in arrival order). More keeps the reader thread busy while
 #: the event loop decides; the reads themselves run one at a time.
 READERS = 4
-#: Pages of LRU candidates read for one datagram before giving up.
-MAX_VICTIM_PAGES = 64
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
 #: How often a standby server tries to take the table.
@@ -261,24 +259,6 @@ def _event_key(e) -> tuple:
     return (e[0], int(e[1]), e[2], e[3])
 
 
-class NatState:
-    """What the server holds of one confirmed NAT64: its table (a cache of
-    the database), its create rate, its share (§7) and its datagrams
-    waiting for reads, decided in arrival order."""
-
-    __slots__ = ("nat", "table", "create", "share", "queue", "busy", "loading")
-
-    def __init__(self, nat: int, table: NatTable, create: Bucket, share: Share):
-        self.nat = nat
-        self.table = table
-        self.create = create
-        self.share = share
-        #: Datagrams waiting for reads: (body, address, confirmation).
-        self.queue: deque[tuple[list, tuple, Confirmation | None]] = deque()
-        self.busy = False  #: one of its datagrams is being read for
-        self.loading: asyncio.Task | None = None
-
-
 class Server(asyncio.DatagramProtocol):
     def __init__(self, config: Config, store: Store, logfile: LogFile):
         self.config = config
@@ -293,18 +273,15 @@ class Server(asyncio.DatagramProtocol):
             cookie_lifetime=config.cookie_lifetime,
             known={nat: r.boot_id for nat, r in store.nats.items()})
         self.transport: asyncio.DatagramTransport | None = None
-        self.nats: dict[int, NatState] = {}
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
-        self.rng = random.Random(os.urandom(32))
-        self.min_idle_us = int(config.min_idle * 1_000_000)
-        self.cached = 0  # entries held in memory, all NAT64s together
-        #: NAT64s with datagrams waiting for reads, served in turn: one
-        #: datagram of one NAT64, then the next NAT64 (§7: no NAT64's
-        #: misses delay another's more than a turn).
-        self.ready: deque[NatState] = deque()
-        self.queued = 0  #: datagrams waiting for reads, all NAT64s
+        self.tables = Tables(
+            config.first_port, config.last_port, min_idle_us=int(config.min_idle * 1_000_000),
+            create_rate=config.create_rate, request_rate=config.request_rate,
+            cache_size=config.cache_size, rng=random.Random(os.urandom(32)))
+        #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
+        self._loading: dict[int, asyncio.Task] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
@@ -392,7 +369,7 @@ class Server(asyncio.DatagramProtocol):
             self._refused(opened, addr)
             return
         confirmation = opened.confirmation
-        state = self.nats.get(nat) or self._new_state(nat)
+        state = self.tables.state(nat, self.clock.now())
         if not body:
             if confirmation is not None:
                 self._record_boot(confirmation)
@@ -405,24 +382,19 @@ class Server(asyncio.DatagramProtocol):
         if share.waiting >= MAX_NAT_WAITING:
             self._limited(state, body, "nat_waiting", addr, confirmation)
             return
-        table = state.table
-        if not state.queue and table.loaded and table.needs(body) is None:
+        tables = self.tables
+        if tables.hit(state, body):
             self.counts["cache_hit"] += 1
             self._decide(state, body, addr, confirmation)
         elif share.queued >= MAX_NAT_QUEUE:
             self._limited(state, body, "nat_reads", addr, confirmation)
-        elif self.queued + self.waiting >= MAX_INFLIGHT:
+        elif tables.queued + self.waiting >= MAX_INFLIGHT:
             if confirmation is not None:
                 self._record_boot(confirmation)
             self._drop("overloaded")
         else:
             self.counts["cache_miss"] += 1
-            state.queue.append((body, addr, confirmation))
-            share.queued += 1
-            self.queued += 1
-            if not state.busy:
-                state.busy = True
-                self.ready.append(state)
+            tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
 
     def _limited(self, state: NatState, body: list, reason: str, addr,
@@ -437,17 +409,6 @@ class Server(asyncio.DatagramProtocol):
             units = [[_RATE_LIMITED[type(m)]] for m in body if type(m) in _RATE_LIMITED]
             if units:
                 self._send(units, addr)
-
-    def _new_state(self, nat: int) -> NatState:
-        """State for a confirmed NAT64 first heard from since the start."""
-        config = self.config
-        now = self.clock.now()
-        table = NatTable(nat, config.first_port, config.last_port, min_idle=self.min_idle_us,
-                         rng=random.Random(self.rng.getrandbits(128)))
-        state = NatState(nat, table, Bucket(config.create_rate, now),
-                         Share(config.request_rate, now))
-        self.nats[nat] = state
-        return state
 
     def _record_boot(self, c: Confirmation) -> None:
         """A confirmed boot joins the next commit: recorded, and logged as
@@ -464,10 +425,10 @@ class Server(asyncio.DatagramProtocol):
         share = state.share
         if confirmation is not None:
             self._record_boot(confirmation)
-        out = state.table.apply(body, self.clock.now(), partial(self.events.stamp, wall_us()),
-                                store.pending_seq, state.create,
-                                create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
-                                share_ok=share.backlog < MAX_NAT_BACKLOG)
+        out = self.tables.decide(state, body, self.clock.now(),
+                                 partial(self.events.stamp, wall_us()), store.pending_seq,
+                                 create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
+                                 share_ok=share.backlog < MAX_NAT_BACKLOG)
         if out.created or out.touched or out.events:
             share.backlog += store.add(state.nat, out.created, out.touched, out.events)
         counts = self.counts
@@ -479,7 +440,7 @@ class Server(asyncio.DatagramProtocol):
             # A commit that is stuck (disk full, lock held) meets
             # retransmissions: beyond MAX_INFLIGHT the answer is dropped, and
             # the retransmission after the commit gets the same one.
-            if self.queued + self.waiting >= MAX_INFLIGHT:
+            if self.tables.queued + self.waiting >= MAX_INFLIGHT:
                 self._drop("overloaded")
                 return
             store.answer_after(out.wait_seq, state.nat, out.units, addr)
@@ -491,9 +452,8 @@ class Server(asyncio.DatagramProtocol):
     # ------------------------------------------------------------ reads
     def _read_next(self) -> None:
         """Start reads for the NAT64s next in turn, up to READERS at once."""
-        while self.ready and len(self.tasks) < READERS:
-            state = self.ready.popleft()
-            task = asyncio.ensure_future(self._read_one(state))
+        while len(self.tasks) < READERS and (turn := self.tables.next_ready()) is not None:
+            task = asyncio.ensure_future(self._read_one(*turn))
             self.tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -520,67 +480,49 @@ class Server(asyncio.DatagramProtocol):
         self._drop("internal_error")
         self._bug("datagram read failed", exc)
 
-    async def _read_one(self, state: NatState) -> None:
-        """Decide the oldest waiting datagram of ``state``, after reading what
-        memory lacks; then give the NAT64 back its turn."""
-        body, addr, confirmation = state.queue.popleft()
-        state.share.queued -= 1
-        self.queued -= 1
+    async def _read_one(self, state: NatState, item: tuple) -> None:
+        """Decide a waiting datagram of ``state``, after reading what memory
+        lacks; then give the NAT64 back its turn."""
+        body, addr, confirmation = item
         try:
             await self._read_for(state, body)
             self._decide(state, body, addr, confirmation)
         finally:
-            if state.queue:
-                self.ready.append(state)
-            else:
-                state.busy = False
-        table = state.table
-        if table.readers == 0 and self.cached > self.config.cache_size:
+            self.tables.turn_done(state)
+        if state.table.readers == 0 and self.tables.excess > 0:
             # Trimming skips NAT64s with reads in flight; under steady misses
             # that can be most of them at every commit, and the cache grew
             # without bound (150k entries of 100k after 100 s of churn).
             # Only after _decide: the rows just read are then in use, and
             # forgetting one before would make its endpoint look new.
-            self._trim(self.cached - self.config.cache_size)
+            self._trim()
 
     async def _read_for(self, state: NatState, body: list) -> None:
         """Read from the database what memory lacks to decide ``body``."""
-        table = state.table
-        if not table.loaded:
+        if not state.table.loaded:
             await self._load(state)
         store = self.store
-        absent: set = set()
-        after = None
-        pages = 0
-        table.readers += 1
+        nat = state.nat
+        reading = self.tables.reading(state, body)
         try:
-            while (needs := table.needs(body, absent)) is not None:
+            while (needs := reading.next()) is not None:
                 rows = []
                 if needs.endpoints:
-                    found = await store.read_endpoints(state.nat, needs.endpoints)
-                    rows += found
-                    absent.update(set(needs.endpoints) - {(r.addr, r.aport) for r in found})
+                    rows += await store.read_endpoints(nat, needs.endpoints)
                 if needs.ports:
-                    rows += await store.read_ports(state.nat, needs.ports)
+                    rows += await store.read_ports(nat, needs.ports)
                 candidates = []
                 if needs.victims:
-                    if after is None and table.candidates:
-                        last = table.candidates[next(reversed(table.candidates))]
-                        after = (last.last_use, last.port)
-                    candidates = await store.read_oldest(state.nat, needs.victims, after)
-                    pages += 1
-                    if candidates:
-                        after = (candidates[-1].last_use, candidates[-1].port)
-                table.feed(rows, candidates)
-                if needs.victims and (not candidates or pages >= MAX_VICTIM_PAGES):
-                    break  # the database has no more: apply() answers TABLE_FULL
+                    candidates = await store.read_oldest(nat, needs.victims, reading.after)
+                reading.fill(rows, candidates)
         finally:
-            table.readers -= 1
+            reading.close()
 
     async def _load(self, state: NatState) -> None:
-        if state.loading is None:
-            state.loading = asyncio.ensure_future(self._load_table(state))
-        await asyncio.shield(state.loading)
+        task = self._loading.get(state.nat)
+        if task is None:
+            task = self._loading[state.nat] = asyncio.ensure_future(self._load_table(state))
+        await asyncio.shield(task)
 
     async def _load_table(self, state: NatState) -> None:
         ports, total = await self.store.load_table(state.nat)
@@ -606,47 +548,17 @@ class Server(asyncio.DatagramProtocol):
                 self.ipfix.export(batch.events)
             for kind, n in Counter(e.kind for e in batch.events).items():
                 self.counts[_EVENT_COUNTS[kind]] += n
-        nats = self.nats
-        for nat, rows in batch.rows_by_nat.items():
-            state = nats.get(nat)
-            if state is not None:
-                state.share.backlog -= rows
+        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in batch.answers])
         if batch.answers:
             send = self._send
-            for nat, units, addr in batch.answers:
-                state = nats.get(nat)
-                if state is not None:
-                    state.share.waiting -= 1
+            for _, units, addr in batch.answers:
                 send(units, addr)
             self.waiting -= len(batch.answers)
-        self.cached = sum(len(s.table.by_port) for s in nats.values())
-        if self.cached > self.config.cache_size:
-            self._trim(self.cached - self.config.cache_size)
+        if self.tables.excess > 0:
+            self._trim()
 
-    def _trim(self, excess: int) -> None:
-        """Forget the least recently used entries of all NAT64s until the
-        cache fits; entries not yet durable (or whose recency is unsaved) stay."""
-        committed = self.store.committed_seq
-        heap = []
-        for s in self.nats.values():
-            t = s.table
-            if t.by_port and t.readers == 0:
-                heap.append((t.by_port[next(iter(t.by_port))].last_use, s.nat))
-        heapq.heapify(heap)
-        unsaved = False
-        while excess > 0 and heap:
-            _, nat = heapq.heappop(heap)
-            t = self.nats[nat].table
-            e = t.by_port[next(iter(t.by_port))]
-            if e.seq > committed or e.dirty:
-                unsaved = True
-                continue
-            t.forget(e)
-            excess -= 1
-            self.cached -= 1
-            if t.by_port:
-                heapq.heappush(heap, (t.by_port[next(iter(t.by_port))].last_use, nat))
-        if unsaved:
+    def _trim(self) -> None:
+        if self.tables.trim(self.store.committed_seq):
             self.store.flush_recency_soon()
 
     # ------------------------------------------------------------ reports

@@ -19,8 +19,8 @@ from typing import Callable, Iterable, NamedTuple
 import aiosqlite
 
 from nat64ho import schema
-from nat64ho.eventlog import Event
-from nat64ho.table import Entry, Row
+from nat64ho.core.records import Event, Row
+from nat64ho.core.table import Entry
 
 log = logging.getLogger("nat64ho.store")
 

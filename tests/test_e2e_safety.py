@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.conftest import ServerProcess, connect, run, v6, wait_for
 
 NAT64HO = [sys.executable, "-m", "nat64ho"]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import schema, wire
+from nat64ho import schema
+from nat64ho.core import wire
 from tests.conftest import ServerProcess, connect, run, v6, wait_for
 
 

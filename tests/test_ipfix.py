@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from nat64ho import cli, ipfix, wire
+from nat64ho import cli, ipfix
+from nat64ho.core import wire
 from nat64ho.eventlog import Event, EventKind, parse_line
 from nat64ho.ipfix_udp import Exporter
 from tests.conftest import connect, run, v6, wait_for

@@ -9,7 +9,7 @@ import ipaddress
 import pytest
 from freezegun import freeze_time
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.eventlog import Event, EventKind, format_event, parse_line
 from nat64ho.peer import Peer
 from nat64ho.server import Config, LogFile, Server
@@ -228,7 +228,7 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
 
 def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
     from nat64ho.store import DatabaseDamaged
-    from nat64ho.table import Entry
+    from nat64ho.core.table import Entry
 
     async def go():
         srv, rec = await start(tmp_path)

@@ -20,7 +20,7 @@ import ipaddress
 import os
 from typing import Callable
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.gateway import translate as t
 from nat64ho.peer import Peer
 

@@ -27,9 +27,9 @@ import re
 from collections import OrderedDict
 from typing import Callable, Iterable, NamedTuple
 
-from nat64ho import wire
-from nat64ho.eventlog import Event, EventKind
-from nat64ho.session import Bucket
+from nat64ho.core import wire
+from nat64ho.core.records import Event, EventKind, Row
+from nat64ho.core.session import Bucket
 
 #: Random probes for a free port before counting through the free ones.
 #: Probing is uniform and cheap while the table has room; with this many
@@ -63,16 +63,6 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"Entry({self.port}, {self.addr.hex()}, {self.aport}, last_use={self.last_use})"
-
-
-class Row(NamedTuple):
-    """An entry as read from the database."""
-
-    port: int
-    addr: bytes
-    aport: int
-    created: int
-    last_use: int
 
 
 class Needs(NamedTuple):
