@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.bench import Child
 from nat64ho.peer import Client, Peer
 
