@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.core import wire
 from nat64ho.eventlog import EventKind
 from nat64ho.peer import ANSWERS, Client, Peer
@@ -614,7 +614,7 @@ def sqlite_ceiling(directory: Path, sync: str, nats: int,
     """Entries/s of raw inserts of what a new entry costs the store (its row
     and its Created event, same schema, same statements, same synchronous
     mode), one transaction per batch; returns the best rate and its batch."""
-    from nat64ho.store import _INSERT_EVENT, _UPSERT_ENTRY, PAGE_CACHE_KIB
+    from nat64ho.storage.sqlite import _INSERT_EVENT, _UPSERT_ENTRY, PAGE_CACHE_KIB
 
     path = directory / "ceiling.db"
     conn = schema.open_db(path, create=True)

@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperGroup
 
-from nat64ho import schema
+from nat64ho.storage import schema
 
 try:  # typer raises the exceptions of the click it carries
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -402,7 +402,7 @@ class _Database:
             except schema.DatabaseError as exc:
                 fail(str(exc), EXIT_DB)
         if self.own is not None:
-            from nat64ho import owner
+            from nat64ho.storage import owner
             try:
                 self.ownership = owner.acquire(self.path, what=self.own)
             except owner.TableOwned as exc:

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, TextIO
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.eventlog import BadLine, Event, EventKind, ipv4_str, ipv6_str, parse_line, ts_str
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)

@@ -139,7 +139,6 @@ class Metrics:
             "nat64ho_commit_seconds", "Time from BEGIN to COMMIT of one batch, fsync included.",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
             registry=self.registry)
-        server.store.commit_observer = self.observe_commit
         self._server: asyncio.AbstractServer | None = None
 
     def observe_commit(self, rows: int, seconds: float) -> None:

@@ -28,9 +28,10 @@ from nat64ho.core import wire
 from nat64ho.core.records import Event, EventClock, EventKind
 from nat64ho.eventlog import format_event
 from nat64ho.ipfix_udp import Exporter
-from nat64ho.schema import BadRow, DatabaseError, NotOurDatabase
+from nat64ho.storage.schema import BadRow, DatabaseError, NotOurDatabase
 from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME, Confirmation, Refused, Sessions
-from nat64ho.store import Batch, DatabaseDamaged, Store, is_damage
+from nat64ho.storage.base import Committed, Storage
+from nat64ho.storage.sqlite import DatabaseDamaged, Store, is_damage
 from nat64ho.core.tables import NatState, Tables
 
 log = logging.getLogger("nat64ho")
@@ -141,7 +142,7 @@ class LogFile:
         self._good = 0  # size of the file after the last whole write
         #: Lines committed to the database but not yet in the file.
         self.waiting = 0
-        self.store: Store | None = None  #: where catch-up reads the history
+        self.store: Storage | None = None  #: where catch-up reads the history
         self._behind: tuple | None = None  # key of the first missing event, while behind
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
         self._last: tuple | None = None  # key of the last event committed while behind
@@ -260,7 +261,7 @@ def _event_key(e) -> tuple:
 
 
 class Server(asyncio.DatagramProtocol):
-    def __init__(self, config: Config, store: Store, logfile: LogFile):
+    def __init__(self, config: Config, store: Storage, logfile: LogFile):
         self.config = config
         self.store = store
         self.logfile = logfile
@@ -286,7 +287,9 @@ class Server(asyncio.DatagramProtocol):
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
         self._bad_row_quiet = 0.0
-        store.on_commit = self._committed
+        #: Histograms of commit sizes and times (serve --metrics); None: off.
+        self.metrics = None
+        self._commits = asyncio.ensure_future(self._take_commits())
 
     # ------------------------------------------------------------ socket
     def connection_made(self, transport) -> None:
@@ -541,7 +544,22 @@ class Server(asyncio.DatagramProtocol):
     #: IPFIX export of committed events (serve --ipfix); None: off.
     ipfix: Exporter | None = None
 
-    def _committed(self, batch: Batch) -> None:
+    async def _take_commits(self) -> None:
+        """Act on each commit of the store, in order, until it closes."""
+        try:
+            async for batch in self.store.commits():
+                try:
+                    self._committed(batch)
+                except Exception as exc:
+                    self._bug("acting on a commit raised", exc)
+        except DatabaseDamaged:
+            pass  # the store said so, and the server is stopping
+
+    def _committed(self, batch: Committed) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_commit(batch.rows, batch.seconds)
+        if batch.recency:
+            self.tables.saved(batch.recency)
         if batch.events:
             self.logfile.write(batch.events)
             if self.ipfix is not None:
@@ -638,7 +656,7 @@ async def _watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _prune(store: Store, days: float) -> None:
+async def _prune(store: Storage, days: float) -> None:
     while True:
         before = wall_us() - int(days * 86400 * 1_000_000)
         n = await store.prune(before)
@@ -679,9 +697,9 @@ def _made_private(dirs: list[Path], files: list[Path]) -> None:
 
 
 async def _take_table(config: Config, stop: asyncio.Event):
-    """Own the table of ``config.db`` (see nat64ho.owner); with ``standby``
+    """Own the table of ``config.db`` (see nat64ho.storage.owner); with ``standby``
     wait for it, or for a stop. Returns None when stopped while waiting."""
-    from nat64ho import owner
+    from nat64ho.storage import owner
 
     told = False
     while True:
@@ -761,7 +779,8 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         raise
     _made_private(created_dirs, created)
     server = Server(config, store, logfile)
-    store.on_damage = lambda why: stop.set()
+    damage = asyncio.ensure_future(store.damage_found.wait())
+    damage.add_done_callback(lambda _: stop.set())
     try:
         transport, _ = await loop.create_datagram_endpoint(
             lambda: server, sock=_bind(config.host, config.port))
@@ -784,6 +803,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     if config.metrics is not None:
         from nat64ho.metrics import Metrics
         metrics = Metrics(server)
+        server.metrics = metrics
         try:
             where = await metrics.start(*config.metrics)
         except OSError:
@@ -822,6 +842,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         if metrics is not None:
             await metrics.stop()
         unsaved = await store.close(hurry)
+        damage.cancel()
         if server.ipfix is not None:
             server.ipfix.close()
         logfile.close()

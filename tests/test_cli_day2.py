@@ -13,7 +13,8 @@ import textwrap
 
 import pytest
 
-from nat64ho import eventlog, history, schema
+from nat64ho import eventlog, history
+from nat64ho.storage import schema
 from nat64ho.core import wire
 from tests.conftest import connect, run, v6
 

@@ -13,7 +13,8 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from nat64ho import cli, schema
+from nat64ho import cli
+from nat64ho.storage import schema
 from tests.conftest import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.core import wire
 from tests.conftest import ServerProcess, connect, run, v6, wait_for
 
@@ -194,7 +194,7 @@ def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Pop
 
 @pytest.mark.slow
 def test_write_lock_held_for_seconds_is_waited_out(server_factory):
-    from nat64ho.store import MAX_RETRY_DELAY
+    from nat64ho.storage.sqlite import MAX_RETRY_DELAY
     srv = server_factory("--ports", "1028-1100")
 
     async def go():
@@ -644,7 +644,7 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
 
     from nat64ho.peer import Peer
     from nat64ho.server import Config, LogFile, Server
-    from nat64ho.store import Store
+    from nat64ho.storage.sqlite import Store
 
     nat = ("192.0.2.7", 40000)
     peer = Peer(b"bootbeef")

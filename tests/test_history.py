@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho import history, schema
+from nat64ho import history
+from nat64ho.storage import schema
 from nat64ho.eventlog import BadLine, Event, EventKind, format_event, parse_line
 from nat64ho.history import Holding
 

@@ -13,7 +13,7 @@ from nat64ho.core import wire
 from nat64ho.eventlog import Event, EventKind, format_event, parse_line
 from nat64ho.peer import Peer
 from nat64ho.server import Config, LogFile, Server
-from nat64ho.store import Store
+from nat64ho.storage.sqlite import Store
 
 NAT = ("192.0.2.7", 40000)
 V17 = ipaddress.IPv6Address("2001:db8::17").packed
@@ -227,18 +227,16 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
 
 
 def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
-    from nat64ho.store import DatabaseDamaged
-    from nat64ho.core.table import Entry
+    from nat64ho.storage.sqlite import DatabaseDamaged
+    from nat64ho.core.records import Row
 
     async def go():
         srv, rec = await start(tmp_path)
-        stopped = []
-        srv.store.on_damage = stopped.append
         # Two entries for one endpoint on one NAT64: the endpoint index says no.
-        srv.store.add(1, [Entry(1028, V17, 1, 0, 0, 1), Entry(1029, V17, 1, 0, 0, 1)], [], [])
+        srv.store.add(1, [Row(1028, V17, 1, 0, 0), Row(1029, V17, 1, 0, 0)], [], [])
         with pytest.raises(DatabaseDamaged):
             await srv.store.wait(1)
-        assert stopped and "inconsistent" in stopped[0]
+        assert srv.store.damage_found.is_set() and "inconsistent" in srv.store.damaged
         await srv.store.close()
         srv.logfile.close()
 

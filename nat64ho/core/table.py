@@ -56,7 +56,7 @@ class Entry:
         self.created = created  #: table-clock µs
         self.last_use = last_use  #: table-clock µs
         self.seq = seq  #: the write batch that holds it; committed once <= committed seq
-        self.dirty = False  #: last_use changed since it was last written
+        self.dirty = False  #: last_use changed since it was last committed
 
     def row(self, nat: int) -> tuple:
         return (nat, self.port, self.addr, self.aport, self.created, self.last_use)
@@ -76,8 +76,8 @@ class Needs(NamedTuple):
 class Outcome(NamedTuple):
     units: list[list[bytes]]  #: encoded replies; a DELETED shares a unit with its MAPPING
     events: list[Event]
-    created: list[Entry]  #: entries to insert (each replaces whatever held its port)
-    touched: list[Entry]  #: committed entries whose last_use changed
+    created: list[Entry] | list[Row]  #: new entries (each replaces whatever held its port)
+    touched: list[tuple[int, int]]  #: (port, last_use) of the entries used
     wait_seq: int  #: the replies may leave once this batch is committed
     counts: dict[str, int]  #: what happened, for metrics
 
@@ -206,7 +206,7 @@ class NatTable:
         units: list[list[bytes]] = []
         events: list[Event] = []
         created: list[Entry] = []
-        touched: list[Entry] = []
+        touched: list[tuple[int, int]] = []
         counts: dict[str, int] = {}
         wait = 0
         by_port = self.by_port
@@ -255,13 +255,18 @@ class NatTable:
                 counts["skipped"] = counts.get("skipped", 0) + 1
         return Outcome(units, events, created, touched, wait, counts)
 
-    def _touch(self, e: Entry, now: int, touched: list[Entry]) -> None:
+    def _touch(self, e: Entry, now: int, touched: list[tuple[int, int]]) -> None:
         if now > e.last_use:
             e.last_use = now
         self.by_port.move_to_end(e.port)
-        if not e.dirty:
-            e.dirty = True
-            touched.append(e)
+        e.dirty = True
+        touched.append((e.port, e.last_use))
+
+    def saved(self, port: int, last_use: int) -> None:
+        """The last use ``last_use`` of ``port`` is committed."""
+        e = self.by_port.get(port)
+        if e is not None and e.last_use <= last_use:
+            e.dirty = False
 
     def _create(self, m: wire.Map, now: int, stamp: Callable[[], int], seq: int, bucket: Bucket | None,
                 events: list[Event], created: list[Entry], counts: dict[str, int]) -> list[bytes]:

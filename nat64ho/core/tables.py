@@ -161,8 +161,13 @@ class Tables:
     # ------------------------------------------------------------ decisions
     def decide(self, state: NatState, body: list, now: int, stamp: Callable[[], int], seq: int,
                create_ok: bool, share_ok: bool) -> Outcome:
-        return state.table.apply(body, now, stamp, seq, state.create, create_ok=create_ok,
-                                 share_ok=share_ok)
+        out = state.table.apply(body, now, stamp, seq, state.create, create_ok=create_ok,
+                                share_ok=share_ok)
+        if out.created:
+            # Storage gets values, never the live entries.
+            out = out._replace(created=[Row(e.port, e.addr, e.aport, e.created, e.last_use)
+                                        for e in out.created])
+        return out
 
     # ------------------------------------------------------------ commits
     def committed(self, rows_by_nat: dict[int, int], answered: Iterable[int]) -> None:
@@ -177,6 +182,15 @@ class Tables:
             if state is not None:
                 state.share.waiting -= 1
         self.cached = sum(len(s.table.by_port) for s in nats.values())
+
+    def saved(self, recency: Iterable[tuple[int, int, int]]) -> None:
+        """Recency a commit saved, as (last_use, nat, port): those entries
+        may leave memory again unless used since."""
+        nats = self.nats
+        for last_use, nat, port in recency:
+            state = nats.get(nat)
+            if state is not None:
+                state.table.saved(port, last_use)
 
     @property
     def excess(self) -> int:
