@@ -500,7 +500,7 @@ class _Echo(asyncio.DatagramProtocol):
 def echo_main() -> None:
     """The echo ceiling: receive a datagram, send it back, on the server's
     event loop and socket settings."""
-    from nat64ho.server import RCVBUF
+    from nat64ho.daemon.serve import RCVBUF
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -245,7 +245,7 @@ def serve(
     SIGTERM or SIGINT: stop reading, commit what is in flight, exit 0.
     SIGHUP: reopen the log file (for logrotate).
     """
-    from nat64ho import server
+    from nat64ho.daemon import serve as server
 
     try:
         host, port = parse_listen(listen)

@@ -238,7 +238,7 @@ def test_write_lock_held_for_seconds_is_waited_out(server_factory):
 def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     """Each answer waiting on a commit holds memory; a NAT64 retransmitting
     through a held lock must not grow the server without bound."""
-    from nat64ho.server import MAX_INFLIGHT
+    from nat64ho.daemon.protocol import MAX_INFLIGHT
     srv = server_factory()
 
     async def go():
@@ -643,7 +643,9 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
     from freezegun import freeze_time
 
     from nat64ho.peer import Peer
-    from nat64ho.server import Config, LogFile, Server
+    from nat64ho.daemon.config import Config
+    from nat64ho.daemon.logfile import LogFile
+    from nat64ho.daemon.protocol import Server
     from nat64ho.storage.sqlite import Store
 
     nat = ("192.0.2.7", 40000)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections import OrderedDict
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from nat64ho.core import wire
 from nat64ho.core.records import Event, EventKind, Row
@@ -58,9 +58,6 @@ class Entry:
         self.seq = seq  #: the write batch that holds it; committed once <= committed seq
         self.dirty = False  #: last_use changed since it was last committed
 
-    def row(self, nat: int) -> tuple:
-        return (nat, self.port, self.addr, self.aport, self.created, self.last_use)
-
     def __repr__(self) -> str:
         return f"Entry({self.port}, {self.addr.hex()}, {self.aport}, last_use={self.last_use})"
 
@@ -86,6 +83,8 @@ _UNMAPPED = wire.Kind.UNMAPPED.to_bytes(1, "big") + b"\x01"
 _RATE_LIMITED_MAP = wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))
 
 
+# Messages are wire.Message values dispatched on their exact type (cheaper than
+# isinstance on the hot path), which type checkers cannot narrow: hence Any.
 class NatTable:
     """The table of one NAT64 address: ports ``first..last``."""
 
@@ -135,7 +134,9 @@ class NatTable:
         return self.total - len(self.by_port)
 
     # ------------------------------------------------------------ step 1
-    def needs(self, messages: list, absent: set | frozenset = frozenset()) -> Needs | None:
+    def needs(self, messages: list[Any],
+              absent: set[tuple[bytes, int]] | frozenset[tuple[bytes, int]] = frozenset()
+              ) -> Needs | None:
         """What to read before :meth:`apply`; None when memory suffices.
         ``absent``: endpoints the database was already found not to hold."""
         endpoints: list[tuple[bytes, int]] = []
@@ -191,7 +192,7 @@ class NatTable:
         del self.by_endpoint[(e.addr, e.aport)]
 
     # ------------------------------------------------------------ step 2
-    def apply(self, messages: list, now: int, stamp: Callable[[], int], seq: int,
+    def apply(self, messages: list[Any], now: int, stamp: Callable[[], int], seq: int,
               create: Bucket | None = None, create_ok: bool = True,
               share_ok: bool = True) -> Outcome:
         """Decide ``messages`` (the datagram after its COOKIE).

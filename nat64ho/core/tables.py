@@ -15,6 +15,7 @@ import random
 from collections import deque
 from typing import Callable, Iterable
 
+from nat64ho.core import wire
 from nat64ho.core.records import Row
 from nat64ho.core.session import Bucket, Confirmation, Share
 from nat64ho.core.table import NatTable, Needs, Outcome
@@ -23,7 +24,7 @@ from nat64ho.core.table import NatTable, Needs, Outcome
 MAX_VICTIM_PAGES = 64
 
 #: A datagram waiting for reads: (body, address, confirmation).
-Waiting = tuple[list, tuple, "Confirmation | None"]
+Waiting = tuple[list[wire.Message], tuple[str, int], Confirmation | None]
 
 
 class NatState:
@@ -49,7 +50,7 @@ class Reading:
 
     __slots__ = ("table", "body", "absent", "after", "pages", "_needs", "_done")
 
-    def __init__(self, table: NatTable, body: list):
+    def __init__(self, table: NatTable, body: list[wire.Message]):
         self.table = table
         self.body = body
         self.absent: set[tuple[bytes, int]] = set()
@@ -123,7 +124,7 @@ class Tables:
             self.nats[nat] = state
         return state
 
-    def hit(self, state: NatState, body: list) -> bool:
+    def hit(self, state: NatState, body: list[wire.Message]) -> bool:
         """Whether ``body`` can be decided now, from memory, in its turn."""
         table = state.table
         return not state.queue and table.loaded and table.needs(body) is None
@@ -155,11 +156,11 @@ class Tables:
         else:
             state.busy = False
 
-    def reading(self, state: NatState, body: list) -> Reading:
+    def reading(self, state: NatState, body: list[wire.Message]) -> Reading:
         return Reading(state.table, body)
 
     # ------------------------------------------------------------ decisions
-    def decide(self, state: NatState, body: list, now: int, stamp: Callable[[], int], seq: int,
+    def decide(self, state: NatState, body: list[wire.Message], now: int, stamp: Callable[[], int], seq: int,
                create_ok: bool, share_ok: bool) -> Outcome:
         out = state.table.apply(body, now, stamp, seq, state.create, create_ok=create_ok,
                                 share_ok=share_ok)
