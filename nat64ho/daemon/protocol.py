@@ -63,6 +63,13 @@ READERS = 4
 #: the ones between are counted (metric "internal_error") and summed up.
 BUG_LOG_INTERVAL = 60.0
 
+# Counted per datagram: plain strings, as an enum member costs 0.2 µs more
+# to fetch and hash (nat64ho.core.counters still names and exports them).
+_DATAGRAMS_IN = Count.DATAGRAMS_IN.value
+_DATAGRAMS_OUT = Count.DATAGRAMS_OUT.value
+_CACHE_HIT = Count.CACHE_HIT.value
+_CACHE_MISS = Count.CACHE_MISS.value
+
 
 class Server(asyncio.DatagramProtocol):
     def __init__(self, config: Config, store: Storage, logfile: LogFile,
@@ -107,7 +114,7 @@ class Server(asyncio.DatagramProtocol):
         self.counts[Count.ICMP_ERRORS] += 1
 
     def datagram_received(self, data: bytes, addr) -> None:
-        self.counts[Count.DATAGRAMS_IN] += 1
+        self.counts[_DATAGRAMS_IN] += 1
         try:
             self._datagram(data, addr)
         except Exception as exc:
@@ -134,7 +141,7 @@ class Server(asyncio.DatagramProtocol):
             return
         for d in wire.pack(units):
             self.transport.sendto(d, addr)
-            self.counts[Count.DATAGRAMS_OUT] += 1
+            self.counts[_DATAGRAMS_OUT] += 1
 
     def _refused(self, verdict: Refused, addr) -> None:
         self._drop(verdict.reason)
@@ -195,7 +202,7 @@ class Server(asyncio.DatagramProtocol):
             return
         tables = self.tables
         if tables.hit(state, body):
-            self.counts[Count.CACHE_HIT] += 1
+            self.counts[_CACHE_HIT] += 1
             self._decide(state, body, addr, confirmation)
         elif share.queued >= MAX_NAT_QUEUE:
             self._limited(state, body, Drop.NAT_READS, addr, confirmation)
@@ -204,7 +211,7 @@ class Server(asyncio.DatagramProtocol):
                 self._record_boot(confirmation)
             self._drop(Drop.OVERLOADED)
         else:
-            self.counts[Count.CACHE_MISS] += 1
+            self.counts[_CACHE_MISS] += 1
             tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
 

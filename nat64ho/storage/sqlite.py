@@ -114,8 +114,8 @@ class Store:
         self.committed_seq = 0
         self._batch = Batch(1, self._loop)
         self._inflight: Batch | None = None
-        #: Unsaved recency: (nat, port) -> last use, written at least every RECENCY_INTERVAL.
-        self._recency: dict[tuple[int, int], int] = {}
+        #: Unsaved recency: nat -> port -> last use, written at least every RECENCY_INTERVAL.
+        self._recency: dict[int, dict[int, int]] = {}
         #: Committed batches not yet taken by :meth:`commits` (None: no more).
         self._committed: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._reading = False  #: commits() has a reader
@@ -325,13 +325,14 @@ class Store:
         (port, last use) of entries used, events. Returns how many rows they
         add to the commit (recency is written apart, coalesced)."""
         b = self._batch
-        recency = self._recency
+        recency = self._recency.get(nat)
+        if recency is None:
+            recency = self._recency[nat] = {}
         for r in created:
             b.entries.append((nat, r.port, r.addr, r.aport, r.created, r.last_use))
             # A port taken over: the last use of whoever held it is moot.
-            recency.pop((nat, r.port), None)
-        for port, last_use in touched:
-            recency[(nat, port)] = last_use
+            recency.pop(r.port, None)
+        recency.update(touched)  # one C loop: this runs for every LOOKUP
         b.events.extend(events)
         rows = len(created) + len(events)
         if rows:
@@ -422,7 +423,8 @@ class Store:
 
     def _take_recency(self) -> list[tuple[int, int, int]]:
         self._recency_due = False
-        rows = [(last_use, nat, port) for (nat, port), last_use in self._recency.items()]
+        rows = [(last_use, nat, port) for nat, ports in self._recency.items()
+                for port, last_use in ports.items()]
         self._recency = {}
         return rows
 
