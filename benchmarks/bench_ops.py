@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ipaddress  # noqa: E402
 
-from nat64ho import schema  # noqa: E402
+from nat64ho.storage import schema  # noqa: E402
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str  # noqa: E402
 from nat64ho.ops import export, queries  # noqa: E402
 

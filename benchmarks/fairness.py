@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
 from nat64ho.testing import Child
 

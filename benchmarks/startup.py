@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nat64ho import wire  # noqa: E402
+from nat64ho.core import wire  # noqa: E402
 from nat64ho.peer import Client, Peer  # noqa: E402
 
 #: HELLO is resent this often until the server answers (it may not be

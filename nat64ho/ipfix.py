@@ -4,7 +4,7 @@ collectors.
 
 Pure: events and the time in, datagrams out. :class:`Encoder` owns the one
 template, the sequence number and when the template is due again; sockets
-and clocks belong to the caller (:mod:`nat64ho.ipfix_udp`).
+and clocks belong to the caller (:mod:`nat64ho.daemon.ipfix_export`).
 
 Strategy: every record has the same fixed-length fields, so one template
 (id 256) describes them all and a record is one ``struct`` pack. Over UDP a
@@ -24,8 +24,8 @@ import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from nat64ho.eventlog import Event, EventKind
-from nat64ho.wire import MAX_DATAGRAM
+from nat64ho.core.records import Event, EventKind
+from nat64ho.core.wire import MAX_DATAGRAM
 
 #: IPFIX version number in the message header.
 VERSION = 10

@@ -13,7 +13,7 @@ import asyncio
 import os
 from typing import Any
 
-from nat64ho import wire
+from nat64ho.core import wire
 
 #: Messages that answer a request (a DELETED only accompanies a MAPPING).
 ANSWERS = (wire.Welcome, wire.Mapping, wire.Unmapped, wire.Error)

@@ -2,7 +2,7 @@
 have it, each answer decoded on a line with its round-trip time.
 
 Owns only the sequencing and the wording; the session and the wire format
-are :mod:`nat64ho.peer` and :mod:`nat64ho.wire`.
+are :mod:`nat64ho.peer` and :mod:`nat64ho.core.wire`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import NamedTuple
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.eventlog import ipv6_str
 from nat64ho.peer import ANSWERS, Client, Peer
 

@@ -45,7 +45,7 @@ def test_cli_refuses_a_remote_server():
 
 
 def test_the_server_never_imports_the_benchmark_or_the_test_launcher():
-    code = ("import sys, nat64ho.server, nat64ho.store; "
+    code = ("import sys, nat64ho.daemon.serve, nat64ho.storage.sqlite; "
             "print(sorted(m for m in sys.modules if m.startswith(('nat64ho.bench', "
             "'nat64ho.testing', 'nat64ho.cli', 'nat64ho.ops'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

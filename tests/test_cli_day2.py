@@ -13,7 +13,9 @@ import textwrap
 
 import pytest
 
-from nat64ho import eventlog, schema, wire
+from nat64ho import eventlog
+from nat64ho.core import wire
+from nat64ho.storage import schema
 from nat64ho.ops import export, importer, queries
 from tests.helpers import connect, run, v6
 

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from tests.helpers import connect, run, v6
 
 PY = [sys.executable, "-m", "nat64ho"]

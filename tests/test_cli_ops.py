@@ -13,7 +13,8 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from nat64ho import cli, schema
+from nat64ho import cli
+from nat64ho.storage import schema
 from nat64ho.cli import database as cli_database
 from tests.helpers import connect, run, v6
 

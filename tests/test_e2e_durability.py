@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.eventlog import parse_line
 from tests.helpers import connect, run, v6
 

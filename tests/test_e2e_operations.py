@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import connect, run, v6, wait_for
 
 

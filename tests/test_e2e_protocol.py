@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import connect, run, v6
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import (ServerProcess, connect, fill, nat64ho, one_error, run, tmpfs, umount, v6,
                            wait_for)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
 from tests.helpers import connect, run, v6
 

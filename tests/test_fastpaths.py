@@ -9,7 +9,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.eventlog import ipv6_str, ts_str
 
 # Zero-heavy hextets, so that runs of zeros of every length and position

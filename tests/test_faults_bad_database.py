@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import schema, wire
+from nat64ho.core import wire
+from nat64ho.storage import schema
 from tests.helpers import ServerProcess, connect, digest, mappings, nat64ho, one_error, run, v6
 
 

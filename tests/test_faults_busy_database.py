@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import connect, entries, mappings, rss_kib, run, v6, wait_for
 
 
@@ -41,7 +41,7 @@ def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Pop
 
 @pytest.mark.slow
 def test_write_lock_held_for_seconds_is_waited_out(server_factory):
-    from nat64ho.store import MAX_RETRY_DELAY
+    from nat64ho.storage.sqlite import MAX_RETRY_DELAY
     srv = server_factory("--ports", "1028-1100")
 
     async def go():
@@ -85,7 +85,7 @@ def test_write_lock_held_for_seconds_is_waited_out(server_factory):
 def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     """Each answer waiting on a commit holds memory; a NAT64 retransmitting
     through a held lock must not grow the server without bound."""
-    from nat64ho.server import MAX_INFLIGHT
+    from nat64ho.daemon.protocol import MAX_INFLIGHT
     srv = server_factory()
 
     async def go():

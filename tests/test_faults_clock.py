@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import Recorder, ServerProcess, connect, entries, mappings, run, v6
 
 
@@ -114,8 +114,10 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
     from freezegun import freeze_time
 
     from nat64ho.peer import Peer
-    from nat64ho.server import Config, LogFile, Server
-    from nat64ho.store import Store
+    from nat64ho.daemon.config import Config
+    from nat64ho.daemon.logfile import LogFile
+    from nat64ho.daemon.protocol import Server
+    from nat64ho.storage.sqlite import Store
 
     nat = ("192.0.2.7", 40000)
     peer = Peer(b"bootbeef")

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import ServerProcess, connect, digest, entries, fill, mappings, nat64ho, run, v6, wait_for
 
 

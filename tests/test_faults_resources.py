@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import connect, rss_kib, run
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from tests.helpers import ServerProcess, connect, nat64ho, run, table_rows, v6
 
 

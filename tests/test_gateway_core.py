@@ -1,11 +1,11 @@
 """The gateway's flows and sessions, sans-I/O: packets in, packets out, the
-server's side played by hand with nat64ho.wire."""
+server's side played by hand with nat64ho.core.wire."""
 
 from __future__ import annotations
 
 import pytest
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.gateway import core
 from nat64ho.gateway import translate as t
 from tests.test_gateway_translate import (CLIENT, CPORT, HOST, HOST6, POOL, PREFIX, ip4, ip6, tcp,

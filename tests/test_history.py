@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho import schema, store
+from nat64ho.storage import schema
+from nat64ho.storage import sqlite as store
 from nat64ho.eventlog import BadLine, Event, EventKind, format_event, parse_line
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import export as ops_export

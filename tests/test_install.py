@@ -158,7 +158,7 @@ def test_group_members_read_the_database_others_get_one_error_line(installed):
     python = str(home / "venv/bin/python")
     # Created as the service creates it (the unit's UMask=0027).
     subprocess.run([*as_ids(uid, gid, []), "sh", "-c",
-                    f"umask 027; exec {python} -c 'from nat64ho import schema; "
+                    f"umask 027; exec {python} -c 'from nat64ho.storage import schema; "
                     f"schema.open_db(\"{db}\", create=True).close()'"], check=True)
     assert stat.S_IMODE(db.stat().st_mode) == 0o640
     try:

@@ -1,19 +1,21 @@
 """The server's dispatch and log, in-process with a recording transport and
-frozen time (freezegun), on a real SQLite file."""
+a clock the test sets, on a real SQLite file."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 
 import pytest
-from freezegun import freeze_time
 
-from nat64ho import wire
-from nat64ho.eventlog import Event, EventKind, format_event, parse_line
+from nat64ho.core import wire
+from nat64ho.eventlog import Event, EventKind, format_event, parse_line, ts_from_datetime
 from nat64ho.peer import Peer
-from nat64ho.server import Config, LogFile, Server
-from nat64ho.store import Store
+from nat64ho.daemon.config import Config
+from nat64ho.daemon.logfile import LogFile
+from nat64ho.daemon.protocol import Server
+from nat64ho.storage.sqlite import Store
 
 NAT = ("192.0.2.7", 40000)
 V17 = ipaddress.IPv6Address("2001:db8::17").packed
@@ -33,10 +35,29 @@ class Recorder:
         return default
 
 
-async def start(tmp_path, **kw):
+class SetClock:
+    """The server's clocks, standing still until the test moves them."""
+
+    def __init__(self, when: str):
+        self.set(when)
+
+    def set(self, when: str) -> None:
+        self.us = ts_from_datetime(dt.datetime.fromisoformat(when + "+00:00"))
+
+    def now(self) -> int:
+        return self.us
+
+    def wall(self) -> int:
+        return self.us
+
+    def monotonic(self) -> float:
+        return self.us / 1e6
+
+
+async def start(tmp_path, clock=None, **kw):
     config = Config(db=tmp_path / "t.db", log_file=str(tmp_path / "events.log"), **kw)
     store = await Store.open(config.db, sync="normal")
-    srv = Server(config, store, LogFile(config.log_file))
+    srv = Server(config, store, LogFile(config.log_file), clock)
     rec = Recorder()
     srv.connection_made(rec)
     return srv, rec
@@ -67,20 +88,20 @@ def replies(rec: Recorder, peer: Peer | None = None) -> list:
 
 def test_log_lines_are_utc_microseconds_in_protocol_format(tmp_path):
     async def go():
-        with freeze_time("2019-03-18 10:06:28.436754", real_asyncio=True) as clock:
-            srv, rec = await start(tmp_path)
-            peer = Peer(bytes(8))
-            srv.datagram_received(peer.hello(), NAT)
-            await settle(srv)
-            [welcome] = replies(rec, peer)
-            assert isinstance(welcome, wire.Welcome)
-            srv.datagram_received(peer.confirm(), NAT)  # Initialized is logged now
-            await settle(srv)
-            clock.move_to("2019-03-18 10:06:28.491727")
-            srv.datagram_received(peer.request([wire.Map(V17, 53186)]), NAT)
-            await settle(srv)
-            [mapping] = replies(rec, peer)
-            await stop(srv)
+        clock = SetClock("2019-03-18 10:06:28.436754")
+        srv, rec = await start(tmp_path, clock)
+        peer = Peer(bytes(8))
+        srv.datagram_received(peer.hello(), NAT)
+        await settle(srv)
+        [welcome] = replies(rec, peer)
+        assert isinstance(welcome, wire.Welcome)
+        srv.datagram_received(peer.confirm(), NAT)  # Initialized is logged now
+        await settle(srv)
+        clock.set("2019-03-18 10:06:28.491727")
+        srv.datagram_received(peer.request([wire.Map(V17, 53186)]), NAT)
+        await settle(srv)
+        [mapping] = replies(rec, peer)
+        await stop(srv)
         return mapping
 
     mapping = asyncio.run(go())
@@ -227,18 +248,16 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
 
 
 def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
-    from nat64ho.store import DatabaseDamaged
-    from nat64ho.table import Entry
+    from nat64ho.storage.sqlite import DatabaseDamaged
+    from nat64ho.core.records import Row
 
     async def go():
         srv, rec = await start(tmp_path)
-        stopped = []
-        srv.store.on_damage = stopped.append
         # Two entries for one endpoint on one NAT64: the endpoint index says no.
-        srv.store.add(1, [Entry(1028, V17, 1, 0, 0, 1), Entry(1029, V17, 1, 0, 0, 1)], [], [])
+        srv.store.add(1, [Row(1028, V17, 1, 0, 0), Row(1029, V17, 1, 0, 0)], [], [])
         with pytest.raises(DatabaseDamaged):
             await srv.store.wait(1)
-        assert stopped and "inconsistent" in stopped[0]
+        assert srv.store.damage_found.is_set() and "inconsistent" in srv.store.damaged
         await srv.store.close()
         srv.logfile.close()
 

@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from nat64ho import session, wire
-from nat64ho.session import Bucket, Confirmation, Opened, Refused, Sessions, Welcomed
+from nat64ho.core import session, wire
+from nat64ho.core.session import Bucket, Confirmation, Opened, Refused, Sessions, Welcomed
 
 SECRET = bytes(range(32))
 NAT = int(ipaddress.IPv4Address("192.0.2.9"))

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho import wire
-from nat64ho.wire import Direction
+from nat64ho.core import wire
+from nat64ho.core.wire import Direction
 
 SECRET = bytes(range(32))
 NAT = bytes([192, 0, 2, 9])

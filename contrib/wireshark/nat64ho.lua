@@ -1,7 +1,7 @@
 -- Wireshark dissector for the NAT64 handoff protocol (PROTOCOL.md, wire
 -- profile v1.1) on UDP port 6464: every message with named fields, the inner
 -- IPv4/IPv6 packets handed to Wireshark's own dissectors, and malformed
--- datagrams flagged with the same reason names nat64ho counts (nat64ho/wire.py).
+-- datagrams flagged with the same reason names nat64ho counts (nat64ho/core/wire.py).
 --
 -- v1.1 kept every octet of v1; what changed is behaviour a capture shows but
 -- cannot judge: a HELLO is only a claim, confirmed by the first datagram that

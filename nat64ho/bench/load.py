@@ -1,5 +1,5 @@
 """The load generator of ``nat64ho bench``: client processes built on
-:mod:`nat64ho.peer` and :mod:`nat64ho.wire`, and the bare UDP echo server
+:mod:`nat64ho.peer` and :mod:`nat64ho.core.wire`, and the bare UDP echo server
 that is the first ceiling. Each in-flight request has its own UDP socket, so
 a reply needs no request id to be matched: whatever arrives on a slot's
 socket answers that slot's request.
@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.peer import ANSWERS, Client, Peer
 from nat64ho.testing import Child, proc_cpu, proc_peak_rss
 
@@ -422,7 +422,7 @@ class _Echo(asyncio.DatagramProtocol):
 def echo_main() -> None:
     """The echo ceiling: receive a datagram, send it back, on the server's
     event loop and socket settings."""
-    from nat64ho.server import RCVBUF
+    from nat64ho.daemon.serve import RCVBUF
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

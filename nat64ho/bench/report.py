@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.bench.load import MODES, BenchConfig, Result, drive, loop_name, start_echo
 from nat64ho.eventlog import EventKind
 from nat64ho.testing import start_server
@@ -29,7 +29,7 @@ def sqlite_ceiling(directory: Path, sync: str, nats: int,
     and its Created event, same schema, same statements, same synchronous
     mode), one transaction per batch; returns the best rate and its batch."""
     from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY
-    from nat64ho.store import PAGE_CACHE_KIB
+    from nat64ho.storage.sqlite import PAGE_CACHE_KIB
 
     path = directory / "ceiling.db"
     conn = schema.open_db(path, create=True)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Literal
 
 import typer
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.cli.options import EXIT_DB, db_path, fail
 from nat64ho.ops import db as opsdb
 
 if TYPE_CHECKING:
-    from nat64ho.owner import Ownership
+    from nat64ho.storage.owner import Ownership
 
 #: How long a command keeps retrying a database that stays locked, on top of
 #: the busy timeout of each attempt: a commit or checkpoint of the server
@@ -38,7 +38,7 @@ class Database:
     def __init__(self, db: Path | None, *, write: bool = False, own: str | None = None):
         self.path = db_path(db)
         self.write = write
-        self.own = own  # the command, if it must own the table (nat64ho.owner)
+        self.own = own  # the command, if it must own the table (nat64ho.storage.owner)
         self.ownership: Ownership | None = None
         self.conn: sqlite3.Connection | None = None
 
@@ -55,7 +55,7 @@ class Database:
             except schema.DatabaseError as exc:
                 fail(str(exc), EXIT_DB)
         if self.own is not None:
-            from nat64ho import owner
+            from nat64ho.storage import owner
             try:
                 self.ownership = owner.acquire(self.path, what=self.own)
             except owner.TableOwned as exc:

@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.eventlog import ts_from_datetime
 
 try:  # typer raises the exceptions of the click it carries

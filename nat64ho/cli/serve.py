@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nat64ho import schema
+from nat64ho.storage import schema
 from nat64ho.cli.options import (
     SYNC_CHOICE,
     DbOption,
@@ -87,7 +87,7 @@ def serve(
     SIGTERM or SIGINT: stop reading, commit what is in flight, exit 0.
     SIGHUP: reopen the log file (for logrotate).
     """
-    from nat64ho import server
+    from nat64ho.daemon import serve as server
 
     try:
         host, port = parse_listen(listen)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from nat64ho import wire
+from nat64ho.core import wire
 from nat64ho.gateway import translate as t
 from nat64ho.peer import Peer
 

@@ -2,7 +2,7 @@
 with checks, the errors they raise, and whether another process has a
 database open.
 
-Synchronous sqlite3 on a connection from :func:`nat64ho.schema.open_db`.
+Synchronous sqlite3 on a connection from :func:`nat64ho.storage.schema.open_db`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from nat64ho import schema
+from nat64ho.storage import schema
 
 #: Rows fetched from SQLite at a time while streaming.
 FETCH = 4096

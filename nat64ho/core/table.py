@@ -25,11 +25,11 @@ from __future__ import annotations
 import random
 import re
 from collections import OrderedDict
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
-from nat64ho import wire
-from nat64ho.eventlog import Event, EventKind
-from nat64ho.session import Bucket
+from nat64ho.core import wire
+from nat64ho.core.records import Event, EventKind, Row
+from nat64ho.core.session import Bucket
 
 #: Random probes for a free port before counting through the free ones.
 #: Probing is uniform and cheap while the table has room; with this many
@@ -56,23 +56,10 @@ class Entry:
         self.created = created  #: table-clock µs
         self.last_use = last_use  #: table-clock µs
         self.seq = seq  #: the write batch that holds it; committed once <= committed seq
-        self.dirty = False  #: last_use changed since it was last written
-
-    def row(self, nat: int) -> tuple:
-        return (nat, self.port, self.addr, self.aport, self.created, self.last_use)
+        self.dirty = False  #: last_use changed since it was last committed
 
     def __repr__(self) -> str:
         return f"Entry({self.port}, {self.addr.hex()}, {self.aport}, last_use={self.last_use})"
-
-
-class Row(NamedTuple):
-    """An entry as read from the database."""
-
-    port: int
-    addr: bytes
-    aport: int
-    created: int
-    last_use: int
 
 
 class Needs(NamedTuple):
@@ -86,8 +73,8 @@ class Needs(NamedTuple):
 class Outcome(NamedTuple):
     units: list[list[bytes]]  #: encoded replies; a DELETED shares a unit with its MAPPING
     events: list[Event]
-    created: list[Entry]  #: entries to insert (each replaces whatever held its port)
-    touched: list[Entry]  #: committed entries whose last_use changed
+    created: list[Entry] | list[Row]  #: new entries (each replaces whatever held its port)
+    touched: list[tuple[int, int]]  #: (port, last_use) of the entries used
     wait_seq: int  #: the replies may leave once this batch is committed
     counts: dict[str, int]  #: what happened, for metrics
 
@@ -96,6 +83,8 @@ _UNMAPPED = wire.Kind.UNMAPPED.to_bytes(1, "big") + b"\x01"
 _RATE_LIMITED_MAP = wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))
 
 
+# Messages are wire.Message values dispatched on their exact type (cheaper than
+# isinstance on the hot path), which type checkers cannot narrow: hence Any.
 class NatTable:
     """The table of one NAT64 address: ports ``first..last``."""
 
@@ -145,7 +134,9 @@ class NatTable:
         return self.total - len(self.by_port)
 
     # ------------------------------------------------------------ step 1
-    def needs(self, messages: list, absent: set | frozenset = frozenset()) -> Needs | None:
+    def needs(self, messages: list[Any],
+              absent: set[tuple[bytes, int]] | frozenset[tuple[bytes, int]] = frozenset()
+              ) -> Needs | None:
         """What to read before :meth:`apply`; None when memory suffices.
         ``absent``: endpoints the database was already found not to hold."""
         endpoints: list[tuple[bytes, int]] = []
@@ -201,7 +192,7 @@ class NatTable:
         del self.by_endpoint[(e.addr, e.aport)]
 
     # ------------------------------------------------------------ step 2
-    def apply(self, messages: list, now: int, stamp: Callable[[], int], seq: int,
+    def apply(self, messages: list[Any], now: int, stamp: Callable[[], int], seq: int,
               create: Bucket | None = None, create_ok: bool = True,
               share_ok: bool = True) -> Outcome:
         """Decide ``messages`` (the datagram after its COOKIE).
@@ -216,7 +207,7 @@ class NatTable:
         units: list[list[bytes]] = []
         events: list[Event] = []
         created: list[Entry] = []
-        touched: list[Entry] = []
+        touched: list[tuple[int, int]] = []
         counts: dict[str, int] = {}
         wait = 0
         by_port = self.by_port
@@ -265,13 +256,18 @@ class NatTable:
                 counts["skipped"] = counts.get("skipped", 0) + 1
         return Outcome(units, events, created, touched, wait, counts)
 
-    def _touch(self, e: Entry, now: int, touched: list[Entry]) -> None:
+    def _touch(self, e: Entry, now: int, touched: list[tuple[int, int]]) -> None:
         if now > e.last_use:
             e.last_use = now
         self.by_port.move_to_end(e.port)
-        if not e.dirty:
-            e.dirty = True
-            touched.append(e)
+        e.dirty = True
+        touched.append((e.port, e.last_use))
+
+    def saved(self, port: int, last_use: int) -> None:
+        """The last use ``last_use`` of ``port`` is committed."""
+        e = self.by_port.get(port)
+        if e is not None and e.last_use <= last_use:
+            e.dirty = False
 
     def _create(self, m: wire.Map, now: int, stamp: Callable[[], int], seq: int, bucket: Bucket | None,
                 events: list[Event], created: list[Entry], counts: dict[str, int]) -> list[bytes]:

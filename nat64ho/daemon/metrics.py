@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nat64ho.core.counters import DROP_METRICS, METRICS, Count, Drop, Metric
 from nat64ho.eventlog import ipv4_str
 
 log = logging.getLogger("nat64ho")
@@ -21,65 +23,24 @@ log = logging.getLogger("nat64ho")
 #: A scrape request larger than this is not a scrape.
 MAX_REQUEST = 8192
 
-# Counters kept by the server (Server.counts) -> (metric, help, labels).
-_MESSAGE_KINDS = ("hello", "map", "lookup", "touch", "skipped")
-
-
 class ServerCollector(Collector):
     def __init__(self, server):
         self.server = server
 
     def collect(self):
         s = self.server
-        c = s.counts
-
-        def counter(name, doc, value):
-            return CounterMetricFamily(f"nat64ho_{name}", doc, value=value)
-
-        yield counter("datagrams_received", "UDP datagrams received.", c["datagrams_in"])
-        yield counter("datagrams_sent", "UDP datagrams sent.", c["datagrams_out"])
-        dropped = CounterMetricFamily("nat64ho_datagrams_dropped",
-                                      "Datagrams dropped, by named reason.", labels=["reason"])
-        for reason, n in sorted(s.drops.items()):
-            dropped.add_metric([reason], n)
-        yield dropped
-        messages = CounterMetricFamily("nat64ho_messages", "Messages received from NAT64s, by type.",
-                                       labels=["type"])
-        messages.add_metric(["hello"], c["hellos"])
-        for kind in _MESSAGE_KINDS[1:]:
-            messages.add_metric([kind], c[kind])
-        yield messages
-        yield counter("entries_created", "Table entries created.", c["created"])
-        yield counter("entries_deleted", "Table entries deleted to make room.", c["deleted"])
-        yield counter("initialized", "NAT64 (re)starts seen (Initialized events).",
-                      c["events_initialized"])
-        limited = CounterMetricFamily("nat64ho_rate_limited", "Requests refused by a rate limit.",
-                                      labels=["limit"])
-        limited.add_metric(["hello"], s.drops["hello_rate"])
-        limited.add_metric(["create"], c["rate_limited"])
-        # A NAT64's share (PROTOCOL.md §7): requests, reads, answers waiting.
-        limited.add_metric(["request"], c["limited_request_rate"])
-        limited.add_metric(["reads"], c["limited_nat_reads"])
-        limited.add_metric(["waiting"], c["limited_nat_waiting"])
-        limited.add_metric(["backlog"], c["limited_backlog"])
-        yield limited
-        yield counter("commits", "Transactions committed (each one fsync with --sync full).",
-                      s.store.stats["commits"])
-        yield counter("commit_failures", "Commits that failed and were retried (disk full, "
-                      "locked database).", s.store.stats["commit_failures"])
-        yield counter("table_full", "MAPs refused because no entry was idle long enough.",
-                      c["table_full"])
-        cache = CounterMetricFamily("nat64ho_cache_datagrams",
-                                    "Datagrams decided from memory (hit) or after reading "
-                                    "the database (miss).", labels=["result"])
-        cache.add_metric(["hit"], c["cache_hit"])
-        cache.add_metric(["miss"], c["cache_miss"])
-        yield cache
+        yield from counter_families(s.counts, s.drops)
+        store = s.store.stats
+        yield CounterMetricFamily("nat64ho_commits", "Transactions committed (each one fsync "
+                                  "with --sync full).", value=store["commits"])
+        yield CounterMetricFamily("nat64ho_commit_failures", "Commits that failed and were "
+                                  "retried (disk full, locked database).",
+                                  value=store["commit_failures"])
         occupancy = GaugeMetricFamily("nat64ho_table_entries", "Entries in a NAT64's table.",
                                       labels=["nat64"])
         capacity = GaugeMetricFamily("nat64ho_table_capacity", "Ports in a NAT64's table.",
                                      labels=["nat64"])
-        for nat, state in sorted(s.nats.items()):
+        for nat, state in sorted(s.tables.nats.items()):
             if state.table.loaded:
                 occupancy.add_metric([ipv4_str(nat)], state.table.total)
                 capacity.add_metric([ipv4_str(nat)], state.table.capacity)
@@ -88,7 +49,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (confirmed at some time).",
                                 value=len(s.sessions.boots))
         yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
-                                value=s.cached)
+                                value=s.tables.cached)
         yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
                                 value=s.store.backlog)
         yield GaugeMetricFamily("nat64ho_log_lines_waiting",
@@ -100,6 +61,29 @@ class ServerCollector(Collector):
                                 value=1 if s.store.failing else 0)
         if s.ipfix is not None:
             yield from _ipfix_families(s.ipfix)
+
+
+def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> list:
+    """The families of the server's counters, each registered one (zero
+    included) and each drop reason, from :mod:`nat64ho.core.counters`."""
+    families: dict[str, CounterMetricFamily] = {}
+
+    def add(metric: Metric, value: int) -> None:
+        family = families.get(metric.name)
+        if family is None:
+            family = families[metric.name] = CounterMetricFamily(
+                f"nat64ho_{metric.name}", metric.help,
+                labels=[metric.label[0]] if metric.label else [])
+        family.add_metric([metric.label[1]] if metric.label else [], value)
+
+    for count in Count:
+        add(METRICS[count], counts.get(count, 0))
+    dropped = Metric("datagrams_dropped", "Datagrams dropped, by named reason.", ("reason", ""))
+    for reason in sorted(set(Drop) | set(drops)):
+        add(dropped._replace(label=("reason", str(reason))), drops.get(reason, 0))
+    for reason, metric in DROP_METRICS.items():
+        add(metric, drops.get(reason, 0))
+    return list(families.values())
 
 
 def _ipfix_families(exporter):
@@ -139,7 +123,6 @@ class Metrics:
             "nat64ho_commit_seconds", "Time from BEGIN to COMMIT of one batch, fsync included.",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
             registry=self.registry)
-        server.store.commit_observer = self.observe_commit
         self._server: asyncio.AbstractServer | None = None
 
     def observe_commit(self, rows: int, seconds: float) -> None:

@@ -77,7 +77,7 @@ def _migration_dir():
     if packaged.is_dir():
         return packaged
     # Running from a checkout (editable install): the top-level folder.
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def migrations() -> list[tuple[int, str, str]]:

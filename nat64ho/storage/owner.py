@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from nat64ho.schema import DatabaseError
+from nat64ho.storage.schema import DatabaseError
 
 class TableOwned(DatabaseError):
     """Another process owns the table (a running server, a prune, an import)."""

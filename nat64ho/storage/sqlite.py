@@ -4,7 +4,9 @@ One writer connection commits in groups: every change decided while the
 previous commit was on disk goes into the next transaction, so durability
 costs one fsync per batch, not per entry. A second connection reads (WAL lets
 it run while the writer commits). Callers learn when a batch is durable by
-awaiting :meth:`Store.wait`; nothing here decides what to write.
+awaiting :meth:`Store.wait`, and take each committed batch (its answers and
+events) from :meth:`Store.commits`; nothing here decides what to write. It
+implements :class:`nat64ho.storage.base.Storage` over plain records.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import AsyncIterator, Iterable
 
 import aiosqlite
 
-from nat64ho import schema
-from nat64ho.eventlog import Event
+from nat64ho.core.records import Event, Row
 from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT, PRUNE_BATCH, PRUNE_EVENTS
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
-from nat64ho.table import Entry, Row
+from nat64ho.storage import schema
+from nat64ho.storage.base import NatRecord
 
 log = logging.getLogger("nat64ho.store")
 
@@ -62,20 +64,16 @@ class DatabaseDamaged(Exception):
     """A read or commit found the file damaged; the store stopped writing."""
 
 
-class NatRecord(NamedTuple):
-    boot_id: bytes
-    first_hello: int
-    last_hello: int
-
-
 class Batch:
     """Changes that will commit together, and what waits for them."""
 
-    __slots__ = ("seq", "entries", "events", "nats", "done", "answers", "rows_by_nat")
+    __slots__ = ("seq", "entries", "events", "nats", "done", "answers", "rows_by_nat", "rows",
+                 "seconds", "recency")
 
     def __init__(self, seq: int, loop: asyncio.AbstractEventLoop):
         self.seq = seq
-        self.entries: list[tuple[int, Entry]] = []
+        #: New entries: (nat, port, addr, aport, created, last_use).
+        self.entries: list[tuple[int, int, bytes, int, int, int]] = []
         self.events: list[Event] = []
         self.nats: dict[int, tuple[bytes, int]] = {}
         self.done: asyncio.Future = loop.create_future()
@@ -84,6 +82,10 @@ class Batch:
         self.answers: list[tuple[int, list, tuple]] = []
         #: Rows (entries and events) each NAT64 added, for its share (§7).
         self.rows_by_nat: dict[int, int] = {}
+        self.rows = 0  #: rows written by its commit, recency included
+        self.seconds = 0.0  #: time from BEGIN to COMMIT
+        #: Recency its commit saved: (last_use, nat, port).
+        self.recency: list[tuple[int, int, int]] = []
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.events or self.nats)
@@ -105,7 +107,12 @@ class Store:
         self.committed_seq = 0
         self._batch = Batch(1, self._loop)
         self._inflight: Batch | None = None
-        self._dirty: list[tuple[int, Entry]] = []
+        #: Unsaved recency: nat -> port -> last use, written at least every RECENCY_INTERVAL.
+        self._recency: dict[int, dict[int, int]] = {}
+        #: Committed batches not yet taken by :meth:`commits` (None: no more).
+        self._committed: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._reading = False  #: commits() has a reader
+        self._read_all = asyncio.Event()  #: ... who has taken the last one
         self._wake = asyncio.Event()
         self._recency_due = False
         self._closing = False
@@ -113,13 +120,9 @@ class Store:
         self._ticker: asyncio.Task | None = None
         self.failing: str | None = None  #: why the last commit failed, while it does
         self.damaged: str | None = None  #: set once the file is found damaged; never cleared
-        #: Called once when the file is found damaged: the server stops.
-        self.on_damage: Callable[[str], None] = lambda why: None
-        #: Called after each commit with the batch, before waiters wake: the
-        #: server writes the log lines there and trims its cache.
-        self.on_commit: Callable[[Batch], None] = lambda batch: None
+        #: Set once the file is found damaged: the server stops.
+        self.damage_found = asyncio.Event()
         self.stats = {"commits": 0, "commit_failures": 0}  # for metrics
-        self.commit_observer: Callable[[int, float], None] = lambda rows, seconds: None
 
     # ------------------------------------------------------------ life
     @classmethod
@@ -206,6 +209,12 @@ class Store:
                     break
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._reading:
+            # The last commits' log lines and answers leave before close returns.
+            try:
+                await asyncio.wait_for(self._read_all.wait(), CLOSE_GIVE_UP)
+            except asyncio.TimeoutError:
+                pass
         for conn in (self._r, self._w):
             try:
                 await asyncio.wait_for(conn.close(), CLOSE_GIVE_UP)
@@ -303,15 +312,20 @@ class Store:
             n += len(self._inflight.entries) + len(self._inflight.events)
         return n
 
-    def add(self, nat: int, created: list[Entry], touched: Iterable[Entry],
+    def add(self, nat: int, created: Iterable[Row], touched: Iterable[tuple[int, int]],
             events: list[Event]) -> int:
-        """Queue changes of ``nat`` for the next commit; returns how many
-        rows they add to it."""
+        """Queue changes of ``nat`` for the next commit: new entries, the
+        (port, last use) of entries used, events. Returns how many rows they
+        add to the commit (recency is written apart, coalesced)."""
         b = self._batch
-        for e in created:
-            b.entries.append((nat, e))
-        for e in touched:
-            self._dirty.append((nat, e))
+        recency = self._recency.get(nat)
+        if recency is None:
+            recency = self._recency[nat] = {}
+        for r in created:
+            b.entries.append((nat, r.port, r.addr, r.aport, r.created, r.last_use))
+            # A port taken over: the last use of whoever held it is moot.
+            recency.pop(r.port, None)
+        recency.update(touched)  # one C loop: this runs for every LOOKUP
         b.events.extend(events)
         rows = len(created) + len(events)
         if rows:
@@ -361,10 +375,16 @@ class Store:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(RECENCY_INTERVAL)
-            if self._dirty:
+            if self._recency:
                 self.flush_recency_soon()
 
     async def _flush_loop(self) -> None:
+        try:
+            await self._flush_batches()
+        finally:
+            self._committed.put_nowait(None)  # commits() ends
+
+    async def _flush_batches(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -386,23 +406,40 @@ class Store:
                     b.done.exception()  # retrieved: waiters may be gone
                 return
             self._inflight = None
+            batch.recency = recency
             self.committed_seq = batch.seq
-            try:
-                self.on_commit(batch)
-            finally:
-                batch.done.set_result(None)
+            # Waiters wake only once the reader of commits() has taken it:
+            # log lines and answers go out before anyone sees it durable.
+            self._committed.put_nowait(batch)
             if self._batch or self._closing or self._recency_due:
                 self._wake.set()
 
     def _take_recency(self) -> list[tuple[int, int, int]]:
         self._recency_due = False
-        rows = []
-        for nat, e in self._dirty:
-            if e.dirty:
-                e.dirty = False
-                rows.append((e.last_use, nat, e.port))
-        self._dirty = []
+        rows = [(last_use, nat, port) for nat, ports in self._recency.items()
+                for port, last_use in ports.items()]
+        self._recency = {}
         return rows
+
+    async def commits(self) -> AsyncIterator[Batch]:
+        """Each committed batch, in order, until the store closes; raises
+        DatabaseDamaged once the file is found damaged. The batch's waiters
+        wake when the next one is asked for."""
+        self._reading = True
+        try:
+            while True:
+                batch = await self._committed.get()
+                if batch is None:
+                    if self.damaged is not None:
+                        raise DatabaseDamaged(self.damaged)
+                    return
+                try:
+                    yield batch
+                finally:
+                    if not batch.done.done():
+                        batch.done.set_result(None)
+        finally:
+            self._read_all.set()
 
     async def _commit_until_done(self, batch: Batch, recency: list) -> None:
         delay = 0.01
@@ -445,17 +482,16 @@ class Store:
         self.failing = self.damaged
         log.critical("%s; stopping without acknowledging anything more; run "
                      "'nat64ho check --db %s'", self.damaged, self.path)
-        self.on_damage(self.damaged)
+        self.damage_found.set()
 
     async def _commit(self, batch: Batch, recency: list) -> None:
         w = self._w
         start = self._loop.time()
         hwm = self.clock_hwm
-        entries = []
-        for nat, e in batch.entries:
-            entries.append(e.row(nat))
-            if e.last_use > hwm:
-                hwm = e.last_use
+        entries = batch.entries
+        for e in entries:
+            if e[5] > hwm:
+                hwm = e[5]
         for r in recency:
             if r[0] > hwm:
                 hwm = r[0]
@@ -478,7 +514,8 @@ class Store:
             self.nats[nat] = NatRecord(boot, old.first_hello if old else wall, wall)
         rows = len(entries) + len(recency) + len(batch.events)
         self.stats["commits"] += 1
-        self.commit_observer(rows, self._loop.time() - start)
+        batch.rows = rows
+        batch.seconds = self._loop.time() - start
 
     async def prune(self, before: int) -> int:
         """Delete history events older than ``before`` (µs), in small chunks."""

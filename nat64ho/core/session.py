@@ -27,7 +27,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Iterable, Mapping, NamedTuple
 
-from nat64ho import wire
+from nat64ho.core import wire
 
 #: NAT64 addresses whose unconfirmed HELLOs are remembered; the least
 #: recently claimed are forgotten first. Each costs about 300 octets.

@@ -1,0 +1,37 @@
+"""What ``nat64ho serve`` is told: one plain record, filled by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nat64ho.core import wire
+from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME
+
+
+@dataclass
+class Config:
+    db: Path
+    host: str = "0.0.0.0"
+    port: int = wire.DEFAULT_PORT
+    log_file: str = "-"
+    first_port: int = 1028
+    last_port: int = 65535
+    allow: list = field(default_factory=list)  # IPv4Network; empty = any
+    min_idle: float = 0.0  # seconds
+    hello_rate: float = 5.0
+    #: New entries per second per NAT64. At 1,000/s a full 64508-port table
+    #: turns over in 65 s, under the 2-minute least lifetime RFC 4787 REQ-5
+    #: asks of a UDP mapping: a NAT64 creating faster keeps nothing alive.
+    create_rate: float = 1000.0
+    #: Request messages (MAP, LOOKUP, TOUCH) per second per NAT64.
+    request_rate: float = 10_000.0
+    cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME
+    sync: str = "full"
+    cache_size: int = 100_000
+    keep_history_days: float | None = None
+    max_nats: int = 4096
+    metrics: tuple[str, int] | None = None
+    standby: bool = False  #: wait for another server to release the table
+    ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
+    ipfix_domain: int = 0  # IPFIX observation domain id

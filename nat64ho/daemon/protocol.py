@@ -1,0 +1,429 @@
+"""The datagram side of the server: an asyncio DatagramProtocol that joins
+the codec, the session rules, the tables (all in :mod:`nat64ho.core`) and
+storage.
+
+A datagram is parsed whole, checked (source, cookie, rates), decided by its
+NAT64's table, and answered; answers that announce something not yet durable
+wait for their commit. Nothing a peer sends raises out of
+:meth:`Server.datagram_received`: every drop is counted under a named reason.
+Clocks come in (:class:`nat64ho.daemon.clock.SystemClock` by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import random
+import socket
+from collections import Counter
+from functools import partial
+from typing import TYPE_CHECKING
+
+from nat64ho.core import wire
+from nat64ho.core.counters import LIMITED, Count, Drop
+from nat64ho.core.records import Event, EventClock, EventKind
+from nat64ho.core.session import Confirmation, Refused, Sessions
+from nat64ho.core.tables import NatState, Tables
+from nat64ho.daemon.clock import Clock, SystemClock
+from nat64ho.daemon.config import Config
+from nat64ho.daemon.ipfix_export import Exporter
+from nat64ho.daemon.logfile import LogFile
+from nat64ho.storage.base import Committed, Storage
+from nat64ho.storage.schema import BadRow
+from nat64ho.storage.sqlite import DatabaseDamaged, is_damage
+
+if TYPE_CHECKING:
+    from nat64ho.daemon.metrics import Metrics
+
+log = logging.getLogger("nat64ho")
+
+#: Datagrams waiting on database reads or commits at once, all NAT64s
+#: together; beyond this new work is dropped ("overloaded") so memory stays
+#: bounded. The last guard: each NAT64's own share (below) comes first.
+MAX_INFLIGHT = 8192
+#: Rows waiting to be committed beyond which new entries are refused (no
+#: answer; the NAT64 retries): a full or stuck disk must not grow memory
+#: without bound.
+MAX_BACKLOG = 200_000
+#: A NAT64's share (PROTOCOL.md §7): its datagrams waiting for reads, its
+#: answers waiting for a commit, its rows waiting to be committed. Beyond
+#: them its requests get ERROR RATE_LIMITED; the other NAT64s go on. Each
+#: is far above what one NAT64 needs at its request rate while commits take
+#: their usual milliseconds, and a small part of the server-wide bound.
+MAX_NAT_QUEUE = 512
+MAX_NAT_WAITING = 1024
+MAX_NAT_BACKLOG = 20_000
+#: Datagrams read for at once (of different NAT64s: each NAT64's datagrams
+#: are decided in arrival order). More keeps the reader thread busy while
+#: the event loop decides; the reads themselves run one at a time.
+READERS = 4
+#: Shortest interval between two reports of unexpected errors in the log;
+#: the ones between are counted (metric "internal_error") and summed up.
+BUG_LOG_INTERVAL = 60.0
+
+# Counted per datagram: plain strings, as an enum member costs 0.2 µs more
+# to fetch and hash (nat64ho.core.counters still names and exports them).
+_DATAGRAMS_IN = Count.DATAGRAMS_IN.value
+_DATAGRAMS_OUT = Count.DATAGRAMS_OUT.value
+_CACHE_HIT = Count.CACHE_HIT.value
+_CACHE_MISS = Count.CACHE_MISS.value
+
+
+class Server(asyncio.DatagramProtocol):
+    def __init__(self, config: Config, store: Storage, logfile: LogFile,
+                 clock: Clock | None = None):
+        self.config = config
+        self.store = store
+        self.logfile = logfile
+        logfile.store = store
+        #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
+        self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
+        self.events = EventClock(store.last_event_ts)
+        self.sessions = Sessions(
+            store.secret, first_port=config.first_port, last_port=config.last_port,
+            allow=config.allow, hello_rate=config.hello_rate, max_nats=config.max_nats,
+            cookie_lifetime=config.cookie_lifetime,
+            known={nat: r.boot_id for nat, r in store.nats.items()})
+        self.transport: asyncio.DatagramTransport | None = None
+        #: By the names of nat64ho.core.counters (metrics export each one).
+        self.drops: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.tasks: set[asyncio.Task] = set()
+        self.tables = Tables(
+            config.first_port, config.last_port, min_idle_us=int(config.min_idle * 1_000_000),
+            create_rate=config.create_rate, request_rate=config.request_rate,
+            cache_size=config.cache_size, rng=random.Random(os.urandom(32)))
+        #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
+        self._loading: dict[int, asyncio.Task] = {}
+        self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
+        self._bug_quiet_until = 0.0
+        self._bugs_suppressed = 0
+        self._bad_row_quiet = 0.0
+        #: Histograms of commit sizes and times (serve --metrics); None: off.
+        self.metrics: Metrics | None = None
+        self._commits = asyncio.ensure_future(self._take_commits())
+
+    # ------------------------------------------------------------ socket
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (a NAT64 went away): not ours to fix.
+        self.counts[Count.ICMP_ERRORS] += 1
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.counts[_DATAGRAMS_IN] += 1
+        try:
+            self._datagram(data, addr)
+        except Exception as exc:
+            self._drop(Drop.INTERNAL_ERROR)
+            self._bug(f"datagram from {addr[0]} raised", exc)
+
+    def _bug(self, what: str, exc: BaseException) -> None:
+        """Log an unexpected error, at most once per BUG_LOG_INTERVAL: a peer
+        that keeps triggering one must not flood the journal."""
+        now = self.clock.monotonic()
+        if now < self._bug_quiet_until:
+            self._bugs_suppressed += 1
+            return
+        more = f" ({self._bugs_suppressed} more since the last report)" if self._bugs_suppressed else ""
+        log.error("bug: %s%s", what, more, exc_info=exc)
+        self._bugs_suppressed = 0
+        self._bug_quiet_until = now + BUG_LOG_INTERVAL
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+
+    def _send(self, units: list[list[bytes]], addr) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        for d in wire.pack(units):
+            self.transport.sendto(d, addr)
+            self.counts[_DATAGRAMS_OUT] += 1
+
+    def _refused(self, verdict: Refused, addr) -> None:
+        self._drop(verdict.reason)
+        if verdict.answer is not None:
+            self._send([[verdict.answer]], addr)
+
+    # ------------------------------------------------------------ dispatch
+    def _datagram(self, data: bytes, addr) -> None:
+        nat = _source_ipv4(addr[0])
+        if nat is None:
+            self._drop(Drop.NOT_IPV4)
+            return
+        try:
+            messages = wire.parse(data)
+        except wire.Malformed as exc:
+            self._drop(exc.reason)
+            return
+        first = messages[0]
+        kind = type(first)
+        sessions = self.sessions
+        if kind is wire.Hello:
+            if len(messages) != 1:
+                self._drop(Drop.HELLO_NOT_ALONE)
+                return
+            self.counts[Count.HELLOS] += 1
+            clock = self.clock
+            verdict = sessions.hello(nat, first, len(data), clock.now(), clock.wall())
+            if type(verdict) is Refused:
+                self._refused(verdict, addr)
+            else:
+                self._send([[verdict.answer]], addr)
+            return
+        if kind is not wire.Cookie:
+            self._refused(sessions.no_cookie(data[0], len(data)), addr)
+            return
+        body = messages[1:]
+        for m in body:
+            if type(m) is wire.Cookie or type(m) is wire.Hello:
+                self._drop(Drop.MISPLACED_SESSION)
+                return
+        opened = sessions.open(nat, first.cookie, len(data), self.clock.wall())
+        if type(opened) is Refused:
+            self._refused(opened, addr)
+            return
+        confirmation = opened.confirmation
+        state = self.tables.state(nat, self.clock.now())
+        if not body:
+            if confirmation is not None:
+                self._record_boot(confirmation)
+            return
+        share = state.share
+        now = self.clock.now()
+        if not share.requests.spend(len(body), now):
+            self._limited(state, body, Drop.REQUEST_RATE, addr, confirmation)
+            return
+        if share.waiting >= MAX_NAT_WAITING:
+            self._limited(state, body, Drop.NAT_WAITING, addr, confirmation)
+            return
+        tables = self.tables
+        if tables.hit(state, body):
+            self.counts[_CACHE_HIT] += 1
+            self._decide(state, body, addr, confirmation)
+        elif share.queued >= MAX_NAT_QUEUE:
+            self._limited(state, body, Drop.NAT_READS, addr, confirmation)
+        elif tables.queued + self.waiting >= MAX_INFLIGHT:
+            if confirmation is not None:
+                self._record_boot(confirmation)
+            self._drop(Drop.OVERLOADED)
+        else:
+            self.counts[_CACHE_MISS] += 1
+            tables.enqueue(state, (body, addr, confirmation))
+            self._read_next()
+
+    def _limited(self, state: NatState, body: list, reason: str, addr,
+                 confirmation: Confirmation | None) -> None:
+        """Refuse a datagram over its NAT64's share whole (§7): ERROR
+        RATE_LIMITED for each request while the NAT64's error budget lasts."""
+        if confirmation is not None:
+            self._record_boot(confirmation)
+        self._drop(reason)
+        self.counts[LIMITED[reason]] += 1
+        if state.share.errors.take(self.clock.now()):
+            units = [[_RATE_LIMITED[type(m)]] for m in body if type(m) in _RATE_LIMITED]
+            if units:
+                self._send(units, addr)
+
+    def _record_boot(self, c: Confirmation) -> None:
+        """A confirmed boot joins the next commit: recorded, and logged as
+        ``Initialized`` when its boot id is new (PROTOCOL.md §4.4)."""
+        wall = self.clock.wall()
+        event = None
+        if c.initialized:
+            event = Event(self.events.stamp(wall), EventKind.INITIALIZED, c.nat)
+        self.store.add_boot(c.nat, c.boot_id, wall, event)
+
+    def _decide(self, state: NatState, body: list, addr,
+                confirmation: Confirmation | None = None) -> None:
+        store = self.store
+        share = state.share
+        if confirmation is not None:
+            self._record_boot(confirmation)
+        out = self.tables.decide(state, body, self.clock.now(),
+                                 partial(self.events.stamp, self.clock.wall()), store.pending_seq,
+                                 create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
+                                 share_ok=share.backlog < MAX_NAT_BACKLOG)
+        if out.created or out.touched or out.events:
+            share.backlog += store.add(state.nat, out.created, out.touched, out.events)
+        counts = self.counts
+        for what, n in out.counts.items():  # Counter.update costs twice this per datagram
+            counts[what] += n
+        if not out.units:
+            return
+        if out.wait_seq > store.committed_seq:
+            # A commit that is stuck (disk full, lock held) meets
+            # retransmissions: beyond MAX_INFLIGHT the answer is dropped, and
+            # the retransmission after the commit gets the same one.
+            if self.tables.queued + self.waiting >= MAX_INFLIGHT:
+                self._drop(Drop.OVERLOADED)
+                return
+            store.answer_after(out.wait_seq, state.nat, out.units, addr)
+            share.waiting += 1
+            self.waiting += 1
+        else:
+            self._send(out.units, addr)
+
+    # ------------------------------------------------------------ reads
+    def _read_next(self) -> None:
+        """Start reads for the NAT64s next in turn, up to READERS at once."""
+        while len(self.tasks) < READERS and (turn := self.tables.next_ready()) is not None:
+            task = asyncio.ensure_future(self._read_one(*turn))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._read_failed(task.exception())
+        self._read_next()
+
+    def _read_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, DatabaseDamaged):
+            return  # the store said so once, and the server is stopping
+        if isinstance(exc, BadRow):
+            # One NAT64's row: refuse that datagram, keep serving the rest.
+            self._drop(Drop.BAD_ROW)
+            now = self.clock.monotonic()
+            if now >= self._bad_row_quiet:
+                log.error("%s (datagram dropped)", exc)
+                self._bad_row_quiet = now + BUG_LOG_INTERVAL
+            return
+        if is_damage(exc):
+            self.store.damage(exc)
+            return
+        self._drop(Drop.INTERNAL_ERROR)
+        self._bug("datagram read failed", exc)
+
+    async def _read_one(self, state: NatState, item: tuple) -> None:
+        """Decide a waiting datagram of ``state``, after reading what memory
+        lacks; then give the NAT64 back its turn."""
+        body, addr, confirmation = item
+        try:
+            await self._read_for(state, body)
+            self._decide(state, body, addr, confirmation)
+        finally:
+            self.tables.turn_done(state)
+        if state.table.readers == 0 and self.tables.excess > 0:
+            # Trimming skips NAT64s with reads in flight; under steady misses
+            # that can be most of them at every commit, and the cache grew
+            # without bound (150k entries of 100k after 100 s of churn).
+            # Only after _decide: the rows just read are then in use, and
+            # forgetting one before would make its endpoint look new.
+            self._trim()
+
+    async def _read_for(self, state: NatState, body: list) -> None:
+        """Read from the database what memory lacks to decide ``body``."""
+        if not state.table.loaded:
+            await self._load(state)
+        store = self.store
+        nat = state.nat
+        reading = self.tables.reading(state, body)
+        try:
+            while (needs := reading.next()) is not None:
+                rows = []
+                if needs.endpoints:
+                    rows += await store.read_endpoints(nat, needs.endpoints)
+                if needs.ports:
+                    rows += await store.read_ports(nat, needs.ports)
+                candidates = []
+                if needs.victims:
+                    candidates = await store.read_oldest(nat, needs.victims, reading.after)
+                reading.fill(rows, candidates)
+        finally:
+            reading.close()
+
+    async def _load(self, state: NatState) -> None:
+        task = self._loading.get(state.nat)
+        if task is None:
+            task = self._loading[state.nat] = asyncio.ensure_future(self._load_table(state))
+        await asyncio.shield(task)
+
+    async def _load_table(self, state: NatState) -> None:
+        ports, total = await self.store.load_table(state.nat)
+        state.table.load(ports, total)
+
+    async def drain(self, timeout: float, give_up=lambda: False) -> None:
+        """Decide the datagrams waiting for reads, for at most ``timeout`` s,
+        checking ``give_up()`` (answers that wait for a failing commit would
+        wait in vain) every tenth of a second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.tasks and not give_up() and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self.tasks), timeout=min(left, 0.1))
+
+    # ------------------------------------------------------------ commits
+    #: IPFIX export of committed events (serve --ipfix); None: off.
+    ipfix: Exporter | None = None
+
+    async def _take_commits(self) -> None:
+        """Act on each commit of the store, in order, until it closes."""
+        try:
+            async for batch in self.store.commits():
+                try:
+                    self._committed(batch)
+                except Exception as exc:
+                    self._bug("acting on a commit raised", exc)
+        except DatabaseDamaged:
+            pass  # the store said so, and the server is stopping
+
+    def _committed(self, batch: Committed) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_commit(batch.rows, batch.seconds)
+        if batch.recency:
+            self.tables.saved(batch.recency)
+        if batch.events:
+            self.logfile.write(batch.events)
+            if self.ipfix is not None:
+                self.ipfix.export(batch.events)
+            initialized = 0
+            for e in batch.events:
+                if e.kind is EventKind.INITIALIZED:
+                    initialized += 1
+            if initialized:
+                self.counts[Count.INITIALIZED] += initialized
+        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in batch.answers])
+        if batch.answers:
+            send = self._send
+            for _, units, addr in batch.answers:
+                send(units, addr)
+            self.waiting -= len(batch.answers)
+        if self.tables.excess > 0:
+            self._trim()
+
+    def _trim(self) -> None:
+        if self.tables.trim(self.store.committed_seq):
+            self.store.flush_recency_soon()
+
+    # ------------------------------------------------------------ reports
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
+        return (f"{self.counts['datagrams_in']} datagrams in, {self.counts['datagrams_out']} out, "
+                f"{self.counts['created']} created, {self.counts['deleted']} deleted; drops: {drops}")
+
+
+#: The answer to a request refused over its NAT64's share, by message type.
+_RATE_LIMITED = {cls: wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, kind))
+                 for cls, kind in ((wire.Map, wire.Kind.MAP), (wire.Lookup, wire.Kind.LOOKUP),
+                                   (wire.Touch, wire.Kind.TOUCH))}
+
+
+def _source_ipv4(host: str) -> int | None:
+    try:
+        # Every datagram comes through here; on an IPv4 socket the kernel's
+        # dotted quad converts 10x faster this way than through ipaddress.
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    except OSError:
+        pass
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6:
+        ip = ip.ipv4_mapped
+        if ip is None:
+            return None
+    return int(ip)

@@ -1,0 +1,294 @@
+"""Running the server: ownership of the table, standby, the socket,
+signals, timers (watchdog, prune), metrics and IPFIX, and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+from nat64ho.daemon.clock import wall_us
+from nat64ho.daemon.config import Config
+from nat64ho.daemon.ipfix_export import Exporter
+from nat64ho.daemon.logfile import LogFile
+from nat64ho.daemon.protocol import Server
+from nat64ho.storage.base import Storage
+from nat64ho.storage.schema import DatabaseError, NotOurDatabase
+from nat64ho.storage.sqlite import Store
+
+log = logging.getLogger("nat64ho")
+
+#: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
+#: rather than being dropped while a commit runs.
+RCVBUF = 4 * 1024 * 1024
+#: How long a clean stop waits for datagrams in flight before committing.
+STOP_GRACE = 10.0
+#: How often a standby server tries to take the table.
+STANDBY_POLL = 0.2
+#: Interval between history prunes when --keep-history is set.
+PRUNE_INTERVAL = 3600.0
+
+
+class ListenError(OSError):
+    """The UDP socket could not be bound; the message says where and why."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # Bound here rather than by the event loop, whose errors (uvloop's in
+    # particular) do not say why a bind failed.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+        if sock.family == socket.AF_INET6:
+            # Only [::] gets here (the CLI refuses other IPv6 addresses): it
+            # serves IPv4 NAT64s, which arrive as ::ffff:a.b.c.d.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        _sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def _prune(store: Storage, days: float) -> None:
+    while True:
+        before = wall_us() - int(days * 86400 * 1_000_000)
+        n = await store.prune(before)
+        if n:
+            log.info("pruned %d history events older than %g days", n, days)
+        await asyncio.sleep(PRUNE_INTERVAL)
+
+
+class NotCommitted(DatabaseError):
+    """A stop gave up on changes whose commits kept failing."""
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, outermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+def _made_private(dirs: list[Path], files: list[Path]) -> None:
+    """Tighten what this start created, whatever umask it ran under: the
+    database holds the cookie secret, the log holds who used which port."""
+    for d in dirs:
+        try:
+            os.chmod(d, 0o750)
+        except OSError:
+            pass
+    for f in files:
+        try:
+            mode = os.stat(f).st_mode & 0o777
+            if mode & ~0o640:
+                os.chmod(f, mode & 0o640)
+        except OSError:
+            pass
+
+
+async def _take_table(config: Config, stop: asyncio.Event):
+    """Own the table of ``config.db`` (see nat64ho.storage.owner); with ``standby``
+    wait for it, or for a stop. Returns None when stopped while waiting."""
+    from nat64ho.storage import owner
+
+    told = False
+    while True:
+        try:
+            return owner.acquire(config.db, what="serve")
+        except owner.TableOwned as exc:
+            if not config.standby or getattr(exc, "holder", None) is None:
+                raise
+            if not told:
+                log.info("standby: %s is owned by %s; waiting to take over", config.db,
+                         exc.holder)
+                _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
+                told = True
+        try:
+            await asyncio.wait_for(stop.wait(), STANDBY_POLL)
+            return None
+        except asyncio.TimeoutError:
+            pass
+
+
+async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:
+    """Run until SIGTERM/SIGINT; returns the server after a clean stop (None
+    when stopped before it served, in standby)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and not hurry.is_set():
+            hurry.set()
+            log.warning("second signal: giving up on commits that fail")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _serve(config, ready, stop, hurry)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Event):
+    db = Path(config.db)
+    created_dirs = _new_dirs(db)
+    log_path = Path(config.log_file) if config.log_file != "-" else None
+    if log_path is not None:
+        created_dirs += [d for d in _new_dirs(log_path) if d not in created_dirs]
+    if created_dirs:
+        db.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    candidates = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")]
+    if log_path is not None:
+        candidates.append(log_path)
+    created = [f for f in candidates if not f.exists()]
+    ownership = await _take_table(config, stop)
+    if ownership is None:
+        log.info("stopped while in standby")
+        return None
+    try:
+        return await _serve_owned(config, ready, stop, hurry, created_dirs, created)
+    finally:
+        ownership.release()
+
+
+async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created):
+    loop = asyncio.get_running_loop()
+    store = await Store.open(config.db, sync=config.sync)
+    try:
+        # Read commands (stats) take the table size from here.
+        await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
+    except sqlite3.Error as exc:
+        log.warning("cannot record the port range in %s: %s", config.db, exc)
+    try:
+        logfile = LogFile(config.log_file)
+    except OSError:
+        await store.close()
+        raise
+    _made_private(created_dirs, created)
+    server = Server(config, store, logfile)
+    damage = asyncio.ensure_future(store.damage_found.wait())
+    damage.add_done_callback(lambda _: stop.set())
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: server, sock=_bind(config.host, config.port))
+    except BaseException:
+        await store.close()
+        logfile.close()
+        raise
+    helpers = []
+    loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
+    sockname = transport.get_extra_info("sockname")
+    log.info("listening on %s:%d, database %s, log %s, ports %d-%d",
+             sockname[0], sockname[1], config.db, config.log_file, config.first_port,
+             config.last_port)
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if watchdog_usec > 0:
+        helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
+    if config.keep_history_days is not None:
+        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+    metrics = None
+    if config.metrics is not None:
+        from nat64ho.daemon.metrics import Metrics
+        metrics = Metrics(server)
+        server.metrics = metrics
+        try:
+            where = await metrics.start(*config.metrics)
+        except OSError:
+            transport.close()
+            await store.close()
+            logfile.close()
+            raise
+        log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+    if config.ipfix:
+        exporter = Exporter(config.ipfix, config.ipfix_domain)
+        try:
+            exporter.start()
+        except OSError:
+            transport.close()
+            if metrics is not None:
+                await metrics.stop()
+            await store.close()
+            logfile.close()
+            raise
+        server.ipfix = exporter
+        log.info("IPFIX export to %s, observation domain %d",
+                 ", ".join(c.name for c in exporter.collectors), config.ipfix_domain)
+    _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
+    if ready is not None and not ready.done():
+        ready.set_result(sockname)
+    unsaved = 0
+    try:
+        await stop.wait()
+    finally:
+        _sd_notify("STOPPING=1")
+        log.info("stopping: committing what is in flight")
+        transport.close()
+        await server.drain(STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set())
+        for h in helpers:
+            h.cancel()
+        if metrics is not None:
+            await metrics.stop()
+        unsaved = await store.close(hurry)
+        damage.cancel()
+        if server.ipfix is not None:
+            server.ipfix.close()
+        logfile.close()
+        log.info("stopped: %s", server.summary())
+    if store.damaged is not None:
+        raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
+    if unsaved:
+        why = store.failing or "a second signal came first"
+        raise NotCommitted(f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
+                           "none of them was acknowledged to a NAT64")
+    return server
+
+
+def run(config: Config) -> None:
+    """Blocking entry point for ``nat64ho serve``."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="nat64ho: %(levelname)s: %(message)s")
+    # Nothing serve creates is for other users, whatever umask it inherits.
+    os.umask(0o027)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

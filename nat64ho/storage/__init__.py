@@ -1,0 +1,2 @@
+"""Where the tables and the history are kept: the storage interface
+(:mod:`.base`), the SQLite backend, its schema and its ownership lock."""

@@ -1,0 +1,115 @@
+"""The storage interface the server needs, over plain records: what a
+backend (today SQLite, next PostgreSQL) implements.
+
+The core decides; storage keeps. Storage never sees a live table entry: it
+gets new entries as :class:`Row` values and recency as (port, last use)
+pairs, and commits them in groups. The server learns that a group is durable
+by taking it from :meth:`Storage.commits` (answers and events of the group
+leave then), or by awaiting :meth:`Storage.wait`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Iterable, Mapping, NamedTuple, Protocol
+
+from nat64ho.core.records import Event, Row
+
+
+class NatRecord(NamedTuple):
+    """What is kept of a NAT64 that completed a HELLO."""
+
+    boot_id: bytes
+    first_hello: int  #: wall-clock µs
+    last_hello: int
+
+
+class Committed(Protocol):
+    """One durable group of changes, as :meth:`Storage.commits` yields it."""
+
+    seq: int
+    events: list[Event]  #: in the order they were added
+    answers: list[tuple[int, list, tuple]]  #: (NAT64, encoded units, address) to send now
+    rows_by_nat: dict[int, int]  #: rows (entries and events) each NAT64 added
+    recency: list[tuple[int, int, int]]  #: (last_use, nat, port) saved
+    rows: int  #: rows written, recency included
+    seconds: float  #: from the start of the transaction to its end
+
+
+class Storage(Protocol):
+    """A server's database: opened by the backend's ``open`` classmethod,
+    closed by :meth:`close`. Reads raise ``schema.BadRow`` for a row that
+    does not decode; a damaged file sets :attr:`damage_found`."""
+
+    # ---------------------------------------------------------------- state read at start
+    path: object  #: where it lives, for messages
+    secret: bytes  #: the cookie secret, created once and kept
+    meta: Mapping[str, object]
+    clock_hwm: int  #: newest last use ever saved (table clock, µs)
+    last_event_ts: int  #: newest event time in the history
+    nats: Mapping[int, NatRecord]  #: the NAT64s seen, with their boot ids
+
+    # ---------------------------------------------------------------- state while serving
+    committed_seq: int  #: the newest group on disk
+    failing: str | None  #: why commits fail, while they do
+    damaged: str | None  #: why the file was given up on; never cleared
+    damage_found: asyncio.Event
+    stats: Mapping[str, int]  #: "commits", "commit_failures"
+
+    async def set_meta(self, key: str, value: str | bytes | int) -> None: ...
+
+    async def close(self, give_up: asyncio.Event | None = None) -> int:
+        """Commit what is pending and close; the number of changes left
+        uncommitted when commits kept failing."""
+
+    # ---------------------------------------------------------------- reads of one NAT64's table
+    async def load_table(self, nat: int) -> tuple[list[int], int]:
+        """Occupied ports and the entry count."""
+
+    async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]: ...
+
+    async def read_ports(self, nat: int, ports: list[int]) -> list[Row]: ...
+
+    async def read_oldest(self, nat: int, n: int,
+                          after: tuple[int, int] | None = None) -> list[Row]:
+        """``n`` rows in (last_use, port) order, after ``after``."""
+
+    # ---------------------------------------------------------------- the log's catch-up
+    async def event_id(self, key: tuple) -> int | None: ...
+
+    async def read_events(self, after: int, n: int) -> list[tuple]: ...
+
+    # ---------------------------------------------------------------- writes
+    @property
+    def pending_seq(self) -> int:
+        """The group that changes added now join."""
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be committed."""
+
+    def add(self, nat: int, created: Iterable[Row], touched: Iterable[tuple[int, int]],
+            events: list[Event]) -> int:
+        """Queue new entries, recency and events; the rows added."""
+
+    def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None: ...
+
+    def answer_after(self, seq: int, nat: int, units: list, addr: tuple) -> None:
+        """Hold an answer until group ``seq`` is durable."""
+
+    def flush_recency_soon(self) -> None: ...
+
+    def commits(self) -> AsyncIterator[Committed]:
+        """Each durable group in order, until closed; the group's waiters
+        wake once the next one is asked for."""
+
+    async def wait(self, seq: int) -> None: ...
+
+    async def flushed(self) -> None: ...
+
+    def damage(self, exc: BaseException, what: str = ...) -> None:
+        """Give up on the file: commit nothing more, set damage_found."""
+
+    # ---------------------------------------------------------------- upkeep
+    async def prune(self, before: int) -> int:
+        """Delete history events older than ``before`` (µs); how many."""
