@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ipaddress  # noqa: E402
 
-from nat64ho.storage import schema  # noqa: E402
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str  # noqa: E402
 from nat64ho.ops import export, queries  # noqa: E402
+from nat64ho.storage import schema  # noqa: E402
 
 SCRATCH_NAT = (203 << 24) | (0 << 16) | (113 << 8) | 1  # 203.0.113.1, TEST-NET-3
 

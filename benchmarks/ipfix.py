@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nat64ho.eventlog import Event, EventKind, format_event  # noqa: E402
 from nat64ho.daemon.ipfix_export import Exporter  # noqa: E402
+from nat64ho.eventlog import Event, EventKind, format_event  # noqa: E402
 
 BATCHES = (1, 20, 1000, 20000)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nat64ho.storage import schema  # noqa: E402
 from nat64ho.bench import nat_source  # noqa: E402
+from nat64ho.storage import schema  # noqa: E402
 
 FIRST_PORT, LAST_PORT = 1028, 65535
 #: Multiplier that scatters last uses across ports; coprime to 64508.

@@ -15,7 +15,7 @@ import socket
 
 from nat64ho.core.records import Event, EventKind
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 _TEN_ZEROS = bytes(10)
 _NAMES = {EventKind.INITIALIZED: "Initialized", EventKind.CREATED: "Created",
@@ -56,7 +56,7 @@ def _second_str(second: int) -> str:
 def ts_from_datetime(t: dt.datetime) -> int:
     """Microseconds since the epoch; a naive datetime is taken as UTC."""
     if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
+        t = t.replace(tzinfo=dt.UTC)
     delta = t - _EPOCH
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from nat64ho.core import wire
-from nat64ho.testing import Child
 from nat64ho.peer import Client, Peer
+from nat64ho.testing import Child
 
 
 def v6(i: int, prefix: str = "2001:db8::") -> bytes:
@@ -43,7 +43,7 @@ class ServerProcess:
         self.port = 0
         self.stderr_lines: list[str] = []
 
-    def start(self, timeout: float = 20.0) -> "ServerProcess":
+    def start(self, timeout: float = 20.0) -> ServerProcess:
         cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
                "--listen", f"127.0.0.1:{self.port}", "--log-file", str(self.log), *self.args]
         self.child = Child(cmd, timeout, env=self.env)
@@ -68,7 +68,7 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def restart(self) -> "ServerProcess":
+    def restart(self) -> ServerProcess:
         self.stop()
         return self.start()
 

@@ -15,8 +15,8 @@ import pytest
 
 from nat64ho import eventlog
 from nat64ho.core import wire
-from nat64ho.storage import schema
 from nat64ho.ops import export, importer, queries
+from nat64ho.storage import schema
 from tests.helpers import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\

@@ -34,7 +34,7 @@ def log_lines(n: int, start_s: int = 1_552_903_588) -> str:
     import datetime as dt
     out = []
     for i in range(n):
-        when = dt.datetime.fromtimestamp(start_s + i, dt.timezone.utc)
+        when = dt.datetime.fromtimestamp(start_s + i, dt.UTC)
         out.append(f"{when:%Y-%m-%d %H:%M:%S}.{i % 1_000_000:06d} Created "
                    f"192.0.2.{i // 60000 + 1}:{1028 + i % 60000} "
                    f"[{ipaddress.IPv6Address(BASE + i + 1)}]:{1024 + i % 50000}\n")

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from nat64ho import cli
-from nat64ho.storage import schema
 from nat64ho.cli import database as cli_database
+from nat64ho.storage import schema
 from tests.helpers import connect, run, v6
 
 EXAMPLE = textwrap.dedent("""\

@@ -74,8 +74,8 @@ def test_every_counter_and_drop_reason_is_exported(tmp_path):
         key = (f"nat64ho_{m.name}_total", (m.label,) if m.label else ())
         assert key in samples, count
     for reason in Drop:
-        assert (f"nat64ho_datagrams_dropped_total", (("reason", str(reason)),)) in samples
-    for reason, m in DROP_METRICS.items():
+        assert ("nat64ho_datagrams_dropped_total", (("reason", str(reason)),)) in samples
+    for _reason, m in DROP_METRICS.items():
         assert (f"nat64ho_{m.name}_total", (m.label,)) in samples
     # The traffic moved some of them, and every key counted is registered.
     assert samples[("nat64ho_datagrams_received_total", ())] == 5

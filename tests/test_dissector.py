@@ -95,7 +95,7 @@ def dissect(tmp_path: Path, packets: list[bytes]) -> list[dict[str, list[str]]]:
     rows = []
     for line in proc.stdout.splitlines():
         values = line.split("\t")
-        rows.append({name: (v.split("|") if v else []) for name, v in zip(FIELDS, values)})
+        rows.append({name: (v.split("|") if v else []) for name, v in zip(FIELDS, values, strict=False)})
     assert len(rows) == len(packets)
     return rows
 
@@ -206,7 +206,7 @@ MALFORMED = [
 
 def test_malformed_datagrams_are_flagged_with_wire_reasons(tmp_path):
     rows = dissect(tmp_path, [packet for packet, _ in MALFORMED])
-    for (packet, reason), row in zip(MALFORMED, rows):
+    for (packet, reason), row in zip(MALFORMED, rows, strict=False):
         assert row["nat64ho.malformed"] == [reason], packet.hex()
         assert "Malformed: the whole datagram is dropped" in row["_ws.expert.message"]
         assert row["_ws.col.Info"][0].endswith(f"[Malformed: {reason}]")
@@ -247,7 +247,7 @@ def test_dissector_and_wire_agree_on_what_is_malformed(tmp_path):
                for d, direction in cases]
     rows = dissect(tmp_path, packets)
     mismatches = []
-    for (data, direction), row in zip(cases, rows):
+    for (data, direction), row in zip(cases, rows, strict=False):
         expected = wire_reason(data, direction)
         got = row["nat64ho.malformed"][0] if row["nat64ho.malformed"] else ""
         if got != expected:

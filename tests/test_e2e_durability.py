@@ -80,7 +80,7 @@ def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory):
                 sent += 8
             try:
                 m = await asyncio.wait_for(c.inbox.get(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if killed:
                     break
                 continue
@@ -211,7 +211,7 @@ def test_tiny_cache_under_misses_keeps_every_endpoint_on_its_port(server_factory
             [m] = await c.map(v6(i), 1)
             ports[i] = m.nat_port
         rng = random.Random(3)
-        for round in range(6):
+        for _round in range(6):
             batch = rng.sample(range(100), 10)
             got = await c.exchange([wire.Map(v6(i), 1) for i in batch])
             assert [m.nat_port for m in got] == [ports[i] for i in batch]

@@ -151,7 +151,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         holder.close()
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert re.search(r"^Error: cannot listen on 127\.0\.0\.1:%d: .*in use" % port, r.stderr, re.M), r.stderr
+    assert re.search(rf"^Error: cannot listen on 127\.0\.0\.1:{port}: .*in use", r.stderr, re.M), r.stderr
     assert time.monotonic() - start < 30
 
 

@@ -21,8 +21,18 @@ from pathlib import Path
 import pytest
 
 from nat64ho.core import wire
-from tests.helpers import (ServerProcess, connect, fill, nat64ho, one_error, run, tmpfs, umount, v6,
-                           wait_for)
+from tests.helpers import (
+    ServerProcess,
+    connect,
+    fill,
+    nat64ho,
+    one_error,
+    run,
+    tmpfs,
+    umount,
+    v6,
+    wait_for,
+)
 
 NAT64HO = [sys.executable, "-m", "nat64ho"]
 
@@ -56,9 +66,9 @@ class Proc:
                 m = re.search(pattern, line)
                 if m:
                     return m
-            if self.proc.poll() is not None and not any(re.search(pattern, l) for l in self.lines):
+            if self.proc.poll() is not None and not any(re.search(pattern, ln) for ln in self.lines):
                 self.pump.join(10)  # it ends at EOF, having read the last lines
-                if not any(re.search(pattern, l) for l in self.lines):
+                if not any(re.search(pattern, ln) for ln in self.lines):
                     raise AssertionError(f"exited without {pattern!r}:\n{self.stderr}")
             time.sleep(0.05)
         raise AssertionError(f"no {pattern!r} in time:\n{self.stderr}")
@@ -127,7 +137,7 @@ def test_one_server_per_table_and_standby_takes_over(tmp_path, procs):
 
     # A standby waits, says so, and takes over when the owner stops.
     standby = procs(*serve_args(db, log, "--ports", "1028-1030", "--standby"))
-    standby.wait_line(r"standby: .* owned by process %d; waiting" % first.proc.pid)
+    standby.wait_line(rf"standby: .* owned by process {first.proc.pid}; waiting")
     time.sleep(1.0)
     assert standby.proc.poll() is None and "listening" not in standby.stderr
     first.proc.send_signal(signal.SIGTERM)
@@ -224,7 +234,7 @@ def test_stop_while_commits_fail_ends_and_counts_what_is_lost(small_fs, tmp_path
 
 def metric(url: str, name: str) -> float:
     body = urllib.request.urlopen(url, timeout=10).read().decode()
-    [value] = [l.split()[-1] for l in body.splitlines() if l.startswith(name + " ")]
+    [value] = [ln.split()[-1] for ln in body.splitlines() if ln.startswith(name + " ")]
     return float(value)
 
 
@@ -236,7 +246,7 @@ def test_log_file_catches_up_from_the_history_when_space_returns(tmp_path, procs
         db, log = tmp_path / "table.db", logs / "events.log"
         p = procs(*serve_args(db, log, "--create-rate", "0", "--metrics", "127.0.0.1:0"))
         port = p.port()
-        url = "http://%s:%s/metrics" % p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups()
+        url = "http://{}:{}/metrics".format(*p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups())
         state: dict = {}
 
         async def maps(lo: int, hi: int) -> None:
@@ -264,7 +274,7 @@ def test_log_file_catches_up_from_the_history_when_space_returns(tmp_path, procs
         assert export.returncode == 0
         wait_for(lambda: log.read_text() == export.stdout, timeout=10)
         assert export.stdout.count(" Created ") == 520
-        errors = [l for l in p.lines if "cannot write log file" in l]
+        errors = [ln for ln in p.lines if "cannot write log file" in ln]
         assert len(errors) == 1
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(30) == 0
@@ -402,7 +412,7 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
     # serve: the read that meets the bad row is refused; the rest is served.
     p = procs(*serve_args(db, tmp_path / "events.log", "--metrics", "127.0.0.1:0"))
     port = p.port()
-    url = "http://%s:%s/metrics" % p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups()
+    url = "http://{}:{}/metrics".format(*p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups())
 
     async def go() -> None:
         srv = ServerProcess(tmp_path)

@@ -13,13 +13,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from nat64ho.core import wire
-from nat64ho.peer import Client, Peer
+from nat64ho.peer import Client
 from tests.helpers import connect, run, v6
 
 ROOT = Path(__file__).resolve().parent.parent

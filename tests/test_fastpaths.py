@@ -28,7 +28,7 @@ def test_ipv6_text_is_ipaddress_rfc5952(addr):
 
 @given(st.integers(-10**15, 10**17))
 def test_time_stamp_text_is_datetime(ts):
-    t = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=ts)
+    t = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ts)
     assert ts_str(ts) == t.strftime("%Y-%m-%d %H:%M:%S.%f")  # years 1938-5138: four digits
 
 

@@ -17,7 +17,6 @@ import pytest
 from nat64ho.core import wire
 from tests.helpers import connect, entries, mappings, rss_kib, run, v6, wait_for
 
-
 _HOLD = textwrap.dedent("""
     import sqlite3, sys, time
     conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
@@ -74,8 +73,8 @@ def test_write_lock_held_for_seconds_is_waited_out(server_factory):
         return late, m3
 
     late, m3 = run(go())
-    assert [l for l in srv.stderr_lines if "cannot commit" in l][0].count("locked") == 1
-    assert sum("cannot commit" in l for l in srv.stderr_lines) == 1
+    assert [ln for ln in srv.stderr_lines if "cannot commit" in ln][0].count("locked") == 1
+    assert sum("cannot commit" in ln for ln in srv.stderr_lines) == 1
     assert srv.stop() == 0
     got = entries(srv.db)
     assert got[(v6(2), 2)] == late.nat_port and got[(v6(3), 3)] == m3.nat_port

@@ -14,7 +14,6 @@ import pytest
 from nat64ho.core import wire
 from tests.helpers import Recorder, ServerProcess, connect, entries, mappings, run, v6
 
-
 HOUR, DAY = 3600, 86400
 
 
@@ -103,9 +102,9 @@ def test_wall_clock_steps_while_serving(tmp_path):
     # on, a step back holds them just after the newest one until the clock
     # catches up, so the history stays unambiguous.
     expected = [0, 0, 0, 0, 0, 0, DAY, DAY, DAY, DAY, DAY]
-    for (ts, rest), shift in zip(lines, expected):
+    for (ts, rest), shift in zip(lines, expected, strict=False):
         assert abs(ts - (real + shift)) < 30, (rest, ts - real)
-    assert all(a[0] < b[0] for a, b in zip(lines, lines[1:]))
+    assert all(a[0] < b[0] for a, b in zip(lines, lines[1:], strict=False))
 
 
 def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
@@ -113,10 +112,10 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
     at a wall time earlier than the recency it saved before."""
     from freezegun import freeze_time
 
-    from nat64ho.peer import Peer
     from nat64ho.daemon.config import Config
     from nat64ho.daemon.logfile import LogFile
     from nat64ho.daemon.protocol import Server
+    from nat64ho.peer import Peer
     from nat64ho.storage.sqlite import Store
 
     nat = ("192.0.2.7", 40000)
@@ -159,6 +158,6 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
     lines = (tmp_path / "events.log").read_text().splitlines()
     # Event times never go back (PROTOCOL.md §6): stepped back, they stay
     # just after the newest one.
-    assert [l[:16] for l in lines] == ["2030-06-01 12:00"] * 5
+    assert [ln[:16] for ln in lines] == ["2030-06-01 12:00"] * 5
     assert lines == sorted(lines)
     assert lines[-2].endswith(f"Deleted 192.0.2.7:{a.nat_port} [2001:db8::1]:1")

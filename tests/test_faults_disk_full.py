@@ -9,7 +9,18 @@ import asyncio
 import pytest
 
 from nat64ho.core import wire
-from tests.helpers import ServerProcess, connect, digest, entries, fill, mappings, nat64ho, run, v6, wait_for
+from tests.helpers import (
+    ServerProcess,
+    connect,
+    digest,
+    entries,
+    fill,
+    mappings,
+    nat64ho,
+    run,
+    v6,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -57,7 +68,7 @@ def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs
             return acked, late
 
         acked, late = run(go())
-        complaints = [l for l in srv.stderr_lines if "cannot commit" in l]
+        complaints = [ln for ln in srv.stderr_lines if "cannot commit" in ln]
         assert len(complaints) == 1, complaints
         assert "database or disk is full" in complaints[0] and str(srv.db) in complaints[0]
         # Those taken before the first failure was known: answered only now.

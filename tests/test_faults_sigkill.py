@@ -23,7 +23,7 @@ async def mapping_load(srv: ServerProcess, peers: list, locals_: list[str], acke
     endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
     from nat64ho.peer import Client
     clients = [await Client.connect(srv.host, srv.port, local=local, peer=peer)
-               for peer, local in zip(peers, locals_)]
+               for peer, local in zip(peers, locals_, strict=False)]
     asyncio.get_running_loop().call_later(kill_after, srv.kill)
 
     async def one(i: int, c) -> None:
@@ -66,7 +66,7 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
             run(mapping_load(srv, peers, locals_, acked, counter, rng.uniform(0.2, 0.8)))
             assert srv.proc.returncode == -signal.SIGKILL
             rows = table_rows(srv.db)
-            for nat, got in zip(nats, acked):
+            for nat, got in zip(nats, acked, strict=False):
                 for endpoint, port in got.items():
                     assert rows[(nat, port)] == endpoint, f"cycle {cycle}: acknowledged entry lost"
             t = time.monotonic()
@@ -78,7 +78,7 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
     rows = table_rows(srv.db)
     total = sum(len(a) for a in acked)
     assert total > 20 * 50, "the load was too light to mean anything"
-    for nat, got in zip(nats, acked):
+    for nat, got in zip(nats, acked, strict=False):
         assert len(set(got.values())) == len(got)  # no port announced for two endpoints
         held = {p: e for (n, p), e in rows.items() if n == nat}
         assert len(set(held.values())) == len(held)
@@ -106,7 +106,7 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
             return c.peer
 
         peer = run(hello())
-        for cycle in range(8):
+        for _cycle in range(8):
             # Every MAP of a new endpoint on an 8-port table evicts one.
             run(mapping_load(srv, [peer], ["127.0.0.1"], acked, counter, rng.uniform(0.2, 0.6),
                              per_datagram=3))
@@ -128,7 +128,7 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
     for port, seq in history.items():
         kinds = [k for k, _, _ in seq]
         assert kinds == [1] + [2, 1] * ((len(kinds) - 1) // 2), (port, kinds)
-        for (k1, a1, p1), (k2, a2, p2) in zip(seq, seq[1:]):
+        for (_k1, a1, p1), (k2, a2, p2) in zip(seq, seq[1:], strict=False):
             if k2 == 2:  # the Deleted names the holder the Created before it made
                 assert (a1, p1) == (a2, p2)
         assert rows[(int.from_bytes(socket.inet_aton("127.0.0.1"), "big"), port)] == seq[-1][1:]

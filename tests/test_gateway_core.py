@@ -8,8 +8,18 @@ import pytest
 from nat64ho.core import wire
 from nat64ho.gateway import core
 from nat64ho.gateway import translate as t
-from tests.test_gateway_translate import (CLIENT, CPORT, HOST, HOST6, POOL, PREFIX, ip4, ip6, tcp,
-                                          udp)
+from tests.test_gateway_translate import (
+    CLIENT,
+    CPORT,
+    HOST,
+    HOST6,
+    POOL,
+    PREFIX,
+    ip4,
+    ip6,
+    tcp,
+    udp,
+)
 
 BOOT = bytes(range(1, 9))
 COOKIE = b"C" * 8

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from nat64ho.ops import queries
 from nat64ho.gateway import testbed as tb
+from nat64ho.ops import queries
 from tests.helpers import nat64ho
 
 pytestmark = pytest.mark.skipif(tb.available() is not None,
@@ -354,7 +354,7 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
         seen = services_seen(bed)
         assert sum(len(v) for v in seen.values()) == 200
         with db(bed) as conn:
-            for s, ep, at in conns:
+            for _s, ep, at in conns:
                 port = next(p for p, eps in seen.items() if f"{ep}" in eps)
                 held = queries.who_port(conn, POOL_INT, port, int(at * 1e6))
                 assert held is not None

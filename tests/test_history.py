@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat64ho.storage import schema
-from nat64ho.storage import sqlite as store
 from nat64ho.eventlog import BadLine, Event, EventKind, format_event, parse_line
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import export as ops_export
 from nat64ho.ops import importer, maintenance, queries
 from nat64ho.ops.queries import Holding
+from nat64ho.storage import schema
+from nat64ho.storage import sqlite as store
 
 EXAMPLE = textwrap.dedent("""\
     2019-03-18 10:06:28.436754 Initialized 192.0.2.7

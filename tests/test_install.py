@@ -52,7 +52,7 @@ def settings(root: Path) -> dict[str, str]:
 
 
 def passwd_entry(root: Path) -> list[str]:
-    lines = [l for l in (root / "etc/passwd").read_text().splitlines() if l.startswith("nat64ho:")]
+    lines = [ln for ln in (root / "etc/passwd").read_text().splitlines() if ln.startswith("nat64ho:")]
     assert len(lines) == 1, lines
     return lines[0].split(":")
 
@@ -218,10 +218,10 @@ def test_directories_and_ownership(installed):
 
 def test_dependencies_are_pinned_by_hash(installed):
     home = installed / HOME
-    lines = [l for l in (home / "requirements.txt").read_text().splitlines()
-             if l and not l.startswith("#")]
+    lines = [ln for ln in (home / "requirements.txt").read_text().splitlines()
+             if ln and not ln.startswith("#")]
     wheels = sorted(p.name for p in (home / "wheels").iterdir())
-    assert len(lines) == len(wheels) and any(l.startswith("hatchling==") for l in lines)
+    assert len(lines) == len(wheels) and any(ln.startswith("hatchling==") for ln in lines)
     for line in lines:
         assert "==" in line and " --hash=sha256:" in line, line
     assert not any(w.startswith("nat64ho-") for w in wheels)

@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from nat64ho import cli, ipfix
-from nat64ho.core import wire
 from nat64ho.cli import serve as cli_serve
-from nat64ho.eventlog import Event, EventKind, parse_line
+from nat64ho.core import wire
 from nat64ho.daemon.ipfix_export import Exporter
+from nat64ho.eventlog import Event, EventKind, parse_line
 from tests.helpers import connect, run, v6, wait_for
 
 NAT = int(ipaddress.IPv4Address("192.0.2.7"))

@@ -10,11 +10,11 @@ import ipaddress
 import pytest
 
 from nat64ho.core import wire
-from nat64ho.eventlog import Event, EventKind, format_event, parse_line, ts_from_datetime
-from nat64ho.peer import Peer
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
+from nat64ho.eventlog import Event, EventKind, format_event, parse_line, ts_from_datetime
+from nat64ho.peer import Peer
 from nat64ho.storage.sqlite import Store
 
 NAT = ("192.0.2.7", 40000)
@@ -248,8 +248,8 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
 
 
 def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
-    from nat64ho.storage.sqlite import DatabaseDamaged
     from nat64ho.core.records import Row
+    from nat64ho.storage.sqlite import DatabaseDamaged
 
     async def go():
         srv, rec = await start(tmp_path)

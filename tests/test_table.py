@@ -7,8 +7,8 @@ import random
 import pytest
 
 from nat64ho.core import wire
-from nat64ho.eventlog import EventKind
 from nat64ho.core.table import Bucket, NatTable, Row
+from nat64ho.eventlog import EventKind
 from tests.helpers import v6
 
 NAT = 0xC0000209  # 192.0.2.9

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nat64ho.storage import schema
 from nat64ho.bench.load import MODES, BenchConfig, Result, drive, loop_name, start_echo
 from nat64ho.eventlog import EventKind
+from nat64ho.storage import schema
 from nat64ho.testing import start_server
 
 #: Batch sizes tried for the raw SQLite ceiling; the best one is reported.

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Literal
 
 import typer
 
-from nat64ho.storage import schema
 from nat64ho.cli.options import EXIT_DB, db_path, fail
 from nat64ho.ops import db as opsdb
+from nat64ho.storage import schema
 
 if TYPE_CHECKING:
     from nat64ho.storage.owner import Ownership

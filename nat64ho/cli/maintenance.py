@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.storage import schema
 from nat64ho.cli.database import Database
 from nat64ho.cli.options import EXIT_DB, DbOption, UsageError, db_path, fail, parse_ipv4, parse_time
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.eventlog import ipv4_str, ts_str
 from nat64ho.ops import maintenance
+from nat64ho.storage import schema
 
 
 def prune(

@@ -13,8 +13,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from nat64ho.storage import schema
 from nat64ho.eventlog import ts_from_datetime
+from nat64ho.storage import schema
 
 try:  # typer raises the exceptions of the click it carries
     from typer._click.exceptions import ClickException, NoArgsIsHelpError

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.storage import schema
 from nat64ho.cli.options import (
     SYNC_CHOICE,
     DbOption,
@@ -19,6 +18,7 @@ from nat64ho.cli.options import (
     parse_ports,
     parse_prefix4,
 )
+from nat64ho.storage import schema
 
 
 def serve(

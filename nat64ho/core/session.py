@@ -25,7 +25,8 @@ import hashlib
 import hmac
 import ipaddress
 from collections import OrderedDict
-from typing import Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from nat64ho.core import wire
 

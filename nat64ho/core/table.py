@@ -25,7 +25,8 @@ from __future__ import annotations
 import random
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from nat64ho.core import wire
 from nat64ho.core.records import Event, EventKind, Row

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from nat64ho.core import wire
 from nat64ho.core.records import Row

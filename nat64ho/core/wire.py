@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import struct
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 #: Largest reply datagram: Ethernet MTU 1500 minus IPv4 (20) and UDP (8) headers.
 MAX_DATAGRAM = 1472
@@ -117,10 +117,10 @@ class Packet(NamedTuple):
     data: bytes
 
 
-Message = Union[
-    Cookie, Hello, Welcome, Map, Mapping, Lookup, Unmapped, Touch, Deleted, Error,
-    Unassigned, Packet,
-]
+Message = (
+    Cookie | Hello | Welcome | Map | Mapping | Lookup | Unmapped | Touch | Deleted | Error
+    | Unassigned | Packet
+)
 
 
 class Malformed(ValueError):

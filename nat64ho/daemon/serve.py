@@ -140,7 +140,7 @@ async def _take_table(config: Config, stop: asyncio.Event):
         try:
             await asyncio.wait_for(stop.wait(), STANDBY_POLL)
             return None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -8,9 +8,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from nat64ho.storage import schema
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
 from nat64ho.ops.db import FETCH, id_event_ok, stream
+from nat64ho.storage import schema
 
 
 def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from nat64ho.storage import schema
 from nat64ho.eventlog import Event, EventKind, ipv4_str
 from nat64ho.ops.db import bad_row, db_path, stream
+from nat64ho.storage import schema
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
 

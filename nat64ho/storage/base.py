@@ -11,7 +11,8 @@ leave then), or by awaiting :meth:`Storage.wait`.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterable, Mapping, NamedTuple, Protocol
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import NamedTuple, Protocol
 
 from nat64ho.core.records import Event, Row
 

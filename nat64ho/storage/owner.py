@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from nat64ho.storage.schema import DatabaseError
+
 
 class TableOwned(DatabaseError):
     """Another process owns the table (a running server, a prune, an import)."""

@@ -341,13 +341,13 @@ def _norm(sql: str | None) -> str:
 _SQLITE_OWN = frozenset({"sqlite_stat1", "sqlite_stat4"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expected(version: int) -> dict[str, tuple[str, str, str]]:
     """name -> (type, tbl_name, sql) of everything in sqlite_master after
     migrations 1..``version``, built once by applying them in memory."""
     mem = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        for v, name, sql in migrations()[:version]:
+        for _v, _name, sql in migrations()[:version]:
             mem.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)")
             for statement in _statements(sql):
@@ -369,7 +369,7 @@ def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
     want = _expected(max(applied, default=0))
     have = _schema_of(conn)
     problems = []
-    for name, (kind, tbl, sql) in sorted(have.items()):
+    for name, (kind, tbl, _sql) in sorted(have.items()):
         if name in _SQLITE_OWN and kind == "table":
             continue
         mine = want.get(name)
@@ -511,7 +511,7 @@ def event_ok(row) -> bool:
 
 def bad_entry(path, row) -> BadRow:
     """The error for an entry row that failed :func:`entry_ok`."""
-    why = next(f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row) if not ok(v))
+    why = next(f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row, strict=False) if not ok(v))
     return BadRow(f"{path}: table entry, row (nat={row[0]!r}, port={row[1]!r}) does not decode: "
                   f"{why}; run 'nat64ho check --db {path}'")
 
@@ -520,7 +520,7 @@ def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
     """The error for an event row that failed :func:`event_ok`, with its id
     when ``conn`` can find it."""
     checks = _EVENT if row[1] != 0 else _EVENT[:4]
-    why = next((f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row) if not ok(v)),
+    why = next((f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row, strict=False) if not ok(v)),
                "wrong types")
     where = f"ts={row[0]!r}, nat={row[2]!r}, port={row[3]!r}"
     if conn is not None:

@@ -15,13 +15,14 @@ import asyncio
 import logging
 import os
 import sqlite3
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import AsyncIterator, Iterable
 
 import aiosqlite
 
 from nat64ho.core.records import Event, Row
-from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT, PRUNE_BATCH, PRUNE_EVENTS
+from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT
+from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.storage import schema
 from nat64ho.storage.base import NatRecord
@@ -126,7 +127,7 @@ class Store:
 
     # ------------------------------------------------------------ life
     @classmethod
-    async def open(cls, path: Path | str, *, sync: str = "full") -> "Store":
+    async def open(cls, path: Path | str, *, sync: str = "full") -> Store:
         """Open (creating if missing) and migrate; raises schema.DatabaseError."""
         path = Path(path)
         await asyncio.to_thread(lambda: schema.open_db(path, create=True).close())
@@ -213,12 +214,12 @@ class Store:
             # The last commits' log lines and answers leave before close returns.
             try:
                 await asyncio.wait_for(self._read_all.wait(), CLOSE_GIVE_UP)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for conn in (self._r, self._w):
             try:
                 await asyncio.wait_for(conn.close(), CLOSE_GIVE_UP)
-            except (sqlite3.Error, asyncio.TimeoutError):
+            except (TimeoutError, sqlite3.Error):
                 pass
         return unsaved
 
