@@ -50,8 +50,7 @@ def timed(fn, *args, **kw):
 
 def command(*args: str) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nat64ho", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "nat64ho", *args], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
@@ -62,13 +61,26 @@ def ms(s: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("db", type=Path)
-    ap.add_argument("--samples", type=int, default=200, help="who lookups of each kind (default 200)")
-    ap.add_argument("--export-lines", type=int, default=2_000_000,
-                    help="lines exported for the rate (default 2 M; 0 = the whole history)")
-    ap.add_argument("--import-lines", type=int, default=1_000_000,
-                    help="lines imported for the rate (default 1 M)")
-    ap.add_argument("--import-into", action="store_true",
-                    help="also import new events into the benchmark database itself")
+    ap.add_argument(
+        "--samples", type=int, default=200, help="who lookups of each kind (default 200)"
+    )
+    ap.add_argument(
+        "--export-lines",
+        type=int,
+        default=2_000_000,
+        help="lines exported for the rate (default 2 M; 0 = the whole history)",
+    )
+    ap.add_argument(
+        "--import-lines",
+        type=int,
+        default=1_000_000,
+        help="lines imported for the rate (default 1 M)",
+    )
+    ap.add_argument(
+        "--import-into",
+        action="store_true",
+        help="also import new events into the benchmark database itself",
+    )
     args = ap.parse_args()
     db = str(args.db)
     rng = random.Random(64)
@@ -78,15 +90,19 @@ def main() -> None:
     entries = conn.execute("SELECT count(*) FROM entry").fetchone()[0]
     nats = queries.nat_addresses(conn)
     t_min, t_max = conn.execute("SELECT min(ts), max(ts) FROM event").fetchone()
-    print(f"database: {args.db}: {len(nats)} NAT64s, {entries} entries, {events} events, "
-          f"{os.path.getsize(args.db) / 1e9:.1f} GB, history {ts_str(t_min)} .. {ts_str(t_max)}")
+    print(
+        f"database: {args.db}: {len(nats)} NAT64s, {entries} entries, {events} events, "
+        f"{os.path.getsize(args.db) / 1e9:.1f} GB, history {ts_str(t_min)} .. {ts_str(t_max)}"
+    )
 
     # How fast this machine is, to compare numbers across machines: an empty
     # Python loop, and SQLite reading rows in C.
     t, _ = timed(lambda: [None for _ in range(1_000_000)])
     t2, _ = timed(lambda: conn.execute("SELECT count(*) FROM event WHERE id <= 2000000").fetchone())
-    print(f"machine: Python {1 / t:.1f} M loop iterations/s; SQLite {min(events, 2_000_000) / t2 / 1e6:.1f} M "
-          f"rows/s scanned; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: Python {1 / t:.1f} M loop iterations/s; SQLite {min(events, 2_000_000) / t2 / 1e6:.1f} M "
+        f"rows/s scanned; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
 
     # query --nat: every entry of one NAT64, formatted as the table output.
     nat = nats[len(nats) // 2]
@@ -95,8 +111,10 @@ def main() -> None:
         out = Null()
         n = 0
         for e in queries.query_entries(conn, nat=nat):
-            out.write(f"{ipv4_str(e.nat):<15}  {e.port:<5}  {ts_str(e.created)}  "
-                      f"{ts_str(e.last_use)}  [{ipv6_str(e.addr)}]:{e.aport}\n")
+            out.write(
+                f"{ipv4_str(e.nat):<15}  {e.port:<5}  {ts_str(e.created)}  "
+                f"{ts_str(e.last_use)}  [{ipv6_str(e.addr)}]:{e.aport}\n"
+            )
             n += 1
         return n
 
@@ -115,13 +133,20 @@ def main() -> None:
         found += h is not None
     sample = (ipv4_str(n_), p, ts_str(at))
     t_cmd = command("who", f"{sample[0]}:{sample[1]}", "--at", sample[2], "--db", db)
-    print(f"who NAT:PORT --at T: {args.samples} lookups ({found} held); library median "
-          f"{ms(statistics.median(times))}, max {ms(max(times))}; command {ms(t_cmd)}")
+    print(
+        f"who NAT:PORT --at T: {args.samples} lookups ({found} held); library median "
+        f"{ms(statistics.median(times))}, max {ms(max(times))}; command {ms(t_cmd)}"
+    )
 
     # who [IPV6]:PORT and who PREFIX/64, for endpoints taken from the history.
     ids = [rng.randint(1, events) for _ in range(args.samples)]
-    picks = [r for i in ids for r in conn.execute(
-        "SELECT addr, aport FROM event WHERE id = ? AND addr IS NOT NULL", (i,))]
+    picks = [
+        r
+        for i in ids
+        for r in conn.execute(
+            "SELECT addr, aport FROM event WHERE id = ? AND addr IS NOT NULL", (i,)
+        )
+    ]
     times, rows = [], 0
     for addr, aport in picks:
         net = ipaddress.IPv6Network((addr, 128))
@@ -130,16 +155,20 @@ def main() -> None:
         rows += len(hs)
     addr, aport = picks[-1]
     t_cmd = command("who", f"[{ipv6_str(addr)}]:{aport}", "--db", db)
-    print(f"who [IPV6]:PORT: {len(picks)} lookups, {rows / max(1, len(picks)):.1f} holdings each; "
-          f"library median {ms(statistics.median(times))}, max {ms(max(times))}; command {ms(t_cmd)}")
+    print(
+        f"who [IPV6]:PORT: {len(picks)} lookups, {rows / max(1, len(picks)):.1f} holdings each; "
+        f"library median {ms(statistics.median(times))}, max {ms(max(times))}; command {ms(t_cmd)}"
+    )
     times, rows = [], 0
     for addr, _ in picks[: max(1, len(picks) // 4)]:
         net = ipaddress.IPv6Network((addr, 64), strict=False)
         t, hs = timed(lambda net=net: list(queries.who_endpoint(conn, net)))
         times.append(t)
         rows += len(hs)
-    print(f"who PREFIX/64: {len(times)} lookups, {rows / len(times):.1f} holdings each; "
-          f"library median {ms(statistics.median(times))}, max {ms(max(times))}")
+    print(
+        f"who PREFIX/64: {len(times)} lookups, {rows / len(times):.1f} holdings each; "
+        f"library median {ms(statistics.median(times))}, max {ms(max(times))}"
+    )
 
     # export: log lines, streamed.
     limit = args.export_lines or None
@@ -153,12 +182,19 @@ def main() -> None:
             # a window on the first events.
             rows = itertools.islice(export.history_rows(conn), args.import_lines)
             export.write_log(rows, out)
-        until = ts_str(conn.execute("SELECT ts FROM event WHERE id = ?",
-                                    (min(events, args.import_lines) + 1,)).fetchone()[0])
-        t_cmd = command("export", "--until", until, "--db", db, "--output", str(Path(tmp) / "w.log"))
+        until = ts_str(
+            conn.execute(
+                "SELECT ts FROM event WHERE id = ?", (min(events, args.import_lines) + 1,)
+            ).fetchone()[0]
+        )
+        t_cmd = command(
+            "export", "--until", until, "--db", db, "--output", str(Path(tmp) / "w.log")
+        )
         n_cmd = sum(1 for _ in open(Path(tmp) / "w.log"))
-        print(f"export --until (command, {n_cmd} lines): {n_cmd / t_cmd:,.0f} lines/s "
-              f"including start-up")
+        print(
+            f"export --until (command, {n_cmd} lines): {n_cmd / t_cmd:,.0f} lines/s "
+            f"including start-up"
+        )
 
         # import into an empty database.
         fresh = Path(tmp) / "fresh.db"
@@ -182,8 +218,10 @@ def main() -> None:
                         out.write(" ".join(parts))
             t_cmd = command("import", str(scratch), "--db", db)
             n = sum(1 for _ in open(scratch))
-            print(f"import into the benchmark database (command, {n} new lines): "
-                  f"{n / t_cmd:,.0f} lines/s")
+            print(
+                f"import into the benchmark database (command, {n} new lines): "
+                f"{n / t_cmd:,.0f} lines/s"
+            )
             rw = schema.open_db(args.db)
             rw.execute("DELETE FROM event WHERE nat = ?", (SCRATCH_NAT,))
             rw.close()

@@ -37,8 +37,9 @@ def gauges(port: int) -> str:
     except OSError as exc:
         return f"(metrics: {exc})"
     keep = ("nat64ho_cache_entries ", "nat64ho_commit_backlog ")
-    return "  ".join(line.replace("nat64ho_", "") for line in text.splitlines()
-                     if line.startswith(keep))
+    return "  ".join(
+        line.replace("nat64ho_", "") for line in text.splitlines() if line.startswith(keep)
+    )
 
 
 def main() -> None:
@@ -48,15 +49,23 @@ def main() -> None:
     ap.add_argument("--nats", type=int, default=100)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--window", type=int, default=256, help="most requests in flight")
-    ap.add_argument("--rate", type=float, default=2000,
-                    help="new entries/s offered (open loop): a steady churn, not an overload")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=2000,
+        help="new entries/s offered (open loop): a steady churn, not an overload",
+    )
     ap.add_argument("--server-arg", action="append", default=[])
     args = ap.parse_args()
     with socket.socket() as s:  # a free loopback port for the metrics endpoint
         s.bind(("127.0.0.1", 0))
         metrics = s.getsockname()[1]
-    server = testing.start_server(args.db, args.db.with_suffix(".log"), "full",
-                                [f"--metrics=127.0.0.1:{metrics}", *args.server_arg])
+    server = testing.start_server(
+        args.db,
+        args.db.with_suffix(".log"),
+        "full",
+        [f"--metrics=127.0.0.1:{metrics}", *args.server_arg],
+    )
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
 
@@ -65,13 +74,22 @@ def main() -> None:
         while not stop.wait(SAMPLE):
             rss = testing.proc_rss(server.pid)
             samples.append((time.monotonic() - t0, rss))
-            print(f"{samples[-1][0]:7.0f} s  RSS {rss / 2**20:6.1f} MB  "
-                  f"{gauges(metrics)}", flush=True)
+            print(
+                f"{samples[-1][0]:7.0f} s  RSS {rss / 2**20:6.1f} MB  {gauges(metrics)}", flush=True
+            )
 
     threading.Thread(target=sample, daemon=True).start()
     # A slow commit is not a lost request: retrying it would add load, not measure churn.
-    cfg = bench.BenchConfig(mode="create", batch=args.batch, window=args.window, rate=args.rate,
-                            duration=args.seconds, nats=args.nats, warmup=0, timeout=30.0)
+    cfg = bench.BenchConfig(
+        mode="create",
+        batch=args.batch,
+        window=args.window,
+        rate=args.rate,
+        duration=args.seconds,
+        nats=args.nats,
+        warmup=0,
+        timeout=30.0,
+    )
     try:
         result = bench.drive(cfg, server.address, server.pid)
     finally:
@@ -80,12 +98,18 @@ def main() -> None:
         server.stop()
     created = result.counts["messages"]
     half = [rss for t, rss in samples if t >= args.seconds / 2]
-    print(f"{created:,} new entries in {args.seconds:g} s ({result.messages_per_s:,.0f}/s), "
-          f"{result.counts['deleted']:,} deleted, {result.counts['unsent']:,} offered but not sent, "
-          f"{result.counts['lost']:,} lost; "
-          f"{created / (args.nats * 64508):.1%} of all entries replaced")
-    print(f"RSS: peak {peak / 2**20:.0f} MB; second half min {min(half) / 2**20:.0f} MB, "
-          f"max {max(half) / 2**20:.0f} MB, last {half[-1] / 2**20:.0f} MB" if half else "no samples")
+    print(
+        f"{created:,} new entries in {args.seconds:g} s ({result.messages_per_s:,.0f}/s), "
+        f"{result.counts['deleted']:,} deleted, {result.counts['unsent']:,} offered but not sent, "
+        f"{result.counts['lost']:,} lost; "
+        f"{created / (args.nats * 64508):.1%} of all entries replaced"
+    )
+    print(
+        f"RSS: peak {peak / 2**20:.0f} MB; second half min {min(half) / 2**20:.0f} MB, "
+        f"max {max(half) / 2**20:.0f} MB, last {half[-1] / 2**20:.0f} MB"
+        if half
+        else "no samples"
+    )
 
 
 if __name__ == "__main__":

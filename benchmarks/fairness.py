@@ -44,8 +44,20 @@ def v6(i: int, net: int) -> bytes:
 
 
 def start(db: Path, log: Path) -> Child:
-    return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db), "--listen",
-                  "127.0.0.1:0", "--log-file", str(log)])
+    return Child(
+        [
+            sys.executable,
+            "-m",
+            "nat64ho",
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-file",
+            str(log),
+        ]
+    )
 
 
 async def prefill(address: tuple[str, int], boot_id: bytes) -> None:
@@ -154,10 +166,15 @@ async def victim(address, seconds: float) -> dict:
     lost = len(pending) + len(late)
     c.close()
     ms = sorted(x * 1000 for x in latencies)
-    return {"sent": i, "answered": len(latencies) - len(late), "lost": lost, "errors": errors,
-            "p50_ms": round(statistics.median(ms), 2) if ms else None,
-            "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 2) if ms else None,
-            "max_ms": round(ms[-1], 2) if ms else None}
+    return {
+        "sent": i,
+        "answered": len(latencies) - len(late),
+        "lost": lost,
+        "errors": errors,
+        "p50_ms": round(statistics.median(ms), 2) if ms else None,
+        "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 2) if ms else None,
+        "max_ms": round(ms[-1], 2) if ms else None,
+    }
 
 
 def run(seconds: float, window: int, flood_on: bool = True) -> dict:
@@ -172,9 +189,10 @@ def run(seconds: float, window: int, flood_on: bool = True) -> dict:
             result = multiprocessing.Queue()
             proc = None
             if flood_on:
-                proc = multiprocessing.Process(target=flood_process,
-                                               args=(server.address, boot_id, seconds + 1, window,
-                                                     result))
+                proc = multiprocessing.Process(
+                    target=flood_process,
+                    args=(server.address, boot_id, seconds + 1, window, result),
+                )
                 proc.start()
                 time.sleep(1.0)  # the flood is under way before the victim starts
             out = {"victim": asyncio.run(victim(server.address, seconds))}
@@ -198,12 +216,16 @@ def main() -> None:
         print(json.dumps(out))
         return
     v = out["victim"]
-    print(f"victim: {v['sent']} MAPs, {v['answered']} answered, {v['lost']} lost, "
-          f"{v['errors']} errors; p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms")
+    print(
+        f"victim: {v['sent']} MAPs, {v['answered']} answered, {v['lost']} lost, "
+        f"{v['errors']} errors; p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms"
+    )
     if "flood" in out:
         f = out["flood"]
-        print(f"flood: {f['datagrams_sent']} datagrams sent, {f['datagrams_answered']} answer "
-              f"datagrams, {f['datagrams_sent'] / f['seconds']:.0f} datagrams/s")
+        print(
+            f"flood: {f['datagrams_sent']} datagrams sent, {f['datagrams_answered']} answer "
+            f"datagrams, {f['datagrams_sent'] / f['seconds']:.0f} datagrams/s"
+        )
 
 
 if __name__ == "__main__":

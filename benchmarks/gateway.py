@@ -40,8 +40,9 @@ DIRECT_HOST = "2001:db8:2::2"
 HOST6 = "64:ff9b::" + tb.HOST4
 
 
-def flood_main(family: str, dst: str, port: int, src_port: int, size: int, seconds: float,
-               count: int) -> None:
+def flood_main(
+    family: str, dst: str, port: int, src_port: int, size: int, seconds: float, count: int
+) -> None:
     """Run by the sender process, inside a namespace: prints packets sent."""
     s = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("::" if family == "6" else "0.0.0.0", src_port))
@@ -118,17 +119,39 @@ def throughput(bed: tb.Testbed, gw_pid: int, direction: str, args) -> dict:
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     counter = Counter(sink)
     cpu0, t0 = cpu_seconds(gw_pid), time.monotonic()
-    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--flood", family, dst,
-                        str(port), str(src_port), str(args.size), str(args.seconds),
-                        str(args.count)], capture_output=True, text=True,
-                       timeout=args.seconds + 60)
+    p = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            __file__,
+            "--flood",
+            family,
+            dst,
+            str(port),
+            str(src_port),
+            str(args.size),
+            str(args.seconds),
+            str(args.count),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + 60,
+    )
     sent = int(p.stdout.strip() or 0)
     counter.join(args.seconds + 30)
     cpu1, t1 = cpu_seconds(gw_pid), time.monotonic()
     sink.close()
     span = max((counter.last or t1) - (counter.first or t0), 1e-6)
-    return {"sent": sent, "received": counter.n, "offered_pps": sent / args.seconds,
-            "delivered_pps": counter.n / span, "gateway_cpu": (cpu1 - cpu0) / (t1 - t0)}
+    return {
+        "sent": sent,
+        "received": counter.n,
+        "offered_pps": sent / args.seconds,
+        "delivered_pps": counter.n / span,
+        "gateway_cpu": (cpu1 - cpu0) / (t1 - t0),
+    }
 
 
 def one_way(bed: tb.Testbed, via_gateway: bool, direction: str, probes: int) -> list[float]:
@@ -182,31 +205,59 @@ def main() -> None:
         bed = tb.Testbed(f"bench{os.getpid() % 100000}", Path(tmp))
         bed.create()
         try:
-            subprocess.run(["ip", "link", "add", "direct", "netns", bed.client, "type", "veth",
-                            "peer", "name", "direct", "netns", bed.host], check=True)
+            subprocess.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    "direct",
+                    "netns",
+                    bed.client,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "direct",
+                    "netns",
+                    bed.host,
+                ],
+                check=True,
+            )
             for ns, addr in ((bed.client, DIRECT_CLIENT), (bed.host, DIRECT_HOST)):
-                subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", "direct",
-                                "nodad"], check=True)
+                subprocess.run(
+                    ["ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", "direct", "nodad"],
+                    check=True,
+                )
                 subprocess.run(["ip", "-n", ns, "link", "set", "direct", "up"], check=True)
             bed.serve("--hello-rate", "0")
             gw = bed.gateway()
-            print(f"nat64ho gateway benchmark: {args.size}-octet UDP payloads, floods of "
-                  f"{args.seconds:g} s, {args.probes} latency probes; {os.cpu_count()} CPUs, "
-                  f"load {os.getloadavg()[0]:.2f}")
+            print(
+                f"nat64ho gateway benchmark: {args.size}-octet UDP payloads, floods of "
+                f"{args.seconds:g} s, {args.probes} latency probes; {os.cpu_count()} CPUs, "
+                f"load {os.getloadavg()[0]:.2f}"
+            )
             for direction in ("direct", "6to4", "4to6"):
                 r = throughput(bed, gw.pid, direction, args)
-                print(f"  {direction}: offered {r['offered_pps']:9,.0f} pps, delivered "
-                      f"{r['delivered_pps']:9,.0f} pps ({r['received']:,} of {r['sent']:,})"
-                      + (f", gateway CPU {r['gateway_cpu']:.0%}, "
-                         f"{r['delivered_pps'] / max(r['gateway_cpu'], 0.01):,.0f} pps per gateway "
-                         "CPU-second" if direction != "direct" else " (no gateway)"))
+                print(
+                    f"  {direction}: offered {r['offered_pps']:9,.0f} pps, delivered "
+                    f"{r['delivered_pps']:9,.0f} pps ({r['received']:,} of {r['sent']:,})"
+                    + (
+                        f", gateway CPU {r['gateway_cpu']:.0%}, "
+                        f"{r['delivered_pps'] / max(r['gateway_cpu'], 0.01):,.0f} pps per gateway "
+                        "CPU-second"
+                        if direction != "direct"
+                        else " (no gateway)"
+                    )
+                )
             for direction in ("6to4", "4to6"):
                 gw_lat = one_way(bed, True, direction, args.probes)
                 direct = one_way(bed, False, direction, args.probes)
                 m_gw, m_d = statistics.median(gw_lat), statistics.median(direct)
                 p99 = sorted(gw_lat)[int(len(gw_lat) * 0.99) - 1]
-                print(f"  {direction} one-way: via gateway median {m_gw:6.0f} us (p99 {p99:.0f}), "
-                      f"direct veth {m_d:6.0f} us, added {m_gw - m_d:6.0f} us")
+                print(
+                    f"  {direction} one-way: via gateway median {m_gw:6.0f} us (p99 {p99:.0f}), "
+                    f"direct veth {m_d:6.0f} us, added {m_gw - m_d:6.0f} us"
+                )
         finally:
             bed.destroy()
 

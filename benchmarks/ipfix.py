@@ -26,8 +26,10 @@ BATCHES = (1, 20, 1000, 20000)
 def events(n: int) -> list[Event]:
     t = time.time_ns() // 1000
     kinds = (EventKind.CREATED, EventKind.DELETED)
-    return [Event(t + i, kinds[i % 2], 0xC0000207, 1028 + i % 64508, os.urandom(16), 1024 + i % 60000)
-            for i in range(n)]
+    return [
+        Event(t + i, kinds[i % 2], 0xC0000207, 1028 + i % 64508, os.urandom(16), 1024 + i % 60000)
+        for i in range(n)
+    ]
 
 
 def per_event_us(fn, batch: list[Event], runs: int) -> float:

@@ -45,8 +45,10 @@ SEQ = 10_000
 def client_addrs() -> list[bytes]:
     # 2001:db8:0:XXXX::YYY -- clients share /64s, as households do. Looked up
     # by a built-in method: a Python function per row would double load time.
-    return [CLIENT_PREFIX + (c >> 10).to_bytes(4, "big") + bytes(6) + (c & 0x3FF).to_bytes(2, "big")
-            for c in range(CLIENTS)]
+    return [
+        CLIENT_PREFIX + (c >> 10).to_bytes(4, "big") + bytes(6) + (c & 0x3FF).to_bytes(2, "big")
+        for c in range(CLIENTS)
+    ]
 
 
 def build(path: Path, nats: int, events: int, span_days: float) -> None:
@@ -63,11 +65,16 @@ def build(path: Path, nats: int, events: int, span_days: float) -> None:
     end = int(time.time() * 1_000_000)
     start = end - int(span_days * 86400 * 1_000_000)
     step = max(1, (end - start) // max(1, events))
-    index_sql = [r[0] for r in conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event' AND sql IS NOT NULL")]
+    index_sql = [
+        r[0]
+        for r in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event' AND sql IS NOT NULL"
+        )
+    ]
     for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event' "
-            "AND sql IS NOT NULL").fetchall():
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event' "
+        "AND sql IS NOT NULL"
+    ).fetchall():
         conn.execute(f"DROP INDEX {name}")
 
     t0 = time.monotonic()
@@ -76,10 +83,14 @@ def build(path: Path, nats: int, events: int, span_days: float) -> None:
     if events > SEQ * SEQ:
         raise SystemExit(f"--events above {SEQ * SEQ}: raise SEQ")
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO nat VALUES (?, ?, ?, ?)",
-                     [(NAT_BASE + 1 + k, os.urandom(8), start, start) for k in range(nats)])
-    conn.executemany("INSERT INTO event (ts, kind, nat, port) VALUES (?, 0, ?, 0)",
-                     [(start, NAT_BASE + 1 + k) for k in range(nats)])
+    conn.executemany(
+        "INSERT INTO nat VALUES (?, ?, ?, ?)",
+        [(NAT_BASE + 1 + k, os.urandom(8), start, start) for k in range(nats)],
+    )
+    conn.executemany(
+        "INSERT INTO event (ts, kind, nat, port) VALUES (?, 0, ?, 0)",
+        [(start, NAT_BASE + 1 + k) for k in range(nats)],
+    )
     # Event i: round 0 creates every slot once; each later round deletes and
     # re-creates every slot. A slot j is (NAT64 j % nats, a scattered port).
     conn.execute(f"""
@@ -118,19 +129,30 @@ def build(path: Path, nats: int, events: int, span_days: float) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     n_entry = conn.execute("SELECT count(*) FROM entry").fetchone()[0]
     conn.close()
-    print(f"entries: {n_entry}; done in {time.monotonic() - t0:.0f} s; "
-          f"{path.stat().st_size / 1e9:.1f} GB", flush=True)
+    print(
+        f"entries: {n_entry}; done in {time.monotonic() - t0:.0f} s; "
+        f"{path.stat().st_size / 1e9:.1f} GB",
+        flush=True,
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("db", type=Path, help="database file to create (must not exist)")
     ap.add_argument("--nats", type=int, default=100, help="number of NAT64s (default 100)")
-    ap.add_argument("--events", type=int, default=100_000_000,
-                    help="Created/Deleted history rows (default 100 M); the current table is "
-                         "full once this reaches NATS x 64508")
-    ap.add_argument("--span-days", type=float, default=90.0,
-                    help="the history ends now and starts this many days ago (default 90)")
+    ap.add_argument(
+        "--events",
+        type=int,
+        default=100_000_000,
+        help="Created/Deleted history rows (default 100 M); the current table is "
+        "full once this reaches NATS x 64508",
+    )
+    ap.add_argument(
+        "--span-days",
+        type=float,
+        default=90.0,
+        help="the history ends now and starts this many days ago (default 90)",
+    )
     args = ap.parse_args()
     build(args.db, args.nats, args.events, args.span_days)
 

@@ -43,16 +43,22 @@ def build(path: Path, nats: int, first: int = FIRST_PORT, last: int = LAST_PORT)
     # A throw-away file while it is built: speed over durability.
     conn.execute("PRAGMA synchronous = OFF")
     conn.execute("PRAGMA cache_size = -262144")
-    indexes = [sql for (sql,) in conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entry' AND sql IS NOT NULL")]
+    indexes = [
+        sql
+        for (sql,) in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entry' AND sql IS NOT NULL"
+        )
+    ]
     for name in ("entry_endpoint", "entry_lru"):
         conn.execute(f"DROP INDEX {name}")
     now = time.time_ns() // 1000
     day = 86_400 * 1_000_000
     span = last - first + 1
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO nat VALUES (?, ?, ?, ?)",
-                     [(nat_int(i), BOOT_ID, now - day, now - day) for i in range(nats)])
+    conn.executemany(
+        "INSERT INTO nat VALUES (?, ?, ?, ?)",
+        [(nat_int(i), BOOT_ID, now - day, now - day) for i in range(nats)],
+    )
     conn.execute(
         """
         WITH RECURSIVE port(p) AS (SELECT ? UNION ALL SELECT p + 1 FROM port WHERE p < ?)
@@ -63,7 +69,9 @@ def build(path: Path, nats: int, first: int = FIRST_PORT, last: int = LAST_PORT)
                ? - ((p * ?) % ?) * 1000 - 1000,
                ? - ((p * ?) % ?) * 1000 - (nat.nat & 255)
         FROM nat, port ORDER BY nat.nat, p
-        """, (first, last, now, STRIDE, span, now, STRIDE, span))
+        """,
+        (first, last, now, STRIDE, span, now, STRIDE, span),
+    )
     conn.execute("COMMIT")
     for sql in indexes:  # exactly as the migrations made them
         conn.execute(sql)
@@ -82,8 +90,10 @@ def main() -> None:
     t = time.perf_counter()
     rows = build(args.db, args.nats)
     size = args.db.stat().st_size / 2**20
-    print(f"{args.db}: {rows:,} entries for {args.nats} NAT64s, {size:,.0f} MiB, "
-          f"{time.perf_counter() - t:.1f} s")
+    print(
+        f"{args.db}: {rows:,} entries for {args.nats} NAT64s, {size:,.0f} MiB, "
+        f"{time.perf_counter() - t:.1f} s"
+    )
 
 
 if __name__ == "__main__":

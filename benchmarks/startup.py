@@ -59,12 +59,23 @@ async def first_answers(port_file: Path, proc: subprocess.Popen, t0: float) -> t
 def one_run(db: Path, tmp: Path) -> tuple[float, float]:
     port_file = tmp / "port"
     port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-           "--log-file", str(tmp / "events.log")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nat64ho",
+        "serve",
+        "--db",
+        str(db),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-file",
+        str(tmp / "events.log"),
+    ]
     loop = asyncio.new_event_loop()
     t0 = loop.time()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
     def pump():
         for line in proc.stderr:
@@ -72,6 +83,7 @@ def one_run(db: Path, tmp: Path) -> tuple[float, float]:
                 port_file.write_text(line.rsplit("listening on", 1)[1].split(",")[0].split(":")[1])
 
     import threading
+
     threading.Thread(target=pump, daemon=True).start()
     try:
         return loop.run_until_complete(first_answers(port_file, proc, t0))
@@ -90,9 +102,11 @@ def main() -> None:
         results = [one_run(args.db, Path(tmp)) for _ in range(args.runs)]
     welcome = [w for w, _ in results]
     lookup = [x for _, x in results]
-    print(f"{args.db}: start to first WELCOME median {statistics.median(welcome):.3f} s "
-          f"(runs: {', '.join(f'{w:.3f}' for w in welcome)}); "
-          f"to first LOOKUP answer median {statistics.median(lookup):.3f} s")
+    print(
+        f"{args.db}: start to first WELCOME median {statistics.median(welcome):.3f} s "
+        f"(runs: {', '.join(f'{w:.3f}' for w in welcome)}); "
+        f"to first LOOKUP answer median {statistics.median(lookup):.3f} s"
+    )
 
 
 if __name__ == "__main__":

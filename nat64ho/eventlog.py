@@ -18,8 +18,11 @@ from nat64ho.core.records import Event, EventKind
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 _TEN_ZEROS = bytes(10)
-_NAMES = {EventKind.INITIALIZED: "Initialized", EventKind.CREATED: "Created",
-          EventKind.DELETED: "Deleted"}
+_NAMES = {
+    EventKind.INITIALIZED: "Initialized",
+    EventKind.CREATED: "Created",
+    EventKind.DELETED: "Deleted",
+}
 
 
 def ipv4_str(nat: int) -> str:

@@ -88,8 +88,10 @@ TEMPLATE_SET = (
 #: Octets of one data record.
 RECORD_SIZE = _RECORD.size
 
-_NAT_EVENTS = {EventKind.CREATED: NatEvent.NAT64_BIB_CREATE,
-               EventKind.DELETED: NatEvent.NAT64_BIB_DELETE}
+_NAT_EVENTS = {
+    EventKind.CREATED: NatEvent.NAT64_BIB_CREATE,
+    EventKind.DELETED: NatEvent.NAT64_BIB_DELETE,
+}
 _U32 = 0xFFFFFFFF
 
 assert RECORD_SIZE == sum(size for _, size in FIELDS)
@@ -111,14 +113,21 @@ class Encoder:
     """The exporting process of one observation domain, for one stream
     (every collector is sent the same messages)."""
 
-    def __init__(self, domain: int = 0, *, limit: int = MAX_DATAGRAM,
-                 refresh: float = TEMPLATE_REFRESH, every: int = TEMPLATE_EVERY):
+    def __init__(
+        self,
+        domain: int = 0,
+        *,
+        limit: int = MAX_DATAGRAM,
+        refresh: float = TEMPLATE_REFRESH,
+        every: int = TEMPLATE_EVERY,
+    ):
         if not 0 <= domain <= _U32:
             raise ValueError(f"observation domain id {domain} is not a 32-bit unsigned number")
         smallest = _HEADER.size + len(TEMPLATE_SET) + _SET_HEADER.size + RECORD_SIZE
         if limit < smallest:
-            raise ValueError(f"datagram limit {limit} is below one record with its template "
-                             f"({smallest} octets)")
+            raise ValueError(
+                f"datagram limit {limit} is below one record with its template ({smallest} octets)"
+            )
         self.domain = domain
         self.limit = limit
         self.refresh = refresh
@@ -145,19 +154,24 @@ class Encoder:
             room = self.limit - _HEADER.size - _SET_HEADER.size
             if with_template:
                 room -= len(TEMPLATE_SET)
-            chunk = records[i:i + room // RECORD_SIZE]
+            chunk = records[i : i + room // RECORD_SIZE]
             i += len(chunk)
             out.append(self._message(now, with_template, chunk))
         return out
 
     def _template_due(self, now: float) -> bool:
-        return (self._template_at is None or self._since_template >= self.every
-                or not 0 <= now - self._template_at < self.refresh)
+        return (
+            self._template_at is None
+            or self._since_template >= self.every
+            or not 0 <= now - self._template_at < self.refresh
+        )
 
     def _message(self, now: float, with_template: bool, records: list[bytes]) -> Message:
         parts = [b"", TEMPLATE_SET] if with_template else [b""]
         if records:
-            parts.append(_SET_HEADER.pack(TEMPLATE_ID, _SET_HEADER.size + RECORD_SIZE * len(records)))
+            parts.append(
+                _SET_HEADER.pack(TEMPLATE_ID, _SET_HEADER.size + RECORD_SIZE * len(records))
+            )
             parts.extend(records)
         length = sum(map(len, parts)) + _HEADER.size
         parts[0] = _HEADER.pack(VERSION, length, int(now) & _U32, self.sequence, self.domain)

@@ -89,11 +89,19 @@ class Client(asyncio.DatagramProtocol):
         self._last_rehello = float("-inf")
 
     @classmethod
-    async def connect(cls, host: str, port: int, *, local: str = "127.0.0.1",
-                      peer: Peer | None = None, auto: bool = True) -> Client:
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        local: str = "127.0.0.1",
+        peer: Peer | None = None,
+        auto: bool = True,
+    ) -> Client:
         loop = asyncio.get_running_loop()
         _, client = await loop.create_datagram_endpoint(
-            lambda: cls(peer, auto=auto), local_addr=(local, 0), remote_addr=(host, port))
+            lambda: cls(peer, auto=auto), local_addr=(local, 0), remote_addr=(host, port)
+        )
         return client
 
     # A datagram endpoint always hands over a DatagramTransport; typeshed's
@@ -112,8 +120,11 @@ class Client(asyncio.DatagramProtocol):
             self.inbox.put_nowait(m)
             if not self.auto or self.transport is None:
                 continue
-            if (isinstance(m, wire.Welcome) and m.boot_id == peer.boot_id
-                    and peer.cookie is not None):
+            if (
+                isinstance(m, wire.Welcome)
+                and m.boot_id == peer.boot_id
+                and peer.cookie is not None
+            ):
                 self.transport.sendto(peer.confirm())
             elif isinstance(m, wire.Error) and m.code == wire.ErrorCode.BAD_COOKIE:
                 now = asyncio.get_running_loop().time()
@@ -175,8 +186,9 @@ class Client(asyncio.DatagramProtocol):
                 raise ConnectionRefusedError(f"server answered HELLO with ERROR {m.code}")
         raise TimeoutError("no WELCOME")
 
-    async def exchange(self, messages: list[wire.Message], answers: int | None = None,
-                       timeout: float = 2.0) -> list[wire.Message]:
+    async def exchange(
+        self, messages: list[wire.Message], answers: int | None = None, timeout: float = 2.0
+    ) -> list[wire.Message]:
         """Send ``messages`` in one datagram and collect the answers (by
         default one per MAP/LOOKUP)."""
         if answers is None:

@@ -31,8 +31,10 @@ class Plan(NamedTuple):
 def describe(m: wire.Message) -> str:
     """One server message in words."""
     if isinstance(m, wire.Welcome):
-        return (f"WELCOME ports {m.first_port}-{m.last_port}, cookie {m.cookie.hex()}, "
-                f"boot id {m.boot_id.hex()}")
+        return (
+            f"WELCOME ports {m.first_port}-{m.last_port}, cookie {m.cookie.hex()}, "
+            f"boot id {m.boot_id.hex()}"
+        )
     if isinstance(m, wire.Mapping):
         return f"MAPPING {m.nat_port} [{ipv6_str(m.addr)}]:{m.port}"
     if isinstance(m, wire.Deleted):
@@ -52,8 +54,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
-              say: Callable[[str], None]) -> bool:
+async def run(
+    host: str, port: int, source: str, plan: Plan, timeout: float, say: Callable[[str], None]
+) -> bool:
     """Talk to the server at ``host``:``port`` from ``source``; ``say`` each
     line. True when every request that expects an answer got one."""
     loop = asyncio.get_running_loop()
@@ -77,8 +80,9 @@ async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
         client.send_raw(client.peer.confirm())
         say("COOKIE -> sent to confirm the session (no answer expected)")
 
-        async def ask(messages: list[wire.Message], answers: int,
-                      wait: float) -> tuple[list[wire.Message], str]:
+        async def ask(
+            messages: list[wire.Message], answers: int, wait: float
+        ) -> tuple[list[wire.Message], str]:
             t0 = loop.time()
             client.send(messages)
             got = await client.collect(answers, wait)
@@ -89,7 +93,8 @@ async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
             return got, timing
 
         requests: list[tuple[str, list[wire.Message]]] = [
-            (f"MAP [{ipv6_str(a)}]:{p}", [wire.Map(a, p)]) for a, p in plan.maps]
+            (f"MAP [{ipv6_str(a)}]:{p}", [wire.Map(a, p)]) for a, p in plan.maps
+        ]
         requests += [(f"LOOKUP {n}", [wire.Lookup(n)]) for n in plan.lookups]
         for label, messages in requests:
             got, timing = await ask(messages, 1, timeout)
@@ -99,14 +104,19 @@ async def run(host: str, port: int, source: str, plan: Plan, timeout: float,
                 say(f"{label} -> no answer within {timeout:g} s")
                 answered = False
         for ports in plan.touches:
-            got, timing = await ask([wire.Touch(tuple(ports))], len(ports),
-                                    min(timeout, TOUCH_QUIET_S))
-            quiet = [p for p in ports if not any(
-                isinstance(m, wire.Unmapped) and m.nat_port == p for m in got)]
+            got, timing = await ask(
+                [wire.Touch(tuple(ports))], len(ports), min(timeout, TOUCH_QUIET_S)
+            )
+            quiet = [
+                p
+                for p in ports
+                if not any(isinstance(m, wire.Unmapped) and m.nat_port == p for m in got)
+            ]
             parts = list(map(describe, got))
             if quiet:
-                parts.append("no answer for " + " ".join(map(str, quiet))
-                             + " (entries there: refreshed)")
+                parts.append(
+                    "no answer for " + " ".join(map(str, quiet)) + " (entries there: refreshed)"
+                )
             say("TOUCH " + " ".join(map(str, ports)) + " -> " + "; ".join(parts) + timing)
     finally:
         client.close()

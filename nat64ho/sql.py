@@ -1,8 +1,9 @@
 """Statements that both the server's store and the operator commands run,
 written once so that the two can never disagree on what a row is."""
 
-INSERT_EVENT = ("INSERT OR IGNORE INTO event (ts, kind, nat, port, addr, aport) "
-                "VALUES (?, ?, ?, ?, ?, ?)")
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO event (ts, kind, nat, port, addr, aport) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 UPSERT_ENTRY = (
     "INSERT INTO entry (nat, port, addr, aport, created, last_use) VALUES (?, ?, ?, ?, ?, ?) "
@@ -12,8 +13,9 @@ UPSERT_ENTRY = (
 
 #: Deletes up to PRUNE_BATCH events older than a time, oldest first; args
 #: (before µs, batch size). Run until it deletes fewer than a batch.
-PRUNE_EVENTS = ("DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? "
-                "ORDER BY ts LIMIT ?)")
+PRUNE_EVENTS = (
+    "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? ORDER BY ts LIMIT ?)"
+)
 
 #: Events per prune transaction: a writer sharing the database (the server's
 #: commits) waits for one batch at most.

@@ -42,9 +42,14 @@ class Child:
 
     def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        )
         listening: list[tuple[str, int]] = []
         found = threading.Event()
 
@@ -83,8 +88,26 @@ class Child:
 def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
     """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
     not capacity) unless ``extra`` sets them."""
-    return Child([sys.executable, "-m", "nat64ho", "serve", "--db", str(db),
-                  "--listen", "127.0.0.1:0", "--log-file", str(log), "--sync", sync,
-                  "--hello-rate", "0", "--create-rate", "0", "--request-rate", "0", *extra])
-
-
+    return Child(
+        [
+            sys.executable,
+            "-m",
+            "nat64ho",
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-file",
+            str(log),
+            "--sync",
+            sync,
+            "--hello-rate",
+            "0",
+            "--create-rate",
+            "0",
+            "--request-rate",
+            "0",
+            *extra,
+        ]
+    )

@@ -31,8 +31,14 @@ def v6(i: int, prefix: str = "2001:db8::") -> bytes:
 class ServerProcess:
     """``nat64ho serve`` in a child process, bound to an ephemeral port."""
 
-    def __init__(self, tmp: Path, *args: str, db: Path | None = None, log: Path | None = None,
-                 env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        db: Path | None = None,
+        log: Path | None = None,
+        env: dict | None = None,
+    ):
         self.tmp = tmp
         self.db = db or tmp / "table.db"
         self.log = log or tmp / "events.log"
@@ -44,8 +50,19 @@ class ServerProcess:
         self.stderr_lines: list[str] = []
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
-               "--listen", f"127.0.0.1:{self.port}", "--log-file", str(self.log), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nat64ho",
+            "serve",
+            "--db",
+            str(self.db),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--log-file",
+            str(self.log),
+            *self.args,
+        ]
         self.child = Child(cmd, timeout, env=self.env)
         self.proc = self.child.proc
         self.stderr_lines = self.child.lines
@@ -73,8 +90,13 @@ class ServerProcess:
         return self.start()
 
 
-async def connect(server: ServerProcess, *, boot_id: bytes | None = None,
-                  local: str = "127.0.0.1", hello: bool = True) -> Client:
+async def connect(
+    server: ServerProcess,
+    *,
+    boot_id: bytes | None = None,
+    local: str = "127.0.0.1",
+    hello: bool = True,
+) -> Client:
     """A NAT64 client for ``server``, after HELLO/WELCOME unless told not to."""
     client = await Client.connect(server.host, server.port, local=local, peer=Peer(boot_id))
     if hello:
@@ -97,11 +119,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def nat64ho(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def nat64ho(
+    *args: str, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """The ``nat64ho`` command, run to its end; stdin is ``input`` or nothing."""
-    return subprocess.run([sys.executable, "-m", "nat64ho", *args], input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nat64ho", *args],
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_error(out: subprocess.CompletedProcess | str) -> str:
@@ -121,7 +150,9 @@ def entries(db: Path) -> dict[tuple[bytes, int], int]:
     """(IPv6 address, port) -> NAT port of every entry, read without writing."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+        return {
+            (bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")
+        }
     finally:
         conn.close()
 
@@ -130,8 +161,10 @@ def table_rows(db: Path) -> dict[tuple[int, int], tuple[bytes, int]]:
     """(NAT64, port) -> endpoint of every entry, read without writing."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {(n, p): (bytes(a), ap) for n, p, a, ap in
-                conn.execute("SELECT nat, port, addr, aport FROM entry")}
+        return {
+            (n, p): (bytes(a), ap)
+            for n, p, a, ap in conn.execute("SELECT nat, port, addr, aport FROM entry")
+        }
     finally:
         conn.close()
 
@@ -166,8 +199,11 @@ class Recorder:
 def tmpfs(where: Path, size: str) -> Path:
     """A fresh tmpfs of ``size`` mounted on ``where`` (made here)."""
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
-                        "nat64ho-test", str(where)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "nat64ho-test", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
     return where

@@ -30,8 +30,23 @@ def test_create_run_reports_server_and_ceilings():
 
 
 def test_cli_lookup_run_prints_the_table():
-    result = CliRunner().invoke(app, ["bench", "--mode", "lookup", "--batch", "10", "--window", "4",
-                                      "--entries", "200", "--duration", "1", "--no-ceilings"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--mode",
+            "lookup",
+            "--batch",
+            "10",
+            "--window",
+            "4",
+            "--entries",
+            "200",
+            "--duration",
+            "1",
+            "--no-ceilings",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "mode lookup, batch 10" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("messages/s"))
@@ -45,9 +60,11 @@ def test_cli_refuses_a_remote_server():
 
 
 def test_the_server_never_imports_the_benchmark_or_the_test_launcher():
-    code = ("import sys, nat64ho.daemon.serve, nat64ho.storage.sqlite; "
-            "print(sorted(m for m in sys.modules if m.startswith(('nat64ho.bench', "
-            "'nat64ho.testing', 'nat64ho.cli', 'nat64ho.ops'))))")
+    code = (
+        "import sys, nat64ho.daemon.serve, nat64ho.storage.sqlite; "
+        "print(sorted(m for m in sys.modules if m.startswith(('nat64ho.bench', "
+        "'nat64ho.testing', 'nat64ho.cli', 'nat64ho.ops'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "[]\n"

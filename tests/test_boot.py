@@ -33,8 +33,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 def missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (debootstrap, systemd-nspawn)"
-    for tool, package in (("debootstrap", "debootstrap"), ("systemd-nspawn", "systemd-container"),
-                          ("nsenter", "util-linux"), ("setpriv", "util-linux")):
+    for tool, package in (
+        ("debootstrap", "debootstrap"),
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        ("setpriv", "util-linux"),
+    ):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install {package})"
     return None
@@ -55,9 +59,19 @@ def base_tree() -> Path:
             work = CACHE / f"{BASE_KEY}.partial"
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(tree, ignore_errors=True)
-            proc = subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}",
-                                   "bookworm", str(work), MIRROR], capture_output=True, text=True,
-                                  timeout=1200)
+            proc = subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={PACKAGES}",
+                    "bookworm",
+                    str(work),
+                    MIRROR,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             if proc.returncode != 0:
                 pytest.fail(f"debootstrap failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             work.rename(tree)
@@ -77,16 +91,31 @@ class Container:
     def __init__(self, tree: Path, console: Path):
         self.console = console
         self.proc = subprocess.Popen(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network",
-             "-b", "-D", str(tree), "-M", f"nat64ho-test-{os.getpid()}"],
-            stdin=subprocess.DEVNULL, stdout=console.open("w"), stderr=subprocess.STDOUT)
+            [
+                "systemd-nspawn",
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "-b",
+                "-D",
+                str(tree),
+                "-M",
+                f"nat64ho-test-{os.getpid()}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=console.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         self.leader = self._find_leader()
 
     def _find_leader(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"systemd-nspawn exited {self.proc.returncode}:\n{self.console.read_text()[-3000:]}")
+                pytest.fail(
+                    f"systemd-nspawn exited {self.proc.returncode}:\n{self.console.read_text()[-3000:]}"
+                )
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
                     continue
@@ -101,9 +130,23 @@ class Container:
         pytest.fail("the container's init did not start")
 
     def run(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "env", "-i",
-                               "PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", *args],
-                              capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.leader),
+                "-a",
+                "env",
+                "-i",
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                "LANG=C.UTF-8",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -142,9 +185,22 @@ def booted():
     try:
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(tree)], check=True)
         port = free_port(socket.SOCK_DGRAM)
-        proc = subprocess.run(["bash", str(REPO / "install.sh"), "--root", str(tree),
-                               "--listen", f"127.0.0.1:{port}", "--metrics", ""],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        proc = subprocess.run(
+            [
+                "bash",
+                str(REPO / "install.sh"),
+                "--root",
+                str(tree),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--metrics",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         container = Container(tree, scratch / "console.log")
         # Boot done: running, or degraded by units a container lacks. Until
@@ -155,8 +211,11 @@ def booted():
             if state.stdout.strip() in ("running", "degraded") or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert state.stdout.strip() in ("running", "degraded"), \
-            (state.stdout, state.stderr, (scratch / "console.log").read_text()[-3000:])
+        assert state.stdout.strip() in ("running", "degraded"), (
+            state.stdout,
+            state.stderr,
+            (scratch / "console.log").read_text()[-3000:],
+        )
         yield container, tree, port
     finally:
         if container is not None:
@@ -167,8 +226,9 @@ def booted():
 def test_service_starts_at_boot_and_answers_hello(booted):
     container, _, port = booted
     active = container.run("systemctl", "is-active", "nat64ho.service")
-    assert active.stdout.strip() == "active", \
+    assert active.stdout.strip() == "active", (
         active.stdout + container.run("journalctl", "-u", "nat64ho", "--no-pager").stdout
+    )
     hello = container.run("/home/nat64ho/venv/bin/python", "-c", HELLO, str(port))
     assert hello.returncode == 0, hello.stderr
     first, last, answers = hello.stdout.split()
@@ -192,17 +252,42 @@ def test_operator_commands_work_with_no_options(booted):
             break
         time.sleep(0.5)
     assert "2001:db8::7" in root.stdout, root.stdout
-    gid = next(line.split(":")[2] for line in (tree / "etc/group").read_text().splitlines()
-               if line.startswith("nat64ho:"))
-    member = container.run("setpriv", "--reuid=23456", "--regid=23456", f"--groups={gid}",
-                           "nat64ho", "query", "--nat", "127.0.0.1")
+    gid = next(
+        line.split(":")[2]
+        for line in (tree / "etc/group").read_text().splitlines()
+        if line.startswith("nat64ho:")
+    )
+    member = container.run(
+        "setpriv",
+        "--reuid=23456",
+        "--regid=23456",
+        f"--groups={gid}",
+        "nat64ho",
+        "query",
+        "--nat",
+        "127.0.0.1",
+    )
     assert member.returncode == 0 and member.stdout == root.stdout, member.stderr
-    outsider = container.run("setpriv", "--reuid=23457", "--regid=23457", "--clear-groups",
-                             "nat64ho", "query", "--nat", "127.0.0.1")
+    outsider = container.run(
+        "setpriv",
+        "--reuid=23457",
+        "--regid=23457",
+        "--clear-groups",
+        "nat64ho",
+        "query",
+        "--nat",
+        "127.0.0.1",
+    )
     assert outsider.returncode == 1
-    assert outsider.stderr == ("Error: /home/nat64ho/data/nat64ho.db: permission denied "
-                               "(run as root or as a member of the file's group)\n"), outsider.stderr
+    assert outsider.stderr == (
+        "Error: /home/nat64ho/data/nat64ho.db: permission denied "
+        "(run as root or as a member of the file's group)\n"
+    ), outsider.stderr
     # The unit's UMask keeps the table from others; the group may read.
-    modes = container.run("stat", "-c", "%a %G %n", "/home/nat64ho/data", "/home/nat64ho/data/nat64ho.db")
-    assert modes.stdout.splitlines() == ["750 nat64ho /home/nat64ho/data",
-                                         "640 nat64ho /home/nat64ho/data/nat64ho.db"]
+    modes = container.run(
+        "stat", "-c", "%a %G %n", "/home/nat64ho/data", "/home/nat64ho/data/nat64ho.db"
+    )
+    assert modes.stdout.splitlines() == [
+        "750 nat64ho /home/nat64ho/data",
+        "640 nat64ho /home/nat64ho/data/nat64ho.db",
+    ]

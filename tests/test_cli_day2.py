@@ -26,13 +26,31 @@ EXAMPLE = textwrap.dedent("""\
     2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643
     """)
 
-COMMANDS = ["serve", "query", "who", "export", "import", "stats", "prune", "forget", "check", "bench",
-            "gateway", "probe", "testbed"]
+COMMANDS = [
+    "serve",
+    "query",
+    "who",
+    "export",
+    "import",
+    "stats",
+    "prune",
+    "forget",
+    "check",
+    "bench",
+    "gateway",
+    "probe",
+    "testbed",
+]
 
 
 def nat64ho(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nat64ho", *args], input=input,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nat64ho", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -47,15 +65,18 @@ def example_db(tmp_path):
 
 # ---------------------------------------------------------------- import creates the database
 
+
 def test_import_creates_a_missing_database_that_serve_then_uses(tmp_path, server_factory):
     log = tmp_path / "old.log"
     log.write_text(EXAMPLE)
     db = tmp_path / "new" / "deeper" / "table.db"
     r = nat64ho("import", str(log), "--rebuild-table", "--db", str(db))
     assert r.returncode == 0, r.stderr
-    assert r.stderr == (f"created {db} (schema version {len(schema.migrations())}); 4 lines read, "
-                        "4 events added, 0 already present, 0 skipped; 2 entries added to the "
-                        "table\n")
+    assert r.stderr == (
+        f"created {db} (schema version {len(schema.migrations())}); 4 lines read, "
+        "4 events added, 0 already present, 0 skipped; 2 entries added to the "
+        "table\n"
+    )
     assert oct(db.stat().st_mode & 0o777) == "0o640"
     for d in (db.parent, db.parent.parent):
         assert oct(d.stat().st_mode & 0o777) == "0o750"
@@ -111,6 +132,7 @@ def test_read_commands_still_never_create_a_database(tmp_path):
 
 # ---------------------------------------------------------------- import bounds
 
+
 def test_a_huge_line_is_skipped_in_bounded_memory(tmp_path):
     log = tmp_path / "long.log"
     lines = EXAMPLE.splitlines(True)
@@ -127,8 +149,9 @@ def test_a_huge_line_is_skipped_in_bounded_memory(tmp_path):
         sys.stdout.write(r.stderr)
         print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    ).stdout.splitlines()
     assert out[0] == f"{log}:2: skipped: line longer than {importer.MAX_LINE} octets"
     assert out[1].endswith("5 lines read, 4 events added, 0 already present, 1 skipped")
     status, rss_kib = map(int, out[2].split())
@@ -145,8 +168,10 @@ def test_line_numbers_count_lf_only_as_editors_do(tmp_path):
     conn = schema.open_db(tmp_path / "t.db", create=True)
     try:
         import io
-        result = importer.import_logs(conn, [("log", io.BytesIO(text.encode()))],
-                                     lambda *a: bad.append(a))
+
+        result = importer.import_logs(
+            conn, [("log", io.BytesIO(text.encode()))], lambda *a: bad.append(a)
+        )
     finally:
         conn.close()
     assert [(n, reason) for _, n, reason in bad] == [(2, "not a log line"), (4, "not a log line")]
@@ -175,6 +200,7 @@ def test_import_caches_are_bounded():
 
 
 # ---------------------------------------------------------------- errors and help
+
 
 def test_help_shows_no_framework_internals_and_whole_summaries():
     top = nat64ho("--help")
@@ -221,8 +247,11 @@ BAD = [
 
 @pytest.mark.parametrize("args, names", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_every_bad_value_is_one_error_line_and_status_2(tmp_path, args, names):
-    r = nat64ho(*args, "--db", str(tmp_path / "t.db")) if args[0] not in ("probe", "frobnicate", "bench") \
+    r = (
+        nat64ho(*args, "--db", str(tmp_path / "t.db"))
+        if args[0] not in ("probe", "frobnicate", "bench")
         else nat64ho(*args)
+    )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
     assert names in r.stderr and "Usage:" not in r.stderr and "Traceback" not in r.stderr
@@ -230,8 +259,9 @@ def test_every_bad_value_is_one_error_line_and_status_2(tmp_path, args, names):
     assert not (tmp_path / "t.db").exists()
 
 
-@pytest.mark.parametrize("args", [["query"], ["stats"], ["export"], ["check"],
-                                  ["prune", "--before", "2020-01-01"]])
+@pytest.mark.parametrize(
+    "args", [["query"], ["stats"], ["export"], ["check"], ["prune", "--before", "2020-01-01"]]
+)
 def test_a_directory_as_database_is_one_error_line_status_1(tmp_path, args):
     r = nat64ho(*args, "--db", str(tmp_path))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ")
@@ -240,9 +270,18 @@ def test_a_directory_as_database_is_one_error_line_status_1(tmp_path, args):
 
 # ---------------------------------------------------------------- abuse reports
 
+
 def test_who_with_tolerance_lists_every_holder_closest_first(example_db):
-    r = nat64ho("who", "192.0.2.9:47102", "--at", "2019-03-18T16:22:02+01:00", "--tolerance", "1",
-                "--db", str(example_db))
+    r = nat64ho(
+        "who",
+        "192.0.2.9:47102",
+        "--at",
+        "2019-03-18T16:22:02+01:00",
+        "--tolerance",
+        "1",
+        "--db",
+        str(example_db),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "192.0.2.9:47102 at 2019-03-18 15:22:02.000000Z ± 1 s: 2 holders: AMBIGUOUS "
@@ -255,26 +294,58 @@ def test_who_with_tolerance_lists_every_holder_closest_first(example_db):
         "not recorded                 0.062478",
     ]
     # Past the Created, the later holder is the closer one.
-    r = nat64ho("who", "192.0.2.9:47102", "--at", "2019-03-18 15:22:03Z", "--tolerance", "5",
-                "--db", str(example_db), "--format", "json")
+    r = nat64ho(
+        "who",
+        "192.0.2.9:47102",
+        "--at",
+        "2019-03-18 15:22:03Z",
+        "--tolerance",
+        "5",
+        "--db",
+        str(example_db),
+        "--format",
+        "json",
+    )
     rows = json.loads(r.stdout)
     assert [(x["ipv6"], x["distance_s"], x["ambiguous"]) for x in rows] == [
-        ("2001:db8::55", "0", True), ("2001:db8::75", "0.937746", True)]
+        ("2001:db8::55", "0", True),
+        ("2001:db8::75", "0.937746", True),
+    ]
     assert rows[0]["at"] == "2019-03-18 15:22:03.000000Z" and rows[0]["holders"] == 2
 
 
 def test_who_with_a_tolerance_that_reaches_no_event_is_unambiguous(example_db):
-    r = nat64ho("who", "192.0.2.9:47102", "--at", "2019-03-18 15:00", "--tolerance", "60",
-                "--db", str(example_db), "--format", "csv")
+    r = nat64ho(
+        "who",
+        "192.0.2.9:47102",
+        "--at",
+        "2019-03-18 15:00",
+        "--tolerance",
+        "60",
+        "--db",
+        str(example_db),
+        "--format",
+        "csv",
+    )
     assert r.stdout.splitlines() == [
         "nat,port,at,tolerance_s,holders,ambiguous,ipv6,ipv6_port,from,until,current,distance_s",
         "192.0.2.9,47102,2019-03-18 15:00:00.000000Z,60,1,false,2001:db8::75,33131,,"
         "2019-03-18 15:22:02.062254Z,false,0",
     ]
-    r = nat64ho("who", "192.0.2.7:3719", "--at", "2019-03-18 10:00", "--tolerance", "60",
-                "--db", str(example_db))
-    assert r.stdout == ("No entry: 192.0.2.7:3719 at 2019-03-18 10:00:00.000000Z ± 60 s: not "
-                        "held as far as this database knows.\n")
+    r = nat64ho(
+        "who",
+        "192.0.2.7:3719",
+        "--at",
+        "2019-03-18 10:00",
+        "--tolerance",
+        "60",
+        "--db",
+        str(example_db),
+    )
+    assert r.stdout == (
+        "No entry: 192.0.2.7:3719 at 2019-03-18 10:00:00.000000Z ± 60 s: not "
+        "held as far as this database knows.\n"
+    )
 
 
 REPORTS = textwrap.dedent("""\
@@ -289,8 +360,17 @@ REPORTS = textwrap.dedent("""\
 def test_who_reports_answers_each_report_and_names_bad_rows(example_db, tmp_path):
     reports = tmp_path / "reports.csv"
     reports.write_text(REPORTS)
-    r = nat64ho("who", "--reports", str(reports), "--tolerance", "30", "--db", str(example_db),
-                "--format", "csv")
+    r = nat64ho(
+        "who",
+        "--reports",
+        str(reports),
+        "--tolerance",
+        "30",
+        "--db",
+        str(example_db),
+        "--format",
+        "csv",
+    )
     assert r.returncode == 1
     assert r.stderr == f"Error: {reports}:4: port '99999': not a port number (1-65535)\n"
     rows = [line.split(",") for line in r.stdout.splitlines()]
@@ -311,11 +391,24 @@ def test_who_reports_from_stdin_without_header_as_json_and_table(example_db):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(x["report"], x["ipv6"], x["holders"]) for x in rows] == [
-        (1, "2001:db8::75", 2), (1, "2001:db8::55", 2), (2, "2001:db8::75", 1)]
+        (1, "2001:db8::75", 2),
+        (1, "2001:db8::55", 2),
+        (2, "2001:db8::75", 1),
+    ]
     r = nat64ho("who", "--reports", "-", "--db", str(example_db), input=body)
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["ROW", "NAT:PORT", "AT", "(UTC)", "±S", "ANSWER", "IPV6",
-                                "ENDPOINT", "FROM", "UNTIL"]
+    assert lines[0].split() == [
+        "ROW",
+        "NAT:PORT",
+        "AT",
+        "(UTC)",
+        "±S",
+        "ANSWER",
+        "IPV6",
+        "ENDPOINT",
+        "FROM",
+        "UNTIL",
+    ]
     assert "AMBIGUOUS" in lines[1] and "AMBIGUOUS" in lines[2] and "1 holder" in lines[3]
 
 
@@ -323,11 +416,14 @@ def test_who_port_window_sees_a_holder_known_only_from_the_table(tmp_path):
     conn = schema.open_db(tmp_path / "t.db", create=True)
     try:
         nat = 0xC0000209
-        conn.execute("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
-                     (nat, 5000, v6(1), 7, 2_000_000, 2_000_000))
+        conn.execute(
+            "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+            (nat, 5000, v6(1), 7, 2_000_000, 2_000_000),
+        )
         found = queries.who_port_window(conn, nat, 5000, 1_000_000, 1_500_000)
         assert [(h.aport, h.current, queries.distance(h, 1_000_000)) for h in found] == [
-            (7, True, 1_000_000)]
+            (7, True, 1_000_000)
+        ]
         assert queries.who_port_window(conn, nat, 5000, 1_000_000, 500_000) == []
     finally:
         conn.close()

@@ -32,17 +32,26 @@ BASE = int(ipaddress.IPv6Address("2001:db8::"))
 def log_lines(n: int, start_s: int = 1_552_903_588) -> str:
     """``n`` Created lines, one per second, over distinct ports and clients."""
     import datetime as dt
+
     out = []
     for i in range(n):
         when = dt.datetime.fromtimestamp(start_s + i, dt.UTC)
-        out.append(f"{when:%Y-%m-%d %H:%M:%S}.{i % 1_000_000:06d} Created "
-                   f"192.0.2.{i // 60000 + 1}:{1028 + i % 60000} "
-                   f"[{ipaddress.IPv6Address(BASE + i + 1)}]:{1024 + i % 50000}\n")
+        out.append(
+            f"{when:%Y-%m-%d %H:%M:%S}.{i % 1_000_000:06d} Created "
+            f"192.0.2.{i // 60000 + 1}:{1028 + i % 60000} "
+            f"[{ipaddress.IPv6Address(BASE + i + 1)}]:{1024 + i % 50000}\n"
+        )
     return "".join(out)
 
 
-def in_pty(args: list[str], *, stop_when: str | None = None, sig: int | None = None,
-           then=None, timeout: float = 240.0) -> tuple[int, str]:
+def in_pty(
+    args: list[str],
+    *,
+    stop_when: str | None = None,
+    sig: int | None = None,
+    then=None,
+    timeout: float = 240.0,
+) -> tuple[int, str]:
     """Run ``nat64ho args`` with stderr on a real pseudo-terminal (stdout a
     pipe); optionally send ``sig`` once the terminal shows ``stop_when``.
     Returns the exit status and everything the terminal received."""
@@ -50,8 +59,9 @@ def in_pty(args: list[str], *, stop_when: str | None = None, sig: int | None = N
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(PY + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=slave, env=env)
+    proc = subprocess.Popen(
+        PY + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env
+    )
     os.close(slave)
     seen = b""
     sent = False
@@ -67,8 +77,12 @@ def in_pty(args: list[str], *, stop_when: str | None = None, sig: int | None = N
                 if not chunk:
                     break
                 seen += chunk
-            if sig is not None and not sent and stop_when and re.search(
-                    stop_when, seen.decode("utf-8", "replace")):
+            if (
+                sig is not None
+                and not sent
+                and stop_when
+                and re.search(stop_when, seen.decode("utf-8", "replace"))
+            ):
                 proc.send_signal(sig)
                 sent = True
                 if then is not None:
@@ -95,17 +109,21 @@ def big_log(tmp_path_factory):
 
 # ---------------------------------------------------------------- progress
 
+
 def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log):
     small = tmp_path / "small.log"
     small.write_text(log_lines(30_000))
     db = tmp_path / "t.db"
     status, screen = in_pty(["import", str(small), "--db", str(db)])
     assert status == 0, screen
-    assert re.search(r"\d+%", screen) and re.search(r"[\d,]+ lines\s+[\d,]+ lines/s", screen), screen
+    assert re.search(r"\d+%", screen) and re.search(r"[\d,]+ lines\s+[\d,]+ lines/s", screen), (
+        screen
+    )
     assert "30000 lines read, 30000 events added" in screen and "Traceback" not in screen
 
-    status, screen = in_pty(["import", str(small), "--rebuild-table", "--db",
-                             str(tmp_path / "r.db")])
+    status, screen = in_pty(
+        ["import", str(small), "--rebuild-table", "--db", str(tmp_path / "r.db")]
+    )
     assert status == 0 and "import, now rebuilding the table" in screen, screen
     assert "30000 entries added to the table" in screen
 
@@ -118,42 +136,65 @@ def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log):
     assert status == 0 and re.search(r"\d+%", screen) and "events/s" in screen, screen
 
     # The same commands on pipes: only their one summary line.
-    r = subprocess.run(PY + ["import", str(small), "--db", str(db)], capture_output=True,
-                       text=True, timeout=240)
+    r = subprocess.run(
+        PY + ["import", str(small), "--db", str(db)], capture_output=True, text=True, timeout=240
+    )
     assert r.stderr == "30000 lines read, 6812 events added, 23188 already present, 0 skipped\n"
-    r = subprocess.run(PY + ["export", "--db", str(db), "-o", str(tmp_path / "o2.log")],
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        PY + ["export", "--db", str(db), "-o", str(tmp_path / "o2.log")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert (r.stdout, r.stderr) == ("", f"30000 events written to {tmp_path / 'o2.log'}\n")
-    r = subprocess.run(PY + ["prune", "--db", str(db), "--before", "2019-03-18 12:00"],
-                       capture_output=True, text=True, timeout=240)
-    assert (r.stdout, r.stderr) == ("6812 history events before 2019-03-18 12:00:00.000000 "
-                                    "deleted\n", "")
+    r = subprocess.run(
+        PY + ["prune", "--db", str(db), "--before", "2019-03-18 12:00"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert (r.stdout, r.stderr) == (
+        "6812 history events before 2019-03-18 12:00:00.000000 deleted\n",
+        "",
+    )
 
 
 def test_ctrl_c_of_import_says_how_far_and_rerunning_finishes(tmp_path, big_log):
     db = tmp_path / "t.db"
-    status, screen = in_pty(["import", str(big_log), "--db", str(db)],
-                            stop_when=r"\b[2-9]\d,\d{3} lines ", sig=signal.SIGINT)
+    status, screen = in_pty(
+        ["import", str(big_log), "--db", str(db)],
+        stop_when=r"\b[2-9]\d,\d{3} lines ",
+        sig=signal.SIGINT,
+    )
     assert status == 130, screen
     assert "Traceback" not in screen and "KeyboardInterrupt" not in screen
-    m = re.search(r"Interrupted: (\d+) lines read and (\d+) events added so far .*run the "
-                  r"same command again to finish", " ".join(screen.split()))
+    m = re.search(
+        r"Interrupted: (\d+) lines read and (\d+) events added so far .*run the "
+        r"same command again to finish",
+        " ".join(screen.split()),
+    )
     assert m, screen
     conn = schema.open_db(db, readonly=True)
     kept = conn.execute("SELECT count(*) FROM event").fetchone()[0]
     conn.close()
     assert 0 < kept < 120_000 and kept >= int(m.group(2))
-    r = subprocess.run(PY + ["import", str(big_log), "--db", str(db)], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        PY + ["import", str(big_log), "--db", str(db)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stderr == (f"120000 lines read, {120_000 - kept} events added, {kept} already "
-                        "present, 0 skipped\n")
+    assert r.stderr == (
+        f"120000 lines read, {120_000 - kept} events added, {kept} already present, 0 skipped\n"
+    )
 
 
 def test_ctrl_c_of_export_names_the_sequence_to_resume_after(tmp_path, big_log):
     db = tmp_path / "t.db"
-    assert subprocess.run(PY + ["import", str(big_log), "--db", str(db)], capture_output=True,
-                          timeout=300).returncode == 0
+    assert (
+        subprocess.run(
+            PY + ["import", str(big_log), "--db", str(db)], capture_output=True, timeout=300
+        ).returncode
+        == 0
+    )
     # The export writes into a FIFO that is read only in part until the
     # interrupt has landed: the command is mid-way when Ctrl-C comes.
     fifo = tmp_path / "part.fifo"
@@ -169,17 +210,28 @@ def test_ctrl_c_of_export_names_the_sequence_to_resume_after(tmp_path, big_log):
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    status, screen = in_pty(["export", "--db", str(db), "-o", str(fifo)],
-                            stop_when=r"[1-9][\d,]* events ", sig=signal.SIGINT, then=release.set)
+    status, screen = in_pty(
+        ["export", "--db", str(db), "-o", str(fifo)],
+        stop_when=r"[1-9][\d,]* events ",
+        sig=signal.SIGINT,
+        then=release.set,
+    )
     t.join(60)
     assert status == 130 and "Traceback" not in screen, screen
-    m = re.search(r"(\d+) events written to \S+, the last one seq (\d+) at .* run the same "
-                  r"command with --after (\d+)", " ".join(screen.split()))
+    m = re.search(
+        r"(\d+) events written to \S+, the last one seq (\d+) at .* run the same "
+        r"command with --after (\d+)",
+        " ".join(screen.split()),
+    )
     assert m and m.group(2) == m.group(3), screen
     part = b"".join(got).decode()
     assert 0 < len(part.splitlines()) == int(m.group(1)) == int(m.group(2)) < 120_000
-    r = subprocess.run(PY + ["export", "--db", str(db), "--after", m.group(2)],
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        PY + ["export", "--db", str(db), "--after", m.group(2)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0
     # The interrupted part and the rest are the whole history, once each.
     assert part + r.stdout == big_log.read_text()
@@ -187,13 +239,17 @@ def test_ctrl_c_of_export_names_the_sequence_to_resume_after(tmp_path, big_log):
 
 # ---------------------------------------------------------------- export --follow
 
+
 class Follower:
     """``export --follow --format jsonl`` in a child, its lines in a queue."""
 
     def __init__(self, db, *extra: str):
-        self.proc = subprocess.Popen(PY + ["export", "--follow", "--format", "jsonl", "--db",
-                                           str(db), *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            PY + ["export", "--follow", "--format", "jsonl", "--db", str(db), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -249,8 +305,12 @@ def test_follow_loses_nothing_across_a_kill_and_a_server_restart(server_factory,
     assert err == f"stopped after seq {got[-1]['seq']}; resume with --after {got[-1]['seq']}\n"
     assert second.lines.empty()
     # Every event once, in order, exactly as a plain export gives it.
-    export = subprocess.run(PY + ["export", "--format", "jsonl", "--db", str(server.db)],
-                            capture_output=True, text=True, timeout=60).stdout
+    export = subprocess.run(
+        PY + ["export", "--format", "jsonl", "--db", str(server.db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert got == [json.loads(x) for x in export.splitlines()]
     assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
     # Each make_events is a new NAT64 boot: five Initialized, two before the kill.
@@ -260,8 +320,12 @@ def test_follow_loses_nothing_across_a_kill_and_a_server_restart(server_factory,
 def test_follow_in_log_format_and_sigint(server_factory):
     server = server_factory()
     run(make_events(server, 3, 0))
-    proc = subprocess.Popen(PY + ["export", "--follow", "--db", str(server.db)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        PY + ["export", "--follow", "--db", str(server.db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = [proc.stdout.readline() for _ in range(4)]
     assert lines == server.log.read_text().splitlines(True)[:4]
     proc.send_signal(signal.SIGINT)
@@ -271,20 +335,39 @@ def test_follow_in_log_format_and_sigint(server_factory):
 
 # ---------------------------------------------------------------- probe
 
+
 def test_probe_hello_confirm_map_lookup_touch(server_factory):
     server = server_factory("--ports", "1028-1031")
-    r = subprocess.run(PY + ["probe", f"127.0.0.1:{server.port}", "--source", "127.0.0.3",
-                             "--map", "[2001:db8::1]:4000", "--lookup", "1030",
-                             "--touch", "1028,1029,1030,1031"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        PY
+        + [
+            "probe",
+            f"127.0.0.1:{server.port}",
+            "--source",
+            "127.0.0.3",
+            "--map",
+            "[2001:db8::1]:4000",
+            "--lookup",
+            "1030",
+            "--touch",
+            "1028,1029,1030,1031",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     ms = r"  \(\d+\.\d\d ms\)"
-    assert re.fullmatch(r"HELLO boot id [0-9a-f]{16} -> WELCOME ports 1028-1031, cookie "
-                        r"[0-9a-f]{16}, boot id [0-9a-f]{16}" + ms, lines[0]), lines[0]
+    assert re.fullmatch(
+        r"HELLO boot id [0-9a-f]{16} -> WELCOME ports 1028-1031, cookie "
+        r"[0-9a-f]{16}, boot id [0-9a-f]{16}" + ms,
+        lines[0],
+    ), lines[0]
     assert lines[1] == "COOKIE -> sent to confirm the session (no answer expected)"
-    m = re.fullmatch(r"MAP \[2001:db8::1\]:4000 -> MAPPING (\d+) \[2001:db8::1\]:4000" + ms,
-                     lines[2])
+    m = re.fullmatch(
+        r"MAP \[2001:db8::1\]:4000 -> MAPPING (\d+) \[2001:db8::1\]:4000" + ms, lines[2]
+    )
     assert m, lines[2]
     port = int(m.group(1))
     if port == 1030:
@@ -292,26 +375,44 @@ def test_probe_hello_confirm_map_lookup_touch(server_factory):
     else:
         assert re.fullmatch(r"LOOKUP 1030 -> UNMAPPED 1030" + ms, lines[3]), lines[3]
     others = [p for p in range(1028, 1032) if p != port]
-    assert lines[4].startswith("TOUCH 1028 1029 1030 1031 -> "
-                               + "; ".join(f"UNMAPPED {p}" for p in others)
-                               + f"; no answer for {port} (entries there: refreshed)")
+    assert lines[4].startswith(
+        "TOUCH 1028 1029 1030 1031 -> "
+        + "; ".join(f"UNMAPPED {p}" for p in others)
+        + f"; no answer for {port} (entries there: refreshed)"
+    )
     assert len(lines) == 5
     # The confirmed boot and its entry are in the table of the source address.
-    q = subprocess.run(PY + ["query", "--nat", "127.0.0.3", "--db", str(server.db),
-                             "--format", "csv"], capture_output=True, text=True, timeout=60)
+    q = subprocess.run(
+        PY + ["query", "--nat", "127.0.0.3", "--db", str(server.db), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert q.stdout.splitlines()[1].startswith(f"127.0.0.3,{port},2001:db8::1,4000,")
     assert "Initialized 127.0.0.3" in server.log.read_text()
 
 
 def test_probe_of_a_silent_address_exits_1(tmp_path):
     import socket
+
     quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     quiet.bind(("127.0.0.1", 0))  # bound, never answers
     try:
         started = time.monotonic()
-        r = subprocess.run(PY + ["probe", f"127.0.0.1:{quiet.getsockname()[1]}", "--timeout",
-                                 "0.5", "--map", "[2001:db8::1]:1"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            PY
+            + [
+                "probe",
+                f"127.0.0.1:{quiet.getsockname()[1]}",
+                "--timeout",
+                "0.5",
+                "--map",
+                "[2001:db8::1]:1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert time.monotonic() - started < 30
     finally:
         quiet.close()

@@ -27,8 +27,13 @@ EXAMPLE = textwrap.dedent("""\
 
 
 def nat64ho(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nat64ho", *args], input=input,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nat64ho", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def invoke(*args: str, input: str | None = None):
@@ -53,6 +58,7 @@ def example_db(db, tmp_path):
 
 # ---------------------------------------------------------------- the issue's examples
 
+
 def test_import_then_export_gives_the_same_bytes(example_db, tmp_path):
     r = nat64ho("export", "--db", str(example_db))
     assert (r.returncode, r.stdout, r.stderr) == (0, EXAMPLE, "")
@@ -70,23 +76,38 @@ def test_who_before_and_after_the_deleted(example_db):
     ]
     r = invoke("who", "192.0.2.9:47102", "--at", "2019-03-18T15:30:00Z", "--db", str(example_db))
     assert r.exit_code == 0
-    assert r.stdout.splitlines()[0] == "192.0.2.9:47102 at 2019-03-18 15:30:00.000000: [2001:db8::55]:34643"
+    assert (
+        r.stdout.splitlines()[0]
+        == "192.0.2.9:47102 at 2019-03-18 15:30:00.000000: [2001:db8::55]:34643"
+    )
     assert "    2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643" in r.stdout
 
 
 def test_who_with_an_offset_is_converted_to_utc(example_db):
-    r = invoke("who", "192.0.2.9:47102", "--at", "2019-03-18T16:00:00+01:00", "--db", str(example_db),
-               "--format", "json")
+    r = invoke(
+        "who",
+        "192.0.2.9:47102",
+        "--at",
+        "2019-03-18T16:00:00+01:00",
+        "--db",
+        str(example_db),
+        "--format",
+        "json",
+    )
     out = json.loads(r.stdout)
     assert out["at"] == "2019-03-18 15:00:00.000000" and out["ipv6"] == "2001:db8::75"
     assert out["events"] == [EXAMPLE.splitlines()[2]] and out["from"] is None
 
 
 def test_who_no_entry_is_a_plain_answer(example_db):
-    r = invoke("who", "192.0.2.9:47102", "--at", "2019-03-18 15:22:02.0623", "--db", str(example_db))
+    r = invoke(
+        "who", "192.0.2.9:47102", "--at", "2019-03-18 15:22:02.0623", "--db", str(example_db)
+    )
     assert r.exit_code == 0
-    assert r.stdout == ("No entry: 192.0.2.9:47102 was not held at 2019-03-18 15:22:02.062300 "
-                        "as far as this database knows.\n")
+    assert r.stdout == (
+        "No entry: 192.0.2.9:47102 was not held at 2019-03-18 15:22:02.062300 "
+        "as far as this database knows.\n"
+    )
     r = invoke("who", "[2001:db8::99]:1", "--db", str(example_db))
     assert r.exit_code == 0 and r.stdout.startswith("No entry: [2001:db8::99]:1 held no NAT port")
 
@@ -114,29 +135,53 @@ def test_who_endpoint_table_json_csv(example_db):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("args, line", [
-    (["who", "192.0.2.9:70000"], "Error: target '192.0.2.9:70000': expected NAT:PORT with an IPv4 "
-                                  "address and a port 1-65535, e.g. 192.0.2.9:47102"),
-    (["who", "192.0.2.300:1"], "Error: target '192.0.2.300:1': expected NAT:PORT with an IPv4 "
-                                "address and a port 1-65535, e.g. 192.0.2.9:47102"),
-    (["who", "[2001:db8::zz]:1"], "Error: target '[2001:db8::zz]:1': not an IPv6 address, "
-                                   "[IPV6]:PORT or IPV6/LEN prefix"),
-    (["who", "2001:db8::/129"], "Error: target '2001:db8::/129': not an IPv6 address, "
-                                 "[IPV6]:PORT or IPV6/LEN prefix"),
-    (["who", "192.0.2.9:1", "--at", "noon"], "Error: --at 'noon': not a time (use "
-                                              "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)"),
-    (["query", "--nat", "192.0.2"], "Error: --nat '192.0.2': not an IPv4 address"),
-    (["query", "--port", "0"], "Error: --port '0': not a port number (1-65535)"),
-    (["query", "--ipv6", "2001:db8::1/200"], "Error: --ipv6 '2001:db8::1/200': not an IPv6 address, "
-                                              "[IPV6]:PORT or IPV6/LEN prefix"),
-    (["query", "--format", "yaml"], "Error: --format 'yaml': expected one of table, json, csv"),
-    (["export", "--format", "json"], "Error: --format 'json': expected one of log, jsonl, csv"),
-    (["export", "--since", "2019-13-01"], "Error: --since '2019-13-01': not a time (use "
-                                           "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)"),
-    (["stats", "--ports", "9-1"], "Error: --ports '9-1': first port is above last port"),
-    (["prune", "--before", "last week"], "Error: --before 'last week': not a time (use "
-                                          "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)"),
-])
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["who", "192.0.2.9:70000"],
+            "Error: target '192.0.2.9:70000': expected NAT:PORT with an IPv4 "
+            "address and a port 1-65535, e.g. 192.0.2.9:47102",
+        ),
+        (
+            ["who", "192.0.2.300:1"],
+            "Error: target '192.0.2.300:1': expected NAT:PORT with an IPv4 "
+            "address and a port 1-65535, e.g. 192.0.2.9:47102",
+        ),
+        (
+            ["who", "[2001:db8::zz]:1"],
+            "Error: target '[2001:db8::zz]:1': not an IPv6 address, [IPV6]:PORT or IPV6/LEN prefix",
+        ),
+        (
+            ["who", "2001:db8::/129"],
+            "Error: target '2001:db8::/129': not an IPv6 address, [IPV6]:PORT or IPV6/LEN prefix",
+        ),
+        (
+            ["who", "192.0.2.9:1", "--at", "noon"],
+            "Error: --at 'noon': not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+        ),
+        (["query", "--nat", "192.0.2"], "Error: --nat '192.0.2': not an IPv4 address"),
+        (["query", "--port", "0"], "Error: --port '0': not a port number (1-65535)"),
+        (
+            ["query", "--ipv6", "2001:db8::1/200"],
+            "Error: --ipv6 '2001:db8::1/200': not an IPv6 address, [IPV6]:PORT or IPV6/LEN prefix",
+        ),
+        (["query", "--format", "yaml"], "Error: --format 'yaml': expected one of table, json, csv"),
+        (["export", "--format", "json"], "Error: --format 'json': expected one of log, jsonl, csv"),
+        (
+            ["export", "--since", "2019-13-01"],
+            "Error: --since '2019-13-01': not a time (use "
+            "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+        ),
+        (["stats", "--ports", "9-1"], "Error: --ports '9-1': first port is above last port"),
+        (
+            ["prune", "--before", "last week"],
+            "Error: --before 'last week': not a time (use "
+            "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+        ),
+    ],
+)
 def test_bad_values_give_one_error_line_and_status_2(example_db, args, line):
     r = invoke(*args, "--db", str(example_db))
     assert (r.exit_code, r.stdout, r.stderr) == (2, "", line + "\n")
@@ -145,14 +190,24 @@ def test_bad_values_give_one_error_line_and_status_2(example_db, args, line):
 def test_bad_value_through_the_real_command_has_no_traceback(example_db):
     r = nat64ho("who", "192.0.2.9:0", "--db", str(example_db))
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.splitlines() == ["Error: target '192.0.2.9:0': expected NAT:PORT with an IPv4 "
-                                     "address and a port 1-65535, e.g. 192.0.2.9:47102"]
+    assert r.stderr.splitlines() == [
+        "Error: target '192.0.2.9:0': expected NAT:PORT with an IPv4 "
+        "address and a port 1-65535, e.g. 192.0.2.9:47102"
+    ]
 
 
-@pytest.mark.parametrize("args", [
-    ["query"], ["who", "192.0.2.9:47102"], ["who", "2001:db8::1"], ["export"], ["stats"],
-    ["prune", "--before", "2020-01-01"], ["check"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["query"],
+        ["who", "192.0.2.9:47102"],
+        ["who", "2001:db8::1"],
+        ["export"],
+        ["stats"],
+        ["prune", "--before", "2020-01-01"],
+        ["check"],
+    ],
+)
 def test_missing_database_is_an_error_and_is_not_created(tmp_path, args):
     missing = tmp_path / "sub" / "none.db"
     r = nat64ho(*args, "--db", str(missing), input="")
@@ -192,8 +247,13 @@ def test_read_commands_do_not_change_the_file(example_db):
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     before = example_db.read_bytes()
-    for args in (["query"], ["who", "192.0.2.9:47102"], ["who", "2001:db8::/32"], ["export"],
-                 ["stats"]):
+    for args in (
+        ["query"],
+        ["who", "192.0.2.9:47102"],
+        ["who", "2001:db8::/32"],
+        ["export"],
+        ["stats"],
+    ):
         assert nat64ho(*args, "--db", str(example_db)).returncode == 0
     assert example_db.read_bytes() == before
     wal = example_db.with_name(example_db.name + "-wal")
@@ -201,6 +261,7 @@ def test_read_commands_do_not_change_the_file(example_db):
 
 
 # ---------------------------------------------------------------- import and export
+
 
 def test_import_reports_bad_lines_and_exits_1(db, tmp_path):
     a = tmp_path / "a.log"
@@ -216,14 +277,22 @@ def test_import_reports_bad_lines_and_exits_1(db, tmp_path):
     ]
     # Nothing that parsed is lost; export keeps the order of arrival.
     lines = EXAMPLE.splitlines(True)
-    assert invoke("export", "--db", str(db)).stdout == "".join([lines[0], lines[2], lines[3], lines[1]])
+    assert invoke("export", "--db", str(db)).stdout == "".join(
+        [lines[0], lines[2], lines[3], lines[1]]
+    )
 
 
 def test_import_from_stdin_twice_adds_nothing(db):
     r = nat64ho("import", "-", "--db", str(db), input=EXAMPLE)
-    assert (r.returncode, r.stderr) == (0, "4 lines read, 4 events added, 0 already present, 0 skipped\n")
+    assert (r.returncode, r.stderr) == (
+        0,
+        "4 lines read, 4 events added, 0 already present, 0 skipped\n",
+    )
     r = nat64ho("import", "-", "--db", str(db), input=EXAMPLE)
-    assert (r.returncode, r.stderr) == (0, "4 lines read, 0 events added, 4 already present, 0 skipped\n")
+    assert (r.returncode, r.stderr) == (
+        0,
+        "4 lines read, 0 events added, 4 already present, 0 skipped\n",
+    )
 
 
 def test_import_missing_file_is_a_usage_error(db, tmp_path):
@@ -252,8 +321,17 @@ def test_export_to_gzip_file_and_formats(example_db, tmp_path):
     plain = tmp_path / "h.log"
     assert invoke("export", "--db", str(example_db), "-o", str(plain)).exit_code == 0
     assert plain.read_text() == EXAMPLE
-    r = invoke("export", "--db", str(example_db), "--format", "jsonl", "--nat", "192.0.2.9",
-               "--since", "2019-03-18 15:22:02.062478")
+    r = invoke(
+        "export",
+        "--db",
+        str(example_db),
+        "--format",
+        "jsonl",
+        "--nat",
+        "192.0.2.9",
+        "--since",
+        "2019-03-18 15:22:02.062478",
+    )
     assert [json.loads(x)["ipv6"] for x in r.stdout.splitlines()] == ["2001:db8::55"]
     r = invoke("export", "--db", str(example_db), "--format", "csv", "--until", "2019-03-18")
     assert r.stdout == "ts,event,nat,port,ipv6,ipv6_port\n"
@@ -268,18 +346,35 @@ def test_query_formats(db, tmp_path):
         "NAT64            PORT   CREATED                     LAST USE                    IPV6 ENDPOINT",
         "192.0.2.9        47102  2019-03-18 15:22:02.062478  2019-03-18 15:22:02.062478  [2001:db8::55]:34643",
     ]
-    rows = json.loads(invoke("query", "--ipv6", "2001:db8::17", "--db", str(db), "--format", "json").stdout)
-    assert rows == [{"nat": "192.0.2.7", "port": 3719, "ipv6": "2001:db8::17", "ipv6_port": 53186,
-                     "created": "2019-03-18 10:06:28.491727", "last_use": "2019-03-18 10:06:28.491727"}]
-    assert json.loads(invoke("query", "--port", "1", "--db", str(db), "--format", "json").stdout) == []
+    rows = json.loads(
+        invoke("query", "--ipv6", "2001:db8::17", "--db", str(db), "--format", "json").stdout
+    )
+    assert rows == [
+        {
+            "nat": "192.0.2.7",
+            "port": 3719,
+            "ipv6": "2001:db8::17",
+            "ipv6_port": 53186,
+            "created": "2019-03-18 10:06:28.491727",
+            "last_use": "2019-03-18 10:06:28.491727",
+        }
+    ]
+    assert (
+        json.loads(invoke("query", "--port", "1", "--db", str(db), "--format", "json").stdout) == []
+    )
 
 
 def test_stats_and_prune(example_db):
     r = invoke("stats", "--db", str(example_db), "--format", "json")
     assert [(s["nat"], s["entries"], s["capacity"]) for s in json.loads(r.stdout)] == [
-        ("192.0.2.7", 0, 64508), ("192.0.2.9", 0, 64508)]
+        ("192.0.2.7", 0, 64508),
+        ("192.0.2.9", 0, 64508),
+    ]
     r = invoke("prune", "--before", "2019-03-18 15:00", "--db", str(example_db))
-    assert (r.exit_code, r.stdout) == (0, "2 history events before 2019-03-18 15:00:00.000000 deleted\n")
+    assert (r.exit_code, r.stdout) == (
+        0,
+        "2 history events before 2019-03-18 15:00:00.000000 deleted\n",
+    )
     assert invoke("export", "--db", str(example_db)).stdout == "".join(EXAMPLE.splitlines(True)[2:])
 
 
@@ -289,6 +384,7 @@ def test_every_command_and_option_has_help(command):
     assert r.exit_code == 0
     assert r.stdout.count("\n") > 3
     import typer.main
+
     group = typer.main.get_command(cli.app)
     cmd = group.commands[command]
     assert cmd.help
@@ -297,6 +393,7 @@ def test_every_command_and_option_has_help(command):
 
 
 # ---------------------------------------------------------------- against a real server
+
 
 @pytest.mark.slow
 def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
@@ -320,7 +417,13 @@ def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
     assert exported.returncode == 0
     assert exported.stdout == srv.log.read_text()
     lines = exported.stdout.splitlines()
-    assert [x.split()[2] for x in lines] == ["Initialized", "Created", "Created", "Deleted", "Created"]
+    assert [x.split()[2] for x in lines] == [
+        "Initialized",
+        "Created",
+        "Created",
+        "Deleted",
+        "Created",
+    ]
 
     # Between the first Created and the Deleted, the port was ::1's.
     t_deleted = " ".join(lines[3].split()[:2])
@@ -340,12 +443,19 @@ def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
 
     r = nat64ho("query", "--nat", "127.0.0.1", "--db", db, "--format", "json")
     assert sorted((e["ipv6"], e["ipv6_port"]) for e in json.loads(r.stdout)) == [
-        ("2001:db8::2", 1002), ("2001:db8::3", 1003)]
+        ("2001:db8::2", 1002),
+        ("2001:db8::3", 1003),
+    ]
     # The capacity comes from the --ports the server recorded.
     r = nat64ho("stats", "--db", db, "--format", "json")
     [s] = json.loads(r.stdout)
     assert (s["nat"], s["entries"], s["capacity"], s["created_hour"], s["deleted_hour"]) == (
-        "127.0.0.1", 2, 2, 3, 1)
+        "127.0.0.1",
+        2,
+        2,
+        3,
+        1,
+    )
     assert s["first_hello"] is not None
 
 

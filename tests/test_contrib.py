@@ -19,10 +19,12 @@ UNIT = CONTRIB / "nat64ho.service"
 LOGROTATE = CONTRIB / "logrotate/nat64ho"
 NAT64HO = "/home/nat64ho/venv/bin/nat64ho"
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed")
-needs_logrotate = pytest.mark.skipif(shutil.which("logrotate") is None,
-                                     reason="logrotate is not installed")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+needs_logrotate = pytest.mark.skipif(
+    shutil.which("logrotate") is None, reason="logrotate is not installed"
+)
 
 
 def unit_with_real_binary(tmp_path: Path) -> Path:
@@ -50,12 +52,21 @@ def directives(text: str) -> dict[str, list[str]]:
 def test_unit_has_the_promised_settings():
     d = directives(UNIT.read_text())
     for key, value in {
-        "Type": "notify", "User": "nat64ho", "Restart": "on-failure",
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
-        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "CapabilityBoundingSet": "",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "EnvironmentFile": "-/etc/default/nat64ho",
+        "Type": "notify",
+        "User": "nat64ho",
+        "Restart": "on-failure",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "CapabilityBoundingSet": "",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "EnvironmentFile": "-/etc/default/nat64ho",
     }.items():
         assert d.get(key) == [value], key
     assert "@system-service" in d["SystemCallFilter"]
@@ -63,13 +74,18 @@ def test_unit_has_the_promised_settings():
     # Writable: exactly the directories the ExecStart paths live in.
     assert d["ReadWritePaths"] == ["/home/nat64ho/data /home/nat64ho/logs"]
     exec_start = d["ExecStart"][0]
-    assert "--db /home/nat64ho/data/" in exec_start and "--log-file /home/nat64ho/logs/" in exec_start
+    assert (
+        "--db /home/nat64ho/data/" in exec_start and "--log-file /home/nat64ho/logs/" in exec_start
+    )
 
 
 @needs_systemd_analyze
 def test_systemd_analyze_verify(tmp_path):
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit_with_real_binary(tmp_path))],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_with_real_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
 
@@ -88,8 +104,11 @@ def test_sandbox_exposure_stays_low(tmp_path):
     # systemd's own scoring of the sandbox, 0 (locked down) to 10; the unit
     # scores about 1.4. --threshold is in tenths.
     unit = unit_with_real_binary(tmp_path)
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
-                           str(unit)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+    )
     if "unrecognized option" in proc.stderr:
         pytest.skip("this systemd-analyze has no offline security check")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
@@ -105,7 +124,9 @@ def local_config(tmp_path: Path, postrotate: str) -> Path:
     text = text.replace("/home/nat64ho/logs/nat64ho.log", str(log))
     text = text.replace("create 0640 nat64ho nat64ho", f"create 0640 {user} {group}")
     text = text.replace("su nat64ho nat64ho", f"su {user} {group}")
-    text, n = re.subn(r"(?m)^(\s*)systemctl kill --signal=HUP nat64ho\.service.*$", rf"\g<1>{postrotate}", text)
+    text, n = re.subn(
+        r"(?m)^(\s*)systemctl kill --signal=HUP nat64ho\.service.*$", rf"\g<1>{postrotate}", text
+    )
     assert n == 1
     conf = tmp_path / "logrotate.conf"
     conf.write_text(text)
@@ -117,8 +138,11 @@ def local_config(tmp_path: Path, postrotate: str) -> Path:
 def test_logrotate_config_parses(tmp_path):
     conf = local_config(tmp_path, "true")
     (tmp_path / "logs/nat64ho.log").write_text("line\n")
-    proc = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state"), str(conf)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["logrotate", "-d", "-s", str(tmp_path / "state"), str(conf)],
+        capture_output=True,
+        text=True,
+    )
     out = proc.stdout + proc.stderr
     # logrotate -d exits 0 on unknown directives; their "error:" lines count.
     assert proc.returncode == 0 and "error" not in out.lower(), out
@@ -133,8 +157,9 @@ def test_logrotate_rotates_by_create_and_signals(tmp_path):
     state = tmp_path / "state"
     for day in (1, 2):
         log.write_text(f"day {day}\n")
-        proc = subprocess.run(["logrotate", "-f", "-s", str(state), str(conf)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["logrotate", "-f", "-s", str(state), str(conf)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         assert marker.exists(), "postrotate (the SIGHUP) did not run"
         marker.unlink()

@@ -87,8 +87,17 @@ def test_every_counter_and_drop_reason_is_exported(tmp_path):
 
 
 def test_every_reason_the_code_names_is_a_drop():
-    named = {getattr(wire, n) for n in ("EMPTY", "RESERVED_GROUP", "TRUNCATED", "BAD_LENGTH",
-                                        "WRONG_DIRECTION", "BAD_PACKET")}
+    named = {
+        getattr(wire, n)
+        for n in (
+            "EMPTY",
+            "RESERVED_GROUP",
+            "TRUNCATED",
+            "BAD_LENGTH",
+            "WRONG_DIRECTION",
+            "BAD_PACKET",
+        )
+    }
     named |= set(re.findall(r'_refuse\(\s*"([a-z_]+)"', Path(session.__file__).read_text()))
     assert len(named) > 10
     assert named <= set(Drop)

@@ -32,6 +32,7 @@ BOOT = bytes.fromhex("0102030405060708")
 
 # ---------------------------------------------------------------- pcap writing
 
+
 def checksum(data: bytes) -> int:
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
@@ -73,11 +74,29 @@ def write_pcap(path: Path, packets: list[bytes]) -> None:
 
 
 FIELDS = [
-    "nat64ho.direction", "nat64ho.type", "nat64ho.length", "nat64ho.group", "nat64ho.version",
-    "nat64ho.flags", "nat64ho.boot_id", "nat64ho.cookie", "nat64ho.first_port",
-    "nat64ho.last_port", "nat64ho.nat_port", "nat64ho.ipv6_addr", "nat64ho.ipv6_port",
-    "nat64ho.error_code", "nat64ho.error_offending", "nat64ho.payload", "nat64ho.malformed",
-    "ip.dst", "ipv6.dst", "udp.dstport", "_ws.col.Protocol", "_ws.col.Info", "_ws.expert.message",
+    "nat64ho.direction",
+    "nat64ho.type",
+    "nat64ho.length",
+    "nat64ho.group",
+    "nat64ho.version",
+    "nat64ho.flags",
+    "nat64ho.boot_id",
+    "nat64ho.cookie",
+    "nat64ho.first_port",
+    "nat64ho.last_port",
+    "nat64ho.nat_port",
+    "nat64ho.ipv6_addr",
+    "nat64ho.ipv6_port",
+    "nat64ho.error_code",
+    "nat64ho.error_offending",
+    "nat64ho.payload",
+    "nat64ho.malformed",
+    "ip.dst",
+    "ipv6.dst",
+    "udp.dstport",
+    "_ws.col.Protocol",
+    "_ws.col.Info",
+    "_ws.expert.message",
 ]
 
 
@@ -85,8 +104,24 @@ def dissect(tmp_path: Path, packets: list[bytes]) -> list[dict[str, list[str]]]:
     """tshark's fields for each packet: name -> every occurrence, in order."""
     pcap = tmp_path / "capture.pcap"
     write_pcap(pcap, packets)
-    cmd = [TSHARK, "-n", "-X", f"lua_script:{LUA}", "-r", str(pcap), "-T", "fields",
-           "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=|", "-E", "quote=n"]
+    cmd = [
+        TSHARK,
+        "-n",
+        "-X",
+        f"lua_script:{LUA}",
+        "-r",
+        str(pcap),
+        "-T",
+        "fields",
+        "-E",
+        "separator=\t",
+        "-E",
+        "occurrence=a",
+        "-E",
+        "aggregator=|",
+        "-E",
+        "quote=n",
+    ]
     for name in FIELDS:
         cmd += ["-e", name]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -95,7 +130,9 @@ def dissect(tmp_path: Path, packets: list[bytes]) -> list[dict[str, list[str]]]:
     rows = []
     for line in proc.stdout.splitlines():
         values = line.split("\t")
-        rows.append({name: (v.split("|") if v else []) for name, v in zip(FIELDS, values, strict=False)})
+        rows.append(
+            {name: (v.split("|") if v else []) for name, v in zip(FIELDS, values, strict=False)}
+        )
     assert len(rows) == len(packets)
     return rows
 
@@ -105,11 +142,17 @@ def dissect(tmp_path: Path, packets: list[bytes]) -> list[dict[str, list[str]]]:
 VECTORS = [
     to_server(bytes.fromhex("310c010001020304050607080000000000000000000000000000")),
     to_nat64(bytes.fromhex("320c01000404ffffe2fb334fd4de556701020304050607080000")),
-    to_server(bytes.fromhex("3004e2fb334fd4de5567" "330920010db80000000000000000000000558753")),
-    to_nat64(bytes.fromhex("380ab7fe20010db8000000000000000000000075816b"
-                           "340ab7fe20010db80000000000000000000000558753")),
-    to_server(bytes.fromhex("3004e2fb334fd4de5567" "3501b7fe" "3702b7fe0e87")),
-    to_nat64(wire.build([wire.Unmapped(3719), wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP)])),
+    to_server(bytes.fromhex("3004e2fb334fd4de5567330920010db80000000000000000000000558753")),
+    to_nat64(
+        bytes.fromhex(
+            "380ab7fe20010db8000000000000000000000075816b"
+            "340ab7fe20010db80000000000000000000000558753"
+        )
+    ),
+    to_server(bytes.fromhex("3004e2fb334fd4de55673501b7fe3702b7fe0e87")),
+    to_nat64(
+        wire.build([wire.Unmapped(3719), wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP)])
+    ),
 ]
 
 
@@ -171,11 +214,14 @@ def test_unmapped_and_error(vectors):
 
 # ---------------------------------------------------------------- skipped messages
 
+
 def test_inner_packets_go_to_wireshark_ip_dissectors(tmp_path):
     inner4 = ipv4(bytes([198, 51, 100, 7]), bytes([203, 0, 113, 5]), udp(1234, 53, b"query"))
     inner6 = ipv6(V6_55, V6_75, udp(34643, 443, b"hello"))
     unassigned = wire.encode(wire.Unassigned(0x3A, b"\x00\x01"))
-    row, = dissect(tmp_path, [to_server(wire.build([wire.Cookie(COOKIE)]) + inner4 + inner6 + unassigned)])
+    (row,) = dissect(
+        tmp_path, [to_server(wire.build([wire.Cookie(COOKIE)]) + inner4 + inner6 + unassigned)]
+    )
     assert row["nat64ho.group"] == ["0x03", "0x04", "0x06", "0x03"]
     assert row["nat64ho.type"] == ["0x30", "0x3a"]
     assert row["nat64ho.payload"] == ["0001"]
@@ -193,14 +239,17 @@ def test_inner_packets_go_to_wireshark_ip_dissectors(tmp_path):
 
 MALFORMED = [
     (to_server(bytes.fromhex("3004e2fb334fd4de55")), wire.TRUNCATED),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "33")), wire.TRUNCATED),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "3502b7fe0000")), wire.BAD_LENGTH),
-    (to_server(bytes.fromhex("340ab7fe20010db80000000000000000000000558753")), wire.WRONG_DIRECTION),
+    (to_server(bytes.fromhex("3004e2fb334fd4de556733")), wire.TRUNCATED),
+    (to_server(bytes.fromhex("3004e2fb334fd4de55673502b7fe0000")), wire.BAD_LENGTH),
+    (
+        to_server(bytes.fromhex("340ab7fe20010db80000000000000000000000558753")),
+        wire.WRONG_DIRECTION,
+    ),
     (to_nat64(bytes.fromhex("3501b7fe")), wire.WRONG_DIRECTION),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "7f00")), wire.RESERVED_GROUP),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "45000010")), wire.BAD_PACKET),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "4500")), wire.TRUNCATED),
-    (to_server(bytes.fromhex("3004e2fb334fd4de5567" "600000000008")), wire.TRUNCATED),
+    (to_server(bytes.fromhex("3004e2fb334fd4de55677f00")), wire.RESERVED_GROUP),
+    (to_server(bytes.fromhex("3004e2fb334fd4de556745000010")), wire.BAD_PACKET),
+    (to_server(bytes.fromhex("3004e2fb334fd4de55674500")), wire.TRUNCATED),
+    (to_server(bytes.fromhex("3004e2fb334fd4de5567600000000008")), wire.TRUNCATED),
 ]
 
 
@@ -236,15 +285,17 @@ def test_dissector_and_wire_agree_on_what_is_malformed(tmp_path):
         data = bytearray(rng.choice(seeds))
         op = rng.randrange(3)
         if op == 0 and len(data) > 1:
-            del data[rng.randrange(1, len(data)):]
+            del data[rng.randrange(1, len(data)) :]
         elif op == 1:
             data += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 6)))
         else:
             data[rng.randrange(len(data))] = rng.randrange(256)
         direction = rng.choice(list(wire.Direction))
         cases.append((bytes(data), direction))
-    packets = [to_server(d) if direction is wire.Direction.TO_SERVER else to_nat64(d)
-               for d, direction in cases]
+    packets = [
+        to_server(d) if direction is wire.Direction.TO_SERVER else to_nat64(d)
+        for d, direction in cases
+    ]
     rows = dissect(tmp_path, packets)
     mismatches = []
     for (data, direction), row in zip(cases, rows, strict=False):

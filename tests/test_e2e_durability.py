@@ -17,7 +17,9 @@ from tests.helpers import connect, run, v6
 def entries(db) -> dict[tuple[bytes, int], int]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+        return {
+            (bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")
+        }
     finally:
         conn.close()
 
@@ -58,7 +60,7 @@ def test_restart_keeps_cookies_entries_and_boot_ids(server_factory):
 
     run(second())
     srv.stop()
-    new = srv.log.read_text()[len(log_before):].splitlines()
+    new = srv.log.read_text()[len(log_before) :].splitlines()
     assert [line.split()[2] for line in new] == ["Initialized"]
 
 
@@ -122,15 +124,17 @@ def test_junk_datagrams_leave_the_server_running(server_factory):
 
     async def go():
         c = await connect(srv)
-        valid = [c.peer.request([wire.Map(v6(i), 1), wire.Lookup(1030), wire.Touch((1028, 1029))])
-                 for i in range(20)] + [c.peer.hello()]
+        valid = [
+            c.peer.request([wire.Map(v6(i), 1), wire.Lookup(1030), wire.Touch((1028, 1029))])
+            for i in range(20)
+        ] + [c.peer.hello()]
         for i in range(5000):
             kind = i % 4
             if kind == 0:
                 data = rng.randbytes(rng.randint(0, 600))
             elif kind == 1:
                 base = rng.choice(valid)
-                data = base[:rng.randint(0, len(base))]
+                data = base[: rng.randint(0, len(base))]
             elif kind == 2:
                 data = bytearray(rng.choice(valid))
                 for _ in range(rng.randint(1, 5)):
@@ -138,7 +142,8 @@ def test_junk_datagrams_leave_the_server_running(server_factory):
                 data = bytes(data)
             else:
                 data = bytes([rng.choice([0x30, 0x33, 0x35, 0x37, 0x45, 0x60])]) + rng.randbytes(
-                    rng.randint(0, 60))
+                    rng.randint(0, 60)
+                )
             c.send_raw(data)
             if i % 200 == 0:
                 await asyncio.sleep(0.01)  # let the kernel buffers drain

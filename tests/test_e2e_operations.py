@@ -62,13 +62,16 @@ def test_metrics_follow_traffic(server_factory):
     assert value("nat64ho_initialized") == 1
     assert value("nat64ho_commits") >= 1 and value("nat64ho_commit_failures") == 0
     assert value("nat64ho_datagrams_received") >= 10
-    assert any(s.name == "nat64ho_commit_seconds_bucket" for s in families["nat64ho_commit_seconds"])
+    assert any(
+        s.name == "nat64ho_commit_seconds_bucket" for s in families["nat64ho_commit_seconds"]
+    )
     # No label carries a client's IPv6 address or port.
     assert "2001:db8" not in text
     promtool = shutil.which("promtool")
     if promtool:
-        check = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
-                               capture_output=True)
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, text=True, capture_output=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     assert srv.stop() == 0
 
@@ -120,18 +123,26 @@ def test_sighup_reopens_the_log_and_loses_no_line(server_factory):
     assert len(new) == 50 and all(" Created " in line for line in new)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--listen", "nowhere"], "Error: --listen 'nowhere': expected ADDR:PORT"),
-    (["--ports", "9-3"], "Error: --ports '9-3': first port is above last port"),
-    (["--allow", "300.1.1.1/8"], "Error: --allow '300.1.1.1/8': not an IPv4 address or prefix"),
-    (["--sync", "sometimes"], "Error: --sync 'sometimes': expected 'full' or 'normal'"),
-    (["--metrics", "localhost"], "Error: --metrics 'localhost': expected ADDR:PORT"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--listen", "nowhere"], "Error: --listen 'nowhere': expected ADDR:PORT"),
+        (["--ports", "9-3"], "Error: --ports '9-3': first port is above last port"),
+        (["--allow", "300.1.1.1/8"], "Error: --allow '300.1.1.1/8': not an IPv4 address or prefix"),
+        (["--sync", "sometimes"], "Error: --sync 'sometimes': expected 'full' or 'normal'"),
+        (["--metrics", "localhost"], "Error: --metrics 'localhost': expected ADDR:PORT"),
+    ],
+)
 def test_serve_rejects_bad_options_in_one_line(tmp_path, args, message):
     import sys
+
     db = tmp_path / "never.db"
-    r = subprocess.run([sys.executable, "-m", "nat64ho", "serve", "--db", str(db), *args],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "nat64ho", "serve", "--db", str(db), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.splitlines() == [r.stderr.splitlines()[0]] and r.stderr.startswith(message)
     assert not db.exists()
@@ -139,19 +150,36 @@ def test_serve_rejects_bad_options_in_one_line(tmp_path, args, message):
 
 def test_port_in_use_is_a_clear_error(tmp_path):
     import sys
+
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind(("127.0.0.1", 0))
     port = holder.getsockname()[1]
     try:
         start = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "nat64ho", "serve", "--db", str(tmp_path / "x.db"),
-                            "--listen", f"127.0.0.1:{port}", "--log-file", str(tmp_path / "l")],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nat64ho",
+                "serve",
+                "--db",
+                str(tmp_path / "x.db"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--log-file",
+                str(tmp_path / "l"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         holder.close()
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert re.search(rf"^Error: cannot listen on 127\.0\.0\.1:{port}: .*in use", r.stderr, re.M), r.stderr
+    assert re.search(rf"^Error: cannot listen on 127\.0\.0\.1:{port}: .*in use", r.stderr, re.M), (
+        r.stderr
+    )
     assert time.monotonic() - start < 30
 
 
@@ -185,8 +213,11 @@ def test_real_logrotate_under_a_running_server_loses_no_line(server_factory, tmp
             c.send([wire.Map(v6(i), 1)])
             if i == 150:
                 # Rotate while MAPs are in flight, as cron would.
-                subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    ["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
+                    check=True,
+                    capture_output=True,
+                )
             await asyncio.sleep(0.002)
         await c.collect(300, timeout=5)
         c.close()

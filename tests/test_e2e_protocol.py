@@ -44,13 +44,18 @@ def test_eviction_sends_deleted_then_mapping_in_one_datagram(server_factory):
         await asyncio.wait_for(arrived.wait(), 5)
         assert len(got) == 1
         assert wire.parse(got[0], wire.Direction.TO_NAT64) == [
-            wire.Deleted(first[0], v6(0), 5000), wire.Mapping(first[0], v6(100), 6000)]
+            wire.Deleted(first[0], v6(0), 5000),
+            wire.Mapping(first[0], v6(100), 6000),
+        ]
         c.close()
 
     run(go())
     lines = srv.log.read_text().splitlines()
-    assert lines[-2].split()[2:] == ["Deleted", f"127.0.0.1:{lines[-1].split()[3].split(':')[1]}",
-                                     "[2001:db8::]:5000"]
+    assert lines[-2].split()[2:] == [
+        "Deleted",
+        f"127.0.0.1:{lines[-1].split()[3].split(':')[1]}",
+        "[2001:db8::]:5000",
+    ]
     assert lines[-1].split()[2] == "Created"
 
 
@@ -84,6 +89,7 @@ def test_replies_fit_in_1472_octets(server_factory):
         def spy(data, addr):
             sizes.append(len(data))
             c_receive(data, addr)
+
         c.datagram_received = spy
         # 255 unmapped ports in one TOUCH: 1020 octets of UNMAPPED.
         await c.exchange([wire.Touch(tuple(range(2000, 2255)))], answers=255)

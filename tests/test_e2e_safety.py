@@ -44,9 +44,14 @@ class Proc:
         cmd = [*NAT64HO, *args]
         if shell_umask is not None:
             cmd = ["sh", "-c", f'umask {shell_umask:03o}; exec "$@"', "sh", *cmd]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.lines: list[str] = []
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
@@ -66,7 +71,9 @@ class Proc:
                 m = re.search(pattern, line)
                 if m:
                     return m
-            if self.proc.poll() is not None and not any(re.search(pattern, ln) for ln in self.lines):
+            if self.proc.poll() is not None and not any(
+                re.search(pattern, ln) for ln in self.lines
+            ):
                 self.pump.join(10)  # it ends at EOF, having read the last lines
                 if not any(re.search(pattern, ln) for ln in self.lines):
                     raise AssertionError(f"exited without {pattern!r}:\n{self.stderr}")
@@ -97,11 +104,22 @@ def procs():
 
 
 def serve_args(db: Path, log: Path, *more: str) -> list[str]:
-    return ["serve", "--db", str(db), "--listen", "127.0.0.1:0", "--log-file", str(log),
-            "--hello-rate", "0", *more]
+    return [
+        "serve",
+        "--db",
+        str(db),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-file",
+        str(log),
+        "--hello-rate",
+        "0",
+        *more,
+    ]
 
 
 # ---------------------------------------------------------------- 1. one owner per table
+
 
 @pytest.mark.slow
 def test_one_server_per_table_and_standby_takes_over(tmp_path, procs):
@@ -123,8 +141,10 @@ def test_one_server_per_table_and_standby_takes_over(tmp_path, procs):
     # A second server on the same table: refused at once, naming the holder.
     r = nat64ho(*serve_args(db, log, "--ports", "1028-1030"))
     assert r.returncode == 1
-    assert one_error(r) == (f"Error: {db}: the table is owned by process {first.proc.pid} "
-                            "(a running 'nat64ho serve'?); serve needs it alone")
+    assert one_error(r) == (
+        f"Error: {db}: the table is owned by process {first.proc.pid} "
+        "(a running 'nat64ho serve'?); serve needs it alone"
+    )
     # So are the commands that change the table.
     r = nat64ho("prune", "--before", "2020-01-01", "--db", str(db))
     assert r.returncode == 1 and f"process {first.proc.pid}" in one_error(r)
@@ -176,6 +196,7 @@ def test_standby_stopped_while_waiting_exits_cleanly(tmp_path, procs):
 
 # ---------------------------------------------------------------- 2. unwritable, stops
 
+
 def test_database_that_cannot_be_written_is_refused_at_start(tmp_path):
     db, log = tmp_path / "table.db", tmp_path / "events.log"
     srv = ServerProcess(tmp_path, db=db, log=log).start()
@@ -195,8 +216,9 @@ def test_database_that_cannot_be_written_is_refused_at_start(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
-                         ids=["sigterm", "ctrl_c_twice"])
+@pytest.mark.parametrize(
+    "signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["sigterm", "ctrl_c_twice"]
+)
 def test_stop_while_commits_fail_ends_and_counts_what_is_lost(small_fs, tmp_path, procs, signals):
     db = small_fs / "table.db"
     p = procs(*serve_args(db, tmp_path / "events.log"))
@@ -224,13 +246,18 @@ def test_stop_while_commits_fail_ends_and_counts_what_is_lost(small_fs, tmp_path
     took = time.monotonic() - start
     assert took < 15, took
     assert status == 1
-    m = re.search(r"^Error: (\S+): stopped with (\d+) changes not committed \(.*\); none of "
-                  r"them was acknowledged to a NAT64$", one_error(p.stderr), re.M)
+    m = re.search(
+        r"^Error: (\S+): stopped with (\d+) changes not committed \(.*\); none of "
+        r"them was acknowledged to a NAT64$",
+        one_error(p.stderr),
+        re.M,
+    )
     assert m and m.group(1) == str(db) and int(m.group(2)) >= 2, p.stderr  # entry + Created
     assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr
 
 
 # ---------------------------------------------------------------- 3. log catch-up
+
 
 def metric(url: str, name: str) -> float:
     body = urllib.request.urlopen(url, timeout=10).read().decode()
@@ -246,7 +273,9 @@ def test_log_file_catches_up_from_the_history_when_space_returns(tmp_path, procs
         db, log = tmp_path / "table.db", logs / "events.log"
         p = procs(*serve_args(db, log, "--create-rate", "0", "--metrics", "127.0.0.1:0"))
         port = p.port()
-        url = "http://{}:{}/metrics".format(*p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups())
+        url = "http://{}:{}/metrics".format(
+            *p.wait_line(r"metrics on http://([\d.]+):(\d+)/").groups()
+        )
         state: dict = {}
 
         async def maps(lo: int, hi: int) -> None:
@@ -286,6 +315,7 @@ def test_log_file_catches_up_from_the_history_when_space_returns(tmp_path, procs
 
 # ---------------------------------------------------------------- 4. private files
 
+
 def test_nothing_serve_creates_is_readable_by_others_even_under_umask_0(tmp_path, procs):
     db = tmp_path / "data" / "sub" / "table.db"
     log = tmp_path / "logs" / "x" / "events.log"
@@ -311,8 +341,14 @@ def test_nothing_serve_creates_is_readable_by_others_even_under_umask_0(tmp_path
 
 # ---------------------------------------------------------------- 6. odd and hostile files
 
-COMMANDS = [["query"], ["who", "192.0.2.9:47102"], ["export"], ["stats"], ["check"],
-            ["prune", "--before", "2020-01-01"]]
+COMMANDS = [
+    ["query"],
+    ["who", "192.0.2.9:47102"],
+    ["export"],
+    ["stats"],
+    ["check"],
+    ["prune", "--before", "2020-01-01"],
+]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
@@ -348,17 +384,20 @@ def _db_with(tmp_path: Path, *sql: str) -> Path:
     return db
 
 
-ENDLESS = ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
-           "SELECT n, n, x'00', n, n, n FROM r")
+ENDLESS = (
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
+    "SELECT n, n, x'00', n, n, n FROM r"
+)
 
 
 @pytest.mark.slow
 def test_planted_views_and_triggers_are_refused_by_name(tmp_path):
-    db = _db_with(tmp_path,
-                  "ALTER TABLE entry RENAME TO entry_old",
-                  f"CREATE VIEW entry (nat, port, addr, aport, created, last_use) AS {ENDLESS}",
-                  "CREATE TRIGGER spin AFTER INSERT ON event BEGIN "
-                  f"SELECT count(*) FROM ({ENDLESS}); END")
+    db = _db_with(
+        tmp_path,
+        "ALTER TABLE entry RENAME TO entry_old",
+        f"CREATE VIEW entry (nat, port, addr, aport, created, last_use) AS {ENDLESS}",
+        f"CREATE TRIGGER spin AFTER INSERT ON event BEGIN SELECT count(*) FROM ({ENDLESS}); END",
+    )
     for args in [c for c in COMMANDS if c[0] != "check"]:
         r = nat64ho(*args, "--db", str(db), timeout=30)
         assert r.returncode == 1, (args, r.stderr)
@@ -370,8 +409,12 @@ def test_planted_views_and_triggers_are_refused_by_name(tmp_path):
     r = nat64ho("check", "--db", str(db), timeout=30)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     found = r.stderr.splitlines()
-    for what in ("unknown table entry_old", "unknown trigger spin on event",
-                 "unknown view entry", "index entry_endpoint"):
+    for what in (
+        "unknown table entry_old",
+        "unknown trigger spin on event",
+        "unknown view entry",
+        "index entry_endpoint",
+    ):
         assert any(what in line for line in found), (what, r.stderr)
     assert all(line.startswith(f"Error: {db}: ") for line in found)
 
@@ -386,23 +429,30 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
         "INSERT INTO event (ts, kind, nat, port, addr, aport) "
         "VALUES (1, 1, 2130706435, 2000, zeroblob(15), 7)",
         # 127.0.0.4: a last use that is no time.
-        "INSERT INTO entry VALUES (2130706436, 3000, zeroblob(16), 1, 1, 'soon')")
+        "INSERT INTO entry VALUES (2130706436, 3000, zeroblob(16), 1, 1, 'soon')",
+    )
     r = nat64ho("query", "--db", str(db))
     assert r.returncode == 1
-    assert re.match(rf"Error: {re.escape(str(db))}: table entry, row \(nat=2130706433, "
-                    r"port='abc'\) does not decode: port holds str 'abc'", one_error(r))
+    assert re.match(
+        rf"Error: {re.escape(str(db))}: table entry, row \(nat=2130706433, "
+        r"port='abc'\) does not decode: port holds str 'abc'",
+        one_error(r),
+    )
     r = nat64ho("query", "--nat", "127.0.0.3", "--db", str(db))
     assert r.returncode == 1 and "addr holds a blob of 15 octets" in one_error(r)
     r = nat64ho("export", "--db", str(db))
     assert r.returncode == 1
-    assert re.search(r"table event, row id \d+ does not decode: addr holds a blob of 15 octets",
-                     one_error(r))
+    assert re.search(
+        r"table event, row id \d+ does not decode: addr holds a blob of 15 octets", one_error(r)
+    )
     r = nat64ho("who", "127.0.0.3:2000", "--at", "1970-01-01 00:00:00.000002", "--db", str(db))
     assert r.returncode == 1 and "table event" in one_error(r)
     r = nat64ho("stats", "--db", str(db))
     assert r.returncode == 1
-    assert one_error(r) == (f"Error: {db}: entry.last_use of NAT64 127.0.0.4 holds str 'soon', "
-                            "not a time; run 'nat64ho check'")
+    assert one_error(r) == (
+        f"Error: {db}: entry.last_use of NAT64 127.0.0.4 holds str 'soon', "
+        "not a time; run 'nat64ho check'"
+    )
     r = nat64ho("check", "--db", str(db))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "table entry, row (nat=2130706433, port='abc') does not decode" in r.stderr
@@ -426,8 +476,10 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
         good.close()
 
     run(go())
-    p.wait_line(r"table entry, row \(nat=2130706435, port=2000\) does not decode: addr holds "
-                r"a blob of 15 octets; .*\(datagram dropped\)")
+    p.wait_line(
+        r"table entry, row \(nat=2130706435, port=2000\) does not decode: addr holds "
+        r"a blob of 15 octets; .*\(datagram dropped\)"
+    )
     assert "Traceback" not in p.stderr
     assert metric(url, 'nat64ho_datagrams_dropped_total{reason="bad_row"}') == 1
     p.proc.send_signal(signal.SIGTERM)
@@ -436,15 +488,30 @@ def test_rows_that_do_not_decode_are_named_not_raised(tmp_path, procs):
 
 # ---------------------------------------------------------------- 9. IPv6 listen
 
+
 def test_ipv6_listen_address_is_refused_unless_unspecified(tmp_path, procs):
-    r = nat64ho("serve", "--db", str(tmp_path / "t.db"), "--listen", "[::1]:16467",
-                "--log-file", str(tmp_path / "events.log"))
+    r = nat64ho(
+        "serve",
+        "--db",
+        str(tmp_path / "t.db"),
+        "--listen",
+        "[::1]:16467",
+        "--log-file",
+        str(tmp_path / "events.log"),
+    )
     assert r.returncode == 2
     assert "runs over IPv4" in one_error(r)
     assert not (tmp_path / "t.db").exists()
 
-    p = procs("serve", "--db", str(tmp_path / "t.db"), "--listen", "[::]:0",
-              "--log-file", str(tmp_path / "events.log"))
+    p = procs(
+        "serve",
+        "--db",
+        str(tmp_path / "t.db"),
+        "--listen",
+        "[::]:0",
+        "--log-file",
+        str(tmp_path / "events.log"),
+    )
     port = int(p.wait_line(r"listening on :::(\d+),").group(1))
 
     async def go() -> None:

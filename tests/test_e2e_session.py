@@ -33,8 +33,9 @@ def db_rows(db: Path, sql: str) -> list:
 
 
 def nat64ho(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nat64ho", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "nat64ho", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.slow
@@ -101,8 +102,10 @@ def test_ten_thousand_forged_hellos_store_nothing_and_take_no_place(server_facto
     assert srv.stop() == 0
     # Only the real NAT64 is stored and logged.
     assert db_rows(srv.db, "SELECT count(*) FROM nat") == [(1,)]
-    assert [line.split()[2] for line in srv.log.read_text().splitlines()] == \
-        ["Initialized", "Created"]
+    assert [line.split()[2] for line in srv.log.read_text().splitlines()] == [
+        "Initialized",
+        "Created",
+    ]
     srv.start()
     send_hellos(sources[:2000], srv.port)
     run(real_nat64("127.20.0.2"))
@@ -147,8 +150,9 @@ def test_cookies_expire_after_two_lifetimes_and_hello_again_logs_nothing(server_
         c.send_raw(c.peer.confirm())
         [m] = await c.map(v6(1), 1)
         await asyncio.sleep(2.1)  # more than two lifetimes: the epoch moved twice
-        assert await c.exchange([wire.Lookup(m.nat_port)]) == \
-            [wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)]
+        assert await c.exchange([wire.Lookup(m.nat_port)]) == [
+            wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)
+        ]
         await c.hello()  # the same boot id
         assert await c.exchange([wire.Lookup(m.nat_port)]) == [m]
         c.close()
@@ -176,9 +180,13 @@ def test_cookies_expire_after_two_lifetimes_and_hello_again_logs_nothing(server_
 
 @pytest.mark.slow
 def test_a_flooding_nat64_slows_only_itself():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fairness.py"),
-                          "--seconds", "5", "--json"], capture_output=True, text=True,
-                         timeout=180, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fairness.py"), "--seconds", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     victim, flood = result["victim"], result["flood"]
@@ -242,8 +250,11 @@ def test_forget_removes_a_nat64_and_keeps_its_history(server_factory):
 
     run(go())
     refused = nat64ho("forget", "--db", str(srv.db), "127.0.0.11")
-    assert refused.returncode == 1 and refused.stderr.startswith("Error: ") and \
-        len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert (
+        refused.returncode == 1
+        and refused.stderr.startswith("Error: ")
+        and len(refused.stderr.splitlines()) == 1
+    ), refused.stderr
     assert srv.stop() == 0
     history = db_rows(srv.db, "SELECT count(*) FROM event")
     out = nat64ho("forget", "--db", str(srv.db), "127.0.0.11")

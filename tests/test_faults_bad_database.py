@@ -36,11 +36,15 @@ def _healthy_image(entries_n: int) -> tuple[bytes, int]:
         conn = schema.open_db(path, create=True)
         conn.execute("BEGIN")
         conn.execute("INSERT INTO nat VALUES (3221226249, x'0102030405060708', 1, 1)")
-        conn.executemany("INSERT INTO entry VALUES (3221226249, ?, ?, ?, ?, ?)",
-                         [(1028 + i, v6(i), 1000 + i % 50000, i, i) for i in range(entries_n)])
-        conn.executemany("INSERT INTO event (ts, kind, nat, port, addr, aport) "
-                         "VALUES (?, 1, 3221226249, ?, ?, ?)",
-                         [(i, 1028 + i, v6(i), 1000 + i % 50000) for i in range(entries_n)])
+        conn.executemany(
+            "INSERT INTO entry VALUES (3221226249, ?, ?, ?, ?, ?)",
+            [(1028 + i, v6(i), 1000 + i % 50000, i, i) for i in range(entries_n)],
+        )
+        conn.executemany(
+            "INSERT INTO event (ts, kind, nat, port, addr, aport) "
+            "VALUES (?, 1, 3221226249, ?, ?, ?)",
+            [(i, 1028 + i, v6(i), 1000 + i % 50000) for i in range(entries_n)],
+        )
         conn.execute("COMMIT")
         conn.close()
         assert not Path(f"{path}-wal").exists() and not Path(f"{path}-journal").exists()
@@ -52,8 +56,13 @@ def _page_of(path: Path, name: str) -> tuple[int, int]:
     conn = sqlite3.connect(path)
     try:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = [p for (p,) in conn.execute(
-            "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno", (name,))]
+        pages = [
+            p
+            for (p,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno",
+                (name,),
+            )
+        ]
     except sqlite3.OperationalError:  # SQLite built without dbstat
         pages = []
     finally:
@@ -128,8 +137,16 @@ def make_bad_page(p: Path) -> str:
     return "malformed"
 
 
-BAD_FILES = [make_not_sqlite, make_text_file, make_foreign, make_foreign_empty, make_newer,
-             make_truncated, make_torn, make_bad_header]
+BAD_FILES = [
+    make_not_sqlite,
+    make_text_file,
+    make_foreign,
+    make_foreign_empty,
+    make_newer,
+    make_truncated,
+    make_torn,
+    make_bad_header,
+]
 
 
 @pytest.mark.parametrize("make", BAD_FILES, ids=lambda f: f.__name__[5:])
@@ -137,8 +154,15 @@ def test_serve_refuses_a_bad_database_and_leaves_it_alone(tmp_path, make):
     db = tmp_path / "table.db"
     expected = make(db)
     before = digest(db)
-    r = nat64ho("serve", "--db", str(db), "--listen", "127.0.0.1:0",
-                "--log-file", str(tmp_path / "events.log"))
+    r = nat64ho(
+        "serve",
+        "--db",
+        str(db),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-file",
+        str(tmp_path / "events.log"),
+    )
     assert r.returncode == 1
     error = one_error(r)
     assert error.startswith(f"Error: {db}: ") and expected in error, r.stderr
@@ -155,8 +179,10 @@ def test_check_finds_a_damaged_page_that_start_up_does_not_read(tmp_path):
     healthy_db(db)
     r = nat64ho("check", "--db", str(db))
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout == f"ok: {db}: integrity ok, schema current; schema version 1, NAT64s 1, " \
-                       "entries 3000, events 3000\n"
+    assert (
+        r.stdout == f"ok: {db}: integrity ok, schema current; schema version 1, NAT64s 1, "
+        "entries 3000, events 3000\n"
+    )
     expected = make_bad_page(db)
     before = digest(db)
     r = nat64ho("check", "--db", str(db))
@@ -206,8 +232,12 @@ def test_damage_found_while_serving_stops_the_server_unanswered(tmp_path):
     conn.execute("UPDATE nat SET nat = ?", (here,))
     conn.execute("UPDATE entry SET nat = ?", (here,))
     size = conn.execute("PRAGMA page_size").fetchone()[0]
-    leaves = [p for (p,) in conn.execute(
-        "SELECT pageno FROM dbstat WHERE name = 'entry' AND pagetype = 'leaf'")]
+    leaves = [
+        p
+        for (p,) in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'entry' AND pagetype = 'leaf'"
+        )
+    ]
     conn.close()
     assert len(leaves) > 3
     # Every leaf of the table (not its indexes): start-up cannot see it, the
@@ -218,6 +248,7 @@ def test_damage_found_while_serving_stops_the_server_unanswered(tmp_path):
             f.write(b"\x0d" + random.Random(page).randbytes(size - 1))
     srv = ServerProcess(tmp_path, "--ports", "1028-65535").start()
     try:
+
         async def go():
             c = await connect(srv)
             assert await c.exchange([wire.Lookup(1028)], timeout=1) == []

@@ -32,8 +32,11 @@ _HOLD = textwrap.dedent("""
 def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Popen:
     """Another process (Python's sqlite3, as a backup tool or a shell would
     be) that opens a transaction on ``db`` and keeps it for ``seconds``."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(db), begin, statement, str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(db), begin, statement, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline() == "held\n"
     return proc
 
@@ -41,6 +44,7 @@ def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Pop
 @pytest.mark.slow
 def test_write_lock_held_for_seconds_is_waited_out(server_factory):
     from nat64ho.storage.sqlite import MAX_RETRY_DELAY
+
     srv = server_factory("--ports", "1028-1100")
 
     async def go():
@@ -85,6 +89,7 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     """Each answer waiting on a commit holds memory; a NAT64 retransmitting
     through a held lock must not grow the server without bound."""
     from nat64ho.daemon.protocol import MAX_INFLIGHT
+
     srv = server_factory()
 
     async def go():

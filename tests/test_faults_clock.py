@@ -20,6 +20,7 @@ HOUR, DAY = 3600, 86400
 def log_times(log: Path) -> list[tuple[float, str]]:
     """(seconds since the epoch, rest of the line) of each event log line."""
     from nat64ho.eventlog import parse_line
+
     out = []
     for line in log.read_text().splitlines():
         e = parse_line(line)
@@ -31,8 +32,10 @@ def test_wall_clock_steps_while_serving(tmp_path):
     offset = tmp_path / "offset"
     offset.write_text("0")
     here = Path(__file__).parent / "clock_step"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])),
-           "NAT64HO_TEST_WALL_OFFSET": str(offset)}
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])),
+        "NAT64HO_TEST_WALL_OFFSET": str(offset),
+    }
     srv = ServerProcess(tmp_path, "--ports", "1028-1029", "--hello-rate", "1", env=env)
 
     def step(seconds: float) -> None:
@@ -96,8 +99,19 @@ def test_wall_clock_steps_while_serving(tmp_path):
         srv.kill()
     lines = log_times(srv.log)
     kinds = [rest.split()[0] for _, rest in lines]
-    assert kinds == ["Initialized", "Created", "Created", "Deleted", "Created", "Initialized",
-                     "Deleted", "Created", "Initialized", "Deleted", "Created"]
+    assert kinds == [
+        "Initialized",
+        "Created",
+        "Created",
+        "Deleted",
+        "Created",
+        "Initialized",
+        "Deleted",
+        "Created",
+        "Initialized",
+        "Deleted",
+        "Created",
+    ]
     # Event times never go back (PROTOCOL.md §6): a step forward moves them
     # on, a step back holds them just after the newest one until the clock
     # catches up, so the history stays unambiguous.
@@ -120,8 +134,9 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
 
     nat = ("192.0.2.7", 40000)
     peer = Peer(b"bootbeef")
-    config = Config(db=tmp_path / "t.db", log_file=str(tmp_path / "events.log"),
-                    first_port=1028, last_port=1029)
+    config = Config(
+        db=tmp_path / "t.db", log_file=str(tmp_path / "events.log"), first_port=1028, last_port=1029
+    )
 
     async def serve_once(*requests) -> list:
         store = await Store.open(config.db, sync="normal")
@@ -146,7 +161,9 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         return lambda: peer.request(list(messages))
 
     with freeze_time("2030-06-01 12:00:00", tick=True, real_asyncio=True):
-        out = asyncio.run(serve_once(peer.hello(), req(wire.Map(v6(1), 1)), req(wire.Map(v6(2), 2))))
+        out = asyncio.run(
+            serve_once(peer.hello(), req(wire.Map(v6(1), 1)), req(wire.Map(v6(2), 2)))
+        )
         a, b = mappings(out)
         asyncio.run(serve_once(req(wire.Lookup(a.nat_port))))  # A used after B
     with freeze_time("2030-06-01 11:00:00", tick=True, real_asyncio=True):

@@ -28,6 +28,7 @@ def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs
     srv = ServerProcess(tmp_path, "--ports", "1028-1100", db=small_fs / "table.db")
     srv.start()
     try:
+
         async def go():
             c = await connect(srv)
             before = {}
@@ -83,12 +84,12 @@ def test_disk_full_serves_existing_acknowledges_nothing_new_and_resumes(small_fs
         srv.kill()
 
 
-
 def test_start_on_a_full_disk_is_refused_clearly_then_works(small_fs, tmp_path):
     db = small_fs / "table.db"
     srv = ServerProcess(tmp_path, "--ports", "1028-1100", db=db)
     srv.start()
     try:
+
         async def go():
             c = await connect(srv)
             [m] = await c.map(v6(1), 1)
@@ -99,8 +100,15 @@ def test_start_on_a_full_disk_is_refused_clearly_then_works(small_fs, tmp_path):
         assert srv.stop() == 0
         filler = fill(small_fs)
         before = digest(db)
-        r = nat64ho("serve", "--db", str(db), "--listen", "127.0.0.1:0",
-                    "--log-file", str(tmp_path / "events.log"))
+        r = nat64ho(
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-file",
+            str(tmp_path / "events.log"),
+        )
         assert r.returncode == 1
         assert r.stderr.endswith(": its filesystem is full\n") and f"Error: {db}: " in r.stderr
         assert "not a nat64ho database" not in r.stderr and "Traceback" not in r.stderr

@@ -42,6 +42,8 @@ def entries_recovered(db: Path) -> dict[tuple[bytes, int], int]:
     # index from the WAL's checksummed frames, keeping whole transactions only.
     conn = sqlite3.connect(db)
     try:
-        return {(bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")}
+        return {
+            (bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")
+        }
     finally:
         conn.close()

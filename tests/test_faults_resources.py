@@ -19,6 +19,7 @@ def hello_from(sources: list[str], port: int, timeout: float = 10.0) -> dict[str
     datagram with the cookie and a LOOKUP; the last answer each got: the
     LOOKUP's (UNMAPPED: confirmed) or an ERROR, or None if none came."""
     import selectors
+
     answers: dict[str, object] = {}
     sel = selectors.DefaultSelector()
     socks = []
@@ -35,8 +36,9 @@ def hello_from(sources: list[str], port: int, timeout: float = 10.0) -> dict[str
             for key, _ in sel.select(0.2):
                 [m] = wire.parse(key.fileobj.recv(2048), wire.Direction.TO_NAT64)
                 if isinstance(m, wire.Welcome):
-                    key.fileobj.sendto(wire.build([wire.Cookie(m.cookie), wire.Lookup(1028)]),
-                                       ("127.0.0.1", port))
+                    key.fileobj.sendto(
+                        wire.build([wire.Cookie(m.cookie), wire.Lookup(1028)]), ("127.0.0.1", port)
+                    )
                     continue
                 answers[key.data] = m
                 sel.unregister(key.fileobj)
@@ -54,7 +56,7 @@ def test_ten_thousand_nat64s_say_hello_and_max_nats_holds(server_factory):
     base = rss_kib(srv.proc.pid)
     welcomed, refused = [], []
     for i in range(0, len(sources), 500):  # 500 sockets at a time
-        for src, m in hello_from(sources[i:i + 500], srv.port).items():
+        for src, m in hello_from(sources[i : i + 500], srv.port).items():
             if isinstance(m, wire.Unmapped):
                 welcomed.append(src)
             else:
@@ -67,7 +69,12 @@ def test_ten_thousand_nat64s_say_hello_and_max_nats_holds(server_factory):
     # NAT64s come back, new ones are still refused.
     srv.restart()
     again = hello_from([sources[0], sources[1999], sources[2000], sources[-1]], srv.port)
-    assert [type(m) for m in again.values()] == [wire.Unmapped, wire.Unmapped, wire.Error, wire.Error]
+    assert [type(m) for m in again.values()] == [
+        wire.Unmapped,
+        wire.Unmapped,
+        wire.Error,
+        wire.Error,
+    ]
     conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
     assert conn.execute("SELECT count(*) FROM nat").fetchone()[0] == 2000
     conn.close()
@@ -84,8 +91,9 @@ def test_biggest_datagrams_and_a_reader_that_never_reads(server_factory):
         sizes = []
         receive = c.datagram_received
         c.datagram_received = lambda data, addr: (sizes.append(len(data)), receive(data, addr))
-        out = await c.exchange([wire.Lookup(1028 + i % 60000) for i in range(lookups)],
-                               answers=lookups, timeout=30)
+        out = await c.exchange(
+            [wire.Lookup(1028 + i % 60000) for i in range(lookups)], answers=lookups, timeout=30
+        )
         c.datagram_received = receive
         assert len(out) == lookups and all(isinstance(m, wire.Unmapped) for m in out)
         assert max(sizes) <= 1472 and len(sizes) >= lookups * 4 // 1472

@@ -16,14 +16,24 @@ from nat64ho.core import wire
 from tests.helpers import ServerProcess, connect, nat64ho, run, table_rows, v6
 
 
-async def mapping_load(srv: ServerProcess, peers: list, locals_: list[str], acked: list[dict],
-                       counter, kill_after: float, per_datagram: int = 8) -> None:
+async def mapping_load(
+    srv: ServerProcess,
+    peers: list,
+    locals_: list[str],
+    acked: list[dict],
+    counter,
+    kill_after: float,
+    per_datagram: int = 8,
+) -> None:
     """NAT64s asking for new endpoints as fast as they are answered, until
     the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
     endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
     from nat64ho.peer import Client
-    clients = [await Client.connect(srv.host, srv.port, local=local, peer=peer)
-               for peer, local in zip(peers, locals_, strict=False)]
+
+    clients = [
+        await Client.connect(srv.host, srv.port, local=local, peer=peer)
+        for peer, local in zip(peers, locals_, strict=False)
+    ]
     asyncio.get_running_loop().call_later(kill_after, srv.kill)
 
     async def one(i: int, c) -> None:
@@ -43,6 +53,7 @@ async def mapping_load(srv: ServerProcess, peers: list, locals_: list[str], acke
 @pytest.mark.slow
 def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
     import itertools
+
     srv = ServerProcess(tmp_path)
     locals_ = [f"127.0.0.{i}" for i in range(1, 5)]
     nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
@@ -93,6 +104,7 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
 @pytest.mark.slow
 def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
     import itertools
+
     srv = ServerProcess(tmp_path, "--ports", "1028-1035")
     acked: list[dict] = [{}]
     counter = itertools.count()
@@ -108,14 +120,25 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
         peer = run(hello())
         for _cycle in range(8):
             # Every MAP of a new endpoint on an 8-port table evicts one.
-            run(mapping_load(srv, [peer], ["127.0.0.1"], acked, counter, rng.uniform(0.2, 0.6),
-                             per_datagram=3))
+            run(
+                mapping_load(
+                    srv,
+                    [peer],
+                    ["127.0.0.1"],
+                    acked,
+                    counter,
+                    rng.uniform(0.2, 0.6),
+                    per_datagram=3,
+                )
+            )
             srv.start()
         assert srv.stop() == 0
     finally:
         srv.kill()
     conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
-    events = conn.execute("SELECT kind, port, addr, aport FROM event WHERE kind != 0 ORDER BY id").fetchall()
+    events = conn.execute(
+        "SELECT kind, port, addr, aport FROM event WHERE kind != 0 ORDER BY id"
+    ).fetchall()
     conn.close()
     assert sum(k == 2 for k, *_ in events) > 8 * 20, "too few evictions to have crashed amid one"
     # Per port, history reads Created (Deleted Created)*: never a Deleted whose

@@ -34,8 +34,12 @@ def split(out: list[bytes]) -> tuple[list[list], list[bytes]]:
     """(handoff datagrams as message lists, other packets)."""
     handoff, other = [], []
     for pkt in out:
-        if (pkt[0] == 0x45 and pkt[9] == 17 and pkt[12:16] == POOL
-                and int.from_bytes(pkt[20:22], "big") == core.HANDOFF_PORT):
+        if (
+            pkt[0] == 0x45
+            and pkt[9] == 17
+            and pkt[12:16] == POOL
+            and int.from_bytes(pkt[20:22], "big") == core.HANDOFF_PORT
+        ):
             assert pkt[16:20] == HOST and int.from_bytes(pkt[22:24], "big") == SERVER_PORT
             handoff.append(wire.parse(pkt[28:], wire.Direction.TO_SERVER))
         else:
@@ -143,7 +147,9 @@ def test_deleted_entry_is_asked_for_again():
     other_client = CLIENT[:15] + b"\x99"
     gw.packet(syn(1, other_client), 0.1)
     gw.flush(0.1)
-    gw.packet(reply([wire.Deleted(40000, CLIENT, CPORT), wire.Mapping(40000, other_client, 1)]), 0.1)
+    gw.packet(
+        reply([wire.Deleted(40000, CLIENT, CPORT), wire.Mapping(40000, other_client, 1)]), 0.1
+    )
     _, out = split(gw.flush(0.1))
     assert len(out) == 1 and int.from_bytes(out[0][20:22], "big") == 40000
     gw.packet(syn(), 0.2)

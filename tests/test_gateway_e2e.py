@@ -26,8 +26,7 @@ from nat64ho.gateway import testbed as tb
 from nat64ho.ops import queries
 from tests.helpers import nat64ho
 
-pytestmark = pytest.mark.skipif(tb.available() is not None,
-                                reason=f"the test bed {tb.available()}")
+pytestmark = pytest.mark.skipif(tb.available() is not None, reason=f"the test bed {tb.available()}")
 
 HOST6 = "64:ff9b::" + tb.HOST4
 POOL_INT = int.from_bytes(socket.inet_aton(tb.POOL), "big")
@@ -87,20 +86,30 @@ def db(bed: tb.Testbed) -> sqlite3.Connection:
 
 # ------------------------------------------------------------------ HTTP
 
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_http_through_the_nat64_is_attributed_to_the_client(bed):
     bed.serve()
     bed.gateway()
-    p = bed.run(bed.client, "curl", "-sS", "-m", "20", "-w", "\n%{local_ip} %{local_port}",
-                f"http://[{HOST6}]:{tb.HTTP_PORT}/")
+    p = bed.run(
+        bed.client,
+        "curl",
+        "-sS",
+        "-m",
+        "20",
+        "-w",
+        "\n%{local_ip} %{local_port}",
+        f"http://[{HOST6}]:{tb.HTTP_PORT}/",
+    )
     assert p.returncode == 0, p.stderr
     body, local = p.stdout.rsplit("\n", 1)
     local_ip, local_port = local.split()
     assert local_ip == tb.CLIENT6
     port = int(re.search(rf"You came from {re.escape(tb.POOL)}:(\d+)\.", body).group(1))
-    assert re.search(rf"^http {re.escape(tb.POOL)}:{port} \"GET / HTTP/1.1\" 200",
-                     bed.services_out(), re.M)
+    assert re.search(
+        rf"^http {re.escape(tb.POOL)}:{port} \"GET / HTTP/1.1\" 200", bed.services_out(), re.M
+    )
 
     who = nat64ho("who", "--db", str(bed.db), f"{tb.POOL}:{port}", "--format", "json")
     assert who.returncode == 0, who.stderr
@@ -110,10 +119,12 @@ def test_http_through_the_nat64_is_attributed_to_the_client(bed):
     assert query.returncode == 0, query.stderr
     rows = json.loads(query.stdout)
     assert [(r["nat"], r["ipv6"], r["ipv6_port"]) for r in rows] == [
-        (tb.POOL, tb.CLIENT6, int(local_port))]
+        (tb.POOL, tb.CLIENT6, int(local_port))
+    ]
 
 
 # ------------------------------------------------------------------ UDP, ping
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ping") is None, reason="needs ping (iputils-ping)")
@@ -128,7 +139,10 @@ def test_udp_request_response_and_ping_through_the_nat64(bed):
             s.sendto(f"request {i}".encode(), (HOST6, tb.ECHO_PORT))
             data, (addr, port, *_) = s.recvfrom(100)
             assert (data, ipaddress.IPv6Address(addr), port) == (
-                f"request {i}".encode(), ipaddress.IPv6Address(HOST6), tb.ECHO_PORT)
+                f"request {i}".encode(),
+                ipaddress.IPv6Address(HOST6),
+                tb.ECHO_PORT,
+            )
         local = s.getsockname()[1]
     m = re.search(rf"^udp {re.escape(tb.POOL)}:(\d+) 9 octets", bed.services_out(), re.M)
     with db(bed) as conn:
@@ -184,6 +198,7 @@ def test_icmp_errors_cross_the_nat64_both_ways(bed):
 
 # ------------------------------------------------------------------ restarts
 
+
 class Talker:
     """One TCP connection: a line every 50 ms out, the echoes read back in
     order, for at most ``limit`` lines; stops by itself."""
@@ -197,8 +212,10 @@ class Talker:
         self.received: list[int] = []
         self.error: BaseException | None = None
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._recv, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._send, daemon=True),
+            threading.Thread(target=self._recv, daemon=True),
+        ]
         for th in self.threads:
             th.start()
 
@@ -297,6 +314,7 @@ def _accepted_port(bed: tb.Testbed) -> int:
 
 # ------------------------------------------------------------------ LRU
 
+
 @pytest.mark.slow
 def test_lru_deletion_under_200_connections_from_50_clients(bed):
     """150 ports for 200 connections: the 50 entries deleted are those of the
@@ -324,8 +342,10 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
 
     def table() -> dict[str, int]:
         with db(bed) as conn:
-            return {f"[{socket.inet_ntop(socket.AF_INET6, e.addr)}]:{e.aport}": e.port
-                    for e in queries.query_entries(conn, nat=POOL_INT)}
+            return {
+                f"[{socket.inet_ntop(socket.AF_INET6, e.addr)}]:{e.aport}": e.port
+                for e in queries.query_entries(conn, nat=POOL_INT)
+            }
 
     def deleted() -> list[str]:
         return re.findall(r" Deleted \S+ (\S+)", bed.events.read_text())
@@ -363,9 +383,17 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
         reused = next(p for p, eps in seen.items() if len(eps) == 2)
         for ep in seen[reused]:
             at = next(a for _, e, a in conns if e == ep)
-            who = nat64ho("who", "--db", str(bed.db), f"{tb.POOL}:{reused}", "--format", "json",
-                          "--at", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
-                          + f".{int(at * 1e6) % 1000000:06d}")
+            who = nat64ho(
+                "who",
+                "--db",
+                str(bed.db),
+                f"{tb.POOL}:{reused}",
+                "--format",
+                "json",
+                "--at",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+                + f".{int(at * 1e6) % 1000000:06d}",
+            )
             held = json.loads(who.stdout)
             assert f"[{held['ipv6']}]:{held['ipv6_port']}" == ep
     finally:

@@ -46,21 +46,27 @@ def pseudo6(src, dst, nh, length):
 
 
 def with_csum(body: bytes, at: int, pseudo: bytes = b"", udp: bool = False) -> bytes:
-    body = body[:at] + b"\0\0" + body[at + 2:]
+    body = body[:at] + b"\0\0" + body[at + 2 :]
     c = ref_csum(pseudo + body)
     if udp and c == 0:
         c = 0xFFFF
-    return body[:at] + c.to_bytes(2, "big") + body[at + 2:]
+    return body[:at] + c.to_bytes(2, "big") + body[at + 2 :]
 
 
 def ip6(src, dst, nh, payload, hlim=64, tc=0, ext=b""):
-    return (struct.pack("!IHBB", (6 << 28) | (tc << 20), len(ext) + len(payload), nh, hlim)
-            + src + dst + ext + payload)
+    return (
+        struct.pack("!IHBB", (6 << 28) | (tc << 20), len(ext) + len(payload), nh, hlim)
+        + src
+        + dst
+        + ext
+        + payload
+    )
 
 
 def ip4(src, dst, proto, payload, ttl=64, frag=0x4000, tos=0, ident=0):
-    h = struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(payload), ident, frag, ttl, proto, 0,
-                    src, dst)
+    h = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, tos, 20 + len(payload), ident, frag, ttl, proto, 0, src, dst
+    )
     return with_csum(h, 10) + payload
 
 
@@ -112,6 +118,7 @@ def in4(pkt, client=CLIENT, port=CPORT):
 
 
 # ------------------------------------------------------------------ TCP, UDP
+
 
 @pytest.mark.parametrize("data", [b"", b"x", b"hello world" * 100])
 def test_tcp_6_to_4_rewrites_source_and_updates_checksum(data):
@@ -171,9 +178,11 @@ def test_extension_headers_are_skipped_and_atomic_fragments_translated():
 
 # ------------------------------------------------------------------ ICMP echo
 
+
 def test_echo_request_6_to_4_uses_nat_port_as_identifier():
-    pkt = ip6(CLIENT, HOST6, 58, icmp6(128, 0, struct.pack("!HH", CPORT, 3), b"abc" * 10,
-                                       CLIENT, HOST6))
+    pkt = ip6(
+        CLIENT, HOST6, 58, icmp6(128, 0, struct.pack("!HH", CPORT, 3), b"abc" * 10, CLIENT, HOST6)
+    )
     p = t.parse6(pkt, PREFIX)
     assert (p.port, p.error) == (CPORT, False)
     body = check_ipv4(t.to_ipv4(pkt, p, POOL, NAT_PORT), 1, POOL, HOST)
@@ -190,6 +199,7 @@ def test_echo_reply_4_to_6_restores_identifier():
 
 
 # ------------------------------------------------------------------ ICMP errors
+
 
 def test_port_unreachable_4_to_6_translates_the_embedded_packet():
     sent = ip4(POOL, HOST, 17, udp(NAT_PORT, 9999, POOL, HOST, b"lost"))
@@ -221,8 +231,9 @@ def test_fragmentation_needed_becomes_packet_too_big(mtu, expected):
 
 def test_packet_too_big_6_to_4_from_a_router():
     delivered = ip6(HOST6, CLIENT, 6, tcp(80, CPORT, HOST6, CLIENT, b"y" * 1200))
-    err = ip6(ROUTER6, HOST6, 58, icmp6(2, 0, (1300).to_bytes(4, "big"), delivered[:1232],
-                                        ROUTER6, HOST6))
+    err = ip6(
+        ROUTER6, HOST6, 58, icmp6(2, 0, (1300).to_bytes(4, "big"), delivered[:1232], ROUTER6, HOST6)
+    )
     p = t.parse6(err, PREFIX)
     assert (p.client, p.port, p.error) == (CLIENT, CPORT, True)
     out = t.to_ipv4(err, p, POOL, NAT_PORT)
@@ -237,8 +248,10 @@ def test_packet_too_big_6_to_4_from_a_router():
     assert int.from_bytes(inner[2:4], "big") == 20 + 20 + 1200
 
 
-@pytest.mark.parametrize("v6,v4", [((1, 4), (3, 3)), ((1, 0), (3, 1)), ((1, 1), (3, 10)),
-                                   ((3, 0), (11, 0)), ((4, 1), (3, 2))])
+@pytest.mark.parametrize(
+    "v6,v4",
+    [((1, 4), (3, 3)), ((1, 0), (3, 1)), ((1, 1), (3, 10)), ((3, 0), (11, 0)), ((4, 1), (3, 2))],
+)
 def test_icmp6_error_type_mapping(v6, v4):
     delivered = ip6(HOST6, CLIENT, 17, udp(7007, CPORT, HOST6, CLIENT))
     err = ip6(CLIENT, HOST6, 58, icmp6(*v6, b"\0" * 4, delivered, CLIENT, HOST6))
@@ -254,8 +267,9 @@ def test_parameter_problem_pointer_is_mapped():
     assert tuple(body[:2]) == (12, 0) and body[4] == 8  # hop limit -> TTL
 
 
-@pytest.mark.parametrize("v4,v6", [((3, 1), (1, 0)), ((3, 13), (1, 1)), ((11, 0), (3, 0)),
-                                   ((3, 2), (4, 1))])
+@pytest.mark.parametrize(
+    "v4,v6", [((3, 1), (1, 0)), ((3, 13), (1, 1)), ((11, 0), (3, 0)), ((3, 2), (4, 1))]
+)
 def test_icmp4_error_type_mapping(v4, v6):
     sent = ip4(POOL, HOST, 17, udp(NAT_PORT, 7007, POOL, HOST))
     err = ip4(ROUTER4, POOL, 1, icmp4(*v4, b"\0" * 4, sent))
@@ -264,6 +278,7 @@ def test_icmp4_error_type_mapping(v4, v6):
 
 
 # ------------------------------------------------------------------ drops
+
 
 def drop6(pkt) -> str:
     with pytest.raises(t.Untranslatable) as info:
@@ -289,7 +304,9 @@ def test_named_drops_ipv6():
     bad = bytearray(ip6(CLIENT, HOST6, 58, icmp6(128, 0, b"\0\1\0\1", b"x", CLIENT, HOST6)))
     bad[-1] ^= 0xFF
     assert drop6(bytes(bad)) == t.BAD_CHECKSUM
-    assert drop6(ip6(CLIENT, HOST6, 58, icmp6(135, 0, b"\0" * 4, b"", CLIENT, HOST6))) == t.ICMP_TYPE
+    assert (
+        drop6(ip6(CLIENT, HOST6, 58, icmp6(135, 0, b"\0" * 4, b"", CLIENT, HOST6))) == t.ICMP_TYPE
+    )
     assert drop6(b"\x45" + b"\0" * 50) == t.NOT_IPV6
 
 

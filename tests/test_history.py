@@ -50,14 +50,17 @@ def db(tmp_path):
 
 def load(conn, text: str, **kw) -> tuple[importer.ImportResult, list]:
     bad = []
-    result = importer.import_logs(conn, [("log", io.BytesIO(text.encode()))],
-                                 lambda *a: bad.append(a), **kw)
+    result = importer.import_logs(
+        conn, [("log", io.BytesIO(text.encode()))], lambda *a: bad.append(a), **kw
+    )
     return result, bad
 
 
 def add_entry(conn, nat, port, addr, aport, created, last_use=None):
-    conn.execute("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
-                 (nat, port, v6(addr), aport, created, last_use or created))
+    conn.execute(
+        "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+        (nat, port, v6(addr), aport, created, last_use or created),
+    )
 
 
 def export(conn, **kw) -> str:
@@ -67,6 +70,7 @@ def export(conn, **kw) -> str:
 
 
 # ---------------------------------------------------------------- export / import
+
 
 def test_example_lines_round_trip_byte_for_byte(db):
     result, bad = load(db, EXAMPLE)
@@ -105,23 +109,48 @@ def test_import_commits_in_batches(db, monkeypatch):
 def test_export_window_and_nat_filter(db):
     load(db, EXAMPLE)
     assert export(db, nat=NAT7) == "".join(EXAMPLE.splitlines(True)[:2])
-    assert export(db, since=us("2019-03-18 15:22:02.062254")) == "".join(EXAMPLE.splitlines(True)[2:])
-    assert export(db, until=us("2019-03-18 15:22:02.062254")) == "".join(EXAMPLE.splitlines(True)[:2])
-    assert export(db, nat=NAT9, since=us("2019-03-18 15:00:00.000000"),
-                  until=us("2019-03-18 15:22:02.062478")) == EXAMPLE.splitlines(True)[2]
+    assert export(db, since=us("2019-03-18 15:22:02.062254")) == "".join(
+        EXAMPLE.splitlines(True)[2:]
+    )
+    assert export(db, until=us("2019-03-18 15:22:02.062254")) == "".join(
+        EXAMPLE.splitlines(True)[:2]
+    )
+    assert (
+        export(
+            db,
+            nat=NAT9,
+            since=us("2019-03-18 15:00:00.000000"),
+            until=us("2019-03-18 15:22:02.062478"),
+        )
+        == EXAMPLE.splitlines(True)[2]
+    )
 
 
 def test_export_jsonl_and_csv_have_fixed_columns(db):
     import json
+
     load(db, EXAMPLE)
     out = io.StringIO()
     ops_export.write_jsonl(ops_export.history_rows(db, with_id=True), out)
     objs = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert objs[0] == {"seq": 1, "ts": "2019-03-18 10:06:28.436754", "event": "Initialized",
-                       "nat": "192.0.2.7", "port": None, "ipv6": None, "ipv6_port": None}
-    assert objs[3] == {"seq": 4, "ts": "2019-03-18 15:22:02.062478", "event": "Created",
-                       "nat": "192.0.2.9", "port": 47102, "ipv6": "2001:db8::55",
-                       "ipv6_port": 34643}
+    assert objs[0] == {
+        "seq": 1,
+        "ts": "2019-03-18 10:06:28.436754",
+        "event": "Initialized",
+        "nat": "192.0.2.7",
+        "port": None,
+        "ipv6": None,
+        "ipv6_port": None,
+    }
+    assert objs[3] == {
+        "seq": 4,
+        "ts": "2019-03-18 15:22:02.062478",
+        "event": "Created",
+        "nat": "192.0.2.9",
+        "port": 47102,
+        "ipv6": "2001:db8::55",
+        "ipv6_port": 34643,
+    }
     out = io.StringIO()
     ops_export.write_csv(ops_export.history_rows(db), out)
     lines = out.getvalue().splitlines()
@@ -136,14 +165,27 @@ addresses = st.one_of(
     st.binary(min_size=16, max_size=16),
     st.builds(lambda tail: bytes(10) + tail, st.binary(min_size=6, max_size=6)),
     st.builds(lambda tail: bytes(10) + b"\xff\xff" + tail, st.binary(min_size=4, max_size=4)),
-    st.builds(lambda words: b"".join(w.to_bytes(2, "big") for w in words),
-              st.lists(st.sampled_from([0, 0, 0, 1, 0xffff, 0x2001, 0xdb8]), min_size=8, max_size=8)),
+    st.builds(
+        lambda words: b"".join(w.to_bytes(2, "big") for w in words),
+        st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x2001, 0xDB8]), min_size=8, max_size=8),
+    ),
 )
 events = st.builds(
     lambda ts, kind, nat, port, addr, aport: Event(
-        ts, kind, nat, 0 if kind == 0 else port, None if kind == 0 else addr, None if kind == 0 else aport),
-    st.integers(0, 253402300799999999), st.sampled_from(list(EventKind)), st.integers(0, 2**32 - 1),
-    st.integers(0, 65535), addresses, st.integers(0, 65535))
+        ts,
+        kind,
+        nat,
+        0 if kind == 0 else port,
+        None if kind == 0 else addr,
+        None if kind == 0 else aport,
+    ),
+    st.integers(0, 253402300799999999),
+    st.sampled_from(list(EventKind)),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 65535),
+    addresses,
+    st.integers(0, 65535),
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -174,8 +216,14 @@ def test_fast_parser_equals_parse_line_on_good_lines(e):
     assert _fast(line) == _reference(line)
 
 
-mutations = st.lists(st.tuples(st.integers(0, 90), st.sampled_from(
-    list("0123456789:.[] abcdefx/%+-\r\n") + ["::", "0", "00", "٣", "\t"]), st.booleans()), max_size=3)
+mutations = st.lists(
+    st.tuples(
+        st.integers(0, 90),
+        st.sampled_from(list("0123456789:.[] abcdefx/%+-\r\n") + ["::", "0", "00", "٣", "\t"]),
+        st.booleans(),
+    ),
+    max_size=3,
+)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -184,33 +232,54 @@ def test_fast_parser_equals_parse_line_on_mutated_lines(e, edits):
     line = format_event(e)
     for pos, text, replace in edits:
         pos = min(pos, len(line))
-        line = line[:pos] + text + line[pos + (1 if replace else 0):]
+        line = line[:pos] + text + line[pos + (1 if replace else 0) :]
     assert _fast(line) == _reference(line)
 
 
-@pytest.mark.parametrize("addr", [
-    "::ffff:1.2.3.4", "::1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "::01.2.3.4", "1::2::3",
-    "1:2:3:4:5:6:7::", "::1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "00001::", "::", "fe80::1%eth0",
-    "1:2:3:4:5:6:7:8::", ":1::", "1.2.3.4", "::ffff:256.1.1.1", "::1.2.3", "2001:DB8::A"])
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "::ffff:1.2.3.4",
+        "::1.2.3.4",
+        "1:2:3:4:5:6:1.2.3.4",
+        "::01.2.3.4",
+        "1::2::3",
+        "1:2:3:4:5:6:7::",
+        "::1:2:3:4:5:6:7:8",
+        "1:2:3:4:5:6:7:8:9",
+        "00001::",
+        "::",
+        "fe80::1%eth0",
+        "1:2:3:4:5:6:7:8::",
+        ":1::",
+        "1.2.3.4",
+        "::ffff:256.1.1.1",
+        "::1.2.3",
+        "2001:DB8::A",
+    ],
+)
 def test_fast_parser_agrees_on_awkward_addresses(addr):
     line = f"2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [{addr}]:34643\n"
     assert _fast(line) == _reference(line)
 
 
-@pytest.mark.parametrize("line", [
-    "2019-02-29 15:22:02.062478 Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 24:00:00.000000 Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 15:60:00.000000 Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 15:22:60.000000 Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 15:22:02.06247 Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 15:22:02.062478 Created 192.0.2.09:47102 [::1]:1",
-    "2019-03-18 15:22:02.062478 Created 192.0.2.9:047102 [::1]:1",
-    "2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [::1]:1 ",
-    "2019-03-18 15:22:02.062478  Created 192.0.2.9:47102 [::1]:1",
-    "2019-03-18 15:22:02.062478 Created 192.0.2.9 :47102 [::1]:1",
-    "2019-03-18 15:22:02.062478 Initialized 192.0.2.9",
-    "",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2019-02-29 15:22:02.062478 Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 24:00:00.000000 Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 15:60:00.000000 Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 15:22:60.000000 Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 15:22:02.06247 Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 15:22:02.062478 Created 192.0.2.09:47102 [::1]:1",
+        "2019-03-18 15:22:02.062478 Created 192.0.2.9:047102 [::1]:1",
+        "2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [::1]:1 ",
+        "2019-03-18 15:22:02.062478  Created 192.0.2.9:47102 [::1]:1",
+        "2019-03-18 15:22:02.062478 Created 192.0.2.9 :47102 [::1]:1",
+        "2019-03-18 15:22:02.062478 Initialized 192.0.2.9",
+        "",
+    ],
+)
 def test_fast_parser_agrees_on_edge_lines(line):
     assert _fast(line) == _reference(line)
 
@@ -227,7 +296,9 @@ def test_rebuild_table_adds_last_created_and_keeps_existing_entries(db):
     add_entry(db, NAT9, 3000, "2001:db8::3", 1000, 6)
     result, _ = load(db, text, rebuild_table=True)
     assert result.entries == 2
-    rows = db.execute("SELECT nat, port, addr, aport, created FROM entry ORDER BY nat, port").fetchall()
+    rows = db.execute(
+        "SELECT nat, port, addr, aport, created FROM entry ORDER BY nat, port"
+    ).fetchall()
     assert rows == [
         (NAT7, 3719, v6("2001:db8::17"), 53186, us("2019-03-18 10:06:28.491727")),
         (NAT9, 2000, v6("2001:db8::99"), 9, 5),
@@ -239,14 +310,18 @@ def test_rebuild_table_adds_last_created_and_keeps_existing_entries(db):
 
 def test_rebuild_table_respects_a_deleted_already_in_history(db):
     load(db, "2019-03-18 16:00:02.000000 Deleted 192.0.2.9:2001 [2001:db8::2]:1000\n")
-    result, _ = load(db, "2019-03-18 16:00:01.000000 Created 192.0.2.9:2001 [2001:db8::2]:1000\n",
-                     rebuild_table=True)
+    result, _ = load(
+        db,
+        "2019-03-18 16:00:01.000000 Created 192.0.2.9:2001 [2001:db8::2]:1000\n",
+        rebuild_table=True,
+    )
     assert result.entries == 0
     assert db.execute("SELECT count(*) FROM entry").fetchone()[0] == 0
 
 
 def test_open_log_reads_gzip_and_reports_missing_files(tmp_path):
     import gzip
+
     path = tmp_path / "x.log.gz"
     with gzip.open(path, "wt") as f:
         f.write(EXAMPLE)
@@ -257,6 +332,7 @@ def test_open_log_reads_gzip_and_reports_missing_files(tmp_path):
 
 def test_truncated_gzip_keeps_what_was_read_and_raises(db, tmp_path):
     import gzip
+
     path = tmp_path / "x.log.gz"
     path.write_bytes(gzip.compress(EXAMPLE.encode() * 50)[:-30])
     with pytest.raises(importer.LogUnreadable, match="x.log.gz"):
@@ -265,6 +341,7 @@ def test_truncated_gzip_keeps_what_was_read_and_raises(db, tmp_path):
 
 
 # ---------------------------------------------------------------- who
+
 
 def test_who_before_the_deleted_names_the_deleted_holder(db):
     load(db, EXAMPLE)
@@ -310,11 +387,14 @@ def test_who_closed_holding_has_both_events(db):
 
 
 def test_who_same_instant_deleted_precedes_created(db):
-    load(db, textwrap.dedent("""\
+    load(
+        db,
+        textwrap.dedent("""\
         2019-03-18 10:00:00.000000 Created 192.0.2.9:5000 [2001:db8::1]:1
         2019-03-18 11:00:00.000000 Deleted 192.0.2.9:5000 [2001:db8::1]:1
         2019-03-18 11:00:00.000000 Created 192.0.2.9:5000 [2001:db8::2]:2
-        """))
+        """),
+    )
     before = queries.who_port(db, NAT9, 5000, us("2019-03-18 10:59:59.999999"))
     assert (before.addr, before.end) == (v6("2001:db8::1"), us("2019-03-18 11:00:00.000000"))
     same = queries.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000"))
@@ -324,25 +404,32 @@ def test_who_same_instant_deleted_precedes_created(db):
 def test_who_entry_without_history(db):
     add_entry(db, NAT9, 6000, "2001:db8::6", 66, us("2019-03-18 12:00:00.000000"))
     h = queries.who_port(db, NAT9, 6000, us("2019-03-18 13:00:00.000000"))
-    assert h == Holding(NAT9, 6000, v6("2001:db8::6"), 66, us("2019-03-18 12:00:00.000000"),
-                        None, True, None, None)
+    assert h == Holding(
+        NAT9, 6000, v6("2001:db8::6"), 66, us("2019-03-18 12:00:00.000000"), None, True, None, None
+    )
     assert queries.who_port(db, NAT9, 6000, us("2019-03-18 11:00:00.000000")) is None
 
 
 def test_who_table_overrides_a_history_with_a_gap(db):
     load(db, "2019-03-18 10:00:00.000000 Created 192.0.2.9:5000 [2001:db8::1]:1\n")
     add_entry(db, NAT9, 5000, "2001:db8::2", 2, us("2019-03-18 12:00:00.000000"))
-    assert queries.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000")).addr == v6("2001:db8::1")
+    assert queries.who_port(db, NAT9, 5000, us("2019-03-18 11:00:00.000000")).addr == v6(
+        "2001:db8::1"
+    )
     now = queries.who_port(db, NAT9, 5000, us("2019-03-18 13:00:00.000000"))
     assert now.addr == v6("2001:db8::2") and now.current
 
 
 def test_who_endpoint_lists_every_holding(db):
-    load(db, EXAMPLE + textwrap.dedent("""\
+    load(
+        db,
+        EXAMPLE
+        + textwrap.dedent("""\
         2019-03-19 00:00:00.000000 Deleted 192.0.2.9:47102 [2001:db8::55]:34643
         2019-03-19 01:00:00.000000 Created 192.0.2.7:4000 [2001:db8::55]:34643
         2019-03-19 02:00:00.000000 Created 192.0.2.7:4001 [2001:db8::55]:999
-        """))
+        """),
+    )
     add_entry(db, NAT7, 4000, "2001:db8::55", 34643, us("2019-03-19 01:00:00.000000"))
     add_entry(db, NAT7, 4002, "2001:db8:0:1::1", 1, us("2019-03-19 03:00:00.000000"))
     one = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643))
@@ -352,8 +439,14 @@ def test_who_endpoint_lists_every_holding(db):
     ]
     addr = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128")))
     assert len(addr) == 3 and {h.aport for h in addr} == {34643, 999}
-    at = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::55/128"), 34643,
-                                   at=us("2019-03-18 20:00:00.000000")))
+    at = list(
+        queries.who_endpoint(
+            db,
+            ipaddress.IPv6Network("2001:db8::55/128"),
+            34643,
+            at=us("2019-03-18 20:00:00.000000"),
+        )
+    )
     assert [h.port for h in at] == [47102]
     wide = list(queries.who_endpoint(db, ipaddress.IPv6Network("2001:db8::/32")))
     # ::17 (open, not in the table), ::55 x3, ::75 (Deleted only), and the
@@ -365,6 +458,7 @@ def test_who_endpoint_lists_every_holding(db):
 
 
 # ---------------------------------------------------------------- query, stats, prune
+
 
 def test_query_entries_filters_and_order(db):
     add_entry(db, NAT9, 3000, "2001:db8::1", 1, 10, 20)
@@ -383,12 +477,15 @@ def test_query_entries_filters_and_order(db):
 
 def test_stats_counts_recent_events(db):
     now = us("2019-03-19 12:00:00.000000")
-    load(db, textwrap.dedent("""\
+    load(
+        db,
+        textwrap.dedent("""\
         2019-03-17 12:00:00.000000 Created 192.0.2.9:1 [2001:db8::1]:1
         2019-03-19 02:00:00.000000 Created 192.0.2.9:2 [2001:db8::2]:1
         2019-03-19 11:30:00.000000 Deleted 192.0.2.9:2 [2001:db8::2]:1
         2019-03-19 11:30:00.000000 Created 192.0.2.9:2 [2001:db8::3]:1
-        """))
+        """),
+    )
     add_entry(db, NAT9, 2, "2001:db8::3", 1, now - 5, now - 3)
     db.execute("INSERT INTO nat VALUES (?, ?, ?, ?)", (NAT9, bytes(8), 100, 200))
     [s] = queries.stats(db, now, 64508)
@@ -438,21 +535,48 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
 
 # ---------------------------------------------------------------- plans and locks
 
-@pytest.mark.parametrize("sql, args, index", [
-    ("SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-     "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2", (1, 2, 3), "event_nat_port_ts"),
-    ("SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN ? AND ? "
-     "ORDER BY addr, aport, ts", (b"a", b"b"), "event_addr_ts"),
-    ("SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = ? AND aport = ? "
-     "ORDER BY addr, aport, ts", (b"a", 1), "event_addr_ts"),
-    ("SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
-     "ORDER BY addr, aport", (1, b"a", b"b"), "entry_endpoint"),
-    ("SELECT nat, port, addr, aport, created, last_use FROM entry WHERE nat = ? ORDER BY port",
-     (1,), "PRIMARY KEY"),
-    ("SELECT ts, kind, nat, port, addr, aport FROM event INDEXED BY event_ts WHERE ts >= ? "
-     "ORDER BY ts, id", (1,), "event_ts"),
-    ("SELECT min(nat) FROM event WHERE nat > ?", (1,), "event_nat_port_ts"),
-])
+
+@pytest.mark.parametrize(
+    "sql, args, index",
+    [
+        (
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
+            "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2",
+            (1, 2, 3),
+            "event_nat_port_ts",
+        ),
+        (
+            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN ? AND ? "
+            "ORDER BY addr, aport, ts",
+            (b"a", b"b"),
+            "event_addr_ts",
+        ),
+        (
+            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = ? AND aport = ? "
+            "ORDER BY addr, aport, ts",
+            (b"a", 1),
+            "event_addr_ts",
+        ),
+        (
+            "SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+            "ORDER BY addr, aport",
+            (1, b"a", b"b"),
+            "entry_endpoint",
+        ),
+        (
+            "SELECT nat, port, addr, aport, created, last_use FROM entry WHERE nat = ? ORDER BY port",
+            (1,),
+            "PRIMARY KEY",
+        ),
+        (
+            "SELECT ts, kind, nat, port, addr, aport FROM event INDEXED BY event_ts WHERE ts >= ? "
+            "ORDER BY ts, id",
+            (1,),
+            "event_ts",
+        ),
+        ("SELECT min(nat) FROM event WHERE nat > ?", (1,), "event_nat_port_ts"),
+    ],
+)
 def test_queries_use_an_index_and_no_sort(db, sql, args, index):
     # The statements the operator modules run; a plan change here is what would make
     # them scan 100 M rows.
@@ -466,10 +590,18 @@ def test_database_in_use_sees_another_process(tmp_path):
     schema.open_db(path, create=True).close()
     assert not opsdb.database_in_use(path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
-         "c.execute('SELECT count(*) FROM event').fetchone(); print('open', flush=True); "
-         "sys.stdin.read()", str(path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+            "c.execute('SELECT count(*) FROM event').fetchone(); print('open', flush=True); "
+            "sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "open\n"
         assert opsdb.database_in_use(path)

@@ -22,12 +22,21 @@ HOME = "home/nat64ho"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def run(*args: str | Path, check: bool = True, script: Path = INSTALL, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", str(script), *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, **kw)
+def run(
+    *args: str | Path, check: bool = True, script: Path = INSTALL, **kw
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        ["bash", str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        **kw,
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{script.name} {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                    f"{proc.stdout}\n{proc.stderr}")
+        pytest.fail(
+            f"{script.name} {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -38,8 +47,12 @@ def free_port(kind: int) -> int:
 
 
 def addresses() -> list[str]:
-    return ["--listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
-            "--metrics", f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"]
+    return [
+        "--listen",
+        f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+        "--metrics",
+        f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+    ]
 
 
 def settings(root: Path) -> dict[str, str]:
@@ -52,7 +65,9 @@ def settings(root: Path) -> dict[str, str]:
 
 
 def passwd_entry(root: Path) -> list[str]:
-    lines = [ln for ln in (root / "etc/passwd").read_text().splitlines() if ln.startswith("nat64ho:")]
+    lines = [
+        ln for ln in (root / "etc/passwd").read_text().splitlines() if ln.startswith("nat64ho:")
+    ]
     assert len(lines) == 1, lines
     return lines[0].split(":")
 
@@ -91,6 +106,7 @@ def ids(root: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- layout
 
+
 def test_user_is_recorded_as_a_system_account(installed):
     name, _, uid, gid, _, home, shell = passwd_entry(installed)
     assert (name, home, shell) == ("nat64ho", "/home/nat64ho", "/usr/sbin/nologin")
@@ -101,8 +117,9 @@ def test_user_is_recorded_as_a_system_account(installed):
 
 def test_venv_runs_nat64ho(installed):
     python = installed / HOME / "venv/bin/python"
-    out = subprocess.run([str(python), "-I", "-m", "nat64ho", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(python), "-I", "-m", "nat64ho", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "serve" in out
     # uvloop is a dependency on Linux: the service gets the fast loop.
     subprocess.run([str(installed / HOME / "venv/bin/python"), "-c", "import uvloop"], check=True)
@@ -139,15 +156,25 @@ def test_wrapper_on_path_defaults_to_the_installed_database(installed):
     env["NAT64HO_DB"] = "/nowhere/env.db"
     proc = subprocess.run(["sh", str(local), "check"], capture_output=True, text=True, env=env)
     assert "Error: /nowhere/env.db:" in proc.stderr
-    proc = subprocess.run(["sh", str(local), "check", "--db", "/nowhere/opt.db"], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        ["sh", str(local), "check", "--db", "/nowhere/opt.db"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert "Error: /nowhere/opt.db:" in proc.stderr
     local.unlink()
 
 
 def as_ids(uid: int, gid: int, groups: list[int]) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
-            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups", "env", "-i"]
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+        "env",
+        "-i",
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
@@ -157,37 +184,72 @@ def test_group_members_read_the_database_others_get_one_error_line(installed):
     db = home / "data/nat64ho.db"
     python = str(home / "venv/bin/python")
     # Created as the service creates it (the unit's UMask=0027).
-    subprocess.run([*as_ids(uid, gid, []), "sh", "-c",
-                    f"umask 027; exec {python} -c 'from nat64ho.storage import schema; "
-                    f"schema.open_db(\"{db}\", create=True).close()'"], check=True)
+    subprocess.run(
+        [
+            *as_ids(uid, gid, []),
+            "sh",
+            "-c",
+            f"umask 027; exec {python} -c 'from nat64ho.storage import schema; "
+            f'schema.open_db("{db}", create=True).close()\'',
+        ],
+        check=True,
+    )
     assert stat.S_IMODE(db.stat().st_mode) == 0o640
     try:
         for command in (["query"], ["stats"], ["check"], ["who", "192.0.2.1:1029"]):
-            member = subprocess.run([*as_ids(23456, 23456, [gid]), f"NAT64HO_DB={db}", python,
-                                     "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
+            member = subprocess.run(
+                [
+                    *as_ids(23456, 23456, [gid]),
+                    f"NAT64HO_DB={db}",
+                    python,
+                    "-I",
+                    "-m",
+                    "nat64ho",
+                    *command,
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert member.returncode == 0, (command, member.stderr)
-            outsider = subprocess.run([*as_ids(23457, 23457, []), f"NAT64HO_DB={db}", python,
-                                       "-I", "-m", "nat64ho", *command], capture_output=True, text=True)
+            outsider = subprocess.run(
+                [
+                    *as_ids(23457, 23457, []),
+                    f"NAT64HO_DB={db}",
+                    python,
+                    "-I",
+                    "-m",
+                    "nat64ho",
+                    *command,
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert outsider.returncode == 1, (command, outsider.stderr)
             assert outsider.stderr.count("\n") == 1, outsider.stderr
             assert outsider.stderr.startswith(f"Error: {db}: permission denied"), outsider.stderr
-        assert sorted(p.name for p in db.parent.iterdir()) == ["nat64ho.db"], "readers wrote nothing"
+        assert sorted(p.name for p in db.parent.iterdir()) == ["nat64ho.db"], (
+            "readers wrote nothing"
+        )
     finally:
         db.unlink()
 
 
 def test_unit_logrotate_and_updater_come_from_contrib(installed):
-    assert (installed / "etc/systemd/system/nat64ho.service").read_bytes() == \
-        (REPO / "contrib/nat64ho.service").read_bytes()
+    assert (installed / "etc/systemd/system/nat64ho.service").read_bytes() == (
+        REPO / "contrib/nat64ho.service"
+    ).read_bytes()
     unit = (installed / "etc/systemd/system/nat64ho.service").read_text()
     # A bad setting (exit 2) fails the unit instead of restarting it forever.
     assert "\nRestartPreventExitStatus=2\n" in unit
-    assert (installed / HOME / "bin/nat64ho-update").read_bytes() == \
-        (REPO / "contrib/nat64ho-update").read_bytes()
+    assert (installed / HOME / "bin/nat64ho-update").read_bytes() == (
+        REPO / "contrib/nat64ho-update"
+    ).read_bytes()
     rotate = (installed / "etc/logrotate.d/nat64ho").read_text()
     assert "\n    rotate 180\n" in rotate
     assert "\n    su nat64ho nat64ho\n" in rotate
-    assert not (installed / "etc/systemd/system/nat64ho.service.d").exists(), "auto-update is off by default"
+    assert not (installed / "etc/systemd/system/nat64ho.service.d").exists(), (
+        "auto-update is off by default"
+    )
 
 
 def test_settings_file_has_every_documented_key(installed):
@@ -218,8 +280,11 @@ def test_directories_and_ownership(installed):
 
 def test_dependencies_are_pinned_by_hash(installed):
     home = installed / HOME
-    lines = [ln for ln in (home / "requirements.txt").read_text().splitlines()
-             if ln and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (home / "requirements.txt").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     wheels = sorted(p.name for p in (home / "wheels").iterdir())
     assert len(lines) == len(wheels) and any(ln.startswith("hatchling==") for ln in lines)
     for line in lines:
@@ -229,14 +294,22 @@ def test_dependencies_are_pinned_by_hash(installed):
 
 # ---------------------------------------------------------------- settings
 
+
 def test_check_config_answers_without_opening_anything(tmp_path):
     import sys
+
     db = tmp_path / "never.db"
     base = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db), "--check-config"]
-    good = subprocess.run([*base, "--listen", "127.0.0.1:6464", "--allow", "192.0.2.0/24"],
-                          capture_output=True, text=True, cwd=REPO)
+    good = subprocess.run(
+        [*base, "--listen", "127.0.0.1:6464", "--allow", "192.0.2.0/24"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert good.returncode == 0 and good.stdout == "ok: the options are valid\n", good.stderr
-    bad = subprocess.run([*base, "--listen", "localhost:6464"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        [*base, "--listen", "localhost:6464"], capture_output=True, text=True, cwd=REPO
+    )
     assert bad.returncode == 2
     assert bad.stderr == "Error: --listen 'localhost:6464': 'localhost' is not an IP address\n"
     assert not db.exists() and list(tmp_path.iterdir()) == []
@@ -257,7 +330,9 @@ def test_bad_setting_is_refused_before_a_working_install_changes(installed):
     assert len(list((home / "releases").iterdir())) == 1, "the refused build is gone"
 
     # The same for any `serve` option in NAT64HO_ARGS, as the unit splits it.
-    env.write_text(env.read_text().replace("NAT64HO_ARGS=\n", "NAT64HO_ARGS=--min-idle 5 --sync sometimes\n"))
+    env.write_text(
+        env.read_text().replace("NAT64HO_ARGS=\n", "NAT64HO_ARGS=--min-idle 5 --sync sometimes\n")
+    )
     edited = env.read_bytes()
     proc = run("--root", installed, check=False)
     assert proc.returncode == 1 and "Error: --sync 'sometimes'" in proc.stderr
@@ -268,27 +343,43 @@ def test_bad_setting_is_refused_before_a_working_install_changes(installed):
 def test_fresh_tree_takes_free_ids_of_its_own_and_writes_nothing_on_a_bad_setting(open_tmp):
     root = new_root(open_tmp, "taken")
     (root / "etc").mkdir()
-    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nsvc:x:999:999::/:/usr/sbin/nologin\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\nsvc:x:999:999::/:/usr/sbin/nologin\n"
+    )
     (root / "etc/group").write_text("root:x:0:\nsvc:x:999:\nother:x:998:\n")
-    proc = run("--root", root, "--listen", f"localhost:{free_port(socket.SOCK_DGRAM)}", "--metrics", "",
-               check=False)
+    proc = run(
+        "--root",
+        root,
+        "--listen",
+        f"localhost:{free_port(socket.SOCK_DGRAM)}",
+        "--metrics",
+        "",
+        check=False,
+    )
     assert proc.returncode == 1 and "'localhost' is not an IP address" in proc.stderr
     # 999 and 998 are taken in the tree: 997 for both, in both files.
     assert ids(root) == (997, 997)
     assert "nat64ho:x:997:" in (root / "etc/group").read_text().splitlines()
-    for never in ("etc/default/nat64ho", "etc/systemd/system/nat64ho.service",
-                  "etc/systemd/system/multi-user.target.wants", f"{HOME}/venv",
-                  "usr/local/bin/nat64ho"):
+    for never in (
+        "etc/default/nat64ho",
+        "etc/systemd/system/nat64ho.service",
+        "etc/systemd/system/multi-user.target.wants",
+        f"{HOME}/venv",
+        "usr/local/bin/nat64ho",
+    ):
         assert not (root / never).exists(), never
 
 
 # ---------------------------------------------------------------- upgrades
 
+
 def test_rerun_upgrades_in_place_and_keeps_data_and_settings(installed):
     home = installed / HOME
     env = installed / "etc/default/nat64ho"
-    env.write_text(env.read_text().replace("NAT64HO_ALLOW=\n", "NAT64HO_ALLOW=192.0.2.0/24\n")
-                   + "# an operator's note\n")
+    env.write_text(
+        env.read_text().replace("NAT64HO_ALLOW=\n", "NAT64HO_ALLOW=192.0.2.0/24\n")
+        + "# an operator's note\n"
+    )
     edited = env.read_bytes()
     (home / "data/nat64ho.db").write_bytes(b"not really sqlite, but ours")
     (home / "logs/nat64ho.log").write_text("2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n")
@@ -312,21 +403,34 @@ def test_rerun_upgrades_in_place_and_keeps_data_and_settings(installed):
 
 # ---------------------------------------------------------------- auto-update
 
+
 def git(*args: str | Path, cwd: Path) -> str:
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
-    return subprocess.run(["git", *map(str, args)], cwd=cwd, check=True, capture_output=True,
-                          text=True, env=env).stdout.strip()
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.org",
+    )
+    return subprocess.run(
+        ["git", *map(str, args)], cwd=cwd, check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 def version(root: Path) -> str:
-    return subprocess.run([str(root / HOME / "venv/bin/python"), "-I", "-m", "nat64ho", "--version"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [str(root / HOME / "venv/bin/python"), "-I", "-m", "nat64ho", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to build as the service user")
-def test_auto_update_builds_as_the_service_user_and_refuses_unverified_code(installed, tmp_path, open_tmp):
+def test_auto_update_builds_as_the_service_user_and_refuses_unverified_code(
+    installed, tmp_path, open_tmp
+):
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     # upstream <- checkout, both clones of this repository's HEAD. Installing
@@ -354,9 +458,11 @@ def test_auto_update_builds_as_the_service_user_and_refuses_unverified_code(inst
     seen.mkdir(mode=0o1777)
     seen.chmod(0o1777)
     init = upstream / "nat64ho/__init__.py"
-    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+')
-                    + f"\nimport os as _os\nwith open('{seen}/uids', 'a') as _f:\n"
-                      "    _f.write(f'{_os.getuid()}\\n')\n")
+    init.write_text(
+        init.read_text().replace('__version__ = "', '__version__ = "9.9.9+')
+        + f"\nimport os as _os\nwith open('{seen}/uids', 'a') as _f:\n"
+        "    _f.write(f'{_os.getuid()}\\n')\n"
+    )
     git("commit", "--quiet", "-am", "a newer version", cwd=upstream)
     run("--root", root, script=updater)
     runs = (seen / "uids").read_text().split()
@@ -408,10 +514,18 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
     home = installed / HOME
     out = run("--root", installed, "--uninstall").stdout
     assert "Kept:" in out
-    for gone in ("etc/systemd/system/nat64ho.service", "etc/logrotate.d/nat64ho",
-                 "etc/systemd/system/multi-user.target.wants/nat64ho.service", "usr/local/bin/nat64ho",
-                 f"{HOME}/venv", f"{HOME}/bin", f"{HOME}/install.conf", f"{HOME}/releases",
-                 f"{HOME}/wheels", f"{HOME}/requirements.txt"):
+    for gone in (
+        "etc/systemd/system/nat64ho.service",
+        "etc/logrotate.d/nat64ho",
+        "etc/systemd/system/multi-user.target.wants/nat64ho.service",
+        "usr/local/bin/nat64ho",
+        f"{HOME}/venv",
+        f"{HOME}/bin",
+        f"{HOME}/install.conf",
+        f"{HOME}/releases",
+        f"{HOME}/wheels",
+        f"{HOME}/requirements.txt",
+    ):
         assert not (installed / gone).exists(), gone
     assert (home / "data/nat64ho.db").exists() and (home / "logs/nat64ho.log").exists()
     assert (installed / "etc/default/nat64ho").exists()
@@ -432,10 +546,20 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
 
 # ---------------------------------------------------------------- preconditions
 
+
 def test_help_explains_options_and_layout():
     out = run("--help").stdout
-    for word in ("--root", "--auto-update", "--uninstall", "--purge", "--listen", "--metrics",
-                 "/etc/default/nat64ho", "/home/nat64ho/logs", "systemctl status nat64ho"):
+    for word in (
+        "--root",
+        "--auto-update",
+        "--uninstall",
+        "--purge",
+        "--listen",
+        "--metrics",
+        "/etc/default/nat64ho",
+        "/home/nat64ho/logs",
+        "systemctl status nat64ho",
+    ):
         assert word in out
 
 
@@ -479,18 +603,30 @@ def as_nobody() -> list[str]:
 
 
 def test_without_root_the_real_install_refuses(tmp_path):
-    proc = subprocess.run([*as_nobody(), "bash", str(INSTALL)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.run(
+        [*as_nobody(), "bash", str(INSTALL)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "must run as root (sudo ./install.sh), or use --root DIR" in proc.stderr
     assert "nothing was changed" in proc.stderr
-    proc = subprocess.run([*as_nobody(), "bash", str(INSTALL), "--purge", "--yes"],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.run(
+        [*as_nobody(), "bash", str(INSTALL), "--purge", "--yes"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "must run as root" in proc.stderr
 
 
-@pytest.mark.skipif(os.path.isdir("/run/systemd/system"),
-                    reason="systemd is running here: the real install would go ahead")
+@pytest.mark.skipif(
+    os.path.isdir("/run/systemd/system"),
+    reason="systemd is running here: the real install would go ahead",
+)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get past the root check")
 def test_without_systemd_the_real_install_refuses():
     had_user = subprocess.run(["getent", "passwd", "nat64ho"], capture_output=True).returncode == 0
@@ -504,6 +640,9 @@ def test_without_systemd_the_real_install_refuses():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_clean():
-    proc = subprocess.run(["shellcheck", str(INSTALL), str(REPO / "contrib/nat64ho-update")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["shellcheck", str(INSTALL), str(REPO / "contrib/nat64ho-update")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -39,16 +39,26 @@ DELETED = Event(TS + 1000, EventKind.DELETED, NAT, 3719, V17, 53186)
 
 # The template set, field by field (RFC 7011 §3.3.2, §3.4.1, §3.2).
 TEMPLATE_SET_HEX = (
-    "0002" "0028"  # set id 2 (template set), length 40
-    "0100" "0008"  # template id 256, 8 fields
-    "0143" "0008"  # observationTimeMilliseconds (323), 8 octets
-    "0098" "0008"  # flowStartMilliseconds (152)
-    "0099" "0008"  # flowEndMilliseconds (153)
-    "00e6" "0001"  # natEvent (230), 1 octet
-    "001b" "0010"  # sourceIPv6Address (27), 16 octets
-    "0007" "0002"  # sourceTransportPort (7)
-    "00e1" "0004"  # postNATSourceIPv4Address (225)
-    "00e3" "0002"  # postNAPTSourceTransportPort (227)
+    "0002"
+    "0028"  # set id 2 (template set), length 40
+    "0100"
+    "0008"  # template id 256, 8 fields
+    "0143"
+    "0008"  # observationTimeMilliseconds (323), 8 octets
+    "0098"
+    "0008"  # flowStartMilliseconds (152)
+    "0099"
+    "0008"  # flowEndMilliseconds (153)
+    "00e6"
+    "0001"  # natEvent (230), 1 octet
+    "001b"
+    "0010"  # sourceIPv6Address (27), 16 octets
+    "0007"
+    "0002"  # sourceTransportPort (7)
+    "00e1"
+    "0004"  # postNATSourceIPv4Address (225)
+    "00e3"
+    "0002"  # postNAPTSourceTransportPort (227)
 )
 # CREATED as a data record: 1552903588491 ms is 0x16990444a8b.
 CREATED_RECORD_HEX = (
@@ -72,11 +82,12 @@ def test_template_message_octets():
     m = enc.template(NOW)
     assert m.records == 0
     assert m.octets.hex() == (
-        "000a" "0038"  # version 10, length 56 (16 + 40)
+        "000a"
+        "0038"  # version 10, length 56 (16 + 40)
         "5c8f6da4"  # export time, seconds
         "00000000"  # sequence: no data records sent yet
-        "01020304"  # observation domain id
-        + TEMPLATE_SET_HEX)
+        "01020304" + TEMPLATE_SET_HEX  # observation domain id
+    )
 
 
 def test_data_message_octets_and_sequence_numbers():
@@ -85,10 +96,14 @@ def test_data_message_octets_and_sequence_numbers():
     [m] = enc.encode([CREATED], NOW)
     assert m.records == 1
     assert m.octets.hex() == (
-        "000a" "0045"  # length 69: header 16, set header 4, record 49
-        "5c8f6da4" "00000000" "00000000"
-        "0100" "0035"  # data set of template 256, length 53
-        + CREATED_RECORD_HEX)
+        "000a"
+        "0045"  # length 69: header 16, set header 4, record 49
+        "5c8f6da4"
+        "00000000"
+        "00000000"
+        "0100"
+        "0035" + CREATED_RECORD_HEX  # data set of template 256, length 53
+    )
     # The next message counts the record sent before it (RFC 7011 §3.1).
     [m] = enc.encode([DELETED, CREATED], NOW)
     header = struct.unpack("!HHIII", m.octets[:16])
@@ -131,11 +146,23 @@ def test_template_resent_after_refresh_interval_and_message_count():
         [m] = enc.encode([CREATED], now)
         return m.octets[16:18] == b"\x00\x02"
 
-    assert [with_template(t) for t in (1000.0, 1030.0, 1059.9, 1060.0)] == [True, False, False, True]
+    assert [with_template(t) for t in (1000.0, 1030.0, 1059.9, 1060.0)] == [
+        True,
+        False,
+        False,
+        True,
+    ]
     # A wall clock stepped back must not postpone it for as long as it stepped.
     assert with_template(500.0)
     # Every third message at the latest.
-    assert [with_template(500.0 + i) for i in range(1, 7)] == [False, False, True, False, False, True]
+    assert [with_template(500.0 + i) for i in range(1, 7)] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
 
 
 def test_bad_encoder_settings_are_refused():
@@ -160,7 +187,7 @@ def read_messages(datagrams: list[bytes]) -> tuple[list[dict], list[tuple[int, i
         while at < length:
             set_id, set_len = struct.unpack_from("!HH", d, at)
             assert set_len >= 4 and at + set_len <= length
-            body, at = d[at + 4:at + set_len], at + set_len
+            body, at = d[at + 4 : at + set_len], at + set_len
             if set_id == 2:
                 tid, count = struct.unpack_from("!HH", body)
                 templates[tid] = [struct.unpack_from("!HH", body, 4 + 4 * i) for i in range(count)]
@@ -170,7 +197,7 @@ def read_messages(datagrams: list[bytes]) -> tuple[list[dict], list[tuple[int, i
             for off in range(0, len(body) - size + 1, size):
                 rec, pos = {}, off
                 for ie, n in fields:
-                    rec[ie] = body[pos:pos + n]
+                    rec[ie] = body[pos : pos + n]
                     pos += n
                 records.append(rec)
     return records, headers
@@ -188,8 +215,9 @@ events = st.builds(
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches=st.lists(st.lists(events, max_size=80), max_size=5),
-       domain=st.integers(0, 2**32 - 1))
+@given(
+    batches=st.lists(st.lists(events, max_size=80), max_size=5), domain=st.integers(0, 2**32 - 1)
+)
 def test_any_events_round_trip_through_an_rfc_7011_reader(batches, domain):
     enc = ipfix.Encoder(domain)
     datagrams = [enc.template(NOW).octets]
@@ -200,11 +228,20 @@ def test_any_events_round_trip_through_an_rfc_7011_reader(batches, domain):
         datagrams += [m.octets for m in out]
         sent += [e for e in batch if e.kind != EventKind.INITIALIZED]
     records, headers = read_messages(datagrams)
-    assert [(r[230][0], r[27], int.from_bytes(r[7], "big"), int.from_bytes(r[225], "big"),
-             int.from_bytes(r[227], "big"), int.from_bytes(r[323], "big"))
-            for r in records] == [
+    assert [
+        (
+            r[230][0],
+            r[27],
+            int.from_bytes(r[7], "big"),
+            int.from_bytes(r[225], "big"),
+            int.from_bytes(r[227], "big"),
+            int.from_bytes(r[323], "big"),
+        )
+        for r in records
+    ] == [
         (10 if e.kind == EventKind.CREATED else 11, e.addr, e.aport, e.nat, e.port, e.ts // 1000)
-        for e in sent]
+        for e in sent
+    ]
     assert all(r[152] == r[153] == r[323] for r in records)
     # Each sequence number is the count of records in the messages before it.
     counts = [0] + [len(read_messages([datagrams[0], d])[0]) for d in datagrams[1:]]
@@ -213,6 +250,7 @@ def test_any_events_round_trip_through_an_rfc_7011_reader(batches, domain):
 
 
 # ---------------------------------------------------------------- the UDP side
+
 
 def udp_listener() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -286,15 +324,29 @@ def test_an_unexpected_error_in_export_is_counted_not_raised(caplog):
 
 # ---------------------------------------------------------------- the CLI
 
-@pytest.mark.parametrize("args,line", [
-    (["--ipfix", "collector:4739"], "Error: --ipfix 'collector:4739': 'collector' is not an IP address"),
-    (["--ipfix", "127.0.0.1"], "Error: --ipfix '127.0.0.1': expected ADDR:PORT, e.g. 127.0.0.1:6464"),
-    (["--ipfix", "127.0.0.1:0"], "Error: --ipfix '127.0.0.1:0': not a port number (1-65535)"),
-    (["--ipfix", "127.0.0.1:4739", "--ipfix", "127.0.0.1:4739"],
-     "Error: --ipfix '127.0.0.1:4739': given twice"),
-    (["--ipfix", "127.0.0.1:4739", "--ipfix-domain", "4294967296"],
-     "Error: --ipfix-domain 4294967296: not a 32-bit unsigned number (0-4294967295)"),
-])
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["--ipfix", "collector:4739"],
+            "Error: --ipfix 'collector:4739': 'collector' is not an IP address",
+        ),
+        (
+            ["--ipfix", "127.0.0.1"],
+            "Error: --ipfix '127.0.0.1': expected ADDR:PORT, e.g. 127.0.0.1:6464",
+        ),
+        (["--ipfix", "127.0.0.1:0"], "Error: --ipfix '127.0.0.1:0': not a port number (1-65535)"),
+        (
+            ["--ipfix", "127.0.0.1:4739", "--ipfix", "127.0.0.1:4739"],
+            "Error: --ipfix '127.0.0.1:4739': given twice",
+        ),
+        (
+            ["--ipfix", "127.0.0.1:4739", "--ipfix-domain", "4294967296"],
+            "Error: --ipfix-domain 4294967296: not a 32-bit unsigned number (0-4294967295)",
+        ),
+    ],
+)
 def test_bad_ipfix_options_give_one_error_line_and_status_2(tmp_path, args, line):
     db = tmp_path / "t.db"
     r = CliRunner().invoke(cli.app, ["serve", "--db", str(db), "--listen", "127.0.0.1:0", *args])
@@ -304,10 +356,13 @@ def test_bad_ipfix_options_give_one_error_line_and_status_2(tmp_path, args, line
 
 def test_ipfix_options_accept_ipv4_and_ipv6_collectors():
     assert cli_serve.parse_collectors(["[::1]:4739", "127.0.0.1:4739"], 2**32 - 1) == [
-        ("::1", 4739), ("127.0.0.1", 4739)]
+        ("::1", 4739),
+        ("127.0.0.1", 4739),
+    ]
 
 
 # ---------------------------------------------------------------- end to end
+
 
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -318,8 +373,11 @@ def free_udp_port() -> int:
 def scrape(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 class Nfcapd:
@@ -332,9 +390,23 @@ class Nfcapd:
         self.port = free_udp_port()
         # stdbuf: -E prints through stdio, which would hold it until exit.
         self.proc = subprocess.Popen(
-            ["stdbuf", "-oL", "nfcapd", "-E", "-b", "127.0.0.1", "-p", str(self.port),
-             "-w", str(self.dir), "-t", "3600"],
-            stdout=open(self.out, "w"), stderr=subprocess.STDOUT)
+            [
+                "stdbuf",
+                "-oL",
+                "nfcapd",
+                "-E",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-w",
+                str(self.dir),
+                "-t",
+                "3600",
+            ],
+            stdout=open(self.out, "w"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(lambda: "Startup nfcapd" in self.output() or self.proc.poll() is not None)
         assert self.proc.poll() is None, self.output()
 
@@ -351,8 +423,13 @@ class Nfcapd:
         return self.output()
 
     def read(self, *filter: str) -> list[dict]:
-        r = subprocess.run(["nfdump", "-R", str(self.dir), "-o", "json", *filter],
-                           capture_output=True, text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
+        r = subprocess.run(
+            ["nfdump", "-R", str(self.dir), "-o", "json", *filter],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, TZ="UTC"),
+        )
         assert r.returncode == 0, r.stderr
         # With nothing to show, 1.7.1 writes a message inside the JSON array.
         return json.loads(r.stdout.replace("No matching flows\n", ""))
@@ -384,8 +461,9 @@ def utc_ms(ts_us: int) -> str:
 
 @pytest.mark.slow
 def test_nfcapd_receives_every_created_and_deleted(server_factory, nfcapd, tmp_path):
-    srv = server_factory("--ports", "1028-1031", "--ipfix", f"127.0.0.1:{nfcapd.port}",
-                         "--metrics", "127.0.0.1:0")
+    srv = server_factory(
+        "--ports", "1028-1031", "--ipfix", f"127.0.0.1:{nfcapd.port}", "--metrics", "127.0.0.1:0"
+    )
     url = wait_for(lambda: re.search(r"metrics on (http://\S+)", srv.stderr)).group(1)
 
     async def go():
@@ -411,24 +489,51 @@ def test_nfcapd_receives_every_created_and_deleted(server_factory, nfcapd, tmp_p
     flows = nfcapd.read()
     assert len(flows) == 10
     names = {EventKind.CREATED: "NAT64 BIB create", EventKind.DELETED: "NAT64 BIB delete"}
-    got = sorted((t_event(f), f["nat_event"], f["src6_addr"], f["src_port"], f["src4_xlt_ip"],
-                  int(f["src_xlt_port"]), f["first"], f["last"]) for f in flows)
-    want = sorted((utc_ms(e.ts), names[e.kind], str(ipaddress.IPv6Address(e.addr)), e.aport,
-                   str(ipaddress.IPv4Address(e.nat)), e.port, utc_ms(e.ts), utc_ms(e.ts))
-                  for e in changes)
+    got = sorted(
+        (
+            t_event(f),
+            f["nat_event"],
+            f["src6_addr"],
+            f["src_port"],
+            f["src4_xlt_ip"],
+            int(f["src_xlt_port"]),
+            f["first"],
+            f["last"],
+        )
+        for f in flows
+    )
+    want = sorted(
+        (
+            utc_ms(e.ts),
+            names[e.kind],
+            str(ipaddress.IPv6Address(e.addr)),
+            e.aport,
+            str(ipaddress.IPv4Address(e.nat)),
+            e.port,
+            utc_ms(e.ts),
+            utc_ms(e.ts),
+        )
+        for e in changes
+    )
     assert got == want
     # The README's abuse-report query: who held this NAT port, when.
     port = next(e.port for e in changes if e.kind == EventKind.DELETED)
     held = nfcapd.read(f"src xip 127.0.0.1 and src xport {port}")
     assert sorted((t_event(f), f["nat_event"], f["src6_addr"]) for f in held) == sorted(
         (utc_ms(e.ts), names[e.kind], str(ipaddress.IPv6Address(e.addr)))
-        for e in changes if e.port == port)
+        for e in changes
+        if e.port == port
+    )
     assert len(held) >= 3  # created, deleted, created for another client
     # -t time windows select on the event time (in flowStart/End).
 
     def window(a_us: int, b_us: int) -> str:
-        return "-".join((dt.datetime(1970, 1, 1) + dt.timedelta(seconds=t // 1_000_000))
-                        .strftime("%Y/%m/%d.%H:%M:%S") for t in (a_us, b_us))
+        return "-".join(
+            (dt.datetime(1970, 1, 1) + dt.timedelta(seconds=t // 1_000_000)).strftime(
+                "%Y/%m/%d.%H:%M:%S"
+            )
+            for t in (a_us, b_us)
+        )
 
     first, last = min(e.ts for e in changes), max(e.ts for e in changes)
     assert len(nfcapd.read("-t", window(first, last + 1_000_000))) == 10
@@ -438,8 +543,9 @@ def test_nfcapd_receives_every_created_and_deleted(server_factory, nfcapd, tmp_p
 @pytest.mark.slow
 def test_a_collector_that_is_down_costs_the_server_nothing(server_factory):
     port = free_udp_port()  # nobody listens there
-    srv = server_factory("--ports", "1028-1029", "--ipfix", f"127.0.0.1:{port}",
-                         "--metrics", "127.0.0.1:0")
+    srv = server_factory(
+        "--ports", "1028-1029", "--ipfix", f"127.0.0.1:{port}", "--metrics", "127.0.0.1:0"
+    )
     url = wait_for(lambda: re.search(r"metrics on (http://\S+)", srv.stderr)).group(1)
 
     async def go():
@@ -452,9 +558,18 @@ def test_a_collector_that_is_down_costs_the_server_nothing(server_factory):
 
     answers = run(go())
     assert sum(isinstance(m, wire.Mapping) for m in answers) == 4
-    metrics = wait_for(lambda: (m := scrape(url)) and m.get(
-        ("nat64ho_ipfix_send_failures_total",
-         (("collector", f"127.0.0.1:{port}"), ("reason", "refused")))) and m)
+    metrics = wait_for(
+        lambda: (
+            (m := scrape(url))
+            and m.get(
+                (
+                    "nat64ho_ipfix_send_failures_total",
+                    (("collector", f"127.0.0.1:{port}"), ("reason", "refused")),
+                )
+            )
+            and m
+        )
+    )
     assert metrics[("nat64ho_entries_created_total", ())] == 4
     assert srv.stop() == 0
     assert f"IPFIX collector 127.0.0.1:{port}: send failed: Connection refused" in srv.stderr
@@ -471,4 +586,6 @@ def test_nfcapd_sees_a_lost_datagram_as_a_sequence_error(nfcapd):
         wait_for(lambda: nfcapd.records_seen() >= 4)
     finally:
         ex.close()
-    assert re.search(r"Flows: 4, .*Sequence Errors: 1, Bad Packets: 0", nfcapd.stop()), nfcapd.output()
+    assert re.search(r"Flows: 4, .*Sequence Errors: 1, Bad Packets: 0", nfcapd.stop()), (
+        nfcapd.output()
+    )

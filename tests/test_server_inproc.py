@@ -106,9 +106,11 @@ def test_log_lines_are_utc_microseconds_in_protocol_format(tmp_path):
 
     mapping = asyncio.run(go())
     text = (tmp_path / "events.log").read_text()
-    assert text == ("2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n"
-                    f"2019-03-18 10:06:28.491727 Created 192.0.2.7:{mapping.nat_port} "
-                    "[2001:db8::17]:53186\n")
+    assert text == (
+        "2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n"
+        f"2019-03-18 10:06:28.491727 Created 192.0.2.7:{mapping.nat_port} "
+        "[2001:db8::17]:53186\n"
+    )
 
 
 def test_protocol_example_lines_round_trip():
@@ -120,8 +122,14 @@ def test_protocol_example_lines_round_trip():
     ]
     for line in lines:
         assert format_event(parse_line(line + "\n")) == line
-    assert parse_line(lines[2]) == Event(1552922522062254, EventKind.DELETED, 0xC0000209, 47102,
-                                         ipaddress.IPv6Address("2001:db8::75").packed, 33131)
+    assert parse_line(lines[2]) == Event(
+        1552922522062254,
+        EventKind.DELETED,
+        0xC0000209,
+        47102,
+        ipaddress.IPv6Address("2001:db8::75").packed,
+        33131,
+    )
 
 
 def test_initialized_only_for_a_new_boot_id(tmp_path):
@@ -277,6 +285,7 @@ def test_unexpected_errors_are_counted_and_logged_sparingly(tmp_path, caplog, mo
 
         def broken(*args, **kw):
             raise RuntimeError("simulated bug")
+
         monkeypatch.setattr(srv, "_decide", broken)
         for _ in range(100):
             srv.datagram_received(peer.request([wire.Lookup(1028)]), NAT)

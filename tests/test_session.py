@@ -107,8 +107,9 @@ def test_max_nats_counts_confirmed_nat64s_only():
     assert s.open(NAT, w[0], 10, WALL).confirmation.new_nat
     assert s.open(NAT + 1, w[1], 10, WALL).confirmation.new_nat
     assert s.open(NAT + 2, w[2], 10, WALL) == Refused("too_many_nats", bytes((0x39, 1, 3, 0x30)))
-    assert s.hello(NAT + 3, wire.Hello(BOOT), 26, 0, WALL) == \
-        Refused("too_many_nats", bytes((0x39, 1, 3, 0x31)))
+    assert s.hello(NAT + 3, wire.Hello(BOOT), 26, 0, WALL) == Refused(
+        "too_many_nats", bytes((0x39, 1, 3, 0x31))
+    )
     # Known ones go on.
     assert isinstance(s.hello(NAT, wire.Hello(b"N" * 8), 26, 0, WALL), Welcomed)
 
@@ -124,10 +125,12 @@ def test_claims_are_bounded_least_recently_claimed_forgotten(monkeypatch):
 def test_allow_list_version_and_the_size_rule():
     s = sessions(allow=[ipaddress.IPv4Network("192.0.2.0/24")])
     other = int(ipaddress.IPv4Address("198.51.100.1"))
-    assert s.hello(other, wire.Hello(BOOT), 26, 0, WALL) == \
-        Refused("not_allowed", bytes((0x39, 1, 3, 0x31)))
-    assert s.hello(NAT, wire.Hello(BOOT, version=2), 26, 0, WALL) == \
-        Refused("bad_version", bytes((0x39, 1, 2, 0x31)))
+    assert s.hello(other, wire.Hello(BOOT), 26, 0, WALL) == Refused(
+        "not_allowed", bytes((0x39, 1, 3, 0x31))
+    )
+    assert s.hello(NAT, wire.Hello(BOOT, version=2), 26, 0, WALL) == Refused(
+        "bad_version", bytes((0x39, 1, 2, 0x31))
+    )
     # §7: nothing longer than what came; an ERROR is 4 octets.
     assert s.open(NAT, bytes(8), 3, WALL) == Refused("bad_cookie", None)
     assert s.no_cookie(0x35, 3) == Refused("no_cookie", None)

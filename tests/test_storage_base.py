@@ -17,11 +17,13 @@ def test_sqlite_store_has_every_member_of_the_interface():
     store_attrs = set(dir(Store))
     # Instance attributes are set in __init__: read them from its source.
     init = inspect.getsource(Store.__init__)
-    missing = sorted(m for m in members if m not in store_attrs
-                     and not re.search(rf"self\.{m}\b\s*[:=]", init))
+    missing = sorted(
+        m for m in members if m not in store_attrs and not re.search(rf"self\.{m}\b\s*[:=]", init)
+    )
     assert missing == []
     for name in members & store_attrs:
         want, have = getattr(Storage, name, None), getattr(Store, name)
         if inspect.isfunction(want):
-            assert list(inspect.signature(want).parameters) == \
-                list(inspect.signature(have).parameters), name
+            assert list(inspect.signature(want).parameters) == list(
+                inspect.signature(have).parameters
+            ), name

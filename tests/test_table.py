@@ -66,8 +66,10 @@ def test_full_table_deletes_least_recently_used_first():
     t.apply([wire.Lookup(ports[0]), wire.Touch((ports[1],))], 20 * S, lambda: 20 * S, 1)
     msgs, out = mapped(t, 100, 21 * S)
     assert msgs == [wire.Deleted(ports[2], v6(2), 1002), wire.Mapping(ports[2], v6(100), 1100)]
-    assert [(e.kind, e.port) for e in out.events] == [(EventKind.DELETED, ports[2]),
-                                                     (EventKind.CREATED, ports[2])]
+    assert [(e.kind, e.port) for e in out.events] == [
+        (EventKind.DELETED, ports[2]),
+        (EventKind.CREATED, ports[2]),
+    ]
     msgs, _ = mapped(t, 101, 22 * S)
     assert msgs[0] == wire.Deleted(ports[3], v6(3), 1003)
     assert t.total == 8
@@ -89,17 +91,27 @@ def test_lookup_and_touch_answers():
     t = table()
     [m], _ = mapped(t, 1, S)
     free = next(p for p in range(1028, 1036) if p != m.nat_port)
-    out = t.apply([wire.Lookup(m.nat_port), wire.Lookup(free), wire.Touch((m.nat_port, free, 9))],
-                  2 * S, lambda: 2 * S, 1)
-    assert [decode(u)[0] for u in out.units] == [m, wire.Unmapped(free), wire.Unmapped(free),
-                                                 wire.Unmapped(9)]
+    out = t.apply(
+        [wire.Lookup(m.nat_port), wire.Lookup(free), wire.Touch((m.nat_port, free, 9))],
+        2 * S,
+        lambda: 2 * S,
+        1,
+    )
+    assert [decode(u)[0] for u in out.units] == [
+        m,
+        wire.Unmapped(free),
+        wire.Unmapped(free),
+        wire.Unmapped(9),
+    ]
 
 
 def test_create_rate_limit():
     t = table(1028, 2000)
     bucket = Bucket(3, 0)
-    answers = [decode(u)[0] for u in t.apply([wire.Map(v6(i), 1) for i in range(5)],
-                                             0, lambda: 0, 1, bucket).units]
+    answers = [
+        decode(u)[0]
+        for u in t.apply([wire.Map(v6(i), 1) for i in range(5)], 0, lambda: 0, 1, bucket).units
+    ]
     assert [type(a) for a in answers] == [wire.Mapping] * 3 + [wire.Error] * 2
     assert answers[3].code == wire.ErrorCode.RATE_LIMITED
     out = t.apply([wire.Map(v6(9), 1)], S, lambda: S, 1, bucket)  # one second refills
@@ -122,8 +134,10 @@ def test_create_refused_when_storage_is_behind():
     assert out.units == [] and out.created == [] and out.counts["deferred"] == 1
     # Over this NAT64's share: refused and said so (PROTOCOL.md §7).
     out = t.apply([wire.Map(v6(1), 1), wire.Lookup(1)], S, lambda: S, 1, share_ok=False)
-    assert [decode(u) for u in out.units] == [[wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)],
-                                              [wire.Unmapped(1)]]
+    assert [decode(u) for u in out.units] == [
+        [wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)],
+        [wire.Unmapped(1)],
+    ]
     assert out.created == [] and out.events == [] and out.counts["limited_backlog"] == 1
 
 
@@ -180,12 +194,15 @@ def test_every_port_of_a_full_range_is_handed_out_once():
     assert isinstance(m, wire.Deleted)
 
 
-@pytest.mark.parametrize("last,free,trials", [
-    # 4 free of 40: random probes find them.
-    (1067, (1030, 1041, 1052, 1067), 2000),
-    # 2 free of 4000: probes mostly miss, so the walk over the bitmap decides.
-    (5027, (1500, 4001), 400),
-])
+@pytest.mark.parametrize(
+    "last,free,trials",
+    [
+        # 4 free of 40: random probes find them.
+        (1067, (1030, 1041, 1052, 1067), 2000),
+        # 2 free of 4000: probes mostly miss, so the walk over the bitmap decides.
+        (5027, (1500, 4001), 400),
+    ],
+)
 def test_free_ports_are_drawn_uniformly_even_when_nearly_full(last, free, trials):
     counts = {p: 0 for p in free}
     for seed in range(trials):

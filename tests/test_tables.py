@@ -37,8 +37,9 @@ def test_core_imports_no_io_and_no_clock():
 
 
 def tables(cache_size: int = 100, first: int = 1028, last: int = 1035) -> Tables:
-    return Tables(first, last, create_rate=0.0, request_rate=0.0, cache_size=cache_size,
-                  rng=random.Random(3))
+    return Tables(
+        first, last, create_rate=0.0, request_rate=0.0, cache_size=cache_size, rng=random.Random(3)
+    )
 
 
 def test_datagrams_of_nat64s_are_served_in_turn():
@@ -93,8 +94,7 @@ def test_trim_keeps_uncommitted_and_busy_tables_and_forgets_the_oldest():
     for s in (a, b):
         s.table.load([], 0)
     for i, (s, now) in enumerate([(a, 1), (b, 2), (a, 3), (b, 4)]):
-        t.decide(s, [wire.Map(v6(i), i)], now * S, lambda: 1, seq=1, create_ok=True,
-                 share_ok=True)
+        t.decide(s, [wire.Map(v6(i), i)], now * S, lambda: 1, seq=1, create_ok=True, share_ok=True)
     t.committed({}, [])
     assert t.cached == 4 and t.excess == 2
     assert t.trim(committed_seq=0) is True  # nothing durable yet: all stay

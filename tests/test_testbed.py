@@ -28,14 +28,29 @@ def test_up_curl_who_down(tmp_path):
         assert again.returncode == 1
         assert again.stderr.startswith(f"Error: test bed {name!r} exists")
 
-        curl = subprocess.run(["ip", "netns", "exec", f"{name}-client", "curl", "-sS", "-m", "20",
-                               "-w", " local %{local_port}", "http://[64:ff9b::192.0.2.1]:8080/"],
-                              capture_output=True, text=True, timeout=60)
+        curl = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{name}-client",
+                "curl",
+                "-sS",
+                "-m",
+                "20",
+                "-w",
+                " local %{local_port}",
+                "http://[64:ff9b::192.0.2.1]:8080/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert curl.returncode == 0, curl.stderr
         port = re.search(r"You came from 192\.0\.2\.9:(\d+)\.", curl.stdout).group(1)
         local = curl.stdout.rsplit(" local ", 1)[1]
         log = (state / "services.out").read_text()
-        assert f"http 192.0.2.9:{port} \"GET / HTTP/1.1\" 200" in log
+        assert f'http 192.0.2.9:{port} "GET / HTTP/1.1" 200' in log
         who = nat64ho("who", "--db", str(state / "table.db"), f"192.0.2.9:{port}")
         assert who.returncode == 0, who.stderr
         assert who.stdout.startswith(f"192.0.2.9:{port} at ")
@@ -50,15 +65,24 @@ def test_up_curl_who_down(tmp_path):
     assert gone.stdout == f"Test bed {name!r} was not up.\n"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--pool", "192.0.2.300"], "Error: --pool '192.0.2.300': not an IPv4 address"),
-    (["--prefix", "64:ff9b::/64"], "Error: --prefix '64:ff9b::/64': expected an IPv6 /96"),
-    (["--prefix", "nonsense/96"], "Error: --prefix 'nonsense/96': not an IPv6 prefix"),
-    (["--server", "192.0.2.1"], "Error: --server '192.0.2.1': expected ADDR:PORT"),
-    (["--server", "[2001:db8::1]:6464"], "Error: --server '[2001:db8::1]:6464': expected IPV4:PORT"),
-    (["--handoff-port", "70000"], "Error: --handoff-port '70000': not a port number"),
-    (["--tun", "a-name-far-too-long"], "Error: --tun 'a-name-far-too-long': not an interface name"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pool", "192.0.2.300"], "Error: --pool '192.0.2.300': not an IPv4 address"),
+        (["--prefix", "64:ff9b::/64"], "Error: --prefix '64:ff9b::/64': expected an IPv6 /96"),
+        (["--prefix", "nonsense/96"], "Error: --prefix 'nonsense/96': not an IPv6 prefix"),
+        (["--server", "192.0.2.1"], "Error: --server '192.0.2.1': expected ADDR:PORT"),
+        (
+            ["--server", "[2001:db8::1]:6464"],
+            "Error: --server '[2001:db8::1]:6464': expected IPV4:PORT",
+        ),
+        (["--handoff-port", "70000"], "Error: --handoff-port '70000': not a port number"),
+        (
+            ["--tun", "a-name-far-too-long"],
+            "Error: --tun 'a-name-far-too-long': not an interface name",
+        ),
+    ],
+)
 def test_gateway_bad_values_exit_2_with_one_error_line(args, message):
     base = {"--tun": "nat64", "--pool": "192.0.2.9", "--server": "192.0.2.1:6464"}
     for i in range(0, len(args), 2):

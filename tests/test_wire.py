@@ -20,16 +20,24 @@ V55 = bytes.fromhex("20010db8000000000000000000000055")
 V75 = bytes.fromhex("20010db8000000000000000000000075")
 
 VECTORS = [
-    ("310c010001020304050607080000000000000000000000000000", Direction.TO_SERVER,
-     wire.Hello(BOOT)),
-    ("320c01000404ffffe2fb334fd4de556701020304050607080000", Direction.TO_NAT64,
-     wire.Welcome(1028, 65535, bytes.fromhex("e2fb334fd4de5567"), BOOT)),
+    ("310c010001020304050607080000000000000000000000000000", Direction.TO_SERVER, wire.Hello(BOOT)),
+    (
+        "320c01000404ffffe2fb334fd4de556701020304050607080000",
+        Direction.TO_NAT64,
+        wire.Welcome(1028, 65535, bytes.fromhex("e2fb334fd4de5567"), BOOT),
+    ),
     ("3004e2fb334fd4de5567", Direction.TO_SERVER, wire.Cookie(bytes.fromhex("e2fb334fd4de5567"))),
     ("330920010db80000000000000000000000558753", Direction.TO_SERVER, wire.Map(V55, 34643)),
-    ("380ab7fe20010db8000000000000000000000075816b", Direction.TO_NAT64,
-     wire.Deleted(47102, V75, 33131)),
-    ("340ab7fe20010db80000000000000000000000558753", Direction.TO_NAT64,
-     wire.Mapping(47102, V55, 34643)),
+    (
+        "380ab7fe20010db8000000000000000000000075816b",
+        Direction.TO_NAT64,
+        wire.Deleted(47102, V75, 33131),
+    ),
+    (
+        "340ab7fe20010db80000000000000000000000558753",
+        Direction.TO_NAT64,
+        wire.Mapping(47102, V55, 34643),
+    ),
     ("3501b7fe", Direction.TO_SERVER, wire.Lookup(47102)),
     ("3702b7fe0e87", Direction.TO_SERVER, wire.Touch((47102, 3719))),
 ]
@@ -48,31 +56,40 @@ def test_vectors_parse_and_build(hexdata, direction, message):
 
 
 def test_whole_datagram_in_order():
-    data = bytes.fromhex("".join(h for h, d, _ in VECTORS if d is Direction.TO_SERVER and h[:2] != "31"))
-    assert wire.parse(data) == [m for h, d, m in VECTORS if d is Direction.TO_SERVER and h[:2] != "31"]
+    data = bytes.fromhex(
+        "".join(h for h, d, _ in VECTORS if d is Direction.TO_SERVER and h[:2] != "31")
+    )
+    assert wire.parse(data) == [
+        m for h, d, m in VECTORS if d is Direction.TO_SERVER and h[:2] != "31"
+    ]
 
 
 def test_welcome_is_no_longer_than_hello():
     # PROTOCOL.md §7: a HELLO earns at most as many octets as it carried.
-    assert len(wire.encode(wire.Welcome(1, 2, b"c" * 8, BOOT))) <= len(wire.encode(wire.Hello(BOOT)))
+    assert len(wire.encode(wire.Welcome(1, 2, b"c" * 8, BOOT))) <= len(
+        wire.encode(wire.Hello(BOOT))
+    )
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", wire.EMPTY),
-    (b"\x10\x00", wire.RESERVED_GROUP),
-    (b"\x50", wire.RESERVED_GROUP),
-    (b"\x33", wire.TRUNCATED),
-    (b"\x33\x09" + b"\x00" * 17, wire.TRUNCATED),
-    (b"\x33\x08" + b"\x00" * 16, wire.BAD_LENGTH),
-    (b"\x37\x00", wire.BAD_LENGTH),
-    (b"\x30\x05" + b"\x00" * 10, wire.BAD_LENGTH),
-    (bytes.fromhex("340ab7fe20010db80000000000000000000000558753"), wire.WRONG_DIRECTION),
-    (b"\x45\x00\x00\x10" + b"\x00" * 12, wire.BAD_PACKET),
-    (b"\x45\x00\x00\x20" + b"\x00" * 20, wire.TRUNCATED),
-    (b"\x60\x00\x00\x00\x00\x08" + b"\x00" * 40, wire.TRUNCATED),
-    # One bad message spoils the whole datagram, wherever it is.
-    (bytes.fromhex("3004e2fb334fd4de5567" "3501b7fe" "10"), wire.RESERVED_GROUP),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", wire.EMPTY),
+        (b"\x10\x00", wire.RESERVED_GROUP),
+        (b"\x50", wire.RESERVED_GROUP),
+        (b"\x33", wire.TRUNCATED),
+        (b"\x33\x09" + b"\x00" * 17, wire.TRUNCATED),
+        (b"\x33\x08" + b"\x00" * 16, wire.BAD_LENGTH),
+        (b"\x37\x00", wire.BAD_LENGTH),
+        (b"\x30\x05" + b"\x00" * 10, wire.BAD_LENGTH),
+        (bytes.fromhex("340ab7fe20010db80000000000000000000000558753"), wire.WRONG_DIRECTION),
+        (b"\x45\x00\x00\x10" + b"\x00" * 12, wire.BAD_PACKET),
+        (b"\x45\x00\x00\x20" + b"\x00" * 20, wire.TRUNCATED),
+        (b"\x60\x00\x00\x00\x00\x08" + b"\x00" * 40, wire.TRUNCATED),
+        # One bad message spoils the whole datagram, wherever it is.
+        (bytes.fromhex("3004e2fb334fd4de55673501b7fe10"), wire.RESERVED_GROUP),
+    ],
+)
 def test_malformed_has_a_reason(data, reason):
     with pytest.raises(wire.Malformed) as info:
         wire.parse(data)
@@ -89,8 +106,12 @@ def test_unassigned_and_packets_are_well_formed_and_kept_apart():
     ipv4 = b"\x45\x00\x00\x14" + b"\x00" * 16
     ipv6 = b"\x60\x00\x00\x00\x00\x02" + b"\x00" * 34 + b"\xaa\xbb"
     data = b"\x3a\x01\xab\xcd" + ipv4 + ipv6 + bytes.fromhex("3501b7fe")
-    assert wire.parse(data) == [wire.Unassigned(0x3A, b"\xab\xcd"), wire.Packet(4, ipv4),
-                                wire.Packet(6, ipv6), wire.Lookup(47102)]
+    assert wire.parse(data) == [
+        wire.Unassigned(0x3A, b"\xab\xcd"),
+        wire.Packet(4, ipv4),
+        wire.Packet(6, ipv6),
+        wire.Lookup(47102),
+    ]
 
 
 def test_encode_rejects_bad_fields():
@@ -122,16 +143,28 @@ addrs = st.binary(min_size=16, max_size=16)
 ports = st.integers(0, 65535)
 to_server = st.one_of(
     st.builds(wire.Cookie, st.binary(min_size=8, max_size=8)),
-    st.builds(wire.Hello, st.binary(min_size=8, max_size=8), st.integers(0, 255), st.integers(0, 255)),
+    st.builds(
+        wire.Hello, st.binary(min_size=8, max_size=8), st.integers(0, 255), st.integers(0, 255)
+    ),
     st.builds(wire.Map, addrs, ports),
     st.builds(wire.Lookup, ports),
     st.builds(wire.Touch, st.lists(ports, min_size=1, max_size=255).map(tuple)),
-    st.builds(wire.Unassigned, st.integers(0x3A, 0x3F),
-              st.binary(max_size=510).filter(lambda b: len(b) % 2 == 0)),
+    st.builds(
+        wire.Unassigned,
+        st.integers(0x3A, 0x3F),
+        st.binary(max_size=510).filter(lambda b: len(b) % 2 == 0),
+    ),
 )
 to_nat64 = st.one_of(
-    st.builds(wire.Welcome, ports, ports, st.binary(min_size=8, max_size=8),
-              st.binary(min_size=8, max_size=8), st.integers(0, 255), st.integers(0, 255)),
+    st.builds(
+        wire.Welcome,
+        ports,
+        ports,
+        st.binary(min_size=8, max_size=8),
+        st.binary(min_size=8, max_size=8),
+        st.integers(0, 255),
+        st.integers(0, 255),
+    ),
     st.builds(wire.Mapping, ports, addrs, ports),
     st.builds(wire.Unmapped, ports),
     st.builds(wire.Deleted, ports, addrs, ports),

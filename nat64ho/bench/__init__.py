@@ -6,5 +6,15 @@ server never imports this package."""
 from nat64ho.bench.load import MODES, REPLY_TIMEOUT, BenchConfig, Result, drive, nat_source
 from nat64ho.bench.report import SQLITE_BATCHES, Report, run, sqlite_ceiling
 
-__all__ = ["MODES", "REPLY_TIMEOUT", "SQLITE_BATCHES", "BenchConfig", "Report", "Result",
-           "drive", "nat_source", "run", "sqlite_ceiling"]
+__all__ = [
+    "MODES",
+    "REPLY_TIMEOUT",
+    "SQLITE_BATCHES",
+    "BenchConfig",
+    "Report",
+    "Result",
+    "drive",
+    "nat_source",
+    "run",
+    "sqlite_ceiling",
+]

@@ -58,11 +58,14 @@ class BenchConfig:
     sync: str = "full"
     server_args: list[str] = field(default_factory=list)
     ceilings: bool = True
-    timeout: float = REPLY_TIMEOUT  #: seconds before a request counts as lost and its slot is reused
+    timeout: float = (
+        REPLY_TIMEOUT  #: seconds before a request counts as lost and its slot is reused
+    )
     tmp: Path | None = None  #: where a started server keeps its database
 
 
 # ---------------------------------------------------------------- requests
+
 
 def nat_source(index: int) -> str:
     """The loopback address NAT64 number ``index`` sends from (127.1.0.1 on)."""
@@ -122,7 +125,9 @@ class NatLoad:
                 if r < 0.6:
                     messages.append(wire.Lookup(rng.choice(ports)))
                 elif r < 0.8:
-                    messages.append(wire.Touch(tuple(rng.choice(ports) for _ in range(TOUCH_PORTS))))
+                    messages.append(
+                        wire.Touch(tuple(rng.choice(ports) for _ in range(TOUCH_PORTS)))
+                    )
                 elif r < 0.9 and self.endpoints:
                     messages.append(wire.Map(*rng.choice(self.endpoints)))
                 else:
@@ -176,6 +181,7 @@ def tally(datagram: bytes) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- load
 
+
 class _Slot(asyncio.DatagramProtocol):
     """One request in flight, on its own socket."""
 
@@ -206,8 +212,15 @@ class Load:
     """The requests of one client process: closed loop (every answer sends the
     next request) or open loop (a ticker sends at a fixed rate)."""
 
-    def __init__(self, nats: list[NatLoad], batch: int, *, echo: bool = False,
-                 learn: bool = False, timeout: float = REPLY_TIMEOUT):
+    def __init__(
+        self,
+        nats: list[NatLoad],
+        batch: int,
+        *,
+        echo: bool = False,
+        learn: bool = False,
+        timeout: float = REPLY_TIMEOUT,
+    ):
         self.nats = nats
         self.timeout = timeout
         self.batch = batch
@@ -219,9 +232,19 @@ class Load:
         self.sending = False
         self.measure = (0.0, 0.0)
         self.latencies = array("d")
-        self.counts = {"messages": 0, "requests": 0, "answers": 0, "lost": 0, "unsent": 0,
-                       "created": 0, "deleted": 0, "errors": 0, "malformed": 0,
-                       "icmp_errors": 0, "late": 0}
+        self.counts = {
+            "messages": 0,
+            "requests": 0,
+            "answers": 0,
+            "lost": 0,
+            "unsent": 0,
+            "created": 0,
+            "deleted": 0,
+            "errors": 0,
+            "malformed": 0,
+            "icmp_errors": 0,
+            "late": 0,
+        }
         self.done_count = 0  # requests completed in any phase
 
     async def open(self, host: str, port: int, window: int) -> None:
@@ -229,8 +252,10 @@ class Load:
         for i in range(window):
             nat = self.nats[i % len(self.nats)]
             _, slot = await loop.create_datagram_endpoint(
-                functools.partial(_Slot, self, nat), local_addr=(nat.local, 0),
-                remote_addr=(host, port))
+                functools.partial(_Slot, self, nat),
+                local_addr=(nat.local, 0),
+                remote_addr=(host, port),
+            )
             self.slots.append(slot)
         self.idle = list(self.slots)
 
@@ -294,8 +319,9 @@ class Load:
                 else:
                     self.idle.append(slot)
 
-    async def run(self, start: float, measure: float, end: float, rate: float = 0.0,
-                  until_done: int = 0) -> None:
+    async def run(
+        self, start: float, measure: float, end: float, rate: float = 0.0, until_done: int = 0
+    ) -> None:
         """Send from ``start`` until ``end`` (monotonic clock, shared by the
         processes), counting what completes in [``measure``, ``end``); with
         ``until_done``, stop as soon as that many requests completed."""
@@ -355,8 +381,14 @@ def loop_name() -> str:
     return f"uvloop {uvloop.__version__}"
 
 
-def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
-                    sessions: list[tuple[int, bytes, bytes]], conn: Connection, echo: bool) -> None:
+def _client_process(
+    cfg: BenchConfig,
+    address: tuple[str, int],
+    index: int,
+    sessions: list[tuple[int, bytes, bytes]],
+    conn: Connection,
+    echo: bool,
+) -> None:
     """Body of one client process: prefill, report ready, run when told, report."""
     loop = _new_loop()
     asyncio.set_event_loop(loop)
@@ -367,16 +399,23 @@ def _client_process(cfg: BenchConfig, address: tuple[str, int], index: int,
         conn.close()
 
 
-async def _client(cfg: BenchConfig, address: tuple[str, int], index: int,
-                  sessions: list[tuple[int, bytes, bytes]], conn: Connection, echo: bool) -> None:
+async def _client(
+    cfg: BenchConfig,
+    address: tuple[str, int],
+    index: int,
+    sessions: list[tuple[int, bytes, bytes]],
+    conn: Connection,
+    echo: bool,
+) -> None:
     rng = random.Random(index * 7919 + os.getpid())
     run_tag = os.urandom(4)
     nats = []
     for nat_index, boot_id, cookie in sessions:
         peer = Peer(boot_id)
         peer.cookie = cookie
-        tag = (b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big")
-               + nat_index.to_bytes(2, "big"))
+        tag = (
+            b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big") + nat_index.to_bytes(2, "big")
+        )
         nats.append(NatLoad(nat_index, peer, tag, rng))
     load = Load(nats, cfg.batch, echo=echo, timeout=cfg.timeout)
     await load.open(*address, cfg.window)
@@ -479,19 +518,28 @@ class Result:
         return self.latencies[min(len(self.latencies) - 1, int(q * len(self.latencies)))]
 
 
-def drive(cfg: BenchConfig, address: tuple[str, int], pid: int | None, echo: bool = False,
-          duration: float | None = None) -> Result:
+def drive(
+    cfg: BenchConfig,
+    address: tuple[str, int],
+    pid: int | None,
+    echo: bool = False,
+    duration: float | None = None,
+) -> Result:
     """Run the client processes against ``address`` and gather their numbers."""
     duration = cfg.duration if duration is None else duration
-    sessions = asyncio.run(hello_all(address, cfg.nats)) if not echo else [
-        (i, os.urandom(8), os.urandom(8)) for i in range(cfg.nats)]
+    sessions = (
+        asyncio.run(hello_all(address, cfg.nats))
+        if not echo
+        else [(i, os.urandom(8), os.urandom(8)) for i in range(cfg.nats)]
+    )
     ctx = multiprocessing.get_context("spawn")
     procs, pipes = [], []
     for p in range(cfg.clients):
         mine = [s for s in sessions if s[0] % cfg.clients == p] or [sessions[p % len(sessions)]]
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_client_process, args=(cfg, address, p, mine, child, echo),
-                           daemon=True)
+        proc = ctx.Process(
+            target=_client_process, args=(cfg, address, p, mine, child, echo), daemon=True
+        )
         proc.start()
         child.close()
         procs.append(proc)
@@ -527,7 +575,10 @@ def drive(cfg: BenchConfig, address: tuple[str, int], pid: int | None, echo: boo
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
-    return Result(duration, counts, sorted(latencies),
-                  cpu if pid is not None else None, peak if pid is not None else None)
-
-
+    return Result(
+        duration,
+        counts,
+        sorted(latencies),
+        cpu if pid is not None else None,
+        peak if pid is not None else None,
+    )

@@ -22,9 +22,13 @@ SQLITE_BATCHES = (20, 200, 2000, 10000)
 SQLITE_SECONDS = 0.7
 
 
-def sqlite_ceiling(directory: Path, sync: str, nats: int,
-                   batches: tuple[int, ...] = SQLITE_BATCHES,
-                   seconds: float = SQLITE_SECONDS) -> tuple[float, int]:
+def sqlite_ceiling(
+    directory: Path,
+    sync: str,
+    nats: int,
+    batches: tuple[int, ...] = SQLITE_BATCHES,
+    seconds: float = SQLITE_SECONDS,
+) -> tuple[float, int]:
     """Entries/s of raw inserts of what a new entry costs the store (its row
     and its Created event, same schema, same statements, same synchronous
     mode), one transaction per batch; returns the best rate and its batch."""
@@ -87,47 +91,89 @@ class Report:
         def ratio(a: float, b: float) -> str:
             return f"{a / b:.2f}" if a and b else "-"
 
-        rows.append(("messages/s", f"{s.messages_per_s:,.0f}",
-                     f"{e.messages_per_s:,.0f} (echo)" if e else "-",
-                     ratio(s.messages_per_s, e.messages_per_s if e else 0)))
-        rows.append(("datagrams/s (requests)", f"{s.datagrams_per_s:,.0f}",
-                     f"{e.datagrams_per_s:,.0f} (echo)" if e else "-",
-                     ratio(s.datagrams_per_s, e.datagrams_per_s if e else 0)))
+        rows.append(
+            (
+                "messages/s",
+                f"{s.messages_per_s:,.0f}",
+                f"{e.messages_per_s:,.0f} (echo)" if e else "-",
+                ratio(s.messages_per_s, e.messages_per_s if e else 0),
+            )
+        )
+        rows.append(
+            (
+                "datagrams/s (requests)",
+                f"{s.datagrams_per_s:,.0f}",
+                f"{e.datagrams_per_s:,.0f} (echo)" if e else "-",
+                ratio(s.datagrams_per_s, e.datagrams_per_s if e else 0),
+            )
+        )
         for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")):
             v = s.percentile(q)
             ev = e.percentile(q) if e else None
-            rows.append((f"latency {name} ms", f"{v * 1e3:.2f}" if v is not None else "-",
-                         f"{ev * 1e3:.2f} (echo)" if ev is not None else "-", ""))
+            rows.append(
+                (
+                    f"latency {name} ms",
+                    f"{v * 1e3:.2f}" if v is not None else "-",
+                    f"{ev * 1e3:.2f} (echo)" if ev is not None else "-",
+                    "",
+                )
+            )
         if self.cfg.mode == "create":
             created = s.messages_per_s
             sq = self.sqlite
-            rows.append(("new entries/s", f"{created:,.0f}",
-                         f"{sq[0]:,.0f} (sqlite, batch {sq[1]})" if sq else "-",
-                         ratio(created, sq[0] if sq else 0)))
-        rows.append(("server CPU (cores)", f"{s.cpu:.2f}" if s.cpu is not None else "n/a",
-                     f"{e.cpu:.2f} (echo)" if e and e.cpu is not None else "-", ""))
-        rows.append(("server peak RSS MB",
-                     f"{s.peak_rss / 2**20:.0f}" if s.peak_rss is not None else "n/a", "-", ""))
+            rows.append(
+                (
+                    "new entries/s",
+                    f"{created:,.0f}",
+                    f"{sq[0]:,.0f} (sqlite, batch {sq[1]})" if sq else "-",
+                    ratio(created, sq[0] if sq else 0),
+                )
+            )
+        rows.append(
+            (
+                "server CPU (cores)",
+                f"{s.cpu:.2f}" if s.cpu is not None else "n/a",
+                f"{e.cpu:.2f} (echo)" if e and e.cpu is not None else "-",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "server peak RSS MB",
+                f"{s.peak_rss / 2**20:.0f}" if s.peak_rss is not None else "n/a",
+                "-",
+                "",
+            )
+        )
         c = s.counts
-        rows.append(("lost / errors / deleted",
-                     f"{c['lost']} / {c['errors']} / {c['deleted']}", "", ""))
+        rows.append(
+            ("lost / errors / deleted", f"{c['lost']} / {c['errors']} / {c['deleted']}", "", "")
+        )
         if self.cfg.rate:
             rows.append(("offered but no free slot", f"{c['unsent']}", "", ""))
         return rows
 
     def format(self) -> str:
         cfg = self.cfg
-        loop = f"{'open loop ' + format(cfg.rate, ',.0f') + ' msg/s' if cfg.rate else 'closed loop'}"
-        head = (f"nat64ho bench: mode {cfg.mode}, batch {cfg.batch}, window {cfg.window}, {loop}, "
-                f"{cfg.duration:g} s, {cfg.clients} client process(es), {cfg.nats} NAT64(s), "
-                f"sync {cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
-                f"with the server)")
+        loop = (
+            f"{'open loop ' + format(cfg.rate, ',.0f') + ' msg/s' if cfg.rate else 'closed loop'}"
+        )
+        head = (
+            f"nat64ho bench: mode {cfg.mode}, batch {cfg.batch}, window {cfg.window}, {loop}, "
+            f"{cfg.duration:g} s, {cfg.clients} client process(es), {cfg.nats} NAT64(s), "
+            f"sync {cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
+            f"with the server)"
+        )
         rows = [("", "nat64ho", "ceiling", "ratio")] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [head]
         for r in rows:
-            lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                   for i, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+            lines.append(
+                "  ".join(
+                    v.ljust(w) if i == 0 else v.rjust(w)
+                    for i, (v, w) in enumerate(zip(r, widths, strict=True))
+                ).rstrip()
+            )
         return "\n".join(lines)
 
 
@@ -160,10 +206,10 @@ def run(cfg: BenchConfig) -> Report:
             finally:
                 echo.stop()
             if cfg.mode == "create":
-                report.sqlite = sqlite_ceiling(tmp, cfg.sync, cfg.nats,
-                                               seconds=min(SQLITE_SECONDS, cfg.duration / 4))
+                report.sqlite = sqlite_ceiling(
+                    tmp, cfg.sync, cfg.nats, seconds=min(SQLITE_SECONDS, cfg.duration / 4)
+                )
         return report
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()
-

@@ -46,12 +46,17 @@ class _Group(TyperGroup):
                 param.display_type_rich = lambda ctx: None
         return command
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             windows_expand_args: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, windows_expand_args,
-                                **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except NoArgsIsHelpError as exc:
@@ -78,7 +83,7 @@ def _one_line(message: str) -> str:
 app = typer.Typer(
     cls=_Group,
     help="NAT64 handoff server: the authoritative, durable connection table for NAT64s "
-         "(PROTOCOL.md v1).",
+    "(PROTOCOL.md v1).",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -94,8 +99,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """NAT64 handoff server: the authoritative, durable connection table for NAT64s."""
 
@@ -106,14 +115,16 @@ app.command(short_help="Show the current entries of the tables.")(query.query)
 app.command(short_help="Who held a NAT port when; or every port a client held.")(query.who)
 app.command(short_help="Write the history as log lines, JSON lines or CSV.")(export.export)
 app.command("import", short_help="Add log files to the history (creates the database).")(
-    importer.import_)
+    importer.import_
+)
 app.command(short_help="Per NAT64: table fill, HELLOs, recent Created/Deleted.")(query.stats)
 app.command(short_help="Delete history events older than a time.")(maintenance.prune)
 app.command(short_help="Remove a NAT64 and its table; its history stays.")(maintenance.forget)
 app.command(short_help="Check a database without changing it.")(maintenance.check)
 app.command(short_help="Load a server over loopback and report its speed.")(bench.bench)
 app.command(short_help="Run a userspace NAT64 on TUN whose ports come from handoff servers.")(
-    gateway.gateway)
+    gateway.gateway
+)
 app.command(short_help="Talk to a server as a NAT64 would and print each answer.")(probe.probe)
 app.add_typer(gateway.testbed_app, name="testbed")
 
@@ -124,6 +135,8 @@ def main() -> None:
     except PermissionError as exc:
         # E.g. a user outside group nat64ho on the installed database.
         where = exc.filename or "a file"
-        typer.echo(f"Error: {where}: permission denied (run as root or as a member of the "
-                   "file's group)", err=True)
+        typer.echo(
+            f"Error: {where}: permission denied (run as root or as a member of the file's group)",
+            err=True,
+        )
         sys.exit(1)

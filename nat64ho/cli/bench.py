@@ -12,40 +12,100 @@ from nat64ho.cli.options import SYNC_CHOICE, BenchMode, Sync, UsageError, choice
 
 
 def bench(
-    mode: Annotated[BenchMode, typer.Option(
-        metavar="create|lookup|mixed", parser=choice(BenchMode, "--mode"), help="create: new endpoints (durable answers); lookup: "
-             "existing entries (cache hits); mixed: mostly LOOKUP/TOUCH, some MAP, a tenth "
-             "new endpoints.")] = BenchMode.CREATE,
-    batch: Annotated[int, typer.Option(metavar="K", help="Messages per request datagram.",
-                                       min=1, max=60)] = 1,
-    window: Annotated[int, typer.Option(
-        metavar="N", help="Requests in flight per client process (closed loop), or at most "
-             "in flight (open loop, with --rate).", min=1, max=4096)] = 32,
-    rate: Annotated[float, typer.Option(
-        metavar="R", help="Open loop: offer R messages/s over all clients. Default: closed loop.",
-        min=0)] = 0.0,
-    duration: Annotated[float, typer.Option(metavar="S", help="Seconds measured (after a "
-                                            "second of warm-up).", min=0.5, max=3600)] = 10.0,
+    mode: Annotated[
+        BenchMode,
+        typer.Option(
+            metavar="create|lookup|mixed",
+            parser=choice(BenchMode, "--mode"),
+            help="create: new endpoints (durable answers); lookup: "
+            "existing entries (cache hits); mixed: mostly LOOKUP/TOUCH, some MAP, a tenth "
+            "new endpoints.",
+        ),
+    ] = BenchMode.CREATE,
+    batch: Annotated[
+        int, typer.Option(metavar="K", help="Messages per request datagram.", min=1, max=60)
+    ] = 1,
+    window: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Requests in flight per client process (closed loop), or at most "
+            "in flight (open loop, with --rate).",
+            min=1,
+            max=4096,
+        ),
+    ] = 32,
+    rate: Annotated[
+        float,
+        typer.Option(
+            metavar="R",
+            help="Open loop: offer R messages/s over all clients. Default: closed loop.",
+            min=0,
+        ),
+    ] = 0.0,
+    duration: Annotated[
+        float,
+        typer.Option(
+            metavar="S", help="Seconds measured (after a second of warm-up).", min=0.5, max=3600
+        ),
+    ] = 10.0,
     clients: Annotated[int, typer.Option(metavar="P", help="Client processes.", min=1, max=64)] = 1,
-    nats: Annotated[int, typer.Option(metavar="N", help="NAT64s, each from its own 127.1.x.y "
-                                      "source address.", min=1, max=4000)] = 1,
-    entries: Annotated[int, typer.Option(
-        metavar="N", help="lookup/mixed: entries created per NAT64 before measuring.",
-        min=1, max=65535)] = 20_000,
-    server_addr: Annotated[str | None, typer.Option(
-        "--server", metavar="ADDR:PORT", help="Drive this running server (loopback only). "
-             "Default: start one on a temporary database.", show_default=False)] = None,
-    server_pid: Annotated[int | None, typer.Option(
-        metavar="PID", help="With --server: its process id, to report its CPU and RSS.",
-        show_default=False)] = None,
-    sync: Annotated[Sync, typer.Option(metavar="full|normal", parser=SYNC_CHOICE,
-                                      help="SQLite synchronous mode of the started server and "
-                                           "of the SQLite ceiling.")] = Sync.FULL,
-    server_arg: Annotated[list[str] | None, typer.Option(
-        metavar="ARG", help="Extra argument for the started 'nat64ho serve' (repeat), e.g. "
-             "--server-arg=--cache-size=500000.", show_default=False)] = None,
-    ceilings: Annotated[bool, typer.Option(
-        "--ceilings/--no-ceilings", help="Also measure the UDP echo and raw SQLite ceilings.")] = True,
+    nats: Annotated[
+        int,
+        typer.Option(
+            metavar="N", help="NAT64s, each from its own 127.1.x.y source address.", min=1, max=4000
+        ),
+    ] = 1,
+    entries: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="lookup/mixed: entries created per NAT64 before measuring.",
+            min=1,
+            max=65535,
+        ),
+    ] = 20_000,
+    server_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            metavar="ADDR:PORT",
+            help="Drive this running server (loopback only). "
+            "Default: start one on a temporary database.",
+            show_default=False,
+        ),
+    ] = None,
+    server_pid: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PID",
+            help="With --server: its process id, to report its CPU and RSS.",
+            show_default=False,
+        ),
+    ] = None,
+    sync: Annotated[
+        Sync,
+        typer.Option(
+            metavar="full|normal",
+            parser=SYNC_CHOICE,
+            help="SQLite synchronous mode of the started server and of the SQLite ceiling.",
+        ),
+    ] = Sync.FULL,
+    server_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ARG",
+            help="Extra argument for the started 'nat64ho serve' (repeat), e.g. "
+            "--server-arg=--cache-size=500000.",
+            show_default=False,
+        ),
+    ] = None,
+    ceilings: Annotated[
+        bool,
+        typer.Option(
+            "--ceilings/--no-ceilings", help="Also measure the UDP echo and raw SQLite ceilings."
+        ),
+    ] = True,
 ) -> None:
     """Load a handoff server over loopback and print throughput, latency, CPU and RSS
     beside the echo and SQLite ceilings of this machine, measured in the same run."""
@@ -56,18 +116,29 @@ def bench(
         if server_addr is not None:
             address = parse_listen(server_addr)
             if not ipaddress.ip_address(address[0]).is_loopback or address[1] == 0:
-                raise UsageError(f"--server {server_addr!r}: give a loopback ADDR:PORT; the "
-                                 "benchmark floods what it drives")
+                raise UsageError(
+                    f"--server {server_addr!r}: give a loopback ADDR:PORT; the "
+                    "benchmark floods what it drives"
+                )
     except UsageError as exc:
         fail(str(exc))
-    cfg = b.BenchConfig(mode=mode.value, batch=batch, window=window, rate=rate, duration=duration,
-                        clients=clients, nats=nats, entries=entries, server=address,
-                        server_pid=server_pid, sync=sync.value, server_args=server_arg or [],
-                        ceilings=ceilings)
+    cfg = b.BenchConfig(
+        mode=mode.value,
+        batch=batch,
+        window=window,
+        rate=rate,
+        duration=duration,
+        clients=clients,
+        nats=nats,
+        entries=entries,
+        server=address,
+        server_pid=server_pid,
+        sync=sync.value,
+        server_args=server_arg or [],
+        ceilings=ceilings,
+    )
     try:
         report = b.run(cfg)
     except (RuntimeError, OSError) as exc:
         fail(str(exc), 1)
     typer.echo(report.format())
-
-

@@ -56,6 +56,7 @@ class Database:
                 fail(str(exc), EXIT_DB)
         if self.own is not None:
             from nat64ho.storage import owner
+
             try:
                 self.ownership = owner.acquire(self.path, what=self.own)
             except owner.TableOwned as exc:
@@ -64,8 +65,9 @@ class Database:
         self.conn = conn
         return conn
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         if self.conn is not None:
             self.conn.close()
         if self.ownership is not None:
@@ -111,5 +113,3 @@ def create_database(path: Path) -> int:
         return max(v for v, _, _ in schema.migrations())
     finally:
         conn.close()
-
-

@@ -35,27 +35,60 @@ from nat64ho.ops import export as ops_export
 
 def export(
     db: DbOption = None,
-    nat: Annotated[str | None, typer.Option(
-        metavar="IPV4", help="Only this NAT64's events.", show_default=False)] = None,
-    since: Annotated[str | None, typer.Option(
-        metavar="TIME", help="Only events at or after this time (UTC unless a zone is given).",
-        show_default=False)] = None,
-    until: Annotated[str | None, typer.Option(
-        metavar="TIME", help="Only events before this time.", show_default=False)] = None,
-    after: Annotated[str | None, typer.Option(
-        metavar="SEQ", help="Only events after this sequence number (the 'seq' of --format "
-             "jsonl): resumes an export or a --follow exactly where it stopped.",
-        show_default=False)] = None,
-    follow: Annotated[bool, typer.Option(
-        "--follow", "-f", help="After the history, keep printing each new event once the "
-             "server has committed it, until SIGINT or SIGTERM.")] = False,
-    fmt: Annotated[ExportFormat, typer.Option(
-        "--format", metavar="log|jsonl|csv", parser=choice(ExportFormat, "--format"),
-        help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
-             "object per line, with its sequence number; csv: with a header row.")] = ExportFormat.LOG,
-    output: Annotated[str | None, typer.Option(
-        "--output", "-o", metavar="FILE", help="Write here instead of stdout; a name ending in "
-             ".gz is gzip-compressed.", show_default=False)] = None,
+    nat: Annotated[
+        str | None,
+        typer.Option(metavar="IPV4", help="Only this NAT64's events.", show_default=False),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TIME",
+            help="Only events at or after this time (UTC unless a zone is given).",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(metavar="TIME", help="Only events before this time.", show_default=False),
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SEQ",
+            help="Only events after this sequence number (the 'seq' of --format "
+            "jsonl): resumes an export or a --follow exactly where it stopped.",
+            show_default=False,
+        ),
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="After the history, keep printing each new event once the "
+            "server has committed it, until SIGINT or SIGTERM.",
+        ),
+    ] = False,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            metavar="log|jsonl|csv",
+            parser=choice(ExportFormat, "--format"),
+            help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
+            "object per line, with its sequence number; csv: with a header row.",
+        ),
+    ] = ExportFormat.LOG,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write here instead of stdout; a name ending in .gz is gzip-compressed.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Stream the history, in the order the server logged it (time order with --since/--until).
 
@@ -68,13 +101,18 @@ def export(
         until_v = parse_time(until, "--until") if until is not None else None
         after_v = parse_seq(after, "--after") if after is not None else None
         if (after_v is not None or follow) and (since_v is not None or until_v is not None):
-            raise UsageError("--after and --follow go in sequence order: use them without "
-                             "--since/--until")
+            raise UsageError(
+                "--after and --follow go in sequence order: use them without --since/--until"
+            )
         if follow and output not in (None, "-"):
             raise UsageError("--follow writes to stdout: redirect it instead of --output")
     except UsageError as exc:
         fail(str(exc))
-    writer: ops_export.Writer = {"log": ops_export.write_log, "jsonl": ops_export.write_jsonl, "csv": ops_export.write_csv}[fmt]
+    writer: ops_export.Writer = {
+        "log": ops_export.write_log,
+        "jsonl": ops_export.write_jsonl,
+        "csv": ops_export.write_csv,
+    }[fmt]
     if follow:
         _follow(db, writer, fmt, nat_v, after_v)
         return
@@ -96,8 +134,9 @@ def export(
             yield row if fmt == "jsonl" else row[1:]
 
     with Database(db) as conn:
-        rows = ops_export.history_rows(conn, nat=nat_v, since=since_v, until=until_v,
-                                    after=after_v, with_id=True)
+        rows = ops_export.history_rows(
+            conn, nat=nat_v, since=since_v, until=until_v, after=after_v, with_id=True
+        )
         if output is None or output == "-":
             bar = Progress("export", "events", None, show=False)  # stdout is the data
             writer(counted(rows), sys.stdout)
@@ -133,9 +172,11 @@ def export(
                 how = f"--after {seq}"
             else:
                 how = f"--since '{ts_str(ts)}' (its events at that instant again)"
-            interrupted(f"{written} events written to {output}, the last one "
-                         f"seq {seq} at {ts_str(ts)}; to write the rest to "
-                         f"another file, run the same command with {how}")
+            interrupted(
+                f"{written} events written to {output}, the last one "
+                f"seq {seq} at {ts_str(ts)}; to write the rest to "
+                f"another file, run the same command with {how}"
+            )
         finally:
             bar.close()
         typer.echo(f"{n} events written to {output}", err=True)
@@ -152,7 +193,9 @@ class _Stop:
 FOLLOW_POLL_S = 0.25
 
 
-def _follow(db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | None, after: int | None) -> None:
+def _follow(
+    db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | None, after: int | None
+) -> None:
     """``export --follow``: the history, then every event committed after it,
     each written once in id order and flushed, until a signal."""
     import signal
@@ -177,8 +220,11 @@ def _follow(db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | Non
             while True:
                 # One short read transaction per batch: the WAL a reader pins
                 # stays small and a checkpoint of the server is never held up.
-                rows = list(ops_export.history_rows(conn, nat=nat, after=last, with_id=True,
-                                                 limit=opsdb.FETCH))
+                rows = list(
+                    ops_export.history_rows(
+                        conn, nat=nat, after=last, with_id=True, limit=opsdb.FETCH
+                    )
+                )
                 if rows:
                     stop.writing = True
                     if fmt == "jsonl":
@@ -201,5 +247,3 @@ def _follow(db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | Non
     except KeyboardInterrupt:
         typer.echo(f"stopped after seq {last}; resume with --after {last}", err=True)
         raise typer.Exit(0 if stop.signal == signal.SIGTERM else 130) from None
-
-

@@ -13,21 +13,48 @@ from nat64ho.cli.options import UsageError, fail, parse_ipv4, parse_listen, pars
 
 
 def gateway(
-    tun: Annotated[str, typer.Option(metavar="NAME", help="TUN device to attach to (created if "
-                                     "missing; route the prefix and the pool address to it).")],
-    pool: Annotated[str, typer.Option(metavar="IPV4", help="The pool address: the source of "
-                                      "translated packets and of handoff datagrams.")],
-    server: Annotated[list[str], typer.Option(
-        metavar="ADDR:PORT", help="A handoff server; traffic to ADDR is translated with its table. "
-             "Repeat for more hosts.")],
-    prefix: Annotated[str, typer.Option(metavar="PREFIX/96", help="NAT64 prefix (RFC 6052).")]
-        = "64:ff9b::/96",
-    handoff_port: Annotated[str, typer.Option(
-        metavar="N", help="Source port of handoff datagrams; keep it outside the servers' "
-             "port range.")] = "1027",
-    touch_interval: Annotated[float, typer.Option(
-        metavar="SECONDS", help="How often the ports in use are TOUCHed (the servers' LRU "
-             "order is this precise).", min=0.05, max=3600)] = 5.0,
+    tun: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME",
+            help="TUN device to attach to (created if "
+            "missing; route the prefix and the pool address to it).",
+        ),
+    ],
+    pool: Annotated[
+        str,
+        typer.Option(
+            metavar="IPV4",
+            help="The pool address: the source of translated packets and of handoff datagrams.",
+        ),
+    ],
+    server: Annotated[
+        list[str],
+        typer.Option(
+            metavar="ADDR:PORT",
+            help="A handoff server; traffic to ADDR is translated with its table. "
+            "Repeat for more hosts.",
+        ),
+    ],
+    prefix: Annotated[
+        str, typer.Option(metavar="PREFIX/96", help="NAT64 prefix (RFC 6052).")
+    ] = "64:ff9b::/96",
+    handoff_port: Annotated[
+        str,
+        typer.Option(
+            metavar="N",
+            help="Source port of handoff datagrams; keep it outside the servers' port range.",
+        ),
+    ] = "1027",
+    touch_interval: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="How often the ports in use are TOUCHed (the servers' LRU order is this precise).",
+            min=0.05,
+            max=3600,
+        ),
+    ] = 5.0,
 ) -> None:
     """Run a userspace stateful NAT64 whose port table lives in handoff servers.
 
@@ -59,27 +86,45 @@ def gateway(
         fail(f"--prefix {prefix!r}: not an IPv6 prefix")
     except UsageError as exc:
         fail(str(exc))
-    gw = core.Gateway(net.network_address.packed[:12], pool_v.to_bytes(4, "big"), servers,
-                      handoff_port=hport, touch_interval=touch_interval)
-    banner = (f"tun {tun}, prefix {net}, pool {pool} (handoff from port {hport}), servers "
-              + ", ".join(server) + f", boot id {gw.boot_id.hex()}")
+    gw = core.Gateway(
+        net.network_address.packed[:12],
+        pool_v.to_bytes(4, "big"),
+        servers,
+        handoff_port=hport,
+        touch_interval=touch_interval,
+    )
+    banner = (
+        f"tun {tun}, prefix {net}, pool {pool} (handoff from port {hport}), servers "
+        + ", ".join(server)
+        + f", boot id {gw.boot_id.hex()}"
+    )
     try:
         tun_io.run(gw, tun, banner)
     except OSError as exc:
         fail(f"--tun {tun}: {exc.strerror or exc}", 1)
 
 
-testbed_app = typer.Typer(help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
-                          "gateway, IPv4 host with 'nat64ho serve' and services.",
-                          short_help="Build or remove a NAT64 test bed in network namespaces.",
-                          no_args_is_help=True)
-TestbedName = Annotated[str, typer.Option("--name", metavar="NAME", help="Prefix of the "
-                                          "namespaces: NAME-client, NAME-nat64, NAME-host.")]
+testbed_app = typer.Typer(
+    help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
+    "gateway, IPv4 host with 'nat64ho serve' and services.",
+    short_help="Build or remove a NAT64 test bed in network namespaces.",
+    no_args_is_help=True,
+)
+TestbedName = Annotated[
+    str,
+    typer.Option(
+        "--name",
+        metavar="NAME",
+        help="Prefix of the namespaces: NAME-client, NAME-nat64, NAME-host.",
+    ),
+]
 TestbedState = Annotated[Path, typer.Option("--state", metavar="DIR", help="Database and logs.")]
 
 
 @testbed_app.command("up")
-def testbed_up(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")) -> None:
+def testbed_up(
+    name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")
+) -> None:
     """Build the namespaces and start the server, the services and the gateway."""
     from nat64ho.gateway import testbed as tb
 
@@ -104,7 +149,9 @@ Stop: nat64ho testbed down --name {name}""")
 
 
 @testbed_app.command("down")
-def testbed_down(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")) -> None:
+def testbed_down(
+    name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")
+) -> None:
     """Stop everything in the test bed's namespaces and delete them (the state stays)."""
     from nat64ho.gateway import testbed as tb
 
@@ -119,5 +166,3 @@ def testbed_down(name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp
     except tb.TestbedError as exc:
         fail(str(exc), 1)
     typer.echo(f"Test bed {name!r} " + ("removed." if gone else "was not up."))
-
-

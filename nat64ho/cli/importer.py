@@ -29,16 +29,26 @@ IMPORT_CACHE_KIB = 256 * 1024
 
 
 def import_(
-    files: Annotated[list[str], typer.Argument(
-        metavar="FILE", help="Log files in the PROTOCOL.md §6 format (this server's or the "
-             "original handoff server's); .gz is decompressed; '-' reads stdin.",
-        show_default=False)],
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="FILE",
+            help="Log files in the PROTOCOL.md §6 format (this server's or the "
+            "original handoff server's); .gz is decompressed; '-' reads stdin.",
+            show_default=False,
+        ),
+    ],
     db: DbOption = None,
-    rebuild_table: Annotated[bool, typer.Option(
-        "--rebuild-table", help="Also replay the events into the current table (moving from "
-             "another server): a port whose last event is a Created gets that entry, unless the "
-             "table already has one for the port or the endpoint. Only with the server stopped: "
-             "a running server keeps its free ports in memory.")] = False,
+    rebuild_table: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild-table",
+            help="Also replay the events into the current table (moving from "
+            "another server): a port whose last event is a Created gets that entry, unless the "
+            "table already has one for the port or the endpoint. Only with the server stopped: "
+            "a running server keeps its free ports in memory.",
+        ),
+    ] = False,
 ) -> None:
     """Add log files to the history; creates the database if it is missing.
 
@@ -52,16 +62,20 @@ def import_(
             fail(f"{name!r}: no such file")
     path = db_path(db)
     if rebuild_table and opsdb.database_in_use(path):
-        fail(f"{path}: another process has this database open (a running server?); "
-             "stop it before --rebuild-table: a server keeps its free ports in memory", EXIT_DB)
+        fail(
+            f"{path}: another process has this database open (a running server?); "
+            "stop it before --rebuild-table: a server keeps its free ports in memory",
+            EXIT_DB,
+        )
     created = None
     if not path.exists():
         created = create_database(path)
 
     def bad(name: str, number: int, reason: str) -> None:
         if bar.bar is not None:
-            bar.bar.console.print(f"{name}:{number}: skipped: {reason}", markup=False,
-                                  highlight=False)
+            bar.bar.console.print(
+                f"{name}:{number}: skipped: {reason}", markup=False, highlight=False
+            )
         else:
             typer.echo(f"{name}:{number}: skipped: {reason}", err=True)
 
@@ -87,22 +101,34 @@ def import_(
 
     bar = Progress("import", "lines", total)
     try:
-        with Database(db, write=True, own="import --rebuild-table" if rebuild_table else None) as conn:
+        with Database(
+            db, write=True, own="import --rebuild-table" if rebuild_table else None
+        ) as conn:
             # New events land at random places in the address index; a cache
             # that holds its hot pages saves a read per row on a big history.
             conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
-            result = importer.import_logs(conn, logs(), bad, rebuild_table=rebuild_table,
-                                         on_progress=progress, on_rebuild=bar.rebuilding)
+            result = importer.import_logs(
+                conn,
+                logs(),
+                bad,
+                rebuild_table=rebuild_table,
+                on_progress=progress,
+                on_rebuild=bar.rebuilding,
+            )
     except KeyboardInterrupt:
         bar.close()
-        interrupted(f"{state.lines} lines read and {state.added} events added so far "
-                     "(each batch is committed); run the same command again to finish: "
-                     "events already imported are skipped")
+        interrupted(
+            f"{state.lines} lines read and {state.added} events added so far "
+            "(each batch is committed); run the same command again to finish: "
+            "events already imported are skipped"
+        )
     finally:
         bar.close()
-    summary = (f"{result.lines} lines read, {result.added} events added, "
-               f"{result.lines - result.skipped - result.added} already present, "
-               f"{result.skipped} skipped")
+    summary = (
+        f"{result.lines} lines read, {result.added} events added, "
+        f"{result.lines - result.skipped - result.added} already present, "
+        f"{result.skipped} skipped"
+    )
     if rebuild_table:
         summary += f"; {result.entries} entries added to the table"
     if created is not None:
@@ -110,5 +136,3 @@ def import_(
     typer.echo(summary, err=True)
     if result.skipped:
         raise typer.Exit(1)
-
-

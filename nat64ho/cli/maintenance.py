@@ -16,9 +16,15 @@ from nat64ho.storage import schema
 
 
 def prune(
-    before: Annotated[str, typer.Option(
-        metavar="TIME", help="Delete history events older than this (UTC unless a zone is "
-             "given), e.g. 2024-01-01.", show_default=False)],
+    before: Annotated[
+        str,
+        typer.Option(
+            metavar="TIME",
+            help="Delete history events older than this (UTC unless a zone is "
+            "given), e.g. 2024-01-01.",
+            show_default=False,
+        ),
+    ],
     db: DbOption = None,
 ) -> None:
     """Delete old history events. Changes the database; current entries are never touched.
@@ -42,16 +48,19 @@ def prune(
             n = maintenance.prune(conn, cutoff, on_batch=batch)
         except KeyboardInterrupt:
             bar.close()
-            interrupted(f"{done['n']} history events before {ts_str(cutoff)} deleted so far "
-                         "(each batch is committed); run the same command again to finish")
+            interrupted(
+                f"{done['n']} history events before {ts_str(cutoff)} deleted so far "
+                "(each batch is committed); run the same command again to finish"
+            )
         finally:
             bar.close()
     typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
 
 
 def forget(
-    nat: Annotated[str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.",
-                                       show_default=False)],
+    nat: Annotated[
+        str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.", show_default=False)
+    ],
     db: DbOption = None,
 ) -> None:
     """Remove a NAT64 and its table from the database, so that it no longer counts
@@ -69,8 +78,11 @@ def forget(
             entries, known = maintenance.forget(conn, address)
         except maintenance.NotKnown:
             fail(f"NAT64 {nat} is not known in {db_path(db)}", EXIT_DB)
-    typer.echo(f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
-               + (" and its boot record" if known else "") + "; its history stays")
+    typer.echo(
+        f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+        + (" and its boot record" if known else "")
+        + "; its history stays"
+    )
 
 
 def check(db: DbOption = None) -> None:
@@ -93,5 +105,3 @@ def check(db: DbOption = None) -> None:
         raise typer.Exit(1)
     facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
     typer.echo(f"ok: {path}: integrity ok, schema current; {facts}")
-
-

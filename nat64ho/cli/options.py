@@ -50,6 +50,7 @@ class BadValue(ClickException):
 
 # ---------------------------------------------------------------- choices
 
+
 class TableFormat(enum.StrEnum):
     TABLE = "table"
     JSON = "json"
@@ -73,8 +74,9 @@ class BenchMode(enum.StrEnum):
     MIXED = "mixed"
 
 
-def choice(kind: type[enum.StrEnum], option: str,
-           expected: str | None = None) -> Callable[[str], enum.StrEnum]:
+def choice(
+    kind: type[enum.StrEnum], option: str, expected: str | None = None
+) -> Callable[[str], enum.StrEnum]:
     """A parser for an option whose values are the members of ``kind``."""
     expected = expected or "expected one of " + ", ".join(m.value for m in kind)
 
@@ -85,19 +87,27 @@ def choice(kind: type[enum.StrEnum], option: str,
             return kind(value)
         except ValueError:
             raise BadValue(f"{option} {value!r}: {expected}") from None
+
     return parse
 
 
 SYNC_CHOICE = choice(Sync, "--sync", "expected 'full' or 'normal'")
 
-FormatOption = Annotated[TableFormat, typer.Option(
-    "--format", metavar="table|json|csv", parser=choice(TableFormat, "--format"),
-    help="table: aligned, with a header; json: one array of objects with fixed keys; "
-         "csv: with a header row.")]
+FormatOption = Annotated[
+    TableFormat,
+    typer.Option(
+        "--format",
+        metavar="table|json|csv",
+        parser=choice(TableFormat, "--format"),
+        help="table: aligned, with a header; json: one array of objects with fixed keys; "
+        "csv: with a header row.",
+    ),
+]
 
 
 # ---------------------------------------------------------------- parsers
 # Shared by every command so that a value is spelled and checked one way.
+
 
 def parse_listen(text: str, what: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -150,16 +160,21 @@ def parse_time(text: str, what: str) -> int:
     try:
         when = dt.datetime.fromisoformat(t)
     except ValueError:
-        raise UsageError(f"{what} {text!r}: not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, "
-                         "or ISO 8601)") from None
+        raise UsageError(
+            f"{what} {text!r}: not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)"
+        ) from None
     return ts_from_datetime(when)
 
 
 DbOption = Annotated[
     Path | None,
-    typer.Option("--db", metavar="PATH", help="The SQLite database. Default: $NAT64HO_DB, else "
-                              "~/.local/share/nat64ho/table.db ($XDG_DATA_HOME).",
-                 show_default=False),
+    typer.Option(
+        "--db",
+        metavar="PATH",
+        help="The SQLite database. Default: $NAT64HO_DB, else "
+        "~/.local/share/nat64ho/table.db ($XDG_DATA_HOME).",
+        show_default=False,
+    ),
 ]
 
 
@@ -180,8 +195,10 @@ def parse_nat_port(text: str, what: str) -> tuple[int, int]:
             raise UsageError("expected NAT:PORT")
         return parse_ipv4(host, what), parse_port(port, what)
     except UsageError:
-        raise UsageError(f"{what} {text!r}: expected NAT:PORT with an IPv4 address and a port "
-                         "1-65535, e.g. 192.0.2.9:47102") from None
+        raise UsageError(
+            f"{what} {text!r}: expected NAT:PORT with an IPv4 address and a port "
+            "1-65535, e.g. 192.0.2.9:47102"
+        ) from None
 
 
 def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int | None]:
@@ -198,8 +215,9 @@ def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int 
                 port = parse_port(rest[1:], what, allow_zero=True)
         return ipaddress.IPv6Network(body, strict=False), port
     except (ValueError, UsageError):
-        raise UsageError(f"{what} {text!r}: not an IPv6 address, [IPV6]:PORT or "
-                         "IPV6/LEN prefix") from None
+        raise UsageError(
+            f"{what} {text!r}: not an IPv6 address, [IPV6]:PORT or IPV6/LEN prefix"
+        ) from None
 
 
 def parse_seconds(text: str, what: str) -> int:
@@ -217,5 +235,3 @@ def parse_seq(text: str, what: str) -> int:
     if not text.isdigit():
         raise UsageError(f"{what} {text!r}: not a sequence number (the 'seq' of --format jsonl)")
     return int(text)
-
-

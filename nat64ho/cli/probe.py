@@ -20,23 +20,51 @@ from nat64ho.cli.options import (
 
 
 def probe(
-    server_addr: Annotated[str, typer.Argument(
-        metavar="SERVER", help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
-        show_default=False)],
-    map_: Annotated[list[str] | None, typer.Option(
-        "--map", metavar="[IPV6]:PORT", help="Send a MAP for this client endpoint (repeat for "
-             "more). Creates an entry, as a NAT64 would.", show_default=False)] = None,
-    lookup: Annotated[list[str] | None, typer.Option(
-        metavar="PORT", help="Send a LOOKUP for this NAT port (repeat for more).",
-        show_default=False)] = None,
-    touch: Annotated[list[str] | None, typer.Option(
-        metavar="PORT[,PORT...]", help="Send a TOUCH of these NAT ports (repeat for more "
-             "TOUCHes); only ports without an entry are answered.", show_default=False)] = None,
-    source: Annotated[str, typer.Option(
-        metavar="IPV4", help="Local address to send from: the server keeps one table per "
-             "source address.")] = "0.0.0.0",
-    timeout: Annotated[str, typer.Option(
-        metavar="SECONDS", help="How long to wait for each answer.")] = "2",
+    server_addr: Annotated[
+        str,
+        typer.Argument(
+            metavar="SERVER",
+            help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
+            show_default=False,
+        ),
+    ],
+    map_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            metavar="[IPV6]:PORT",
+            help="Send a MAP for this client endpoint (repeat for "
+            "more). Creates an entry, as a NAT64 would.",
+            show_default=False,
+        ),
+    ] = None,
+    lookup: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PORT",
+            help="Send a LOOKUP for this NAT port (repeat for more).",
+            show_default=False,
+        ),
+    ] = None,
+    touch: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PORT[,PORT...]",
+            help="Send a TOUCH of these NAT ports (repeat for more "
+            "TOUCHes); only ports without an entry are answered.",
+            show_default=False,
+        ),
+    ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            metavar="IPV4",
+            help="Local address to send from: the server keeps one table per source address.",
+        ),
+    ] = "0.0.0.0",
+    timeout: Annotated[
+        str, typer.Option(metavar="SECONDS", help="How long to wait for each answer.")
+    ] = "2",
 ) -> None:
     """Say HELLO to a server and confirm the session as a NAT64 does, then send each
     --map, then each --lookup, then each --touch, printing every answer decoded with
@@ -54,8 +82,10 @@ def probe(
         else:
             host, port = parse_listen(f"{server_addr}:6464", "SERVER")
         if ipaddress.ip_address(host).version != 4 or port == 0:
-            raise UsageError(f"SERVER {server_addr!r}: give an IPv4 address (and a port "
-                             "1-65535): the protocol runs over IPv4")
+            raise UsageError(
+                f"SERVER {server_addr!r}: give an IPv4 address (and a port "
+                "1-65535): the protocol runs over IPv4"
+            )
         parse_ipv4(source, "--source")
         wait = parse_seconds(timeout, "--timeout") / 1e6
         if not 0 < wait <= 60:
@@ -88,5 +118,3 @@ def probe(
         raise typer.Exit(130) from None
     if not ok:
         raise typer.Exit(1)
-
-

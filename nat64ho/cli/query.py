@@ -37,13 +37,25 @@ from nat64ho.ops import queries
 
 def query(
     db: DbOption = None,
-    nat: Annotated[str | None, typer.Option(
-        metavar="IPV4", help="Only this NAT64's table. Default: every NAT64.", show_default=False)] = None,
-    ipv6: Annotated[str | None, typer.Option(
-        metavar="ADDR|PREFIX/LEN", help="Only entries of this client address or prefix.",
-        show_default=False)] = None,
-    port: Annotated[str | None, typer.Option(
-        metavar="N", help="Only this NAT port.", show_default=False)] = None,
+    nat: Annotated[
+        str | None,
+        typer.Option(
+            metavar="IPV4",
+            help="Only this NAT64's table. Default: every NAT64.",
+            show_default=False,
+        ),
+    ] = None,
+    ipv6: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDR|PREFIX/LEN",
+            help="Only entries of this client address or prefix.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        str | None, typer.Option(metavar="N", help="Only this NAT port.", show_default=False)
+    ] = None,
     fmt: FormatOption = TableFormat.TABLE,
 ) -> None:
     """The current entries: NAT port, client endpoint, created, last use; by NAT64 and port.
@@ -60,25 +72,50 @@ def query(
         fail(str(exc))
     text = ops_export.LineFormatter()  # cached dates and NAT64 addresses, C-library IPv6
     with Database(db) as conn:
-        rows = ({"nat": text.nat(e.nat), "port": e.port, "ipv6": (v6 := text.ipv6(e.addr)),
-                 "ipv6_port": e.aport, "endpoint": f"[{v6}]:{e.aport}",
-                 "created": text.ts(e.created), "last_use": text.ts(e.last_use)}
-                for e in queries.query_entries(conn, nat=nat_v, ipv6=net[0] if net else None,
-                                               port=port_v))
+        rows = (
+            {
+                "nat": text.nat(e.nat),
+                "port": e.port,
+                "ipv6": (v6 := text.ipv6(e.addr)),
+                "ipv6_port": e.aport,
+                "endpoint": f"[{v6}]:{e.aport}",
+                "created": text.ts(e.created),
+                "last_use": text.ts(e.last_use),
+            }
+            for e in queries.query_entries(
+                conn, nat=nat_v, ipv6=net[0] if net else None, port=port_v
+            )
+        )
         if fmt == "table":
-            cols = [("nat", "NAT64", 15), ("port", "PORT", 5), ("created", "CREATED", TS_W),
-                    ("last_use", "LAST USE", TS_W), ("endpoint", "IPV6 ENDPOINT", 0)]
+            cols = [
+                ("nat", "NAT64", 15),
+                ("port", "PORT", 5),
+                ("created", "CREATED", TS_W),
+                ("last_use", "LAST USE", TS_W),
+                ("endpoint", "IPV6 ENDPOINT", 0),
+            ]
         else:
-            cols = [("nat", "", 0), ("port", "", 0), ("ipv6", "", 0), ("ipv6_port", "", 0),
-                    ("created", "", 0), ("last_use", "", 0)]
+            cols = [
+                ("nat", "", 0),
+                ("port", "", 0),
+                ("ipv6", "", 0),
+                ("ipv6_port", "", 0),
+                ("created", "", 0),
+                ("last_use", "", 0),
+            ]
         emit(rows, fmt, cols)
 
 
 def _holding_dict(h: queries.Holding) -> dict[str, Any]:
     return {
-        "nat": ipv4_str(h.nat), "port": h.port, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport,
+        "nat": ipv4_str(h.nat),
+        "port": h.port,
+        "ipv6": ipv6_str(h.addr),
+        "ipv6_port": h.aport,
         "endpoint": endpoint(h.addr, h.aport),
-        "from": ts_or(h.start, None), "until": ts_or(h.end, None), "current": h.current,
+        "from": ts_or(h.start, None),
+        "until": ts_or(h.end, None),
+        "current": h.current,
         "from_text": ts_or(h.start, "before history"),
         "until_text": "now (current)" if h.current else ts_or(h.end, "not recorded"),
         "events": [format_event(e) for e in (h.created, h.deleted) if e is not None],
@@ -86,25 +123,45 @@ def _holding_dict(h: queries.Holding) -> dict[str, Any]:
 
 
 def who(
-    target: Annotated[str | None, typer.Argument(
-        metavar="NAT:PORT|CLIENT",
-        help="A NAT port (192.0.2.9:47102): who held it. A client endpoint ([2001:db8::55]:34643), "
-             "address (2001:db8::55) or prefix (2001:db8::/48): every NAT port it held. "
-             "Not with --reports.",
-        show_default=False)] = None,
-    at: Annotated[str | None, typer.Option(
-        metavar="TIME", help="The instant asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
-             "or RFC 3339 with any offset. Default: now for a NAT port; every time for a client.",
-        show_default=False)] = None,
-    tolerance: Annotated[str | None, typer.Option(
-        metavar="SECONDS", help="For a NAT port: list every holder at some instant within "
-             "this many seconds of --at, closest first, and say when that is more than one "
-             "(the report's clock may be off).", show_default=False)] = None,
-    reports: Annotated[str | None, typer.Option(
-        metavar="FILE", help="Answer a CSV of abuse reports, one per row: nat,port,time"
-             "[,tolerance] (a header row is optional; '-' reads stdin); --tolerance is the "
-             "default for rows without one. One output row per report and holder.",
-        show_default=False)] = None,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="NAT:PORT|CLIENT",
+            help="A NAT port (192.0.2.9:47102): who held it. A client endpoint ([2001:db8::55]:34643), "
+            "address (2001:db8::55) or prefix (2001:db8::/48): every NAT port it held. "
+            "Not with --reports.",
+            show_default=False,
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TIME",
+            help="The instant asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
+            "or RFC 3339 with any offset. Default: now for a NAT port; every time for a client.",
+            show_default=False,
+        ),
+    ] = None,
+    tolerance: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="For a NAT port: list every holder at some instant within "
+            "this many seconds of --at, closest first, and say when that is more than one "
+            "(the report's clock may be off).",
+            show_default=False,
+        ),
+    ] = None,
+    reports: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Answer a CSV of abuse reports, one per row: nat,port,time"
+            "[,tolerance] (a header row is optional; '-' reads stdin); --tolerance is the "
+            "default for rows without one. One output row per report and holder.",
+            show_default=False,
+        ),
+    ] = None,
     db: DbOption = None,
     fmt: FormatOption = TableFormat.TABLE,
 ) -> None:
@@ -122,15 +179,18 @@ def who(
         tol = parse_seconds(tolerance, "--tolerance") if tolerance is not None else None
         if reports is not None:
             if target is not None or at is not None:
-                raise UsageError("--reports answers the reports in the file: give no "
-                                 "NAT:PORT and no --at")
+                raise UsageError(
+                    "--reports answers the reports in the file: give no NAT:PORT and no --at"
+                )
         elif target is None:
             raise UsageError("give a NAT:PORT or a client to ask about, or --reports FILE")
         elif target.startswith("[") or target.count(":") > 1:
             nat_port, (net, aport) = None, parse_ipv6_target(target, "target")
             if tol is not None:
-                raise UsageError("--tolerance is for a NAT:PORT; a client's holdings are "
-                                 "listed with their whole time ranges")
+                raise UsageError(
+                    "--tolerance is for a NAT:PORT; a client's holdings are "
+                    "listed with their whole time ranges"
+                )
         else:
             nat_port = parse_nat_port(target, "target")
     except UsageError as exc:
@@ -148,22 +208,35 @@ def who(
             _who_port(queries.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
         else:
             holdings: Iterator[dict[str, Any]] = map(
-                _holding_dict, queries.who_endpoint(conn, net, aport, when))
+                _holding_dict, queries.who_endpoint(conn, net, aport, when)
+            )
             if fmt == "table":
                 first = next(holdings, None)
                 if first is None:
-                    what = f"[{net.network_address}]:{aport}" if aport is not None else (
-                        str(net.network_address) if net.prefixlen == 128 else str(net))
-                    typer.echo(f"No entry: {what} held no NAT port"
-                               + (f" at {ts_str(when)}" if when is not None else "")
-                               + " as far as this database knows.")
+                    what = (
+                        f"[{net.network_address}]:{aport}"
+                        if aport is not None
+                        else (str(net.network_address) if net.prefixlen == 128 else str(net))
+                    )
+                    typer.echo(
+                        f"No entry: {what} held no NAT port"
+                        + (f" at {ts_str(when)}" if when is not None else "")
+                        + " as far as this database knows."
+                    )
                     return
                 holdings = itertools.chain([first], holdings)
-                cols = [("nat", "NAT64", 15), ("port", "PORT", 5), ("from_text", "FROM", TS_W),
-                        ("until_text", "UNTIL", TS_W), ("endpoint", "IPV6 ENDPOINT", 0)]
+                cols = [
+                    ("nat", "NAT64", 15),
+                    ("port", "PORT", 5),
+                    ("from_text", "FROM", TS_W),
+                    ("until_text", "UNTIL", TS_W),
+                    ("endpoint", "IPV6 ENDPOINT", 0),
+                ]
             else:
-                cols = [(k, "", 0) for k in ("nat", "port", "ipv6", "ipv6_port", "from", "until",
-                                              "current")]
+                cols = [
+                    (k, "", 0)
+                    for k in ("nat", "port", "ipv6", "ipv6_port", "from", "until", "current")
+                ]
             emit(holdings, fmt, cols)
 
 
@@ -176,29 +249,66 @@ def _seconds(us: int) -> str:
     return f"{us / 1e6:g}"
 
 
-def _window_rows(report: int | None, nat_port: tuple[int, int], at: int, tol: int,
-                 found: list[queries.Holding]) -> Iterator[dict[str, Any]]:
-    base = {"report": report, "nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": _utc(at),
-            "tolerance_s": _seconds(tol), "holders": len(found), "ambiguous": len(found) > 1}
+def _window_rows(
+    report: int | None, nat_port: tuple[int, int], at: int, tol: int, found: list[queries.Holding]
+) -> Iterator[dict[str, Any]]:
+    base = {
+        "report": report,
+        "nat": ipv4_str(nat_port[0]),
+        "port": nat_port[1],
+        "at": _utc(at),
+        "tolerance_s": _seconds(tol),
+        "holders": len(found),
+        "ambiguous": len(found) > 1,
+    }
     if not found:
-        yield {**base, "ipv6": None, "ipv6_port": None, "from": None, "until": None,
-               "current": None, "distance_s": None, "endpoint": None,
-               "from_text": None, "until_text": None}
+        yield {
+            **base,
+            "ipv6": None,
+            "ipv6_port": None,
+            "from": None,
+            "until": None,
+            "current": None,
+            "distance_s": None,
+            "endpoint": None,
+            "from_text": None,
+            "until_text": None,
+        }
     for h in found:
-        yield {**base, "ipv6": ipv6_str(h.addr), "ipv6_port": h.aport, "from": _utc(h.start),
-               "until": _utc(h.end), "current": h.current,
-               "distance_s": _seconds(queries.distance(h, at)),
-               "endpoint": endpoint(h.addr, h.aport),
-               "from_text": _utc(h.start) or "before history",
-               "until_text": "now (current)" if h.current else _utc(h.end) or "not recorded"}
+        yield {
+            **base,
+            "ipv6": ipv6_str(h.addr),
+            "ipv6_port": h.aport,
+            "from": _utc(h.start),
+            "until": _utc(h.end),
+            "current": h.current,
+            "distance_s": _seconds(queries.distance(h, at)),
+            "endpoint": endpoint(h.addr, h.aport),
+            "from_text": _utc(h.start) or "before history",
+            "until_text": "now (current)" if h.current else _utc(h.end) or "not recorded",
+        }
 
 
-_WINDOW_KEYS = ("report", "nat", "port", "at", "tolerance_s", "holders", "ambiguous", "ipv6",
-                "ipv6_port", "from", "until", "current", "distance_s")
+_WINDOW_KEYS = (
+    "report",
+    "nat",
+    "port",
+    "at",
+    "tolerance_s",
+    "holders",
+    "ambiguous",
+    "ipv6",
+    "ipv6_port",
+    "from",
+    "until",
+    "current",
+    "distance_s",
+)
 
 
-def _who_window(found: list[queries.Holding], nat_port: tuple[int, int], at: int, tol: int,
-                fmt: str) -> None:
+def _who_window(
+    found: list[queries.Holding], nat_port: tuple[int, int], at: int, tol: int, fmt: str
+) -> None:
     rows = list(_window_rows(None, nat_port, at, tol, found))
     if fmt != "table":
         emit(rows, fmt, [(k, "", 0) for k in _WINDOW_KEYS if k != "report"])
@@ -209,14 +319,23 @@ def _who_window(found: list[queries.Holding], nat_port: tuple[int, int], at: int
         return
     verdict = "1 holder" if len(found) == 1 else f"{len(found)} holders: AMBIGUOUS"
     typer.echo(f"{subject}: {verdict} (closest to the reported time first)")
-    emit(rows, "table", [("endpoint", "IPV6 ENDPOINT", 46), ("from_text", "FROM", TS_W + 1),
-                          ("until_text", "UNTIL", TS_W + 1), ("distance_s", "AWAY (S)", 0)])
+    emit(
+        rows,
+        "table",
+        [
+            ("endpoint", "IPV6 ENDPOINT", 46),
+            ("from_text", "FROM", TS_W + 1),
+            ("until_text", "UNTIL", TS_W + 1),
+            ("distance_s", "AWAY (S)", 0),
+        ],
+    )
 
 
 def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None:
     try:
-        source = sys.stdin if name == "-" else open(name, newline="", encoding="utf-8",
-                                                    errors="replace")
+        source = (
+            sys.stdin if name == "-" else open(name, newline="", encoding="utf-8", errors="replace")
+        )
     except OSError as exc:
         fail(f"--reports {name!r}: {exc.strerror or exc}")
     label = "stdin" if name == "-" else name
@@ -229,8 +348,10 @@ def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None
                 row = next(reader, None)
             except csv.Error as exc:  # e.g. a field over the csv module's size limit
                 bad["n"] += 1
-                typer.echo(f"Error: {label}:{reader.line_num}: {exc}; the rest of the file "
-                           "is not read", err=True)
+                typer.echo(
+                    f"Error: {label}:{reader.line_num}: {exc}; the rest of the file is not read",
+                    err=True,
+                )
                 return
             if row is None:
                 return
@@ -246,8 +367,11 @@ def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None
                 nat = parse_ipv4(cells[0], "nat")
                 port = parse_port(cells[1], "port")
                 at = parse_time(cells[2], "time")
-                tol = parse_seconds(cells[3], "tolerance") if len(cells) == 4 and cells[3] \
+                tol = (
+                    parse_seconds(cells[3], "tolerance")
+                    if len(cells) == 4 and cells[3]
                     else default_tol
+                )
             except UsageError as exc:
                 bad["n"] += 1
                 typer.echo(f"Error: {label}:{number}: {exc}", err=True)
@@ -257,12 +381,31 @@ def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None
 
     with Database(db) as conn:
         if fmt == "table":
-            cols = [("report", "ROW", 4), ("natport", "NAT:PORT", 21), ("at", "AT (UTC)", TS_W + 1),
-                    ("tol", "±S", 5), ("answer", "ANSWER", 11), ("endpoint", "IPV6 ENDPOINT", 46),
-                    ("from_text", "FROM", TS_W + 1), ("until_text", "UNTIL", 0)]
-            rows = ({**r, "natport": f"{r['nat']}:{r['port']}", "tol": r["tolerance_s"],
-                     "answer": ("none" if not r["holders"] else "AMBIGUOUS" if r["ambiguous"]
-                                else "1 holder")} for r in answers(conn))
+            cols = [
+                ("report", "ROW", 4),
+                ("natport", "NAT:PORT", 21),
+                ("at", "AT (UTC)", TS_W + 1),
+                ("tol", "±S", 5),
+                ("answer", "ANSWER", 11),
+                ("endpoint", "IPV6 ENDPOINT", 46),
+                ("from_text", "FROM", TS_W + 1),
+                ("until_text", "UNTIL", 0),
+            ]
+            rows = (
+                {
+                    **r,
+                    "natport": f"{r['nat']}:{r['port']}",
+                    "tol": r["tolerance_s"],
+                    "answer": (
+                        "none"
+                        if not r["holders"]
+                        else "AMBIGUOUS"
+                        if r["ambiguous"]
+                        else "1 holder"
+                    ),
+                }
+                for r in answers(conn)
+            )
             emit(rows, "table", cols)
         else:
             emit(answers(conn), fmt, [(k, "", 0) for k in _WINDOW_KEYS])
@@ -275,8 +418,12 @@ def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None
 def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, fmt: str) -> None:
     subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]}"
     if fmt != "table":
-        row = {"nat": ipv4_str(nat_port[0]), "port": nat_port[1], "at": ts_str(at),
-               "held": h is not None}
+        row = {
+            "nat": ipv4_str(nat_port[0]),
+            "port": nat_port[1],
+            "at": ts_str(at),
+            "held": h is not None,
+        }
         d = _holding_dict(h) if h is not None else {}
         for k in ("ipv6", "ipv6_port", "from", "until", "current"):
             row[k] = d.get(k)
@@ -287,7 +434,9 @@ def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, fmt
             emit([row], "csv", [(k, "", 0) for k in row])
         return
     if h is None:
-        typer.echo(f"No entry: {subject} was not held at {ts_str(at)} as far as this database knows.")
+        typer.echo(
+            f"No entry: {subject} was not held at {ts_str(at)} as far as this database knows."
+        )
         return
     d = _holding_dict(h)
     typer.echo(f"{subject} at {ts_str(at)}: {d['endpoint']}")
@@ -303,10 +452,15 @@ def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, fmt
 
 def stats(
     db: DbOption = None,
-    ports: Annotated[str | None, typer.Option(
-        metavar="FIRST-LAST", help="Port range for the capacity column. Default: the --ports "
-             "the server last started with (1028-65535 if it never recorded one).",
-        show_default=False)] = None,
+    ports: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIRST-LAST",
+            help="Port range for the capacity column. Default: the --ports "
+            "the server last started with (1028-65535 if it never recorded one).",
+            show_default=False,
+        ),
+    ] = None,
     fmt: FormatOption = TableFormat.TABLE,
 ) -> None:
     """Per NAT64: entries / capacity, oldest last use, first and last HELLO, Created and
@@ -325,25 +479,51 @@ def stats(
             row = conn.execute("SELECT value FROM meta WHERE key = 'ports'").fetchone()
             first, last = parse_ports(row[0] if row else "1028-65535")
         found = queries.stats(conn, now, last - first + 1)
-    rows = [{"nat": ipv4_str(s.nat), "entries": s.entries, "capacity": s.capacity,
-             "fill": f"{s.entries}/{s.capacity}",
-             "oldest_last_use": ts_or(s.oldest_last_use, None),
-             "first_hello": ts_or(s.first_hello, None), "last_hello": ts_or(s.last_hello, None),
-             "created_hour": s.created_hour, "deleted_hour": s.deleted_hour,
-             "created_day": s.created_day, "deleted_day": s.deleted_day,
-             "hour": f"+{s.created_hour} -{s.deleted_hour}",
-             "day": f"+{s.created_day} -{s.deleted_day}"} for s in found]
+    rows = [
+        {
+            "nat": ipv4_str(s.nat),
+            "entries": s.entries,
+            "capacity": s.capacity,
+            "fill": f"{s.entries}/{s.capacity}",
+            "oldest_last_use": ts_or(s.oldest_last_use, None),
+            "first_hello": ts_or(s.first_hello, None),
+            "last_hello": ts_or(s.last_hello, None),
+            "created_hour": s.created_hour,
+            "deleted_hour": s.deleted_hour,
+            "created_day": s.created_day,
+            "deleted_day": s.deleted_day,
+            "hour": f"+{s.created_hour} -{s.deleted_hour}",
+            "day": f"+{s.created_day} -{s.deleted_day}",
+        }
+        for s in found
+    ]
     if fmt == "table":
         if not rows:
             typer.echo("No NAT64 has said HELLO to this database yet.")
             return
-        cols = [("nat", "NAT64", 15), ("fill", "ENTRIES", 13), ("oldest_last_use", "OLDEST LAST USE", TS_W),
-                ("first_hello", "FIRST HELLO", TS_W), ("last_hello", "LAST HELLO", TS_W),
-                ("hour", "HOUR +/-", 15), ("day", "DAY +/-", 0)]
+        cols = [
+            ("nat", "NAT64", 15),
+            ("fill", "ENTRIES", 13),
+            ("oldest_last_use", "OLDEST LAST USE", TS_W),
+            ("first_hello", "FIRST HELLO", TS_W),
+            ("last_hello", "LAST HELLO", TS_W),
+            ("hour", "HOUR +/-", 15),
+            ("day", "DAY +/-", 0),
+        ]
     else:
-        cols = [(k, "", 0) for k in ("nat", "entries", "capacity", "oldest_last_use", "first_hello",
-                                      "last_hello", "created_hour", "deleted_hour", "created_day",
-                                      "deleted_day")]
+        cols = [
+            (k, "", 0)
+            for k in (
+                "nat",
+                "entries",
+                "capacity",
+                "oldest_last_use",
+                "first_hello",
+                "last_hello",
+                "created_hour",
+                "deleted_hour",
+                "created_day",
+                "deleted_day",
+            )
+        ]
     emit(rows, fmt, cols)
-
-

@@ -103,13 +103,23 @@ def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str,
         w = csv.writer(out, lineterminator="\n")
         w.writerow(keys)
         for row in rows:
-            w.writerow(["" if row[k] is None else str(row[k]).lower() if isinstance(row[k], bool)
-                        else row[k] for k in keys])
+            w.writerow(
+                [
+                    ""
+                    if row[k] is None
+                    else str(row[k]).lower()
+                    if isinstance(row[k], bool)
+                    else row[k]
+                    for k in keys
+                ]
+            )
     else:
         # One format string for the whole row: a table of 64508 entries is
         # printed per row, so per-cell work shows (2.9 s -> 1.1 s for query).
-        template = "  ".join([f"{{{i}!s:<{w}}}" for i, (_, _, w) in enumerate(columns[:-1])]
-                             + [f"{{{len(columns) - 1}}}"])
+        template = "  ".join(
+            [f"{{{i}!s:<{w}}}" for i, (_, _, w) in enumerate(columns[:-1])]
+            + [f"{{{len(columns) - 1}}}"]
+        )
         out.write(template.format(*[h for _, h, _ in columns]).rstrip() + "\n")
         buf = []
         for row in rows:

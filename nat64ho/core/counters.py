@@ -72,9 +72,11 @@ class Count(enum.StrEnum):
 
 
 #: The share counter of each reason a NAT64's datagram is refused over its share.
-LIMITED = {Drop.REQUEST_RATE: Count.LIMITED_REQUEST_RATE,
-           Drop.NAT_READS: Count.LIMITED_NAT_READS,
-           Drop.NAT_WAITING: Count.LIMITED_NAT_WAITING}
+LIMITED = {
+    Drop.REQUEST_RATE: Count.LIMITED_REQUEST_RATE,
+    Drop.NAT_READS: Count.LIMITED_NAT_READS,
+    Drop.NAT_WAITING: Count.LIMITED_NAT_WAITING,
+}
 
 
 class Metric(NamedTuple):
@@ -92,8 +94,9 @@ _CACHE = "Datagrams decided from memory (hit) or after reading the database (mis
 METRICS: dict[Count, Metric] = {
     Count.DATAGRAMS_IN: Metric("datagrams_received", "UDP datagrams received."),
     Count.DATAGRAMS_OUT: Metric("datagrams_sent", "UDP datagrams sent."),
-    Count.ICMP_ERRORS: Metric("icmp_errors", "ICMP errors the kernel reported for datagrams "
-                              "sent (a NAT64 went away)."),
+    Count.ICMP_ERRORS: Metric(
+        "icmp_errors", "ICMP errors the kernel reported for datagrams sent (a NAT64 went away)."
+    ),
     Count.HELLOS: Metric("messages", _MESSAGES, ("type", "hello")),
     Count.MAP: Metric("messages", _MESSAGES, ("type", "map")),
     Count.LOOKUP: Metric("messages", _MESSAGES, ("type", "lookup")),
@@ -107,8 +110,10 @@ METRICS: dict[Count, Metric] = {
     Count.LIMITED_NAT_READS: Metric("rate_limited", _LIMITED, ("limit", "reads")),
     Count.LIMITED_NAT_WAITING: Metric("rate_limited", _LIMITED, ("limit", "waiting")),
     Count.LIMITED_BACKLOG: Metric("rate_limited", _LIMITED, ("limit", "backlog")),
-    Count.DEFERRED: Metric("entries_deferred", "MAPs for new entries left unanswered while "
-                           "storage cannot keep up (the NAT64 retries)."),
+    Count.DEFERRED: Metric(
+        "entries_deferred",
+        "MAPs for new entries left unanswered while storage cannot keep up (the NAT64 retries).",
+    ),
     Count.TABLE_FULL: Metric("table_full", "MAPs refused because no entry was idle long enough."),
     Count.CACHE_HIT: Metric("cache_datagrams", _CACHE, ("result", "hit")),
     Count.CACHE_MISS: Metric("cache_datagrams", _CACHE, ("result", "miss")),

@@ -147,10 +147,18 @@ class Sessions:
     that opens every other datagram.
     """
 
-    def __init__(self, secret: bytes, *, first_port: int, last_port: int,
-                 allow: Iterable[ipaddress.IPv4Network] = (), hello_rate: float = 5.0,
-                 max_nats: int = 4096, cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME,
-                 known: Mapping[int, bytes] | None = None):
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        first_port: int,
+        last_port: int,
+        allow: Iterable[ipaddress.IPv4Network] = (),
+        hello_rate: float = 5.0,
+        max_nats: int = 4096,
+        cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME,
+        known: Mapping[int, bytes] | None = None,
+    ):
         if cookie_lifetime < 1:
             raise ValueError("cookie lifetime must be at least 1 s")
         self.secret = secret
@@ -173,7 +181,9 @@ class Sessions:
         return wall // self.lifetime_us
 
     # ------------------------------------------------------------ HELLO
-    def hello(self, nat: int, hello: wire.Hello, size: int, now: int, wall: int) -> Welcomed | Refused:
+    def hello(
+        self, nat: int, hello: wire.Hello, size: int, now: int, wall: int
+    ) -> Welcomed | Refused:
         """Answer a datagram holding exactly one HELLO, ``size`` octets long."""
         if not self.allowed(nat):
             return self._refuse("not_allowed", wire.ErrorCode.NOT_ALLOWED, size)
@@ -193,8 +203,9 @@ class Sessions:
             value = self._current(nat, epoch)[1]
         else:
             value = self._claim(nat, hello.boot_id, epoch)
-        return Welcomed(wire.encode(wire.Welcome(self.first_port, self.last_port, value,
-                                                 hello.boot_id)))
+        return Welcomed(
+            wire.encode(wire.Welcome(self.first_port, self.last_port, value, hello.boot_id))
+        )
 
     def allowed(self, nat: int) -> bool:
         if not self.allow:
@@ -282,8 +293,9 @@ class Sessions:
 
     # ------------------------------------------------------------ answers
     @staticmethod
-    def _refuse(reason: str, code: wire.ErrorCode, size: int,
-                offending: int = wire.Kind.HELLO) -> Refused:
+    def _refuse(
+        reason: str, code: wire.ErrorCode, size: int, offending: int = wire.Kind.HELLO
+    ) -> Refused:
         answer = bytes((wire.Kind.ERROR, 1, code, offending)) if size >= _ERROR_SIZE else None
         return Refused(reason, answer)
 

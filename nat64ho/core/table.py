@@ -49,8 +49,9 @@ class Entry:
 
     __slots__ = ("port", "addr", "aport", "created", "last_use", "seq", "dirty")
 
-    def __init__(self, port: int, addr: bytes, aport: int, created: int, last_use: int,
-                 seq: int = 0):
+    def __init__(
+        self, port: int, addr: bytes, aport: int, created: int, last_use: int, seq: int = 0
+    ):
         self.port = port
         self.addr = addr
         self.aport = aport
@@ -89,8 +90,15 @@ _RATE_LIMITED_MAP = wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kin
 class NatTable:
     """The table of one NAT64 address: ports ``first..last``."""
 
-    def __init__(self, nat: int, first: int, last: int, *, min_idle: int = 0,
-                 rng: random.Random | None = None):
+    def __init__(
+        self,
+        nat: int,
+        first: int,
+        last: int,
+        *,
+        min_idle: int = 0,
+        rng: random.Random | None = None,
+    ):
         self.nat = nat
         self.first = first
         self.last = last
@@ -135,9 +143,11 @@ class NatTable:
         return self.total - len(self.by_port)
 
     # ------------------------------------------------------------ step 1
-    def needs(self, messages: list[Any],
-              absent: set[tuple[bytes, int]] | frozenset[tuple[bytes, int]] = frozenset()
-              ) -> Needs | None:
+    def needs(
+        self,
+        messages: list[Any],
+        absent: set[tuple[bytes, int]] | frozenset[tuple[bytes, int]] = frozenset(),
+    ) -> Needs | None:
         """What to read before :meth:`apply`; None when memory suffices.
         ``absent``: endpoints the database was already found not to hold."""
         endpoints: list[tuple[bytes, int]] = []
@@ -193,9 +203,16 @@ class NatTable:
         del self.by_endpoint[(e.addr, e.aport)]
 
     # ------------------------------------------------------------ step 2
-    def apply(self, messages: list[Any], now: int, stamp: Callable[[], int], seq: int,
-              create: Bucket | None = None, create_ok: bool = True,
-              share_ok: bool = True) -> Outcome:
+    def apply(
+        self,
+        messages: list[Any],
+        now: int,
+        stamp: Callable[[], int],
+        seq: int,
+        create: Bucket | None = None,
+        create_ok: bool = True,
+        share_ok: bool = True,
+    ) -> Outcome:
         """Decide ``messages`` (the datagram after its COOKIE).
 
         ``now`` is the monotonic table clock in µs, and ``stamp()`` gives each
@@ -270,8 +287,17 @@ class NatTable:
         if e is not None and e.last_use <= last_use:
             e.dirty = False
 
-    def _create(self, m: wire.Map, now: int, stamp: Callable[[], int], seq: int, bucket: Bucket | None,
-                events: list[Event], created: list[Entry], counts: dict[str, int]) -> list[bytes]:
+    def _create(
+        self,
+        m: wire.Map,
+        now: int,
+        stamp: Callable[[], int],
+        seq: int,
+        bucket: Bucket | None,
+        events: list[Event],
+        created: list[Entry],
+        counts: dict[str, int],
+    ) -> list[bytes]:
         if bucket is not None and not bucket.take(now):
             counts["rate_limited"] = counts.get("rate_limited", 0) + 1
             return [_RATE_LIMITED_MAP]
@@ -284,7 +310,9 @@ class NatTable:
                 counts["table_full"] = counts.get("table_full", 0) + 1
                 return [wire.encode(wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP))]
             port = victim.port
-            events.append(Event(stamp(), EventKind.DELETED, self.nat, port, victim.addr, victim.aport))
+            events.append(
+                Event(stamp(), EventKind.DELETED, self.nat, port, victim.addr, victim.aport)
+            )
             unit.append(wire.deleted(port, victim.addr, victim.aport))
             counts["deleted"] = counts.get("deleted", 0) + 1
         e = Entry(port, m.addr, m.port, now, now, seq)

@@ -95,9 +95,17 @@ class Reading:
 class Tables:
     """The confirmed NAT64s and what they hold in memory."""
 
-    def __init__(self, first_port: int, last_port: int, *, min_idle_us: int = 0,
-                 create_rate: float, request_rate: float, cache_size: int,
-                 rng: random.Random):
+    def __init__(
+        self,
+        first_port: int,
+        last_port: int,
+        *,
+        min_idle_us: int = 0,
+        create_rate: float,
+        request_rate: float,
+        cache_size: int,
+        rng: random.Random,
+    ):
         self.first_port = first_port
         self.last_port = last_port
         self.min_idle_us = min_idle_us
@@ -117,10 +125,16 @@ class Tables:
         """The state of a confirmed NAT64, made when first heard from."""
         state = self.nats.get(nat)
         if state is None:
-            table = NatTable(nat, self.first_port, self.last_port, min_idle=self.min_idle_us,
-                             rng=random.Random(self.rng.getrandbits(128)))
-            state = NatState(nat, table, Bucket(self.create_rate, now),
-                             Share(self.request_rate, now))
+            table = NatTable(
+                nat,
+                self.first_port,
+                self.last_port,
+                min_idle=self.min_idle_us,
+                rng=random.Random(self.rng.getrandbits(128)),
+            )
+            state = NatState(
+                nat, table, Bucket(self.create_rate, now), Share(self.request_rate, now)
+            )
             self.nats[nat] = state
         return state
 
@@ -160,14 +174,24 @@ class Tables:
         return Reading(state.table, body)
 
     # ------------------------------------------------------------ decisions
-    def decide(self, state: NatState, body: list[wire.Message], now: int, stamp: Callable[[], int], seq: int,
-               create_ok: bool, share_ok: bool) -> Outcome:
-        out = state.table.apply(body, now, stamp, seq, state.create, create_ok=create_ok,
-                                share_ok=share_ok)
+    def decide(
+        self,
+        state: NatState,
+        body: list[wire.Message],
+        now: int,
+        stamp: Callable[[], int],
+        seq: int,
+        create_ok: bool,
+        share_ok: bool,
+    ) -> Outcome:
+        out = state.table.apply(
+            body, now, stamp, seq, state.create, create_ok=create_ok, share_ok=share_ok
+        )
         if out.created:
             # Storage gets values, never the live entries.
-            out = out._replace(created=[Row(e.port, e.addr, e.aport, e.created, e.last_use)
-                                        for e in out.created])
+            out = out._replace(
+                created=[Row(e.port, e.addr, e.aport, e.created, e.last_use) for e in out.created]
+            )
         return out
 
     # ------------------------------------------------------------ commits

@@ -118,8 +118,18 @@ class Packet(NamedTuple):
 
 
 Message = (
-    Cookie | Hello | Welcome | Map | Mapping | Lookup | Unmapped | Touch | Deleted | Error
-    | Unassigned | Packet
+    Cookie
+    | Hello
+    | Welcome
+    | Map
+    | Mapping
+    | Lookup
+    | Unmapped
+    | Touch
+    | Deleted
+    | Error
+    | Unassigned
+    | Packet
 )
 
 
@@ -154,7 +164,7 @@ _WELCOME = struct.Struct("!BBHH8s8s2x")
 # the catalogue below. A chain of ``kind == Kind.X`` tests cost two enum
 # attribute reads (0.4 us each) per LOOKUP before any decoding.
 def _cookie(data: bytes, at: int, n: int) -> Cookie:
-    return Cookie(data[at:at + 8])
+    return Cookie(data[at : at + 8])
 
 
 def _hello(data: bytes, at: int, n: int) -> Hello:
@@ -236,7 +246,7 @@ def parse(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> list[M
                 raise Malformed(TRUNCATED, pos)
             spec = _CATALOGUE.get(first)
             if spec is None:
-                messages.append(Unassigned(first, data[pos + 2:stop]))
+                messages.append(Unassigned(first, data[pos + 2 : stop]))
             else:
                 way, lengths, decode = spec
                 if length not in lengths:
@@ -307,8 +317,10 @@ def _encode(m: Message) -> bytes:
     if cls is Welcome:
         _check_len(m.cookie, 8, "cookie")
         _check_len(m.boot_id, 8, "boot id")
-        return _control(Kind.WELCOME, _WELCOME.pack(
-            m.version, m.flags, m.first_port, m.last_port, m.cookie, m.boot_id))
+        return _control(
+            Kind.WELCOME,
+            _WELCOME.pack(m.version, m.flags, m.first_port, m.last_port, m.cookie, m.boot_id),
+        )
     if cls is Unassigned:
         if not 0x3A <= m.kind <= 0x3F or len(m.payload) % 2 or len(m.payload) > 510:
             raise ValueError("unassigned subtype 0x3A-0x3F with an even payload up to 510")

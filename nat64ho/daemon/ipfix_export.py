@@ -50,8 +50,9 @@ class Collector:
         self._failing = False
 
     def open(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
-                             socket.SOCK_DGRAM)
+        sock = socket.socket(
+            socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM
+        )
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
@@ -85,9 +86,12 @@ class Collector:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         if not self._failing:
             self._failing = True
-            log.warning("IPFIX collector %s: send failed: %s (counted until sends succeed "
-                        "again; the history keeps every event)", self.name,
-                        exc.strerror or exc)
+            log.warning(
+                "IPFIX collector %s: send failed: %s (counted until sends succeed "
+                "again; the history keeps every event)",
+                self.name,
+                exc.strerror or exc,
+            )
 
     def close(self) -> None:
         if self._sock is not None:
@@ -98,8 +102,12 @@ class Collector:
 class Exporter:
     """Every collector, the one encoder they share, and the clock."""
 
-    def __init__(self, collectors: list[tuple[str, int]], domain: int = 0,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        collectors: list[tuple[str, int]],
+        domain: int = 0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.encoder = ipfix.Encoder(domain)
         self.collectors = [Collector(host, port) for host, port in collectors]
         self.clock = clock
@@ -125,8 +133,9 @@ class Exporter:
         except Exception:
             self.errors += 1
             if self.errors == 1:
-                log.exception("bug: IPFIX export failed (counted as "
-                              "nat64ho_ipfix_errors_total from now on)")
+                log.exception(
+                    "bug: IPFIX export failed (counted as nat64ho_ipfix_errors_total from now on)"
+                )
 
     def _send(self, messages: list[ipfix.Message]) -> None:
         for c in self.collectors:

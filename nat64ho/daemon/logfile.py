@@ -69,7 +69,7 @@ class LogFile:
         view = memoryview(raw)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError:
             # A part of a line must not stay: the catch-up rewrites it whole.
             try:
@@ -93,8 +93,12 @@ class LogFile:
             self._behind = _event_key(events[0])
             self._after = -1
             self._last = _event_key(events[-1])
-            log.error("cannot write log file %s: %s; its lines wait in the database and are "
-                      "copied in order once it can be written", self.path, exc)
+            log.error(
+                "cannot write log file %s: %s; its lines wait in the database and are "
+                "copied in order once it can be written",
+                self.path,
+                exc,
+            )
             if self.store is not None and self._task is None:
                 self._task = asyncio.ensure_future(self._catch_up())
 
@@ -115,7 +119,9 @@ class LogFile:
                     lines = []
                     done = False
                     for row in rows:
-                        lines.append(format_event(Event(row[1], EventKind(row[2]), *row[3:])) + "\n")
+                        lines.append(
+                            format_event(Event(row[1], EventKind(row[2]), *row[3:])) + "\n"
+                        )
                         if _event_key(row[1:]) == self._last:
                             done = True  # later rows come with their own commit
                             break
@@ -137,15 +143,20 @@ class LogFile:
             self._behind = self._last = None
             self.waiting = 0
             self._task = None
-            log.warning("log file %s written again: %d lines caught up from the database",
-                        self.path, copied)
+            log.warning(
+                "log file %s written again: %d lines caught up from the database", self.path, copied
+            )
             return
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            log.error("log file %s stops %d lines short (they are in the database: "
-                      "'nat64ho export' has them)", self.path, self.waiting)
+            log.error(
+                "log file %s stops %d lines short (they are in the database: "
+                "'nat64ho export' has them)",
+                self.path,
+                self.waiting,
+            )
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

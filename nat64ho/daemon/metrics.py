@@ -23,6 +23,7 @@ log = logging.getLogger("nat64ho")
 #: A scrape request larger than this is not a scrape.
 MAX_REQUEST = 8192
 
+
 class ServerCollector(Collector):
     def __init__(self, server):
         self.server = server
@@ -31,34 +32,48 @@ class ServerCollector(Collector):
         s = self.server
         yield from counter_families(s.counts, s.drops)
         store = s.store.stats
-        yield CounterMetricFamily("nat64ho_commits", "Transactions committed (each one fsync "
-                                  "with --sync full).", value=store["commits"])
-        yield CounterMetricFamily("nat64ho_commit_failures", "Commits that failed and were "
-                                  "retried (disk full, locked database).",
-                                  value=store["commit_failures"])
-        occupancy = GaugeMetricFamily("nat64ho_table_entries", "Entries in a NAT64's table.",
-                                      labels=["nat64"])
-        capacity = GaugeMetricFamily("nat64ho_table_capacity", "Ports in a NAT64's table.",
-                                     labels=["nat64"])
+        yield CounterMetricFamily(
+            "nat64ho_commits",
+            "Transactions committed (each one fsync with --sync full).",
+            value=store["commits"],
+        )
+        yield CounterMetricFamily(
+            "nat64ho_commit_failures",
+            "Commits that failed and were retried (disk full, locked database).",
+            value=store["commit_failures"],
+        )
+        occupancy = GaugeMetricFamily(
+            "nat64ho_table_entries", "Entries in a NAT64's table.", labels=["nat64"]
+        )
+        capacity = GaugeMetricFamily(
+            "nat64ho_table_capacity", "Ports in a NAT64's table.", labels=["nat64"]
+        )
         for nat, state in sorted(s.tables.nats.items()):
             if state.table.loaded:
                 occupancy.add_metric([ipv4_str(nat)], state.table.total)
                 capacity.add_metric([ipv4_str(nat)], state.table.capacity)
         yield occupancy
         yield capacity
-        yield GaugeMetricFamily("nat64ho_nat64s", "NAT64s known (confirmed at some time).",
-                                value=len(s.sessions.boots))
-        yield GaugeMetricFamily("nat64ho_cache_entries", "Table entries held in memory.",
-                                value=s.tables.cached)
-        yield GaugeMetricFamily("nat64ho_commit_backlog", "Rows waiting to be committed.",
-                                value=s.store.backlog)
-        yield GaugeMetricFamily("nat64ho_log_lines_waiting",
-                                "Event lines committed but not yet in the log file (it could "
-                                "not be written); copied from the history when it can.",
-                                value=s.logfile.waiting)
-        yield GaugeMetricFamily("nat64ho_store_failing",
-                                "1 while commits to the database fail (disk full, locked).",
-                                value=1 if s.store.failing else 0)
+        yield GaugeMetricFamily(
+            "nat64ho_nat64s", "NAT64s known (confirmed at some time).", value=len(s.sessions.boots)
+        )
+        yield GaugeMetricFamily(
+            "nat64ho_cache_entries", "Table entries held in memory.", value=s.tables.cached
+        )
+        yield GaugeMetricFamily(
+            "nat64ho_commit_backlog", "Rows waiting to be committed.", value=s.store.backlog
+        )
+        yield GaugeMetricFamily(
+            "nat64ho_log_lines_waiting",
+            "Event lines committed but not yet in the log file (it could "
+            "not be written); copied from the history when it can.",
+            value=s.logfile.waiting,
+        )
+        yield GaugeMetricFamily(
+            "nat64ho_store_failing",
+            "1 while commits to the database fail (disk full, locked).",
+            value=1 if s.store.failing else 0,
+        )
         if s.ipfix is not None:
             yield from _ipfix_families(s.ipfix)
 
@@ -72,8 +87,10 @@ def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> lis
         family = families.get(metric.name)
         if family is None:
             family = families[metric.name] = CounterMetricFamily(
-                f"nat64ho_{metric.name}", metric.help,
-                labels=[metric.label[0]] if metric.label else [])
+                f"nat64ho_{metric.name}",
+                metric.help,
+                labels=[metric.label[0]] if metric.label else [],
+            )
         family.add_metric([metric.label[1]] if metric.label else [], value)
 
     for count in Count:
@@ -88,15 +105,20 @@ def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> lis
 
 def _ipfix_families(exporter):
     """What ``--ipfix`` sent, per collector (best effort: UDP)."""
-    records = CounterMetricFamily("nat64ho_ipfix_records_sent",
-                                  "IPFIX data records sent, by collector.", labels=["collector"])
-    messages = CounterMetricFamily("nat64ho_ipfix_messages_sent",
-                                   "IPFIX messages (UDP datagrams) sent, by collector.",
-                                   labels=["collector"])
-    failures = CounterMetricFamily("nat64ho_ipfix_send_failures",
-                                   "IPFIX messages not sent: buffer_full, refused (ICMP: nobody "
-                                   "listening), unreachable, other.",
-                                   labels=["collector", "reason"])
+    records = CounterMetricFamily(
+        "nat64ho_ipfix_records_sent", "IPFIX data records sent, by collector.", labels=["collector"]
+    )
+    messages = CounterMetricFamily(
+        "nat64ho_ipfix_messages_sent",
+        "IPFIX messages (UDP datagrams) sent, by collector.",
+        labels=["collector"],
+    )
+    failures = CounterMetricFamily(
+        "nat64ho_ipfix_send_failures",
+        "IPFIX messages not sent: buffer_full, refused (ICMP: nobody "
+        "listening), unreachable, other.",
+        labels=["collector", "reason"],
+    )
     for c in exporter.collectors:
         records.add_metric([c.name], c.records)
         messages.add_metric([c.name], c.messages)
@@ -105,8 +127,11 @@ def _ipfix_families(exporter):
     yield records
     yield messages
     yield failures
-    yield CounterMetricFamily("nat64ho_ipfix_errors", "Commits whose IPFIX export failed "
-                              "unexpectedly (a bug; logged once).", value=exporter.errors)
+    yield CounterMetricFamily(
+        "nat64ho_ipfix_errors",
+        "Commits whose IPFIX export failed unexpectedly (a bug; logged once).",
+        value=exporter.errors,
+    )
 
 
 class Metrics:
@@ -116,13 +141,17 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(server))
         self.batch_rows = Histogram(
-            "nat64ho_commit_batch_rows", "Rows written per commit (group commit size).",
+            "nat64ho_commit_batch_rows",
+            "Rows written per commit (group commit size).",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000),
-            registry=self.registry)
+            registry=self.registry,
+        )
         self.commit_seconds = Histogram(
-            "nat64ho_commit_seconds", "Time from BEGIN to COMMIT of one batch, fsync included.",
+            "nat64ho_commit_seconds",
+            "Time from BEGIN to COMMIT of one batch, fsync included.",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=self.registry)
+            registry=self.registry,
+        )
         self._server: asyncio.AbstractServer | None = None
 
     def observe_commit(self, rows: int, seconds: float) -> None:
@@ -154,11 +183,24 @@ class Metrics:
             else:
                 status, body = b"200 OK", self.render()
                 ctype = b"text/plain; version=0.0.4; charset=utf-8"
-            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype
-                         + b"\r\nContent-Length: " + str(len(body)).encode()
-                         + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.0 "
+                + status
+                + b"\r\nContent-Type: "
+                + ctype
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
             pass
         finally:
             writer.close()

@@ -72,8 +72,9 @@ _CACHE_MISS = Count.CACHE_MISS.value
 
 
 class Server(asyncio.DatagramProtocol):
-    def __init__(self, config: Config, store: Storage, logfile: LogFile,
-                 clock: Clock | None = None):
+    def __init__(
+        self, config: Config, store: Storage, logfile: LogFile, clock: Clock | None = None
+    ):
         self.config = config
         self.store = store
         self.logfile = logfile
@@ -82,19 +83,29 @@ class Server(asyncio.DatagramProtocol):
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
         self.events = EventClock(store.last_event_ts)
         self.sessions = Sessions(
-            store.secret, first_port=config.first_port, last_port=config.last_port,
-            allow=config.allow, hello_rate=config.hello_rate, max_nats=config.max_nats,
+            store.secret,
+            first_port=config.first_port,
+            last_port=config.last_port,
+            allow=config.allow,
+            hello_rate=config.hello_rate,
+            max_nats=config.max_nats,
             cookie_lifetime=config.cookie_lifetime,
-            known={nat: r.boot_id for nat, r in store.nats.items()})
+            known={nat: r.boot_id for nat, r in store.nats.items()},
+        )
         self.transport: asyncio.DatagramTransport | None = None
         #: By the names of nat64ho.core.counters (metrics export each one).
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self.tables = Tables(
-            config.first_port, config.last_port, min_idle_us=int(config.min_idle * 1_000_000),
-            create_rate=config.create_rate, request_rate=config.request_rate,
-            cache_size=config.cache_size, rng=random.Random(os.urandom(32)))
+            config.first_port,
+            config.last_port,
+            min_idle_us=int(config.min_idle * 1_000_000),
+            create_rate=config.create_rate,
+            request_rate=config.request_rate,
+            cache_size=config.cache_size,
+            rng=random.Random(os.urandom(32)),
+        )
         #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
         self._loading: dict[int, asyncio.Task] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
@@ -128,7 +139,11 @@ class Server(asyncio.DatagramProtocol):
         if now < self._bug_quiet_until:
             self._bugs_suppressed += 1
             return
-        more = f" ({self._bugs_suppressed} more since the last report)" if self._bugs_suppressed else ""
+        more = (
+            f" ({self._bugs_suppressed} more since the last report)"
+            if self._bugs_suppressed
+            else ""
+        )
         log.error("bug: %s%s", what, more, exc_info=exc)
         self._bugs_suppressed = 0
         self._bug_quiet_until = now + BUG_LOG_INTERVAL
@@ -215,8 +230,9 @@ class Server(asyncio.DatagramProtocol):
             tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
 
-    def _limited(self, state: NatState, body: list, reason: str, addr,
-                 confirmation: Confirmation | None) -> None:
+    def _limited(
+        self, state: NatState, body: list, reason: str, addr, confirmation: Confirmation | None
+    ) -> None:
         """Refuse a datagram over its NAT64's share whole (§7): ERROR
         RATE_LIMITED for each request while the NAT64's error budget lasts."""
         if confirmation is not None:
@@ -237,16 +253,22 @@ class Server(asyncio.DatagramProtocol):
             event = Event(self.events.stamp(wall), EventKind.INITIALIZED, c.nat)
         self.store.add_boot(c.nat, c.boot_id, wall, event)
 
-    def _decide(self, state: NatState, body: list, addr,
-                confirmation: Confirmation | None = None) -> None:
+    def _decide(
+        self, state: NatState, body: list, addr, confirmation: Confirmation | None = None
+    ) -> None:
         store = self.store
         share = state.share
         if confirmation is not None:
             self._record_boot(confirmation)
-        out = self.tables.decide(state, body, self.clock.now(),
-                                 partial(self.events.stamp, self.clock.wall()), store.pending_seq,
-                                 create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
-                                 share_ok=share.backlog < MAX_NAT_BACKLOG)
+        out = self.tables.decide(
+            state,
+            body,
+            self.clock.now(),
+            partial(self.events.stamp, self.clock.wall()),
+            store.pending_seq,
+            create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
+            share_ok=share.backlog < MAX_NAT_BACKLOG,
+        )
         if out.created or out.touched or out.events:
             share.backlog += store.add(state.nat, out.created, out.touched, out.events)
         counts = self.counts
@@ -401,14 +423,21 @@ class Server(asyncio.DatagramProtocol):
     # ------------------------------------------------------------ reports
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
-        return (f"{self.counts['datagrams_in']} datagrams in, {self.counts['datagrams_out']} out, "
-                f"{self.counts['created']} created, {self.counts['deleted']} deleted; drops: {drops}")
+        return (
+            f"{self.counts['datagrams_in']} datagrams in, {self.counts['datagrams_out']} out, "
+            f"{self.counts['created']} created, {self.counts['deleted']} deleted; drops: {drops}"
+        )
 
 
 #: The answer to a request refused over its NAT64's share, by message type.
-_RATE_LIMITED = {cls: wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, kind))
-                 for cls, kind in ((wire.Map, wire.Kind.MAP), (wire.Lookup, wire.Kind.LOOKUP),
-                                   (wire.Touch, wire.Kind.TOUCH))}
+_RATE_LIMITED = {
+    cls: wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, kind))
+    for cls, kind in (
+        (wire.Map, wire.Kind.MAP),
+        (wire.Lookup, wire.Kind.LOOKUP),
+        (wire.Touch, wire.Kind.TOUCH),
+    )
+}
 
 
 def _source_ipv4(host: str) -> int | None:

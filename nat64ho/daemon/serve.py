@@ -133,8 +133,7 @@ async def _take_table(config: Config, stop: asyncio.Event):
             if not config.standby or getattr(exc, "holder", None) is None:
                 raise
             if not told:
-                log.info("standby: %s is owned by %s; waiting to take over", config.db,
-                         exc.holder)
+                log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
                 _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
                 told = True
         try:
@@ -207,7 +206,8 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     damage.add_done_callback(lambda _: stop.set())
     try:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: server, sock=_bind(config.host, config.port))
+            lambda: server, sock=_bind(config.host, config.port)
+        )
     except BaseException:
         await store.close()
         logfile.close()
@@ -215,9 +215,15 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     helpers = []
     loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
     sockname = transport.get_extra_info("sockname")
-    log.info("listening on %s:%d, database %s, log %s, ports %d-%d",
-             sockname[0], sockname[1], config.db, config.log_file, config.first_port,
-             config.last_port)
+    log.info(
+        "listening on %s:%d, database %s, log %s, ports %d-%d",
+        sockname[0],
+        sockname[1],
+        config.db,
+        config.log_file,
+        config.first_port,
+        config.last_port,
+    )
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
@@ -226,6 +232,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     metrics = None
     if config.metrics is not None:
         from nat64ho.daemon.metrics import Metrics
+
         metrics = Metrics(server)
         server.metrics = metrics
         try:
@@ -248,8 +255,11 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             logfile.close()
             raise
         server.ipfix = exporter
-        log.info("IPFIX export to %s, observation domain %d",
-                 ", ".join(c.name for c in exporter.collectors), config.ipfix_domain)
+        log.info(
+            "IPFIX export to %s, observation domain %d",
+            ", ".join(c.name for c in exporter.collectors),
+            config.ipfix_domain,
+        )
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
@@ -275,15 +285,18 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
     if unsaved:
         why = store.failing or "a second signal came first"
-        raise NotCommitted(f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
-                           "none of them was acknowledged to a NAT64")
+        raise NotCommitted(
+            f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
+            "none of them was acknowledged to a NAT64"
+        )
     return server
 
 
 def run(config: Config) -> None:
     """Blocking entry point for ``nat64ho serve``."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="nat64ho: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="nat64ho: %(levelname)s: %(message)s"
+    )
     # Nothing serve creates is for other users, whatever umask it inherits.
     os.umask(0o027)
     try:

@@ -95,10 +95,18 @@ class Server:
 class Gateway:
     """A stateful NAT64 between ``prefix``::/96 and the ``pool`` address."""
 
-    def __init__(self, prefix: bytes, pool: bytes, servers: list[tuple[bytes, int]], *,
-                 handoff_port: int = HANDOFF_PORT, touch_interval: float = 5.0,
-                 boot_id: bytes | None = None, now: float = 0.0,
-                 log: Callable[[str], None] = lambda line: None):
+    def __init__(
+        self,
+        prefix: bytes,
+        pool: bytes,
+        servers: list[tuple[bytes, int]],
+        *,
+        handoff_port: int = HANDOFF_PORT,
+        touch_interval: float = 5.0,
+        boot_id: bytes | None = None,
+        now: float = 0.0,
+        log: Callable[[str], None] = lambda line: None,
+    ):
         if len(prefix) != 12 or len(pool) != 4:
             raise ValueError("prefix is 12 octets, pool 4")
         self.prefix = prefix
@@ -171,9 +179,13 @@ class Gateway:
         if srv is None:
             self.counts["drop_no_server"] += 1
             return
-        if (not p.error and p.nat_port == self.handoff_port and p.proto == t.UDP
-                and pkt[p.l4:p.l4 + 2] == srv.port.to_bytes(2, "big")):
-            self._handoff(srv, pkt[p.l4 + 8:pkt[2] << 8 | pkt[3]], now)
+        if (
+            not p.error
+            and p.nat_port == self.handoff_port
+            and p.proto == t.UDP
+            and pkt[p.l4 : p.l4 + 2] == srv.port.to_bytes(2, "big")
+        ):
+            self._handoff(srv, pkt[p.l4 + 8 : pkt[2] << 8 | pkt[3]], now)
             return
         endpoint = srv.peer.cache.get(p.nat_port)
         if endpoint is not None:
@@ -203,8 +215,9 @@ class Gateway:
             waiting.packets.append(item)
 
     def _unreachable(self, pkt: bytes, dst4: bytes, now: float) -> None:
-        self.icmp_tokens = min(ICMP_ERRORS_PER_S,
-                               self.icmp_tokens + (now - self.icmp_at) * ICMP_ERRORS_PER_S)
+        self.icmp_tokens = min(
+            ICMP_ERRORS_PER_S, self.icmp_tokens + (now - self.icmp_at) * ICMP_ERRORS_PER_S
+        )
         self.icmp_at = now
         if self.icmp_tokens < 1:
             return
@@ -247,7 +260,9 @@ class Gateway:
                     continue
                 self.log(f"session with {srv.name}: ports {m.first_port}-{m.last_port}")
                 if m.first_port <= self.handoff_port <= m.last_port:
-                    self.log(f"warning: {srv.name}'s range holds the handoff port {self.handoff_port}")
+                    self.log(
+                        f"warning: {srv.name}'s range holds the handoff port {self.handoff_port}"
+                    )
                 srv.confirm = True
                 srv.hello_rto = HELLO_RTO
                 for mapped in srv.maps.values():
@@ -287,7 +302,7 @@ class Gateway:
                 ports = sorted(srv.used)
                 srv.used.clear()
                 for i in range(0, len(ports), 255):
-                    srv.outbox.append(wire.Touch(tuple(ports[i:i + 255])))
+                    srv.outbox.append(wire.Touch(tuple(ports[i : i + 255])))
                 self.counts["touched"] += len(ports)
             tables: tuple[dict[Any, Pending[Any]], ...] = (srv.maps, srv.lookups)
             for table in tables:
@@ -299,7 +314,7 @@ class Gateway:
                         expired.append(key)
                         continue
                     srv.outbox.append(waiting.request)
-                    waiting.due = now + REQUEST_RTO * 2 ** waiting.tries
+                    waiting.due = now + REQUEST_RTO * 2**waiting.tries
                     if waiting.tries:
                         self.counts["retransmitted"] += 1
                     waiting.tries += 1

@@ -76,16 +76,27 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Proc:
     """A process started in a namespace, its output in a file."""
 
-    def __init__(self, ns: str, cmd: list[str], out: Path, ready: str | None,
-                 detach: bool = False, timeout: float = READY_S):
+    def __init__(
+        self,
+        ns: str,
+        cmd: list[str],
+        out: Path,
+        ready: str | None,
+        detach: bool = False,
+        timeout: float = READY_S,
+    ):
         self.out = out
         self.cmd = cmd
         self._file = open(out, "ab")
         self.start_at = out.stat().st_size
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *cmd], stdin=subprocess.DEVNULL, stdout=self._file,
-            stderr=subprocess.STDOUT, start_new_session=detach,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            ["ip", "netns", "exec", ns, *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self._file.close()
         if ready is not None:
             self.wait_for(ready, timeout)
@@ -95,7 +106,7 @@ class Proc:
         return self.proc.pid
 
     def text(self) -> str:
-        return self.out.read_bytes()[self.start_at:].decode(errors="replace")
+        return self.out.read_bytes()[self.start_at :].decode(errors="replace")
 
     def wait_for(self, pattern: str, timeout: float = READY_S) -> re.Match[str]:
         deadline = time.monotonic() + timeout
@@ -107,8 +118,9 @@ class Proc:
             if self.proc.poll() is not None:
                 raise TestbedError(f"{self.cmd[:4]} exited {self.proc.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
-                raise TestbedError(f"{self.cmd[:4]} not ready ({pattern!r}) after "
-                                   f"{timeout:.0f} s:\n{self.text()}")
+                raise TestbedError(
+                    f"{self.cmd[:4]} not ready ({pattern!r}) after {timeout:.0f} s:\n{self.text()}"
+                )
             time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -150,8 +162,9 @@ class Testbed:
         """Namespaces, links, addresses, routes and the TUN device; undone
         by :meth:`destroy` even when this fails half-way."""
         if self.exists():
-            raise TestbedError(f"test bed {self.name!r} exists: 'nat64ho testbed down "
-                               f"--name {self.name}' first")
+            raise TestbedError(
+                f"test bed {self.name!r} exists: 'nat64ho testbed down --name {self.name}' first"
+            )
         self.state.mkdir(parents=True, exist_ok=True)
         try:
             self._build()
@@ -169,8 +182,13 @@ class Testbed:
         _ip("link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "v6", "netns", n)
         _ip("link", "add", "v4", "netns", n, "type", "veth", "peer", "name", "eth0", "netns", h)
         self.sysctl(c, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-        self.sysctl(n, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-                    "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        self.sysctl(
+            n,
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        )
         _ip("-n", c, "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
         _ip("-n", c, "link", "set", "eth0", "up")
         _ip("-n", c, "-6", "route", "add", "default", "via", ROUTER6)
@@ -189,8 +207,11 @@ class Testbed:
         _ip("-n", h, "route", "add", f"{POOL}/32", "via", NAT4)
 
     def sysctl(self, ns: str, *settings: str) -> None:
-        p = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode != 0:
             raise TestbedError(f"sysctl in {ns}: {p.stderr.strip()}")
 
@@ -198,8 +219,9 @@ class Testbed:
         """``count`` more client addresses (2001:db8:1::1:0 onwards)."""
         addrs = [f"{CLIENTS_NET}1:{i:x}" for i in range(count)]
         batch = "".join(f"addr add {a}/64 dev eth0 nodad\n" for a in addrs)
-        p = subprocess.run(["ip", "-n", self.client, "-batch", "-"], input=batch,
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            ["ip", "-n", self.client, "-batch", "-"], input=batch, capture_output=True, text=True
+        )
         if p.returncode != 0:
             raise TestbedError(f"adding client addresses: {p.stderr.strip()}")
         return addrs
@@ -224,29 +246,78 @@ class Testbed:
 
     # ------------------------------------------------------------ processes
     def serve(self, *args: str, detach: bool = False) -> Proc:
-        self.serve_proc = Proc(self.host, [sys.executable, "-m", "nat64ho", "serve", "--db", str(self.db),
-                                "--listen", f"{HOST4}:{HANDOFF_PORT}",
-                                "--log-file", str(self.events), *args],
-                    self.state / "serve.out", r"listening on", detach)
+        self.serve_proc = Proc(
+            self.host,
+            [
+                sys.executable,
+                "-m",
+                "nat64ho",
+                "serve",
+                "--db",
+                str(self.db),
+                "--listen",
+                f"{HOST4}:{HANDOFF_PORT}",
+                "--log-file",
+                str(self.events),
+                *args,
+            ],
+            self.state / "serve.out",
+            r"listening on",
+            detach,
+        )
         return self.serve_proc
 
-    def gateway(self, *args: str, detach: bool = False, ready: str | None = r"session with") -> Proc:
-        return Proc(self.nat64, [sys.executable, "-m", "nat64ho", "gateway", "--tun", TUN,
-                                 "--prefix", PREFIX, "--pool", POOL,
-                                 "--server", f"{HOST4}:{HANDOFF_PORT}", *args],
-                    self.state / "gateway.out", ready, detach)
+    def gateway(
+        self, *args: str, detach: bool = False, ready: str | None = r"session with"
+    ) -> Proc:
+        return Proc(
+            self.nat64,
+            [
+                sys.executable,
+                "-m",
+                "nat64ho",
+                "gateway",
+                "--tun",
+                TUN,
+                "--prefix",
+                PREFIX,
+                "--pool",
+                POOL,
+                "--server",
+                f"{HOST4}:{HANDOFF_PORT}",
+                *args,
+            ],
+            self.state / "gateway.out",
+            ready,
+            detach,
+        )
 
     def services(self, detach: bool = False) -> Proc:
-        return Proc(self.host, [sys.executable, "-m", "nat64ho.gateway.services", "--bind", HOST4,
-                                "--http", str(HTTP_PORT), "--echo", str(ECHO_PORT)],
-                    self.state / "services.out", r"echo on", detach)
+        return Proc(
+            self.host,
+            [
+                sys.executable,
+                "-m",
+                "nat64ho.gateway.services",
+                "--bind",
+                HOST4,
+                "--http",
+                str(HTTP_PORT),
+                "--echo",
+                str(ECHO_PORT),
+            ],
+            self.state / "services.out",
+            r"echo on",
+            detach,
+        )
 
     def services_out(self) -> str:
         return (self.state / "services.out").read_text()
 
     def run(self, ns: str, *cmd: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout
+        )
 
     @contextlib.contextmanager
     def inside(self, ns: str) -> Iterator[None]:

@@ -53,8 +53,21 @@ BAD_CHECKSUM = "bad_checksum"
 NESTED_ERROR = "nested_error"
 BAD_EMBEDDED = "bad_embedded"
 NEEDS_FRAGMENTING = "needs_fragmenting"
-REASONS = (NOT_IPV6, NOT_IPV4, TRUNCATED, NOT_PREFIX, NOT_POOL, FRAGMENT, ROUTING_HEADER,
-           PROTOCOL, ICMP_TYPE, BAD_CHECKSUM, NESTED_ERROR, BAD_EMBEDDED, NEEDS_FRAGMENTING)
+REASONS = (
+    NOT_IPV6,
+    NOT_IPV4,
+    TRUNCATED,
+    NOT_PREFIX,
+    NOT_POOL,
+    FRAGMENT,
+    ROUTING_HEADER,
+    PROTOCOL,
+    ICMP_TYPE,
+    BAD_CHECKSUM,
+    NESTED_ERROR,
+    BAD_EMBEDDED,
+    NEEDS_FRAGMENTING,
+)
 
 
 class Untranslatable(ValueError):
@@ -89,6 +102,7 @@ class Parsed4(NamedTuple):
 
 # ------------------------------------------------------------------ checksums
 
+
 def _residue(data: bytes) -> int:
     """Ones'-complement sum of ``data`` as 16-bit words, modulo 0xFFFF."""
     if len(data) & 1:
@@ -120,8 +134,9 @@ def _pseudo6(src: bytes, dst: bytes, nh: int, length: int) -> bytes:
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 
 
-def ipv4_header(tos: int, total: int, ident: int, frag: int, ttl: int, proto: int,
-                src: bytes, dst: bytes) -> bytes:
+def ipv4_header(
+    tos: int, total: int, ident: int, frag: int, ttl: int, proto: int, src: bytes, dst: bytes
+) -> bytes:
     head = _IP4.pack(0x45, tos, total, ident, frag, ttl, proto, 0, src, dst)
     return head[:10] + checksum(head).to_bytes(2, "big") + head[12:]
 
@@ -179,7 +194,7 @@ def parse6(pkt: bytes, prefix: bytes) -> Parsed6:
         raise Untranslatable(ICMP_TYPE)
     # An error about a packet we delivered to the client: inside, the client
     # is the destination.
-    inner = pkt[l4 + 8:end]
+    inner = pkt[l4 + 8 : end]
     if len(inner) < 40 or inner[0] >> 4 != 6:
         raise Untranslatable(BAD_EMBEDDED)
     if inner[8:20] != prefix:
@@ -198,7 +213,7 @@ def to_ipv4(pkt: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
     """The IPv4 packet for ``pkt``, from ``pool``:``nat_port``."""
     end = 40 + (pkt[4] << 8 | pkt[5])
     tos = (pkt[0] & 0x0F) << 4 | pkt[1] >> 4
-    body = pkt[p.l4:end]
+    body = pkt[p.l4 : end]
     if p.proto in _PORTED:
         at = _CSUM_AT[p.proto]
         old = body[at] << 8 | body[at + 1]
@@ -206,7 +221,7 @@ def to_ipv4(pkt: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
         csum = _update(old, pkt[8:40] + body[:2], pool + p.dst4 + new_port)
         if p.proto == UDP and csum == 0:
             csum = 0xFFFF
-        body = new_port + body[2:at] + csum.to_bytes(2, "big") + body[at + 2:]
+        body = new_port + body[2:at] + csum.to_bytes(2, "big") + body[at + 2 :]
         proto = p.proto
     else:
         if checksum(_pseudo6(pkt[8:24], pkt[24:40], ICMP6, len(body)) + body):
@@ -219,12 +234,27 @@ def to_ipv4(pkt: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
 # ICMPv6 (type, code) -> ICMPv4 (type, code), RFC 7915 §5.2; None: per pointer.
 _ICMP6_ERRORS = (1, 2, 3, 4)
 _ICMP6_TO_4 = {
-    (1, 0): (3, 1), (1, 1): (3, 10), (1, 2): (3, 1), (1, 3): (3, 1), (1, 4): (3, 3),
-    (3, 0): (11, 0), (3, 1): (11, 1), (4, 0): (12, 0), (4, 1): (3, 2),
+    (1, 0): (3, 1),
+    (1, 1): (3, 10),
+    (1, 2): (3, 1),
+    (1, 3): (3, 1),
+    (1, 4): (3, 3),
+    (3, 0): (11, 0),
+    (3, 1): (11, 1),
+    (4, 0): (12, 0),
+    (4, 1): (3, 2),
 }
 #: ICMPv6 parameter problem pointer (into the IPv6 header) -> IPv4 pointer.
-_POINTER_6_TO_4 = {0: 0, 1: 1, 4: 2, 5: 2, 6: 9, 7: 8, **{i: 12 for i in range(8, 24)},
-                   **{i: 16 for i in range(24, 40)}}
+_POINTER_6_TO_4 = {
+    0: 0,
+    1: 1,
+    4: 2,
+    5: 2,
+    6: 9,
+    7: 8,
+    **{i: 12 for i in range(8, 24)},
+    **{i: 16 for i in range(24, 40)},
+}
 
 
 def _icmp6_to_4(body: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
@@ -249,7 +279,7 @@ def _icmp6_to_4(body: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
             rest = bytes((ptr, 0, 0, 0))
     inner = _inner6_to_4(body[8:], pool, nat_port)
     out = bytes((t4, c4, 0, 0)) + rest + inner
-    out = out[:ICMP4_ERROR_MAX - 20]
+    out = out[: ICMP4_ERROR_MAX - 20]
     return out[:2] + checksum(out).to_bytes(2, "big") + out[4:]
 
 
@@ -268,7 +298,7 @@ def _inner6_to_4(inner: bytes, pool: bytes, nat_port: int) -> bytes:
             csum = _update(old, inner[8:40] + body[2:4], src4 + pool + new_port)
             if nh == UDP and old == 0:
                 csum = 0
-            body = body[:2] + new_port + body[4:at] + csum.to_bytes(2, "big") + body[at + 2:]
+            body = body[:2] + new_port + body[4:at] + csum.to_bytes(2, "big") + body[at + 2 :]
         else:
             body = body[:2] + new_port + body[4:]
         proto = nh
@@ -286,6 +316,7 @@ def _inner6_to_4(inner: bytes, pool: bytes, nat_port: int) -> bytes:
 
 
 # ------------------------------------------------------------------ IPv4 side
+
 
 def parse4(pkt: bytes, pool: bytes) -> Parsed4:
     """The key (pool port) of an IPv4 packet towards ``pool``."""
@@ -311,7 +342,7 @@ def parse4(pkt: bytes, pool: bytes) -> Parsed4:
         return Parsed4(pkt[12:16], pkt[12:16], pkt[ihl + 4] << 8 | pkt[ihl + 5], proto, ihl, False)
     if kind not in (3, 11, 12):
         raise Untranslatable(ICMP_TYPE)
-    inner = pkt[ihl + 8:end]
+    inner = pkt[ihl + 8 : end]
     if len(inner) < 20 or inner[0] >> 4 != 4 or inner[12:16] != pool:
         raise Untranslatable(BAD_EMBEDDED)
     iihl = (inner[0] & 0x0F) * 4
@@ -329,7 +360,7 @@ def to_ipv6(pkt: bytes, p: Parsed4, prefix: bytes, client: bytes, port: int) -> 
     """The IPv6 packet for ``pkt``, to ``client``:``port``, from
     ``prefix`` + the IPv4 source."""
     end = pkt[2] << 8 | pkt[3]
-    body = pkt[p.l4:end]
+    body = pkt[p.l4 : end]
     src6 = prefix + p.src4
     if p.proto in _PORTED:
         at = _CSUM_AT[p.proto]
@@ -344,27 +375,52 @@ def to_ipv6(pkt: bytes, p: Parsed4, prefix: bytes, client: bytes, port: int) -> 
             csum = _update(old, pkt[12:20] + body[2:4], src6 + client + new_port)
             if p.proto == UDP and csum == 0:
                 csum = 0xFFFF
-            body = body[:2] + new_port + body[4:at] + csum.to_bytes(2, "big") + body[at + 2:]
+            body = body[:2] + new_port + body[4:at] + csum.to_bytes(2, "big") + body[at + 2 :]
         nh = p.proto
     else:
         if checksum(body):
             raise Untranslatable(BAD_CHECKSUM)
         body = _icmp4_to_6(body, p, prefix, client, port)
         nh = ICMP6
-        body = body[:2] + checksum(_pseudo6(src6, client, ICMP6, len(body)) + body
-                                   ).to_bytes(2, "big") + body[4:]
+        body = (
+            body[:2]
+            + checksum(_pseudo6(src6, client, ICMP6, len(body)) + body).to_bytes(2, "big")
+            + body[4:]
+        )
     if not (pkt[6] & 0x40) and 40 + len(body) > IPV6_MIN_MTU:
         raise Untranslatable(NEEDS_FRAGMENTING)
     return ipv6_header(pkt[1], len(body), nh, pkt[8], src6, client) + body
 
 
 # ICMPv4 destination unreachable code -> ICMPv6 (type, code), RFC 7915 §4.2.
-_UNREACH_4_TO_6 = {0: (1, 0), 1: (1, 0), 2: (4, 1), 3: (1, 4), 4: (2, 0), 5: (1, 0),
-                   6: (1, 0), 7: (1, 0), 8: (1, 0), 9: (1, 1), 10: (1, 1), 11: (1, 0),
-                   12: (1, 0), 13: (1, 1), 15: (1, 1)}
+_UNREACH_4_TO_6 = {
+    0: (1, 0),
+    1: (1, 0),
+    2: (4, 1),
+    3: (1, 4),
+    4: (2, 0),
+    5: (1, 0),
+    6: (1, 0),
+    7: (1, 0),
+    8: (1, 0),
+    9: (1, 1),
+    10: (1, 1),
+    11: (1, 0),
+    12: (1, 0),
+    13: (1, 1),
+    15: (1, 1),
+}
 #: ICMPv4 parameter problem pointer (into the IPv4 header) -> IPv6 pointer.
-_POINTER_4_TO_6 = {0: 0, 1: 1, 2: 4, 3: 4, 8: 7, 9: 6, **{i: 8 for i in range(12, 16)},
-                   **{i: 24 for i in range(16, 20)}}
+_POINTER_4_TO_6 = {
+    0: 0,
+    1: 1,
+    2: 4,
+    3: 4,
+    8: 7,
+    9: 6,
+    **{i: 8 for i in range(12, 16)},
+    **{i: 24 for i in range(16, 20)},
+}
 
 
 def _icmp4_to_6(body: bytes, p: Parsed4, prefix: bytes, client: bytes, port: int) -> bytes:
@@ -394,7 +450,7 @@ def _icmp4_to_6(body: bytes, p: Parsed4, prefix: bytes, client: bytes, port: int
             rest = (6).to_bytes(4, "big")  # the Next Header field
     inner = _inner4_to_6(body[8:], prefix, client, port)
     out = bytes((t6, c6, 0, 0)) + rest + inner
-    return out[:IPV6_MIN_MTU - 40]
+    return out[: IPV6_MIN_MTU - 40]
 
 
 def _inner4_to_6(inner: bytes, prefix: bytes, client: bytes, port: int) -> bytes:
@@ -413,7 +469,7 @@ def _inner4_to_6(inner: bytes, prefix: bytes, client: bytes, port: int) -> bytes
                 csum = 0  # cannot be computed over a truncated payload
             else:
                 csum = _update(old, inner[12:20] + body[:2], client + dst6 + new_port)
-            body = new_port + body[2:at] + csum.to_bytes(2, "big") + body[at + 2:]
+            body = new_port + body[2:at] + csum.to_bytes(2, "big") + body[at + 2 :]
         else:
             body = new_port + body[2:]
         nh = proto
@@ -433,10 +489,11 @@ def _inner4_to_6(inner: bytes, prefix: bytes, client: bytes, port: int) -> bytes
 
 # ------------------------------------------------------------------ errors we send
 
+
 def icmp6_error(pkt: bytes, src: bytes, kind: int, code: int, value: int = 0) -> bytes:
     """An ICMPv6 error from ``src`` about ``pkt`` back to its source."""
     dst = pkt[8:24]
-    body = bytes((kind, code, 0, 0)) + value.to_bytes(4, "big") + pkt[:IPV6_MIN_MTU - 48]
+    body = bytes((kind, code, 0, 0)) + value.to_bytes(4, "big") + pkt[: IPV6_MIN_MTU - 48]
     csum = checksum(_pseudo6(src, dst, ICMP6, len(body)) + body)
     body = body[:2] + csum.to_bytes(2, "big") + body[4:]
     return ipv6_header(0, len(body), ICMP6, 64, src, dst) + body
@@ -447,5 +504,9 @@ def udp4(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> byte
     length = 8 + len(payload)
     head = struct.pack("!HHHH", sport, dport, length, 0)
     csum = checksum(src + dst + struct.pack("!xBH", UDP, length) + head + payload) or 0xFFFF
-    return (ipv4_header(0, 20 + length, 0, _DF, 64, UDP, src, dst)
-            + head[:6] + csum.to_bytes(2, "big") + payload)
+    return (
+        ipv4_header(0, 20 + length, 0, _DF, 64, UDP, src, dst)
+        + head[:6]
+        + csum.to_bytes(2, "big")
+        + payload
+    )

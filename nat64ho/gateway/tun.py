@@ -96,8 +96,9 @@ def _counts(gw: Gateway) -> str:
 def run(gw: Gateway, tun: str, banner: str) -> None:
     """Blocking entry point for ``nat64ho gateway``. Raises OSError if the
     device cannot be opened."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="nat64ho gateway: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="nat64ho gateway: %(message)s"
+    )
     gw.log = log.info
     existed = os.path.exists(f"/sys/class/net/{tun}")
     fd = open_tun(tun)

@@ -39,8 +39,12 @@ def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def stream(cur: sqlite3.Cursor, make: Any = None, ok: Callable[[Any], bool] | None = None,
-           conn: sqlite3.Connection | None = None) -> Iterator[Any]:
+def stream(
+    cur: sqlite3.Cursor,
+    make: Any = None,
+    ok: Callable[[Any], bool] | None = None,
+    conn: sqlite3.Connection | None = None,
+) -> Iterator[Any]:
     """Rows of ``cur`` in chunks; each must pass ``ok`` (see schema.entry_ok)."""
     while rows := cur.fetchmany(FETCH):
         if ok is not None:

@@ -13,10 +13,16 @@ from nat64ho.ops.db import FETCH, id_event_ok, stream
 from nat64ho.storage import schema
 
 
-def history_rows(conn: sqlite3.Connection, *, nat: int | None = None,
-                 since: int | None = None, until: int | None = None,
-                 after: int | None = None, with_id: bool = False,
-                 limit: int | None = None) -> Iterator[tuple[Any, ...]]:
+def history_rows(
+    conn: sqlite3.Connection,
+    *,
+    nat: int | None = None,
+    since: int | None = None,
+    until: int | None = None,
+    after: int | None = None,
+    with_id: bool = False,
+    limit: int | None = None,
+) -> Iterator[tuple[Any, ...]]:
     """History rows ``(ts, kind, nat, port, addr, aport)``, streamed; with
     ``with_id``, the event id (its sequence number) comes first.
 
@@ -138,12 +144,16 @@ def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     for seq, ts, kind, nat, port, addr, aport in rows:
         # Every value is digits, dots, colons or a fixed word: no escaping needed.
         if kind == 0:
-            out.write(f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "Initialized", '
-                      f'"nat": "{f.nat(nat)}", "port": null, "ipv6": null, "ipv6_port": null}}\n')
+            out.write(
+                f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "Initialized", '
+                f'"nat": "{f.nat(nat)}", "port": null, "ipv6": null, "ipv6_port": null}}\n'
+            )
         else:
-            out.write(f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "{_KINDS[kind]}", '
-                      f'"nat": "{f.nat(nat)}", "port": {port}, "ipv6": "{f.ipv6(addr)}", '
-                      f'"ipv6_port": {aport}}}\n')
+            out.write(
+                f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "{_KINDS[kind]}", '
+                f'"nat": "{f.nat(nat)}", "port": {port}, "ipv6": "{f.ipv6(addr)}", '
+                f'"ipv6_port": {aport}}}\n'
+            )
         n += 1
     return n
 
@@ -163,5 +173,3 @@ def write_csv(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
             out.write(f"{f.ts(ts)},{_KINDS[kind]},{f.nat(nat)},{port},{f.ipv6(addr)},{aport}\n")
         n += 1
     return n
-
-

@@ -106,8 +106,15 @@ class _FastParser:
     def _fast(self, line: str) -> tuple[Any, ...]:
         if line.endswith("\n"):
             line = line[:-2] if line.endswith("\r\n") else line[:-1]
-        if (len(line) < 40 or line[10] != " " or line[13] != ":" or line[16] != ":"
-                or line[19] != "." or line[26] != " " or not line.isascii()):
+        if (
+            len(line) < 40
+            or line[10] != " "
+            or line[13] != ":"
+            or line[16] != ":"
+            or line[19] != "."
+            or line[26] != " "
+            or not line.isascii()
+        ):
             raise ValueError
         day = self._days.get(line[:10])
         if day is None:
@@ -127,8 +134,13 @@ class _FastParser:
         natport, sp, v6 = rest.partition(" [")
         nat_text, colon, port_text = natport.partition(":")
         addr_text, close, aport_text = v6.partition("]:")
-        if not (sp and colon and close) or not port_text.isdigit() or not aport_text.isdigit() \
-                or len(port_text) > 5 or len(aport_text) > 5:
+        if (
+            not (sp and colon and close)
+            or not port_text.isdigit()
+            or not aport_text.isdigit()
+            or len(port_text) > 5
+            or len(aport_text) > 5
+        ):
             raise ValueError
         port, aport = int(port_text), int(aport_text)
         nat = self._nats.get(nat_text)
@@ -164,11 +176,15 @@ _HEX_COLON = frozenset("0123456789abcdefABCDEF:.")
 _DIGIT_DOT = frozenset("0123456789.")
 
 
-def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
-                on_bad: Callable[[str, int, str], None], *,
-                rebuild_table: bool = False,
-                on_progress: Callable[[int, int], None] | None = None,
-                on_rebuild: Callable[[], None] | None = None) -> ImportResult:
+def import_logs(
+    conn: sqlite3.Connection,
+    logs: Iterable[tuple[str, BinaryIO]],
+    on_bad: Callable[[str, int, str], None],
+    *,
+    rebuild_table: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_rebuild: Callable[[], None] | None = None,
+) -> ImportResult:
     """Add the events of each ``(name, stream from open_log)`` to the history.
 
     Events already there are left alone (the unique event index), so an
@@ -187,8 +203,10 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
     lines = skipped = added = 0
     batch: list[tuple[Any, ...]] = []
     if rebuild_table:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS replay "
-                     "(nat INTEGER, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID")
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS replay "
+            "(nat INTEGER, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID"
+        )
         conn.execute("DELETE FROM temp.replay")
 
     def commit() -> int:
@@ -197,8 +215,10 @@ def import_logs(conn: sqlite3.Connection, logs: Iterable[tuple[str, BinaryIO]],
             conn.executemany(INSERT_EVENT, batch)
             new = conn.total_changes - before
             if rebuild_table:
-                conn.executemany("INSERT OR IGNORE INTO temp.replay VALUES (?, ?)",
-                                 [(r[2], r[3]) for r in batch if r[1] != 0])
+                conn.executemany(
+                    "INSERT OR IGNORE INTO temp.replay VALUES (?, ?)",
+                    [(r[2], r[3]) for r in batch if r[1] != 0],
+                )
         batch.clear()
         return new
 

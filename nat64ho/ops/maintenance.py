@@ -15,8 +15,9 @@ def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
     return int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
 
 
-def prune(conn: sqlite3.Connection, before_us: int,
-          on_batch: Callable[[int], None] | None = None) -> int:
+def prune(
+    conn: sqlite3.Connection, before_us: int, on_batch: Callable[[int], None] | None = None
+) -> int:
     """Delete history events older than ``before_us``; returns how many.
 
     Current entries are never touched. Works in transactions of

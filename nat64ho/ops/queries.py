@@ -30,6 +30,7 @@ _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
 
 class Entry(NamedTuple):
     """One row of the current table."""
+
     nat: int  #: NAT64 IPv4 address as an integer
     port: int  #: NAT port
     addr: bytes  #: client IPv6 address, 16 octets
@@ -40,6 +41,7 @@ class Entry(NamedTuple):
 
 class Holding(NamedTuple):
     """One endpoint's tenure of one NAT port, and the events that prove it."""
+
     nat: int
     port: int
     addr: bytes
@@ -59,6 +61,7 @@ class Holding(NamedTuple):
 @dataclass
 class NatStats:
     """One NAT64 as ``stats`` reports it; times may be None when unknown."""
+
     nat: int
     entries: int
     capacity: int
@@ -72,6 +75,7 @@ class NatStats:
 
 
 # ---------------------------------------------------------------- NAT64s
+
 
 def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int]:
     """Every NAT64 the database knows: said HELLO, has entries, or (unless
@@ -90,28 +94,40 @@ def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int
 
 # ---------------------------------------------------------------- query
 
+
 def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
     """First and last address of a prefix as blobs: SQLite compares blobs
     octet by octet, so a prefix is one range of the address indexes."""
     return network.network_address.packed, network.broadcast_address.packed
 
 
-def query_entries(conn: sqlite3.Connection, *, nat: int | None = None,
-                  ipv6: ipaddress.IPv6Network | None = None,
-                  port: int | None = None) -> Iterator[Entry]:
+def query_entries(
+    conn: sqlite3.Connection,
+    *,
+    nat: int | None = None,
+    ipv6: ipaddress.IPv6Network | None = None,
+    port: int | None = None,
+) -> Iterator[Entry]:
     """Current entries, by NAT64 then port, optionally only one NAT64, one
     port, or clients in one IPv6 prefix (a /128 for one address)."""
     cols = "nat, port, addr, aport, created, last_use"
     if nat is None and ipv6 is None and port is None:
-        yield from stream(conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"), Entry,
-                           schema.entry_ok, conn)
+        yield from stream(
+            conn.execute(f"SELECT {cols} FROM entry ORDER BY nat, port"),
+            Entry,
+            schema.entry_ok,
+            conn,
+        )
         return
     for n in [nat] if nat is not None else nat_addresses(conn, history=False):
         if ipv6 is not None:
             lo, hi = prefix_range(ipv6)
             extra, args = ("AND port = ?", (port,)) if port is not None else ("", ())
-            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
-                               f"{extra} ORDER BY port", (n, lo, hi, *args))
+            cur = conn.execute(
+                f"SELECT {cols} FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+                f"{extra} ORDER BY port",
+                (n, lo, hi, *args),
+            )
         elif port is not None:
             cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND port = ?", (n, port))
         else:
@@ -121,15 +137,19 @@ def query_entries(conn: sqlite3.Connection, *, nat: int | None = None,
 
 def _entry_row(conn: sqlite3.Connection, row: Any) -> Any:
     """A (addr, aport, created) read of one entry, checked."""
-    if row is not None and not (type(row[0]) is bytes and len(row[0]) == 16
-                                and type(row[1]) is int and type(row[2]) is int):
-        raise schema.BadRow(f"{db_path(conn)}: table entry, a row of this query does not decode "
-                            f"(addr {row[0]!r:.40}, aport {row[1]!r}, created {row[2]!r}); run "
-                            "'nat64ho check'")
+    if row is not None and not (
+        type(row[0]) is bytes and len(row[0]) == 16 and type(row[1]) is int and type(row[2]) is int
+    ):
+        raise schema.BadRow(
+            f"{db_path(conn)}: table entry, a row of this query does not decode "
+            f"(addr {row[0]!r:.40}, aport {row[1]!r}, created {row[2]!r}); run "
+            "'nat64ho check'"
+        )
     return row
 
 
 # ---------------------------------------------------------------- who
+
 
 def _make_event(row: Any, nat: int, port: int) -> Event:
     ts, kind, addr, aport = row
@@ -158,29 +178,51 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding 
             raise bad_row(conn, full, schema.event_ok)
         return _make_event(r, nat, port)
 
-    before = [_event(r, *key) for r in conn.execute(
-        "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-        "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2", (*key, at))]
-    after = [_event(r, *key) for r in conn.execute(
-        "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-        "AND ts > ? ORDER BY ts, kind LIMIT 2", (*key, at))]
+    before = [
+        _event(r, *key)
+        for r in conn.execute(
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
+            "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2",
+            (*key, at),
+        )
+    ]
+    after = [
+        _event(r, *key)
+        for r in conn.execute(
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
+            "AND ts > ? ORDER BY ts, kind LIMIT 2",
+            (*key, at),
+        )
+    ]
     # Two rows each way are enough: only a Deleted and a Created can share a
     # timestamp, and the rule above says which of them came first.
     prev = max(before, key=_order) if before else None
     nxt = min(after, key=_order) if after else None
-    row = _entry_row(conn, conn.execute(
-        "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key).fetchone())
+    row = _entry_row(
+        conn,
+        conn.execute(
+            "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key
+        ).fetchone(),
+    )
     if prev is not None and prev.kind == EventKind.CREATED:
         holder = _endpoint(prev)
         if row is not None and (row[0], row[1]) != holder and prev.ts < row[2] <= at:
             # The table holds a later tenant whose Created (and the Deleted
             # of this one) the history lacks: the table is the truth.
             return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
-        ended = nxt if (nxt is not None and nxt.kind == EventKind.DELETED
-                        and (nxt.addr, nxt.aport) == holder) else None
+        ended = (
+            nxt
+            if (
+                nxt is not None
+                and nxt.kind == EventKind.DELETED
+                and (nxt.addr, nxt.aport) == holder
+            )
+            else None
+        )
         current = ended is None and row is not None and (row[0], row[1]) == holder
-        return Holding(nat, port, *holder, prev.ts, ended.ts if ended else None, current,
-                       prev, ended)
+        return Holding(
+            nat, port, *holder, prev.ts, ended.ts if ended else None, current, prev, ended
+        )
     if nxt is not None and nxt.kind == EventKind.DELETED:
         # No Created between the last event before `at` and this Deleted:
         # the holder it names was already holding at `at`.
@@ -198,17 +240,23 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding 
 WINDOW_EVENTS = 1000
 
 
-def who_port_window(conn: sqlite3.Connection, nat: int, port: int, at: int,
-                    tolerance: int) -> list[Holding]:
+def who_port_window(
+    conn: sqlite3.Connection, nat: int, port: int, at: int, tolerance: int
+) -> list[Holding]:
     """Every holder of ``nat``:``port`` at some instant of
     [at - tolerance, at + tolerance], closest to ``at`` first (a holding
     that covers ``at`` is at distance 0)."""
     lo, hi = at - tolerance, at + tolerance
     # Each holding that overlaps the window either covers its start, its
     # end, or begins inside it with a Created.
-    instants = [lo, hi, at] + [r[0] for r in conn.execute(
-        "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
-        "ORDER BY ts LIMIT ?", (nat, port, _CREATED, lo, hi, WINDOW_EVENTS))]
+    instants = [lo, hi, at] + [
+        r[0]
+        for r in conn.execute(
+            "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
+            "ORDER BY ts LIMIT ?",
+            (nat, port, _CREATED, lo, hi, WINDOW_EVENTS),
+        )
+    ]
     found: dict[tuple[bytes, int, int | None, int | None], Holding] = {}
     for t in instants:
         h = who_port(conn, nat, port, t)
@@ -226,8 +274,12 @@ def distance(h: Holding, at: int) -> int:
     return at - h.end if h.end is not None else 0
 
 
-def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
-                 aport: int | None = None, at: int | None = None) -> Iterator[Holding]:
+def who_endpoint(
+    conn: sqlite3.Connection,
+    network: ipaddress.IPv6Network,
+    aport: int | None = None,
+    at: int | None = None,
+) -> Iterator[Holding]:
     """Every NAT port held by clients in ``network`` (and on ``aport`` if
     given), endpoint by endpoint in time order; with ``at``, only the
     holdings that include that instant. Holdings known only from the current
@@ -240,8 +292,11 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
     if aport is not None:
         where += " AND aport = ?"
         args.append(aport)
-    cur = conn.execute(f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
-                       "ORDER BY addr, aport, ts", args)
+    cur = conn.execute(
+        f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
+        "ORDER BY addr, aport, ts",
+        args,
+    )
     seen_current: set[tuple[int, int]] = set()
     group: tuple[bytes, int] | None = None
     open_: dict[tuple[int, int], Event] = {}
@@ -249,13 +304,18 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
 
     def flush() -> Iterator[Holding]:
         for (n, p), created in open_.items():
-            row = _entry_row(conn, conn.execute(
-                "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)).fetchone())
+            row = _entry_row(
+                conn,
+                conn.execute(
+                    "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)
+                ).fetchone(),
+            )
             current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
             if current:
                 seen_current.add((n, p))
-            done.append(Holding(n, p, *_endpoint(created), created.ts, None, current,
-                                created, None))
+            done.append(
+                Holding(n, p, *_endpoint(created), created.ts, None, current, created, None)
+            )
         open_.clear()
         done.sort(key=lambda h: (h.start if h.start is not None else h.end, h.nat, h.port))
         for h in done:
@@ -275,15 +335,18 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
             open_[(n, p)] = e
         elif kind == _DELETED:
             created = open_.pop((n, p), None)
-            done.append(Holding(n, p, addr, ap, created.ts if created else None, ts, False,
-                                created, e))
+            done.append(
+                Holding(n, p, addr, ap, created.ts if created else None, ts, False, created, e)
+            )
     yield from flush()
 
     extra, extra_args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
     for n in nat_addresses(conn, history=False):
         for p, addr, ap, created in conn.execute(
-                f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
-                f"{extra} ORDER BY addr, aport", (n, lo, hi, *extra_args)).fetchall():
+            f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+            f"{extra} ORDER BY addr, aport",
+            (n, lo, hi, *extra_args),
+        ).fetchall():
             if (n, p) in seen_current:
                 continue
             _entry_row(conn, (addr, ap, created))
@@ -293,6 +356,7 @@ def who_endpoint(conn: sqlite3.Connection, network: ipaddress.IPv6Network,
 
 
 # ---------------------------------------------------------------- stats
+
 
 def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
     """Per NAT64, by address: table fill, oldest last use, first and last
@@ -304,23 +368,30 @@ def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
     # One pass over the last day along the ts index, rather than a walk of
     # each NAT64's whole history.
     for nat, kind, n_day, n_hour in conn.execute(
-            "SELECT nat, kind, count(*), sum(ts >= ?) FROM event WHERE ts >= ? AND ts <= ? "
-            "AND kind > 0 GROUP BY nat, kind", (hour, day, now)):
+        "SELECT nat, kind, count(*), sum(ts >= ?) FROM event WHERE ts >= ? AND ts <= ? "
+        "AND kind > 0 GROUP BY nat, kind",
+        (hour, day, now),
+    ):
         counts[(nat, kind)] = [n_day, n_hour]
-    hellos = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT nat, first_hello, last_hello FROM nat")}
+    hellos = {
+        r[0]: (r[1], r[2]) for r in conn.execute("SELECT nat, first_hello, last_hello FROM nat")
+    }
     out = []
     for nat in nat_addresses(conn):
         entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
         first, last = hellos.get(nat, (None, None))
-        for column, v in (("entry.last_use", oldest), ("nat.first_hello", first),
-                          ("nat.last_hello", last)):
+        for column, v in (
+            ("entry.last_use", oldest),
+            ("nat.first_hello", first),
+            ("nat.last_hello", last),
+        ):
             if v is not None and type(v) is not int:
-                raise schema.BadRow(f"{db_path(conn)}: {column} of NAT64 {ipv4_str(nat)} holds "
-                                    f"{type(v).__name__} {v!r:.40}, not a time; run 'nat64ho check'")
+                raise schema.BadRow(
+                    f"{db_path(conn)}: {column} of NAT64 {ipv4_str(nat)} holds "
+                    f"{type(v).__name__} {v!r:.40}, not a time; run 'nat64ho check'"
+                )
         c = counts.get((nat, _CREATED), [0, 0])
         d = counts.get((nat, _DELETED), [0, 0])
         out.append(NatStats(nat, entries, capacity, oldest, first, last, c[1], d[1], c[0], d[0]))
     return out
-
-

@@ -71,8 +71,9 @@ class Storage(Protocol):
 
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]: ...
 
-    async def read_oldest(self, nat: int, n: int,
-                          after: tuple[int, int] | None = None) -> list[Row]:
+    async def read_oldest(
+        self, nat: int, n: int, after: tuple[int, int] | None = None
+    ) -> list[Row]:
         """``n`` rows in (last_use, port) order, after ``after``."""
 
     # ---------------------------------------------------------------- the log's catch-up
@@ -89,8 +90,13 @@ class Storage(Protocol):
     def backlog(self) -> int:
         """Rows waiting to be committed."""
 
-    def add(self, nat: int, created: Iterable[Row], touched: Iterable[tuple[int, int]],
-            events: list[Event]) -> int:
+    def add(
+        self,
+        nat: int,
+        created: Iterable[Row],
+        touched: Iterable[tuple[int, int]],
+        events: list[Event],
+    ) -> int:
         """Queue new entries, recency and events; the rows added."""
 
     def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None: ...

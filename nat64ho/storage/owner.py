@@ -63,8 +63,10 @@ def acquire(db: Path | str, *, what: str = "nat64ho") -> Ownership:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        err = TableOwned(f"{db}: the table is owned by {holder} (a running 'nat64ho serve'?); "
-                         f"{what} needs it alone")
+        err = TableOwned(
+            f"{db}: the table is owned by {holder} (a running 'nat64ho serve'?); "
+            f"{what} needs it alone"
+        )
         err.holder = holder
         raise err from None
     except OSError as exc:

@@ -59,7 +59,8 @@ def is_busy(exc: BaseException) -> bool:
     busy timeout (SQLite says so only in the message: "database is locked",
     "database table is locked", "busy")."""
     return isinstance(exc, sqlite3.OperationalError) and (
-        "locked" in str(exc) or "busy" in str(exc))
+        "locked" in str(exc) or "busy" in str(exc)
+    )
 
 
 def default_db_path() -> Path:
@@ -68,7 +69,9 @@ def default_db_path() -> Path:
     env = os.environ.get("NAT64HO_DB")
     if env:
         return Path(env)
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(data) / "nat64ho" / "table.db"
 
 
@@ -101,8 +104,9 @@ def _connect(path: Path, mode: str) -> sqlite3.Connection:
         # installed database) while no server has it open: a writer keeps the
         # -wal file, so all there is lies in the file itself.
         uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
     # Before anything reads: SQL stored in the file (views, triggers, index
     # expressions) may then call no function with side effects.
     conn.execute("PRAGMA trusted_schema = OFF")
@@ -113,8 +117,10 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     """Versions recorded in the database; raises NotOurDatabase for foreign files."""
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        marks = conn.execute("PRAGMA application_id").fetchone()[0] or \
-            conn.execute("PRAGMA user_version").fetchone()[0]
+        marks = (
+            conn.execute("PRAGMA application_id").fetchone()[0]
+            or conn.execute("PRAGMA user_version").fetchone()[0]
+        )
     except sqlite3.OperationalError:
         # Locked, I/O error, disk full: about reaching the file, not about
         # whose it is; open_db names it.
@@ -124,12 +130,15 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     if not tables:
         if marks:
             # No tables yet but stamped by someone: another program's fresh database.
-            raise NotOurDatabase(f"{path}: an SQLite database of another program "
-                                 "(application_id or user_version set, no nat64ho tables)")
+            raise NotOurDatabase(
+                f"{path}: an SQLite database of another program "
+                "(application_id or user_version set, no nat64ho tables)"
+            )
         return []
     if "schema_migrations" not in tables:
         raise NotOurDatabase(
-            f"{path}: an SQLite database of another program (no schema_migrations table)")
+            f"{path}: an SQLite database of another program (no schema_migrations table)"
+        )
     # Read it only once it is known to be the plain table the migrations
     # made: a view of the same name could run any query.
     [(sql,)] = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'schema_migrations'")
@@ -145,7 +154,8 @@ def check_version(conn: sqlite3.Connection, path: Path) -> list[int]:
     if unknown:
         raise NewerDatabase(
             f"{path}: written by a newer nat64ho (schema version {max(unknown)}, "
-            f"this one knows up to {max(known)}); upgrade nat64ho")
+            f"this one knows up to {max(known)}); upgrade nat64ho"
+        )
     return applied
 
 
@@ -159,12 +169,16 @@ def migrate(conn: sqlite3.Connection, path: Path) -> list[int]:
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
+            )
             for statement in _statements(sql):
                 conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                         (version, name, int(time.time() * 1_000_000)))
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                (version, name, int(time.time() * 1_000_000)),
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -187,7 +201,9 @@ def _statements(sql: str) -> list[str]:
     return out
 
 
-def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -> sqlite3.Connection:
+def open_db(
+    path: Path | str, *, readonly: bool = False, create: bool = False
+) -> sqlite3.Connection:
     """Open a nat64ho database, synchronously.
 
     ``readonly``: never writes (and never creates). ``create``: make the file
@@ -197,8 +213,10 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
     path = Path(path)
     if not path.exists():
         if not create:
-            raise DatabaseMissing(f"{path}: no such database (start 'nat64ho serve --db {path}' "
-                                  "to create it, or give --db)")
+            raise DatabaseMissing(
+                f"{path}: no such database (start 'nat64ho serve --db {path}' "
+                "to create it, or give --db)"
+            )
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     else:
         check_file(path)
@@ -211,8 +229,10 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
         applied = check_version(conn, path)
         problems = schema_problems(conn, applied)
         if problems:
-            raise NotOurDatabase(f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
-                                 "migrations; refusing to use this database)")
+            raise NotOurDatabase(
+                f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
+                "migrations; refusing to use this database)"
+            )
         if readonly:
             _require_current(conn, path)
         else:
@@ -225,9 +245,13 @@ def open_db(path: Path | str, *, readonly: bool = False, create: bool = False) -
     except sqlite3.OperationalError as exc:
         conn.close()
         if is_busy(exc):
-            raise DatabaseBusy(f"{path}: database is busy (locked by another process); try again") from None
+            raise DatabaseBusy(
+                f"{path}: database is busy (locked by another process); try again"
+            ) from None
         if _no_space(path):
-            raise NotOurDatabase(f"{path}: cannot be opened ({exc}): its filesystem is full") from None
+            raise NotOurDatabase(
+                f"{path}: cannot be opened ({exc}): its filesystem is full"
+            ) from None
         raise NotOurDatabase(f"{path}: cannot be opened ({exc})") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -251,8 +275,10 @@ def _require_current(conn: sqlite3.Connection, path: Path) -> None:
     if not applied:
         raise NotOurDatabase(f"{path}: empty file, not a nat64ho database")
     if missing:
-        raise OutdatedDatabase(f"{path}: schema is older than this nat64ho (missing version "
-                            f"{missing[0]}); start 'nat64ho serve' once to upgrade it")
+        raise OutdatedDatabase(
+            f"{path}: schema is older than this nat64ho (missing version "
+            f"{missing[0]}); start 'nat64ho serve' once to upgrade it"
+        )
 
 
 def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
@@ -269,8 +295,13 @@ def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
 _MAGIC = b"SQLite format 3\x00"
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _not_regular(path: Path, mode: int) -> NotOurDatabase:
@@ -312,24 +343,28 @@ def check_file(path: Path) -> None:
     if size == 0:
         return  # SQLite's empty database: nothing to lose, migrations fill it
     if len(head) < 100 or not head.startswith(_MAGIC):
-        raise NotOurDatabase(f"{path}: not an SQLite database (no SQLite header; "
-                             f"starts with {head[:16]!r})")
+        raise NotOurDatabase(
+            f"{path}: not an SQLite database (no SQLite header; starts with {head[:16]!r})"
+        )
     page_size = int.from_bytes(head[16:18], "big")
     if page_size == 1:
         page_size = 65536
     if page_size < 512 or page_size & (page_size - 1):
         raise NotOurDatabase(f"{path}: damaged SQLite header (page size {page_size})")
     if size % page_size:
-        raise NotOurDatabase(f"{path}: truncated or damaged ({size} octets is not a whole "
-                             f"number of {page_size}-octet pages)")
+        raise NotOurDatabase(
+            f"{path}: truncated or damaged ({size} octets is not a whole "
+            f"number of {page_size}-octet pages)"
+        )
     pages = int.from_bytes(head[28:32], "big")
     valid = pages and head[24:28] == head[92:96]
     wal = path.with_name(path.name + "-wal")
     # With a non-empty WAL the file may legitimately lag its header (a
     # checkpoint cut short); recovery from the WAL finishes it.
     if valid and size < pages * page_size and not (wal.exists() and wal.stat().st_size):
-        raise NotOurDatabase(f"{path}: truncated ({size // page_size} pages on disk, the "
-                             f"header records {pages})")
+        raise NotOurDatabase(
+            f"{path}: truncated ({size // page_size} pages on disk, the header records {pages})"
+        )
 
 
 def _norm(sql: str | None) -> str:
@@ -348,8 +383,10 @@ def _expected(version: int) -> dict[str, tuple[str, str, str]]:
     mem = sqlite3.connect(":memory:", isolation_level=None)
     try:
         for _v, _name, sql in migrations()[:version]:
-            mem.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)")
+            mem.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
+            )
             for statement in _statements(sql):
                 mem.execute(statement)
         return _schema_of(mem)
@@ -358,8 +395,10 @@ def _expected(version: int) -> dict[str, tuple[str, str, str]]:
 
 
 def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str, str]]:
-    return {n: (t, tbl, sql) for t, n, tbl, sql in conn.execute(
-        "SELECT type, name, tbl_name, sql FROM sqlite_master")}
+    return {
+        n: (t, tbl, sql)
+        for t, n, tbl, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+    }
 
 
 def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
@@ -447,8 +486,9 @@ def check(path: Path | str) -> CheckReport:
             }
     except sqlite3.OperationalError as exc:
         if is_busy(exc):
-            raise DatabaseBusy(f"{path}: database is busy (locked by another process); "
-                               "try again") from None
+            raise DatabaseBusy(
+                f"{path}: database is busy (locked by another process); try again"
+            ) from None
         report.problems.append(f"{path}: {exc}")
     except sqlite3.DatabaseError as exc:
         report.problems.append(f"{path}: {exc}")
@@ -461,6 +501,7 @@ def check(path: Path | str) -> CheckReport:
 # SQLite keeps whatever type a row was given (a text in an INTEGER column of
 # a non-STRICT table): the rows commands and the server decode are checked
 # here, so a planted or damaged one is named instead of raising deep inside.
+
 
 class BadRow(DatabaseError):
     """A row does not decode; the message names the table and the row."""
@@ -478,10 +519,22 @@ def _is_addr(v) -> bool:
     return type(v) is bytes and len(v) == 16
 
 
-_ENTRY = (("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port),
-          ("created", _is_int), ("last_use", _is_int))
-_EVENT = (("ts", _is_int), ("kind", lambda v: v in (0, 1, 2) and type(v) is int),
-          ("nat", _is_int), ("port", _is_port), ("addr", _is_addr), ("aport", _is_port))
+_ENTRY = (
+    ("nat", _is_int),
+    ("port", _is_port),
+    ("addr", _is_addr),
+    ("aport", _is_port),
+    ("created", _is_int),
+    ("last_use", _is_int),
+)
+_EVENT = (
+    ("ts", _is_int),
+    ("kind", lambda v: v in (0, 1, 2) and type(v) is int),
+    ("nat", _is_int),
+    ("port", _is_port),
+    ("addr", _is_addr),
+    ("aport", _is_port),
+)
 
 
 def _show(v) -> str:
@@ -493,9 +546,17 @@ def _show(v) -> str:
 def entry_ok(row) -> bool:
     """Whether (nat, port, addr, aport, created, last_use) decodes."""
     nat, port, addr, aport, created, last_use = row
-    return (type(nat) is int and type(port) is int and 0 <= port <= 65535 and type(addr) is bytes
-            and len(addr) == 16 and type(aport) is int and 0 <= aport <= 65535
-            and type(created) is int and type(last_use) is int)
+    return (
+        type(nat) is int
+        and type(port) is int
+        and 0 <= port <= 65535
+        and type(addr) is bytes
+        and len(addr) == 16
+        and type(aport) is int
+        and 0 <= aport <= 65535
+        and type(created) is int
+        and type(last_use) is int
+    )
 
 
 def event_ok(row) -> bool:
@@ -505,34 +566,49 @@ def event_ok(row) -> bool:
         return False
     if kind == 0 and type(kind) is int:
         return True
-    return (kind in (1, 2) and type(kind) is int and type(addr) is bytes and len(addr) == 16
-            and type(aport) is int and 0 <= aport <= 65535)
+    return (
+        kind in (1, 2)
+        and type(kind) is int
+        and type(addr) is bytes
+        and len(addr) == 16
+        and type(aport) is int
+        and 0 <= aport <= 65535
+    )
 
 
 def bad_entry(path, row) -> BadRow:
     """The error for an entry row that failed :func:`entry_ok`."""
-    why = next(f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row, strict=False) if not ok(v))
-    return BadRow(f"{path}: table entry, row (nat={row[0]!r}, port={row[1]!r}) does not decode: "
-                  f"{why}; run 'nat64ho check --db {path}'")
+    why = next(
+        f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row, strict=False) if not ok(v)
+    )
+    return BadRow(
+        f"{path}: table entry, row (nat={row[0]!r}, port={row[1]!r}) does not decode: "
+        f"{why}; run 'nat64ho check --db {path}'"
+    )
 
 
 def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
     """The error for an event row that failed :func:`event_ok`, with its id
     when ``conn`` can find it."""
     checks = _EVENT if row[1] != 0 else _EVENT[:4]
-    why = next((f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row, strict=False) if not ok(v)),
-               "wrong types")
+    why = next(
+        (f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row, strict=False) if not ok(v)),
+        "wrong types",
+    )
     where = f"ts={row[0]!r}, nat={row[2]!r}, port={row[3]!r}"
     if conn is not None:
         try:
-            found = conn.execute("SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? "
-                                 "AND port IS ?", row[:4]).fetchone()
+            found = conn.execute(
+                "SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? AND port IS ?",
+                row[:4],
+            ).fetchone()
         except sqlite3.Error:
             found = None
         if found is not None:
             where = f"id {found[0]}"
-    return BadRow(f"{path}: table event, row {where} does not decode: {why}; "
-                  f"run 'nat64ho check --db {path}'")
+    return BadRow(
+        f"{path}: table event, row {where} does not decode: {why}; run 'nat64ho check --db {path}'"
+    )
 
 
 def bad_rows(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
@@ -540,20 +616,27 @@ def bad_rows(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
     full scan: for ``check``)."""
     found = []
     for nat, port in conn.execute(
-            "SELECT nat, port FROM entry WHERE typeof(nat) != 'integer' OR typeof(port) != "
-            "'integer' OR port NOT BETWEEN 0 AND 65535 OR typeof(addr) != 'blob' OR "
-            "length(addr) != 16 OR typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535 "
-            "OR typeof(created) != 'integer' OR typeof(last_use) != 'integer' LIMIT ?", (limit,)):
-        found.append(f"table entry, row (nat={nat!r}, port={port!r}) does not decode "
-                     "(wrong type or size)")
+        "SELECT nat, port FROM entry WHERE typeof(nat) != 'integer' OR typeof(port) != "
+        "'integer' OR port NOT BETWEEN 0 AND 65535 OR typeof(addr) != 'blob' OR "
+        "length(addr) != 16 OR typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535 "
+        "OR typeof(created) != 'integer' OR typeof(last_use) != 'integer' LIMIT ?",
+        (limit,),
+    ):
+        found.append(
+            f"table entry, row (nat={nat!r}, port={port!r}) does not decode (wrong type or size)"
+        )
     for (rowid,) in conn.execute(
-            "SELECT id FROM event WHERE typeof(ts) != 'integer' OR typeof(kind) != 'integer' OR "
-            "typeof(nat) != 'integer' OR typeof(port) != 'integer' OR port NOT BETWEEN 0 AND 65535"
-            " OR (kind != 0 AND (typeof(addr) != 'blob' OR length(addr) != 16 OR "
-            "typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535)) LIMIT ?", (limit,)):
+        "SELECT id FROM event WHERE typeof(ts) != 'integer' OR typeof(kind) != 'integer' OR "
+        "typeof(nat) != 'integer' OR typeof(port) != 'integer' OR port NOT BETWEEN 0 AND 65535"
+        " OR (kind != 0 AND (typeof(addr) != 'blob' OR length(addr) != 16 OR "
+        "typeof(aport) != 'integer' OR aport NOT BETWEEN 0 AND 65535)) LIMIT ?",
+        (limit,),
+    ):
         found.append(f"table event, row id {rowid} does not decode (wrong type or size)")
     for (nat,) in conn.execute(
-            "SELECT nat FROM nat WHERE typeof(boot_id) != 'blob' OR typeof(first_hello) != "
-            "'integer' OR typeof(last_hello) != 'integer' LIMIT ?", (limit,)):
+        "SELECT nat FROM nat WHERE typeof(boot_id) != 'blob' OR typeof(first_hello) != "
+        "'integer' OR typeof(last_hello) != 'integer' LIMIT ?",
+        (limit,),
+    ):
         found.append(f"table nat, row nat={nat!r} does not decode (wrong type)")
     return found

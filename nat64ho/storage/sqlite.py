@@ -57,8 +57,10 @@ _DAMAGE_CODES = frozenset({11, 26})
 
 def is_damage(exc: BaseException) -> bool:
     """Whether ``exc`` says the database file is damaged."""
-    return isinstance(exc, sqlite3.DatabaseError) and \
-        (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES
+    )
 
 
 class DatabaseDamaged(Exception):
@@ -68,8 +70,18 @@ class DatabaseDamaged(Exception):
 class Batch:
     """Changes that will commit together, and what waits for them."""
 
-    __slots__ = ("seq", "entries", "events", "nats", "done", "answers", "rows_by_nat", "rows",
-                 "seconds", "recency")
+    __slots__ = (
+        "seq",
+        "entries",
+        "events",
+        "nats",
+        "done",
+        "answers",
+        "rows_by_nat",
+        "rows",
+        "seconds",
+        "recency",
+    )
 
     def __init__(self, seq: int, loop: asyncio.AbstractEventLoop):
         self.seq = seq
@@ -132,8 +144,9 @@ class Store:
         path = Path(path)
         await asyncio.to_thread(lambda: schema.open_db(path, create=True).close())
         writer = await aiosqlite.connect(path, isolation_level=None)
-        reader = await aiosqlite.connect(f"file:{path.as_posix()}?mode=ro", uri=True,
-                                         isolation_level=None)
+        reader = await aiosqlite.connect(
+            f"file:{path.as_posix()}?mode=ro", uri=True, isolation_level=None
+        )
         for conn in (writer, reader):
             await conn.execute("PRAGMA trusted_schema = OFF")
             await conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
@@ -143,8 +156,12 @@ class Store:
         # does is what an operator (and the power-loss test) must see.
         [(journal,)] = await writer.execute_fetchall("PRAGMA journal_mode")
         [(level,)] = await writer.execute_fetchall("PRAGMA synchronous")
-        log.info("database %s: journal_mode=%s, synchronous=%s", path, journal,
-                 {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, level))
+        log.info(
+            "database %s: journal_mode=%s, synchronous=%s",
+            path,
+            journal,
+            {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, level),
+        )
         self = cls(path, writer, reader)
         try:
             await self._load_meta()
@@ -161,7 +178,8 @@ class Store:
                     pass
             full = " (its filesystem is full)" if schema._no_space(path) else ""
             raise schema.DatabaseUnwritable(
-                f"{path}: cannot be written ({exc}){full}; serve needs to write its table") from None
+                f"{path}: cannot be written ({exc}){full}; serve needs to write its table"
+            ) from None
         self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
         self._ticker = asyncio.create_task(self._tick(), name="nat64ho-recency")
         return self
@@ -176,7 +194,8 @@ class Store:
         self.secret = bytes(secret)
         self.clock_hwm = int(rows.get("clock_hwm", 0))
         for nat, boot_id, first, last in await self._w.execute_fetchall(
-                "SELECT nat, boot_id, first_hello, last_hello FROM nat"):
+            "SELECT nat, boot_id, first_hello, last_hello FROM nat"
+        ):
             self.nats[nat] = NatRecord(bytes(boot_id), first, last)
         # An index seek (event_ts): event times go on strictly after it.
         [(last_ts,)] = await self._w.execute_fetchall("SELECT max(ts) FROM event")
@@ -201,8 +220,9 @@ class Store:
             start = self._loop.time()
             while not self._flusher.done():
                 await asyncio.wait([self._flusher], timeout=0.1)
-                failing_long = self.failing is not None and \
-                    self._loop.time() - start >= CLOSE_GIVE_UP
+                failing_long = (
+                    self.failing is not None and self._loop.time() - start >= CLOSE_GIVE_UP
+                )
                 if not self._flusher.done() and (failing_long or (give_up and give_up.is_set())):
                     unsaved = self.unsaved
                     self._flusher.cancel()
@@ -237,9 +257,11 @@ class Store:
         ports = [r[0] for r in rows]
         for p in ports:
             if type(p) is not int or not 0 <= p <= 65535:
-                raise schema.BadRow(f"{self.path}: table entry, row (nat={nat}, port={p!r:.40}) "
-                                    f"does not decode: port holds {type(p).__name__}; run "
-                                    f"'nat64ho check --db {self.path}'")
+                raise schema.BadRow(
+                    f"{self.path}: table entry, row (nat={nat}, port={p!r:.40}) "
+                    f"does not decode: port holds {type(p).__name__}; run "
+                    f"'nat64ho check --db {self.path}'"
+                )
         return ports, len(ports)
 
     def _rows(self, nat: int, rows) -> list[Row]:
@@ -256,8 +278,10 @@ class Store:
         # scan the NAT64's whole index range.
         out: list[Row] = []
         for i in range(0, len(endpoints), READ_CHUNK):
-            chunk = endpoints[i:i + READ_CHUNK]
-            sql = " UNION ALL ".join([f"{_ROW} WHERE nat = ? AND addr = ? AND aport = ?"] * len(chunk))
+            chunk = endpoints[i : i + READ_CHUNK]
+            sql = " UNION ALL ".join(
+                [f"{_ROW} WHERE nat = ? AND addr = ? AND aport = ?"] * len(chunk)
+            )
             args: list = []
             for addr, aport in chunk:
                 args += (nat, addr, aport)
@@ -267,36 +291,49 @@ class Store:
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
         out: list[Row] = []
         for i in range(0, len(ports), READ_CHUNK):
-            chunk = ports[i:i + READ_CHUNK]
+            chunk = ports[i : i + READ_CHUNK]
             marks = ",".join("?" * len(chunk))
-            out += self._rows(nat, await self._r.execute_fetchall(
-                f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *chunk)))
+            out += self._rows(
+                nat,
+                await self._r.execute_fetchall(
+                    f"{_ROW} WHERE nat = ? AND port IN ({marks})", (nat, *chunk)
+                ),
+            )
         return out
 
-    async def read_oldest(self, nat: int, n: int, after: tuple[int, int] | None = None) -> list[Row]:
+    async def read_oldest(
+        self, nat: int, n: int, after: tuple[int, int] | None = None
+    ) -> list[Row]:
         """The ``n`` entries of ``nat`` with the oldest saved last use, after ``after``."""
         if after is None:
             rows = await self._r.execute_fetchall(
-                f"{_ROW} WHERE nat = ? ORDER BY last_use, port LIMIT ?", (nat, n))
+                f"{_ROW} WHERE nat = ? ORDER BY last_use, port LIMIT ?", (nat, n)
+            )
         else:
             rows = await self._r.execute_fetchall(
                 f"{_ROW} WHERE nat = ? AND (last_use, port) > (?, ?) ORDER BY last_use, port LIMIT ?",
-                (nat, *after, n))
+                (nat, *after, n),
+            )
         return self._rows(nat, rows)
 
     async def event_id(self, key: tuple) -> int | None:
         """The id of the history event (ts, kind, nat, port), if stored."""
         rows = await self._r.execute_fetchall(
             "SELECT id FROM event WHERE nat = ? AND port = ? AND ts = ? AND kind = ?",
-            (key[2], key[3], key[0], key[1]))
+            (key[2], key[3], key[0], key[1]),
+        )
         return rows[0][0] if rows else None
 
     async def read_events(self, after: int, n: int) -> list[tuple]:
         """Up to ``n`` history rows (id, ts, kind, nat, port, addr, aport)
         with ids above ``after``, in id order."""
-        return list(await self._r.execute_fetchall(
-            "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? ORDER BY id "
-            "LIMIT ?", (after, n)))
+        return list(
+            await self._r.execute_fetchall(
+                "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? ORDER BY id "
+                "LIMIT ?",
+                (after, n),
+            )
+        )
 
     # ------------------------------------------------------------ writes
     @property
@@ -313,8 +350,13 @@ class Store:
             n += len(self._inflight.entries) + len(self._inflight.events)
         return n
 
-    def add(self, nat: int, created: Iterable[Row], touched: Iterable[tuple[int, int]],
-            events: list[Event]) -> int:
+    def add(
+        self,
+        nat: int,
+        created: Iterable[Row],
+        touched: Iterable[tuple[int, int]],
+        events: list[Event],
+    ) -> int:
         """Queue changes of ``nat`` for the next commit: new entries, the
         (port, last use) of entries used, events. Returns how many rows they
         add to the commit (recency is written apart, coalesced)."""
@@ -417,8 +459,11 @@ class Store:
 
     def _take_recency(self) -> list[tuple[int, int, int]]:
         self._recency_due = False
-        rows = [(last_use, nat, port) for nat, ports in self._recency.items()
-                for port, last_use in ports.items()]
+        rows = [
+            (last_use, nat, port)
+            for nat, ports in self._recency.items()
+            for port, last_use in ports.items()
+        ]
         self._recency = {}
         return rows
 
@@ -463,8 +508,12 @@ class Store:
                 except sqlite3.Error:
                     pass
                 if self.failing != str(exc):
-                    log.error("cannot commit to %s: %s; holding %d changes and retrying",
-                              self.path, exc, len(batch.entries) + len(batch.events))
+                    log.error(
+                        "cannot commit to %s: %s; holding %d changes and retrying",
+                        self.path,
+                        exc,
+                        len(batch.entries) + len(batch.events),
+                    )
                 self.failing = str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
@@ -481,8 +530,11 @@ class Store:
             return
         self.damaged = f"{self.path}: {what} ({exc})"
         self.failing = self.damaged
-        log.critical("%s; stopping without acknowledging anything more; run "
-                     "'nat64ho check --db %s'", self.damaged, self.path)
+        log.critical(
+            "%s; stopping without acknowledging anything more; run 'nat64ho check --db %s'",
+            self.damaged,
+            self.path,
+        )
         self.damage_found.set()
 
     async def _commit(self, batch: Batch, recency: list) -> None:
@@ -504,8 +556,9 @@ class Store:
         if batch.events:
             await w.executemany(_INSERT_EVENT, batch.events)
         if batch.nats:
-            await w.executemany(_UPSERT_NAT, [(nat, boot, wall, wall)
-                                              for nat, (boot, wall) in batch.nats.items()])
+            await w.executemany(
+                _UPSERT_NAT, [(nat, boot, wall, wall) for nat, (boot, wall) in batch.nats.items()]
+            )
         if hwm > self.clock_hwm:
             await w.execute("INSERT OR REPLACE INTO meta VALUES ('clock_hwm', ?)", (hwm,))
         await w.execute("COMMIT")
