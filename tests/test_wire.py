@@ -211,3 +211,31 @@ def test_mutated_datagrams_parse_or_raise_malformed(messages, data):
         # (Not octet for octet: HELLO's zero octets are not checked.)
         rebuilt = wire.build(parsed)
         assert len(rebuilt) == cut and wire.parse(rebuilt) == parsed
+
+
+@given(st.integers(0, 65535), st.binary(min_size=16, max_size=16), st.integers(0, 65535))
+def test_each_builder_equals_the_general_encoder(port, addr, aport):
+    assert wire.mapping(port, addr, aport) == wire.encode(wire.Mapping(port, addr, aport))
+    assert wire.deleted(port, addr, aport) == wire.encode(wire.Deleted(port, addr, aport))
+    assert wire.unmapped(port) == wire.encode(wire.Unmapped(port))
+    code, offending = port & 0xFF, aport & 0xFF
+    assert wire.error(code, offending) == wire.encode(wire.Error(code, offending))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        wire.Mapping(1, b"short", 2),  # struct would pad it silently
+        wire.Deleted(1, b"\x00" * 17, 2),
+        wire.Map(b"\x00" * 15, 1),
+        wire.Mapping(70000, b"\x00" * 16, 2),
+        wire.Lookup(-1),
+        wire.Error(256, 0x33),
+        wire.Cookie(b"1234567"),
+        wire.Hello(b"123456789"),
+        wire.Touch(()),
+    ],
+)
+def test_every_field_is_size_checked(message):
+    with pytest.raises(ValueError):
+        wire.encode(message)

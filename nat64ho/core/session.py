@@ -296,7 +296,7 @@ class Sessions:
     def _refuse(
         reason: str, code: wire.ErrorCode, size: int, offending: int = wire.Kind.HELLO
     ) -> Refused:
-        answer = bytes((wire.Kind.ERROR, 1, code, offending)) if size >= _ERROR_SIZE else None
+        answer = wire.error(code, offending) if size >= _ERROR_SIZE else None
         return Refused(reason, answer)
 
     def no_cookie(self, first_octet: int, size: int) -> Refused:

@@ -81,7 +81,6 @@ class Outcome(NamedTuple):
     counts: dict[str, int]  #: what happened, for metrics
 
 
-_UNMAPPED = wire.Kind.UNMAPPED.to_bytes(1, "big") + b"\x01"
 _RATE_LIMITED_MAP = wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))
 
 
@@ -235,7 +234,7 @@ class NatTable:
                 e = by_port.get(m.nat_port)
                 counts["lookup"] = counts.get("lookup", 0) + 1
                 if e is None:
-                    units.append([_UNMAPPED + m.nat_port.to_bytes(2, "big")])
+                    units.append([wire.unmapped(m.nat_port)])
                 else:
                     self._touch(e, now, touched)
                     if e.seq > wait:
@@ -246,7 +245,7 @@ class NatTable:
                 for p in m.ports:
                     e = by_port.get(p)
                     if e is None:
-                        units.append([_UNMAPPED + p.to_bytes(2, "big")])
+                        units.append([wire.unmapped(p)])
                     else:
                         self._touch(e, now, touched)
             elif cls is wire.Map:

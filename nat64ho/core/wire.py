@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 #: Largest reply datagram: Ethernet MTU 1500 minus IPv4 (20) and UDP (8) headers.
@@ -156,6 +157,7 @@ _H = struct.Struct("!H")
 _MAP = struct.Struct("!16sH")
 _MAPPING = struct.Struct("!H16sH")
 _MAPPING_MSG = struct.Struct("!2sH16sH")
+_UNMAPPED_MSG = struct.Struct("!2sH")
 _HELLO = struct.Struct("!BB8s14x")
 _WELCOME = struct.Struct("!BBHH8s8s2x")
 
@@ -208,7 +210,7 @@ def _error(data: bytes, at: int, n: int) -> Error:
 _S = Direction.TO_SERVER
 _N = Direction.TO_NAT64
 # kind -> (direction, allowed L values, decoder). The whole catalogue at a glance.
-_CATALOGUE: dict[int, tuple] = {
+_CATALOGUE: dict[int, tuple[Direction, range, Callable[[bytes, int, int], Message]]] = {
     Kind.COOKIE: (_S, range(4, 5), _cookie),
     Kind.HELLO: (_S, range(12, 13), _hello),
     Kind.WELCOME: (_N, range(12, 13), _welcome),
@@ -290,42 +292,47 @@ def encode(message: Message) -> bytes:
 
 
 def _encode(m: Message) -> bytes:
-    cls = type(m)
-    if cls is Mapping:
+    # isinstance, not type() identity: encode is not on the server's path
+    # (it uses the builders below), and mypy narrows each branch.
+    if isinstance(m, Mapping):
+        _check_addr(m.addr)
         return b"\x34\x0a" + _MAPPING.pack(*m)
-    if cls is Unmapped:
+    if isinstance(m, Unmapped):
         return b"\x36\x01" + _H.pack(m.nat_port)
-    if cls is Deleted:
+    if isinstance(m, Deleted):
+        _check_addr(m.addr)
         return b"\x38\x0a" + _MAPPING.pack(*m)
-    if cls is Error:
+    if isinstance(m, Error):
+        if not (0 <= m.code <= 255 and 0 <= m.offending <= 255):
+            raise ValueError("ERROR code and offending octet are one octet each")
         return bytes((Kind.ERROR, 1, m.code, m.offending))
-    if cls is Map:
+    if isinstance(m, Map):
         _check_addr(m.addr)
         return b"\x33\x09" + _MAP.pack(*m)
-    if cls is Lookup:
+    if isinstance(m, Lookup):
         return b"\x35\x01" + _H.pack(m.nat_port)
-    if cls is Touch:
+    if isinstance(m, Touch):
         if not 1 <= len(m.ports) <= 255:
             raise ValueError("TOUCH carries 1 to 255 ports")
         return _control(Kind.TOUCH, struct.pack(f"!{len(m.ports)}H", *m.ports))
-    if cls is Cookie:
+    if isinstance(m, Cookie):
         _check_len(m.cookie, 8, "cookie")
         return b"\x30\x04" + m.cookie
-    if cls is Hello:
+    if isinstance(m, Hello):
         _check_len(m.boot_id, 8, "boot id")
         return _control(Kind.HELLO, _HELLO.pack(m.version, m.flags, m.boot_id))
-    if cls is Welcome:
+    if isinstance(m, Welcome):
         _check_len(m.cookie, 8, "cookie")
         _check_len(m.boot_id, 8, "boot id")
         return _control(
             Kind.WELCOME,
             _WELCOME.pack(m.version, m.flags, m.first_port, m.last_port, m.cookie, m.boot_id),
         )
-    if cls is Unassigned:
+    if isinstance(m, Unassigned):
         if not 0x3A <= m.kind <= 0x3F or len(m.payload) % 2 or len(m.payload) > 510:
             raise ValueError("unassigned subtype 0x3A-0x3F with an even payload up to 510")
         return _control(m.kind, m.payload)
-    if cls is Packet:
+    if isinstance(m, Packet):
         return bytes(m.data)
     raise ValueError(f"not a message: {m!r}")
 
@@ -349,6 +356,16 @@ def mapping(nat_port: int, addr: bytes, port: int) -> bytes:
 def deleted(nat_port: int, addr: bytes, port: int) -> bytes:
     """The octets of DELETED, like :func:`mapping`."""
     return _MAPPING_MSG.pack(b"\x38\x0a", nat_port, addr, port)
+
+
+def unmapped(nat_port: int) -> bytes:
+    """The octets of UNMAPPED(nat_port), like :func:`mapping`."""
+    return _UNMAPPED_MSG.pack(b"\x36\x01", nat_port)
+
+
+def error(code: int, offending: int) -> bytes:
+    """The octets of ERROR(code, offending), like :func:`mapping`."""
+    return bytes((0x39, 1, code, offending))
 
 
 def build(messages: list[Message] | tuple[Message, ...]) -> bytes:
