@@ -69,6 +69,7 @@ def format_event(e: Event) -> str:
     head = f"{ts_str(e.ts)} {_NAMES[e.kind]} {ipv4_str(e.nat)}"
     if e.kind == EventKind.INITIALIZED:
         return head
+    assert e.addr is not None  # Created and Deleted always name an endpoint
     return f"{head}:{e.port} [{ipv6_str(e.addr)}]:{e.aport}"
 
 

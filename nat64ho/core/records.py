@@ -4,7 +4,7 @@ table rows. Values only; nothing here holds state of a running server."""
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 
 class EventKind(enum.IntEnum):
@@ -37,6 +37,22 @@ class EventClock:
         ts = wall if wall > self.last else self.last + 1
         self.last = ts
         return ts
+
+
+class NewEntry(Protocol):
+    """What storage reads of an entry to write it: a :class:`Row`, or the
+    table's own entry (never changed by storage)."""
+
+    @property
+    def port(self) -> int: ...
+    @property
+    def addr(self) -> bytes: ...
+    @property
+    def aport(self) -> int: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def last_use(self) -> int: ...
 
 
 class Row(NamedTuple):

@@ -104,12 +104,15 @@ class LogFile:
 
     async def _catch_up(self) -> None:
         store = self.store
+        assert store is not None  # catch-up starts only once the server set it
         copied = 0
         told = False
         while True:
             await asyncio.sleep(self.CATCH_UP_RETRY)
             try:
                 if self._after < 0:
+                    if self._behind is None:
+                        continue  # caught up meanwhile
                     first = await store.event_id(self._behind)
                     if first is None:
                         continue  # not found yet: ask again next time

@@ -19,7 +19,7 @@ import random
 import socket
 from collections import Counter
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nat64ho.core import wire
 from nat64ho.core.counters import LIMITED, Count, Drop
@@ -148,7 +148,7 @@ class Server(asyncio.DatagramProtocol):
         self._bugs_suppressed = 0
         self._bug_quiet_until = now + BUG_LOG_INTERVAL
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: Drop | str) -> None:
         self.drops[reason] += 1
 
     def _send(self, units: list[list[bytes]], addr) -> None:
@@ -183,8 +183,10 @@ class Server(asyncio.DatagramProtocol):
                 return
             self.counts[Count.HELLOS] += 1
             clock = self.clock
-            verdict = sessions.hello(nat, first, len(data), clock.now(), clock.wall())
-            if type(verdict) is Refused:
+            verdict = sessions.hello(
+                nat, cast(wire.Hello, first), len(data), clock.now(), clock.wall()
+            )
+            if isinstance(verdict, Refused):
                 self._refused(verdict, addr)
             else:
                 self._send([[verdict.answer]], addr)
@@ -197,8 +199,8 @@ class Server(asyncio.DatagramProtocol):
             if type(m) is wire.Cookie or type(m) is wire.Hello:
                 self._drop(Drop.MISPLACED_SESSION)
                 return
-        opened = sessions.open(nat, first.cookie, len(data), self.clock.wall())
-        if type(opened) is Refused:
+        opened = sessions.open(nat, cast(wire.Cookie, first).cookie, len(data), self.clock.wall())
+        if isinstance(opened, Refused):
             self._refused(opened, addr)
             return
         confirmation = opened.confirmation
@@ -231,7 +233,7 @@ class Server(asyncio.DatagramProtocol):
             self._read_next()
 
     def _limited(
-        self, state: NatState, body: list, reason: str, addr, confirmation: Confirmation | None
+        self, state: NatState, body: list, reason: Drop, addr, confirmation: Confirmation | None
     ) -> None:
         """Refuse a datagram over its NAT64's share whole (§7): ERROR
         RATE_LIMITED for each request while the NAT64's error budget lasts."""
@@ -299,8 +301,8 @@ class Server(asyncio.DatagramProtocol):
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._read_failed(task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._read_failed(exc)
         self._read_next()
 
     def _read_failed(self, exc: BaseException) -> None:
@@ -451,8 +453,7 @@ def _source_ipv4(host: str) -> int | None:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
-    if ip.version == 6:
-        ip = ip.ipv4_mapped
-        if ip is None:
-            return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return None if mapped is None else int(mapped)
     return int(ip)

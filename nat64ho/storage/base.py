@@ -11,10 +11,10 @@ leave then), or by awaiting :meth:`Storage.wait`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
-from nat64ho.core.records import Event, Row
+from nat64ho.core.records import Event, NewEntry, Row
 
 
 class NatRecord(NamedTuple):
@@ -43,19 +43,34 @@ class Storage(Protocol):
     does not decode; a damaged file sets :attr:`damage_found`."""
 
     # ---------------------------------------------------------------- state read at start
-    path: object  #: where it lives, for messages
+    @property
+    def path(self) -> object:
+        """Where it lives, for messages."""
+        ...
+
     secret: bytes  #: the cookie secret, created once and kept
-    meta: Mapping[str, object]
+
+    @property
+    def meta(self) -> Mapping[str, object]: ...
+
     clock_hwm: int  #: newest last use ever saved (table clock, µs)
     last_event_ts: int  #: newest event time in the history
-    nats: Mapping[int, NatRecord]  #: the NAT64s seen, with their boot ids
+
+    @property
+    def nats(self) -> Mapping[int, NatRecord]:
+        """The NAT64s seen, with their boot ids."""
+        ...
 
     # ---------------------------------------------------------------- state while serving
     committed_seq: int  #: the newest group on disk
     failing: str | None  #: why commits fail, while they do
     damaged: str | None  #: why the file was given up on; never cleared
     damage_found: asyncio.Event
-    stats: Mapping[str, int]  #: "commits", "commit_failures"
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """ "commits", "commit_failures"."""
+        ...
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None: ...
 
@@ -93,7 +108,7 @@ class Storage(Protocol):
     def add(
         self,
         nat: int,
-        created: Iterable[Row],
+        created: Sequence[NewEntry],
         touched: Iterable[tuple[int, int]],
         events: list[Event],
     ) -> int:

@@ -22,6 +22,8 @@ from nat64ho.storage.schema import DatabaseError
 class TableOwned(DatabaseError):
     """Another process owns the table (a running server, a prune, an import)."""
 
+    holder: str | None = None  #: who holds it, as the lock file names it
+
 
 def lock_path(db: Path | str) -> Path:
     db = Path(db)

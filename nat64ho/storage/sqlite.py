@@ -15,12 +15,12 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import aiosqlite
 
-from nat64ho.core.records import Event, Row
+from nat64ho.core.records import Event, NewEntry, Row
 from nat64ho.sql import INSERT_EVENT as _INSERT_EVENT
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
@@ -185,14 +185,16 @@ class Store:
         return self
 
     async def _load_meta(self) -> None:
-        rows = self.meta = dict(await self._w.execute_fetchall("SELECT key, value FROM meta"))
+        rows = self.meta = {
+            str(k): v for k, v in await self._w.execute_fetchall("SELECT key, value FROM meta")
+        }
         secret = rows.get("secret")
         if secret is None:
             # Created once and kept with the table, so cookies survive restarts.
             secret = os.urandom(32)
             await self._w.execute("INSERT INTO meta VALUES ('secret', ?)", (secret,))
-        self.secret = bytes(secret)
-        self.clock_hwm = int(rows.get("clock_hwm", 0))
+        self.secret = bytes(secret)  # type: ignore[call-overload]  # a BLOB
+        self.clock_hwm = int(rows.get("clock_hwm", 0))  # type: ignore[call-overload]
         for nat, boot_id, first, last in await self._w.execute_fetchall(
             "SELECT nat, boot_id, first_hello, last_hello FROM nat"
         ):
@@ -318,22 +320,22 @@ class Store:
 
     async def event_id(self, key: tuple) -> int | None:
         """The id of the history event (ts, kind, nat, port), if stored."""
-        rows = await self._r.execute_fetchall(
-            "SELECT id FROM event WHERE nat = ? AND port = ? AND ts = ? AND kind = ?",
-            (key[2], key[3], key[0], key[1]),
+        rows = list(
+            await self._r.execute_fetchall(
+                "SELECT id FROM event WHERE nat = ? AND port = ? AND ts = ? AND kind = ?",
+                (key[2], key[3], key[0], key[1]),
+            )
         )
         return rows[0][0] if rows else None
 
     async def read_events(self, after: int, n: int) -> list[tuple]:
         """Up to ``n`` history rows (id, ts, kind, nat, port, addr, aport)
         with ids above ``after``, in id order."""
-        return list(
-            await self._r.execute_fetchall(
-                "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? ORDER BY id "
-                "LIMIT ?",
-                (after, n),
-            )
+        rows = await self._r.execute_fetchall(
+            "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? ORDER BY id LIMIT ?",
+            (after, n),
         )
+        return [tuple(r) for r in rows]
 
     # ------------------------------------------------------------ writes
     @property
@@ -353,7 +355,7 @@ class Store:
     def add(
         self,
         nat: int,
-        created: Iterable[Row],
+        created: Sequence[NewEntry],
         touched: Iterable[tuple[int, int]],
         events: list[Event],
     ) -> int:
@@ -385,8 +387,8 @@ class Store:
 
     def answer_after(self, seq: int, nat: int, units: list, addr: tuple) -> None:
         """Hand ``units`` to the commit callback once batch ``seq`` is durable."""
-        b = self._batch
-        if b.seq != seq:
+        b: Batch | None = self._batch
+        if b is None or b.seq != seq:
             b = self._inflight
             if b is None or b.seq != seq:
                 raise AssertionError(f"no batch {seq}")
