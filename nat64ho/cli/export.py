@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import io
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -120,12 +121,24 @@ def export(
     # the last one that reached the file (a writer holds at most FETCH).
     recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=2 * opsdb.FETCH + 2)
     handed = [0]
+    # Ctrl-C while writing to a file only asks to stop: the stop is taken
+    # between two rows, never inside a write, so the count of lines written
+    # is exact (an interrupt landing right after a write returned, before it
+    # was counted, named a sequence number thousands of lines early).
+    stop_asked = [False]
+
+    def ask_stop(signum: int, frame: FrameType | None) -> None:
+        if stop_asked[0]:
+            raise KeyboardInterrupt  # a second Ctrl-C: a write that blocks stops too
+        stop_asked[0] = True
 
     def counted(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         # Ids travel with the rows so that an interrupted export can say
         # exactly where to resume; the writers other than jsonl drop them.
         n = 0
         for row in rows:
+            if stop_asked[0]:
+                raise KeyboardInterrupt
             n += 1
             handed[0] = n
             recent.append(row[:2])
@@ -158,6 +171,7 @@ def export(
             total = None
         bar = Progress("export", "events", total)
         lines = LineCounter(out)
+        previous = signal.signal(signal.SIGINT, ask_stop)
         try:
             with out:
                 n = writer(counted(rows), lines)
@@ -178,6 +192,7 @@ def export(
                 f"another file, run the same command with {how}"
             )
         finally:
+            signal.signal(signal.SIGINT, previous)
             bar.close()
         typer.echo(f"{n} events written to {output}", err=True)
 
