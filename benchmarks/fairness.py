@@ -25,14 +25,13 @@ import multiprocessing
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
-from nat64ho.testing import Child
+from nat64ho.testing import Child, serve_command
 
 FLOOD_SOURCE = "127.3.0.1"
 VICTIM_SOURCE = "127.4.0.1"
@@ -44,20 +43,7 @@ def v6(i: int, net: int) -> bytes:
 
 
 def start(db: Path, log: Path) -> Child:
-    return Child(
-        [
-            sys.executable,
-            "-m",
-            "nat64ho",
-            "serve",
-            "--db",
-            str(db),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-file",
-            str(log),
-        ]
-    )
+    return Child(serve_command(db, log))  # the default limits: they are what is measured
 
 
 async def prefill(address: tuple[str, int], boot_id: bytes) -> None:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nat64ho.core import wire  # noqa: E402
 from nat64ho.peer import Client, Peer  # noqa: E402
+from nat64ho.testing import serve_command  # noqa: E402
 
 #: HELLO is resent this often until the server answers (it may not be
 #: listening yet).
@@ -59,18 +60,7 @@ async def first_answers(port_file: Path, proc: subprocess.Popen, t0: float) -> t
 def one_run(db: Path, tmp: Path) -> tuple[float, float]:
     port_file = tmp / "port"
     port_file.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "nat64ho",
-        "serve",
-        "--db",
-        str(db),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-file",
-        str(tmp / "events.log"),
-    ]
+    cmd = serve_command(db, tmp / "events.log")
     loop = asyncio.new_event_loop()
     t0 = loop.time()
     proc = subprocess.Popen(

@@ -16,23 +16,10 @@ from nat64ho.daemon.protocol import Server
 from nat64ho.eventlog import Event, EventKind, format_event, parse_line, ts_from_datetime
 from nat64ho.peer import Peer
 from nat64ho.storage.sqlite import Store
+from tests.helpers import Recorder
 
 NAT = ("192.0.2.7", 40000)
 V17 = ipaddress.IPv6Address("2001:db8::17").packed
-
-
-class Recorder:
-    def __init__(self):
-        self.sent: list[tuple[bytes, tuple]] = []
-
-    def sendto(self, data, addr):
-        self.sent.append((data, addr))
-
-    def is_closing(self):
-        return False
-
-    def get_extra_info(self, name, default=None):
-        return default
 
 
 class SetClock:
