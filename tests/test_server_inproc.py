@@ -249,7 +249,7 @@ def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_p
     async def go():
         srv, rec = await start(tmp_path)
         # Two entries for one endpoint on one NAT64: the endpoint index says no.
-        srv.store.add(1, [Row(1028, V17, 1, 0, 0), Row(1029, V17, 1, 0, 0)], [], [])
+        srv.store.add(1, [Row(1028, V17, 1, 0, 0), Row(1029, V17, 1, 0, 0)], [])
         with pytest.raises(DatabaseDamaged):
             await srv.store.wait(1)
         assert srv.store.damage_found.is_set() and "inconsistent" in srv.store.damaged

@@ -76,7 +76,6 @@ class Outcome(NamedTuple):
     units: list[list[bytes]]  #: encoded replies; a DELETED shares a unit with its MAPPING
     events: list[Event]
     created: list[Entry] | list[Row]  #: new entries (each replaces whatever held its port)
-    touched: list[tuple[int, int]]  #: (port, last_use) of the entries used
     wait_seq: int  #: the replies may leave once this batch is committed
     counts: dict[str, int]  #: what happened, for metrics
 
@@ -112,6 +111,7 @@ class NatTable:
         self.total = 0  #: entries in the table, in memory or only in the database
         self.candidates: OrderedDict[int, Row] = OrderedDict()  # oldest database rows
         self.readers = 0  #: database reads in flight for this NAT64
+        self.dirty: list[Entry] = []  #: entries used since their recency was handed over
         self.loaded = False
 
     @property
@@ -224,7 +224,6 @@ class NatTable:
         units: list[list[bytes]] = []
         events: list[Event] = []
         created: list[Entry] = []
-        touched: list[tuple[int, int]] = []
         counts: dict[str, int] = {}
         wait = 0
         by_port = self.by_port
@@ -236,7 +235,7 @@ class NatTable:
                 if e is None:
                     units.append([wire.unmapped(m.nat_port)])
                 else:
-                    self._touch(e, now, touched)
+                    self._touch(e, now)
                     if e.seq > wait:
                         wait = e.seq
                     units.append([wire.mapping(e.port, e.addr, e.aport)])
@@ -247,13 +246,13 @@ class NatTable:
                     if e is None:
                         units.append([wire.unmapped(p)])
                     else:
-                        self._touch(e, now, touched)
+                        self._touch(e, now)
             elif cls is wire.Map:
                 counts["map"] = counts.get("map", 0) + 1
                 port = self.by_endpoint.get((m.addr, m.port))
                 if port is not None:
                     e = by_port[port]
-                    self._touch(e, now, touched)
+                    self._touch(e, now)
                     if e.seq > wait:
                         wait = e.seq
                     units.append([wire.mapping(e.port, e.addr, e.aport)])
@@ -271,20 +270,34 @@ class NatTable:
                 units.append(unit)
             else:
                 counts["skipped"] = counts.get("skipped", 0) + 1
-        return Outcome(units, events, created, touched, wait, counts)
+        return Outcome(units, events, created, wait, counts)
 
-    def _touch(self, e: Entry, now: int, touched: list[tuple[int, int]]) -> None:
+    def _touch(self, e: Entry, now: int) -> None:
         if now > e.last_use:
             e.last_use = now
         self.by_port.move_to_end(e.port)
-        e.dirty = True
-        touched.append((e.port, e.last_use))
+        if not e.dirty:
+            # Listed once until its recency is handed over: a LOOKUP of a
+            # dirty entry costs nothing more here.
+            e.dirty = True
+            self.dirty.append(e)
+
+    def take_recency(self) -> list[tuple[int, int]]:
+        """(port, last_use) of the entries used since they were last handed
+        over, to be saved; they stay dirty until :meth:`saved` says so."""
+        by_port = self.by_port
+        out = [(e.port, e.last_use) for e in self.dirty if e.dirty and by_port.get(e.port) is e]
+        self.dirty = []
+        return out
 
     def saved(self, port: int, last_use: int) -> None:
         """The last use ``last_use`` of ``port`` is committed."""
         e = self.by_port.get(port)
-        if e is not None and e.last_use <= last_use:
-            e.dirty = False
+        if e is not None and e.dirty:
+            if e.last_use <= last_use:
+                e.dirty = False
+            else:
+                self.dirty.append(e)  # used since it was handed over: again
 
     def _create(
         self,

@@ -208,6 +208,14 @@ class Tables:
                 state.share.waiting -= 1
         self.cached = sum(len(s.table.by_port) for s in nats.values())
 
+    def take_recency(self) -> dict[int, list[tuple[int, int]]]:
+        """Per NAT64, (port, last_use) of the entries used since the last call."""
+        out = {}
+        for nat, state in self.nats.items():
+            if state.table.dirty:
+                out[nat] = state.table.take_recency()
+        return out
+
     def saved(self, recency: Iterable[tuple[int, int, int]]) -> None:
         """Recency a commit saved, as (last_use, nat, port): those entries
         may leave memory again unless used since."""

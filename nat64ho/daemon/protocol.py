@@ -271,8 +271,8 @@ class Server(asyncio.DatagramProtocol):
             create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
             share_ok=share.backlog < MAX_NAT_BACKLOG,
         )
-        if out.created or out.touched or out.events:
-            share.backlog += store.add(state.nat, out.created, out.touched, out.events)
+        if out.created or out.events:
+            share.backlog += store.add(state.nat, out.created, out.events)
         counts = self.counts
         for what, n in out.counts.items():  # Counter.update costs twice this per datagram
             counts[what] += n
@@ -420,7 +420,21 @@ class Server(asyncio.DatagramProtocol):
 
     def _trim(self) -> None:
         if self.tables.trim(self.store.committed_seq):
-            self.store.flush_recency_soon()
+            self.save_recency()
+
+    def save_recency(self) -> None:
+        """Hand the recency of the entries used since the last time to
+        storage, to be written with the next commit (the LRU order on disk
+        follows memory at least every RECENCY_INTERVAL)."""
+        recency = self.tables.take_recency()
+        if recency:
+            self.store.add_recency(recency)
+        self.store.flush_recency_soon()
+
+    async def save_recency_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.save_recency()
 
     # ------------------------------------------------------------ reports
     def summary(self) -> str:

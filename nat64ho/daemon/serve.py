@@ -19,7 +19,7 @@ from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
 from nat64ho.storage.base import Storage
 from nat64ho.storage.schema import DatabaseError, NotOurDatabase
-from nat64ho.storage.sqlite import Store
+from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
 
 log = logging.getLogger("nat64ho")
 
@@ -212,7 +212,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         await store.close()
         logfile.close()
         raise
-    helpers = []
+    helpers = [asyncio.ensure_future(server.save_recency_every(RECENCY_INTERVAL))]
     loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
     sockname = transport.get_extra_info("sockname")
     log.info(
@@ -273,6 +273,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         await server.drain(STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set())
         for h in helpers:
             h.cancel()
+        server.save_recency()  # a clean stop keeps the LRU order to the µs
         if metrics is not None:
             await metrics.stop()
         unsaved = await store.close(hurry)

@@ -11,7 +11,7 @@ leave then), or by awaiting :meth:`Storage.wait`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from nat64ho.core.records import Event, NewEntry, Row
@@ -109,10 +109,13 @@ class Storage(Protocol):
         self,
         nat: int,
         created: Sequence[NewEntry],
-        touched: Iterable[tuple[int, int]],
         events: list[Event],
     ) -> int:
-        """Queue new entries, recency and events; the rows added."""
+        """Queue new entries and events; the rows added."""
+
+    def add_recency(self, recency: Mapping[int, list[tuple[int, int]]]) -> None:
+        """Queue, per NAT64, (port, last use) of entries used; written
+        coalesced, soon after :meth:`flush_recency_soon`."""
 
     def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None: ...
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import aiosqlite
@@ -356,12 +356,10 @@ class Store:
         self,
         nat: int,
         created: Sequence[NewEntry],
-        touched: Iterable[tuple[int, int]],
         events: list[Event],
     ) -> int:
-        """Queue changes of ``nat`` for the next commit: new entries, the
-        (port, last use) of entries used, events. Returns how many rows they
-        add to the commit (recency is written apart, coalesced)."""
+        """Queue changes of ``nat`` for the next commit: new entries and
+        events. Returns how many rows they add to the commit."""
         b = self._batch
         recency = self._recency.get(nat)
         if recency is None:
@@ -370,13 +368,21 @@ class Store:
             b.entries.append((nat, r.port, r.addr, r.aport, r.created, r.last_use))
             # A port taken over: the last use of whoever held it is moot.
             recency.pop(r.port, None)
-        recency.update(touched)  # one C loop: this runs for every LOOKUP
         b.events.extend(events)
         rows = len(created) + len(events)
         if rows:
             b.rows_by_nat[nat] = b.rows_by_nat.get(nat, 0) + rows
             self._wake.set()
         return rows
+
+    def add_recency(self, recency: Mapping[int, list[tuple[int, int]]]) -> None:
+        """Queue, per NAT64, (port, last use) of entries used: coalesced, and
+        written with the next commit after :meth:`flush_recency_soon`."""
+        for nat, pairs in recency.items():
+            ports = self._recency.get(nat)
+            if ports is None:
+                ports = self._recency[nat] = {}
+            ports.update(pairs)
 
     def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None:
         """Record a confirmed boot of ``nat`` (and its ``Initialized``)."""
