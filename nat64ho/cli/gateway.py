@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -121,11 +122,9 @@ TestbedName = Annotated[
 TestbedState = Annotated[Path, typer.Option("--state", metavar="DIR", help="Database and logs.")]
 
 
-@testbed_app.command("up")
-def testbed_up(
-    name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")
-) -> None:
-    """Build the namespaces and start the server, the services and the gateway."""
+def _testbed(name: str) -> ModuleType:
+    """The test bed module, once ``name`` is valid (exit 2) and the machine
+    can build namespaces (exit 1)."""
     from nat64ho.gateway import testbed as tb
 
     try:
@@ -134,6 +133,15 @@ def testbed_up(
         fail(str(exc))
     if (why := tb.available()) is not None:
         fail(f"the test bed {why}", 1)
+    return tb
+
+
+@testbed_app.command("up")
+def testbed_up(
+    name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")
+) -> None:
+    """Build the namespaces and start the server, the services and the gateway."""
+    tb = _testbed(name)
     try:
         bed = tb.up(name, state.absolute())
     except tb.TestbedError as exc:
@@ -153,14 +161,7 @@ def testbed_down(
     name: TestbedName = "nat64ho", state: TestbedState = Path("/tmp/nat64ho-testbed")
 ) -> None:
     """Stop everything in the test bed's namespaces and delete them (the state stays)."""
-    from nat64ho.gateway import testbed as tb
-
-    try:
-        tb.check_name(name)
-    except tb.TestbedError as exc:
-        fail(str(exc))
-    if (why := tb.available()) is not None:
-        fail(f"the test bed {why}", 1)
+    tb = _testbed(name)
     try:
         gone = tb.down(name, state)
     except tb.TestbedError as exc:
