@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests import pgcluster
 from tests.helpers import ServerProcess, connect, run, tmpfs, umount, v6, wait_for  # noqa: F401
 
 
@@ -29,3 +30,30 @@ def small_fs(tmp_path):
     mnt = tmpfs(tmp_path / "small", "2m")
     yield mnt
     umount(mnt)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the whole run (about 2 s to start); each
+    test takes a fresh database of it through ``pg_url``."""
+    why = pgcluster.missing()
+    if why is not None:
+        pytest.skip(why)
+    cluster = pgcluster.Cluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """``postgresql:///tN?host=…``: a new empty database."""
+    return pg_cluster.url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request, tmp_path) -> str:
+    """The table's database on each backend: an SQLite file in ``tmp_path``,
+    or a new database of the run's PostgreSQL cluster, as ``--db`` takes it."""
+    if request.param == "sqlite":
+        return str(tmp_path / "table.db")
+    return request.getfixturevalue("pg_cluster").url()
