@@ -29,6 +29,12 @@ CONNECT_TIMEOUT = 10.0
 #: do not both apply a migration ("nat64ho-migrate" as a 64-bit number).
 MIGRATE_LOCK = 0x6E61_7436_346D_6772
 
+#: Advisory lock key of the table's owner: held by the active server for its
+#: whole session (a standby waits on it), and taken by operator commands that
+#: rewrite the table (import --rebuild-table, prune, forget). Advisory locks
+#: are per database, so one key serves every table ("nat64ho-owner").
+OWNER_LOCK = 0x6E61_7436_346F_776E
+
 _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
