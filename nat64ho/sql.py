@@ -20,3 +20,10 @@ PRUNE_EVENTS = (
 #: Events per prune transaction: a writer sharing the database (the server's
 #: commits) waits for one batch at most.
 PRUNE_BATCH = 20_000
+
+
+def numbered(sql: str) -> str:
+    """``sql`` with SQLite's ``?`` placeholders as PostgreSQL's ``$1, $2, …``
+    (the statements here hold no ``?`` inside a string)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))

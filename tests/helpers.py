@@ -20,6 +20,8 @@ import pytest
 
 from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
+from nat64ho.sql import numbered
+from nat64ho.storage.schema import is_postgres
 from nat64ho.testing import Child
 
 
@@ -146,27 +148,42 @@ def mappings(messages: list) -> list[wire.Mapping]:
     return [m for m in messages if isinstance(m, wire.Mapping)]
 
 
-def entries(db: Path) -> dict[tuple[bytes, int], int]:
+def db_rows(db: Path | str, sql: str, *params: object) -> list[tuple]:
+    """Rows of ``sql`` (``?`` placeholders, blobs as bytes) from an SQLite file
+    or a PostgreSQL URL, read in a session that cannot write."""
+    if is_postgres(str(db)):
+        return run(_pg_rows(str(db), numbered(sql), params))
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+            for row in conn.execute(sql, params)
+        ]
+    finally:
+        conn.close()
+
+
+async def _pg_rows(url: str, sql: str, params: tuple) -> list[tuple]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        return [tuple(r) for r in await conn.fetch(sql, *params)]
+    finally:
+        await conn.close()
+
+
+def entries(db: Path | str) -> dict[tuple[bytes, int], int]:
     """(IPv6 address, port) -> NAT port of every entry, read without writing."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {
-            (bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")
-        }
-    finally:
-        conn.close()
+    return {(a, ap): p for p, a, ap in db_rows(db, "SELECT port, addr, aport FROM entry")}
 
 
-def table_rows(db: Path) -> dict[tuple[int, int], tuple[bytes, int]]:
+def table_rows(db: Path | str) -> dict[tuple[int, int], tuple[bytes, int]]:
     """(NAT64, port) -> endpoint of every entry, read without writing."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {
-            (n, p): (bytes(a), ap)
-            for n, p, a, ap in conn.execute("SELECT nat, port, addr, aport FROM entry")
-        }
-    finally:
-        conn.close()
+    return {
+        (n, p): (a, ap) for n, p, a, ap in db_rows(db, "SELECT nat, port, addr, aport FROM entry")
+    }
 
 
 def digest(p: Path) -> str:

@@ -50,5 +50,5 @@ def test_missing_newer_and_foreign_databases_are_refused(pg_cluster):
 
 def test_passwords_never_reach_messages():
     url = "postgresql://app:s3cret@db.example:5432/nat64ho"
-    assert pg_schema.shown(url) == "postgresql://app:***@db.example:5432/nat64ho"
-    assert pg_schema.is_postgres(url) and not pg_schema.is_postgres("/var/lib/nat64ho/table.db")
+    assert schema.shown(url) == "postgresql://app:***@db.example:5432/nat64ho"
+    assert schema.is_postgres(url) and not schema.is_postgres("/var/lib/nat64ho/table.db")

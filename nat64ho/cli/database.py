@@ -35,7 +35,7 @@ class Database:
     is closed on the way out.
     """
 
-    def __init__(self, db: Path | None, *, write: bool = False, own: str | None = None):
+    def __init__(self, db: str | None, *, write: bool = False, own: str | None = None):
         self.path = db_path(db)
         self.write = write
         self.own = own  # the command, if it must own the table (nat64ho.storage.owner)

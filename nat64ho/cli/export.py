@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
@@ -209,7 +208,7 @@ FOLLOW_POLL_S = 0.25
 
 
 def _follow(
-    db: Path | None, writer: ops_export.Writer, fmt: str, nat: int | None, after: int | None
+    db: str | None, writer: ops_export.Writer, fmt: str, nat: int | None, after: int | None
 ) -> None:
     """``export --follow``: the history, then every event committed after it,
     each written once in id order and flushed, until a signal."""

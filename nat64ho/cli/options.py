@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -167,19 +168,34 @@ def parse_time(text: str, what: str) -> int:
 
 
 DbOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--db",
-        metavar="PATH",
-        help="The SQLite database. Default: $NAT64HO_DB, else "
+        metavar="PATH|URL",
+        help="The table's database: an SQLite file, or postgresql://… for a "
+        "PostgreSQL database shared by several hosts. Default: $NAT64HO_DB, else "
         "~/.local/share/nat64ho/table.db ($XDG_DATA_HOME).",
         show_default=False,
     ),
 ]
 
 
-def db_path(db: Path | None) -> Path:
-    return db if db is not None else schema.default_db_path()
+def db_target(db: str | None) -> Path | str:
+    """``--db`` as a backend takes it: a PostgreSQL URL as given, else a path."""
+    if db is None:
+        env = os.environ.get("NAT64HO_DB")
+        if env and schema.is_postgres(env):
+            return env
+        return schema.default_db_path()
+    return db if schema.is_postgres(db) else Path(db)
+
+
+def db_path(db: str | None, command: str = "this command") -> Path:
+    """``--db`` for a command that works on an SQLite file only."""
+    target = db_target(db)
+    if isinstance(target, str):
+        fail(f"--db {schema.shown(target)}: {command} works on an SQLite file only")
+    return target
 
 
 #: The one exit status for a database that cannot be used (missing, busy,

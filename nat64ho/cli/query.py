@@ -9,7 +9,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -331,7 +330,7 @@ def _who_window(
     )
 
 
-def _who_reports(db: Path | None, name: str, default_tol: int, fmt: str) -> None:
+def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
     try:
         source = (
             sys.stdin if name == "-" else open(name, newline="", encoding="utf-8", errors="replace")

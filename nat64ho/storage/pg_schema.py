@@ -5,8 +5,6 @@ the same way as SQLite's (see :mod:`nat64ho.storage.schema`)."""
 from __future__ import annotations
 
 import time
-import urllib.parse
-from pathlib import Path
 
 import asyncpg
 
@@ -17,10 +15,8 @@ from nat64ho.storage.schema import (
     NewerDatabase,
     NotOurDatabase,
     OutdatedDatabase,
+    shown,
 )
-
-#: What ``--db`` starts with to name a PostgreSQL database (libpq's URIs).
-SCHEMES = ("postgresql://", "postgres://")
 
 #: Seconds to wait for a connection before saying the server cannot be reached.
 CONNECT_TIMEOUT = 10.0
@@ -39,20 +35,6 @@ _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
 )
-
-
-def is_postgres(db: object) -> bool:
-    """Whether ``--db`` names a PostgreSQL database rather than an SQLite file."""
-    return isinstance(db, str) and db.startswith(SCHEMES)
-
-
-def shown(url: str) -> str:
-    """``url`` for messages and logs: any password replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -172,8 +154,3 @@ async def open_db(url: str, *, readonly: bool = False, create: bool = False) -> 
         await conn.close()
         raise
     return conn
-
-
-def describe(db: str | Path) -> str:
-    """``--db`` for messages, either backend."""
-    return shown(db) if isinstance(db, str) and is_postgres(db) else str(db)

@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import stat
 import time
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 
@@ -61,6 +62,30 @@ def is_busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and (
         "locked" in str(exc) or "busy" in str(exc)
     )
+
+
+#: What ``--db`` starts with to name a PostgreSQL database (libpq's URIs).
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(db: object) -> bool:
+    """Whether ``--db`` names a PostgreSQL database rather than an SQLite file.
+    Kept here, not in pg_schema, so that SQLite-only paths never import asyncpg."""
+    return isinstance(db, str) and db.startswith(PG_SCHEMES)
+
+
+def shown(url: str) -> str:
+    """``url`` for messages and logs: any password replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe(db: str | Path) -> str:
+    """``--db`` for messages, either backend."""
+    return shown(db) if isinstance(db, str) and is_postgres(db) else str(db)
 
 
 def default_db_path() -> Path:
