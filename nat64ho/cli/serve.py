@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +14,7 @@ from nat64ho.cli.options import (
     DbOption,
     Sync,
     UsageError,
-    db_path,
+    db_target,
     fail,
     parse_listen,
     parse_ports,
@@ -35,7 +37,9 @@ def serve(
             "--log-file",
             metavar="PATH",
             help="Event log (Created/Deleted/Initialized lines); '-' for stdout. "
-            "Default: nat64ho.log beside the database.",
+            "Default: nat64ho.log beside an SQLite database; with a PostgreSQL URL, "
+            "$XDG_STATE_HOME/nat64ho/nat64ho.log (~/.local/state/nat64ho/nat64ho.log): "
+            "each host keeps its own log.",
             show_default=False,
         ),
     ] = None,
@@ -179,7 +183,8 @@ def serve(
         ),
     ] = False,
 ) -> None:
-    """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite.
+    """Run the handoff server: answer NAT64s over UDP and keep their tables in SQLite
+    or PostgreSQL.
 
     SIGTERM or SIGINT: stop reading, commit what is in flight, exit 0.
     SIGHUP: reopen the log file (for logrotate).
@@ -203,11 +208,11 @@ def serve(
     if check_config:
         typer.echo("ok: the options are valid")
         raise typer.Exit(0)
-    path = db_path(db)
+    target = db_target(db)
     if log_file is None:
-        log_file = str(path.parent / "nat64ho.log")
+        log_file = str(default_log(target))
     config = server.Config(
-        db=path,
+        db=target,
         host=host,
         port=port,
         log_file=log_file,
@@ -239,6 +244,17 @@ def serve(
         fail(exc.strerror or str(exc), 1)
     except OSError as exc:
         fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", 1)
+
+
+def default_log(target: Path | str) -> Path:
+    """The log beside an SQLite file; for PostgreSQL, in this host's state
+    directory (the database is shared, the log is each server's own)."""
+    if isinstance(target, Path):
+        return target.parent / "nat64ho.log"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(state) / "nat64ho" / "nat64ho.log"
 
 
 def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:

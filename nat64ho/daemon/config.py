@@ -11,7 +11,7 @@ from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME
 
 @dataclass
 class Config:
-    db: Path
+    db: Path | str  #: an SQLite file, or a PostgreSQL URL
     host: str = "0.0.0.0"
     port: int = wire.DEFAULT_PORT
     log_file: str = "-"

@@ -18,7 +18,7 @@ from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
 from nat64ho.storage.base import Storage
-from nat64ho.storage.schema import DatabaseError, NotOurDatabase
+from nat64ho.storage.schema import DatabaseError, NotOurDatabase, describe, is_postgres, shown
 from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
 
 log = logging.getLogger("nat64ho")
@@ -143,6 +143,65 @@ async def _take_table(config: Config, stop: asyncio.Event):
             pass
 
 
+async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
+    """The writer session of ``url``, migrated and holding the owner lock
+    (nat64ho.storage.pg_owner); with ``standby`` wait for the lock (and for
+    the database, if it cannot be reached), or for a stop (None)."""
+    from nat64ho.storage import pg_owner, postgres
+    from nat64ho.storage.owner import TableOwned
+
+    told: str | None = None
+    conn = None
+    while True:
+        try:
+            if conn is None or conn.is_closed():
+                conn = await postgres.connect(url)
+                await pg_schema_migrate(conn, url)
+            await pg_owner.try_acquire(conn, url, what="serve")
+            if told is not None:
+                log.info("standby: took over the table of %s", shown(url))
+            return conn
+        except TableOwned as exc:
+            if not config.standby:
+                if conn is not None:
+                    await conn.close()
+                raise
+            why = f"owned by {exc.holder}"
+        except DatabaseError as exc:
+            if not config.standby:
+                raise
+            why = str(exc)
+        except Exception as exc:  # the session failed while we waited
+            if not config.standby:
+                raise DatabaseError(f"{shown(url)}: {exc}") from None
+            conn = None
+            why = f"{shown(url)}: {exc}"
+        if told != why:
+            log.info("standby: %s; waiting to take over", why)
+            _sd_notify(f"STATUS=standby, {why}")
+            told = why
+        try:
+            await asyncio.wait_for(stop.wait(), STANDBY_POLL)
+        except TimeoutError:
+            continue
+        if conn is not None:
+            await conn.close()
+        return None
+
+
+async def pg_schema_migrate(conn, url: str) -> None:
+    """Bring the schema up to date (serve is the command that does)."""
+    import asyncpg
+
+    from nat64ho.storage import pg_schema
+
+    try:
+        await pg_schema.migrate(conn, url)
+    except asyncpg.PostgresError as exc:
+        await conn.close()
+        raise DatabaseError(f"{shown(url)}: {exc}") from None
+
+
 async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:
     """Run until SIGTERM/SIGINT; returns the server after a clean stop (None
     when stopped before it served, in standby)."""
@@ -166,17 +225,30 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server |
 
 
 async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Event):
-    db = Path(config.db)
-    created_dirs = _new_dirs(db)
+    pg = is_postgres(config.db)
+    db = None if pg else Path(config.db)
     log_path = Path(config.log_file) if config.log_file != "-" else None
+    created_dirs = _new_dirs(db) if db is not None else []
     if log_path is not None:
         created_dirs += [d for d in _new_dirs(log_path) if d not in created_dirs]
-    if created_dirs:
+    if created_dirs and db is not None:
         db.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    candidates = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")]
+    candidates = (
+        [] if db is None else [db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")]
+    )
     if log_path is not None:
         candidates.append(log_path)
     created = [f for f in candidates if not f.exists()]
+    if pg:
+        writer = await _take_pg_table(str(config.db), config, stop)
+        if writer is None:
+            log.info("stopped while in standby")
+            return None
+        try:
+            return await _serve_owned(config, ready, stop, hurry, created_dirs, created, writer)
+        finally:
+            if not writer.is_closed():
+                writer.terminate()  # the store closed it, unless it failed to open
     ownership = await _take_table(config, stop)
     if ownership is None:
         log.info("stopped while in standby")
@@ -187,14 +259,25 @@ async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Even
         ownership.release()
 
 
-async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created):
+async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created, writer=None):
     loop = asyncio.get_running_loop()
-    store = await Store.open(config.db, sync=config.sync)
+    store: Store
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    if writer is not None:
+        import asyncpg
+
+        from nat64ho.storage.postgres import PgStore
+
+        store = await PgStore.open(str(config.db), writer=writer)
+        errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+    else:
+        store = await Store.open(config.db, sync=config.sync)
+    where = describe(config.db)
     try:
         # Read commands (stats) take the table size from here.
         await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
-    except sqlite3.Error as exc:
-        log.warning("cannot record the port range in %s: %s", config.db, exc)
+    except errors as exc:
+        log.warning("cannot record the port range in %s: %s", where, exc)
     try:
         logfile = LogFile(config.log_file)
     except OSError:
@@ -219,7 +302,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         "listening on %s:%d, database %s, log %s, ports %d-%d",
         sockname[0],
         sockname[1],
-        config.db,
+        where,
         config.log_file,
         config.first_port,
         config.last_port,
@@ -236,13 +319,13 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         metrics = Metrics(server)
         server.metrics = metrics
         try:
-            where = await metrics.start(*config.metrics)
+            at = await metrics.start(*config.metrics)
         except OSError:
             transport.close()
             await store.close()
             logfile.close()
             raise
-        log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+        log.info("metrics on http://%s:%d/metrics", at[0], at[1])
     if config.ipfix:
         exporter = Exporter(config.ipfix, config.ipfix_domain)
         try:
@@ -282,12 +365,14 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             server.ipfix.close()
         logfile.close()
         log.info("stopped: %s", server.summary())
+    if getattr(store, "lost", None) is not None:
+        raise DatabaseError(store.damaged)
     if store.damaged is not None:
-        raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {config.db}'")
+        raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {where}'")
     if unsaved:
         why = store.failing or "a second signal came first"
         raise NotCommitted(
-            f"{config.db}: stopped with {unsaved} changes not committed ({why}); "
+            f"{where}: stopped with {unsaved} changes not committed ({why}); "
             "none of them was acknowledged to a NAT64"
         )
     return server

@@ -228,7 +228,7 @@ class Store:
                 if not self._flusher.done() and (failing_long or (give_up and give_up.is_set())):
                     unsaved = self.unsaved
                     self._flusher.cancel()
-                    await self._w.interrupt()
+                    await self._interrupt()
                     break
         if self._ticker is not None:
             self._ticker.cancel()
@@ -238,12 +238,19 @@ class Store:
                 await asyncio.wait_for(self._read_all.wait(), CLOSE_GIVE_UP)
             except TimeoutError:
                 pass
+        await self._close_connections()
+        return unsaved
+
+    async def _interrupt(self) -> None:
+        """Abort the commit in flight (a stop that gives up on it)."""
+        await self._w.interrupt()
+
+    async def _close_connections(self) -> None:
         for conn in (self._r, self._w):
             try:
                 await asyncio.wait_for(conn.close(), CLOSE_GIVE_UP)
             except (TimeoutError, sqlite3.Error):
                 pass
-        return unsaved
 
     @property
     def unsaved(self) -> int:

@@ -1,0 +1,460 @@
+"""The server's tables on PostgreSQL, through asyncpg: the same group commit,
+acknowledge-after-commit and recency batches as the SQLite store (whose
+batching it inherits), over one writer session that also holds the table's
+ownership lock, and a small pool of read-only sessions for reads.
+
+The writer session is the owner: if it ends (terminated, its server gone,
+the network cut), the lock is gone with it and a standby may already be
+writing, so this store stops at once and commits nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import asyncpg
+
+from nat64ho.core.records import Row
+from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS, numbered
+from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
+from nat64ho.storage import pg_schema, schema
+from nat64ho.storage.base import NatRecord
+from nat64ho.storage.schema import shown
+from nat64ho.storage.sqlite import (
+    CLOSE_GIVE_UP,
+    MAX_RETRY_DELAY,
+    Batch,
+    DatabaseDamaged,
+    Store,
+)
+
+log = logging.getLogger("nat64ho.store")
+
+#: Read-only sessions for reads: the server reads for up to this many NAT64s
+#: at once (daemon.protocol.READERS), each read one round trip.
+READ_SESSIONS = 4
+#: The writer session is checked this often while no commit ran: a session
+#: that ended is found within about this long even when nothing is written.
+HEARTBEAT = 1.0
+#: A heartbeat or commit that gets no answer in this long means the database
+#: or the way to it is gone: a commit is small, so this is not a slow one.
+ROUND_TRIP_TIMEOUT = 10.0
+
+#: TCP keepalives of every session, both ends (ignored on a Unix socket): a
+#: dead peer is noticed within idle + interval × count = 11 s, and unacknowledged
+#: data within TCP_USER_TIMEOUT. The server's side is what frees the lock of a
+#: dead host's session, letting a standby take over.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 2
+KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_MS = 11_000
+_SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": str(KEEPALIVE_IDLE),
+    "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL),
+    "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+    "tcp_user_timeout": str(TCP_USER_TIMEOUT_MS),
+}
+
+_UPSERT_ENTRIES = (
+    "INSERT INTO entry (nat, port, addr, aport, created, last_use) "
+    "SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[], $4::int[], $5::bigint[], "
+    "$6::bigint[]) "
+    "ON CONFLICT (nat, port) DO UPDATE SET addr = excluded.addr, aport = excluded.aport, "
+    "created = excluded.created, last_use = excluded.last_use"
+)
+_UPSERT_ENTRY_EACH = numbered(_UPSERT_ENTRY)
+_UPDATE_RECENCY = (
+    "UPDATE entry SET last_use = u.last_use "
+    "FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS u(last_use, nat, port) "
+    "WHERE entry.nat = u.nat AND entry.port = u.port"
+)
+# Ordered by the list's order, so that ids follow the order events were logged.
+_INSERT_EVENTS = (
+    "INSERT INTO event (ts, kind, nat, port, addr, aport) "
+    "SELECT ts, kind, nat, port, addr, aport FROM unnest($1::bigint[], $2::smallint[], "
+    "$3::bigint[], $4::int[], $5::bytea[], $6::int[]) WITH ORDINALITY "
+    "AS e(ts, kind, nat, port, addr, aport, n) ORDER BY n "
+    "ON CONFLICT DO NOTHING"
+)
+_UPSERT_NATS = (
+    "INSERT INTO nat (nat, boot_id, first_hello, last_hello) "
+    "SELECT n, b, w, w FROM unnest($1::bigint[], $2::bytea[], $3::bigint[]) AS u(n, b, w) "
+    "ON CONFLICT (nat) DO UPDATE SET boot_id = excluded.boot_id, last_hello = excluded.last_hello"
+)
+_SET_META = (
+    "INSERT INTO meta (key, value) VALUES ($1, $2) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_ROW = "SELECT port, addr, aport, created, last_use FROM entry"
+
+
+class SessionLost(Exception):
+    """The writer session ended: ownership is gone with it."""
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the session is gone (not a refused statement)."""
+    return isinstance(
+        exc,
+        (
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.ConnectionDoesNotExistError,
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.CannotConnectNowError,
+        ),
+    )
+
+
+#: SQLSTATE classes worth retrying in the same session: serialization
+#: (40), insufficient resources such as a full disk (53), lock waits (55P03)
+#: and a statement_timeout (57014).
+_TRANSIENT = ("40", "53", "55P03", "57014")
+
+
+def _transient(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state.startswith(_TRANSIENT)
+
+
+def app_name(what: str = "serve") -> str:
+    """The session's application_name, which names it to a refused peer
+    (PostgreSQL keeps 63 octets of it)."""
+    return f"nat64ho {what} pid {os.getpid()} on {socket.gethostname()}"[:63]
+
+
+def set_keepalives(conn: asyncpg.Connection) -> None:
+    """TCP keepalives on this end of ``conn`` (asyncpg has no option for it)."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+async def connect(url: str, *, what: str = "serve", readonly: bool = False) -> asyncpg.Connection:
+    """A session for a server: named, with keepalives both ways."""
+    settings = {"application_name": app_name(what), **_SERVER_KEEPALIVES}
+    if readonly:
+        settings["default_transaction_read_only"] = "on"
+    conn = await pg_schema.connect(url, server_settings=settings)
+    set_keepalives(conn)
+    return conn
+
+
+def _meta_value(key: str, value: bytes) -> object:
+    """A meta value as the SQLite store holds it: the secret as octets,
+    clock_hwm as an integer, the rest as text."""
+    if key == "secret":
+        return bytes(value)
+    text = bytes(value).decode("utf-8", "replace")
+    if key == "clock_hwm":
+        return int(text)
+    return text
+
+
+def _meta_octets(value: str | bytes | int) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+class PgStore(Store):
+    """The database of one server on PostgreSQL. Open it with a session
+    that holds the owner lock (:mod:`nat64ho.storage.pg_owner`)."""
+
+    def __init__(self, url: str, writer: asyncpg.Connection, reader: asyncpg.Pool):
+        super().__init__(shown(url), writer, reader)  # type: ignore[arg-type]
+        self.url = url
+        self._pg_w = writer
+        self._pool = reader
+        self._wlock = asyncio.Lock()  # one statement at a time on the writer
+        self._last_ok = self._loop.time()
+        self._heart: asyncio.Task | None = None
+        self.lost: str | None = None  #: why the session ended, if it did
+
+    @classmethod
+    async def open(cls, url: str, *, writer: asyncpg.Connection) -> PgStore:  # type: ignore[override]
+        """The store over ``writer`` (migrated, holding the owner lock)."""
+        settings = {
+            "application_name": app_name("serve reader"),
+            "default_transaction_read_only": "on",
+            **_SERVER_KEEPALIVES,
+        }
+        try:
+            pool = await asyncpg.create_pool(
+                dsn=url,
+                min_size=1,
+                max_size=READ_SESSIONS,
+                timeout=pg_schema.CONNECT_TIMEOUT,
+                server_settings=settings,
+                init=_init_reader,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise schema.DatabaseError(f"{shown(url)}: cannot open read sessions ({exc})") from None
+        self = cls(url, writer, pool)
+        try:
+            await self._load_meta()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            await pool.close()
+            raise schema.DatabaseUnwritable(
+                f"{self.path}: cannot be written ({exc}); serve needs to write its table"
+            ) from None
+        log.info("database %s: PostgreSQL %s", self.path, _version(writer))
+        writer.add_termination_listener(self._terminated)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
+        self._ticker = asyncio.create_task(self._tick(), name="nat64ho-recency")
+        self._heart = asyncio.create_task(self._heartbeat(), name="nat64ho-heartbeat")
+        return self
+
+    async def _load_meta(self) -> None:
+        w = self._pg_w
+        async with w.transaction():
+            rows = {
+                r["key"]: bytes(r["value"]) for r in await w.fetch("SELECT key, value FROM meta")
+            }
+            if "secret" not in rows:
+                # Created once and kept with the table: cookies survive a
+                # restart, and a standby that takes over accepts them.
+                rows["secret"] = os.urandom(32)
+            # Written at start, so that a session that cannot write is
+            # refused now, not found out at the first HELLO.
+            await w.execute(_SET_META, "secret", rows["secret"])
+            for r in await w.fetch("SELECT nat, boot_id, first_hello, last_hello FROM nat"):
+                self.nats[r[0]] = NatRecord(bytes(r[1]), r[2], r[3])
+            self.last_event_ts = await w.fetchval("SELECT max(ts) FROM event") or 0
+        self.meta = {k: _meta_value(k, v) for k, v in rows.items()}
+        self.secret = bytes(rows["secret"])
+        self.clock_hwm = int(self.meta.get("clock_hwm", 0))  # type: ignore[call-overload]
+
+    async def set_meta(self, key: str, value: str | bytes | int) -> None:
+        if self.meta.get(key) != value:
+            async with self._wlock:
+                await self._pg_w.execute(_SET_META, key, _meta_octets(value))
+            self.meta[key] = value
+
+    # ------------------------------------------------------------ the session
+    def _terminated(self, _conn: object) -> None:
+        self._session_lost(SessionLost("the connection closed"))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if self._loop.time() - self._last_ok < HEARTBEAT or self.damaged is not None:
+                continue
+            try:
+                async with self._wlock:
+                    await self._pg_w.fetchval("SELECT 1", timeout=ROUND_TRIP_TIMEOUT)
+                self._last_ok = self._loop.time()
+            except Exception as exc:
+                if _lost(exc) or isinstance(exc, asyncpg.PostgresError):
+                    self._session_lost(exc)
+                    return
+                raise
+
+    def _session_lost(self, exc: BaseException) -> None:
+        if self.damaged is not None:
+            return
+        why = str(exc) or type(exc).__name__
+        self.lost = why
+        self.damage(exc, "lost its PostgreSQL session, and with it the table")
+
+    def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
+        if self.damaged is not None:
+            return
+        if self.lost is None:
+            super().damage(exc, what)
+            return
+        # Not damage: the table may have a new owner now. One line says so.
+        self.damaged = f"{self.path}: {what} ({self.lost}); stopping, nothing more is acknowledged"
+        self.failing = self.damaged
+        self.damage_found.set()
+
+    async def _interrupt(self) -> None:
+        # Our own doing, not a lost session.
+        self._pg_w.remove_termination_listener(self._terminated)
+        self._pg_w.terminate()
+
+    async def _close_connections(self) -> None:
+        if self._heart is not None:
+            self._heart.cancel()
+        self._pg_w.remove_termination_listener(self._terminated)
+        for close in (self._pool.close, self._pg_w.close):
+            try:
+                await asyncio.wait_for(close(), CLOSE_GIVE_UP)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+        self._pool.terminate()
+        self._pg_w.terminate()
+
+    # ------------------------------------------------------------ reads
+    async def load_table(self, nat: int) -> tuple[list[int], int]:
+        ports = [r[0] for r in await self._pool.fetch("SELECT port FROM entry WHERE nat = $1", nat)]
+        return ports, len(ports)
+
+    async def read_endpoints(self, nat: int, endpoints: list[tuple[bytes, int]]) -> list[Row]:
+        rows = await self._pool.fetch(
+            f"{_ROW} WHERE nat = $1 AND (addr, aport) IN "
+            "(SELECT * FROM unnest($2::bytea[], $3::int[]))",
+            nat,
+            [a for a, _ in endpoints],
+            [p for _, p in endpoints],
+        )
+        return self._rows(nat, rows)
+
+    async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
+        rows = await self._pool.fetch(
+            f"{_ROW} WHERE nat = $1 AND port = ANY($2::int[])", nat, ports
+        )
+        return self._rows(nat, rows)
+
+    async def read_oldest(
+        self, nat: int, n: int, after: tuple[int, int] | None = None
+    ) -> list[Row]:
+        if after is None:
+            rows = await self._pool.fetch(
+                f"{_ROW} WHERE nat = $1 ORDER BY last_use, port LIMIT $2", nat, n
+            )
+        else:
+            rows = await self._pool.fetch(
+                f"{_ROW} WHERE nat = $1 AND (last_use, port) > ($2, $3) "
+                "ORDER BY last_use, port LIMIT $4",
+                nat,
+                *after,
+                n,
+            )
+        return self._rows(nat, rows)
+
+    async def event_id(self, key: tuple) -> int | None:
+        return await self._pool.fetchval(
+            "SELECT id FROM event WHERE nat = $1 AND port = $2 AND ts = $3 AND kind = $4",
+            key[2],
+            key[3],
+            key[0],
+            int(key[1]),
+        )
+
+    async def read_events(self, after: int, n: int) -> list[tuple]:
+        rows = await self._pool.fetch(
+            "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > $1 "
+            "ORDER BY id LIMIT $2",
+            after,
+            n,
+        )
+        return [tuple(r) for r in rows]
+
+    # ------------------------------------------------------------ writes
+    async def _commit_until_done(self, batch: Batch, recency: list) -> None:
+        delay = 0.01
+        while True:
+            try:
+                async with self._wlock:
+                    await self._commit(batch, recency)
+            except Exception as exc:
+                self.stats["commit_failures"] += 1
+                if _lost(exc):
+                    self._session_lost(exc)
+                    raise DatabaseDamaged(self.damaged) from exc
+                if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+                    # A decision broke a constraint: a bug, which retrying
+                    # would only repeat while nothing else commits.
+                    self.damage(exc, "refused a change as inconsistent (a bug; please report)")
+                    raise DatabaseDamaged(self.damaged) from exc
+                if not _transient(exc):
+                    self.damage(exc, "refused a commit")
+                    raise DatabaseDamaged(self.damaged) from exc
+                if self.failing != str(exc):
+                    log.error(
+                        "cannot commit to %s: %s; holding %d changes and retrying",
+                        self.path,
+                        exc,
+                        len(batch.entries) + len(batch.events),
+                    )
+                self.failing = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            if self.failing is not None:
+                log.warning("commits to %s work again", self.path)
+                self.failing = None
+            return
+
+    async def _commit(self, batch: Batch, recency: list) -> None:
+        w = self._pg_w
+        start = self._loop.time()
+        hwm = self.clock_hwm
+        entries = batch.entries
+        for e in entries:
+            if e[5] > hwm:
+                hwm = e[5]
+        for r in recency:
+            if r[0] > hwm:
+                hwm = r[0]
+        t = ROUND_TRIP_TIMEOUT
+        async with w.transaction():
+            if entries:
+                if len({(e[0], e[1]) for e in entries}) == len(entries):
+                    await w.execute(
+                        _UPSERT_ENTRIES, *map(list, zip(*entries, strict=True)), timeout=t
+                    )
+                else:
+                    # A port given twice in one group: one statement may not
+                    # change a row twice, so row by row, in order.
+                    await w.executemany(_UPSERT_ENTRY_EACH, entries, timeout=t)
+            if recency:
+                await w.execute(_UPDATE_RECENCY, *map(list, zip(*recency, strict=True)), timeout=t)
+            if batch.events:
+                cols = list(map(list, zip(*batch.events, strict=True)))
+                cols[1] = [int(k) for k in cols[1]]
+                await w.execute(_INSERT_EVENTS, *cols, timeout=t)
+            if batch.nats:
+                await w.execute(
+                    _UPSERT_NATS,
+                    list(batch.nats),
+                    [b for b, _ in batch.nats.values()],
+                    [wall for _, wall in batch.nats.values()],
+                    timeout=t,
+                )
+            if hwm > self.clock_hwm:
+                await w.execute(_SET_META, "clock_hwm", _meta_octets(hwm), timeout=t)
+        self._last_ok = self._loop.time()
+        self.clock_hwm = hwm
+        for nat, (boot, wall) in batch.nats.items():
+            old = self.nats.get(nat)
+            self.nats[nat] = NatRecord(boot, old.first_hello if old else wall, wall)
+        self.stats["commits"] += 1
+        batch.rows = len(entries) + len(recency) + len(batch.events)
+        batch.seconds = self._loop.time() - start
+
+    async def prune(self, before: int) -> int:
+        """Delete history events older than ``before`` (µs), in small chunks."""
+        total = 0
+        sql = numbered(PRUNE_EVENTS)
+        while True:
+            async with self._wlock:
+                status = await self._pg_w.execute(sql, before, PRUNE_BATCH)
+            n = int(status.split()[-1])
+            total += n
+            if n < PRUNE_BATCH:
+                return total
+            await asyncio.sleep(0)
+
+
+async def _init_reader(conn: asyncpg.Connection) -> None:
+    set_keepalives(conn)
+
+
+def _version(conn: asyncpg.Connection) -> str:
+    v = conn.get_server_version()
+    return f"{v.major}.{v.minor}"
