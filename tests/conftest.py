@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests import pgcluster
-from tests.helpers import ServerProcess, connect, run, tmpfs, umount, v6, wait_for  # noqa: F401
+from tests.helpers import Proc, ServerProcess, connect, run, tmpfs, umount, v6, wait_for  # noqa: F401
 
 
 @pytest.fixture
@@ -22,6 +22,21 @@ def server_factory(tmp_path):
     yield make
     for s in started:
         s.kill()
+
+
+@pytest.fixture
+def procs():
+    """Starts ``nat64ho`` commands (helpers.Proc); kills what is left."""
+    started: list[Proc] = []
+
+    def make(*args: str, **kw) -> Proc:
+        p = Proc(list(args), **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.kill()
 
 
 @pytest.fixture

@@ -6,13 +6,16 @@ Fixtures stay in conftest.py; test files import helpers from here."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import ipaddress
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +40,7 @@ class ServerProcess:
         self,
         tmp: Path,
         *args: str,
-        db: Path | None = None,
+        db: Path | str | None = None,
         log: Path | None = None,
         env: dict | None = None,
     ):
@@ -92,6 +95,73 @@ class ServerProcess:
         return self.start()
 
 
+class Proc:
+    """A command whose stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str], *, shell_umask: int | None = None):
+        cmd = [sys.executable, "-m", "nat64ho", *args]
+        if shell_umask is not None:
+            cmd = ["sh", "-c", f'umask {shell_umask:03o}; exec "$@"', "sh", *cmd]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.lines: list[str] = []
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float = 20) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc.poll() is not None and not any(
+                re.search(pattern, ln) for ln in self.lines
+            ):
+                self.pump.join(10)  # it ends at EOF, having read the last lines
+                if not any(re.search(pattern, ln) for ln in self.lines):
+                    raise AssertionError(f"exited without {pattern!r}:\n{self.stderr}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in time:\n{self.stderr}")
+
+    def port(self) -> int:
+        return int(self.wait_line(r"listening on \S+?:(\d+),").group(1))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def serve_args(db: Path | str, log: Path, *more: str) -> list[str]:
+    return [
+        "serve",
+        "--db",
+        str(db),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-file",
+        str(log),
+        "--hello-rate",
+        "0",
+        *more,
+    ]
+
+
 async def connect(
     server: ServerProcess,
     *,
@@ -104,6 +174,40 @@ async def connect(
     if hello:
         await client.hello()
     return client
+
+
+async def mapping_load(
+    srv: ServerProcess,
+    peers: list,
+    locals_: list[str],
+    acked: list[dict],
+    counter,
+    kill_after: float,
+    per_datagram: int = 8,
+) -> None:
+    """NAT64s asking for new endpoints as fast as they are answered, until
+    the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
+    endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
+    from nat64ho.peer import Client
+
+    clients = [
+        await Client.connect(srv.host, srv.port, local=local, peer=peer)
+        for peer, local in zip(peers, locals_, strict=False)
+    ]
+    asyncio.get_running_loop().call_later(kill_after, srv.kill)
+
+    async def one(i: int, c) -> None:
+        while srv.proc.poll() is None:
+            c.send([wire.Map(v6(next(counter)), 7) for _ in range(per_datagram)])
+            for m in await c.collect(per_datagram, timeout=0.5):
+                if isinstance(m, wire.Mapping):
+                    acked[i][(m.addr, m.port)] = m.nat_port
+                elif isinstance(m, wire.Deleted):
+                    acked[i].pop((m.addr, m.port), None)
+
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+    for c in clients:
+        c.close()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
@@ -152,7 +256,15 @@ def db_rows(db: Path | str, sql: str, *params: object) -> list[tuple]:
     """Rows of ``sql`` (``?`` placeholders, blobs as bytes) from an SQLite file
     or a PostgreSQL URL, read in a session that cannot write."""
     if is_postgres(str(db)):
-        return run(_pg_rows(str(db), numbered(sql), params))
+        coro = _pg_rows(str(db), numbered(sql), params)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run(coro)
+        # Called from a test's coroutine: read beside its loop, blocking it
+        # as the SQLite read does.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(run, coro).result()
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return [

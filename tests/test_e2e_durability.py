@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import time
 
 import pytest
 
 from nat64ho.core import wire
 from nat64ho.eventlog import parse_line
-from tests.helpers import connect, run, v6
+from tests.helpers import connect, entries, run, v6
 
 
-def entries(db) -> dict[tuple[bytes, int], int]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {
-            (bytes(a), ap): p for p, a, ap in conn.execute("SELECT port, addr, aport FROM entry")
-        }
-    finally:
-        conn.close()
-
-
-def test_restart_keeps_cookies_entries_and_boot_ids(server_factory):
-    srv = server_factory("--ports", "1028-1035")
+def test_restart_keeps_cookies_entries_and_boot_ids(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1035", db=db_target)
     boot = bytes.fromhex("0102030405060708")
 
     async def first():
@@ -65,8 +54,8 @@ def test_restart_keeps_cookies_entries_and_boot_ids(server_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory):
-    srv = server_factory("--create-rate", "0")  # as fast as it goes
+def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory, db_target):
+    srv = server_factory("--create-rate", "0", db=db_target)  # as fast as it goes
     acked: dict[tuple[bytes, int], int] = {}
 
     async def load(kill_after: int, base: int):
@@ -118,8 +107,8 @@ def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory):
 
 
 @pytest.mark.slow
-def test_junk_datagrams_leave_the_server_running(server_factory):
-    srv = server_factory("--ports", "1028-1100")
+def test_junk_datagrams_leave_the_server_running(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1100", db=db_target)
     rng = random.Random(42)
 
     async def go():
@@ -165,8 +154,8 @@ def test_junk_datagrams_leave_the_server_running(server_factory):
 
 
 @pytest.mark.parametrize("cache,restart", [("100000", True), ("3", True), ("3", False)])
-def test_lru_order_survives_restart_and_small_cache(server_factory, cache, restart):
-    srv = server_factory("--ports", "1028-1035", "--cache-size", cache)
+def test_lru_order_survives_restart_and_small_cache(server_factory, cache, restart, db_target):
+    srv = server_factory("--ports", "1028-1035", "--cache-size", cache, db=db_target)
 
     async def fill():
         c = await connect(srv)
@@ -203,11 +192,11 @@ def test_lru_order_survives_restart_and_small_cache(server_factory, cache, resta
     assert order == [v6(i) for i in (4, 5, 6, 7, 3, 2, 1, 0)]
 
 
-def test_tiny_cache_under_misses_keeps_every_endpoint_on_its_port(server_factory):
+def test_tiny_cache_under_misses_keeps_every_endpoint_on_its_port(server_factory, db_target):
     # Nearly every MAP misses the cache and reads the database; the cache is
     # trimmed meanwhile. A row read for a MAP must not be forgotten before
     # the MAP is decided, or its endpoint would look new and get a 2nd port.
-    srv = server_factory("--ports", "1028-1227", "--cache-size", "2")
+    srv = server_factory("--ports", "1028-1227", "--cache-size", "2", db=db_target)
 
     async def go():
         c = await connect(srv)

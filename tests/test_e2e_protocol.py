@@ -9,8 +9,8 @@ from nat64ho.core import wire
 from tests.helpers import connect, run, v6
 
 
-def test_hello_map_lookup_touch(server_factory):
-    srv = server_factory("--ports", "1028-1035")
+def test_hello_map_lookup_touch(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1035", db=db_target)
 
     async def go():
         c = await connect(srv)
@@ -26,8 +26,8 @@ def test_hello_map_lookup_touch(server_factory):
     run(go())
 
 
-def test_eviction_sends_deleted_then_mapping_in_one_datagram(server_factory):
-    srv = server_factory("--ports", "1028-1035")
+def test_eviction_sends_deleted_then_mapping_in_one_datagram(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1035", db=db_target)
 
     async def go():
         c = await connect(srv)
@@ -59,8 +59,10 @@ def test_eviction_sends_deleted_then_mapping_in_one_datagram(server_factory):
     assert lines[-1].split()[2] == "Created"
 
 
-def test_table_full_and_rate_limited_errors(server_factory):
-    srv = server_factory("--ports", "1028-1029", "--min-idle", "60", "--create-rate", "3")
+def test_table_full_and_rate_limited_errors(server_factory, db_target):
+    srv = server_factory(
+        "--ports", "1028-1029", "--min-idle", "60", "--create-rate", "3", db=db_target
+    )
 
     async def go():
         c = await connect(srv)
@@ -78,8 +80,8 @@ def test_table_full_and_rate_limited_errors(server_factory):
     run(go())
 
 
-def test_replies_fit_in_1472_octets(server_factory):
-    srv = server_factory("--ports", "1028-1535")
+def test_replies_fit_in_1472_octets(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1535", db=db_target)
 
     async def go():
         c = await connect(srv)

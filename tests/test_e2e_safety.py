@@ -12,8 +12,6 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,95 +26,12 @@ from tests.helpers import (
     nat64ho,
     one_error,
     run,
+    serve_args,
     tmpfs,
     umount,
     v6,
     wait_for,
 )
-
-NAT64HO = [sys.executable, "-m", "nat64ho"]
-
-
-class Proc:
-    """A command whose stderr lines are collected as they come."""
-
-    def __init__(self, args: list[str], *, shell_umask: int | None = None):
-        cmd = [*NAT64HO, *args]
-        if shell_umask is not None:
-            cmd = ["sh", "-c", f'umask {shell_umask:03o}; exec "$@"', "sh", *cmd]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.lines: list[str] = []
-        self.pump = threading.Thread(target=self._pump, daemon=True)
-        self.pump.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-    def wait_line(self, pattern: str, timeout: float = 20) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if self.proc.poll() is not None and not any(
-                re.search(pattern, ln) for ln in self.lines
-            ):
-                self.pump.join(10)  # it ends at EOF, having read the last lines
-                if not any(re.search(pattern, ln) for ln in self.lines):
-                    raise AssertionError(f"exited without {pattern!r}:\n{self.stderr}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in time:\n{self.stderr}")
-
-    def port(self) -> int:
-        return int(self.wait_line(r"listening on \S+?:(\d+),").group(1))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-
-    def make(*args: str, **kw) -> Proc:
-        p = Proc(list(args), **kw)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.kill()
-
-
-def serve_args(db: Path, log: Path, *more: str) -> list[str]:
-    return [
-        "serve",
-        "--db",
-        str(db),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-file",
-        str(log),
-        "--hello-rate",
-        "0",
-        *more,
-    ]
-
 
 # ---------------------------------------------------------------- 1. one owner per table
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,9 @@ import pytest
 
 from nat64ho.core import wire
 from nat64ho.peer import Client
-from tests.helpers import connect, run, v6
+from tests.helpers import connect, db_rows, run, v6
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def db_rows(db: Path, sql: str) -> list:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def nat64ho(*args: str) -> subprocess.CompletedProcess:
@@ -39,8 +30,8 @@ def nat64ho(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_forged_hellos_from_a_nat64s_address_change_nothing(server_factory):
-    srv = server_factory()
+def test_forged_hellos_from_a_nat64s_address_change_nothing(server_factory, db_target):
+    srv = server_factory(db=db_target)
     nat = "127.0.0.5"
 
     async def go():
@@ -87,8 +78,8 @@ def send_hellos(sources: list[str], port: int) -> None:
 
 
 @pytest.mark.slow
-def test_ten_thousand_forged_hellos_store_nothing_and_take_no_place(server_factory):
-    srv = server_factory("--max-nats", "100", "--hello-rate", "0")
+def test_ten_thousand_forged_hellos_store_nothing_and_take_no_place(server_factory, db_target):
+    srv = server_factory("--max-nats", "100", "--hello-rate", "0", db=db_target)
     sources = [f"127.{10 + i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(1, 10_001)]
     send_hellos(sources, srv.port)
 
@@ -113,8 +104,8 @@ def test_ten_thousand_forged_hellos_store_nothing_and_take_no_place(server_facto
     assert db_rows(srv.db, "SELECT count(*) FROM nat") == [(2,)]
 
 
-def test_a_real_reboot_logs_initialized_once_and_keeps_the_table(server_factory):
-    srv = server_factory()
+def test_a_real_reboot_logs_initialized_once_and_keeps_the_table(server_factory, db_target):
+    srv = server_factory(db=db_target)
 
     async def go():
         old = await connect(srv, local="127.0.0.6")
@@ -141,8 +132,8 @@ def test_a_real_reboot_logs_initialized_once_and_keeps_the_table(server_factory)
 
 
 @pytest.mark.slow
-def test_cookies_expire_after_two_lifetimes_and_hello_again_logs_nothing(server_factory):
-    srv = server_factory("--cookie-lifetime", "1")
+def test_cookies_expire_after_two_lifetimes_and_hello_again_logs_nothing(server_factory, db_target):
+    srv = server_factory("--cookie-lifetime", "1", db=db_target)
 
     async def go():
         c = await Client.connect(srv.host, srv.port, local="127.0.0.7", auto=False)
@@ -194,8 +185,8 @@ def test_a_flooding_nat64_slows_only_itself():
     assert victim["sent"] >= 400 and victim["lost"] == 0 and victim["errors"] == 0, result
 
 
-def test_two_thousand_uncached_maps_in_one_datagram_are_all_answered(server_factory):
-    srv = server_factory("--create-rate", "0")  # sizes here, not rates
+def test_two_thousand_uncached_maps_in_one_datagram_are_all_answered(server_factory, db_target):
+    srv = server_factory("--create-rate", "0", db=db_target)  # sizes here, not rates
     maps = [wire.Map(v6(i), 9) for i in range(2000)]  # 40,002 octets with the cookie
 
     async def go() -> list:

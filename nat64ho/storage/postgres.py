@@ -122,10 +122,10 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and state.startswith(_TRANSIENT)
 
 
-def app_name(what: str = "serve") -> str:
+def app_name(what: str = "serve", pid: int | None = None) -> str:
     """The session's application_name, which names it to a refused peer
     (PostgreSQL keeps 63 octets of it)."""
-    return f"nat64ho {what} pid {os.getpid()} on {socket.gethostname()}"[:63]
+    return f"nat64ho {what} pid {pid or os.getpid()} on {socket.gethostname()}"[:63]
 
 
 def set_keepalives(conn: asyncpg.Connection) -> None:
