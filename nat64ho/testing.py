@@ -85,13 +85,13 @@ class Child:
                 self.proc.wait()
 
 
-def serve_command(db: Path, log: Path, *extra: str) -> list[str]:
+def serve_command(db: Path | str, log: Path, *extra: str) -> list[str]:
     """``nat64ho serve`` on an ephemeral port of 127.0.0.1, with ``extra`` options."""
     cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db)]
     return cmd + ["--listen", "127.0.0.1:0", "--log-file", str(log), *extra]
 
 
-def start_server(db: Path, log: Path, sync: str, extra: list[str]) -> Child:
+def start_server(db: Path | str, log: Path, sync: str, extra: list[str]) -> Child:
     """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
     not capacity) unless ``extra`` sets them."""
     limits = ["--hello-rate", "0", "--create-rate", "0", "--request-rate", "0"]

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from nat64ho import bench
 from nat64ho.cli import app
+from tests.helpers import db_rows
 
 
 def test_create_run_reports_server_and_ceilings():
@@ -68,3 +69,22 @@ def test_the_server_never_imports_the_benchmark_or_the_test_launcher():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "[]\n"
+
+
+def test_create_run_on_postgresql_writes_its_table_there(pg_url):
+    cfg = bench.BenchConfig(
+        mode="create", batch=5, window=4, duration=1.0, warmup=0.3, db=pg_url, ceilings=False
+    )
+    report = bench.run(cfg)
+    s = report.server
+    assert s.counts["requests"] > 0 and s.counts["errors"] == 0
+    assert report.sqlite is None  # the SQLite ceiling is no yardstick here
+    [(n,)] = db_rows(pg_url, "SELECT count(*) FROM entry")
+    assert n >= s.counts["messages"]
+    assert "PostgreSQL" in report.format().splitlines()[0]
+
+
+def test_cli_refuses_a_db_that_is_not_a_url():
+    result = CliRunner().invoke(app, ["bench", "--db", "/tmp/x.db"])
+    assert result.exit_code == 2
+    assert "postgresql://" in result.output

@@ -62,6 +62,9 @@ class BenchConfig:
         REPLY_TIMEOUT  #: seconds before a request counts as lost and its slot is reused
     )
     tmp: Path | None = None  #: where a started server keeps its database
+    #: A PostgreSQL URL for the started server's table (a scratch database:
+    #: the run writes to it); None: an SQLite file in ``tmp``.
+    db: str | None = None
 
 
 # ---------------------------------------------------------------- requests

@@ -161,7 +161,7 @@ class Report:
         head = (
             f"nat64ho bench: mode {cfg.mode}, batch {cfg.batch}, window {cfg.window}, {loop}, "
             f"{cfg.duration:g} s, {cfg.clients} client process(es), {cfg.nats} NAT64(s), "
-            f"sync {cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
+            f"{'PostgreSQL' if cfg.db else 'SQLite sync ' + cfg.sync}, {loop_name()}, {os.cpu_count()} CPUs (clients share them "
             f"with the server)"
         )
         rows = [("", "nat64ho", "ceiling", "ratio")] + self.rows()
@@ -189,7 +189,8 @@ def run(cfg: BenchConfig) -> Report:
         tmp = cfg.tmp
     try:
         if cfg.server is None:
-            child = start_server(tmp / "table.db", tmp / "events.log", cfg.sync, cfg.server_args)
+            db = cfg.db or tmp / "table.db"
+            child = start_server(db, tmp / "events.log", cfg.sync, cfg.server_args)
             try:
                 result = drive(cfg, child.address, child.pid)
             finally:
@@ -205,7 +206,7 @@ def run(cfg: BenchConfig) -> Report:
                 report.echo = drive(cfg, echo.address, echo.pid, echo=True, duration=seconds)
             finally:
                 echo.stop()
-            if cfg.mode == "create":
+            if cfg.mode == "create" and cfg.db is None:
                 report.sqlite = sqlite_ceiling(
                     tmp, cfg.sync, cfg.nats, seconds=min(SQLITE_SECONDS, cfg.duration / 4)
                 )

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from nat64ho.cli.options import SYNC_CHOICE, BenchMode, Sync, UsageError, choice, fail, parse_listen
+from nat64ho.storage import schema
 
 
 def bench(
@@ -100,6 +101,17 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            metavar="URL",
+            help="Keep the started server's table in this PostgreSQL database "
+            "(postgresql://…; a scratch database: the run writes to it). "
+            "Default: a temporary SQLite file.",
+            show_default=False,
+        ),
+    ] = None,
     ceilings: Annotated[
         bool,
         typer.Option(
@@ -120,6 +132,12 @@ def bench(
                     f"--server {server_addr!r}: give a loopback ADDR:PORT; the "
                     "benchmark floods what it drives"
                 )
+        if db is not None and not schema.is_postgres(db):
+            raise UsageError(
+                f"--db {db!r}: give a postgresql://… URL (the SQLite default is a temporary file)"
+            )
+        if db is not None and address is not None:
+            raise UsageError("--db starts a server of its own; it does not go with --server")
     except UsageError as exc:
         fail(str(exc))
     cfg = b.BenchConfig(
@@ -136,6 +154,7 @@ def bench(
         sync=sync.value,
         server_args=server_arg or [],
         ceilings=ceilings,
+        db=db,
     )
     try:
         report = b.run(cfg)
