@@ -98,7 +98,7 @@ class ServerProcess:
 class Proc:
     """A command whose stderr lines are collected as they come."""
 
-    def __init__(self, args: list[str], *, shell_umask: int | None = None):
+    def __init__(self, args: list[str], *, shell_umask: int | None = None, env: dict | None = None):
         cmd = [sys.executable, "-m", "nat64ho", *args]
         if shell_umask is not None:
             cmd = ["sh", "-c", f'umask {shell_umask:03o}; exec "$@"', "sh", *cmd]
@@ -108,7 +108,7 @@ class Proc:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
         )
         self.lines: list[str] = []
         self.pump = threading.Thread(target=self._pump, daemon=True)

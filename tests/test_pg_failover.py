@@ -5,6 +5,7 @@ Real processes, a real cluster (skipped, with the reason, without one)."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import socket
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from nat64ho.core import wire
+from nat64ho.storage import postgres
 from nat64ho.storage.postgres import app_name
 from tests.helpers import (
     ServerProcess,
@@ -162,4 +164,40 @@ def test_a_terminated_session_stops_the_server_with_one_line(tmp_path, pg_cluste
         "(the connection closed); stopping, nothing more is acknowledged"
     )
     # Its lock went with the session: the standby serves.
+    b.port()
+
+
+@pytest.mark.slow
+def test_a_session_that_stops_answering_stops_the_server_before_the_standby_starts(
+    tmp_path, pg_cluster, procs
+):
+    # The writer's backend frozen (SIGSTOP): to the server, a database that
+    # went silent, as behind a cut cable. It must stop on its own, and the
+    # standby may start only once PostgreSQL has let the session go.
+    name = pg_cluster.createdb()
+    url = pg_cluster.url(name)
+    a = procs(*serve_args(url, tmp_path / "a.log"))
+    a.port()
+    b = procs(*serve_args(url, tmp_path / "b.log", "--standby"))
+    b.wait_line(r"standby: owned by .*; waiting to take over")
+    [backend] = pg_cluster.psql(
+        name,
+        f"SELECT pid FROM pg_stat_activity WHERE application_name = '{session_name(a.proc.pid)}'",
+    ).split()
+    os.kill(int(backend), signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert a.proc.wait(20) == 1
+        took = time.monotonic() - start
+        assert took < postgres.HEARTBEAT + postgres.HEARTBEAT_TIMEOUT + 3, took
+        a.pump.join(10)
+        assert one_error(a.stderr) == (
+            f"Error: {url}: lost its PostgreSQL session, and with it the table "
+            "(no answer in time); stopping, nothing more is acknowledged"
+        )
+        # The frozen session still holds the lock: no second owner.
+        assert "listening" not in b.stderr
+    finally:
+        os.kill(int(backend), signal.SIGCONT)
+    # Thawed, the backend finds its client gone and releases the lock.
     b.port()

@@ -39,9 +39,14 @@ READ_SESSIONS = 4
 #: The writer session is checked this often while no commit ran: a session
 #: that ended is found within about this long even when nothing is written.
 HEARTBEAT = 1.0
-#: A heartbeat or commit that gets no answer in this long means the database
-#: or the way to it is gone: a commit is small, so this is not a slow one.
-ROUND_TRIP_TIMEOUT = 10.0
+#: A heartbeat that gets no answer in this long means the database or the
+#: way to it is gone. Shorter than the 11 s after which PostgreSQL's
+#: keepalives end a silent server's session: a cut-off server stops serving
+#: (and unbinds its address) before a standby can take the table.
+HEARTBEAT_TIMEOUT = 5.0
+#: The same for one statement of a commit (a commit may wait for a slow
+#: fsync a little longer than a heartbeat), still under those 11 s.
+STATEMENT_TIMEOUT = 8.0
 
 #: TCP keepalives of every session, both ends (ignored on a Unix socket): a
 #: dead peer is noticed within idle + interval × count = 11 s, and unacknowledged
@@ -255,7 +260,7 @@ class PgStore(Store):
                 continue
             try:
                 async with self._wlock:
-                    await self._pg_w.fetchval("SELECT 1", timeout=ROUND_TRIP_TIMEOUT)
+                    await self._pg_w.fetchval("SELECT 1", timeout=HEARTBEAT_TIMEOUT)
                 self._last_ok = self._loop.time()
             except Exception as exc:
                 if _lost(exc) or isinstance(exc, asyncpg.PostgresError):
@@ -267,8 +272,13 @@ class PgStore(Store):
         if self.damaged is not None:
             return
         why = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            why = "no answer in time"
         self.lost = why
         self.damage(exc, "lost its PostgreSQL session, and with it the table")
+        # Whatever waits on the session fails now rather than at its timeout.
+        self._pg_w.remove_termination_listener(self._terminated)
+        self._pg_w.terminate()
 
     def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
         if self.damaged is not None:
@@ -401,8 +411,11 @@ class PgStore(Store):
         for r in recency:
             if r[0] > hwm:
                 hwm = r[0]
-        t = ROUND_TRIP_TIMEOUT
-        async with w.transaction():
+        t = STATEMENT_TIMEOUT
+        # BEGIN and COMMIT as statements, each with its timeout: a transaction
+        # block would roll back on a dead session without one.
+        await w.execute("BEGIN", timeout=t)
+        try:
             if entries:
                 if len({(e[0], e[1]) for e in entries}) == len(entries):
                     await w.execute(
@@ -428,6 +441,16 @@ class PgStore(Store):
                 )
             if hwm > self.clock_hwm:
                 await w.execute(_SET_META, "clock_hwm", _meta_octets(hwm), timeout=t)
+            await w.execute("COMMIT", timeout=t)
+        except Exception as exc:
+            if not _lost(exc) and not w.is_closed():
+                # A refused statement: end the transaction, so that a retry
+                # starts clean. A session that cannot even do that is lost.
+                try:
+                    await w.execute("ROLLBACK", timeout=HEARTBEAT_TIMEOUT)
+                except Exception as again:
+                    raise again from exc
+            raise
         self._last_ok = self._loop.time()
         self.clock_hwm = hwm
         for nat, (boot, wall) in batch.nats.items():
