@@ -479,5 +479,4 @@ async def _init_reader(conn: asyncpg.Connection) -> None:
 
 
 def _version(conn: asyncpg.Connection) -> str:
-    v = conn.get_server_version()
-    return f"{v.major}.{v.minor}"
+    return str(conn.get_settings().server_version)
