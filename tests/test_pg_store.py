@@ -57,6 +57,9 @@ def test_secret_boots_and_clock_survive_a_reopen(pg_url):
         assert await again.read_endpoints(NAT, [(v6(1), 7), (v6(2), 7)]) == [
             Row(2000, v6(1), 7, 5_000, 9_000)
         ]
+        # Reads go through sessions that cannot write.
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await again._pool.execute("DELETE FROM entry")
         await again.close()
         await reader
 

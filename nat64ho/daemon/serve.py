@@ -156,7 +156,7 @@ async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
         try:
             if conn is None or conn.is_closed():
                 conn = await postgres.connect(url)
-                await pg_schema_migrate(conn, url)
+                await _migrate_pg(conn, url)
             await pg_owner.try_acquire(conn, url, what="serve")
             if told is not None:
                 log.info("standby: took over the table of %s", shown(url))
@@ -189,7 +189,7 @@ async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
         return None
 
 
-async def pg_schema_migrate(conn, url: str) -> None:
+async def _migrate_pg(conn, url: str) -> None:
     """Bring the schema up to date (serve is the command that does)."""
     import asyncpg
 

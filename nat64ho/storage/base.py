@@ -1,5 +1,5 @@
 """The storage interface the server needs, over plain records: what a
-backend (today SQLite, next PostgreSQL) implements.
+backend (SQLite in :mod:`.sqlite`, PostgreSQL in :mod:`.postgres`) implements.
 
 The core decides; storage keeps. Storage never sees a live table entry: it
 gets new entries as :class:`Row` values and recency as (port, last use)

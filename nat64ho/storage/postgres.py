@@ -150,12 +150,18 @@ def set_keepalives(conn: asyncpg.Connection) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-async def connect(url: str, *, what: str = "serve", readonly: bool = False) -> asyncpg.Connection:
-    """A session for a server: named, with keepalives both ways."""
+def _settings(what: str, readonly: bool = False) -> dict[str, str]:
+    """A server session's settings: its name, keepalives, and for reads a
+    session that refuses every write."""
     settings = {"application_name": app_name(what), **_SERVER_KEEPALIVES}
     if readonly:
         settings["default_transaction_read_only"] = "on"
-    conn = await pg_schema.connect(url, server_settings=settings)
+    return settings
+
+
+async def connect(url: str, *, what: str = "serve") -> asyncpg.Connection:
+    """A server's writer session: named, with keepalives both ways."""
+    conn = await pg_schema.connect(url, server_settings=_settings(what))
     set_keepalives(conn)
     return conn
 
@@ -192,18 +198,13 @@ class PgStore(Store):
     @classmethod
     async def open(cls, url: str, *, writer: asyncpg.Connection) -> PgStore:  # type: ignore[override]
         """The store over ``writer`` (migrated, holding the owner lock)."""
-        settings = {
-            "application_name": app_name("serve reader"),
-            "default_transaction_read_only": "on",
-            **_SERVER_KEEPALIVES,
-        }
         try:
             pool = await asyncpg.create_pool(
                 dsn=url,
                 min_size=1,
                 max_size=READ_SESSIONS,
                 timeout=pg_schema.CONNECT_TIMEOUT,
-                server_settings=settings,
+                server_settings=_settings("serve reader", readonly=True),
                 init=_init_reader,
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
