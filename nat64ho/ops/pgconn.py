@@ -53,6 +53,10 @@ _PLAIN_INSERT = re.compile(
 )
 
 
+#: Statements that return rows (read when the cursor is read).
+_ROWS = ("SELECT", "WITH", "EXPLAIN", "SHOW", "VALUES")
+
+
 def _count(status: str) -> int:
     """Rows a command touched, from its status ("DELETE 3", "INSERT 0 5")."""
     last = status.rsplit(" ", 1)[-1]
@@ -204,7 +208,7 @@ class PgConnection:
             return PgCursor(self, "", ())
         params = tuple(parameters)
         text = translate(sql)
-        if word.startswith(("SELECT", "WITH")):
+        if word.startswith(_ROWS):
             return PgCursor(self, text, params)
         status = self._run(self._conn.execute(text, *params))
         n = _count(status)
