@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
@@ -303,6 +305,43 @@ def table_owned(db: Path | str):
     finally:
         done.set()
         t.join(10)
+
+
+class Follower:
+    """``export --follow --format jsonl`` in a child, its lines in a queue."""
+
+    def __init__(self, db, *extra: str):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nat64ho",
+                "export",
+                "--follow",
+                "--format",
+                "jsonl",
+                "--db",
+                str(db),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def take_until(self, seq: int, timeout: float = 60.0) -> list[dict]:
+        """Lines until the event ``seq`` has come."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while not out or out[-1]["seq"] < seq:
+            out.append(json.loads(self.lines.get(timeout=max(0.1, deadline - time.monotonic()))))
+        return out
 
 
 def entries(db: Path | str) -> dict[tuple[bytes, int], int]:
