@@ -562,3 +562,49 @@ def test_rebuild_table_refuses_while_a_server_runs(server_factory, tmp_path, db_
     assert srv.stop() == 0
     r = nat64ho("import", "--rebuild-table", str(log), "--db", str(srv.db))
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- either backend
+
+
+def test_nat64ho_db_names_the_database_in_the_environment(example_db):
+    env = {**os.environ, "NAT64HO_DB": str(example_db)}
+    r = subprocess.run(
+        [sys.executable, "-m", "nat64ho", "export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, EXAMPLE, "")
+
+
+def test_rows_that_do_not_decode_are_named_by_reads_and_check(example_db):
+    nat = 0xC0000209
+    db_exec(
+        example_db,
+        "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+        nat,
+        70000,
+        v6(1),
+        1,
+        2,
+        3,
+    )
+    r = nat64ho("query", "--db", str(example_db))
+    assert r.returncode == 1
+    assert one_error(r) == (
+        f"Error: {example_db}: table entry, row (nat={nat}, port=70000) does not decode: "
+        f"port holds int 70000; run 'nat64ho check --db {example_db}'"
+    )
+    db_exec(example_db, "DELETE FROM entry")
+    db_exec(example_db, "UPDATE event SET addr = ? WHERE kind = 2", b"\x01\x02\x03\x04")
+    r = nat64ho("export", "--db", str(example_db))
+    assert r.returncode == 1
+    assert one_error(r) == (
+        f"Error: {example_db}: table event, row id 3 does not decode: addr holds a blob of "
+        f"4 octets; run 'nat64ho check --db {example_db}'"
+    )
+    r = nat64ho("check", "--db", str(example_db))
+    assert r.returncode == 1 and r.stdout == ""
+    assert "table event, row id 3 does not decode" in one_error(r)
