@@ -16,7 +16,8 @@ from nat64ho.cli.export import FOLLOW_POLL_S
 from nat64ho.ops import export as ops_export
 from nat64ho.ops import pgconn
 from nat64ho.sql import INSERT_EVENT
-from tests.helpers import Follower, db_rows, make_tables, ops_conn, v6
+from nat64ho.storage import pg_check
+from tests.helpers import Follower, db_exec, db_rows, make_tables, nat64ho, one_error, ops_conn, v6
 
 
 @pytest.fixture
@@ -218,3 +219,45 @@ def test_export_follow_misses_no_event_committed_out_of_id_order(url):
         follower.proc.send_signal(signal.SIGTERM)
         assert follower.proc.wait(20) == 0
     assert follower.proc.stderr.read() == "stopped after seq 3; resume with --after 3\n"
+
+
+def test_check_expects_what_the_migration_makes():
+    tables, indexes = pg_check.expected()
+    assert tables["entry"] == {
+        "nat": "bigint",
+        "port": "integer",
+        "addr": "bytea",
+        "aport": "integer",
+        "created": "bigint",
+        "last_use": "bigint",
+    }
+    assert set(tables) == {"schema_migrations", "meta", "nat", "entry", "event"}
+    assert indexes == {
+        "entry_endpoint": ("entry", True, "nat, addr, aport"),
+        "entry_lru": ("entry", False, "nat, last_use, port"),
+        "event_nat_port_ts": ("event", True, "nat, port, ts, kind"),
+        "event_addr_ts": ("event", False, "addr, aport, ts"),
+        "event_ts": ("event", False, "ts"),
+    }
+
+
+@pytest.mark.parametrize(
+    "sql, finding",
+    [
+        ("DROP INDEX event_ts", "index event_ts is missing"),
+        ("CREATE INDEX extra ON entry (aport)", "unknown index extra on entry"),
+        (
+            "DROP INDEX entry_lru; CREATE INDEX entry_lru ON entry (last_use)",
+            "index entry_lru differs from the schema",
+        ),
+        ("ALTER TABLE entry ALTER COLUMN aport TYPE bigint", "table entry differs from the schema"),
+        ("CREATE TABLE planted (x int)", "unknown table planted"),
+        ("ALTER TABLE meta DROP CONSTRAINT meta_pkey", "table meta has no primary key"),
+    ],
+)
+def test_check_names_each_difference_from_the_schema(url, sql, finding):
+    assert nat64ho("check", "--db", url).returncode == 0
+    db_exec(url, sql)
+    r = nat64ho("check", "--db", url)
+    assert r.returncode == 1 and r.stdout == ""
+    assert one_error(r) == f"Error: {url}: {finding}"

@@ -23,6 +23,8 @@ from nat64ho.storage.schema import (
 
 _TABLE = re.compile(r"CREATE TABLE (\w+) \((.*?)\n\);", re.S)
 _INDEX = re.compile(r"CREATE (UNIQUE )?INDEX (\w+) ON (\w+) \(([^)]*)\)")
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (?:IF NOT EXISTS )?(\w+) (\w+)")
+_DROP_INDEX = re.compile(r"DROP INDEX (?:IF EXISTS )?(\w+)")
 _NOT_COLUMN = ("PRIMARY", "UNIQUE", "CHECK", "CONSTRAINT", "FOREIGN")
 
 
@@ -43,6 +45,10 @@ def expected() -> tuple[dict[str, dict[str, str]], dict[str, tuple[str, bool, st
                 if len(words) >= 2 and words[0].upper() not in _NOT_COLUMN:
                     cols[words[0]] = words[1].lower()
             tables[name] = cols
+        for table, column, kind in _ADD_COLUMN.findall(sql):
+            tables[table][column] = kind.lower()
+        for name in _DROP_INDEX.findall(sql):
+            indexes.pop(name, None)
         for unique, name, table, cols in _INDEX.findall(sql):
             indexes[name] = (table, bool(unique), ", ".join(c.strip() for c in cols.split(",")))
     return tables, indexes
