@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.helpers import Follower, connect, db_rows, run, v6
+from tests.helpers import Follower, connect, db_rows, is_postgres, run, v6
 
 PY = [sys.executable, "-m", "nat64ho"]
 BASE = int(ipaddress.IPv6Address("2001:db8::"))
@@ -274,7 +274,12 @@ def test_follow_loses_nothing_across_a_kill_and_a_server_restart(server_factory,
         timeout=60,
     ).stdout
     assert got == [json.loads(x) for x in export.splitlines()]
-    assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
+    seqs = [e["seq"] for e in got]
+    if is_postgres(db_target):
+        # A sequence may skip values (a rolled-back insert keeps its id).
+        assert seqs == sorted(set(seqs))
+    else:
+        assert seqs == list(range(1, len(got) + 1))
     # Each make_events is a new NAT64 boot: five Initialized, two before the kill.
     assert [e["event"] for e in got].count("Initialized") == 5
 
