@@ -261,3 +261,30 @@ def test_check_names_each_difference_from_the_schema(url, sql, finding):
     r = nat64ho("check", "--db", url)
     assert r.returncode == 1 and r.stdout == ""
     assert one_error(r) == f"Error: {url}: {finding}"
+
+
+def test_read_commands_need_only_select(url, tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text(
+        "2019-03-18 10:06:28.436754 Initialized 192.0.2.7\n"
+        "2019-03-18 10:06:28.491727 Created 192.0.2.7:3719 [2001:db8::17]:53186\n"
+    )
+    assert nat64ho("import", "--rebuild-table", str(log), "--db", url).returncode == 0
+    role = "reader_" + url.split("///", 1)[1].split("?", 1)[0]  # roles span the cluster
+    db_exec(url, f"CREATE ROLE {role} LOGIN")
+    db_exec(url, f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    db_exec(url, f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    reader = url.replace("user=nat64ho", f"user={role}")
+    for args in (
+        ["query"],
+        ["who", "192.0.2.7:3719", "--at", "2019-03-18 11:00"],
+        ["who", "2001:db8::17"],
+        ["stats"],
+        ["check"],
+        ["export", "--after", "1"],
+    ):
+        r = nat64ho(*args, "--db", reader)
+        assert r.returncode == 0, (args, r.stderr)
+    assert r.stdout == log.read_text().splitlines(True)[1]
+    r = nat64ho("prune", "--before", "2020-01-01", "--db", reader)
+    assert r.returncode == 1 and "permission denied for table event" in one_error(r)
