@@ -200,25 +200,27 @@ def test_take_owner_names_the_holder(conn, url):
 
 
 def test_export_follow_misses_no_event_committed_out_of_id_order(url):
+    make_tables(url, events=[event(0)])
     follower = Follower(url)
     try:
-        slow = Writer(url, event(1))  # id 1, committed last
-        fast = Writer(url, event(2))  # id 2, committed first
+        assert [e["seq"] for e in follower.take_until(1, timeout=20)] == [1]  # it is polling
+        slow = Writer(url, event(1))  # id 2, committed last
+        fast = Writer(url, event(2))  # id 3, committed first
         fast.done()
-        # A follower that read id 2 now and resumed after it would never
-        # print id 1: it must hold id 2 back while id 1 may still come.
-        time.sleep(4 * FOLLOW_POLL_S)
+        # A follower that printed id 3 now and went on after it would never
+        # print id 2: it must hold id 3 back while id 2 may still come.
+        time.sleep(8 * FOLLOW_POLL_S)
         assert follower.lines.empty()
         slow.done()
-        got = follower.take_until(2, timeout=20)
+        got = follower.take_until(3, timeout=20)
         third = Writer(url, event(3))
         third.done()
-        got += follower.take_until(3, timeout=20)
-        assert [(e["seq"], e["port"]) for e in got] == [(1, 1001), (2, 1002), (3, 1003)]
+        got += follower.take_until(4, timeout=20)
+        assert [(e["seq"], e["port"]) for e in got] == [(2, 1001), (3, 1002), (4, 1003)]
     finally:
         follower.proc.send_signal(signal.SIGTERM)
         assert follower.proc.wait(20) == 0
-    assert follower.proc.stderr.read() == "stopped after seq 3; resume with --after 3\n"
+    assert follower.proc.stderr.read() == "stopped after seq 4; resume with --after 4\n"
 
 
 def test_check_expects_what_the_migration_makes():
