@@ -290,3 +290,18 @@ def test_read_commands_need_only_select(url, tmp_path):
     assert r.stdout == log.read_text().splitlines(True)[1]
     r = nat64ho("prune", "--before", "2020-01-01", "--db", reader)
     assert r.returncode == 1 and "permission denied for table event" in one_error(r)
+
+
+def test_a_session_cut_by_the_server_ends_a_follower_in_one_line(url):
+    make_tables(url, events=[event(0)])
+    follower = Follower(url)
+    assert [e["seq"] for e in follower.take_until(1, timeout=20)] == [1]
+    [(n,)] = db_rows(
+        url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'nat64ho read'",
+    )
+    assert n == 1
+    assert follower.proc.wait(20) == 1
+    line = one_error(follower.proc.stderr.read())
+    assert line.startswith(f"Error: {url}: connection lost ("), line

@@ -139,9 +139,10 @@ class PgConnection:
         task = self._loop.create_task(coro)
         try:
             return self._loop.run_until_complete(task)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            if isinstance(exc, (asyncpg.InterfaceError, OSError)):
-                self._broken = True
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+            self._broken = True
+            raise PgError(f"{shown(self.url)}: connection lost ({exc})") from None
+        except asyncpg.PostgresError as exc:
             raise PgError(f"{shown(self.url)}: {exc}") from None
         except BaseException:
             # Ctrl-C in the middle of a round trip leaves the protocol in
