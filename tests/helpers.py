@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import ipaddress
+import json
 import os
+import queue
 import re
 import signal
 import sqlite3
@@ -23,8 +26,8 @@ import pytest
 
 from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
-from nat64ho.sql import numbered
-from nat64ho.storage.schema import is_postgres
+from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY, numbered
+from nat64ho.storage.schema import is_postgres, open_db
 from nat64ho.testing import Child
 
 
@@ -284,6 +287,172 @@ async def _pg_rows(url: str, sql: str, params: tuple) -> list[tuple]:
         return [tuple(r) for r in await conn.fetch(sql, *params)]
     finally:
         await conn.close()
+
+
+def ops_conn(db: Path | str, *, create: bool = False, readonly: bool = False):
+    """An operator-side connection (nat64ho.ops.db.Conn) to an SQLite file or
+    a PostgreSQL URL; ``create`` makes the tables first."""
+    if is_postgres(str(db)):
+        from nat64ho.ops import pgconn
+
+        return pgconn.connect(str(db), create=create, readonly=readonly)
+    return open_db(Path(db), create=create, readonly=readonly)
+
+
+def make_tables(db: Path | str, *, entries=(), events=(), nats=()) -> Path | str:
+    """The tables of ``db`` on either backend (made if missing), with rows
+    written directly as a server would have: ``entries`` (nat, port, addr,
+    aport, created, last_use), ``events`` (ts, kind, nat, port, addr, aport),
+    ``nats`` (nat, boot_id, first_hello, last_hello). Returns ``db``."""
+    conn = ops_conn(db, create=True)
+    try:
+        conn.execute("BEGIN")
+        for row in entries:
+            conn.execute(UPSERT_ENTRY, tuple(row))
+        for row in events:
+            conn.execute(INSERT_EVENT, tuple(row))
+        for row in nats:
+            conn.execute("INSERT INTO nat VALUES (?, ?, ?, ?)", tuple(row))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return db
+
+
+def db_exec(db: Path | str, sql: str, *params: object) -> None:
+    """Run one writing statement (``?`` placeholders) on either backend,
+    behind nat64ho's back (to plant what a test needs)."""
+    if is_postgres(str(db)):
+        run(_pg_exec(str(db), numbered(sql), params))
+        return
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute(sql, params)
+    finally:
+        conn.close()
+
+
+async def _pg_exec(url: str, sql: str, params: tuple) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql, *params)
+    finally:
+        await conn.close()
+
+
+def db_state(db: Path | str) -> object:
+    """Everything a read command could change: the SQLite file's octets (the
+    WAL checkpointed first), or every table's rows, the event id sequence
+    and the list of tables on PostgreSQL."""
+    if is_postgres(str(db)):
+        tables = [
+            r[0]
+            for r in db_rows(
+                db, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+            )
+        ]
+        rows = {t: sorted(db_rows(db, f"SELECT * FROM {t}"), key=repr) for t in tables}
+        seq = db_rows(
+            db, "SELECT relname, pg_sequence_last_value(oid) FROM pg_class WHERE relkind = 'S'"
+        )
+        return tables, rows, seq
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return Path(db).read_bytes()
+
+
+def absent_db(db: Path | str) -> Path | str:
+    """A database like ``db`` (same backend) that does not exist."""
+    if is_postgres(str(db)):
+        return str(db).replace("///", "///absent_", 1)
+    return Path(db).parent / "sub" / "none.db"
+
+
+def db_exists(db: Path | str) -> bool:
+    """Whether the database (the file, or the PostgreSQL database) exists."""
+    if is_postgres(str(db)):
+        name = str(db).split("///", 1)[1].split("?", 1)[0]
+        base = str(db).replace(f"///{name}", "///postgres", 1)
+        return bool(db_rows(base, "SELECT 1 FROM pg_database WHERE datname = ?", name))
+    return Path(db).exists() or Path(db).parent.exists()
+
+
+@contextlib.contextmanager
+def table_owned(db: Path | str):
+    """Hold the table's ownership the way a running server does: the flock
+    beside an SQLite file, the advisory lock on PostgreSQL (in a thread of
+    its own, so the session stays open while the test runs commands)."""
+    if not is_postgres(str(db)):
+        from nat64ho.storage import owner
+
+        with owner.table_owner(db, what="test"):
+            yield
+        return
+    import asyncpg
+
+    from nat64ho.storage.pg_schema import OWNER_LOCK
+
+    held, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(str(db))
+        try:
+            await conn.execute("SET application_name = 'nat64ho serve (test)'")
+            await conn.execute("SELECT pg_advisory_lock($1)", OWNER_LOCK)
+            held.set()
+            while not done.is_set():
+                await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+
+    t = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    t.start()
+    assert held.wait(10), "could not take the owner lock"
+    try:
+        yield
+    finally:
+        done.set()
+        t.join(10)
+
+
+class Follower:
+    """``export --follow --format jsonl`` in a child, its lines in a queue."""
+
+    def __init__(self, db, *extra: str):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nat64ho",
+                "export",
+                "--follow",
+                "--format",
+                "jsonl",
+                "--db",
+                str(db),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def take_until(self, seq: int, timeout: float = 60.0) -> list[dict]:
+        """Lines until the event ``seq`` has come."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while not out or out[-1]["seq"] < seq:
+            out.append(json.loads(self.lines.get(timeout=max(0.1, deadline - time.monotonic()))))
+        return out
 
 
 def entries(db: Path | str) -> dict[tuple[bytes, int], int]:

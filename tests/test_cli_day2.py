@@ -16,8 +16,8 @@ import pytest
 from nat64ho import eventlog
 from nat64ho.core import wire
 from nat64ho.ops import export, importer, queries
-from nat64ho.storage import schema
-from tests.helpers import connect, run, v6
+from nat64ho.storage import pg_schema, schema
+from tests.helpers import connect, is_postgres, ops_conn, run, v6
 
 EXAMPLE = textwrap.dedent("""\
     2019-03-18 10:06:28.436754 Initialized 192.0.2.7
@@ -54,10 +54,10 @@ def nat64ho(*args: str, input: str | None = None) -> subprocess.CompletedProcess
 
 
 @pytest.fixture
-def example_db(tmp_path):
+def example_db(tmp_path, db_target):
     log = tmp_path / "example.log"
     log.write_text(EXAMPLE)
-    db = tmp_path / "t.db"
+    db = db_target
     r = nat64ho("import", str(log), "--db", str(db))
     assert r.returncode == 0, r.stderr
     return db
@@ -66,23 +66,36 @@ def example_db(tmp_path):
 # ---------------------------------------------------------------- import creates the database
 
 
-def test_import_creates_a_missing_database_that_serve_then_uses(tmp_path, server_factory):
+def test_import_creates_a_missing_database_that_serve_then_uses(
+    tmp_path, server_factory, db_target
+):
     log = tmp_path / "old.log"
     log.write_text(EXAMPLE)
-    db = tmp_path / "new" / "deeper" / "table.db"
+    pg = is_postgres(db_target)
+    # On PostgreSQL the database exists (createdb) and is empty: import
+    # makes its tables.
+    db = db_target if pg else tmp_path / "new" / "deeper" / "table.db"
     r = nat64ho("import", str(log), "--rebuild-table", "--db", str(db))
     assert r.returncode == 0, r.stderr
+    made = f"created the tables in {db} (schema version {len(pg_schema.migrations())})"
+    if not pg:
+        made = f"created {db} (schema version {len(schema.migrations())})"
     assert r.stderr == (
-        f"created {db} (schema version {len(schema.migrations())}); 4 lines read, "
-        "4 events added, 0 already present, 0 skipped; 2 entries added to the "
-        "table\n"
+        f"{made}; 4 lines read, 4 events added, 0 already present, 0 skipped; "
+        "2 entries added to the table\n"
     )
-    assert oct(db.stat().st_mode & 0o777) == "0o640"
-    for d in (db.parent, db.parent.parent):
-        assert oct(d.stat().st_mode & 0o777) == "0o750"
+    if not pg:
+        assert oct(db.stat().st_mode & 0o777) == "0o640"
+        for d in (db.parent, db.parent.parent):
+            assert oct(d.stat().st_mode & 0o777) == "0o750"
     # The same schema serve's migrations build, every table and index.
     r = nat64ho("check", "--db", str(db))
-    assert r.returncode == 0 and r.stdout.startswith(f"ok: {db}: integrity ok, schema current")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(
+        f"ok: {db}: schema current, rows decode"
+        if pg
+        else f"ok: {db}: integrity ok, schema current"
+    )
     # And serve takes it as it is: the imported entry is there for its NAT64.
     server = server_factory(db=db)
 
@@ -160,12 +173,12 @@ def test_a_huge_line_is_skipped_in_bounded_memory(tmp_path):
     assert rss_kib < 64 * 1024, rss_kib
 
 
-def test_line_numbers_count_lf_only_as_editors_do(tmp_path):
+def test_line_numbers_count_lf_only_as_editors_do(db_target):
     lines = EXAMPLE.splitlines(True)
     # Line 2 holds a bare CR (one line to an editor), line 4 is garbage.
     text = lines[0] + lines[1].rstrip("\n") + "\r" + lines[2] + lines[3] + "garbage\n"
     bad = []
-    conn = schema.open_db(tmp_path / "t.db", create=True)
+    conn = ops_conn(db_target, create=True)
     try:
         import io
 
@@ -412,8 +425,8 @@ def test_who_reports_from_stdin_without_header_as_json_and_table(example_db):
     assert "AMBIGUOUS" in lines[1] and "AMBIGUOUS" in lines[2] and "1 holder" in lines[3]
 
 
-def test_who_port_window_sees_a_holder_known_only_from_the_table(tmp_path):
-    conn = schema.open_db(tmp_path / "t.db", create=True)
+def test_who_port_window_sees_a_holder_known_only_from_the_table(db_target):
+    conn = ops_conn(db_target, create=True)
     try:
         nat = 0xC0000209
         conn.execute(

@@ -1,14 +1,19 @@
 """The operator commands through the command line: output, exit status and
-the exact error lines; and once against a database a real server wrote."""
+the exact error lines; and once against a database a real server wrote.
+Every test that reads or writes a database runs on SQLite and on PostgreSQL
+(the ``db_target`` fixture)."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +21,19 @@ from typer.testing import CliRunner
 from nat64ho import cli
 from nat64ho.cli import database as cli_database
 from nat64ho.storage import schema
-from tests.helpers import connect, run, v6
+from tests.helpers import (
+    absent_db,
+    connect,
+    db_exec,
+    db_exists,
+    db_state,
+    is_postgres,
+    make_tables,
+    one_error,
+    run,
+    table_owned,
+    v6,
+)
 
 EXAMPLE = textwrap.dedent("""\
     2019-03-18 10:06:28.436754 Initialized 192.0.2.7
@@ -41,7 +58,13 @@ def invoke(*args: str, input: str | None = None):
 
 
 @pytest.fixture
-def db(tmp_path):
+def db(db_target):
+    """An empty database with its tables, on each backend."""
+    return make_tables(db_target)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
     path = tmp_path / "t.db"
     schema.open_db(path, create=True).close()
     return path
@@ -208,25 +231,43 @@ def test_bad_value_through_the_real_command_has_no_traceback(example_db):
         ["check"],
     ],
 )
-def test_missing_database_is_an_error_and_is_not_created(tmp_path, args):
-    missing = tmp_path / "sub" / "none.db"
+def test_missing_database_is_an_error_and_is_not_created(db_target, args):
+    missing = absent_db(db_target)
     r = nat64ho(*args, "--db", str(missing), input="")
     assert r.returncode == 1
     assert r.stderr.startswith(f"Error: {missing}: no such database")
     assert len(r.stderr.splitlines()) == 1
-    assert not missing.exists() and not missing.parent.exists()
+    assert not db_exists(missing)
+
+
+@pytest.mark.parametrize(
+    "args", [["query"], ["export"], ["stats"], ["check"], ["forget", "1.2.3.4"]]
+)
+def test_empty_postgresql_database_is_an_error_and_stays_empty(pg_url, args):
+    r = nat64ho(*args, "--db", pg_url)
+    assert r.returncode == 1
+    assert one_error(r) == (
+        f"Error: {pg_url}: holds no nat64ho tables yet (start 'nat64ho serve --db URL' "
+        "to make them)"
+    )
+    assert db_state(pg_url) == ([], {}, [])
+
+
+def test_unreachable_postgresql_server_is_one_error_line(tmp_path):
+    url = f"postgresql:///nat64ho?host={tmp_path}"
+    r = nat64ho("query", "--db", url)
+    assert r.returncode == 1
+    assert one_error(r).startswith(f"Error: {url}: cannot connect (")
 
 
 def test_newer_database_is_refused(db):
-    conn = sqlite3.connect(db)
-    conn.execute("INSERT INTO schema_migrations VALUES (999, 'future', 0)")
-    conn.commit()
-    conn.close()
+    db_exec(db, "INSERT INTO schema_migrations VALUES (999, 'future', 0)")
     r = invoke("query", "--db", str(db))
     assert r.exit_code == 1 and "written by a newer nat64ho" in r.stderr
 
 
-def test_locked_database_is_retried_then_reported(db, monkeypatch):
+def test_locked_database_is_retried_then_reported(sqlite_db, monkeypatch):
+    db = sqlite_db
     monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 50)
     monkeypatch.setattr(cli_database, "BUSY_RETRY_S", 0.3)
     locker = sqlite3.connect(db, isolation_level=None)
@@ -243,21 +284,69 @@ def test_locked_database_is_retried_then_reported(db, monkeypatch):
 
 
 def test_read_commands_do_not_change_the_file(example_db):
-    conn = sqlite3.connect(example_db)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    before = example_db.read_bytes()
+    before = db_state(example_db)
     for args in (
         ["query"],
         ["who", "192.0.2.9:47102"],
         ["who", "2001:db8::/32"],
         ["export"],
         ["stats"],
+        ["check"],
+        ["export", "--follow"],
     ):
+        if args == ["export", "--follow"]:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "nat64ho", *args, "--db", str(example_db)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert p.stdout is not None and p.stdout.readline() == EXAMPLE.splitlines(True)[0]
+            p.terminate()
+            assert p.wait(30) == 0
+            continue
         assert nat64ho(*args, "--db", str(example_db)).returncode == 0
-    assert example_db.read_bytes() == before
-    wal = example_db.with_name(example_db.name + "-wal")
+    if is_postgres(str(example_db)):
+        assert db_state(example_db) == before
+        return
+    assert Path(example_db).read_bytes() == before
+    wal = Path(f"{example_db}-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["prune", "--before", "2020-01-01"], ["forget", "192.0.2.9"], ["import", "--rebuild-table"]],
+)
+def test_table_changing_commands_refuse_while_the_table_is_owned(example_db, tmp_path, args):
+    log = tmp_path / "again.log"
+    log.write_text(EXAMPLE)
+    if args[0] == "import":
+        args = [*args, str(log)]
+    before = db_state(example_db)
+    with table_owned(example_db):
+        r = nat64ho(*args, "--db", str(example_db))
+    assert r.returncode == 1 and r.stdout == ""
+    line = one_error(r)
+    what = "import --rebuild-table" if args[0] == "import" else args[0]
+    if is_postgres(str(example_db)):
+        # The holder is named: its session and its application name.
+        assert re.fullmatch(
+            rf"Error: {re.escape(str(example_db))}: the table is owned by session \d+ "
+            rf"\(nat64ho serve \(test\)\) on a local socket \(a running 'nat64ho serve'\?\); "
+            rf"{what} needs it alone",
+            line,
+        ), line
+    else:
+        assert line.startswith(f"Error: {example_db}: the table is owned by process {os.getpid()}")
+        assert line.endswith(f"; {what} needs it alone")
+    assert db_state(example_db) == before
+    # Free again: the same command runs (the example has no table for forget).
+    r = nat64ho(*args, "--db", str(example_db))
+    if args[0] == "forget":
+        assert one_error(r) == f"Error: NAT64 192.0.2.9 is not known in {example_db}"
+    else:
+        assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------- import and export
@@ -396,8 +485,8 @@ def test_every_command_and_option_has_help(command):
 
 
 @pytest.mark.slow
-def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
-    srv = server_factory("--ports", "1028-1029")
+def test_commands_on_a_database_written_by_serve(server_factory, db_target):
+    srv = server_factory("--ports", "1028-1029", db=db_target)
     addr = {i: v6(i) for i in (1, 2, 3)}
 
     async def go():
@@ -414,7 +503,7 @@ def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
     db = str(srv.db)
 
     exported = nat64ho("export", "--db", db)
-    assert exported.returncode == 0
+    assert exported.returncode == 0, exported.stderr
     assert exported.stdout == srv.log.read_text()
     lines = exported.stdout.splitlines()
     assert [x.split()[2] for x in lines] == [
@@ -460,13 +549,62 @@ def test_commands_on_a_database_written_by_serve(server_factory, tmp_path):
 
 
 @pytest.mark.slow
-def test_rebuild_table_refuses_while_a_server_runs(server_factory, tmp_path):
-    srv = server_factory()
+def test_rebuild_table_refuses_while_a_server_runs(server_factory, tmp_path, db_target):
+    srv = server_factory(db=db_target)
     log = tmp_path / "x.log"
     log.write_text(EXAMPLE)
     r = nat64ho("import", "--rebuild-table", str(log), "--db", str(srv.db))
     assert r.returncode == 1
-    assert "another process has this database open" in r.stderr
+    if is_postgres(db_target):
+        assert "the table is owned by session" in one_error(r)
+    else:
+        assert "another process has this database open" in r.stderr
     assert srv.stop() == 0
     r = nat64ho("import", "--rebuild-table", str(log), "--db", str(srv.db))
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- either backend
+
+
+def test_nat64ho_db_names_the_database_in_the_environment(example_db):
+    env = {**os.environ, "NAT64HO_DB": str(example_db)}
+    r = subprocess.run(
+        [sys.executable, "-m", "nat64ho", "export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, EXAMPLE, "")
+
+
+def test_rows_that_do_not_decode_are_named_by_reads_and_check(example_db):
+    nat = 0xC0000209
+    db_exec(
+        example_db,
+        "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+        nat,
+        70000,
+        v6(1),
+        1,
+        2,
+        3,
+    )
+    r = nat64ho("query", "--db", str(example_db))
+    assert r.returncode == 1
+    assert one_error(r) == (
+        f"Error: {example_db}: table entry, row (nat={nat}, port=70000) does not decode: "
+        f"port holds int 70000; run 'nat64ho check --db {example_db}'"
+    )
+    db_exec(example_db, "DELETE FROM entry")
+    db_exec(example_db, "UPDATE event SET addr = ? WHERE kind = 2", b"\x01\x02\x03\x04")
+    r = nat64ho("export", "--db", str(example_db))
+    assert r.returncode == 1
+    assert one_error(r) == (
+        f"Error: {example_db}: table event, row id 3 does not decode: addr holds a blob of "
+        f"4 octets; run 'nat64ho check --db {example_db}'"
+    )
+    r = nat64ho("check", "--db", str(example_db))
+    assert r.returncode == 1 and r.stdout == ""
+    assert "table event, row id 3 does not decode" in one_error(r)

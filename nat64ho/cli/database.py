@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Literal
 
 import typer
 
-from nat64ho.cli.options import EXIT_DB, db_path, fail
+from nat64ho.cli.options import EXIT_DB, db_target, fail
 from nat64ho.ops import db as opsdb
 from nat64ho.storage import schema
 
 if TYPE_CHECKING:
+    from nat64ho.ops.pgconn import PgConnection
     from nat64ho.storage.owner import Ownership
 
 #: How long a command keeps retrying a database that stays locked, on top of
@@ -29,24 +30,33 @@ BUSY_RETRY_S = 2.0
 class Database:
     """``with Database(db) as conn``: the database of --db, or a clean exit.
 
-    Read-only unless ``write``, and never created. A lock that outlasts the
-    busy timeout is retried for BUSY_RETRY_S more before giving up; SQLite
-    errors while the command runs become one ``Error:`` line; the connection
-    is closed on the way out.
+    Read-only unless ``write``, and never created. On SQLite a lock that
+    outlasts the busy timeout is retried for BUSY_RETRY_S more before giving
+    up; on PostgreSQL a read-only session. Database errors while the command
+    runs become one ``Error:`` line; the connection is closed on the way out.
+    ``own``: the command must own the table (refused while a server runs).
+    ``create`` (PostgreSQL): make the tables of a database that has none.
     """
 
-    def __init__(self, db: str | None, *, write: bool = False, own: str | None = None):
-        self.path = db_path(db)
+    def __init__(
+        self, db: str | None, *, write: bool = False, own: str | None = None, create: bool = False
+    ):
+        self.target = db_target(db)
+        self.path = schema.describe(self.target)  # for messages
         self.write = write
         self.own = own  # the command, if it must own the table (nat64ho.storage.owner)
+        self.create = create
         self.ownership: Ownership | None = None
-        self.conn: sqlite3.Connection | None = None
+        self.conn: opsdb.Conn | None = None
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> opsdb.Conn:
+        if isinstance(self.target, str):
+            self.conn = self._postgres(self.target)
+            return self.conn
         deadline = time.monotonic() + BUSY_RETRY_S
         while True:
             try:
-                conn = schema.open_db(self.path, readonly=not self.write)
+                conn = schema.open_db(self.target, readonly=not self.write)
                 break
             except schema.DatabaseBusy as exc:
                 if time.monotonic() >= deadline:
@@ -58,11 +68,31 @@ class Database:
             from nat64ho.storage import owner
 
             try:
-                self.ownership = owner.acquire(self.path, what=self.own)
+                self.ownership = owner.acquire(self.target, what=self.own)
             except owner.TableOwned as exc:
                 conn.close()
                 fail(str(exc), EXIT_DB)
         self.conn = conn
+        return conn
+
+    def _postgres(self, url: str) -> PgConnection:
+        from nat64ho.ops import pgconn
+
+        try:
+            conn = pgconn.connect(
+                url,
+                readonly=not self.write,
+                create=self.create,
+                name=f"nat64ho {self.own or ('write' if self.write else 'read')}",
+            )
+        except schema.DatabaseError as exc:
+            fail(str(exc), EXIT_DB)
+        if self.own is not None:
+            try:
+                conn.take_owner(self.own)
+            except schema.DatabaseError as exc:
+                conn.close()
+                fail(str(exc), EXIT_DB)
         return conn
 
     def __exit__(

@@ -146,8 +146,11 @@ def export(
             yield row if fmt == "jsonl" else row[1:]
 
     with Database(db) as conn:
+        # In sequence order, only the settled ids (PostgreSQL): an --after of
+        # the last one printed then resumes without missing a late commit.
+        upto = ops_export.settled_id(conn) if since_v is None and until_v is None else None
         rows = ops_export.history_rows(
-            conn, nat=nat_v, since=since_v, until=until_v, after=after_v, with_id=True
+            conn, nat=nat_v, since=since_v, until=until_v, after=after_v, upto=upto, with_id=True
         )
         if output is None or output == "-":
             bar = Progress("export", "events", None, show=False)  # stdout is the data
@@ -234,9 +237,12 @@ def _follow(
             while True:
                 # One short read transaction per batch: the WAL a reader pins
                 # stays small and a checkpoint of the server is never held up.
+                # Never past an id that a transaction in flight may still
+                # commit below (PostgreSQL; see settled_id): nothing is skipped.
+                upto = ops_export.settled_id(conn)
                 rows = list(
                     ops_export.history_rows(
-                        conn, nat=nat, after=last, with_id=True, limit=opsdb.FETCH
+                        conn, nat=nat, after=last, upto=upto, with_id=True, limit=opsdb.FETCH
                     )
                 )
                 if rows:

@@ -10,10 +10,11 @@ from typing import Annotated, BinaryIO
 import typer
 
 from nat64ho.cli.database import Database, create_database
-from nat64ho.cli.options import EXIT_DB, DbOption, db_path, fail
+from nat64ho.cli.options import EXIT_DB, DbOption, db_target, fail
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import importer
+from nat64ho.storage import schema
 
 
 @dataclass
@@ -60,16 +61,19 @@ def import_(
     for name in files:
         if name != "-" and not os.path.isfile(name):
             fail(f"{name!r}: no such file")
-    path = db_path(db)
-    if rebuild_table and opsdb.database_in_use(path):
-        fail(
-            f"{path}: another process has this database open (a running server?); "
-            "stop it before --rebuild-table: a server keeps its free ports in memory",
-            EXIT_DB,
-        )
+    path = db_target(db)
     created = None
-    if not path.exists():
-        created = create_database(path)
+    if not isinstance(path, str):
+        if rebuild_table and opsdb.database_in_use(path):
+            fail(
+                f"{path}: another process has this database open (a running server?); "
+                "stop it before --rebuild-table: a server keeps its free ports in memory",
+                EXIT_DB,
+            )
+        if not path.exists():
+            created = create_database(path)
+    # On PostgreSQL a running server holds the owner lock, which
+    # --rebuild-table asks for; the tables are made if the database has none.
 
     def bad(name: str, number: int, reason: str) -> None:
         if bar.bar is not None:
@@ -102,11 +106,14 @@ def import_(
     bar = Progress("import", "lines", total)
     try:
         with Database(
-            db, write=True, own="import --rebuild-table" if rebuild_table else None
+            db, write=True, own="import --rebuild-table" if rebuild_table else None, create=True
         ) as conn:
-            # New events land at random places in the address index; a cache
-            # that holds its hot pages saves a read per row on a big history.
-            conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
+            if isinstance(path, str):
+                created = getattr(conn, "created", 0) or None
+            else:
+                # New events land at random places in the address index; a cache
+                # that holds its hot pages saves a read per row on a big history.
+                conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
             result = importer.import_logs(
                 conn,
                 logs(),
@@ -132,7 +139,8 @@ def import_(
     if rebuild_table:
         summary += f"; {result.entries} entries added to the table"
     if created is not None:
-        summary = f"created {path} (schema version {created}); " + summary
+        made = "the tables in " if isinstance(path, str) else ""
+        summary = f"created {made}{schema.describe(path)} (schema version {created}); " + summary
     typer.echo(summary, err=True)
     if result.skipped:
         raise typer.Exit(1)

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from nat64ho.cli.database import Database
-from nat64ho.cli.options import EXIT_DB, DbOption, UsageError, db_path, fail, parse_ipv4, parse_time
+from nat64ho.cli.options import (
+    EXIT_DB,
+    DbOption,
+    UsageError,
+    db_target,
+    fail,
+    parse_ipv4,
+    parse_time,
+)
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.eventlog import ipv4_str, ts_str
 from nat64ho.ops import maintenance
@@ -77,7 +85,7 @@ def forget(
         try:
             entries, known = maintenance.forget(conn, address)
         except maintenance.NotKnown:
-            fail(f"NAT64 {nat} is not known in {db_path(db)}", EXIT_DB)
+            fail(f"NAT64 {nat} is not known in {schema.describe(db_target(db))}", EXIT_DB)
     typer.echo(
         f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
         + (" and its boot record" if known else "")
@@ -87,14 +95,20 @@ def forget(
 
 def check(db: DbOption = None) -> None:
     """Check a database without changing it: file header, schema version, tables
-    and indexes, PRAGMA integrity_check. Safe while the server runs.
+    and indexes, PRAGMA integrity_check (on PostgreSQL: schema version, tables,
+    columns and indexes, rows that do not decode). Safe while the server runs.
 
     Exit status 0 when healthy, 1 when anything is wrong (each finding on its
     own line) or the database is missing.
     """
-    path = db_path(db)
+    target = db_target(db)
     try:
-        report = schema.check(path)
+        if isinstance(target, str):
+            from nat64ho.storage import pg_check
+
+            report = pg_check.check(target)
+        else:
+            report = schema.check(target)
     except schema.DatabaseMissing as exc:
         fail(str(exc), EXIT_DB)
     except schema.DatabaseError as exc:
@@ -104,4 +118,7 @@ def check(db: DbOption = None) -> None:
             typer.echo(f"Error: {problem}", err=True)
         raise typer.Exit(1)
     facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
-    typer.echo(f"ok: {path}: integrity ok, schema current; {facts}")
+    if isinstance(target, str):
+        typer.echo(f"ok: {schema.shown(target)}: schema current, rows decode; {facts}")
+    else:
+        typer.echo(f"ok: {target}: integrity ok, schema current; {facts}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from nat64ho.cli.options import (
 )
 from nat64ho.cli.render import TS_W, emit, endpoint, ts_or
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str
+from nat64ho.ops import db as opsdb
 from nat64ho.ops import export as ops_export
 from nat64ho.ops import queries
 
@@ -340,7 +340,7 @@ def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
     label = "stdin" if name == "-" else name
     bad = {"n": 0}
 
-    def answers(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+    def answers(conn: opsdb.Conn) -> Iterator[dict[str, Any]]:
         reader = csv.reader(source)
         while True:
             try:
@@ -476,7 +476,9 @@ def stats(
     with Database(db) as conn:
         if ports is None:
             row = conn.execute("SELECT value FROM meta WHERE key = 'ports'").fetchone()
-            first, last = parse_ports(row[0] if row else "1028-65535")
+            value = row[0] if row else "1028-65535"
+            # PostgreSQL keeps meta values as octets (UTF-8 text).
+            first, last = parse_ports(value.decode() if isinstance(value, bytes) else value)
         found = queries.stats(conn, now, last - first + 1)
     rows = [
         {

@@ -1,8 +1,9 @@
-"""What the operator modules share: the transaction helper, row streaming
-with checks, the errors they raise, and whether another process has a
-database open.
+"""What the operator modules share: the connection they take, the
+transaction helper, row streaming with checks, the errors they raise, and
+whether another process has a database open.
 
-Synchronous sqlite3 on a connection from :func:`nat64ho.storage.schema.open_db`.
+Synchronous: sqlite3 on a connection from :func:`nat64ho.storage.schema.open_db`,
+or PostgreSQL through :mod:`nat64ho.ops.pgconn`, which speaks the same API.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sqlite3
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from nat64ho.storage import schema
 
@@ -21,12 +22,46 @@ from nat64ho.storage import schema
 FETCH = 4096
 
 
+class Rows(Protocol):
+    """What a statement returns: sqlite3.Cursor, or pgconn.PgCursor."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchmany(self, size: int | None = 1, /) -> list[Any]: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """A connection of either backend: sqlite3.Connection, or pgconn.PgConnection."""
+
+    @property
+    def total_changes(self) -> int: ...
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, rows: Any, /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def on_postgres(conn: Conn | None) -> bool:
+    """Whether ``conn`` is a PostgreSQL session (pgconn is not imported for
+    SQLite, so that asyncpg stays off its path)."""
+    return conn is not None and not isinstance(conn, sqlite3.Connection)
+
+
 class HistoryError(Exception):
     """Base of the operator modules' named errors; the message is meant for an operator."""
 
 
 @contextlib.contextmanager
-def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def atomic(conn: Conn) -> Iterator[Conn]:
     """``with atomic(conn):`` one write transaction, committed at the end or
     rolled back on any exception (Ctrl-C included). IMMEDIATE takes the write
     lock at once, so a busy database fails here rather than halfway through."""
@@ -40,10 +75,10 @@ def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def stream(
-    cur: sqlite3.Cursor,
+    cur: Rows,
     make: Any = None,
     ok: Callable[[Any], bool] | None = None,
-    conn: sqlite3.Connection | None = None,
+    conn: Conn | None = None,
 ) -> Iterator[Any]:
     """Rows of ``cur`` in chunks; each must pass ``ok`` (see schema.entry_ok)."""
     while rows := cur.fetchmany(FETCH):
@@ -57,17 +92,19 @@ def stream(
             yield from map(make._make, rows)
 
 
-def db_path(conn: sqlite3.Connection | None) -> str:
-    """The file of ``conn``, for messages."""
+def db_path(conn: Conn | None) -> str:
+    """The file (or PostgreSQL URL) of ``conn``, for messages."""
     if conn is None:
         return "database"
+    if on_postgres(conn):
+        return schema.shown(getattr(conn, "url", "database"))
     try:
         return str(conn.execute("PRAGMA database_list").fetchone()[2] or "database")
     except sqlite3.Error:
         return "database"
 
 
-def bad_row(conn: sqlite3.Connection | None, row: Any, ok: Callable[[Any], bool]) -> Exception:
+def bad_row(conn: Conn | None, row: Any, ok: Callable[[Any], bool]) -> Exception:
     """The error naming a row that failed ``ok``."""
     if ok is schema.entry_ok:
         return schema.bad_entry(db_path(conn), row)

@@ -4,22 +4,23 @@
 from __future__ import annotations
 
 import socket
-import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
-from nat64ho.ops.db import FETCH, id_event_ok, stream
+from nat64ho.ops.db import FETCH, Conn, id_event_ok, on_postgres, stream
 from nat64ho.storage import schema
 
 
 def history_rows(
-    conn: sqlite3.Connection,
+    conn: Conn,
     *,
     nat: int | None = None,
     since: int | None = None,
     until: int | None = None,
     after: int | None = None,
+    upto: int | None = None,
     with_id: bool = False,
     limit: int | None = None,
 ) -> Iterator[tuple[Any, ...]]:
@@ -32,12 +33,16 @@ def history_rows(
     so that a narrow window of a huge history costs only its own rows; the
     two orders differ only where the clock stepped back or older logs were
     imported later. ``after``: only events with a higher id (id order), so
-    that a reader resumes exactly where it stopped.
+    that a reader resumes exactly where it stopped; ``upto``: none above this
+    id (see :func:`settled_id`).
     """
     where, args = [], []
     if after is not None:
         where.append("id > ?")
         args.append(after)
+    if upto is not None:
+        where.append("id <= ?")
+        args.append(upto)
     if nat is not None:
         where.append("nat = ?")
         args.append(nat)
@@ -64,10 +69,55 @@ def history_rows(
     return stream(conn.execute(sql, args), None, id_event_ok if with_id else schema.event_ok, conn)
 
 
-def last_event_id(conn: sqlite3.Connection) -> int:
+def last_event_id(conn: Conn) -> int:
     """The highest event id (0 for an empty history): a cheap upper bound
     for progress."""
     return int(conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0])
+
+
+#: How often settled_id looks again whether the writers it waits for are done.
+SETTLE_POLL_S = 0.01
+
+
+def settled_id(conn: Conn) -> int | None:
+    """An event id up to which the history is final: no event with a lower
+    or equal id can still appear. None on SQLite, where a writer holds the
+    database alone from its first insert to its commit, so ids are
+    committed in order and every id read is final.
+
+    PostgreSQL draws identity ids when a row is inserted, not when it is
+    committed: a transaction that drew id 7 may commit after one that drew
+    id 8, and a reader resuming after 8 would never see 7. So: read the
+    last id drawn (the sequence, cache 1 as the schema makes it), then the
+    transactions that hold the insert lock (ROW EXCLUSIVE) on ``event``, and
+    wait until those are over. Every id up to the one read was drawn by a
+    transaction that held that lock when it drew it, so it is then
+    committed or gone. Chosen over ``LOCK TABLE event IN SHARE MODE``
+    (which needs a writing session and stops the server's commits while
+    waiting) and over snapshot xmin (an insert draws its id before it gets
+    a transaction id, so xmin alone leaves a gap). The wait is for commits
+    already under way: milliseconds."""
+    if not on_postgres(conn):
+        return None
+    last = int(
+        conn.execute(
+            "SELECT coalesce(pg_sequence_last_value("
+            "pg_get_serial_sequence('event', 'id')::regclass), 0)"
+        ).fetchone()[0]
+    )
+    lock = (
+        "SELECT virtualtransaction FROM pg_locks WHERE locktype = 'relation' "
+        "AND relation = 'event'::regclass AND mode = 'RowExclusiveLock' AND granted "
+        "AND pid <> pg_backend_pid()"
+    )
+    writers = [r[0] for r in conn.execute(lock).fetchall()]
+    while writers:
+        time.sleep(SETTLE_POLL_S)
+        writers = [
+            r[0]
+            for r in conn.execute(lock + " AND virtualtransaction = ANY(?)", (writers,)).fetchall()
+        ]
+    return last
 
 
 _KINDS = ("Initialized", "Created", "Deleted")

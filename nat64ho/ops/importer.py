@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import gzip
 import socket
-import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, NamedTuple, cast
 
 from nat64ho.eventlog import BadLine, EventKind, parse_line
-from nat64ho.ops.db import HistoryError, atomic
+from nat64ho.ops.db import Conn, HistoryError, atomic
 from nat64ho.sql import INSERT_EVENT
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
@@ -177,7 +176,7 @@ _DIGIT_DOT = frozenset("0123456789.")
 
 
 def import_logs(
-    conn: sqlite3.Connection,
+    conn: Conn,
     logs: Iterable[tuple[str, BinaryIO]],
     on_bad: Callable[[str, int, str], None],
     *,
@@ -205,7 +204,7 @@ def import_logs(
     if rebuild_table:
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS replay "
-            "(nat INTEGER, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID"
+            "(nat BIGINT, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID"
         )
         conn.execute("DELETE FROM temp.replay")
 
@@ -254,7 +253,7 @@ def import_logs(
     return ImportResult(lines, added, skipped, entries)
 
 
-def rebuild(conn: sqlite3.Connection) -> int:
+def rebuild(conn: Conn) -> int:
     """Give each port named by the imported logs (collected in temp.replay)
     the entry its last event implies; returns the entries added."""
     with atomic(conn):

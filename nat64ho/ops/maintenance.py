@@ -3,21 +3,18 @@ same statement in the same batches (nat64ho.sql)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
-from nat64ho.ops.db import atomic
+from nat64ho.ops.db import Conn, atomic
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 
 
-def prune_count(conn: sqlite3.Connection, before_us: int) -> int:
+def prune_count(conn: Conn, before_us: int) -> int:
     """How many events :func:`prune` would delete (a walk of the ts index)."""
     return int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
 
 
-def prune(
-    conn: sqlite3.Connection, before_us: int, on_batch: Callable[[int], None] | None = None
-) -> int:
+def prune(conn: Conn, before_us: int, on_batch: Callable[[int], None] | None = None) -> int:
     """Delete history events older than ``before_us``; returns how many.
 
     Current entries are never touched. Works in transactions of
@@ -39,7 +36,7 @@ class NotKnown(LookupError):
     """The NAT64 has no row and no entries in the database."""
 
 
-def forget(conn: sqlite3.Connection, nat: int) -> tuple[int, bool]:
+def forget(conn: Conn, nat: int) -> tuple[int, bool]:
     """Remove a NAT64 and its table (its history stays); returns the entries
     removed and whether it had a row. Raises :class:`NotKnown`."""
     with atomic(conn):

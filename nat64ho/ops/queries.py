@@ -16,13 +16,12 @@ table deletes the least recently used entry and then reuses its port.
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from nat64ho.eventlog import Event, EventKind, ipv4_str
-from nat64ho.ops.db import bad_row, db_path, stream
+from nat64ho.ops.db import Conn, bad_row, db_path, stream
 from nat64ho.storage import schema
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
@@ -77,7 +76,7 @@ class NatStats:
 # ---------------------------------------------------------------- NAT64s
 
 
-def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int]:
+def nat_addresses(conn: Conn, *, history: bool = True) -> list[int]:
     """Every NAT64 the database knows: said HELLO, has entries, or (unless
     ``history`` is false) has history."""
     found = {r[0] for r in conn.execute("SELECT nat FROM nat")}
@@ -96,13 +95,14 @@ def nat_addresses(conn: sqlite3.Connection, *, history: bool = True) -> list[int
 
 
 def prefix_range(network: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
-    """First and last address of a prefix as blobs: SQLite compares blobs
-    octet by octet, so a prefix is one range of the address indexes."""
+    """First and last address of a prefix as blobs: SQLite (and PostgreSQL's
+    bytea) compare octet by octet, so a prefix is one range of the address
+    indexes."""
     return network.network_address.packed, network.broadcast_address.packed
 
 
 def query_entries(
-    conn: sqlite3.Connection,
+    conn: Conn,
     *,
     nat: int | None = None,
     ipv6: ipaddress.IPv6Network | None = None,
@@ -135,7 +135,7 @@ def query_entries(
         yield from stream(cur, Entry, schema.entry_ok, conn)
 
 
-def _entry_row(conn: sqlite3.Connection, row: Any) -> Any:
+def _entry_row(conn: Conn, row: Any) -> Any:
     """A (addr, aport, created) read of one entry, checked."""
     if row is not None and not (
         type(row[0]) is bytes and len(row[0]) == 16 and type(row[1]) is int and type(row[2]) is int
@@ -167,7 +167,7 @@ def _order(e: Event) -> tuple[int, int]:
     return e.ts, 1 if e.kind == EventKind.CREATED else 0
 
 
-def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding | None:
+def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
     """Who held NAT ``nat``:``port`` at ``at``; None if, as far as the
     database knows, nobody did."""
     key = (nat, port)
@@ -240,9 +240,7 @@ def who_port(conn: sqlite3.Connection, nat: int, port: int, at: int) -> Holding 
 WINDOW_EVENTS = 1000
 
 
-def who_port_window(
-    conn: sqlite3.Connection, nat: int, port: int, at: int, tolerance: int
-) -> list[Holding]:
+def who_port_window(conn: Conn, nat: int, port: int, at: int, tolerance: int) -> list[Holding]:
     """Every holder of ``nat``:``port`` at some instant of
     [at - tolerance, at + tolerance], closest to ``at`` first (a holding
     that covers ``at`` is at distance 0)."""
@@ -275,7 +273,7 @@ def distance(h: Holding, at: int) -> int:
 
 
 def who_endpoint(
-    conn: sqlite3.Connection,
+    conn: Conn,
     network: ipaddress.IPv6Network,
     aport: int | None = None,
     at: int | None = None,
@@ -358,7 +356,7 @@ def who_endpoint(
 # ---------------------------------------------------------------- stats
 
 
-def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
+def stats(conn: Conn, now: int, capacity: int) -> list[NatStats]:
     """Per NAT64, by address: table fill, oldest last use, first and last
     HELLO, Created and Deleted over the hour and the day before ``now``.
     ``capacity``: ports per table, as the caller knows it (``--ports``, or
@@ -368,7 +366,8 @@ def stats(conn: sqlite3.Connection, now: int, capacity: int) -> list[NatStats]:
     # One pass over the last day along the ts index, rather than a walk of
     # each NAT64's whole history.
     for nat, kind, n_day, n_hour in conn.execute(
-        "SELECT nat, kind, count(*), sum(ts >= ?) FROM event WHERE ts >= ? AND ts <= ? "
+        "SELECT nat, kind, count(*), sum(CASE WHEN ts >= ? THEN 1 ELSE 0 END) FROM event "
+        "WHERE ts >= ? AND ts <= ? "
         "AND kind > 0 GROUP BY nat, kind",
         (hour, day, now),
     ):

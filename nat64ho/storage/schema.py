@@ -612,9 +612,9 @@ def bad_entry(path, row) -> BadRow:
     )
 
 
-def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
+def bad_event(path, row, conn=None) -> BadRow:
     """The error for an event row that failed :func:`event_ok`, with its id
-    when ``conn`` can find it."""
+    when ``conn`` (either backend's, nat64ho.ops.db.Conn) can find it."""
     checks = _EVENT if row[1] != 0 else _EVENT[:4]
     why = next(
         (f"{c} holds {_show(v)}" for (c, ok), v in zip(checks, row, strict=False) if not ok(v)),
@@ -627,7 +627,7 @@ def bad_event(path, row, conn: sqlite3.Connection | None = None) -> BadRow:
                 "SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? AND port IS ?",
                 row[:4],
             ).fetchone()
-        except sqlite3.Error:
+        except (sqlite3.Error, DatabaseError):
             found = None
         if found is not None:
             where = f"id {found[0]}"
