@@ -187,9 +187,11 @@ async def mapping_load(
     counter,
     kill_after: float,
     per_datagram: int = 8,
+    kill=None,
 ) -> None:
     """NAT64s asking for new endpoints as fast as they are answered, until
-    the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
+    the server is SIGKILLed ``kill_after`` seconds in (or ``kill`` is called
+    then, and the server ends); ``acked[i]`` gathers
     endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
     from nat64ho.peer import Client
 
@@ -197,7 +199,7 @@ async def mapping_load(
         await Client.connect(srv.host, srv.port, local=local, peer=peer)
         for peer, local in zip(peers, locals_, strict=False)
     ]
-    asyncio.get_running_loop().call_later(kill_after, srv.kill)
+    asyncio.get_running_loop().call_later(kill_after, kill or srv.kill)
 
     async def one(i: int, c) -> None:
         while srv.proc.poll() is None:

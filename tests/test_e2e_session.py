@@ -202,8 +202,8 @@ def test_two_thousand_uncached_maps_in_one_datagram_are_all_answered(server_fact
     assert sorted(again) == sorted(first)
 
 
-def test_events_of_one_microsecond_stay_distinct(server_factory):
-    srv = server_factory("--ports", "2000-2001")
+def test_events_of_one_microsecond_stay_distinct(server_factory, db_target):
+    srv = server_factory("--ports", "2000-2001", db=db_target)
 
     async def go():
         c = await connect(srv, local="127.0.0.10")
@@ -230,8 +230,8 @@ def test_events_of_one_microsecond_stay_distinct(server_factory):
         assert f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:1" in who.stdout, who.stdout
 
 
-def test_forget_removes_a_nat64_and_keeps_its_history(server_factory):
-    srv = server_factory()
+def test_forget_removes_a_nat64_and_keeps_its_history(server_factory, db_target):
+    srv = server_factory(db=db_target)
 
     async def go():
         c = await connect(srv, local="127.0.0.11")
