@@ -8,30 +8,46 @@ from __future__ import annotations
 
 import asyncpg
 
+from nat64ho.sql import numbered
 from nat64ho.storage.owner import TableOwned
 from nat64ho.storage.pg_schema import OWNER_LOCK
 from nat64ho.storage.schema import shown
 
-# pg_locks shows a bigint advisory key as its two 32-bit halves.
-_HOLDER = (
-    "SELECT a.application_name, a.client_addr::text, a.pid, a.backend_start::text "
-    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+#: pg_locks shows a bigint advisory key as its two 32-bit halves.
+KEY_HALVES = (OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFF_FFFF)
+
+#: The holder of the owner lock, if any, for :func:`described`; arguments
+#: KEY_HALVES (``?`` placeholders: :func:`nat64ho.sql.numbered` for asyncpg).
+HOLDER_SQL = (
+    "SELECT l.pid, a.application_name, host(a.client_addr), a.backend_start::text "
+    "FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
     "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1"
+    "AND l.classid = ? AND l.objid = ? AND l.objsubid = 1 LIMIT 1"
 )
 
 
-async def holder(conn: asyncpg.Connection) -> str | None:
-    """Who holds the owner lock, in words; None when nobody does."""
-    high, low = OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFFFFFF
-    row = await conn.fetchrow(_HOLDER, high, low)
+def described(row: tuple | None) -> str:
+    """A row of HOLDER_SQL in words: the server's own name for itself
+    (``nat64ho serve pid N on HOST``), where from, which backend, since when."""
     if row is None:
-        return None
-    name, addr, pid, since = row
-    who = name or "a session without a name"
-    where = f"from {addr}, " if addr else ""
-    return f"{who} ({where}PostgreSQL backend {pid}, connected {since[:19]})"
+        return "another session (it has just gone)"
+    pid, name, client, since = row
+    where = f"from {client}" if client else "on a local socket"
+    when = f", connected {since[:19]}" if since else ""
+    return f"{name or 'a session without a name'} ({where}, PostgreSQL backend {pid}{when})"
+
+
+def owned(url: str, who: str, what: str) -> TableOwned:
+    """The refusal of a command that needs the table alone."""
+    err = TableOwned(f"{shown(url)}: the table is owned by {who}; {what} needs it alone")
+    err.holder = who
+    return err
+
+
+async def holder(conn: asyncpg.Connection) -> str:
+    """Who holds the owner lock, in words."""
+    return described(await conn.fetchrow(numbered(HOLDER_SQL), *KEY_HALVES))
 
 
 async def try_acquire(conn: asyncpg.Connection, url: str, *, what: str = "nat64ho") -> None:
@@ -39,10 +55,7 @@ async def try_acquire(conn: asyncpg.Connection, url: str, *, what: str = "nat64h
     :func:`release`), or raise :class:`TableOwned` naming the holder."""
     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
         return
-    who = await holder(conn) or "another session (it has just gone)"
-    err = TableOwned(f"{shown(url)}: the table is owned by {who}; {what} needs it alone")
-    err.holder = who
-    raise err
+    raise owned(url, await holder(conn), what)
 
 
 async def release(conn: asyncpg.Connection) -> None:
