@@ -50,3 +50,14 @@ def test_a_standby_waits_for_the_database_to_exist(tmp_path, pg_cluster, procs):
     pg_cluster.createdb("later")
     b.port()
     assert os.path.exists(tmp_path / "b.log")
+
+
+def test_a_waiting_standby_stops_cleanly_on_sigterm(tmp_path, pg_url, procs):
+    a = procs(*serve_args(pg_url, tmp_path / "a.log"))
+    a.port()
+    b = procs(*serve_args(pg_url, tmp_path / "b.log", "--standby"))
+    b.wait_line(r"standby: owned by .*; waiting to take over")
+    b.proc.terminate()
+    assert b.proc.wait(10) == 0
+    b.wait_line("stopped while in standby")
+    assert a.proc.poll() is None  # the owner never noticed
