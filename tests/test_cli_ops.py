@@ -330,10 +330,10 @@ def test_table_changing_commands_refuse_while_the_table_is_owned(example_db, tmp
     line = one_error(r)
     what = "import --rebuild-table" if args[0] == "import" else args[0]
     if is_postgres(str(example_db)):
-        # The holder is named: its session and its application name.
+        # The holder is named: its application name, where from, its backend.
         assert re.fullmatch(
-            rf"Error: {re.escape(str(example_db))}: the table is owned by session \d+ "
-            rf"\(nat64ho serve \(test\)\) on a local socket \(a running 'nat64ho serve'\?\); "
+            rf"Error: {re.escape(str(example_db))}: the table is owned by nat64ho serve "
+            rf"\(test\) \(on a local socket, PostgreSQL backend \d+, connected [^)]+\); "
             rf"{what} needs it alone",
             line,
         ), line
@@ -556,7 +556,7 @@ def test_rebuild_table_refuses_while_a_server_runs(server_factory, tmp_path, db_
     r = nat64ho("import", "--rebuild-table", str(log), "--db", str(srv.db))
     assert r.returncode == 1
     if is_postgres(db_target):
-        assert "the table is owned by session" in one_error(r)
+        assert "the table is owned by nat64ho serve pid" in one_error(r)
     else:
         assert "another process has this database open" in r.stderr
     assert srv.stop() == 0

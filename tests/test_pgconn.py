@@ -17,6 +17,7 @@ from nat64ho.ops import export as ops_export
 from nat64ho.ops import pgconn
 from nat64ho.sql import INSERT_EVENT
 from nat64ho.storage import pg_check
+from nat64ho.storage.owner import TableOwned
 from tests.helpers import Follower, db_exec, db_rows, make_tables, nat64ho, one_error, ops_conn, v6
 
 
@@ -190,9 +191,9 @@ def test_take_owner_names_the_holder(conn, url):
     other = pgconn.connect(url, name="nat64ho serve")
     try:
         other.take_owner("serve")
-        with pytest.raises(pgconn.TableOwned) as err:
+        with pytest.raises(TableOwned) as err:
             conn.take_owner("prune")
-        assert "(nat64ho serve) on a local socket" in str(err.value)
+        assert "owned by nat64ho serve (on a local socket, PostgreSQL backend" in str(err.value)
         assert str(err.value).endswith("prune needs it alone")
     finally:
         other.close()

@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from nat64ho.sql import numbered
-from nat64ho.storage import pg_schema
-from nat64ho.storage.owner import TableOwned
+from nat64ho.storage import pg_owner, pg_schema
 from nat64ho.storage.schema import DatabaseError, shown
 
 _T = TypeVar("_T")
@@ -283,25 +282,8 @@ class PgConnection:
         got = self.execute("SELECT pg_try_advisory_lock(?)", (pg_schema.OWNER_LOCK,)).fetchone()
         if got is not None and got[0]:
             return
-        key = pg_schema.OWNER_LOCK
-        holder = self.execute(
-            "SELECT l.pid, a.application_name, host(a.client_addr) FROM pg_locks AS l "
-            "LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.classid = ? AND l.objid = ? AND l.objsubid = 1 AND l.granted LIMIT 1",
-            (key >> 32, key & 0xFFFF_FFFF),
-        ).fetchone()
-        if holder is None:
-            who = "another session"
-        else:
-            pid, app, client = holder
-            who = f"session {pid}" + (f" ({app})" if app else "")
-            who += f" from {client}" if client else " on a local socket"
-        err = TableOwned(
-            f"{shown(self.url)}: the table is owned by {who} (a running 'nat64ho serve'?); "
-            f"{what} needs it alone"
-        )
-        err.holder = who
-        raise err
+        row = self.execute(pg_owner.HOLDER_SQL, pg_owner.KEY_HALVES).fetchone()
+        raise pg_owner.owned(self.url, pg_owner.described(row), what)
 
 
 async def _open(url: str, readonly: bool, name: str) -> tuple[asyncpg.Connection, int]:
