@@ -16,7 +16,17 @@ import pytest
 
 from nat64ho.core import wire
 from nat64ho.storage import schema
-from tests.helpers import ServerProcess, connect, digest, mappings, nat64ho, one_error, run, v6
+from tests.helpers import (
+    ServerProcess,
+    connect,
+    digest,
+    mappings,
+    nat64ho,
+    one_error,
+    run,
+    serve_args,
+    v6,
+)
 
 
 def healthy_db(path: Path, entries_n: int = 3000) -> Path:
@@ -154,15 +164,7 @@ def test_serve_refuses_a_bad_database_and_leaves_it_alone(tmp_path, make):
     db = tmp_path / "table.db"
     expected = make(db)
     before = digest(db)
-    r = nat64ho(
-        "serve",
-        "--db",
-        str(db),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-file",
-        str(tmp_path / "events.log"),
-    )
+    r = nat64ho(*serve_args(db, tmp_path / "events.log"))
     assert r.returncode == 1
     error = one_error(r)
     assert error.startswith(f"Error: {db}: ") and expected in error, r.stderr

@@ -18,6 +18,7 @@ from tests.helpers import (
     mappings,
     nat64ho,
     run,
+    serve_args,
     v6,
     wait_for,
 )
@@ -100,15 +101,7 @@ def test_start_on_a_full_disk_is_refused_clearly_then_works(small_fs, tmp_path):
         assert srv.stop() == 0
         filler = fill(small_fs)
         before = digest(db)
-        r = nat64ho(
-            "serve",
-            "--db",
-            str(db),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-file",
-            str(tmp_path / "events.log"),
-        )
+        r = nat64ho(*serve_args(db, tmp_path / "events.log"))
         assert r.returncode == 1
         assert r.stderr.endswith(": its filesystem is full\n") and f"Error: {db}: " in r.stderr
         assert "not a nat64ho database" not in r.stderr and "Traceback" not in r.stderr
