@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from nat64ho.storage import pg_schema, schema
+from tests.helpers import nat64ho, one_error
 
 
 def test_serve_migrates_once_and_reads_never_create(pg_url, pg_cluster):
@@ -51,4 +52,30 @@ def test_missing_newer_and_foreign_databases_are_refused(pg_cluster):
 def test_passwords_never_reach_messages():
     url = "postgresql://app:s3cret@db.example:5432/nat64ho"
     assert schema.shown(url) == "postgresql://app:***@db.example:5432/nat64ho"
-    assert schema.is_postgres(url) and not schema.is_postgres("/var/lib/nat64ho/table.db")
+    for url, seen in (
+        (
+            "postgresql://db.example/n?user=app&password=s3cret&sslmode=require",
+            "postgresql://db.example/n?user=app&password=***&sslmode=require",
+        ),
+        (
+            "postgres://app:s3cret@h1:5432,h2:5432/n?sslpassword=s3cret",
+            "postgres://app:***@h1:5432,h2:5432/n?sslpassword=***",
+        ),
+        ("postgresql://app:s3c@ret@[db/n", "postgresql://app:***@[db/n"),  # does not parse
+        ("postgresql://app@db/n", "postgresql://app@db/n"),
+    ):
+        assert schema.shown(url) == seen
+        assert schema.is_postgres(url)
+    assert not schema.is_postgres("/var/lib/nat64ho/table.db")
+
+
+@pytest.mark.parametrize(
+    "args", [["query"], ["export"], ["serve", "--listen", "127.0.0.1:0"], ["import", "-"]]
+)
+def test_a_url_that_does_not_parse_is_one_error_line_without_its_password(args):
+    r = nat64ho(*args, "--db", "postgresql://app:s3cret@[db.example/nat64ho", input="")
+    assert r.returncode == 2, r
+    assert one_error(r) == (
+        "Error: --db postgresql://app:***@[db.example/nat64ho: not a valid URL (Invalid IPv6 URL)"
+    )
+    assert "s3cret" not in r.stderr + r.stdout

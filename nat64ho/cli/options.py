@@ -8,6 +8,7 @@ import datetime as dt
 import enum
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -185,9 +186,19 @@ def db_target(db: str | None) -> Path | str:
     if db is None:
         env = os.environ.get("NAT64HO_DB")
         if env and schema.is_postgres(env):
-            return env
+            return _valid_url(env, "$NAT64HO_DB")
         return schema.default_db_path()
-    return db if schema.is_postgres(db) else Path(db)
+    return _valid_url(db, "--db") if schema.is_postgres(db) else Path(db)
+
+
+def _valid_url(url: str, what: str) -> str:
+    """A PostgreSQL URL that parses, or one ``Error:`` line (a URL that does
+    not would otherwise fail deep inside the first command that shows it)."""
+    try:
+        urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        fail(f"{what} {schema.shown(url)}: not a valid URL ({exc})")
+    return url
 
 
 def db_path(db: str | None, command: str = "this command") -> Path:

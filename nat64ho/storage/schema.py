@@ -15,7 +15,6 @@ import shutil
 import sqlite3
 import stat
 import time
-import urllib.parse
 from importlib import resources
 from pathlib import Path
 
@@ -74,13 +73,29 @@ def is_postgres(db: object) -> bool:
     return isinstance(db, str) and db.startswith(PG_SCHEMES)
 
 
+#: A password in a URL's query (libpq's ``password`` and ``sslpassword``).
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*")
+
+
 def shown(url: str) -> str:
-    """``url`` for messages and logs: any password replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """``url`` for messages and logs: any password replaced by ``***``, in
+    the user part and in the query. Never raises, so that a URL too broken
+    to parse is still shown safely in the error that says so."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _QUERY_PASSWORD.sub(r"\1***", url)
+    end = len(rest)
+    for stop in "/?#":
+        i = rest.find(stop)
+        if i != -1:
+            end = min(end, i)
+    netloc, tail = rest[:end], rest[end:]
+    # The last "@" ends the user part: a password with an unencoded "@" is
+    # hidden whole rather than in part.
+    user, at, hosts = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = user.split(":", 1)[0] + ":***@" + hosts
+    return f"{scheme}://{netloc}" + _QUERY_PASSWORD.sub(r"\1***", tail)
 
 
 def describe(db: str | Path) -> str:
