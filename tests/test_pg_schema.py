@@ -49,6 +49,35 @@ def test_missing_newer_and_foreign_databases_are_refused(pg_cluster):
         asyncio.run(go(pg_cluster.url(other), readonly=True))
 
 
+@pytest.mark.parametrize(
+    "tables",
+    [
+        # Rails keeps its versions as text in a schema_migrations of its own.
+        "CREATE TABLE schema_migrations (version varchar PRIMARY KEY); "
+        "INSERT INTO schema_migrations VALUES ('20230101000000'); CREATE TABLE users (id int)",
+        "CREATE TABLE schema_migrations (version varchar PRIMARY KEY); CREATE TABLE users (id int)",
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+        "applied bigint NOT NULL); CREATE TABLE users (id int)",
+    ],
+    ids=["rails", "rails_empty", "ours_empty_beside_others"],
+)
+def test_another_programs_schema_migrations_is_refused_and_left_alone(pg_cluster, tables):
+    name = pg_cluster.createdb()
+    pg_cluster.psql(name, tables)
+    before = pg_cluster.psql(name, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    url = pg_cluster.url(name)
+    for args in (["query"], ["serve", "--listen", "127.0.0.1:0", "--log-file", "-"]):
+        r = nat64ho(*args, "--db", url)
+        assert r.returncode == 1, r
+        assert one_error(r) == f"Error: {url}: a database of another program " + (
+            "(tables, none recorded by nat64ho)"
+            if "applied" in tables
+            else "(its schema_migrations is not nat64ho's)"
+        )
+    after = pg_cluster.psql(name, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert after == before
+
+
 def test_passwords_never_reach_messages():
     url = "postgresql://app:s3cret@db.example:5432/nat64ho"
     assert schema.shown(url) == "postgresql://app:***@db.example:5432/nat64ho"

@@ -35,6 +35,7 @@ _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
 )
+_OUR_MIGRATIONS_COLUMNS = [("version", "integer"), ("name", "text"), ("applied", "bigint")]
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -82,7 +83,21 @@ async def applied(conn: asyncpg.Connection, url: str) -> list[int]:
         raise NotOurDatabase(
             f"{shown(url)}: a database of another program (tables but no schema_migrations)"
         )
-    return [r[0] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+    # Other frameworks keep a schema_migrations too (Rails: one text column).
+    columns = await conn.fetch(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = "
+        "current_schema() AND table_name = 'schema_migrations' ORDER BY ordinal_position"
+    )
+    if [tuple(c) for c in columns] != _OUR_MIGRATIONS_COLUMNS:
+        raise NotOurDatabase(
+            f"{shown(url)}: a database of another program (its schema_migrations is not nat64ho's)"
+        )
+    done = [r[0] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+    if not done and tables != {"schema_migrations"}:
+        raise NotOurDatabase(
+            f"{shown(url)}: a database of another program (tables, none recorded by nat64ho)"
+        )
+    return done
 
 
 async def check_version(conn: asyncpg.Connection, url: str) -> list[int]:
