@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -305,4 +307,36 @@ def test_a_session_cut_by_the_server_ends_a_follower_in_one_line(url):
     assert n == 1
     assert follower.proc.wait(20) == 1
     line = one_error(follower.proc.stderr.read())
+    assert line.startswith(f"Error: {url}: connection lost ("), line
+
+
+@pytest.mark.parametrize("fmt", ["log", "jsonl"])
+def test_a_session_cut_while_export_streams_is_one_error_line(url, fmt):
+    db_exec(
+        url,
+        "INSERT INTO event (ts, kind, nat, port, addr, aport) SELECT 1000000 + i, 1, 7, "
+        "1028 + i % 60000, decode(lpad(to_hex(i), 32, '0'), 'hex'), 2000 "
+        "FROM generate_series(0, 199999) AS i",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nat64ho", "export", "--format", fmt, "--db", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    # Not read further, the export waits on a full pipe between two fetches
+    # of its cursor when its session is ended.
+    [(n,)] = db_rows(
+        url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'nat64ho read'",
+    )
+    assert n == 1
+    time.sleep(0.2)
+    rest = proc.stdout.read()
+    assert proc.wait(20) == 1
+    assert len(rest.splitlines()) < 199_999
+    line = one_error(proc.stderr.read())
     assert line.startswith(f"Error: {url}: connection lost ("), line

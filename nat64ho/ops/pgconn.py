@@ -138,8 +138,16 @@ class PgConnection:
         task = self._loop.create_task(coro)
         try:
             return self._loop.run_until_complete(task)
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        except (
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            # A session the server ends in the middle of a cursor's round trip
+            # can leave asyncpg's protocol in a state it calls internal.
+            asyncpg.InternalClientError,
+            OSError,
+        ) as exc:
             self._broken = True
+            self._conn.terminate()
             raise PgError(f"{shown(self.url)}: connection lost ({exc})") from None
         except asyncpg.PostgresError as exc:
             raise PgError(f"{shown(self.url)}: {exc}") from None

@@ -149,6 +149,6 @@ def check(url: str) -> CheckReport:
     report = CheckReport(url)  # type: ignore[arg-type]
     try:
         asyncio.run(_check(url, report))
-    except (OSError, asyncpg.InterfaceError) as exc:
+    except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         raise DatabaseError(f"{shown(url)}: {exc}") from None
     return report

@@ -108,6 +108,7 @@ def _lost(exc: BaseException) -> bool:
             OSError,
             TimeoutError,
             asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # the protocol broken off mid-message
             asyncpg.ConnectionDoesNotExistError,
             asyncpg.AdminShutdownError,
             asyncpg.CrashShutdownError,
