@@ -340,3 +340,13 @@ def test_a_session_cut_while_export_streams_is_one_error_line(url, fmt):
     assert len(rest.splitlines()) < 199_999
     line = one_error(proc.stderr.read())
     assert line.startswith(f"Error: {url}: connection lost ("), line
+
+
+def test_a_write_beside_an_unread_cursor_commits_as_outside_begin(conn, url, monkeypatch):
+    monkeypatch.setattr(pgconn, "CURSOR_ROWS", 7)
+    conn.executemany(INSERT_EVENT, [event(i) for i in range(30)])
+    cur = conn.execute("SELECT port FROM event ORDER BY id")
+    assert cur.fetchmany(2) == [(1000,), (1001,)]
+    conn.execute("INSERT INTO meta VALUES (?, ?)", ("probe", b"x"))
+    conn.close()  # the cursor never read to its end
+    assert db_rows(url, "SELECT value FROM meta WHERE key = 'probe'") == [(b"x",)]

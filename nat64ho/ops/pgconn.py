@@ -272,6 +272,14 @@ class PgConnection:
         return _count(status)
 
     def close(self) -> None:
+        if self._tx is not None and not self._explicit and not self._broken:
+            # A cursor left unread holds its transaction open, and statements
+            # run meanwhile are in it; outside BEGIN each one commits on its
+            # own, so they must not be rolled back with the unread rows.
+            try:
+                self._end(commit=True)
+            except PgError:
+                pass  # the session broke: the server rolled back
         if not self._conn.is_closed():
             if self._broken:
                 self._conn.terminate()
