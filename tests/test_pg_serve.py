@@ -61,3 +61,18 @@ def test_a_waiting_standby_stops_cleanly_on_sigterm(tmp_path, pg_url, procs):
     assert b.proc.wait(10) == 0
     b.wait_line("stopped while in standby")
     assert a.proc.poll() is None  # the owner never noticed
+
+
+def test_a_standby_never_serves_a_database_of_a_newer_nat64ho(tmp_path, pg_cluster, procs):
+    name = pg_cluster.createdb()
+    url = pg_cluster.url(name)
+    assert nat64ho("import", "--db", url, "-", input="").returncode == 0  # makes the tables
+    pg_cluster.psql(name, "INSERT INTO schema_migrations VALUES (99, 'future', 0)")
+    b = procs(*serve_args(url, tmp_path / "b.log", "--standby"))
+    assert b.proc.wait(20) == 1
+    b.wait_line(r"^Error: ")
+    assert one_error(b.stderr) == (
+        f"Error: {url}: written by a newer nat64ho (schema version 99, this one knows up to 1); "
+        "upgrade nat64ho"
+    )
+    assert "listening" not in b.stderr

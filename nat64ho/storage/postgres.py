@@ -200,6 +200,13 @@ class PgStore(Store):
     async def open(cls, url: str, *, writer: asyncpg.Connection) -> PgStore:  # type: ignore[override]
         """The store over ``writer`` (migrated, holding the owner lock)."""
         try:
+            # Checked here too: whoever migrated may have let a refusal pass
+            # (a standby retrying over the same session), and a newer or
+            # foreign schema must never be served.
+            await pg_schema.require_current(writer, url)
+        except asyncpg.PostgresError as exc:
+            raise schema.DatabaseError(f"{shown(url)}: {exc}") from None
+        try:
             pool = await asyncpg.create_pool(
                 dsn=url,
                 min_size=1,
