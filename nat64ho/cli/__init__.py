@@ -110,7 +110,9 @@ def _root(
 
 
 # One place that lists every command, in the order of --help.
-app.command(short_help="Run the handoff server on UDP, keeping the tables in SQLite.")(serve.serve)
+app.command(short_help="Run the handoff server on UDP; its tables in SQLite or PostgreSQL.")(
+    serve.serve
+)
 app.command(short_help="Show the current entries of the tables.")(query.query)
 app.command(short_help="Who held a NAT port when; or every port a client held.")(query.who)
 app.command(short_help="Write the history as log lines, JSON lines or CSV.")(export.export)
