@@ -1,18 +1,21 @@
 """contrib/keepalived: the configuration passes keepalived's own check, the
 track script passes shellcheck, and the script says "active" exactly when
-this host's nat64ho serves (a standby that waits for the table does not)."""
+this host's nat64ho serves (a standby that waits for the table does not), and
+a server bound to the VIP answers from it where one bound to 0.0.0.0 does not."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import serve_args
+from tests.helpers import serve_args, wait_for
 
 KEEPALIVED = Path(__file__).resolve().parent.parent / "contrib/keepalived"
 CONF = KEEPALIVED / "keepalived.conf"
@@ -79,3 +82,82 @@ def test_the_script_follows_the_active_server_not_the_standby(tmp_path, pg_url, 
     assert a.proc.wait(30) == 0
     b.port()
     assert (check(port_a), check(port_b)) == (1, 0)
+
+
+def _ns(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("ss") is None,
+    reason="needs root, ip and ss (network namespaces)",
+)
+def test_a_server_on_the_vip_answers_from_it_and_one_on_any_address_does_not(tmp_path):
+    # Two namespaces on one link: the server's host (its own address .1,
+    # the VIP .64 added later, as keepalived does) and a NAT64 (.2).
+    tag = f"n64vip{os.getpid() % 100000}"
+    srv, nat = f"{tag}s", f"{tag}c"
+    vip = "10.64.0.64"
+    servers: list[subprocess.Popen] = []
+
+    def serve(listen: str) -> subprocess.Popen:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", srv, sys.executable, "-m", "nat64ho"]
+            + serve_args(tmp_path / "t.db", tmp_path / "t.log", "--listen", listen),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        servers.append(p)
+        wait_for(lambda: in_ns(srv, str(CHECK), "6464") == 0, timeout=20)
+        return p
+
+    def probe() -> int:
+        return in_ns(nat, sys.executable, "-m", "nat64ho", "probe", vip, "--timeout", "1")
+
+    try:
+        _ns("ip", "netns", "add", srv)
+        _ns("ip", "netns", "add", nat)
+        _ns(
+            "ip",
+            "link",
+            "add",
+            f"{tag}a",
+            "netns",
+            srv,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"{tag}b",
+            "netns",
+            nat,
+        )
+        _ns("ip", "-n", srv, "addr", "add", "10.64.0.1/24", "dev", f"{tag}a")
+        _ns("ip", "-n", nat, "addr", "add", "10.64.0.2/24", "dev", f"{tag}b")
+        for ns, dev in ((srv, f"{tag}a"), (nat, f"{tag}b")):
+            _ns("ip", "-n", ns, "link", "set", dev, "up")
+            _ns("ip", "-n", ns, "link", "set", "lo", "up")
+        _ns("ip", "netns", "exec", srv, "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1")
+        # Bound to the VIP before this host holds it: the check says active
+        # (keepalived then brings the VIP here) ...
+        first = serve(f"{vip}:6464")
+        _ns("ip", "-n", srv, "addr", "add", f"{vip}/24", "dev", f"{tag}a")
+        # ... and once it is here, the NAT64 gets its answers from it.
+        assert probe() == 0
+        first.terminate()
+        assert first.wait(30) == 0
+        # Bound to any address, the answers leave from 10.64.0.1: not taken.
+        serve("0.0.0.0:6464")
+        assert probe() == 1
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait(30)
+        for ns in (srv, nat):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def in_ns(ns: str, *cmd: str) -> int:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], capture_output=True, timeout=30
+    ).returncode
