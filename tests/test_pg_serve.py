@@ -1,12 +1,25 @@
 """``serve`` on a PostgreSQL URL: where the URL and the log come from, a
 database that is missing or out of reach (refused in one line, or waited
-for by a standby)."""
+for by a standby); a newer schema, a role that cannot write and a wrong
+password refused in one line, standby or not."""
 
 from __future__ import annotations
 
 import os
 
-from tests.helpers import ServerProcess, connect, entries, nat64ho, one_error, run, serve_args, v6
+import pytest
+
+from tests.helpers import (
+    ServerProcess,
+    connect,
+    entries,
+    nat64ho,
+    one_error,
+    run,
+    serve_args,
+    v6,
+    wait_for,
+)
 
 
 def test_the_url_comes_from_nat64ho_db_and_the_log_goes_to_the_state_dir(tmp_path, pg_url, procs):
@@ -76,3 +89,58 @@ def test_a_standby_never_serves_a_database_of_a_newer_nat64ho(tmp_path, pg_clust
         "upgrade nat64ho"
     )
     assert "listening" not in b.stderr
+
+
+@pytest.mark.parametrize(
+    "grants, why",
+    [
+        (
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+            "permission denied for table meta",
+        ),
+        (
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; "
+            "ALTER ROLE {role} SET default_transaction_read_only = on",
+            "cannot execute INSERT in a read-only transaction",
+        ),
+    ],
+    ids=["select_only", "read_only_role"],
+)
+def test_a_role_that_cannot_write_is_refused_in_one_line(tmp_path, pg_cluster, grants, why):
+    name = pg_cluster.createdb()
+    url = pg_cluster.url(name)
+    assert nat64ho("import", "--db", url, "-", input="").returncode == 0  # makes the tables
+    role = f"ro_{name}"  # roles span the cluster
+    pg_cluster.psql(name, f"CREATE ROLE {role} LOGIN; " + grants.format(role=role))
+    reader = url.replace("user=nat64ho", f"user={role}")
+    for more in ([], ["--standby"]):  # a standby does not wait on it either
+        r = nat64ho(*serve_args(reader, tmp_path / "a.log", *more))
+        assert r.returncode == 1, r
+        assert one_error(r) == (
+            f"Error: {reader}: cannot be written ({why}); serve needs to write its table"
+        )
+        assert "listening" not in r.stderr
+    assert nat64ho("query", "--db", reader).returncode == 0  # reading is what it may do
+
+
+def test_a_wrong_password_is_one_line_that_does_not_show_it(pg_cluster):
+    name = pg_cluster.createdb()
+    role = f"pw_{name}"
+    hba = pg_cluster.data / "pg_hba.conf"
+    hba.write_text(f"local all {role} scram-sha-256\n" + hba.read_text())
+    pg_cluster.psql(name, f"CREATE ROLE {role} LOGIN PASSWORD 'right'")
+    pg_cluster.psql(name, "SELECT pg_reload_conf()")
+    url = f"postgresql://{role}:wr0ng@/{name}?host={pg_cluster.socket_dir}"
+    shown = url.replace(":wr0ng@", ":***@")
+
+    def refused():
+        r = nat64ho("query", "--db", url)
+        return r if "password authentication failed" in r.stderr else None
+
+    first = wait_for(refused)  # once the server has reread pg_hba.conf
+    for r in (first, nat64ho(*serve_args(url, pg_cluster.root / "x.log"))):
+        assert r.returncode == 1
+        assert one_error(r) == (
+            f'Error: {shown}: refused: password authentication failed for user "{role}"'
+        )
+        assert "wr0ng" not in r.stdout + r.stderr
