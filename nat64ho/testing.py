@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from nat64ho.storage import schema
+
 _LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -85,9 +87,11 @@ class Child:
                 self.proc.wait()
 
 
-def serve_command(db: Path | str, log: Path, *extra: str) -> list[str]:
-    """``nat64ho serve`` on an ephemeral port of 127.0.0.1, with ``extra`` options."""
-    cmd = [sys.executable, "-m", "nat64ho", "serve", "--db", str(db)]
+def serve_command(db: Path | str | None, log: Path, *extra: str) -> list[str]:
+    """``nat64ho serve`` on an ephemeral port of 127.0.0.1, with ``extra``
+    options; without ``--db`` when ``db`` is None ($NAT64HO_DB then)."""
+    cmd = [sys.executable, "-m", "nat64ho", "serve"]
+    cmd += [] if db is None else ["--db", str(db)]
     return cmd + ["--listen", "127.0.0.1:0", "--log-file", str(log), *extra]
 
 
@@ -95,4 +99,9 @@ def start_server(db: Path | str, log: Path, sync: str, extra: list[str]) -> Chil
     """``nat64ho serve`` on 127.0.0.1, without rate limits (they are policy,
     not capacity) unless ``extra`` sets them."""
     limits = ["--hello-rate", "0", "--create-rate", "0", "--request-rate", "0"]
+    if schema.is_postgres(db):
+        # A URL may hold a password: the child's environment, not its
+        # command line, which ps shows to every user.
+        cmd = serve_command(None, log, "--sync", sync, *limits, *extra)
+        return Child(cmd, env={"NAT64HO_DB": str(db)})
     return Child(serve_command(db, log, "--sync", sync, *limits, *extra))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from nat64ho import bench
 from nat64ho.cli import app
+from nat64ho.testing import start_server
 from tests.helpers import db_rows
 
 
@@ -88,3 +90,17 @@ def test_cli_refuses_a_db_that_is_not_a_url():
     result = CliRunner().invoke(app, ["bench", "--db", "/tmp/x.db"])
     assert result.exit_code == 2
     assert "postgresql://" in result.output
+
+
+def test_the_benchmarks_server_gets_the_url_outside_its_command_line(pg_url, tmp_path):
+    # The test cluster trusts the socket, so the password is only carried.
+    url = pg_url + "&password=s3cret"
+    child = start_server(url, tmp_path / "events.log", "full", [])
+    try:
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes()
+        assert b"s3cret" not in cmdline and b"--db" not in cmdline
+        environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+        assert f"NAT64HO_DB={url}".encode() in environ
+        assert "database postgresql:" in "".join(child.lines)
+    finally:
+        child.stop()
