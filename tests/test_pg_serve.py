@@ -138,9 +138,18 @@ def test_a_wrong_password_is_one_line_that_does_not_show_it(pg_cluster):
         return r if "password authentication failed" in r.stderr else None
 
     first = wait_for(refused)  # once the server has reread pg_hba.conf
-    for r in (first, nat64ho(*serve_args(url, pg_cluster.root / "x.log"))):
+    serves = [
+        nat64ho(*serve_args(url, pg_cluster.root / "x.log", *more)) for more in ([], ["--standby"])
+    ]
+    for r in (first, *serves):  # a standby does not wait for a password to change
         assert r.returncode == 1
         assert one_error(r) == (
             f'Error: {shown}: refused: password authentication failed for user "{role}"'
         )
         assert "wr0ng" not in r.stdout + r.stderr
+
+
+def test_check_config_refuses_a_url_that_does_not_parse():
+    r = nat64ho("serve", "--db", "postgresql://u:secret@[bad/x", "--check-config")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "secret" not in r.stderr and one_error(r).startswith("Error: --db ")

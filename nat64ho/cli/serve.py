@@ -205,10 +205,10 @@ def serve(
         collectors = parse_collectors(ipfix or [], ipfix_domain)
     except UsageError as exc:
         fail(str(exc))
+    target = db_target(db)  # a URL that does not parse is a bad option too
     if check_config:
         typer.echo("ok: the options are valid")
         raise typer.Exit(0)
-    target = db_target(db)
     if log_file is None:
         log_file = str(default_log(target))
     config = server.Config(

@@ -18,7 +18,14 @@ from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
 from nat64ho.storage.base import Storage
-from nat64ho.storage.schema import DatabaseError, NotOurDatabase, describe, is_postgres, shown
+from nat64ho.storage.schema import (
+    DatabaseError,
+    NewerDatabase,
+    NotOurDatabase,
+    describe,
+    is_postgres,
+    shown,
+)
 from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
 
 log = logging.getLogger("nat64ho")
@@ -30,6 +37,8 @@ RCVBUF = 4 * 1024 * 1024
 STOP_GRACE = 10.0
 #: How often a standby server tries to take the table.
 STANDBY_POLL = 0.2
+#: The longest wait between a standby's tries to reach PostgreSQL.
+STANDBY_MAX_BACKOFF = 5.0
 #: Interval between history prunes when --keep-history is set.
 PRUNE_INTERVAL = 3600.0
 
@@ -146,51 +155,82 @@ async def _take_table(config: Config, stop: asyncio.Event):
 async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
     """The writer session of ``url``, migrated and holding the owner lock
     (nat64ho.storage.pg_owner); with ``standby`` wait for the lock (and for
-    the database, if it cannot be reached), or for a stop (None)."""
-    from nat64ho.storage import pg_owner, postgres
+    the database, if it cannot be reached), or for a stop (None). A database
+    that is not ours, is newer, or refuses the role stops even a standby:
+    waiting would not mend it."""
+    from nat64ho.storage import pg_owner, pg_schema, postgres
     from nat64ho.storage.owner import TableOwned
 
     told: str | None = None
     conn = None
+    delay = STANDBY_POLL
     while True:
         try:
-            if conn is None or conn.is_closed():
-                conn = await postgres.connect(url)
+            if conn is None:
+                conn = await _unless_stopped(postgres.connect(url), stop)
+                if conn is None:
+                    return None
                 await _migrate_pg(conn, url)
             await pg_owner.try_acquire(conn, url, what="serve")
             if told is not None:
                 log.info("standby: took over the table of %s", shown(url))
             return conn
+        except (NotOurDatabase, NewerDatabase, pg_schema.AccessRefused):
+            _drop(conn)
+            raise
         except TableOwned as exc:
             if not config.standby:
-                if conn is not None:
-                    await conn.close()
+                _drop(conn)
                 raise
             why = f"owned by {exc.holder}"
-        except DatabaseError as exc:
-            if not config.standby:
-                raise
-            why = str(exc)
-        except Exception as exc:  # the session failed while we waited
-            if not config.standby:
-                raise DatabaseError(f"{shown(url)}: {exc}") from None
+            delay = STANDBY_POLL  # the session is up: polling the lock is cheap
+        except Exception as exc:
+            # Unreachable, missing, or the session failed while we waited:
+            # start over with a new session, backing off to spare the server.
+            _drop(conn)
             conn = None
-            why = f"{shown(url)}: {exc}"
+            if not config.standby:
+                if isinstance(exc, DatabaseError):
+                    raise
+                raise DatabaseError(f"{shown(url)}: {exc}") from None
+            why = str(exc) if isinstance(exc, DatabaseError) else f"{shown(url)}: {exc}"
+            delay = min(delay * 2, STANDBY_MAX_BACKOFF)
         if told != why:
             log.info("standby: %s; waiting to take over", why)
             _sd_notify(f"STATUS=standby, {why}")
             told = why
         try:
-            await asyncio.wait_for(stop.wait(), STANDBY_POLL)
+            await asyncio.wait_for(stop.wait(), delay)
         except TimeoutError:
             continue
-        if conn is not None:
-            await conn.close()
+        _drop(conn)
         return None
 
 
+async def _unless_stopped(coro, stop: asyncio.Event):
+    """``coro``'s result, or None as soon as ``stop`` is set (a standby's
+    connect can hang for CONNECT_TIMEOUT on an unreachable host)."""
+    task = asyncio.ensure_future(coro)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+def _drop(conn) -> None:
+    """Close a session without waiting on a server that may be gone."""
+    if conn is not None and not conn.is_closed():
+        conn.terminate()
+
+
 async def _migrate_pg(conn, url: str) -> None:
-    """Bring the schema up to date (serve is the command that does)."""
+    """Bring the schema up to date (serve is the command that does). The
+    session is closed on any failure, so that a retry starts clean."""
     import asyncpg
 
     from nat64ho.storage import pg_schema
@@ -198,8 +238,11 @@ async def _migrate_pg(conn, url: str) -> None:
     try:
         await pg_schema.migrate(conn, url)
     except asyncpg.PostgresError as exc:
-        await conn.close()
+        _drop(conn)
         raise DatabaseError(f"{shown(url)}: {exc}") from None
+    except BaseException:
+        _drop(conn)
+        raise
 
 
 async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:

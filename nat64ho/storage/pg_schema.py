@@ -31,6 +31,12 @@ MIGRATE_LOCK = 0x6E61_7436_346D_6772
 #: are per database, so one key serves every table ("nat64ho-owner").
 OWNER_LOCK = 0x6E61_7436_346F_776E
 
+
+class AccessRefused(DatabaseError):
+    """PostgreSQL refused the role or its password: an operator's mistake,
+    which waiting does not mend."""
+
+
 _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
@@ -63,7 +69,7 @@ async def connect(url: str, **kwargs: object) -> asyncpg.Connection:
             "'nat64ho serve --db URL' to make its tables)"
         ) from None
     except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError) as exc:
-        raise DatabaseError(f"{shown(url)}: refused: {exc}") from None
+        raise AccessRefused(f"{shown(url)}: refused: {exc}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DatabaseError(f"{shown(url)}: cannot connect ({why})") from None
