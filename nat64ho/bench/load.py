@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, cast
 
 from nat64ho.core import wire
 from nat64ho.peer import ANSWERS, Client, Peer
-from nat64ho.testing import Child, proc_cpu, proc_peak_rss
+from nat64ho.testing import Child, proc_peak_rss, proc_tree_cpu
 
 MODES = ("create", "lookup", "mixed")
 #: A request unanswered for this long is counted lost and its slot reused.
@@ -557,9 +557,9 @@ def drive(
         cpu0 = None
         if pid is not None:
             time.sleep(max(0.0, measure - time.perf_counter()))
-            cpu0 = proc_cpu(pid)
+            cpu0 = proc_tree_cpu(pid)
             time.sleep(max(0.0, end - time.perf_counter()))
-            cpu = (proc_cpu(pid) - cpu0) / duration
+            cpu = (proc_tree_cpu(pid) - cpu0) / duration
             peak = proc_peak_rss(pid)
         counts: dict[str, int] = {}
         latencies = array("d")
