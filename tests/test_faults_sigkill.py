@@ -4,6 +4,7 @@ is never half written."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import socket
@@ -24,17 +25,19 @@ async def mapping_load(
     counter,
     kill_after: float,
     per_datagram: int = 8,
+    kill=None,
 ) -> None:
     """NAT64s asking for new endpoints as fast as they are answered, until
-    the server is SIGKILLed ``kill_after`` seconds in; ``acked[i]`` gathers
-    endpoint -> NAT port of every MAPPING NAT64 ``i`` received."""
+    the server is SIGKILLed ``kill_after`` seconds in (or ``kill`` is called
+    then and the server ends); ``acked[i]`` gathers endpoint -> NAT port of
+    every MAPPING NAT64 ``i`` received."""
     from nat64ho.peer import Client
 
     clients = [
         await Client.connect(srv.host, srv.port, local=local, peer=peer)
         for peer, local in zip(peers, locals_, strict=False)
     ]
-    asyncio.get_running_loop().call_later(kill_after, srv.kill)
+    asyncio.get_running_loop().call_later(kill_after, kill or srv.kill)
 
     async def one(i: int, c) -> None:
         while srv.proc.poll() is None:
@@ -157,3 +160,44 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
         assert rows[(int.from_bytes(socket.inet_aton("127.0.0.1"), "big"), port)] == seq[-1][1:]
     for endpoint, port in acked[0].items():
         assert (1, *endpoint) in history[port]
+
+
+def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowledged(tmp_path):
+    import itertools
+
+    from nat64ho.testing import proc_tree
+
+    srv = ServerProcess(tmp_path, "--create-rate", "0", "--request-rate", "0")
+    locals_ = ["127.0.0.1", "127.0.0.2"]
+    nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
+    acked: list[dict] = [{} for _ in locals_]
+    try:
+        srv.start()
+
+        async def hello():
+            clients = [(await connect(srv, local=a)) for a in locals_]
+            for c in clients:
+                c.close()
+            return [c.peer for c in clients]
+
+        peers = run(hello())
+        [writer] = [p for p in proc_tree(srv.proc.pid) if p != srv.proc.pid]
+
+        def kill_writer():
+            os.kill(writer, signal.SIGKILL)
+
+        run(mapping_load(srv, peers, locals_, acked, itertools.count(), 0.7, kill=kill_writer))
+        assert srv.proc.wait(10) == 1
+        errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
+        assert len(errors) == 1 and "writer process was killed by SIGKILL" in errors[0], errors
+        rows = table_rows(srv.db)
+        assert sum(len(a) for a in acked) > 50, "the load was too light to mean anything"
+        for nat, got in zip(nats, acked, strict=True):
+            for endpoint, port in got.items():
+                assert rows[(nat, port)] == endpoint, "acknowledged entry lost"
+        # Nothing is left half done: the next start serves the same table.
+        srv.start()
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    assert nat64ho("check", "--db", str(srv.db)).returncode == 0

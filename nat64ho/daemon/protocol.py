@@ -81,7 +81,7 @@ class Server(asyncio.DatagramProtocol):
         logfile.store = store
         #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
-        self.events = EventClock(store.last_event_ts)
+        self.events = EventClock(store.last_event_ts, config.workers, config.worker or 0)
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,

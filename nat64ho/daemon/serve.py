@@ -38,11 +38,13 @@ class ListenError(OSError):
     """The UDP socket could not be bound; the message says where and why."""
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuseport: bool = False) -> socket.socket:
     # Bound here rather than by the event loop, whose errors (uvloop's in
     # particular) do not say why a bind failed.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if reuseport:  # one of the workers' sockets (nat64ho.daemon.workers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:
@@ -177,6 +179,8 @@ async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Even
     if log_path is not None:
         candidates.append(log_path)
     created = [f for f in candidates if not f.exists()]
+    if config.worker is not None:  # its parent owns the table (daemon.workers)
+        return await _serve_owned(config, ready, stop, hurry, created_dirs, created)
     ownership = await _take_table(config, stop)
     if ownership is None:
         log.info("stopped while in standby")
@@ -189,7 +193,7 @@ async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Even
 
 async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created):
     loop = asyncio.get_running_loop()
-    store = await Store.open(config.db, sync=config.sync)
+    store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
     try:
         # Read commands (stats) take the table size from here.
         await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
@@ -206,7 +210,10 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     damage.add_done_callback(lambda _: stop.set())
     try:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: server, sock=_bind(config.host, config.port)
+            lambda: server,
+            sock=_bind(config.host, config.port)
+            if config.sock_fd is None
+            else socket.socket(fileno=config.sock_fd),
         )
     except BaseException:
         await store.close()
@@ -227,7 +234,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
-    if config.keep_history_days is not None:
+    if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
     metrics = None
     if config.metrics is not None:
@@ -300,6 +307,11 @@ def run(config: Config) -> None:
     )
     # Nothing serve creates is for other users, whatever umask it inherits.
     os.umask(0o027)
+    if config.workers > 1:
+        from nat64ho.daemon import workers
+
+        workers.run(config)
+        return
     try:
         import uvloop
     except ImportError:
