@@ -67,6 +67,12 @@ def per_message(r: Result) -> float:
     return r.cpu * r.seconds / max(1, r.counts["messages"]) * 1e6
 
 
+def writer_share(r: Result) -> float:
+    """µs of the writer process's CPU per message answered."""
+    assert r.cpu_by is not None
+    return r.cpu_by["writer"] * r.seconds / max(1, r.counts["messages"]) * 1e6
+
+
 def ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f}"
 
@@ -79,9 +85,10 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=5000, help="entries looked up (cached)")
     args = ap.parse_args()
     print(
-        "| run | offered/s | answered/s | server µs/msg | echo µs/msg | ratio | p50 / p99 ms | lost | target |"
+        "| run | offered/s | answered/s | server µs/msg | of which writer | echo µs/msg | ratio "
+        "| p50 / p99 ms | lost | target |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, kw, target in RUNS:
         if args.only and args.only not in name:
             continue
@@ -120,7 +127,7 @@ def main() -> None:
                 extra = f" ({per_commit} entries/commit: raw {raw:,.0f}/s)"
             print(
                 f"| {name} | {f'{cfg.rate:,.0f}' if cfg.rate else '-'} | {r.messages_per_s:,.0f} | "
-                f"{per_message(r):.1f} | {echo_text} | {ratio_text}{extra} | "
+                f"{per_message(r):.1f} | {writer_share(r):.1f} | {echo_text} | {ratio_text}{extra} | "
                 f"{ms(r.percentile(0.5))} / {ms(r.percentile(0.99))} | "
                 f"{r.counts['lost'] + r.counts['unsent']} | {target} |",
                 flush=True,

@@ -72,6 +72,20 @@ def proc_tree_cpu(pid: int) -> float:
     return sum(_thread_cpu(p) for p in proc_tree(pid))
 
 
+def proc_tree_cpu_by_role(pid: int) -> dict[str, float]:
+    """:func:`proc_tree_cpu` split into the server's SQLite writer process
+    ("writer") and the rest ("front": the event loops of the server or its
+    workers, and their parent)."""
+    out = {"front": 0.0, "writer": 0.0}
+    for p in proc_tree(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out["writer" if b"nat64ho.storage.writer" in cmd else "front"] += _thread_cpu(p)
+    return out
+
+
 def proc_peak_rss(pid: int) -> int:
     """Peak resident set of process ``pid``, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -65,8 +65,9 @@ def test_restart_keeps_cookies_entries_and_boot_ids(server_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory):
-    srv = server_factory("--create-rate", "0")  # as fast as it goes
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory, workers):
+    srv = server_factory("--create-rate", "0", "--workers", workers)  # as fast as it goes
     acked: dict[tuple[bytes, int], int] = {}
 
     async def load(kill_after: int, base: int):

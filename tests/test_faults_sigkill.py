@@ -54,10 +54,11 @@ async def mapping_load(
 
 
 @pytest.mark.slow
-def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path, workers):
     import itertools
 
-    srv = ServerProcess(tmp_path)
+    srv = ServerProcess(tmp_path, "--workers", workers)
     locals_ = [f"127.0.0.{i}" for i in range(1, 5)]
     nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
     acked: list[dict] = [{} for _ in locals_]
@@ -105,10 +106,11 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path, workers):
     import itertools
 
-    srv = ServerProcess(tmp_path, "--ports", "1028-1035")
+    srv = ServerProcess(tmp_path, "--ports", "1028-1035", "--workers", workers)
     acked: list[dict] = [{}]
     counter = itertools.count()
     rng = random.Random(7)
@@ -162,12 +164,16 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path):
         assert (1, *endpoint) in history[port]
 
 
-def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowledged(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowledged(
+    tmp_path, workers
+):
     import itertools
+    from pathlib import Path
 
     from nat64ho.testing import proc_tree
 
-    srv = ServerProcess(tmp_path, "--create-rate", "0", "--request-rate", "0")
+    srv = ServerProcess(tmp_path, "--create-rate", "0", "--request-rate", "0", "--workers", workers)
     locals_ = ["127.0.0.1", "127.0.0.2"]
     nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
     acked: list[dict] = [{} for _ in locals_]
@@ -181,7 +187,11 @@ def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowled
             return [c.peer for c in clients]
 
         peers = run(hello())
-        [writer] = [p for p in proc_tree(srv.proc.pid) if p != srv.proc.pid]
+        [writer] = [
+            p
+            for p in proc_tree(srv.proc.pid)
+            if b"nat64ho.storage.writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
 
         def kill_writer():
             os.kill(writer, signal.SIGKILL)

@@ -41,6 +41,9 @@ WRITER_GRACE = 10.0
 STANDBY_POLL = 0.2
 
 
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class WorkerFailed(schema.DatabaseError):
     """A worker or the writer died; the server stopped."""
 
@@ -162,6 +165,9 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
         for s in socks + ends:
             s.close()
     log.info("%d workers, each NAT64 steered to one by its source address", n)
+    if stopping:  # a signal came while they were forked
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
     failure = None
     while pids:
         try:
@@ -211,7 +217,10 @@ def _worker(
     """Body of worker ``i`` after the fork: serve, then leave the process."""
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # A stop that comes while the worker starts waits for serve()'s own
+        # handlers, rather than killing it half started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        for sig in _STOPS:
             signal.signal(sig, signal.SIG_DFL)
         # A parent killed outright takes its workers along: the table's
         # lock (inherited) must not outlive the server as a whole.
@@ -232,12 +241,18 @@ def _worker(
         )
         from nat64ho.daemon.serve import serve
 
+        async def main() -> None:
+            task = asyncio.ensure_future(serve(mine))
+            await asyncio.sleep(0)  # serve() installed its signal handlers
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+            await task
+
         try:
             import uvloop
         except ImportError:
-            asyncio.run(serve(mine))
+            asyncio.run(main())
         else:
-            uvloop.run(serve(mine))
+            uvloop.run(main())
         code = 0
     except (schema.DatabaseError, OSError) as exc:
         log.error("%s", exc)
