@@ -36,6 +36,8 @@ _UPSERT_NAT = (
 )
 
 
+#: Seconds the writer waits for the other workers' groups once one came.
+GATHER = 0.001
 #: WAL size at which the checkpointer starts: SQLite's automatic one's (1000
 #: pages of 4 KiB).
 CHECKPOINT_BYTES = 4 * 1024 * 1024
@@ -172,17 +174,27 @@ def main(argv: list[str]) -> int:
     try:
         while socks:
             # Every process that has a group waiting joins this transaction.
-            senders, groups = [], []
-            for key, _ in sel.select():
-                sock = cast(socket.socket, key.fileobj)
-                group = _receive(sock)
-                if group is None:
-                    sel.unregister(sock)
-                    socks.remove(sock)
-                    sock.close()
-                else:
-                    senders.append(sock)
-                    groups.append(group)
+            senders: list[socket.socket] = []
+            groups: list[tuple] = []
+            timeout = None
+            while True:
+                for key, _ in sel.select(timeout):
+                    sock = cast(socket.socket, key.fileobj)
+                    if sock in senders:
+                        continue  # its next group waits for this one's reply
+                    group = _receive(sock)
+                    if group is None:
+                        sel.unregister(sock)
+                        socks.remove(sock)
+                        sock.close()
+                    else:
+                        senders.append(sock)
+                        groups.append(group)
+                if timeout is not None or not groups or len(senders) == len(socks):
+                    break
+                # Workers answered together send together: wait a moment
+                # for the others, so one fsync serves them all.
+                timeout = GATHER
             if not groups:
                 continue
             start = time.perf_counter()
