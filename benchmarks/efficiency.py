@@ -11,7 +11,7 @@ compared with raw SQLite inserts at the rows per commit the server made
 (read from its metrics).
 
     python benchmarks/efficiency.py --duration 6
-    python benchmarks/efficiency.py --duration 6 --server-arg=--workers=2
+    python benchmarks/efficiency.py --duration 6 --nats 2 --server-arg=--workers=2
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--only", help="run only those whose name contains this")
     ap.add_argument("--server-arg", action="append", default=[], help="passed to serve")
     ap.add_argument("--entries", type=int, default=5000, help="entries looked up (cached)")
+    ap.add_argument("--nats", type=int, default=1, help="NAT64s (source addresses) sending")
     args = ap.parse_args()
     workers = 1
     for i, a in enumerate(args.server_arg):
@@ -98,7 +99,7 @@ def main() -> None:
     for name, kw, target in RUNS:
         if args.only and args.only not in name:
             continue
-        cfg = BenchConfig(duration=args.duration, entries=args.entries, **kw)  # type: ignore[arg-type]
+        cfg = BenchConfig(duration=args.duration, entries=args.entries, nats=args.nats, **kw)  # type: ignore[arg-type]
         # Commit sizes come from the metrics, which one worker alone serves.
         metrics = None if cfg.rate or workers > 1 else f"127.0.0.1:{free_port()}"
         with tempfile.TemporaryDirectory(prefix="nat64ho-eff-") as tmp:
