@@ -211,3 +211,24 @@ def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowled
     finally:
         srv.kill()
     assert nat64ho("check", "--db", str(srv.db)).returncode == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_idle_server_stops_when_its_writer_process_dies(tmp_path, workers):
+    from pathlib import Path
+
+    from nat64ho.testing import proc_tree
+
+    srv = ServerProcess(tmp_path, "--workers", workers).start()
+    try:
+        [writer] = [
+            p
+            for p in proc_tree(srv.proc.pid)
+            if b"nat64ho.storage.writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        os.kill(writer, signal.SIGKILL)
+        assert srv.proc.wait(10) == 1  # no datagram needed to notice
+    finally:
+        srv.kill()
+    errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
+    assert len(errors) == 1 and "writer process was killed by SIGKILL" in errors[0], errors

@@ -176,6 +176,10 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
             break
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
+            if not stopping:
+                # The workers find out at their next commit; stop them now.
+                for other in pids:
+                    os.kill(other, signal.SIGTERM)
             continue
         if pid not in pids:
             continue

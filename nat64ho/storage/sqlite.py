@@ -446,6 +446,11 @@ class Store:
             await asyncio.sleep(RECENCY_INTERVAL)
             if self._recency:
                 self.flush_recency_soon()
+            w = self._writer
+            if w is not None and w.proc is not None and w.proc.poll() is not None:
+                # Dead while nothing was committing: stop now, not at the
+                # next new entry.
+                self.damage(WriterLost(w.why_lost()), "lost its writer")
 
     async def _flush_loop(self) -> None:
         try:
