@@ -4,6 +4,7 @@ signals, timers (watchdog, prune), metrics and IPFIX, and a clean stop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -32,6 +33,11 @@ STOP_GRACE = 10.0
 STANDBY_POLL = 0.2
 #: Interval between history prunes when --keep-history is set.
 PRUNE_INTERVAL = 3600.0
+#: Young-generation collections between two full ones (Python's default:
+#: 10). A full collection walks every object, the cache's too: its pauses
+#: of 20-30 ms set the p99 of answers at 10,000 creates/s (27 ms; 10-13 ms
+#: with this). The young generations, where garbage is, go on as usual.
+GC_FULL_EVERY = 1000
 
 
 class ListenError(OSError):
@@ -267,6 +273,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             ", ".join(c.name for c in exporter.collectors),
             config.ipfix_domain,
         )
+    gc.freeze()  # start-up's objects live as long as the server: no collection walks them
     _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
     if ready is not None and not ready.done():
         ready.set_result(sockname)
@@ -307,6 +314,8 @@ def run(config: Config) -> None:
     )
     # Nothing serve creates is for other users, whatever umask it inherits.
     os.umask(0o027)
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, GC_FULL_EVERY)
     if config.workers > 1:
         from nat64ho.daemon import workers
 
