@@ -39,6 +39,8 @@ PR_SET_PDEATHSIG = 1
 WRITER_GRACE = 10.0
 #: How often a standby parent tries to take the table.
 STANDBY_POLL = 0.2
+#: How often the parent looks for ended children (and beats the watchdog).
+WAIT_POLL = 0.1
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -118,6 +120,10 @@ def run(config: Config) -> None:
     pids: dict[int, int] = {}  # pid -> worker index
 
     def on_signal(signum, frame) -> None:
+        from nat64ho.daemon.serve import _sd_notify
+
+        if not stopping:
+            _sd_notify("STOPPING=1")
         stopping.append(signum)
         for pid in pids:
             try:
@@ -149,10 +155,12 @@ def run(config: Config) -> None:
 
 
 def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]) -> None:
+    from nat64ho.daemon.serve import _sd_notify
     from nat64ho.storage.sqlite import PAGE_CACHE_KIB
 
     _prepare(config)
     socks = bind_group(config.host, config.port, n)
+    where = socks[0].getsockname()
     proc, ends = writer.spawn(str(config.db), config.sync, PAGE_CACHE_KIB, n)
     parent = os.getpid()
     try:
@@ -168,12 +176,24 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
     if stopping:  # a signal came while they were forked
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
+    # systemd (NotifyAccess=main) hears the parent only. The sockets are
+    # bound: what arrives before a worker serves waits in its buffer.
+    _sd_notify(f"READY=1\nSTATUS=listening on {where[0]}:{where[1]} ({n} workers)")
+    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6
+    next_watchdog = 0.0
     failure = None
     while pids:
+        if watchdog and time.monotonic() >= next_watchdog:
+            # The parent's heartbeat: a worker that hangs is not seen here.
+            _sd_notify("WATCHDOG=1")
+            next_watchdog = time.monotonic() + watchdog
         try:
-            pid, status = os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        if pid == 0:
+            time.sleep(WAIT_POLL)
+            continue
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             if not stopping:
@@ -238,6 +258,9 @@ def _worker(
         for j, e in enumerate(ends):
             if j != i:
                 e.close()
+        # The parent speaks to systemd for the server as a whole.
+        os.environ.pop("NOTIFY_SOCKET", None)
+        os.environ.pop("WATCHDOG_USEC", None)
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"nat64ho[worker {i}]: %(levelname)s: %(message)s"))
         mine = dataclasses.replace(
