@@ -16,12 +16,76 @@ from nat64ho.storage import schema
 
 _LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_SUM_EXEC = re.compile(r"^se\.sum_exec_runtime\s*:\s*([0-9.]+)", re.M)  # ms
 
 
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by process ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants alive now (a server with workers and a
+    writer is a tree of processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds of every thread of ``pid``: to the nanosecond from
+    /proc/PID/task/TID/sched where the kernel has it, else in clock ticks."""
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/sched").read_text()
+        except OSError:
+            text = ""
+        m = _SUM_EXEC.search(text)
+        if m is None:
+            try:
+                return proc_cpu(pid)
+            except (OSError, IndexError):
+                return 0.0
+        total += float(m.group(1)) / 1000
+    return total
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants, every thread
+    of each. A process or thread that exits between two readings takes its
+    share with it: measure while the tree is stable."""
+    return sum(_thread_cpu(p) for p in proc_tree(pid))
+
+
+def proc_tree_cpu_by_role(pid: int) -> dict[str, float]:
+    """:func:`proc_tree_cpu` split into the server's SQLite writer process
+    ("writer") and the rest ("front": the event loops of the server or its
+    workers, and their parent)."""
+    out = {"front": 0.0, "writer": 0.0}
+    for p in proc_tree(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out["writer" if b"nat64ho.storage.writer" in cmd else "front"] += _thread_cpu(p)
+    return out
 
 
 def proc_peak_rss(pid: int) -> int:

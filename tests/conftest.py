@@ -65,10 +65,31 @@ def pg_url(pg_cluster) -> str:
     return pg_cluster.url()
 
 
+def _database(request, backend: str, tmp_path) -> str:
+    if backend == "sqlite":
+        return str(tmp_path / "table.db")
+    return request.getfixturevalue("pg_cluster").url()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_target(request, tmp_path) -> str:
     """The table's database on each backend: an SQLite file in ``tmp_path``,
     or a new database of the run's PostgreSQL cluster, as ``--db`` takes it."""
-    if request.param == "sqlite":
-        return str(tmp_path / "table.db")
-    return request.getfixturevalue("pg_cluster").url()
+    return _database(request, request.param, tmp_path)
+
+
+#: The set-ups the durability tests run on: each backend with one front end,
+#: and SQLite with four workers (workers share SQLite's writer process; on
+#: PostgreSQL the server commits from its own session, with one worker).
+SERVED = {
+    "sqlite": ("sqlite", ()),
+    "sqlite-workers4": ("sqlite", ("--workers", "4")),
+    "postgresql": ("postgresql", ()),
+}
+
+
+@pytest.fixture(params=list(SERVED))
+def served(request, tmp_path) -> tuple[str, tuple[str, ...]]:
+    """(``--db``, more ``serve`` arguments) of each set-up in SERVED."""
+    backend, more = SERVED[request.param]
+    return _database(request, backend, tmp_path), more

@@ -104,3 +104,35 @@ def test_the_benchmarks_server_gets_the_url_outside_its_command_line(pg_url, tmp
         assert "database postgresql:" in "".join(child.lines)
     finally:
         child.stop()
+
+
+def test_tree_cpu_counts_children_and_their_threads():
+    import os
+    import signal
+    import time
+
+    from nat64ho.testing import proc_cpu, proc_tree, proc_tree_cpu, proc_tree_cpu_by_role
+
+    # A parent that sleeps over a child that spins in a second thread.
+    code = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', "
+        "'import threading, time\\n"
+        "def spin():\\n t = time.monotonic()\\n while time.monotonic() - t < 30: pass\\n"
+        "threading.Thread(target=spin).start()']); time.sleep(30)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(1.0)
+        t0, p0 = proc_tree_cpu(parent.pid), proc_cpu(parent.pid)
+        time.sleep(1.0)
+        t1, p1 = proc_tree_cpu(parent.pid), proc_cpu(parent.pid)
+        roles = proc_tree_cpu_by_role(parent.pid)
+    finally:
+        for p in proc_tree(parent.pid)[1:]:
+            os.kill(p, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert t1 - t0 > 0.3  # the spinning thread of the child, on a shared machine
+    assert p1 - p0 < 0.1  # the parent alone sleeps
+    assert roles["writer"] == 0 and roles["front"] >= t1 * 0.9

@@ -54,8 +54,9 @@ def test_restart_keeps_cookies_entries_and_boot_ids(server_factory, db_target):
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory, db_target):
-    srv = server_factory("--create-rate", "0", db=db_target)  # as fast as it goes
+def test_sigkill_under_load_loses_no_acknowledged_entry(server_factory, served):
+    db, more = served
+    srv = server_factory("--create-rate", "0", *more, db=db)  # as fast as it goes
     acked: dict[tuple[bytes, int], int] = {}
 
     async def load(kill_after: int, base: int):

@@ -76,13 +76,16 @@ def test_metrics_follow_traffic(server_factory):
     assert srv.stop() == 0
 
 
-def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path, workers):
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(10)
     try:
-        srv = server_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+        srv = server_factory(
+            "--workers", workers, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+        )
         got = []
         while not any(m.startswith("READY=1") for m in got):
             got.append(sock.recv(4096).decode())
@@ -100,8 +103,9 @@ def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path):
         sock.close()
 
 
-def test_sighup_reopens_the_log_and_loses_no_line(server_factory):
-    srv = server_factory()
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_reopens_the_log_and_loses_no_line(server_factory, workers):
+    srv = server_factory("--workers", workers)
     rotated = srv.log.with_name("events.log.1")
 
     async def go():

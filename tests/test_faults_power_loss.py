@@ -7,15 +7,18 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import connect, run, v6
 
 
-def test_power_cut_right_after_an_acknowledgment_keeps_it(server_factory, tmp_path):
-    srv = server_factory("--sync", "full", "--ports", "1028-2000")
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_power_cut_right_after_an_acknowledgment_keeps_it(server_factory, tmp_path, workers):
+    srv = server_factory("--sync", "full", "--ports", "1028-2000", "--workers", workers)
     # The mode the writer connection really runs in, read back from SQLite.
     assert f"database {srv.db}: journal_mode=wal, synchronous=FULL" in srv.stderr
 
-    async def go():
+    async def go(workers: str):
         c = await connect(srv)
         acked = {}
         for i in range(30):
@@ -23,7 +26,7 @@ def test_power_cut_right_after_an_acknowledgment_keeps_it(server_factory, tmp_pa
             acked[(m.addr, m.port)] = m.nat_port
             # What a power cut leaves: the files as they are now, without the
             # process, its memory or its -shm index.
-            cut = tmp_path / f"cut{i}"
+            cut = tmp_path / f"cut{workers}-{i}"
             cut.mkdir()
             for suffix in ("", "-wal"):
                 src = Path(f"{srv.db}{suffix}")
@@ -33,7 +36,7 @@ def test_power_cut_right_after_an_acknowledgment_keeps_it(server_factory, tmp_pa
             assert all(got.get(k) == p for k, p in acked.items()), f"lost after ack {i}"
         c.close()
 
-    run(go())
+    run(go(workers))
     assert srv.stop() == 0
 
 

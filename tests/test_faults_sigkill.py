@@ -3,6 +3,7 @@ is never half written."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -22,10 +23,11 @@ from tests.helpers import (
 
 
 @pytest.mark.slow
-def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path, db_target):
+def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path, served):
     import itertools
 
-    srv = ServerProcess(tmp_path, db=db_target)
+    db, more = served
+    srv = ServerProcess(tmp_path, *more, db=db)
     locals_ = [f"127.0.0.{i}" for i in range(1, 5)]
     nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
     acked: list[dict] = [{} for _ in locals_]
@@ -73,10 +75,11 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path, db_targe
 
 
 @pytest.mark.slow
-def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path, db_target):
+def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path, served):
     import itertools
 
-    srv = ServerProcess(tmp_path, "--ports", "1028-1035", db=db_target)
+    db, more = served
+    srv = ServerProcess(tmp_path, "--ports", "1028-1035", *more, db=db)
     acked: list[dict] = [{}]
     counter = itertools.count()
     rng = random.Random(7)
@@ -126,3 +129,73 @@ def test_sigkill_during_evictions_leaves_deleted_and_created_together(tmp_path, 
         assert rows[(int.from_bytes(socket.inet_aton("127.0.0.1"), "big"), port)] == seq[-1][1:]
     for endpoint, port in acked[0].items():
         assert (1, *endpoint) in history[port]
+
+
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowledged(
+    tmp_path, workers
+):
+    import itertools
+    from pathlib import Path
+
+    from nat64ho.testing import proc_tree
+
+    srv = ServerProcess(tmp_path, "--create-rate", "0", "--request-rate", "0", "--workers", workers)
+    locals_ = ["127.0.0.1", "127.0.0.2"]
+    nats = [int.from_bytes(socket.inet_aton(a), "big") for a in locals_]
+    acked: list[dict] = [{} for _ in locals_]
+    try:
+        srv.start()
+
+        async def hello():
+            clients = [(await connect(srv, local=a)) for a in locals_]
+            for c in clients:
+                c.close()
+            return [c.peer for c in clients]
+
+        peers = run(hello())
+        [writer] = [
+            p
+            for p in proc_tree(srv.proc.pid)
+            if b"nat64ho.storage.writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+
+        def kill_writer():
+            os.kill(writer, signal.SIGKILL)
+
+        run(mapping_load(srv, peers, locals_, acked, itertools.count(), 0.7, kill=kill_writer))
+        assert srv.proc.wait(10) == 1
+        errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
+        assert len(errors) == 1 and "writer process was killed by SIGKILL" in errors[0], errors
+        rows = table_rows(srv.db)
+        assert sum(len(a) for a in acked) > 50, "the load was too light to mean anything"
+        for nat, got in zip(nats, acked, strict=True):
+            for endpoint, port in got.items():
+                assert rows[(nat, port)] == endpoint, "acknowledged entry lost"
+        # Nothing is left half done: the next start serves the same table.
+        srv.start()
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    assert nat64ho("check", "--db", str(srv.db)).returncode == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_idle_server_stops_when_its_writer_process_dies(tmp_path, workers):
+    from pathlib import Path
+
+    from nat64ho.testing import proc_tree
+
+    srv = ServerProcess(tmp_path, "--workers", workers).start()
+    try:
+        [writer] = [
+            p
+            for p in proc_tree(srv.proc.pid)
+            if b"nat64ho.storage.writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        os.kill(writer, signal.SIGKILL)
+        assert srv.proc.wait(10) == 1  # no datagram needed to notice
+    finally:
+        srv.kill()
+    errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
+    assert len(errors) == 1 and "writer process was killed by SIGKILL" in errors[0], errors

@@ -284,3 +284,38 @@ def test_unexpected_errors_are_counted_and_logged_sparingly(tmp_path, caplog, mo
         asyncio.run(go())
     bugs = [r for r in caplog.records if r.getMessage().startswith("bug:")]
     assert len(bugs) == 1 and "simulated bug" in caplog.text
+
+
+def test_the_datagram_path_leaves_no_cyclic_garbage(tmp_path):
+    """serve runs full garbage collections rarely (GC_FULL_EVERY): that is
+    safe only while creating, answering and committing make no reference
+    cycles, which only a full collection would free."""
+    import gc
+    import itertools
+
+    from tests.helpers import v6
+
+    async def go() -> int:
+        srv, rec = await start(tmp_path, create_rate=0, request_rate=0)
+        peer = Peer()
+        addr = ("127.0.0.1", 5000)
+        srv.datagram_received(peer.hello(), addr)
+        replies(rec, peer)
+        serial = itertools.count()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(40):
+                for _ in range(25):
+                    srv.datagram_received(peer.request([wire.Map(v6(next(serial)), 1)]), addr)
+                for port in list(peer.cache)[:25]:
+                    srv.datagram_received(peer.request([wire.Lookup(port)]), addr)
+                await settle(srv)
+                replies(rec, peer)
+            assert srv.counts["created"] == 1000 and srv.store.stats["commits"] >= 40
+            return gc.collect()
+        finally:
+            gc.enable()
+            await stop(srv)
+
+    assert asyncio.run(go()) == 0

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, cast
 
 from nat64ho.core import wire
 from nat64ho.peer import ANSWERS, Client, Peer
-from nat64ho.testing import Child, proc_cpu, proc_peak_rss
+from nat64ho.testing import Child, proc_peak_rss, proc_tree_cpu_by_role
 
 MODES = ("create", "lookup", "mixed")
 #: A request unanswered for this long is counted lost and its slot reused.
@@ -506,6 +506,7 @@ class Result:
     latencies: list[float]  # seconds, sorted
     cpu: float | None = None  # server CPU, fraction of one core
     peak_rss: int | None = None  # bytes
+    cpu_by: dict[str, float] | None = None  # cpu by role (testing.proc_tree_cpu_by_role)
 
     @property
     def messages_per_s(self) -> float:
@@ -560,9 +561,11 @@ def drive(
         cpu0 = None
         if pid is not None:
             time.sleep(max(0.0, measure - time.perf_counter()))
-            cpu0 = proc_cpu(pid)
+            cpu0 = proc_tree_cpu_by_role(pid)
             time.sleep(max(0.0, end - time.perf_counter()))
-            cpu = (proc_cpu(pid) - cpu0) / duration
+            cpu1 = proc_tree_cpu_by_role(pid)
+            cpu_by = {k: (cpu1[k] - cpu0[k]) / duration for k in cpu1}
+            cpu = sum(cpu_by.values())
             peak = proc_peak_rss(pid)
         counts: dict[str, int] = {}
         latencies = array("d")
@@ -584,4 +587,5 @@ def drive(
         sorted(latencies),
         cpu if pid is not None else None,
         peak if pid is not None else None,
+        cpu_by if pid is not None else None,
     )

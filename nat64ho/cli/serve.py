@@ -174,6 +174,15 @@ def serve(
             metavar="N", help="IPFIX observation domain id in the messages (0-4294967295)."
         ),
     ] = 0,
+    workers: Annotated[
+        str,
+        typer.Option(
+            metavar="N|auto",
+            help="Front-end processes, each serving the NAT64s steered to it by source "
+            "address, all committing through one writer process; 'auto': one per CPU. "
+            "Not with --metrics or --ipfix.",
+        ),
+    ] = "1",
     check_config: Annotated[
         bool,
         typer.Option(
@@ -203,9 +212,20 @@ def serve(
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
         collectors = parse_collectors(ipfix or [], ipfix_domain)
+        n_workers = parse_workers(workers)
+        if n_workers > 1 and (metrics_at or collectors):
+            raise UsageError(
+                "--workers above 1 with --metrics or --ipfix: each would show one "
+                "worker's share only; run one worker to use them"
+            )
     except UsageError as exc:
         fail(str(exc))
     target = db_target(db)  # a URL that does not parse is a bad option too
+    if n_workers > 1 and isinstance(target, str):
+        fail(
+            "--workers above 1 needs an SQLite table (its writer process commits for "
+            "every worker); on PostgreSQL run one worker"
+        )
     if check_config:
         typer.echo("ok: the options are valid")
         raise typer.Exit(0)
@@ -232,6 +252,7 @@ def serve(
         standby=standby,
         ipfix=collectors,
         ipfix_domain=ipfix_domain,
+        workers=n_workers,
     )
     try:
         server.run(config)
@@ -255,6 +276,19 @@ def default_log(target: Path | str) -> Path:
         os.path.expanduser("~"), ".local", "state"
     )
     return Path(state) / "nat64ho" / "nat64ho.log"
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a count from 1 to 64, or ``auto`` (the CPUs)."""
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise UsageError(f"--workers {text!r}: expected a number from 1 to 64, or 'auto'")
+    return n
 
 
 def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:

@@ -28,13 +28,19 @@ class EventClock:
     after a wall-clock step, takes the next microsecond, so no two events
     share a time and the history holds exactly the lines of the log."""
 
-    __slots__ = ("last",)
+    __slots__ = ("last", "step", "offset")
 
-    def __init__(self, last: int = 0):
+    def __init__(self, last: int = 0, step: int = 1, offset: int = 0):
         self.last = last  #: the newest event time handed out (or recorded)
+        #: Times this clock hands out are ``offset`` modulo ``step``: each of
+        #: ``step`` workers has its own residue, so their times never meet.
+        self.step = step
+        self.offset = offset
 
     def stamp(self, wall: int) -> int:
         ts = wall if wall > self.last else self.last + 1
+        if self.step > 1:
+            ts += (self.offset - ts) % self.step
         self.last = ts
         return ts
 

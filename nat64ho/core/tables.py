@@ -187,10 +187,16 @@ class Tables:
         out = state.table.apply(
             body, now, stamp, seq, state.create, create_ok=create_ok, share_ok=share_ok
         )
-        if out.created:
-            # Storage gets values, never the live entries.
-            out = out._replace(
-                created=[Row(e.port, e.addr, e.aport, e.created, e.last_use) for e in out.created]
+        created = out.created
+        if created:
+            # Storage gets values, never the live entries. Built whole: a
+            # namedtuple's _replace takes 2.5 times as long.
+            out = Outcome(
+                out.units,
+                out.events,
+                [Row(e.port, e.addr, e.aport, e.created, e.last_use) for e in created],
+                out.wait_seq,
+                out.counts,
             )
         return out
 

@@ -35,3 +35,9 @@ class Config:
     standby: bool = False  #: wait for another server to release the table
     ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
     ipfix_domain: int = 0  # IPFIX observation domain id
+    workers: int = 1  #: front-end processes (serve --workers)
+    #: Set in a worker process by nat64ho.daemon.workers: its index, the
+    #: socket it serves (bound by the parent) and its end of the writer's.
+    worker: int | None = None
+    sock_fd: int | None = None
+    writer_fd: int | None = None

@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nat64ho.core.records import Event, EventKind
@@ -39,6 +40,9 @@ class LogFile:
         #: Lines committed to the database but not yet in the file.
         self.waiting = 0
         self.store: Storage | None = None  #: where catch-up reads the history
+        #: Whether this process wrote the events of a NAT64 (with workers,
+        #: each catches up its own lines of the shared file); None: all.
+        self.owns: Callable[[int], bool] | None = None
         self._behind: tuple | None = None  # key of the first missing event, while behind
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
         self._last: tuple | None = None  # key of the last event committed while behind
@@ -121,18 +125,20 @@ class LogFile:
                     rows = await store.read_events(self._after, self.CATCH_UP_ROWS)
                     lines = []
                     done = False
+                    last_id = self._after
                     for row in rows:
-                        lines.append(
-                            format_event(Event(row[1], EventKind(row[2]), *row[3:])) + "\n"
-                        )
+                        last_id = row[0]
+                        if self.owns is None or self.owns(row[3]):
+                            lines.append(
+                                format_event(Event(row[1], EventKind(row[2]), *row[3:])) + "\n"
+                            )
                         if _event_key(row[1:]) == self._last:
                             done = True  # later rows come with their own commit
                             break
                     self._emit("".join(lines))
                     copied += len(lines)
                     self.waiting = max(0, self.waiting - len(lines))
-                    if lines:
-                        self._after = rows[len(lines) - 1][0]
+                    self._after = last_id
                     if done or not rows:
                         break
             except OSError:

@@ -30,6 +30,7 @@ from nat64ho.daemon.clock import Clock, SystemClock
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
+from nat64ho.daemon.workers import worker_of
 from nat64ho.storage.base import Committed, Storage
 from nat64ho.storage.schema import BadRow
 from nat64ho.storage.sqlite import DatabaseDamaged, is_damage
@@ -79,9 +80,16 @@ class Server(asyncio.DatagramProtocol):
         self.store = store
         self.logfile = logfile
         logfile.store = store
+        if config.workers > 1:
+            n, mine = config.workers, config.worker
+
+            def owns(nat: int) -> bool:
+                return worker_of(nat, n) == mine
+
+            logfile.owns = owns
         #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
-        self.events = EventClock(store.last_event_ts)
+        self.events = EventClock(store.last_event_ts, config.workers, config.worker or 0)
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,

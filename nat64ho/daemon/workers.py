@@ -1,0 +1,290 @@
+"""``serve --workers N``: N front-end processes on SO_REUSEPORT sockets, each
+NAT64 steered to one of them by its source address, all committing through
+one writer process. The parent owns the table and watches; it serves nothing.
+
+Steering is a classic BPF program on the socket group: the worker of a NAT64
+is its IPv4 address modulo N, so its table, cache, session and share live in
+one process, and reads run in parallel (WAL). Event times stay unique over
+the server: worker i hands out times that are i modulo N. A worker that dies
+takes the server down (the others stop cleanly, the parent exits 1 with one
+line): a restarted one would have to reload its NAT64s' tables anyway, and
+an operator learns of it at once. Nothing acknowledged is lost whichever
+process dies, as answers wait for the writer's reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+from nat64ho.daemon.config import Config
+from nat64ho.storage import schema, writer
+
+log = logging.getLogger("nat64ho")
+
+#: From <asm-generic/socket.h>: a classic BPF program choosing the socket of
+#: a SO_REUSEPORT group by its index (the order the sockets were bound).
+SO_ATTACH_REUSEPORT_CBPF = 51
+#: Negative offsets of classic BPF load from the network header.
+SKF_NET_OFF = -0x100000
+PR_SET_PDEATHSIG = 1
+#: How long the parent waits for the writer to finish once the workers left.
+WRITER_GRACE = 10.0
+#: How often a standby parent tries to take the table.
+STANDBY_POLL = 0.2
+#: How often the parent looks for ended children (and beats the watchdog).
+WAIT_POLL = 0.1
+
+
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class WorkerFailed(schema.DatabaseError):
+    """A worker or the writer died; the server stopped."""
+
+
+def steering(n: int) -> bytes:
+    """The program: A = source IPv4 address; A %= n; return A."""
+    code = [
+        (0x20, 0, 0, (SKF_NET_OFF + 12) & 0xFFFFFFFF),  # ld [net + 12]: saddr
+        (0x94, 0, 0, n),  # mod #n
+        (0x16, 0, 0, 0),  # ret a
+    ]
+    return b"".join(struct.pack("HBBI", *insn) for insn in code)
+
+
+def worker_of(nat: int, n: int) -> int:
+    """The worker that serves NAT64 ``nat`` (what the program computes)."""
+    return nat % n
+
+
+def bind_group(host: str, port: int, n: int) -> list[socket.socket]:
+    """``n`` sockets on one address, steered by :func:`steering`."""
+    from nat64ho.daemon.serve import _bind
+
+    socks: list[socket.socket] = []
+    try:
+        for i in range(n):
+            socks.append(_bind(host, port if i == 0 else socks[0].getsockname()[1], reuseport=True))
+        prog = ctypes.create_string_buffer(steering(n))
+        fprog = struct.pack("HL", len(prog.raw) // 8, ctypes.addressof(prog))
+        socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _prepare(config: Config) -> None:
+    """Create and migrate the database, and its cookie secret, once: every
+    worker must read the same one."""
+    conn = schema.open_db(config.db, create=True)
+    try:
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'secret'").fetchone() is None:
+            conn.execute("INSERT INTO meta VALUES ('secret', ?)", (os.urandom(32),))
+            conn.commit()
+    finally:
+        conn.close()
+
+
+def _take_table(config: Config, stopping: list[int]):
+    from nat64ho.storage import owner
+
+    told = False
+    while True:
+        try:
+            return owner.acquire(config.db, what="serve")
+        except owner.TableOwned as exc:
+            if not config.standby or exc.holder is None:
+                raise
+            if not told:
+                log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
+                told = True
+        if stopping:
+            return None
+        time.sleep(STANDBY_POLL)
+
+
+def run(config: Config) -> None:
+    """Blocking: the parent of ``config.workers`` workers."""
+    n = config.workers
+    stopping: list[int] = []  # signals received
+    pids: dict[int, int] = {}  # pid -> worker index
+
+    def on_signal(signum, frame) -> None:
+        from nat64ho.daemon.serve import _sd_notify
+
+        if not stopping:
+            _sd_notify("STOPPING=1")
+        stopping.append(signum)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def on_hup(signum, frame) -> None:
+        for pid in pids:  # each worker reopens the log file
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    try:
+        ownership = _take_table(config, stopping)
+        if ownership is None:
+            log.info("stopped while in standby")
+            return
+        try:
+            _run_owned(config, n, pids, stopping)
+        finally:
+            ownership.release()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]) -> None:
+    from nat64ho.daemon.serve import _sd_notify
+    from nat64ho.storage.sqlite import PAGE_CACHE_KIB
+
+    _prepare(config)
+    socks = bind_group(config.host, config.port, n)
+    where = socks[0].getsockname()
+    proc, ends = writer.spawn(str(config.db), config.sync, PAGE_CACHE_KIB, n)
+    parent = os.getpid()
+    try:
+        for i in range(n):
+            pid = os.fork()
+            if pid == 0:
+                _worker(config, i, parent, socks, ends)  # never returns
+            pids[pid] = i
+    finally:
+        for s in socks + ends:
+            s.close()
+    log.info("%d workers, each NAT64 steered to one by its source address", n)
+    if stopping:  # a signal came while they were forked
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    # systemd (NotifyAccess=main) hears the parent only. The sockets are
+    # bound: what arrives before a worker serves waits in its buffer.
+    _sd_notify(f"READY=1\nSTATUS=listening on {where[0]}:{where[1]} ({n} workers)")
+    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6
+    next_watchdog = 0.0
+    failure = None
+    while pids:
+        if watchdog and time.monotonic() >= next_watchdog:
+            # The parent's heartbeat: a worker that hangs is not seen here.
+            _sd_notify("WATCHDOG=1")
+            next_watchdog = time.monotonic() + watchdog
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(WAIT_POLL)
+            continue
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if not stopping:
+                # The workers find out at their next commit; stop them now.
+                for other in pids:
+                    os.kill(other, signal.SIGTERM)
+            continue
+        if pid not in pids:
+            continue
+        i = pids.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and failure is None:
+            failure = f"worker {i} (process {pid}) {_ended(code)}"
+            if not stopping:
+                # One worker's NAT64s get no answers now: stop all, loudly.
+                for other in pids:
+                    os.kill(other, signal.SIGTERM)
+    try:
+        proc.wait(WRITER_GRACE)
+    except Exception:
+        proc.kill()
+        proc.wait()
+    if proc.returncode not in (0, None):
+        failure = f"the writer process {_ended(proc.returncode)}"
+    if failure is not None:
+        raise WorkerFailed(f"{config.db}: {failure}; the server stopped")
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _worker(
+    config: Config,
+    i: int,
+    parent: int,
+    socks: list[socket.socket],
+    ends: list[socket.socket],
+) -> None:
+    """Body of worker ``i`` after the fork: serve, then leave the process."""
+    code = 1
+    try:
+        # A stop that comes while the worker starts waits for serve()'s own
+        # handlers, rather than killing it half started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        for sig in _STOPS:
+            signal.signal(sig, signal.SIG_DFL)
+        # A parent killed outright takes its workers along: the table's
+        # lock (inherited) must not outlive the server as a whole.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+        for j, s in enumerate(socks):
+            if j != i:
+                s.close()
+        for j, e in enumerate(ends):
+            if j != i:
+                e.close()
+        # The parent speaks to systemd for the server as a whole.
+        os.environ.pop("NOTIFY_SOCKET", None)
+        os.environ.pop("WATCHDOG_USEC", None)
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"nat64ho[worker {i}]: %(levelname)s: %(message)s"))
+        mine = dataclasses.replace(
+            config, worker=i, sock_fd=socks[i].detach(), writer_fd=ends[i].detach()
+        )
+        from nat64ho.daemon.serve import serve
+
+        async def main() -> None:
+            task = asyncio.ensure_future(serve(mine))
+            await asyncio.sleep(0)  # serve() installed its signal handlers
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+            await task
+
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+        code = 0
+    except (schema.DatabaseError, OSError) as exc:
+        log.error("%s", exc)
+    except BaseException as exc:  # a worker must end here, never return into the parent's code
+        log.critical("worker %d failed", i, exc_info=exc)
+    finally:
+        logging.shutdown()
+        os._exit(code)

@@ -1,0 +1,175 @@
+"""``serve --workers``: each NAT64 always reaches the same worker, a dead
+worker stops the server without losing anything acknowledged, and event
+times stay unique across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from nat64ho.core import wire
+from nat64ho.core.records import EventClock
+from nat64ho.daemon.workers import steering, worker_of
+from nat64ho.testing import proc_tree
+from tests.helpers import ServerProcess, connect, nat64ho, run, table_rows, v6
+
+SOURCES = [f"127.0.0.{k}" for k in range(1, 9)]
+
+
+def _ip(a: str) -> int:
+    return int.from_bytes(socket.inet_aton(a), "big")
+
+
+def _workers(srv: ServerProcess) -> dict[int, int]:
+    """pid -> worker index of a running server's workers."""
+    out = {}
+    for p in proc_tree(srv.proc.pid):
+        if p == srv.proc.pid:
+            continue
+        if b"nat64ho.storage.writer" not in Path(f"/proc/{p}/cmdline").read_bytes():
+            out[p] = len(out)
+    return out
+
+
+def test_each_source_address_always_reaches_the_same_worker(tmp_path):
+    srv = ServerProcess(tmp_path, "--workers", "4").start()
+    try:
+        # Source k sends k junk datagrams, each counted in by the worker
+        # that received it, from a new socket each time (new source ports).
+        for k, a in enumerate(SOURCES, 1):
+            for _ in range(k):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((a, 0))
+                    s.sendto(b"\xff", (srv.host, srv.port))
+        time.sleep(0.5)
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    got = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(
+            r"nat64ho\[worker (\d)\]: INFO: stopped: (\d+) datagrams in", srv.stderr
+        )
+    }
+    want = {w: 0 for w in range(4)}
+    for k, a in enumerate(SOURCES, 1):
+        want[worker_of(_ip(a), 4)] += k
+    assert got == want  # 1+5 / 2+6 / 3+7 / 4+8: any other spread fails
+    assert len(set(want.values())) == 4
+
+
+def test_the_steering_program_is_three_instructions_ending_in_return_a():
+    prog = steering(4)
+    assert len(prog) == 3 * 8
+    assert prog[-8:-6] == (0x16).to_bytes(2, "little")
+
+
+def test_workers_serve_the_protocol_and_keep_event_times_unique(tmp_path):
+    srv = ServerProcess(tmp_path, "--workers", "2", "--create-rate", "0").start()
+    try:
+
+        async def go():
+            clients = [await connect(srv, local=a) for a in SOURCES[:4]]
+            counter = itertools.count()
+            acked = {}
+            for _ in range(20):
+                outs = await asyncio.gather(
+                    *(
+                        c.exchange([wire.Map(v6(next(counter)), 5) for _ in range(5)])
+                        for c in clients
+                    )
+                )
+                for a, out in zip(SOURCES, outs, strict=False):
+                    for m in out:
+                        assert isinstance(m, wire.Mapping)
+                        acked[(_ip(a), m.nat_port)] = (m.addr, m.port)
+            for c in clients:
+                c.close()
+            return acked
+
+        acked = run(go())
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    rows = table_rows(srv.db)
+    assert {k: rows[k] for k in acked} == acked and len(acked) == 400
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    ts = [t for (t,) in conn.execute("SELECT ts FROM event")]
+    conn.close()
+    assert len(ts) == 404 and len(set(ts)) == len(ts)  # 4 Initialized, 400 Created
+    lines = srv.log.read_text().splitlines()
+    assert len(lines) == 404 and len({ln.split()[1] for ln in lines}) == 404  # unique times
+
+
+def test_event_clocks_of_different_workers_never_meet():
+    clocks = [EventClock(0, 3, i) for i in range(3)]
+    seen = set()
+    for wall in [5, 5, 5, 6, 4, 100, 100]:
+        for c in clocks:
+            t = c.stamp(wall)
+            assert t % 3 == c.offset and t >= wall and t not in seen
+            seen.add(t)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_load_stops_the_server_losing_nothing_acknowledged(tmp_path):
+    from tests.test_faults_sigkill import mapping_load
+
+    srv = ServerProcess(tmp_path, "--workers", "4", "--create-rate", "0").start()
+    locals_ = SOURCES[:4]
+    acked: list[dict] = [{} for _ in locals_]
+    try:
+
+        async def hello():
+            clients = [(await connect(srv, local=a)) for a in locals_]
+            for c in clients:
+                c.close()
+            return [c.peer for c in clients]
+
+        peers = run(hello())
+        pid, index = next(iter(_workers(srv).items()))
+
+        def kill_worker():
+            os.kill(pid, signal.SIGKILL)
+
+        run(mapping_load(srv, peers, locals_, acked, itertools.count(), 0.7, kill=kill_worker))
+        assert srv.proc.wait(15) == 1
+        errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
+        assert len(errors) == 1 and re.search(
+            r"worker \d \(process \d+\) was killed by SIGKILL", errors[0]
+        ), errors
+        assert not [p for p in proc_tree(srv.proc.pid) if p != srv.proc.pid]
+        rows = table_rows(srv.db)
+        assert sum(len(a) for a in acked) > 50
+        for a, got in zip(locals_, acked, strict=True):
+            for endpoint, port in got.items():
+                assert rows[(_ip(a), port)] == endpoint, "acknowledged entry lost"
+        srv.start()
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
+    assert nat64ho("check", "--db", str(srv.db)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--workers", "0"], "--workers '0': expected a number from 1 to 64, or 'auto'"),
+        (["--workers", "two"], "--workers 'two': expected a number from 1 to 64, or 'auto'"),
+        (["--workers", "2", "--metrics", "127.0.0.1:9999"], "--workers above 1 with --metrics"),
+    ],
+)
+def test_bad_workers_options_get_one_error_line(tmp_path, args, message):
+    r = nat64ho("serve", "--db", str(tmp_path / "t.db"), "--check-config", *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("Error: ") and message in r.stderr
+    assert not (tmp_path / "t.db").exists()
