@@ -20,7 +20,7 @@ from nat64ho.core import wire
 from nat64ho.core.records import EventClock
 from nat64ho.daemon.workers import steering, worker_of
 from nat64ho.testing import proc_tree
-from tests.helpers import ServerProcess, connect, nat64ho, run, table_rows, v6
+from tests.helpers import ServerProcess, connect, nat64ho, one_error, run, table_rows, v6
 
 SOURCES = [f"127.0.0.{k}" for k in range(1, 9)]
 
@@ -173,3 +173,15 @@ def test_bad_workers_options_get_one_error_line(tmp_path, args, message):
     assert r.returncode == 2
     assert r.stderr.startswith("Error: ") and message in r.stderr
     assert not (tmp_path / "t.db").exists()
+
+
+def test_workers_above_one_are_refused_on_postgresql():
+    # Only the SQLite writer process commits for several workers; nothing is
+    # connected to find that out (a URL that names no server is enough).
+    url = "postgresql://nat64ho@192.0.2.1/none"
+    r = nat64ho("serve", "--db", url, "--workers", "2", "--check-config")
+    assert r.returncode == 2 and r.stdout == ""
+    assert one_error(r) == (
+        "Error: --workers above 1 needs an SQLite table (its writer process commits for "
+        "every worker); on PostgreSQL run one worker"
+    )

@@ -25,9 +25,7 @@ from nat64ho.storage.base import NatRecord
 from nat64ho.storage.schema import shown
 from nat64ho.storage.sqlite import (
     CLOSE_GIVE_UP,
-    MAX_RETRY_DELAY,
     Batch,
-    DatabaseDamaged,
     Store,
 )
 
@@ -374,42 +372,25 @@ class PgStore(Store):
         return [tuple(r) for r in rows]
 
     # ------------------------------------------------------------ writes
-    async def _commit_until_done(self, batch: Batch, recency: list) -> None:
-        delay = 0.01
-        while True:
-            try:
-                async with self._wlock:
-                    await self._commit(batch, recency)
-            except Exception as exc:
-                self.stats["commit_failures"] += 1
-                if _lost(exc):
-                    self._session_lost(exc)
-                    raise DatabaseDamaged(self.damaged) from exc
-                if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-                    # A decision broke a constraint: a bug, which retrying
-                    # would only repeat while nothing else commits.
-                    self.damage(exc, "refused a change as inconsistent (a bug; please report)")
-                    raise DatabaseDamaged(self.damaged) from exc
-                if not _transient(exc):
-                    self.damage(exc, "refused a commit")
-                    raise DatabaseDamaged(self.damaged) from exc
-                if self.failing != str(exc):
-                    log.error(
-                        "cannot commit to %s: %s; holding %d changes and retrying",
-                        self.path,
-                        exc,
-                        len(batch.entries) + len(batch.events),
-                    )
-                self.failing = str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY)
-                continue
-            if self.failing is not None:
-                log.warning("commits to %s work again", self.path)
-                self.failing = None
-            return
+    def _retryable(self, exc: Exception) -> bool:
+        if _lost(exc):
+            self._session_lost(exc)
+            return False
+        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+            # A decision broke a constraint: a bug, which retrying would
+            # only repeat while nothing else commits.
+            self.damage(exc, "refused a change as inconsistent (a bug; please report)")
+            return False
+        if not _transient(exc):
+            self.damage(exc, "refused a commit")
+            return False
+        return True
 
     async def _commit(self, batch: Batch, recency: list) -> None:
+        async with self._wlock:
+            await self._commit_group(batch, recency)
+
+    async def _commit_group(self, batch: Batch, recency: list) -> None:
         w = self._pg_w
         start = self._loop.time()
         hwm = self.clock_hwm

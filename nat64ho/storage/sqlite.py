@@ -533,21 +533,9 @@ class Store:
         while True:
             try:
                 await self._commit(batch, recency)
-            except WriterLost as exc:
-                self.damage(exc, "lost its writer")
-                raise DatabaseDamaged(self.damaged) from exc
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 self.stats["commit_failures"] += 1
-                if is_damage(exc):
-                    self.damage(exc)
-                    raise DatabaseDamaged(self.damaged) from exc
-                if isinstance(exc, sqlite3.IntegrityError) or (
-                    isinstance(exc, CommitFailed) and exc.integrity
-                ):
-                    # A decision broke a constraint: a bug, which retrying
-                    # would only repeat while nothing else commits. Stop; a
-                    # restart starts over from what is on disk.
-                    self.damage(exc, "refused a change as inconsistent (a bug; please report)")
+                if not self._retryable(exc):
                     raise DatabaseDamaged(self.damaged) from exc
                 if self.failing != str(exc):
                     log.error(
@@ -564,6 +552,28 @@ class Store:
                 log.warning("commits to %s work again", self.path)
                 self.failing = None
             return
+
+    def _retryable(self, exc: Exception) -> bool:
+        """Whether a failed commit is worth trying again (a busy or full
+        disk); otherwise the store is given up on here (:meth:`damage`).
+        What is not the database's error is a bug, raised as it is."""
+        if isinstance(exc, WriterLost):
+            self.damage(exc, "lost its writer")
+            return False
+        if not isinstance(exc, sqlite3.Error):
+            raise exc
+        if is_damage(exc):
+            self.damage(exc)
+            return False
+        if isinstance(exc, sqlite3.IntegrityError) or (
+            isinstance(exc, CommitFailed) and exc.integrity
+        ):
+            # A decision broke a constraint: a bug, which retrying would only
+            # repeat while nothing else commits. Stop; a restart starts over
+            # from what is on disk.
+            self.damage(exc, "refused a change as inconsistent (a bug; please report)")
+            return False
+        return True
 
     def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
         """Record that ``exc`` found the file damaged (or a change it cannot
