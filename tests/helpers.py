@@ -179,6 +179,19 @@ async def connect(
     return client
 
 
+def hello_from(srv: ServerProcess, locals_: list[str]) -> list:
+    """One session with ``srv`` from each local address; their peers, to
+    speak again without a HELLO."""
+
+    async def hello() -> list:
+        clients = [(await connect(srv, local=a)) for a in locals_]
+        for c in clients:
+            c.close()
+        return [c.peer for c in clients]
+
+    return run(hello())
+
+
 async def mapping_load(
     srv: ServerProcess,
     peers: list,

@@ -15,6 +15,7 @@ from tests.helpers import (
     ServerProcess,
     connect,
     db_rows,
+    hello_from,
     mapping_load,
     nat64ho,
     run,
@@ -39,13 +40,7 @@ def test_twenty_sigkills_under_load_lose_nothing_acknowledged(tmp_path, served):
         srv.start()
         startups.append(time.monotonic() - t)
 
-        async def hello():
-            clients = [(await connect(srv, local=a)) for a in locals_]
-            for c in clients:
-                c.close()
-            return [c.peer for c in clients]
-
-        peers = run(hello())
+        peers = hello_from(srv, locals_)
         for cycle in range(20):
             run(mapping_load(srv, peers, locals_, acked, counter, rng.uniform(0.2, 0.8)))
             assert srv.proc.returncode == -signal.SIGKILL
@@ -147,13 +142,7 @@ def test_sigkill_of_the_writer_process_stops_the_server_losing_nothing_acknowled
     try:
         srv.start()
 
-        async def hello():
-            clients = [(await connect(srv, local=a)) for a in locals_]
-            for c in clients:
-                c.close()
-            return [c.peer for c in clients]
-
-        peers = run(hello())
+        peers = hello_from(srv, locals_)
         [writer] = [
             p
             for p in proc_tree(srv.proc.pid)

@@ -20,7 +20,17 @@ from nat64ho.core import wire
 from nat64ho.core.records import EventClock
 from nat64ho.daemon.workers import steering, worker_of
 from nat64ho.testing import proc_tree
-from tests.helpers import ServerProcess, connect, nat64ho, one_error, run, table_rows, v6
+from tests.helpers import (
+    ServerProcess,
+    connect,
+    hello_from,
+    mapping_load,
+    nat64ho,
+    one_error,
+    run,
+    table_rows,
+    v6,
+)
 
 SOURCES = [f"127.0.0.{k}" for k in range(1, 9)]
 
@@ -122,20 +132,12 @@ def test_event_clocks_of_different_workers_never_meet():
 
 @pytest.mark.slow
 def test_a_worker_killed_under_load_stops_the_server_losing_nothing_acknowledged(tmp_path):
-    from tests.test_faults_sigkill import mapping_load
 
     srv = ServerProcess(tmp_path, "--workers", "4", "--create-rate", "0").start()
     locals_ = SOURCES[:4]
     acked: list[dict] = [{} for _ in locals_]
     try:
-
-        async def hello():
-            clients = [(await connect(srv, local=a)) for a in locals_]
-            for c in clients:
-                c.close()
-            return [c.peer for c in clients]
-
-        peers = run(hello())
+        peers = hello_from(srv, locals_)
         pid, index = next(iter(_workers(srv).items()))
 
         def kill_worker():

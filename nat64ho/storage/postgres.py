@@ -393,14 +393,8 @@ class PgStore(Store):
     async def _commit_group(self, batch: Batch, recency: list) -> None:
         w = self._pg_w
         start = self._loop.time()
-        hwm = self.clock_hwm
+        hwm = self._clock_after(batch, recency)
         entries = batch.entries
-        for e in entries:
-            if e[5] > hwm:
-                hwm = e[5]
-        for r in recency:
-            if r[0] > hwm:
-                hwm = r[0]
         t = STATEMENT_TIMEOUT
         # BEGIN and COMMIT as statements, each with its timeout: a transaction
         # block would roll back on a dead session without one.

@@ -589,16 +589,21 @@ class Store:
         )
         self.damage_found.set()
 
-    async def _commit(self, batch: Batch, recency: list) -> None:
-        self._last_commit = self._loop.time()
+    def _clock_after(self, batch: Batch, recency: list) -> int:
+        """The newest last use once ``batch`` and ``recency`` are saved."""
         hwm = self.clock_hwm
-        entries = batch.entries
-        for e in entries:
+        for e in batch.entries:
             if e[5] > hwm:
                 hwm = e[5]
         for r in recency:
             if r[0] > hwm:
                 hwm = r[0]
+        return hwm
+
+    async def _commit(self, batch: Batch, recency: list) -> None:
+        self._last_commit = self._loop.time()
+        hwm = self._clock_after(batch, recency)
+        entries = batch.entries
         # Plain tuples of ints and bytes: what marshal carries to the writer.
         events = [(e[0], int(e[1]), e[2], e[3], e[4], e[5]) for e in batch.events]
         nats = [(nat, boot, wall, wall) for nat, (boot, wall) in batch.nats.items()]
