@@ -142,13 +142,19 @@ def test_kill_9_under_load_standby_serves_every_acknowledged_entry_within_5_s(
     assert b.proc.wait(30) == 0
 
 
-def test_a_terminated_session_stops_the_server_with_one_line(tmp_path, pg_cluster, procs):
+def _serving_and_standby(tmp_path, pg_cluster, procs):
+    """A new database, served by A (listening) with B waiting on its lock."""
     name = pg_cluster.createdb()
     url = pg_cluster.url(name)
     a = procs(*serve_args(url, tmp_path / "a.log"))
     a.port()
     b = procs(*serve_args(url, tmp_path / "b.log", "--standby"))
     b.wait_line(r"standby: owned by .*; waiting to take over")
+    return name, url, a, b
+
+
+def test_a_terminated_session_stops_the_server_with_one_line(tmp_path, pg_cluster, procs):
+    name, url, a, b = _serving_and_standby(tmp_path, pg_cluster, procs)
     pids = pg_cluster.psql(
         name,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -174,12 +180,7 @@ def test_a_session_that_stops_answering_stops_the_server_before_the_standby_star
     # The writer's backend frozen (SIGSTOP): to the server, a database that
     # went silent, as behind a cut cable. It must stop on its own, and the
     # standby may start only once PostgreSQL has let the session go.
-    name = pg_cluster.createdb()
-    url = pg_cluster.url(name)
-    a = procs(*serve_args(url, tmp_path / "a.log"))
-    a.port()
-    b = procs(*serve_args(url, tmp_path / "b.log", "--standby"))
-    b.wait_line(r"standby: owned by .*; waiting to take over")
+    name, url, a, b = _serving_and_standby(tmp_path, pg_cluster, procs)
     [backend] = pg_cluster.psql(
         name,
         f"SELECT pid FROM pg_stat_activity WHERE application_name = '{session_name(a.proc.pid)}'",

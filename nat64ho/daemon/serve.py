@@ -179,7 +179,10 @@ async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
                 conn = await _unless_stopped(postgres.connect(url), stop)
                 if conn is None:
                     return None
-                await _migrate_pg(conn, url)
+                # serve is the command that migrates; a failed migration
+                # closes the session, so that a retry starts clean.
+                async with pg_schema.closed_on_failure(conn, url):
+                    await pg_schema.migrate(conn, url)
             await pg_owner.try_acquire(conn, url, what="serve")
             if told is not None:
                 log.info("standby: took over the table of %s", shown(url))
@@ -235,23 +238,6 @@ def _drop(conn) -> None:
     """Close a session without waiting on a server that may be gone."""
     if conn is not None and not conn.is_closed():
         conn.terminate()
-
-
-async def _migrate_pg(conn, url: str) -> None:
-    """Bring the schema up to date (serve is the command that does). The
-    session is closed on any failure, so that a retry starts clean."""
-    import asyncpg
-
-    from nat64ho.storage import pg_schema
-
-    try:
-        await pg_schema.migrate(conn, url)
-    except asyncpg.PostgresError as exc:
-        _drop(conn)
-        raise DatabaseError(f"{shown(url)}: {exc}") from None
-    except BaseException:
-        _drop(conn)
-        raise
 
 
 async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:

@@ -315,18 +315,12 @@ async def _open_creating(url: str, name: str) -> tuple[asyncpg.Connection, int]:
     """A writing session; the tables are made first if the database holds
     none (``import`` onto a new database). The schema version made, or 0."""
     conn = await pg_schema.connect(url)
-    try:
-        made = 0
+    made = 0
+    async with pg_schema.closed_on_failure(conn, url):
         if not await pg_schema.applied(conn, url):
             made = max(await pg_schema.migrate(conn, url))
         await pg_schema.require_current(conn, url)
         await conn.execute("SELECT set_config('application_name', $1, false)", name)
-    except asyncpg.PostgresError as exc:
-        await conn.close()
-        raise DatabaseError(f"{shown(url)}: {exc}") from None
-    except BaseException:
-        await conn.close()
-        raise
     return conn, made
 
 

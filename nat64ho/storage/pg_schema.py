@@ -4,7 +4,9 @@ the same way as SQLite's (see :mod:`nat64ho.storage.schema`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -161,17 +163,25 @@ async def open_db(url: str, *, readonly: bool = False, create: bool = False) -> 
     write, so a read command can never change the database. ``create``: apply
     pending migrations (``serve``). Otherwise the schema must be current."""
     conn = await connect(url)
-    try:
+    async with closed_on_failure(conn, url):
         if readonly:
             await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
         if create:
             await migrate(conn, url)
         else:
             await require_current(conn, url)
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def closed_on_failure(conn: asyncpg.Connection, url: str) -> AsyncIterator[None]:
+    """Close ``conn`` if the block fails (so no half-set-up session is left
+    for a retry to reuse); PostgreSQL's refusals become a DatabaseError."""
+    try:
+        yield
     except asyncpg.PostgresError as exc:
         await conn.close()
         raise DatabaseError(f"{shown(url)}: {exc}") from None
     except BaseException:
         await conn.close()
         raise
-    return conn
