@@ -180,7 +180,7 @@ def serve(
             metavar="N|auto",
             help="Front-end processes, each serving the NAT64s steered to it by source "
             "address, all committing through one writer process; 'auto': one per CPU. "
-            "SQLite only; not with --metrics or --ipfix.",
+            "Above 1: SQLite only, and not with --metrics or --ipfix.",
         ),
     ] = "1",
     check_config: Annotated[
