@@ -78,7 +78,12 @@ class CommitFailed(sqlite3.DatabaseError):
 def _read(sock: socket.socket, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except ConnectionResetError:
+            # A server process killed before it read our last reply: on a
+            # Unix socket its unread data make this a reset, not an EOF.
+            return None
         if not chunk:
             return None
         buf += chunk
