@@ -138,27 +138,36 @@ def _made_private(dirs: list[Path], files: list[Path]) -> None:
             pass
 
 
-async def _take_table(config: Config, stop: asyncio.Event):
-    """Own the table of ``config.db`` (see nat64ho.storage.owner); with ``standby``
-    wait for it, or for a stop. Returns None when stopped while waiting."""
+def try_take_table(config: Config, told: bool):
+    """One try to own the table of ``config.db`` (nat64ho.storage.owner): the
+    ownership, or None while another server holds it and ``standby`` lets
+    this one wait (said once, unless ``told``). Shared by the one-process
+    server and the parent of workers."""
     from nat64ho.storage import owner
 
+    try:
+        return owner.acquire(config.db, what="serve")
+    except owner.TableOwned as exc:
+        if not config.standby or getattr(exc, "holder", None) is None:
+            raise
+        if not told:
+            log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
+            _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
+        return None
+
+
+async def _take_table(config: Config, stop: asyncio.Event):
+    """Own the table of ``config.db``; with ``standby`` wait for it, or for a
+    stop. Returns None when stopped while waiting."""
     told = False
-    while True:
-        try:
-            return owner.acquire(config.db, what="serve")
-        except owner.TableOwned as exc:
-            if not config.standby or getattr(exc, "holder", None) is None:
-                raise
-            if not told:
-                log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
-                _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
-                told = True
+    while (ownership := try_take_table(config, told)) is None:
+        told = True
         try:
             await asyncio.wait_for(stop.wait(), STANDBY_POLL)
             return None
         except TimeoutError:
             pass
+    return ownership
 
 
 async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):

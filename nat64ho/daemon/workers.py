@@ -37,8 +37,6 @@ SKF_NET_OFF = -0x100000
 PR_SET_PDEATHSIG = 1
 #: How long the parent waits for the writer to finish once the workers left.
 WRITER_GRACE = 10.0
-#: How often a standby parent tries to take the table.
-STANDBY_POLL = 0.2
 #: How often the parent looks for ended children (and beats the watchdog).
 WAIT_POLL = 0.1
 
@@ -96,21 +94,15 @@ def _prepare(config: Config) -> None:
 
 
 def _take_table(config: Config, stopping: list[int]):
-    from nat64ho.storage import owner
+    from nat64ho.daemon.serve import STANDBY_POLL, try_take_table
 
     told = False
-    while True:
-        try:
-            return owner.acquire(config.db, what="serve")
-        except owner.TableOwned as exc:
-            if not config.standby or exc.holder is None:
-                raise
-            if not told:
-                log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
-                told = True
+    while (ownership := try_take_table(config, told)) is None:
+        told = True
         if stopping:
             return None
         time.sleep(STANDBY_POLL)
+    return ownership
 
 
 def run(config: Config) -> None:
