@@ -103,19 +103,25 @@ def proc_rss(pid: int) -> int:
     return 0
 
 
+def spawn_logged(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``cmd`` with only its stderr kept (a pipe of text lines, unbuffered),
+    as tests and benchmarks watch the server's log lines."""
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+    )
+
+
 class Child:
     """A server (or echo server) in a child process on an ephemeral loopback port."""
 
     def __init__(self, cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-        )
+        self.proc = spawn_logged(cmd, env)
         listening: list[tuple[str, int]] = []
         found = threading.Event()
 

@@ -28,7 +28,7 @@ from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
 from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY, numbered
 from nat64ho.storage.schema import is_postgres, open_db
-from nat64ho.testing import Child
+from nat64ho.testing import Child, spawn_logged
 
 
 def v6(i: int, prefix: str = "2001:db8::") -> bytes:
@@ -105,14 +105,7 @@ class Proc:
         cmd = [sys.executable, "-m", "nat64ho", *args]
         if shell_umask is not None:
             cmd = ["sh", "-c", f'umask {shell_umask:03o}; exec "$@"', "sh", *cmd]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-        )
+        self.proc = spawn_logged(cmd, env)
         self.lines: list[str] = []
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
