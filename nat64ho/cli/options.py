@@ -201,14 +201,6 @@ def _valid_url(url: str, what: str) -> str:
     return url
 
 
-def db_path(db: str | None, command: str = "this command") -> Path:
-    """``--db`` for a command that works on an SQLite file only."""
-    target = db_target(db)
-    if isinstance(target, str):
-        fail(f"--db {schema.shown(target)}: {command} works on an SQLite file only")
-    return target
-
-
 #: The one exit status for a database that cannot be used (missing, busy,
 #: foreign, newer); bad values on the command line get EXIT_USAGE.
 EXIT_DB = 1
