@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nat64ho.bench.load import BenchConfig, Result, drive, start_echo  # noqa: E402
-from nat64ho.bench.report import sqlite_ceiling  # noqa: E402
+from nat64ho.bench.report import sqlite_ceiling, sqlite_replay  # noqa: E402
 from nat64ho.testing import start_server  # noqa: E402
 
 #: (name, configuration, target)
@@ -84,6 +84,11 @@ def main() -> None:
     ap.add_argument("--server-arg", action="append", default=[], help="passed to serve")
     ap.add_argument("--entries", type=int, default=5000, help="entries looked up (cached)")
     ap.add_argument("--nats", type=int, default=1, help="NAT64s (source addresses) sending")
+    ap.add_argument(
+        "--empty-table-ceiling",
+        action="store_true",
+        help="also compare batch 20 with the earlier ceiling: new rows into an empty table",
+    )
     args = ap.parse_args()
     workers = 1
     for i, a in enumerate(args.server_arg):
@@ -93,18 +98,19 @@ def main() -> None:
             workers = int(args.server_arg[i + 1])
     print(
         "| run | offered/s | answered/s | server µs/msg | of which writer | echo µs/msg | ratio "
-        "| p50 / p99 ms | lost | target |"
+        "| raw SQLite µs/entry (entries/commit) | p50 / p99 ms | lost | target |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, kw, target in RUNS:
         if args.only and args.only not in name:
             continue
         cfg = BenchConfig(duration=args.duration, entries=args.entries, nats=args.nats, **kw)  # type: ignore[arg-type]
         # Commit sizes come from the metrics, which one worker alone serves.
-        metrics = None if cfg.rate or workers > 1 else f"127.0.0.1:{free_port()}"
+        metrics = None if workers > 1 else f"127.0.0.1:{free_port()}"
         with tempfile.TemporaryDirectory(prefix="nat64ho-eff-") as tmp:
+            db = Path(tmp) / "t.db"
             child = start_server(
-                Path(tmp) / "t.db",
+                db,
                 Path(tmp) / "t.log",
                 "full",
                 [*(["--metrics", metrics] if metrics else []), *args.server_arg],
@@ -115,7 +121,16 @@ def main() -> None:
                 after = commit_rows(metrics) if metrics else (0.0, 0.0)
             finally:
                 child.stop()
-            extra = ""
+            creates = cfg.mode == "create"
+            replay = None
+            if creates and metrics is not None:
+                # The same rows, at the same entries per commit, on the same
+                # table: what SQLite alone costs for the server's work.
+                per_commit = max(1, round(r.counts["messages"] / max(1.0, after[1] - before[1])))
+                replay = sqlite_replay(db, Path(tmp), "full", per_commit, r.counts["messages"])
+                raw_text = f"{replay.cpu_us:.1f} ({per_commit:,})"
+            else:
+                raw_text = "-"
             if cfg.rate:
                 echo = start_echo()
                 try:
@@ -124,21 +139,23 @@ def main() -> None:
                     echo.stop()
                 ratio = per_message(r) / per_message(e)
                 echo_text, ratio_text = f"{per_message(e):.1f}", f"{ratio:.2f} x echo"
-            elif metrics is None:
+                if replay is not None:
+                    ratio_text += f" (SQLite alone: {replay.cpu_us / per_message(e):.2f} x)"
+            elif replay is None:
                 echo_text, ratio_text = "-", "- (commit sizes need --metrics: one worker)"
             else:
-                rows = after[0] - before[0]
-                commits = max(1.0, after[1] - before[1])
-                per_commit = max(1, round(rows / commits / 2))  # an entry and its event
-                raw, _ = sqlite_ceiling(Path(tmp), "full", cfg.nats, batches=(per_commit,))
-                ratio = r.messages_per_s / raw
                 echo_text = "-"
-                ratio_text = f"{ratio:.2f} of raw SQLite"
-                extra = f" ({per_commit} entries/commit: raw {raw:,.0f}/s)"
+                ratio_text = (
+                    f"{r.messages_per_s / replay.rate:.2f} of raw SQLite writing the same rows "
+                    f"({replay.rate:,.0f}/s)"
+                )
+                if args.empty_table_ceiling:
+                    raw, _ = sqlite_ceiling(Path(tmp), "full", cfg.nats, batches=(per_commit,))
+                    ratio_text += f"; {r.messages_per_s / raw:.2f} of new rows into an empty table"
             print(
                 f"| {name} | {f'{cfg.rate:,.0f}' if cfg.rate else '-'} | {r.messages_per_s:,.0f} | "
-                f"{per_message(r):.1f} | {writer_share(r):.1f} | {echo_text} | {ratio_text}{extra} | "
-                f"{ms(r.percentile(0.5))} / {ms(r.percentile(0.99))} | "
+                f"{per_message(r):.1f} | {writer_share(r):.1f} | {echo_text} | {ratio_text} | "
+                f"{raw_text} | {ms(r.percentile(0.5))} / {ms(r.percentile(0.99))} | "
                 f"{r.counts['lost'] + r.counts['unsent']} | {target} |",
                 flush=True,
             )

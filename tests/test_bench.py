@@ -136,3 +136,36 @@ def test_tree_cpu_counts_children_and_their_threads():
     assert t1 - t0 > 0.3  # the spinning thread of the child, on a shared machine
     assert p1 - p0 < 0.1  # the parent alone sleeps
     assert roles["writer"] == 0 and roles["front"] >= t1 * 0.9
+
+
+def test_replay_writes_the_servers_rows_and_times_only_the_last(tmp_path):
+    from nat64ho.eventlog import EventKind
+    from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY
+    from nat64ho.storage import schema
+
+    src = schema.open_db(tmp_path / "server.db", create=True)
+    nat, a, b = 0xC0000207, bytes(15) + b"\x01", bytes(15) + b"\x02"
+    events = [
+        (10, EventKind.CREATED, nat, 3000, a, 40000),
+        (11, EventKind.CREATED, nat, 3001, b, 40001),
+        (12, EventKind.DELETED, nat, 3000, a, 40000),  # an eviction reuses 3000
+        (13, EventKind.CREATED, nat, 3000, b, 40002),
+    ]
+    src.execute("BEGIN")
+    for ts, kind, n, port, addr, aport in events:
+        src.execute(INSERT_EVENT, (ts, kind, n, port, addr, aport))
+        if kind == EventKind.CREATED:
+            src.execute(UPSERT_ENTRY, (n, port, addr, aport, ts, ts))
+    src.execute("COMMIT")
+    src.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    replay = bench.sqlite_replay(tmp_path / "server.db", out, "full", per_commit=1, timed=2)
+    assert replay.rate > 0 and replay.cpu_us > 0
+    copy = schema.open_db(out / "replay.db", readonly=True)
+    query = "SELECT ts, kind, nat, port, addr, aport FROM event ORDER BY id"
+    assert copy.execute(query).fetchall() == [tuple(map(int, e[:4])) + e[4:] for e in events]
+    assert copy.execute("SELECT nat, port, addr, aport FROM entry ORDER BY port").fetchall() == [
+        (nat, 3000, b, 40002),
+        (nat, 3001, b, 40001),
+    ]

@@ -4,17 +4,19 @@ generator is in :mod:`.load`, the run and its report in :mod:`.report`; the
 server never imports this package."""
 
 from nat64ho.bench.load import MODES, REPLY_TIMEOUT, BenchConfig, Result, drive, nat_source
-from nat64ho.bench.report import SQLITE_BATCHES, Report, run, sqlite_ceiling
+from nat64ho.bench.report import SQLITE_BATCHES, Replay, Report, run, sqlite_ceiling, sqlite_replay
 
 __all__ = [
     "MODES",
     "REPLY_TIMEOUT",
     "SQLITE_BATCHES",
     "BenchConfig",
+    "Replay",
     "Report",
     "Result",
     "drive",
     "nat_source",
     "run",
     "sqlite_ceiling",
+    "sqlite_replay",
 ]

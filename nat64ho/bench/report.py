@@ -3,6 +3,7 @@ the ceilings), the raw SQLite ceiling, and the table printed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -10,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from nat64ho.bench.load import MODES, BenchConfig, Result, drive, loop_name, start_echo
 from nat64ho.eventlog import EventKind
@@ -20,6 +22,8 @@ from nat64ho.testing import start_server
 SQLITE_BATCHES = (20, 200, 2000, 10000)
 #: Seconds the SQLite ceiling spends on each batch size.
 SQLITE_SECONDS = 0.7
+#: New entries per transaction while a replay fills its table untimed.
+PREFILL_COMMIT = 5000
 
 
 def sqlite_ceiling(
@@ -75,6 +79,65 @@ def sqlite_ceiling(
     finally:
         conn.close()
     return best
+
+
+class Replay(NamedTuple):
+    """Raw SQLite redoing a server's commits: entries/s of commit time, and
+    µs of CPU per entry (SQLite's and the kernel's, in the committing thread)."""
+
+    rate: float
+    cpu_us: float
+
+
+def sqlite_replay(src: Path, directory: Path, sync: str, per_commit: int, timed: int) -> Replay:
+    """Raw SQLite writing the rows a server wrote: the events of the server's
+    database ``src`` in log order (with each ``Created`` its entry row, as
+    the store writes them), in transactions of ``per_commit`` new entries,
+    into a fresh database with the same schema, statements and synchronous
+    mode, and SQLite's own checkpoints. Only the last ``timed`` new entries
+    are timed; those before fill the table untimed, in big transactions, so
+    that the timed ones meet the table and history the server's met.
+    Leaves its database at ``directory/replay.db``."""
+    from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY
+    from nat64ho.storage.sqlite import PAGE_CACHE_KIB
+
+    with contextlib.closing(schema.open_db(src, readonly=True)) as source:
+        rows = source.execute(
+            "SELECT ts, kind, nat, port, addr, aport FROM event ORDER BY id"
+        ).fetchall()
+    created = sum(1 for r in rows if r[1] == EventKind.CREATED)
+    untimed = max(0, created - timed)
+    path = directory / "replay.db"
+    conn = schema.open_db(path, create=True)
+    conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+    wall = cpu = 0.0
+    done = i = 0
+    try:
+        while i < len(rows):
+            size = per_commit if untimed <= 0 else min(untimed, PREFILL_COMMIT)
+            entries: list[tuple] = []
+            events: list[tuple] = []
+            while i < len(rows) and len(entries) < size:
+                ts, kind, nat, port, addr, aport = r = rows[i]
+                i += 1
+                events.append(r)
+                if kind == EventKind.CREATED:
+                    entries.append((nat, port, addr, aport, ts, ts))
+            t, c = time.perf_counter(), time.thread_time()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(UPSERT_ENTRY, entries)
+            conn.executemany(INSERT_EVENT, events)
+            conn.execute("COMMIT")
+            if untimed > 0:
+                untimed -= len(entries)
+            else:
+                wall += time.perf_counter() - t
+                cpu += time.thread_time() - c
+                done += len(entries)
+    finally:
+        conn.close()
+    return Replay(done / wall if wall else 0.0, cpu / done * 1e6 if done else 0.0)
 
 
 @dataclass
