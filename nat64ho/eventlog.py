@@ -25,7 +25,9 @@ _NAMES = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def ipv4_str(nat: int) -> str:
+    # Cached: the log names the same few NAT64s on every line.
     return f"{nat >> 24}.{(nat >> 16) & 255}.{(nat >> 8) & 255}.{nat & 255}"
 
 

@@ -50,3 +50,35 @@ def test_pack_keeps_units_whole_and_in_order(units, limit):
         assert len(out) == (1 if units else 0)
     biggest = max((sum(map(len, u)) for u in units), default=0)
     assert all(len(d) <= max(limit, biggest) for d in out)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_ipv4_text_is_ipaddress(nat):
+    from nat64ho.eventlog import ipv4_str
+
+    assert ipv4_str(nat) == str(ipaddress.IPv4Address(nat))
+
+
+def test_remembered_sources_stay_bounded_and_still_tell_ipv4_apart(tmp_path):
+    import asyncio
+
+    from nat64ho.daemon import protocol
+    from tests.test_server_inproc import start, stop
+
+    lookup = wire.build([wire.Lookup(1)])  # no COOKIE: refused after the source check
+
+    async def go():
+        srv, _ = await start(tmp_path)
+        for i in range(protocol.MAX_SOURCES + 100):  # forged sources, each new
+            srv.datagram_received(lookup, (str(ipaddress.IPv4Address(0x0A000000 + i)), 9))
+        assert 0 < len(srv._sources) <= protocol.MAX_SOURCES
+        assert srv._sources["10.0.16.99"] == 0x0A001063  # the last one, remembered
+        for _ in range(2):
+            srv.datagram_received(lookup, ("2001:db8::1", 9, 0, 0))
+        assert srv._sources["2001:db8::1"] is None
+        drops = dict(srv.drops)
+        await stop(srv)
+        return drops
+
+    drops = asyncio.run(go())
+    assert drops == {"no_cookie": protocol.MAX_SOURCES + 100, "not_ipv4": 2}

@@ -18,7 +18,6 @@ import os
 import random
 import socket
 from collections import Counter
-from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from nat64ho.core import wire
@@ -60,6 +59,9 @@ MAX_NAT_BACKLOG = 20_000
 #: are decided in arrival order). More keeps the reader thread busy while
 #: the event loop decides; the reads themselves run one at a time.
 READERS = 4
+#: Source addresses whose conversion is remembered; beyond, the memory
+#: starts over.
+MAX_SOURCES = 4096
 #: Shortest interval between two reports of unexpected errors in the log;
 #: the ones between are counted (metric "internal_error") and summed up.
 BUG_LOG_INTERVAL = 60.0
@@ -90,6 +92,9 @@ class Server(asyncio.DatagramProtocol):
         #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
         self.events = EventClock(store.last_event_ts, config.workers, config.worker or 0)
+        events, clock_ = self.events, self.clock
+        #: An event's time: the wall clock read only when a datagram makes one.
+        self._stamp = lambda: events.stamp(clock_.wall())
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,
@@ -117,6 +122,8 @@ class Server(asyncio.DatagramProtocol):
         #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
         self._loading: dict[int, asyncio.Task] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
+        #: Source address text -> IPv4 as an int (None: not IPv4).
+        self._sources: dict[str, int | None] = {}
         self._bug_quiet_until = 0.0
         self._bugs_suppressed = 0
         self._bad_row_quiet = 0.0
@@ -162,6 +169,10 @@ class Server(asyncio.DatagramProtocol):
     def _send(self, units: list[list[bytes]], addr) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        if len(units) == 1 and len(units[0]) == 1:  # most answers: one message
+            self.transport.sendto(units[0][0], addr)
+            self.counts[_DATAGRAMS_OUT] += 1
+            return
         for d in wire.pack(units):
             self.transport.sendto(d, addr)
             self.counts[_DATAGRAMS_OUT] += 1
@@ -173,7 +184,13 @@ class Server(asyncio.DatagramProtocol):
 
     # ------------------------------------------------------------ dispatch
     def _datagram(self, data: bytes, addr) -> None:
-        nat = _source_ipv4(addr[0])
+        host = addr[0]
+        nat = self._sources.get(host)
+        if nat is None:
+            nat = _source_ipv4(host)
+            if len(self._sources) >= MAX_SOURCES:
+                self._sources.clear()  # forged sources must not grow it
+            self._sources[host] = nat
         if nat is None:
             self._drop(Drop.NOT_IPV4)
             return
@@ -212,13 +229,13 @@ class Server(asyncio.DatagramProtocol):
             self._refused(opened, addr)
             return
         confirmation = opened.confirmation
-        state = self.tables.state(nat, self.clock.now())
+        now = self.clock.now()
+        state = self.tables.state(nat, now)
         if not body:
             if confirmation is not None:
                 self._record_boot(confirmation)
             return
         share = state.share
-        now = self.clock.now()
         if not share.requests.spend(len(body), now):
             self._limited(state, body, Drop.REQUEST_RATE, addr, confirmation)
             return
@@ -228,7 +245,7 @@ class Server(asyncio.DatagramProtocol):
         tables = self.tables
         if tables.hit(state, body):
             self.counts[_CACHE_HIT] += 1
-            self._decide(state, body, addr, confirmation)
+            self._decide(state, body, addr, confirmation, now)
         elif share.queued >= MAX_NAT_QUEUE:
             self._limited(state, body, Drop.NAT_READS, addr, confirmation)
         elif tables.queued + self.waiting >= MAX_INFLIGHT:
@@ -264,8 +281,15 @@ class Server(asyncio.DatagramProtocol):
         self.store.add_boot(c.nat, c.boot_id, wall, event)
 
     def _decide(
-        self, state: NatState, body: list, addr, confirmation: Confirmation | None = None
+        self,
+        state: NatState,
+        body: list,
+        addr,
+        confirmation: Confirmation | None = None,
+        now: int | None = None,
     ) -> None:
+        """Decide ``body`` from memory and answer it (now, or once what it
+        announces is committed). ``now``: the table clock, if just read."""
         store = self.store
         share = state.share
         if confirmation is not None:
@@ -273,8 +297,8 @@ class Server(asyncio.DatagramProtocol):
         out = self.tables.decide(
             state,
             body,
-            self.clock.now(),
-            partial(self.events.stamp, self.clock.wall()),
+            self.clock.now() if now is None else now,
+            self._stamp,
             store.pending_seq,
             create_ok=store.failing is None and store.backlog < MAX_BACKLOG,
             share_ok=share.backlog < MAX_NAT_BACKLOG,
