@@ -31,6 +31,7 @@ from nat64ho.daemon.logfile import LogFile  # noqa: E402
 from nat64ho.daemon.protocol import Server  # noqa: E402
 from nat64ho.peer import Peer  # noqa: E402
 from nat64ho.storage.sqlite import Store  # noqa: E402
+from nat64ho.testing import proc_tree_cpu  # noqa: E402
 
 NAT = ("192.0.2.7", 40000)
 #: New entries per commit in the create rounds: what 4 ms of 3,000/s make.
@@ -66,7 +67,7 @@ async def settle(srv: Server) -> None:
 
 async def run(
     tmp: Path, count: int, entries: int, rounds: int, create_count: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
     config = Config(
         db=tmp / "t.db", log_file=str(tmp / "t.log"), request_rate=10**9, create_rate=10**9
     )
@@ -99,7 +100,9 @@ async def run(
         assert out.sent - sent == count, (out.sent - sent, srv.drops)
         await asyncio.sleep(0)
     await settle(srv)
-    creates = []
+    creates, writer = [], []
+    assert store._writer is not None and store._writer.proc is not None
+    writer_pid = store._writer.proc.pid
     base = entries
     for _ in range(rounds):
         maps = [
@@ -107,16 +110,17 @@ async def run(
             for i in range(create_count)
         ]
         base += create_count
-        t0 = time.process_time()
+        t0, w0 = time.process_time(), proc_tree_cpu(writer_pid)
         for i, d in enumerate(maps):
             srv.datagram_received(d, NAT)
             if i % GROUP == GROUP - 1:
                 await settle(srv)
         await settle(srv)
         creates.append((time.process_time() - t0) / create_count * 1e6)
+        writer.append((proc_tree_cpu(writer_pid) - w0) / create_count * 1e6)
     await store.close()
     srv.logfile.close()
-    return results, creates
+    return results, creates, writer
 
 
 def main() -> None:
@@ -129,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nat64ho-hot-") as tmp:
         # The server's event loop (uvloop), as `nat64ho serve` runs it.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            looks, creates = runner.run(
+            looks, creates, writer = runner.run(
                 run(Path(tmp), args.count, args.entries, args.rounds, args.creates)
             )
     print("lookup, batch 1, µs of CPU a datagram, per round:", *(f"{r:.2f}" for r in looks))
@@ -139,6 +143,7 @@ def main() -> None:
         *(f"{r:.1f}" for r in creates),
     )
     print(f"  best {min(creates):.1f}")
+    print("  the writer process's CPU an entry, per round:", *(f"{w:.1f}" for w in writer))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,15 @@ def test_create_run_reports_server_and_ceilings():
     assert report.echo is not None and report.echo.counts["requests"] > 0
     rate, size = report.sqlite
     assert rate > 0 and size in bench.SQLITE_BATCHES
+    assert report.replay is not None and report.replay.rate > 0
     text = report.format()
-    for label in ("messages/s", "latency p99 ms", "new entries/s", "server peak RSS MB"):
+    for label in (
+        "messages/s",
+        "latency p99 ms",
+        "new entries/s",
+        "same rows as the server",
+        "server peak RSS MB",
+    ):
         assert label in text
 
 

@@ -22,6 +22,8 @@ from nat64ho.testing import start_server
 SQLITE_BATCHES = (20, 200, 2000, 10000)
 #: Seconds the SQLite ceiling spends on each batch size.
 SQLITE_SECONDS = 0.7
+#: Entries a commit when ``nat64ho bench`` replays its server's rows.
+REPLAY_BATCH = 2000
 #: New entries per transaction while a replay fills its table untimed.
 PREFILL_COMMIT = 5000
 
@@ -146,6 +148,8 @@ class Report:
     server: Result
     echo: Result | None = None
     sqlite: tuple[float, int] | None = None
+    #: Raw SQLite writing the server's own rows at REPLAY_BATCH a commit.
+    replay: Replay | None = None
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         s, e = self.server, self.echo
@@ -190,6 +194,15 @@ class Report:
                     f"{created:,.0f}",
                     f"{sq[0]:,.0f} (sqlite, batch {sq[1]})" if sq else "-",
                     ratio(created, sq[0] if sq else 0),
+                )
+            )
+            rp = self.replay
+            rows.append(
+                (
+                    "  same rows as the server",
+                    "",
+                    f"{rp.rate:,.0f} (sqlite, batch {REPLAY_BATCH})" if rp else "-",
+                    ratio(created, rp.rate if rp else 0),
                 )
             )
         rows.append(
@@ -273,6 +286,12 @@ def run(cfg: BenchConfig) -> Report:
                 report.sqlite = sqlite_ceiling(
                     tmp, cfg.sync, cfg.nats, seconds=min(SQLITE_SECONDS, cfg.duration / 4)
                 )
+                if cfg.server is None:
+                    # The rows this run's server wrote, on the table they met
+                    # (evictions and their Deleted events included).
+                    report.replay = sqlite_replay(
+                        tmp / "table.db", tmp, cfg.sync, REPLAY_BATCH, result.counts["messages"]
+                    )
         return report
     finally:
         if own_tmp is not None:
