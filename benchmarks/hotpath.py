@@ -94,8 +94,9 @@ async def run(
     for _ in range(rounds):
         sent = out.sent
         t0 = time.perf_counter()
+        n = len(lookups)
         for i in range(count):
-            srv.datagram_received(lookups[i & 255], NAT)
+            srv.datagram_received(lookups[i % n], NAT)
         results.append((time.perf_counter() - t0) / count * 1e6)
         assert out.sent - sent == count, (out.sent - sent, srv.drops)
         await asyncio.sleep(0)
