@@ -6,11 +6,13 @@ reads the CPU of the server's whole process tree from /proc (every process
 and thread: workers and the writer count) before and after: CPU per message
 is then independent of how fast the client could go. A bare uvloop UDP echo
 server is measured the same way at the same rate in the same run; the ratio
-to it is the figure of merit. The closed-loop create with batch 20 is
-compared with raw SQLite inserts at the rows per commit the server made
-(read from its metrics).
+to it is the figure of merit. Each create run is also compared with raw
+SQLite writing the rows the server wrote, at the entries per commit it
+made (read from its metrics): SQLite's own CPU per entry, and for the
+closed-loop create with batch 20 its rate.
 
     python benchmarks/efficiency.py --duration 6
+    python benchmarks/efficiency.py --duration 6 --empty-table-ceiling
     python benchmarks/efficiency.py --duration 6 --nats 2 --server-arg=--workers=2
 """
 

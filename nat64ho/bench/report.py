@@ -1,5 +1,6 @@
 """The report of ``nat64ho bench``: one run (the server under load, then
-the ceilings), the raw SQLite ceiling, and the table printed."""
+the ceilings), the raw SQLite ceilings (new rows into an empty table, and
+the server's own rows replayed), and the table printed."""
 
 from __future__ import annotations
 
