@@ -185,8 +185,9 @@ class Server(asyncio.DatagramProtocol):
     # ------------------------------------------------------------ dispatch
     def _datagram(self, data: bytes, addr) -> None:
         host = addr[0]
-        nat = self._sources.get(host)
-        if nat is None:
+        try:
+            nat = self._sources[host]  # None is remembered too: not IPv4
+        except KeyError:
             nat = _source_ipv4(host)
             if len(self._sources) >= MAX_SOURCES:
                 self._sources.clear()  # forged sources must not grow it
