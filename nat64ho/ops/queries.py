@@ -229,8 +229,8 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
         return Holding(nat, port, *_endpoint(nxt), None, nxt.ts, False, None, nxt)
     if row is not None and nxt is None and row[2] <= at:
         # A current entry whose Created is not in the history (pruned, or
-        # the table came from elsewhere). Its created time is the server's
-        # table clock, which may differ from the log's by a little.
+        # the table came from elsewhere): its created time is that of the
+        # Created event no longer kept.
         return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
     return None
 
