@@ -1,6 +1,6 @@
 """The evidence agrees with itself: over real UDP, on both backends, what
 ``query`` says of an entry is what the log says of it, also after the log is
-imported into a new table."""
+imported into a new table; a report to the second of a change names both."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import datetime as dt
 import json
 
 from nat64ho.core.records import EventKind
-from nat64ho.eventlog import parse_line, ts_from_datetime
+from nat64ho.eventlog import ipv6_str, parse_line, ts_from_datetime, ts_str
 from nat64ho.storage.schema import is_postgres
 from tests.helpers import connect, nat64ho, run, v6
 
@@ -49,6 +49,18 @@ def test_created_time_is_the_created_lines_time(server_factory, db_target, reque
     assert len(lines) == 40
     expected = {("127.0.0.1", port): ts for (_, port), ts in lines.items()}
     assert _queried(db_target) == expected
+
+    # A report to the second of a change of holder names both holders.
+    events = [parse_line(line) for line in srv.log.read_text().splitlines()]
+    i = next(i for i, e in enumerate(events) if e.kind == EventKind.DELETED)
+    gone, came = events[i], events[i + 1]
+    assert (came.kind, came.port) == (EventKind.CREATED, gone.port)
+    second = ts_str(came.ts)[:19]
+    r = nat64ho("who", f"127.0.0.1:{came.port}", "--at", second, "--db", str(db_target))
+    assert r.returncode == 0, r.stderr
+    assert "2 holders: AMBIGUOUS" in r.stdout.splitlines()[0]
+    for e in (gone, came):
+        assert f"[{ipv6_str(e.addr)}]:{e.aport}" in r.stdout
 
     if is_postgres(db_target):
         rebuilt = request.getfixturevalue("pg_cluster").url()
