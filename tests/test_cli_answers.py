@@ -120,6 +120,7 @@ def _check_values(rows: list[dict]) -> None:
         ["--at", "2019-03-18 15:22:03Z", "--tolerance", "5"],
         ["--at", "2019-03-18 15:22:03Z", "--tolerance", "0.5"],
         ["--at", "2019-03-18 10:00"],
+        ["--at", "2019-03-18 15:22:02.0623"],  # nobody: one row, null holder fields
         [],
     ],
 )
