@@ -264,7 +264,7 @@ def who_port_window(
         )
     ]
     found: dict[tuple[bytes, int, int | None, int | None], Holding] = {}
-    for t in instants:
+    for t in dict.fromkeys(instants):  # an exact instant is asked about once
         h = who_port(conn, nat, port, t)
         if h is not None:
             found.setdefault((h.addr, h.aport, h.start, h.end), h)
