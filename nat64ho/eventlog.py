@@ -50,6 +50,13 @@ def ts_str(ts: int) -> str:
     return f"{_second_str(second)}.{us:06d}"
 
 
+def ts_rfc3339(ts: int) -> str:
+    """``2019-03-18T10:06:28.436754Z``: the time of the machine formats."""
+    second, us = divmod(ts, 1_000_000)
+    text = _second_str(second)
+    return f"{text[:10]}T{text[11:]}.{us:06d}Z"
+
+
 @functools.lru_cache(maxsize=4096)
 def _second_str(second: int) -> str:
     # A commit logs hundreds of events within the same second: the calendar

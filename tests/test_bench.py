@@ -3,6 +3,8 @@ numbers. Speeds are not asserted; this machine is shared with the tests."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from nat64ho import bench
+from nat64ho.bench import load
 from nat64ho.cli import app
+from nat64ho.core import wire
 from nat64ho.testing import start_server
-from tests.helpers import db_rows
+from tests.helpers import connect, db_rows, nat64ho, one_error, run, v6
 
 
 def test_create_run_reports_server_and_ceilings():
@@ -176,3 +180,78 @@ def test_replay_writes_the_servers_rows_and_times_only_the_last(tmp_path):
         (nat, 3000, b, 40002),
         (nat, 3001, b, 40001),
     ]
+
+
+# ---------------------------------------------------------------- --server: a table in use
+
+
+def test_tally_counts_by_the_wire_kinds_and_names_error_codes():
+    datagram = (
+        wire.deleted(1028, v6(1), 1)
+        + wire.mapping(1028, v6(2), 2)
+        + wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP))
+        + wire.encode(wire.Error(wire.ErrorCode.TABLE_FULL, wire.Kind.MAP))
+    )
+    assert load.tally(datagram) == (3, 1, (4, 5))
+    assert [load.error_name(c) for c in (4, 5, 9)] == ["RATE_LIMITED", "TABLE_FULL", "code 9"]
+
+
+def _bench_server(srv, *extra: str):
+    return nat64ho(
+        "bench",
+        "--server",
+        f"127.0.0.1:{srv.port}",
+        "--duration",
+        "1",
+        "--window",
+        "4",
+        "--no-ceilings",
+        *extra,
+        timeout=120,
+    )
+
+
+def test_bench_refuses_a_server_whose_table_holds_other_nat64s(server_factory):
+    srv = server_factory("--ports", "1028-1100")
+
+    async def live() -> None:
+        c = await connect(srv)
+        await c.map(v6(1), 4000)
+        c.close()
+
+    run(live())
+    before = db_rows(srv.db, "SELECT nat, port, addr FROM entry")
+    r = _bench_server(srv, "--db", str(srv.db))
+    assert r.returncode == 2 and r.stdout == ""
+    line = one_error(r)
+    assert "127.0.0.1" in line and "--yes" in line
+    # Nothing was sent: the table is as it was.
+    assert db_rows(srv.db, "SELECT nat, port, addr FROM entry") == before
+    r = _bench_server(srv)
+    assert r.returncode == 2 and "--db" in one_error(r)
+
+
+def test_bench_on_a_server_says_what_it_writes_and_why_requests_failed(server_factory):
+    # The server's own limit on new entries refuses most of the run's MAPs.
+    srv = server_factory("--create-rate", "20")
+    r = _bench_server(srv, "--db", str(srv.db))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "bench: writes new entries as fast as answered for 1 s under NAT64s 127.1.0.1 into "
+        f"the table of the server at 127.0.0.1:{srv.port}; they stay there"
+    ]
+    row = next(x for x in r.stdout.splitlines() if x.startswith("ERROR answers"))
+    refused = int(row.split()[-1])
+    assert refused > 0
+    assert f"  ERROR RATE_LIMITED: {refused}, over a NAT64's share" in r.stdout
+
+    # Refused MAPs created nothing: new entries/s counts only those answered.
+    def first_number(label: str) -> float:
+        m = re.search(rf"^{re.escape(label)}\s+([\d,.]+)", r.stdout, re.M)
+        assert m is not None, r.stdout
+        return float(m.group(1).replace(",", ""))
+
+    assert first_number("new entries/s") < first_number("messages/s")
+    # Everything it wrote is under the benchmark's NAT64.
+    nats = {n for (n,) in db_rows(srv.db, "SELECT DISTINCT nat FROM entry")}
+    assert nats == {int(ipaddress.IPv4Address("127.1.0.1"))}

@@ -297,14 +297,14 @@ def test_who_with_tolerance_lists_every_holder_closest_first(example_db):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "192.0.2.9:47102 at 2019-03-18 15:22:02.000000Z ± 1 s: 2 holders: AMBIGUOUS "
-        "(closest to the reported time first)",
+        "192.0.2.9:47102 at 2019-03-18 15:22:02.000000 to 15:22:02.999999Z ± 1 s: "
+        "2 holders: AMBIGUOUS (closest to the reported time first)",
         "IPV6 ENDPOINT                                   FROM                         "
         "UNTIL                        AWAY (S)",
         "[2001:db8::75]:33131                            before history               "
         "2019-03-18 15:22:02.062254Z  0",
         "[2001:db8::55]:34643                            2019-03-18 15:22:02.062478Z  "
-        "not recorded                 0.062478",
+        "not recorded                 0",
     ]
     # Past the Created, the later holder is the closer one.
     r = nat64ho(
@@ -321,10 +321,11 @@ def test_who_with_tolerance_lists_every_holder_closest_first(example_db):
     )
     rows = json.loads(r.stdout)
     assert [(x["ipv6"], x["distance_s"], x["ambiguous"]) for x in rows] == [
-        ("2001:db8::55", "0", True),
-        ("2001:db8::75", "0.937746", True),
+        ("2001:db8::55", 0, True),
+        ("2001:db8::75", 0.937746, True),
     ]
-    assert rows[0]["at"] == "2019-03-18 15:22:03.000000Z" and rows[0]["holders"] == 2
+    assert rows[0]["at"] == "2019-03-18T15:22:03.000000Z" and rows[0]["holders"] == 2
+    assert rows[0]["tolerance_s"] == 5 and rows[0]["window_until"] == "2019-03-18T15:22:08.999999Z"
 
 
 def test_who_with_a_tolerance_that_reaches_no_event_is_unambiguous(example_db):
@@ -341,9 +342,10 @@ def test_who_with_a_tolerance_that_reaches_no_event_is_unambiguous(example_db):
         "csv",
     )
     assert r.stdout.splitlines() == [
-        "nat,port,at,tolerance_s,holders,ambiguous,ipv6,ipv6_port,from,until,current,distance_s",
-        "192.0.2.9,47102,2019-03-18 15:00:00.000000Z,60,1,false,2001:db8::75,33131,,"
-        "2019-03-18 15:22:02.062254Z,false,0",
+        "nat,port,at,window_from,window_until,tolerance_s,holders,ambiguous,ipv6,ipv6_port,"
+        "from,until,current,distance_s",
+        "192.0.2.9,47102,2019-03-18T15:00:00.000000Z,2019-03-18T14:59:00.000000Z,2019-03-18T15:01:59.999999Z,"
+        "60,1,false,2001:db8::75,33131,,2019-03-18T15:22:02.062254Z,false,0",
     ]
     r = nat64ho(
         "who",
@@ -356,8 +358,8 @@ def test_who_with_a_tolerance_that_reaches_no_event_is_unambiguous(example_db):
         str(example_db),
     )
     assert r.stdout == (
-        "No entry: 192.0.2.7:3719 at 2019-03-18 10:00:00.000000Z ± 60 s: not "
-        "held as far as this database knows.\n"
+        "No entry: 192.0.2.7:3719 at 2019-03-18 10:00:00.000000 to 10:00:59.999999Z ± 60 s: "
+        "not held as far as this database knows.\n"
     )
 
 
@@ -387,14 +389,24 @@ def test_who_reports_answers_each_report_and_names_bad_rows(example_db, tmp_path
     assert r.returncode == 1
     assert r.stderr == f"Error: {reports}:4: port '99999': not a port number (1-65535)\n"
     rows = [line.split(",") for line in r.stdout.splitlines()]
-    assert rows[0][:7] == ["report", "nat", "port", "at", "tolerance_s", "holders", "ambiguous"]
-    got = [(row[0], row[3], row[4], row[5], row[6], row[7]) for row in rows[1:]]
+    assert rows[0][:9] == [
+        "report",
+        "nat",
+        "port",
+        "at",
+        "window_from",
+        "window_until",
+        "tolerance_s",
+        "holders",
+        "ambiguous",
+    ]
+    got = [(row[0], row[3], row[6], row[7], row[8], row[9]) for row in rows[1:]]
     assert got == [
-        ("2", "2019-03-18 15:22:02.000000Z", "1", "2", "true", "2001:db8::75"),
-        ("2", "2019-03-18 15:22:02.000000Z", "1", "2", "true", "2001:db8::55"),
+        ("2", "2019-03-18T15:22:02.000000Z", "1", "2", "true", "2001:db8::75"),
+        ("2", "2019-03-18T15:22:02.000000Z", "1", "2", "true", "2001:db8::55"),
         # -05:00 is 15:00 UTC; the default tolerance of --tolerance applies.
-        ("3", "2019-03-18 15:00:00.000000Z", "30", "1", "false", "2001:db8::75"),
-        ("5", "2019-03-18 10:00:00.000000Z", "0", "0", "false", ""),
+        ("3", "2019-03-18T15:00:00.000000Z", "30", "1", "false", "2001:db8::75"),
+        ("5", "2019-03-18T10:00:00.000000Z", "0", "0", "false", ""),
     ]
 
 

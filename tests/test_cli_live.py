@@ -4,6 +4,7 @@ pseudo-terminal (and none on a pipe), Ctrl-C of long work, ``export
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import ipaddress
 import json
@@ -298,6 +299,23 @@ def test_follow_in_log_format_and_sigint(server_factory, db_target):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(20) == 130
     assert proc.stderr.read() == "stopped after seq 4; resume with --after 4\n"
+
+
+def test_follow_in_csv_carries_the_seq_it_resumes_from(server_factory):
+    server = server_factory()
+    run(make_events(server, 3, 0))
+    proc = subprocess.Popen(
+        PY + ["export", "--follow", "--format", "csv", "--db", str(server.db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rows = list(csv.DictReader(proc.stdout.readline() for _ in range(5)))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert [r["seq"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["event"] for r in rows] == ["Initialized", "Created", "Created", "Created"]
+    assert proc.stderr.read() == f"stopped after seq {rows[-1]['seq']}; resume with --after 4\n"
 
 
 # ---------------------------------------------------------------- probe

@@ -91,7 +91,7 @@ def test_who_before_and_after_the_deleted(example_db):
     r = nat64ho("who", "192.0.2.9:47102", "--at", "2019-03-18 15:00", "--db", str(example_db))
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
-        "192.0.2.9:47102 at 2019-03-18 15:00:00.000000: [2001:db8::75]:33131",
+        "192.0.2.9:47102 at 2019-03-18 15:00:00.000000 to 15:00:59.999999: [2001:db8::75]:33131",
         "  from   before history",
         "  until  2019-03-18 15:22:02.062254",
         "  events:",
@@ -101,7 +101,7 @@ def test_who_before_and_after_the_deleted(example_db):
     assert r.exit_code == 0
     assert (
         r.stdout.splitlines()[0]
-        == "192.0.2.9:47102 at 2019-03-18 15:30:00.000000: [2001:db8::55]:34643"
+        == "192.0.2.9:47102 at 2019-03-18 15:30:00.000000 to 15:30:00.999999: [2001:db8::55]:34643"
     )
     assert "    2019-03-18 15:22:02.062478 Created 192.0.2.9:47102 [2001:db8::55]:34643" in r.stdout
 
@@ -117,8 +117,8 @@ def test_who_with_an_offset_is_converted_to_utc(example_db):
         "--format",
         "json",
     )
-    out = json.loads(r.stdout)
-    assert out["at"] == "2019-03-18 15:00:00.000000" and out["ipv6"] == "2001:db8::75"
+    [out] = json.loads(r.stdout)
+    assert out["at"] == "2019-03-18T15:00:00.000000Z" and out["ipv6"] == "2001:db8::75"
     assert out["events"] == [EXAMPLE.splitlines()[2]] and out["from"] is None
 
 
@@ -129,7 +129,7 @@ def test_who_no_entry_is_a_plain_answer(example_db):
     assert r.exit_code == 0
     assert r.stdout == (
         "No entry: 192.0.2.9:47102 was not held at 2019-03-18 15:22:02.062300 "
-        "as far as this database knows.\n"
+        "to 15:22:02.062399 as far as this database knows.\n"
     )
     r = invoke("who", "[2001:db8::99]:1", "--db", str(example_db))
     assert r.exit_code == 0 and r.stdout.startswith("No entry: [2001:db8::99]:1 held no NAT port")
@@ -145,14 +145,14 @@ def test_who_endpoint_table_json_csv(example_db):
     r = invoke("who", "2001:db8::/64", "--db", str(example_db), "--format", "json")
     rows = json.loads(r.stdout)
     assert [(x["ipv6"], x["from"], x["until"]) for x in rows] == [
-        ("2001:db8::17", "2019-03-18 10:06:28.491727", None),
-        ("2001:db8::55", "2019-03-18 15:22:02.062478", None),
-        ("2001:db8::75", None, "2019-03-18 15:22:02.062254"),
+        ("2001:db8::17", "2019-03-18T10:06:28.491727Z", None),
+        ("2001:db8::55", "2019-03-18T15:22:02.062478Z", None),
+        ("2001:db8::75", None, "2019-03-18T15:22:02.062254Z"),
     ]
     r = invoke("who", "2001:db8::75", "--db", str(example_db), "--format", "csv")
     assert r.stdout.splitlines() == [
         "nat,port,ipv6,ipv6_port,from,until,current",
-        "192.0.2.9,47102,2001:db8::75,33131,,2019-03-18 15:22:02.062254,false",
+        "192.0.2.9,47102,2001:db8::75,33131,,2019-03-18T15:22:02.062254Z,false",
     ]
 
 
@@ -397,8 +397,8 @@ def test_import_rebuild_table_fills_the_table(db, tmp_path):
     r = invoke("query", "--db", str(db), "--format", "csv")
     assert r.stdout.splitlines() == [
         "nat,port,ipv6,ipv6_port,created,last_use",
-        "192.0.2.7,3719,2001:db8::17,53186,2019-03-18 10:06:28.491727,2019-03-18 10:06:28.491727",
-        "192.0.2.9,47102,2001:db8::55,34643,2019-03-18 15:22:02.062478,2019-03-18 15:22:02.062478",
+        "192.0.2.7,3719,2001:db8::17,53186,2019-03-18T10:06:28.491727Z,2019-03-18T10:06:28.491727Z",
+        "192.0.2.9,47102,2001:db8::55,34643,2019-03-18T15:22:02.062478Z,2019-03-18T15:22:02.062478Z",
     ]
 
 
@@ -423,7 +423,7 @@ def test_export_to_gzip_file_and_formats(example_db, tmp_path):
     )
     assert [json.loads(x)["ipv6"] for x in r.stdout.splitlines()] == ["2001:db8::55"]
     r = invoke("export", "--db", str(example_db), "--format", "csv", "--until", "2019-03-18")
-    assert r.stdout == "ts,event,nat,port,ipv6,ipv6_port\n"
+    assert r.stdout == "seq,ts,event,nat,port,ipv6,ipv6_port\n"
 
 
 def test_query_formats(db, tmp_path):
@@ -444,8 +444,8 @@ def test_query_formats(db, tmp_path):
             "port": 3719,
             "ipv6": "2001:db8::17",
             "ipv6_port": 53186,
-            "created": "2019-03-18 10:06:28.491727",
-            "last_use": "2019-03-18 10:06:28.491727",
+            "created": "2019-03-18T10:06:28.491727Z",
+            "last_use": "2019-03-18T10:06:28.491727Z",
         }
     ]
     assert (
@@ -523,12 +523,13 @@ def test_commands_on_a_database_written_by_serve(server_factory, db_target):
     assert lines[1] in r.stdout and lines[3] in r.stdout
     # Now it is ::3's, still held.
     r = nat64ho("who", f"127.0.0.1:{port1}", "--db", db, "--format", "json")
-    now = json.loads(r.stdout)
+    [now] = json.loads(r.stdout)
     assert (now["ipv6"], now["ipv6_port"], now["current"]) == ("2001:db8::3", 1003, True)
 
     r = nat64ho("who", "[2001:db8::1]:1001", "--db", db, "--format", "json")
     [held] = json.loads(r.stdout)
-    assert (held["port"], held["until"], held["current"]) == (port1, t_deleted, False)
+    until = t_deleted.replace(" ", "T") + "Z"
+    assert (held["port"], held["until"], held["current"]) == (port1, until, False)
 
     r = nat64ho("query", "--nat", "127.0.0.1", "--db", db, "--format", "json")
     assert sorted((e["ipv6"], e["ipv6_port"]) for e in json.loads(r.stdout)) == [

@@ -113,8 +113,8 @@ def test_http_through_the_nat64_is_attributed_to_the_client(bed):
 
     who = nat64ho("who", "--db", str(bed.db), f"{tb.POOL}:{port}", "--format", "json")
     assert who.returncode == 0, who.stderr
-    held = json.loads(who.stdout)
-    assert (held["held"], held["ipv6"], held["ipv6_port"]) == (True, tb.CLIENT6, int(local_port))
+    [held] = json.loads(who.stdout)
+    assert (held["holders"], held["ipv6"], held["ipv6_port"]) == (1, tb.CLIENT6, int(local_port))
     query = nat64ho("query", "--db", str(bed.db), "--port", str(port), "--format", "json")
     assert query.returncode == 0, query.stderr
     rows = json.loads(query.stdout)
@@ -394,7 +394,7 @@ def test_lru_deletion_under_200_connections_from_50_clients(bed):
                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
                 + f".{int(at * 1e6) % 1000000:06d}",
             )
-            held = json.loads(who.stdout)
+            [held] = json.loads(who.stdout)
             assert f"[{held['ipv6']}]:{held['ipv6_port']}" == ep
     finally:
         for s, _, _ in conns:

@@ -136,7 +136,7 @@ def test_export_jsonl_and_csv_have_fixed_columns(db):
     objs = [json.loads(line) for line in out.getvalue().splitlines()]
     assert objs[0] == {
         "seq": 1,
-        "ts": "2019-03-18 10:06:28.436754",
+        "ts": "2019-03-18T10:06:28.436754Z",
         "event": "Initialized",
         "nat": "192.0.2.7",
         "port": None,
@@ -145,7 +145,7 @@ def test_export_jsonl_and_csv_have_fixed_columns(db):
     }
     assert objs[3] == {
         "seq": 4,
-        "ts": "2019-03-18 15:22:02.062478",
+        "ts": "2019-03-18T15:22:02.062478Z",
         "event": "Created",
         "nat": "192.0.2.9",
         "port": 47102,
@@ -153,11 +153,11 @@ def test_export_jsonl_and_csv_have_fixed_columns(db):
         "ipv6_port": 34643,
     }
     out = io.StringIO()
-    ops_export.write_csv(ops_export.history_rows(db), out)
+    ops_export.write_csv(ops_export.history_rows(db, with_id=True), out)
     lines = out.getvalue().splitlines()
-    assert lines[0] == ops_export.CSV_HEADER
-    assert lines[1] == "2019-03-18 10:06:28.436754,Initialized,192.0.2.7,,,"
-    assert lines[4] == "2019-03-18 15:22:02.062478,Created,192.0.2.9,47102,2001:db8::55,34643"
+    assert lines[0] == ops_export.CSV_HEADER == "seq,ts,event,nat,port,ipv6,ipv6_port"
+    assert lines[1] == "1,2019-03-18T10:06:28.436754Z,Initialized,192.0.2.7,,,"
+    assert lines[4] == "4,2019-03-18T15:22:02.062478Z,Created,192.0.2.9,47102,2001:db8::55,34643"
 
 
 # The fast formatter and parser must agree with the reference ones exactly.

@@ -70,10 +70,20 @@ class BenchConfig:
 # ---------------------------------------------------------------- requests
 
 
+#: NAT64s a run may have (``bench --nats``): each is one source address.
+MAX_NATS = 4000
+_FIRST_SOURCE = (127 << 24) | (1 << 16)  # 127.1.0.0
+
+
 def nat_source(index: int) -> str:
     """The loopback address NAT64 number ``index`` sends from (127.1.0.1 on)."""
     n = index + 1
     return f"127.1.{n >> 8}.{n & 255}"
+
+
+def is_bench_nat(nat: int) -> bool:
+    """Whether the NAT64 address ``nat`` (an integer) is one a run sends from."""
+    return 1 <= nat - _FIRST_SOURCE <= MAX_NATS
 
 
 class Template(NamedTuple):
@@ -162,24 +172,38 @@ class NatLoad:
         return bytes(data), t.answers
 
 
-def tally(datagram: bytes) -> tuple[int, int, int]:
-    """(answers, DELETED, ERROR) in a server datagram, by its framing alone;
-    raises wire.Malformed when the framing does not add up. The full parse
-    (:meth:`Peer.receive`) is kept for replies whose content matters."""
-    answers = deleted = errors = 0
+_DELETED, _ERROR = wire.Kind.DELETED, wire.Kind.ERROR
+_NO_ERRORS: tuple[int, ...] = ()
+
+
+def tally(datagram: bytes) -> tuple[int, int, tuple[int, ...]]:
+    """(answers, DELETED, the codes of its ERRORs) in a server datagram, by
+    its framing alone; raises wire.Malformed when the framing does not add
+    up. The full parse (:meth:`Peer.receive`) is kept for replies whose
+    content matters."""
+    answers = deleted = 0
+    errors = _NO_ERRORS
     pos, end = 0, len(datagram)
     while pos < end - 1:
         kind = datagram[pos]
-        if kind == 0x38:
+        if kind == _DELETED:
             deleted += 1
         else:
             answers += 1
-            if kind == 0x39:
-                errors += 1
+            if kind == _ERROR and pos + 2 < end:
+                errors += (datagram[pos + 2],)
         pos += 2 + 2 * datagram[pos + 1]
     if pos != end:
         raise wire.Malformed(wire.TRUNCATED, pos)
     return answers, deleted, errors
+
+
+def error_name(code: int) -> str:
+    """An ERROR code by its PROTOCOL.md §3 name."""
+    try:
+        return wire.ErrorCode(code).name
+    except ValueError:
+        return f"code {code}"
 
 
 # ---------------------------------------------------------------- load
@@ -198,7 +222,7 @@ class _Slot(asyncio.DatagramProtocol):
         self.got = 0
         self.messages = 0
         self.deleted = 0
-        self.errors = 0
+        self.errors: tuple[int, ...] = ()  # codes of the ERRORs answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A datagram endpoint always gets a DatagramTransport; typeshed types the base.
@@ -269,7 +293,8 @@ class Load:
     def send(self, slot: _Slot) -> None:
         data, expect = slot.nat.request()
         slot.expect = expect
-        slot.got = slot.deleted = slot.errors = 0
+        slot.got = slot.deleted = 0
+        slot.errors = ()
         slot.messages = self.batch
         slot.sent = time.perf_counter()
         slot.transport.sendto(data)
@@ -304,7 +329,12 @@ class Load:
             self.counts["messages"] += slot.messages
             self.counts["answers"] += slot.got
             self.counts["deleted"] += slot.deleted
-            self.counts["errors"] += slot.errors
+            if slot.errors:
+                # By name: a refusal by the server's limits is policy, not loss.
+                self.counts["errors"] += len(slot.errors)
+                for code in slot.errors:
+                    key = f"error {error_name(code)}"
+                    self.counts[key] = self.counts.get(key, 0) + 1
         slot.sent = 0.0
         if self.sending and self.closed_loop:
             self.send(slot)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from nat64ho.bench.load import MODES, BenchConfig, Result, drive, loop_name, start_echo
+from nat64ho.bench.load import (
+    MODES,
+    BenchConfig,
+    Result,
+    drive,
+    loop_name,
+    nat_source,
+    start_echo,
+)
 from nat64ho.eventlog import EventKind
 from nat64ho.storage import schema
 from nat64ho.testing import start_server
@@ -143,6 +151,77 @@ def sqlite_replay(src: Path, directory: Path, sync: str, per_commit: int, timed:
     return Replay(done / wall if wall else 0.0, cpu / done * 1e6 if done else 0.0)
 
 
+#: Why the server answers ERROR, for the notes under the report.
+_WHY = {
+    "RATE_LIMITED": "over a NAT64's share (--create-rate, --request-rate)",
+    "TABLE_FULL": "no port free and none idle for --min-idle",
+    "NOT_ALLOWED": "the source is not in --allow",
+    "BAD_COOKIE": "the session was not known (the server restarted its secret?)",
+}
+
+
+def losses(c: dict[str, int]) -> list[tuple[str, str, str, str]]:
+    """The rows that count what did not go as asked."""
+    return [
+        ("unanswered in time (lost)", f"{c['lost']}", "", ""),
+        ("ERROR answers", f"{c['errors']}", "", ""),
+        ("DELETED (oldest reused)", f"{c['deleted']}", "", ""),
+    ]
+
+
+def loss_notes(c: dict[str, int], timeout: float, server_drops: str | None) -> list[str]:
+    """What the loss rows mean, for those that are not zero."""
+    notes = []
+    if c["lost"]:
+        notes.append(
+            f"lost: {c['lost']} requests had no whole answer within {timeout:g} s: the "
+            "server dropped them or their answer (its drop counters say why), or the "
+            "kernel did (a full socket buffer)"
+        )
+    for key, n in sorted(c.items()):
+        if key.startswith("error ") and n:
+            name = key[6:]
+            notes.append(f"ERROR {name}: {n}, {_WHY.get(name, 'refused by the server')}")
+    if c["deleted"]:
+        notes.append(f"DELETED: {c['deleted']} entries made room for new ones (the table was full)")
+    if server_drops is not None:
+        notes.append(f"the server's own count of dropped datagrams: {server_drops}")
+    return notes
+
+
+def describe(cfg: BenchConfig) -> str:
+    """One line: what the run will write, and where."""
+    last = nat_source(cfg.nats - 1)
+    under = "127.1.0.1" + (f" to {last}" if cfg.nats > 1 else "")
+    what = (
+        f"new entries as fast as answered for {cfg.duration:g} s"
+        if cfg.mode == "create"
+        else f"{cfg.entries} entries per NAT64, then {cfg.mode} requests for {cfg.duration:g} s"
+    )
+    if cfg.server is None:
+        where = (
+            f"the PostgreSQL database {schema.shown(cfg.db)}"
+            if cfg.db
+            else "a temporary SQLite database, removed afterwards"
+        )
+        return (
+            f"bench: writes {what} under NAT64s {under} into {where}, served by a server it starts"
+        )
+    host, port = cfg.server
+    return (
+        f"bench: writes {what} under NAT64s {under} into the table of the server at "
+        f"{host}:{port}; they stay there"
+    )
+
+
+def _drops(lines: list[str]) -> str | None:
+    """The drops of a stopped server's last line (``… drops: none``)."""
+    for line in reversed(lines):
+        if "stopped: " in line and "drops: " in line:
+            return line.rsplit("drops: ", 1)[1].strip()
+    return None
+
+
 @dataclass
 class Report:
     cfg: BenchConfig
@@ -151,6 +230,8 @@ class Report:
     sqlite: tuple[float, int] | None = None
     #: Raw SQLite writing the server's own rows at REPLAY_BATCH a commit.
     replay: Replay | None = None
+    #: The started server's own count of datagrams it dropped, by reason.
+    server_drops: str | None = None
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         s, e = self.server, self.echo
@@ -187,7 +268,8 @@ class Report:
                 )
             )
         if self.cfg.mode == "create":
-            created = s.messages_per_s
+            # A MAP refused with ERROR created nothing.
+            created = (s.counts["messages"] - s.counts["errors"]) / s.seconds
             sq = self.sqlite
             rows.append(
                 (
@@ -222,12 +304,9 @@ class Report:
                 "",
             )
         )
-        c = s.counts
-        rows.append(
-            ("lost / errors / deleted", f"{c['lost']} / {c['errors']} / {c['deleted']}", "", "")
-        )
+        rows.extend(losses(s.counts))
         if self.cfg.rate:
-            rows.append(("offered but no free slot", f"{c['unsent']}", "", ""))
+            rows.append(("offered but no free slot", f"{s.counts['unsent']}", "", ""))
         return rows
 
     def format(self) -> str:
@@ -251,6 +330,8 @@ class Report:
                     for i, (v, w) in enumerate(zip(r, widths, strict=True))
                 ).rstrip()
             )
+        notes = loss_notes(self.server.counts, cfg.timeout, self.server_drops)
+        lines += ["  " + n for n in notes]
         return "\n".join(lines)
 
 
@@ -272,9 +353,15 @@ def run(cfg: BenchConfig) -> Report:
                 result = drive(cfg, child.address, child.pid)
             finally:
                 child.stop()
+            # Its last line comes through the pipe once it has exited.
+            deadline = time.monotonic() + 2.0
+            while _drops(child.lines) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            drops = _drops(child.lines)
         else:
             result = drive(cfg, cfg.server, cfg.server_pid)
-        report = Report(cfg, result)
+            drops = None
+        report = Report(cfg, result, server_drops=drops)
         if cfg.ceilings:
             # Shorter than the main run: a ceiling is steady from the start.
             seconds = min(cfg.duration, 3.0)

@@ -22,7 +22,8 @@ from typer.core import TyperGroup
 
 from nat64ho import __version__
 from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
-from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError
+from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError, fail
+from nat64ho.daemon import journal
 
 if TYPE_CHECKING:
     from typer._click import Command, Context
@@ -105,8 +106,17 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="serve: log debug lines too.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="serve: log only warnings and errors.")
+    ] = False,
 ) -> None:
     """NAT64 handoff server: the authoritative, durable connection table for NAT64s."""
+    if verbose and quiet:
+        fail("--verbose and --quiet: give one of them")
+    journal.verbosity(verbose, quiet)
 
 
 # One place that lists every command, in the order of --help.
@@ -132,6 +142,7 @@ app.add_typer(gateway.testbed_app, name="testbed")
 
 
 def main() -> None:
+    journal.install()
     try:
         app(prog_name="nat64ho")
     except PermissionError as exc:

@@ -105,13 +105,23 @@ def bench(
         str | None,
         typer.Option(
             "--db",
-            metavar="URL",
+            metavar="URL|PATH",
             help="Keep the started server's table in this PostgreSQL database "
             "(postgresql://…; a scratch database: the run writes to it). "
-            "Default: a temporary SQLite file.",
+            "Default: a temporary SQLite file. With --server: that server's database, "
+            "read to check that it holds no NAT64 but the benchmark's.",
             show_default=False,
         ),
     ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes",
+            "-y",
+            help="With --server: write into its table without checking it, or "
+            "although it holds other NAT64s.",
+        ),
+    ] = False,
     ceilings: Annotated[
         bool,
         typer.Option(
@@ -132,14 +142,19 @@ def bench(
                     f"--server {server_addr!r}: give a loopback ADDR:PORT; the "
                     "benchmark floods what it drives"
                 )
-        if db is not None and not schema.is_postgres(db):
+        if db is not None and address is None and not schema.is_postgres(db):
             raise UsageError(
                 f"--db {db!r}: give a postgresql://… URL (the SQLite default is a temporary file)"
             )
-        if db is not None and address is not None:
-            raise UsageError("--db starts a server of its own; it does not go with --server")
+        if address is not None and db is None and not yes:
+            raise UsageError(
+                f"--server {server_addr}: the run writes into its table; give the server's "
+                "--db to check that it holds no other NAT64, or --yes"
+            )
     except UsageError as exc:
         fail(str(exc))
+    if address is not None and db is not None and not yes:
+        _only_bench_nats(db, server_addr or "")
     cfg = b.BenchConfig(
         mode=mode.value,
         batch=batch,
@@ -154,10 +169,30 @@ def bench(
         sync=sync.value,
         server_args=server_arg or [],
         ceilings=ceilings,
-        db=db,
+        db=db if address is None else None,
     )
+    typer.echo(b.describe(cfg), err=True)
     try:
         report = b.run(cfg)
     except (RuntimeError, OSError) as exc:
         fail(str(exc), 1)
     typer.echo(report.format())
+
+
+def _only_bench_nats(db: str, server: str) -> None:
+    """Refuse a server whose table holds NAT64s other than the benchmark's:
+    its entries would share their ports with the run's."""
+    from nat64ho.bench import is_bench_nat
+    from nat64ho.cli.database import Database
+    from nat64ho.eventlog import ipv4_str
+    from nat64ho.ops.queries import nat_addresses
+
+    with Database(db) as conn:
+        others = [n for n in nat_addresses(conn) if not is_bench_nat(n)]
+    if others:
+        named = ", ".join(ipv4_str(n) for n in others[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        fail(
+            f"--server {server}: its table holds NAT64s besides the benchmark's "
+            f"({named}{more}); the run would write beside them: give --yes to do so anyway"
+        )

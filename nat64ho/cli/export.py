@@ -56,7 +56,7 @@ def export(
         typer.Option(
             metavar="SEQ",
             help="Only events after this sequence number (the 'seq' of --format "
-            "jsonl): resumes an export or a --follow exactly where it stopped.",
+            "jsonl or csv): resumes an export or a --follow exactly where it stopped.",
             show_default=False,
         ),
     ] = None,
@@ -76,7 +76,8 @@ def export(
             metavar="log|jsonl|csv",
             parser=choice(ExportFormat, "--format"),
             help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
-            "object per line, with its sequence number; csv: with a header row.",
+            "object per line, with its sequence number; csv: the same columns, with a header "
+            "row. Times in jsonl and csv are RFC 3339 in UTC.",
         ),
     ] = ExportFormat.LOG,
     output: Annotated[
@@ -133,7 +134,7 @@ def export(
 
     def counted(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         # Ids travel with the rows so that an interrupted export can say
-        # exactly where to resume; the writers other than jsonl drop them.
+        # exactly where to resume; the log writer drops them.
         n = 0
         for row in rows:
             if stop_asked[0]:
@@ -143,7 +144,7 @@ def export(
             recent.append(row[:2])
             if not n % opsdb.FETCH:
                 bar.update(n, n)
-            yield row if fmt == "jsonl" else row[1:]
+            yield row if fmt != "log" else row[1:]
 
     with Database(db) as conn:
         # In sequence order, only the settled ids (PostgreSQL): an --after of
@@ -250,8 +251,9 @@ def _follow(
                     if fmt == "jsonl":
                         writer(rows, sys.stdout)
                     else:
+                        # csv carries the seq (the resume point), log lines do not.
                         text = io.StringIO()
-                        writer((r[1:] for r in rows), text)
+                        writer(rows if fmt == "csv" else (r[1:] for r in rows), text)
                         out = text.getvalue()
                         if fmt == "csv" and not header:
                             out = out.split("\n", 1)[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -27,7 +27,7 @@ from nat64ho.cli.options import (
     parse_seconds,
     parse_time,
 )
-from nat64ho.cli.render import TS_W, emit, endpoint, ts_or
+from nat64ho.cli.render import TS_W, emit, endpoint, rfc3339, seconds, ts_or
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str
 from nat64ho.ops import db as opsdb
 from nat64ho.ops import export as ops_export
@@ -70,6 +70,7 @@ def query(
     except UsageError as exc:
         fail(str(exc))
     text = ops_export.LineFormatter()  # cached dates and NAT64 addresses, C-library IPv6
+    human = fmt == "table"  # the log's times; RFC 3339 for machines
     with Database(db) as conn:
         rows = (
             {
@@ -78,8 +79,8 @@ def query(
                 "ipv6": (v6 := text.ipv6(e.addr)),
                 "ipv6_port": e.aport,
                 "endpoint": f"[{v6}]:{e.aport}",
-                "created": text.ts(e.created),
-                "last_use": text.ts(e.last_use),
+                "created": text.ts(e.created) if human else rfc3339(e.created),
+                "last_use": text.ts(e.last_use) if human else rfc3339(e.last_use),
             }
             for e in queries.query_entries(
                 conn, nat=nat_v, ipv6=net[0] if net else None, port=port_v
@@ -112,8 +113,8 @@ def _holding_dict(h: queries.Holding) -> dict[str, Any]:
         "ipv6": ipv6_str(h.addr),
         "ipv6_port": h.aport,
         "endpoint": endpoint(h.addr, h.aport),
-        "from": ts_or(h.start, None),
-        "until": ts_or(h.end, None),
+        "from": rfc3339(h.start),
+        "until": rfc3339(h.end),
         "current": h.current,
         "from_text": ts_or(h.start, "before history"),
         "until_text": "now (current)" if h.current else ts_or(h.end, "not recorded"),
@@ -136,8 +137,9 @@ def who(
         str | None,
         typer.Option(
             metavar="TIME",
-            help="The instant asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
-            "or RFC 3339 with any offset. Default: now for a NAT port; every time for a client.",
+            help="The time asked about: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]' in UTC "
+            "or RFC 3339 with any offset; it covers what its precision says (15:22:02 is "
+            "that whole second). Default: now for a NAT port; every time for a client.",
             show_default=False,
         ),
     ] = None,
@@ -197,17 +199,15 @@ def who(
     if reports is not None:
         _who_reports(db, reports, tol or 0, fmt)
         return
+    span = time_span(at) if at is not None else 1
     with Database(db) as conn:
         if nat_port is not None:
             instant = when if when is not None else int(time.time() * 1_000_000)
-            if tol is not None:
-                found = queries.who_port_window(conn, *nat_port, instant, tol)
-                _who_window(found, nat_port, instant, tol, fmt)
-                return
-            _who_port(queries.who_port(conn, *nat_port, instant), nat_port, instant, fmt)
+            found = queries.who_port_window(conn, *nat_port, instant, tol or 0, span)
+            _who_window(found, nat_port, instant, span, tol, fmt)
         else:
             holdings: Iterator[dict[str, Any]] = map(
-                _holding_dict, queries.who_endpoint(conn, net, aport, when)
+                _holding_dict, queries.who_endpoint(conn, net, aport, when, span)
             )
             if fmt == "table":
                 first = next(holdings, None)
@@ -219,7 +219,7 @@ def who(
                     )
                     typer.echo(
                         f"No entry: {what} held no NAT port"
-                        + (f" at {ts_str(when)}" if when is not None else "")
+                        + (f" at {_when(when, span)}" if when is not None else "")
                         + " as far as this database knows."
                     )
                     return
@@ -239,24 +239,63 @@ def who(
             emit(holdings, fmt, cols)
 
 
+_TIME_FIELDS = re.compile(
+    r"\s*\d{4}-\d\d-\d\d(?:[T ](\d\d)(?::(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?)?"
+    r"\s*(?:[Zz]|[+-]\d\d(?::?\d\d)?)?\s*"
+)
+
+
+def time_span(text: str) -> int:
+    """The µs a reported time covers, by its precision: ``15:22:02`` is that
+    whole second, ``15:22`` that minute, ``.06`` ten milliseconds; a time
+    it cannot tell (relative ones) is one instant."""
+    m = _TIME_FIELDS.fullmatch(text)
+    if m is None:
+        return 1
+    hour, minute, second, fraction = m.groups()
+    if hour is None:
+        return 86_400_000_000
+    if minute is None:
+        return 3_600_000_000
+    if second is None:
+        return 60_000_000
+    if fraction is None:
+        return 1_000_000
+    return 10 ** max(6 - len(fraction), 0)
+
+
 def _utc(ts: int | None) -> str | None:
-    """Times of abuse answers: in UTC and saying so (RFC 3339, space form)."""
+    """Times of abuse answers in a table: in UTC and saying so."""
     return None if ts is None else ts_str(ts) + "Z"
 
 
-def _seconds(us: int) -> str:
-    return f"{us / 1e6:g}"
+def _when(at: int, span: int) -> str:
+    """The reported time as asked: an instant, or the stretch its precision covers."""
+    if span == 1:
+        return ts_str(at)
+    last = ts_str(at + span - 1)
+    first = ts_str(at)
+    return f"{first} to {last[11:] if last[:10] == first[:10] else last}"
 
 
 def _window_rows(
-    report: int | None, nat_port: tuple[int, int], at: int, tol: int, found: list[queries.Holding]
+    report: int | None,
+    nat_port: tuple[int, int],
+    at: int,
+    span: int,
+    tol: int,
+    found: list[queries.Holding],
 ) -> Iterator[dict[str, Any]]:
+    """One row per holder (one with no holder when none): the one shape of
+    every answer about a NAT port, with or without a tolerance."""
     base = {
         "report": report,
         "nat": ipv4_str(nat_port[0]),
         "port": nat_port[1],
-        "at": _utc(at),
-        "tolerance_s": _seconds(tol),
+        "at": rfc3339(at),
+        "window_from": rfc3339(at - tol),
+        "window_until": rfc3339(at + span - 1 + tol),
+        "tolerance_s": seconds(tol),
         "holders": len(found),
         "ambiguous": len(found) > 1,
     }
@@ -269,22 +308,27 @@ def _window_rows(
             "until": None,
             "current": None,
             "distance_s": None,
+            "events": [],
             "endpoint": None,
             "from_text": None,
             "until_text": None,
+            "away": None,
         }
     for h in found:
+        away = queries.distance(h, at, span)
         yield {
             **base,
             "ipv6": ipv6_str(h.addr),
             "ipv6_port": h.aport,
-            "from": _utc(h.start),
-            "until": _utc(h.end),
+            "from": rfc3339(h.start),
+            "until": rfc3339(h.end),
             "current": h.current,
-            "distance_s": _seconds(queries.distance(h, at)),
+            "distance_s": seconds(away),
+            "events": [format_event(e) for e in (h.created, h.deleted) if e is not None],
             "endpoint": endpoint(h.addr, h.aport),
             "from_text": _utc(h.start) or "before history",
             "until_text": "now (current)" if h.current else _utc(h.end) or "not recorded",
+            "away": f"{away / 1e6:g}",
         }
 
 
@@ -293,6 +337,8 @@ _WINDOW_KEYS = (
     "nat",
     "port",
     "at",
+    "window_from",
+    "window_until",
     "tolerance_s",
     "holders",
     "ambiguous",
@@ -305,14 +351,30 @@ _WINDOW_KEYS = (
 )
 
 
+def _window_columns(fmt: str, report: bool) -> list[tuple[str, str, int]]:
+    """JSON carries each holding's log lines too; CSV keeps flat cells."""
+    keys = [k for k in _WINDOW_KEYS if report or k != "report"]
+    return [(k, "", 0) for k in keys + (["events"] if fmt == "json" else [])]
+
+
 def _who_window(
-    found: list[queries.Holding], nat_port: tuple[int, int], at: int, tol: int, fmt: str
+    found: list[queries.Holding],
+    nat_port: tuple[int, int],
+    at: int,
+    span: int,
+    tol: int | None,
+    fmt: str,
 ) -> None:
-    rows = list(_window_rows(None, nat_port, at, tol, found))
+    rows = list(_window_rows(None, nat_port, at, span, tol or 0, found))
     if fmt != "table":
-        emit(rows, fmt, [(k, "", 0) for k in _WINDOW_KEYS if k != "report"])
+        emit(rows, fmt, _window_columns(fmt, False))
         return
-    subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]} at {_utc(at)} ± {_seconds(tol)} s"
+    if tol is None and len(found) <= 1:
+        _who_port(found[0] if found else None, nat_port, at, span)
+        return
+    subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]} at {_when(at, span)}Z"
+    if tol is not None:
+        subject += f" ± {tol / 1e6:g} s"
     if not found:
         typer.echo(f"No entry: {subject}: not held as far as this database knows.")
         return
@@ -325,7 +387,7 @@ def _who_window(
             ("endpoint", "IPV6 ENDPOINT", 46),
             ("from_text", "FROM", TS_W + 1),
             ("until_text", "UNTIL", TS_W + 1),
-            ("distance_s", "AWAY (S)", 0),
+            ("away", "AWAY (S)", 0),
         ],
     )
 
@@ -366,6 +428,7 @@ def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
                 nat = parse_ipv4(cells[0], "nat")
                 port = parse_port(cells[1], "port")
                 at = parse_time(cells[2], "time")
+                span = time_span(cells[2])
                 tol = (
                     parse_seconds(cells[3], "tolerance")
                     if len(cells) == 4 and cells[3]
@@ -375,8 +438,8 @@ def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
                 bad["n"] += 1
                 typer.echo(f"Error: {label}:{number}: {exc}", err=True)
                 continue
-            found = queries.who_port_window(conn, nat, port, at, tol)
-            yield from _window_rows(number, (nat, port), at, tol, found)
+            found = queries.who_port_window(conn, nat, port, at, tol, span)
+            yield from _window_rows(number, (nat, port), at, span, tol, found)
 
     with Database(db) as conn:
         if fmt == "table":
@@ -394,7 +457,7 @@ def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
                 {
                     **r,
                     "natport": f"{r['nat']}:{r['port']}",
-                    "tol": r["tolerance_s"],
+                    "tol": f"{r['tolerance_s']:g}",
                     "answer": (
                         "none"
                         if not r["holders"]
@@ -407,38 +470,22 @@ def _who_reports(db: str | None, name: str, default_tol: int, fmt: str) -> None:
             )
             emit(rows, "table", cols)
         else:
-            emit(answers(conn), fmt, [(k, "", 0) for k in _WINDOW_KEYS])
+            emit(answers(conn), fmt, _window_columns(fmt, True))
     if name != "-":
         source.close()
     if bad["n"]:
         raise typer.Exit(1)
 
 
-def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, fmt: str) -> None:
+def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, span: int) -> None:
     subject = f"{ipv4_str(nat_port[0])}:{nat_port[1]}"
-    if fmt != "table":
-        row = {
-            "nat": ipv4_str(nat_port[0]),
-            "port": nat_port[1],
-            "at": ts_str(at),
-            "held": h is not None,
-        }
-        d = _holding_dict(h) if h is not None else {}
-        for k in ("ipv6", "ipv6_port", "from", "until", "current"):
-            row[k] = d.get(k)
-        if fmt == "json":
-            row["events"] = d.get("events", [])
-            typer.echo(json.dumps(row, indent=2))
-        else:
-            emit([row], "csv", [(k, "", 0) for k in row])
-        return
     if h is None:
         typer.echo(
-            f"No entry: {subject} was not held at {ts_str(at)} as far as this database knows."
+            f"No entry: {subject} was not held at {_when(at, span)} as far as this database knows."
         )
         return
     d = _holding_dict(h)
-    typer.echo(f"{subject} at {ts_str(at)}: {d['endpoint']}")
+    typer.echo(f"{subject} at {_when(at, span)}: {d['endpoint']}")
     typer.echo(f"  from   {d['from_text']}")
     typer.echo(f"  until  {d['until_text']}")
     if d["events"]:
@@ -486,9 +533,11 @@ def stats(
             "entries": s.entries,
             "capacity": s.capacity,
             "fill": f"{s.entries}/{s.capacity}",
-            "oldest_last_use": ts_or(s.oldest_last_use, None),
-            "first_hello": ts_or(s.first_hello, None),
-            "last_hello": ts_or(s.last_hello, None),
+            "oldest_last_use": ts_or(s.oldest_last_use, None)
+            if fmt == "table"
+            else rfc3339(s.oldest_last_use),
+            "first_hello": ts_or(s.first_hello, None) if fmt == "table" else rfc3339(s.first_hello),
+            "last_hello": ts_or(s.last_hello, None) if fmt == "table" else rfc3339(s.last_hello),
             "created_hour": s.created_hour,
             "deleted_hour": s.deleted_hour,
             "created_day": s.created_day,

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TextIO, overload
 
 import typer
 
-from nat64ho.eventlog import ipv6_str, ts_str
+from nat64ho.eventlog import ipv6_str, ts_rfc3339, ts_str
 
 
 class Progress:
@@ -81,6 +81,17 @@ def ts_or(value: int | None, missing: str) -> str: ...
 def ts_or(value: int | None, missing: None) -> str | None: ...
 def ts_or(value: int | None, missing: str | None) -> str | None:
     return ts_str(value) if value is not None else missing
+
+
+def rfc3339(ts: int | None) -> str | None:
+    """A time of the machine formats: RFC 3339 in UTC, ``2019-03-18T15:22:02.062254Z``."""
+    return None if ts is None else ts_rfc3339(ts)
+
+
+def seconds(us: int) -> int | float:
+    """Microseconds as a JSON number of seconds (whole seconds stay integers)."""
+    whole, frac = divmod(us, 1_000_000)
+    return whole if not frac else us / 1e6
 
 
 def endpoint(addr: bytes, aport: int) -> str:

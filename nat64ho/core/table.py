@@ -55,7 +55,7 @@ class Entry:
         self.port = port
         self.addr = addr
         self.aport = aport
-        self.created = created  #: table-clock µs
+        self.created = created  #: UTC µs, the time of its Created event
         self.last_use = last_use  #: table-clock µs
         self.seq = seq  #: the write batch that holds it; committed once <= committed seq
         self.dirty = False  #: last_use changed since it was last committed
@@ -327,11 +327,14 @@ class NatTable:
             )
             unit.append(wire.deleted(port, victim.addr, victim.aport))
             counts["deleted"] = counts.get("deleted", 0) + 1
-        e = Entry(port, m.addr, m.port, now, now, seq)
+        # The entry's created time is its Created event's, so a report never
+        # disagrees with its own log line; last use stays on the table clock.
+        ts = stamp()
+        e = Entry(port, m.addr, m.port, ts, now, seq)
         self.total += 1
         self._remember(e)
         created.append(e)
-        events.append(Event(stamp(), EventKind.CREATED, self.nat, port, m.addr, m.port))
+        events.append(Event(ts, EventKind.CREATED, self.nat, port, m.addr, m.port))
         unit.append(wire.mapping(port, m.addr, m.port))
         counts["created"] = counts.get("created", 0) + 1
         return unit

@@ -10,9 +10,9 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 from pathlib import Path
 
+from nat64ho.daemon import journal
 from nat64ho.daemon.clock import wall_us
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
@@ -359,6 +359,16 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         config.first_port,
         config.last_port,
     )
+    log.debug(
+        "limits: %g new entries/s and %g requests/s per NAT64, min idle %g s, %d NAT64s, "
+        "cache %d entries, allow %s",
+        config.create_rate,
+        config.request_rate,
+        config.min_idle,
+        config.max_nats,
+        config.cache_size,
+        ", ".join(map(str, config.allow)) or "any",
+    )
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
@@ -433,9 +443,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
 
 def run(config: Config) -> None:
     """Blocking entry point for ``nat64ho serve``."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="nat64ho: %(levelname)s: %(message)s"
-    )
+    journal.setup_logging()
     # Nothing serve creates is for other users, whatever umask it inherits.
     os.umask(0o027)
     gen0, gen1, _ = gc.get_threshold()

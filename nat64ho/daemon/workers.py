@@ -24,6 +24,7 @@ import socket
 import struct
 import time
 
+from nat64ho.daemon import journal
 from nat64ho.daemon.config import Config
 from nat64ho.storage import schema, writer
 
@@ -253,8 +254,7 @@ def _worker(
         # The parent speaks to systemd for the server as a whole.
         os.environ.pop("NOTIFY_SOCKET", None)
         os.environ.pop("WATCHDOG_USEC", None)
-        for h in logging.getLogger().handlers:
-            h.setFormatter(logging.Formatter(f"nat64ho[worker {i}]: %(levelname)s: %(message)s"))
+        journal.setup_logging(f"nat64ho[worker {i}]")
         mine = dataclasses.replace(
             config, worker=i, sock_fd=socks[i].detach(), writer_fd=ends[i].detach()
         )

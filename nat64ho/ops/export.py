@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str
+from nat64ho.eventlog import ipv4_str, ipv6_str, ts_rfc3339, ts_str
 from nat64ho.ops.db import FETCH, Conn, id_event_ok, on_postgres, stream
 from nat64ho.storage import schema
 
@@ -134,6 +134,7 @@ class LineFormatter:
         self._nats: dict[int, str] = {}
 
     ts = staticmethod(ts_str)  # it remembers the text of recent seconds
+    rfc3339 = staticmethod(ts_rfc3339)  # the same, for the machine formats
 
     def nat(self, nat: int) -> str:
         text = self._nats.get(nat)
@@ -195,12 +196,12 @@ def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
         # Every value is digits, dots, colons or a fixed word: no escaping needed.
         if kind == 0:
             out.write(
-                f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "Initialized", '
+                f'{{"seq": {seq}, "ts": "{f.rfc3339(ts)}", "event": "Initialized", '
                 f'"nat": "{f.nat(nat)}", "port": null, "ipv6": null, "ipv6_port": null}}\n'
             )
         else:
             out.write(
-                f'{{"seq": {seq}, "ts": "{f.ts(ts)}", "event": "{_KINDS[kind]}", '
+                f'{{"seq": {seq}, "ts": "{f.rfc3339(ts)}", "event": "{_KINDS[kind]}", '
                 f'"nat": "{f.nat(nat)}", "port": {port}, "ipv6": "{f.ipv6(addr)}", '
                 f'"ipv6_port": {aport}}}\n'
             )
@@ -208,18 +209,21 @@ def write_jsonl(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     return n
 
 
-CSV_HEADER = "ts,event,nat,port,ipv6,ipv6_port"
+CSV_HEADER = "seq,ts,event,nat,port,ipv6,ipv6_port"
 
 
 def write_csv(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
-    """CSV with a header row; the columns of :func:`write_jsonl`, empty for Initialized."""
+    """CSV with a header row; the columns of :func:`write_jsonl`, empty for
+    Initialized. ``rows`` carry their id first, as for write_jsonl."""
     f = LineFormatter()
     out.write(CSV_HEADER + "\n")
     n = 0
-    for ts, kind, nat, port, addr, aport in rows:
+    for seq, ts, kind, nat, port, addr, aport in rows:
         if kind == 0:
-            out.write(f"{f.ts(ts)},Initialized,{f.nat(nat)},,,\n")
+            out.write(f"{seq},{f.rfc3339(ts)},Initialized,{f.nat(nat)},,,\n")
         else:
-            out.write(f"{f.ts(ts)},{_KINDS[kind]},{f.nat(nat)},{port},{f.ipv6(addr)},{aport}\n")
+            out.write(
+                f"{seq},{f.rfc3339(ts)},{_KINDS[kind]},{f.nat(nat)},{port},{f.ipv6(addr)},{aport}\n"
+            )
         n += 1
     return n

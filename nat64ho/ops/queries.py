@@ -56,6 +56,10 @@ class Holding(NamedTuple):
         not recorded is taken as open, so that no candidate is hidden."""
         return (self.start is None or self.start <= at) and (self.end is None or at < self.end)
 
+    def overlaps(self, lo: int, hi: int) -> bool:
+        """Whether the holding includes some instant of [lo, hi]."""
+        return (self.start is None or self.start <= hi) and (self.end is None or lo < self.end)
+
 
 @dataclass
 class NatStats:
@@ -229,8 +233,8 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
         return Holding(nat, port, *_endpoint(nxt), None, nxt.ts, False, None, nxt)
     if row is not None and nxt is None and row[2] <= at:
         # A current entry whose Created is not in the history (pruned, or
-        # the table came from elsewhere). Its created time is the server's
-        # table clock, which may differ from the log's by a little.
+        # the table came from elsewhere): its created time is that of the
+        # Created event no longer kept.
         return Holding(nat, port, row[0], row[1], row[2], None, True, None, None)
     return None
 
@@ -240,11 +244,15 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
 WINDOW_EVENTS = 1000
 
 
-def who_port_window(conn: Conn, nat: int, port: int, at: int, tolerance: int) -> list[Holding]:
+def who_port_window(
+    conn: Conn, nat: int, port: int, at: int, tolerance: int, span: int = 1
+) -> list[Holding]:
     """Every holder of ``nat``:``port`` at some instant of
-    [at - tolerance, at + tolerance], closest to ``at`` first (a holding
-    that covers ``at`` is at distance 0)."""
-    lo, hi = at - tolerance, at + tolerance
+    [at - tolerance, at + span - 1 + tolerance], closest to the reported
+    time first (a holding within [at, at + span - 1] is at distance 0).
+    ``span`` is the precision of the reported time in µs: a time given to
+    the second covers that second."""
+    lo, hi = at - tolerance, at + span - 1 + tolerance
     # Each holding that overlaps the window either covers its start, its
     # end, or begins inside it with a Created.
     instants = [lo, hi, at] + [
@@ -256,19 +264,20 @@ def who_port_window(conn: Conn, nat: int, port: int, at: int, tolerance: int) ->
         )
     ]
     found: dict[tuple[bytes, int, int | None, int | None], Holding] = {}
-    for t in instants:
+    for t in dict.fromkeys(instants):  # an exact instant is asked about once
         h = who_port(conn, nat, port, t)
         if h is not None:
             found.setdefault((h.addr, h.aport, h.start, h.end), h)
-    return sorted(found.values(), key=lambda h: (distance(h, at), h.start or 0))
+    return sorted(found.values(), key=lambda h: (distance(h, at, span), h.start or 0))
 
 
-def distance(h: Holding, at: int) -> int:
-    """Microseconds from ``at`` to the nearest instant of the holding."""
-    if h.covers(at):
+def distance(h: Holding, at: int, span: int = 1) -> int:
+    """Microseconds from [at, at + span - 1] to the nearest instant of the holding."""
+    last = at + span - 1
+    if h.overlaps(at, last):
         return 0
-    if h.start is not None and at < h.start:
-        return h.start - at
+    if h.start is not None and last < h.start:
+        return h.start - last
     return at - h.end if h.end is not None else 0
 
 
@@ -277,10 +286,11 @@ def who_endpoint(
     network: ipaddress.IPv6Network,
     aport: int | None = None,
     at: int | None = None,
+    span: int = 1,
 ) -> Iterator[Holding]:
     """Every NAT port held by clients in ``network`` (and on ``aport`` if
     given), endpoint by endpoint in time order; with ``at``, only the
-    holdings that include that instant. Holdings known only from the current
+    holdings that include some instant of [at, at + span - 1]. Holdings known only from the current
     table (their history pruned) come last."""
     lo, hi = prefix_range(network)
     # One address is an equality, so that an aport condition stays on the
@@ -317,7 +327,7 @@ def who_endpoint(
         open_.clear()
         done.sort(key=lambda h: (h.start if h.start is not None else h.end, h.nat, h.port))
         for h in done:
-            if at is None or h.covers(at):
+            if at is None or h.overlaps(at, at + span - 1):
                 yield h
         done.clear()
 
@@ -349,7 +359,7 @@ def who_endpoint(
                 continue
             _entry_row(conn, (addr, ap, created))
             h = Holding(n, p, addr, ap, created, None, True, None, None)
-            if at is None or h.covers(at):
+            if at is None or h.overlaps(at, at + span - 1):
                 yield h
 
 
