@@ -10,7 +10,15 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.cli.options import UsageError, fail, parse_ipv4, parse_listen, parse_port
+from nat64ho.cli.options import (
+    UsageError,
+    fail,
+    number,
+    parse_ipv4,
+    parse_listen,
+    parse_port,
+    usage_help,
+)
 
 
 def gateway(
@@ -52,8 +60,7 @@ def gateway(
         typer.Option(
             metavar="SECONDS",
             help="How often the ports in use are TOUCHed (the servers' LRU order is this precise).",
-            min=0.05,
-            max=3600,
+            parser=number("--touch-interval", 0.05, 3600),
         ),
     ] = 5.0,
 ) -> None:
@@ -109,8 +116,8 @@ testbed_app = typer.Typer(
     help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
     "gateway, IPv4 host with 'nat64ho serve' and services.",
     short_help="Build or remove a NAT64 test bed in network namespaces.",
-    no_args_is_help=True,
 )
+testbed_app.callback(invoke_without_command=True)(usage_help)
 TestbedName = Annotated[
     str,
     typer.Option(
