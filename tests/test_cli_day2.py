@@ -276,7 +276,8 @@ def test_every_bad_value_is_one_error_line_and_status_2(tmp_path, args, names):
 
 
 @pytest.mark.parametrize(
-    "args", [["query"], ["stats"], ["export"], ["check"], ["prune", "--before", "2020-01-01"]]
+    "args",
+    [["query"], ["stats"], ["export"], ["check"], ["prune", "--yes", "--before", "2020-01-01"]],
 )
 def test_a_directory_as_database_is_one_error_line_status_1(tmp_path, args):
     r = nat64ho(*args, "--db", str(tmp_path))

@@ -25,12 +25,19 @@ from nat64ho.cli.options import (
     parser,
 )
 from nat64ho.daemon.config import Config
-from nat64ho.storage import schema
+from nat64ho.storage import owner, schema
 
 #: The least --keep-history above 0: anything shorter deletes nearly the
 #: whole history at start, which is a slip more often than a wish.
 MIN_KEEP_DAYS = 1 / 24
 DEFAULT_SYNC = Sync(Config.sync)
+#: Databases refused at start: the lock file made beside them is removed.
+REFUSED = (
+    schema.NotOurDatabase,
+    schema.NewerDatabase,
+    schema.OutdatedDatabase,
+    schema.DatabaseUnwritable,
+)
 DEFAULT_PORTS = PortRange(Config.first_port, Config.last_port)
 
 
@@ -286,12 +293,17 @@ def serve(
         ipfix_domain=ipfix_domain,
         workers=workers,
     )
+    lock = None if isinstance(target, str) else owner.lock_path(target)
+    stray = lock is not None and not lock.exists()
     try:
         server.run(config)
     except KeyboardInterrupt:
         # A Ctrl-C that lands while Python tears the loop down: still one line.
         fail("interrupted", 130)
     except schema.DatabaseError as exc:
+        if lock is not None and stray and isinstance(exc, REFUSED):
+            # The lock file was made for a database that is not ours to serve.
+            lock.unlink(missing_ok=True)
         fail(str(exc), 1)
     except server.ListenError as exc:
         fail(exc.strerror or str(exc), 1)
