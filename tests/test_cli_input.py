@@ -387,3 +387,21 @@ def test_the_cli_uses_only_typers_public_api():
     source = "\n".join(p.read_text() for p in Path(cli.__file__).parent.glob("*.py"))
     for private in ("typer._click", "_get_number_range_help_str", "_usage_display_name", "click."):
         assert private not in source, private
+
+
+# ---------------------------------------------------------------- output
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv"])
+def test_no_headers_leaves_only_the_rows(example_db, fmt):
+    full = invoke("query", "--db", str(example_db), "--format", fmt)
+    bare = invoke("query", "--db", str(example_db), "--format", fmt, "--no-headers")
+    assert full.exit_code == bare.exit_code == 0
+    assert len(full.stdout.splitlines()) == 2
+    assert bare.stdout.splitlines() == full.stdout.splitlines()[1:]
+    assert "192.0.2.7" in bare.stdout
+    # Each run starts with headers again (the option is per command line).
+    again = invoke("stats", "--db", str(example_db), "--format", fmt)
+    assert again.stdout.splitlines()[0].lower().startswith("nat")
+    bare = invoke("stats", "--db", str(example_db), "--format", fmt, "--no-headers")
+    assert bare.stdout.splitlines() == again.stdout.splitlines()[1:]

@@ -16,6 +16,7 @@ from typing import Annotated, NamedTuple, NoReturn
 
 import typer
 
+from nat64ho.cli import render
 from nat64ho.daemon.clock import wall_us
 from nat64ho.eventlog import ts_from_datetime
 from nat64ho.storage import schema
@@ -138,6 +139,16 @@ FormatOption = Annotated[
         parser=choice(TableFormat, "--format"),
         help="table: aligned, with a header; json: one array of objects with fixed keys; "
         "csv: with a header row.",
+    ),
+]
+
+
+NoHeadersOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-headers",
+        callback=render.set_headers,
+        help="Tables and CSV without their header line (for scripts).",
     ),
 ]
 

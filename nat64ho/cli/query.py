@@ -16,6 +16,7 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     DbOption,
     FormatOption,
+    NoHeadersOption,
     TableFormat,
     UsageError,
     fail,
@@ -56,6 +57,7 @@ def query(
         str | None, typer.Option(metavar="N", help="Only this NAT port.", show_default=False)
     ] = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """The current entries: NAT port, client endpoint, created, last use; by NAT64 and port.
 
@@ -163,6 +165,7 @@ def who(
     ] = None,
     db: DbOption = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Attribute a NAT port at an instant to the client that held it, with the events that prove it;
     or list every NAT port a client endpoint, address or prefix held, with time ranges.
@@ -461,6 +464,7 @@ def stats(
         ),
     ] = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Per NAT64: entries / capacity, oldest last use, first and last HELLO, Created and
     Deleted over the last hour and day.
