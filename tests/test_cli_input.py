@@ -285,7 +285,8 @@ def test_prune_before_a_relative_time_and_not_in_the_future(example_db):
     r = invoke("prune", "--before", "+1d", "--yes", "--db", str(example_db))
     assert (r.exit_code, r.stderr) == (
         2,
-        "Error: --before '+1d': in the future; prune deletes events older than a past time\n",
+        "Error: --before 2019-03-19 16:22:02.000000: in the future; prune deletes events "
+        "older than a past time\n",
     )
     assert db_rows(example_db, "SELECT count(*) FROM event") == [(4,)]
     r = invoke("prune", "--before", "-2h", "--yes", "--db", str(example_db))

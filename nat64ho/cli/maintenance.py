@@ -12,11 +12,11 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     EXIT_DB,
     DbOption,
-    UsageError,
     db_target,
     fail,
     parse_ipv4,
     parse_time,
+    parser,
 )
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.daemon.clock import wall_us
@@ -56,9 +56,10 @@ def ask(question: str) -> None:
 
 def prune(
     before: Annotated[
-        str,
+        int,
         typer.Option(
             metavar="TIME",
+            parser=parser(parse_time, "--before"),
             help="Delete history events older than this (UTC unless a zone is "
             "given; or relative: -30d), e.g. 2024-01-01. Not in the future.",
             show_default=False,
@@ -73,25 +74,21 @@ def prune(
     Asks first on a terminal; elsewhere needs --yes. Refused while a server
     owns the table (it prunes itself with serve --keep-history).
     """
-    try:
-        cutoff = parse_time(before, "--before")
-        if cutoff > wall_us():
-            # A date slip (2062 for 2026) would delete the whole history.
-            raise UsageError(
-                f"--before {before!r}: in the future; prune deletes events older than a past time"
-            )
-    except UsageError as exc:
-        fail(str(exc))
+    if before > wall_us():
+        # A date slip (2062 for 2026) would delete the whole history.
+        fail(
+            f"--before {ts_str(before)}: in the future; prune deletes events older than a past time"
+        )
     off_terminal_needs_yes(yes, dry_run)
     if dry_run or not yes:
         with Database(db) as conn:
-            total = maintenance.prune_count(conn, cutoff)
+            total = maintenance.prune_count(conn, before)
         if dry_run:
-            typer.echo(f"would delete {total} history events before {ts_str(cutoff)}")
+            typer.echo(f"would delete {total} history events before {ts_str(before)}")
             return
-        ask(f"Delete {total} history events before {ts_str(cutoff)}?")
+        ask(f"Delete {total} history events before {ts_str(before)}?")
     with Database(db, write=True, own="prune") as conn:
-        todo = maintenance.prune_count(conn, cutoff) if sys.stderr.isatty() else None
+        todo = maintenance.prune_count(conn, before) if sys.stderr.isatty() else None
         bar = Progress("prune", "events", todo, show=bool(todo))
         done = {"n": 0}
 
@@ -100,21 +97,27 @@ def prune(
             bar.update(n, n)
 
         try:
-            n = maintenance.prune(conn, cutoff, on_batch=batch)
+            n = maintenance.prune(conn, before, on_batch=batch)
         except KeyboardInterrupt:
             bar.close()
             interrupted(
-                f"{done['n']} history events before {ts_str(cutoff)} deleted so far "
+                f"{done['n']} history events before {ts_str(before)} deleted so far "
                 "(each batch is committed); run the same command again to finish"
             )
         finally:
             bar.close()
-    typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
+    typer.echo(f"{n} history events before {ts_str(before)} deleted")
 
 
 def forget(
     nat: Annotated[
-        str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.", show_default=False)
+        int,
+        typer.Argument(
+            metavar="NAT",
+            help="The NAT64's IPv4 nat.",
+            parser=parser(parse_ipv4, "NAT"),
+            show_default=False,
+        ),
     ],
     db: DbOption = None,
     dry_run: DryRun = False,
@@ -127,17 +130,13 @@ def forget(
     Asks first on a terminal; elsewhere needs --yes. Refused while a server
     owns the table: stop it first.
     """
-    try:
-        address = parse_ipv4(nat, "NAT")
-    except UsageError as exc:
-        fail(str(exc))
     off_terminal_needs_yes(yes, dry_run)
     if dry_run or not yes:
         with Database(db) as conn:
-            entries, known = maintenance.forget_count(conn, address)
+            entries, known = maintenance.forget_count(conn, nat)
         if not entries and not known:
-            fail(f"NAT64 {nat} is not known in {schema.describe(db_target(db))}", EXIT_DB)
-        what = f"NAT64 {ipv4_str(address)}: {entries} entries" + (
+            fail(f"NAT64 {ipv4_str(nat)} is not known in {schema.describe(db_target(db))}", EXIT_DB)
+        what = f"NAT64 {ipv4_str(nat)}: {entries} entries" + (
             " and its boot record" if known else ""
         )
         if dry_run:
@@ -146,11 +145,11 @@ def forget(
         ask(f"Forget {what}?")
     with Database(db, write=True, own="forget") as conn:
         try:
-            entries, known = maintenance.forget(conn, address)
+            entries, known = maintenance.forget(conn, nat)
         except maintenance.NotKnown:
-            fail(f"NAT64 {nat} is not known in {schema.describe(db_target(db))}", EXIT_DB)
+            fail(f"NAT64 {ipv4_str(nat)} is not known in {schema.describe(db_target(db))}", EXIT_DB)
     typer.echo(
-        f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+        f"forgot NAT64 {ipv4_str(nat)}: {entries} entries"
         + (" and its boot record" if known else "")
         + "; its history stays"
     )

@@ -157,7 +157,12 @@ NoHeadersOption = Annotated[
 # Shared by every command so that a value is spelled and checked one way.
 
 
-def parse_listen(text: str, what: str = "--listen") -> tuple[str, int]:
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+
+
+def parse_listen(text: str, what: str = "--listen") -> Endpoint:
     host, sep, port = text.rpartition(":")
     if not sep:
         raise UsageError(f"{what} {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:6464")
@@ -166,7 +171,7 @@ def parse_listen(text: str, what: str = "--listen") -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         raise UsageError(f"{what} {text!r}: {host!r} is not an IP address") from None
-    return host, parse_port(port, what, allow_zero=True)
+    return Endpoint(host, parse_port(port, what, allow_zero=True))
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
@@ -335,7 +340,12 @@ def parse_nat_port(text: str, what: str) -> tuple[int, int]:
         ) from None
 
 
-def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int | None]:
+class IPv6Target(NamedTuple):
+    net: ipaddress.IPv6Network
+    port: int | None  #: the client port, if one was given
+
+
+def parse_ipv6_target(text: str, what: str) -> IPv6Target:
     """``[2001:db8::55]:34643``, ``2001:db8::55`` or ``2001:db8::/48``: a
     prefix (a /128 for one address) and the client port, if one was given."""
     port = None
@@ -347,7 +357,7 @@ def parse_ipv6_target(text: str, what: str) -> tuple[ipaddress.IPv6Network, int 
                 raise ValueError
             if rest:
                 port = parse_port(rest[1:], what, allow_zero=True)
-        return ipaddress.IPv6Network(body, strict=False), port
+        return IPv6Target(ipaddress.IPv6Network(body, strict=False), port)
     except (ValueError, UsageError):
         raise UsageError(
             f"{what} {text!r}: not an IPv6 address, [IPV6]:PORT or IPV6/LEN prefix"
