@@ -323,8 +323,8 @@ def test_bad_setting_is_refused_before_a_working_install_changes(installed):
     bad = f"localhost:{free_port(socket.SOCK_DGRAM)}"
     proc = run("--root", installed, "--listen", bad, check=False)
     assert proc.returncode == 1
-    # The refusal is nat64ho's own, in its words.
-    assert f"Error: --listen '{bad}': 'localhost' is not an IP address" in proc.stderr
+    # The refusal is nat64ho's own, in its words, naming the setting.
+    assert f"Error: $NAT64HO_LISTEN '{bad}': 'localhost' is not an IP address" in proc.stderr
     assert "nothing that runs was changed" in proc.stderr
     assert (env.read_bytes(), os.readlink(home / "venv"), unit.read_bytes()) == before
     assert len(list((home / "releases").iterdir())) == 1, "the refused build is gone"
