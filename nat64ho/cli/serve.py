@@ -196,7 +196,7 @@ def serve(
         typer.Option(
             metavar="N",
             help="IPFIX observation domain id in the messages (0-4294967295).",
-            parser=number("--ipfix-domain", 0, 0xFFFFFFFF, whole=True),
+            parser=parser(parse_ipfix_domain, "--ipfix-domain"),
         ),
     ] = Config.ipfix_domain,
     workers: Annotated[
@@ -252,16 +252,15 @@ def serve(
     except UsageError as exc:
         fail(str(exc))
     target = db_target(db)  # a URL that does not parse is a bad option too
-    if isinstance(target, Path) and target.is_dir():
-        fail(
-            f"--db {str(target)!r}: a directory; give the database file in it, e.g. {target / 'table.db'}"
-        )
     if workers > 1 and isinstance(target, str):
         fail(
             "--workers above 1 needs an SQLite table (its writer process commits for "
             "every worker); on PostgreSQL run one worker"
         )
     if check_config:
+        if isinstance(target, Path) and target.is_dir():
+            # What serve would say when it opens it (exit 1 there).
+            fail(f"{target}: is a directory, not a database file")
         typer.echo("ok: the options are valid")
         raise typer.Exit(0)
     if metrics_at is not None:
@@ -350,6 +349,12 @@ def parse_workers(text: str, what: str = "--workers") -> int:
     if not 1 <= n <= 64:
         raise UsageError(f"{what} {text!r}: expected a number from 1 to 64, or 'auto'")
     return n
+
+
+def parse_ipfix_domain(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise UsageError(f"{what} {text}: not a 32-bit unsigned number (0-4294967295)")
+    return int(text)
 
 
 def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:
