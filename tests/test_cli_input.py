@@ -159,6 +159,7 @@ def test_a_refused_database_leaves_no_lock_file(tmp_path, content):
             "Error: --cache-size 'abc': expected a whole number, 1 or more",
         ),
         (["--min-idle", "-5"], "Error: --min-idle '-5': expected a number, 0 or more"),
+        (["--create-rate", "inf"], "Error: --create-rate 'inf': expected a number, 0 or more"),
         (
             ["--hello-rate", "fast"],
             "Error: --hello-rate 'fast': expected a number, 0 or more",

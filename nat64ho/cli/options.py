@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+import math
 import os
 import re
 import urllib.parse
@@ -79,7 +80,7 @@ def number(
             value: float = int(text) if whole else float(text)
         except ValueError:
             value = float("nan")
-        if not (low <= value and (high is None or value <= high)):
+        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
             raise UsageError(f"{what} {text!r}: expected {kind}, {span}")
         return value
 
