@@ -90,7 +90,10 @@ Options:
 Before changing anything it checks: root (except with --root), systemd
 running (except with --root), Python 3.11 or newer with venv that other
 users may run, the listen and metrics ports free (unless nat64ho itself
-holds them), and for --auto-update a git checkout with an upstream branch.
+holds them; not with --root: an image runs elsewhere), and for
+--auto-update a git checkout with an upstream branch. The service user
+builds the release; when it cannot enter DIR (under a private directory,
+as mktemp -d makes) it builds in /var/tmp and the result is moved in.
 Before changing anything that runs, the new nat64ho checks the settings
 (serve --check-config).
 
@@ -251,7 +254,8 @@ with socket.socket(family, kind) as s:
     try:
         s.bind((host, int(port)))
     except OSError as exc:
-        sys.exit(f"cannot bind {proto.upper()} {text}: {exc.strerror}")
+        sys.exit(f"cannot bind {proto.upper()} {text}: {exc.strerror} (stop what holds it, "
+                 "or choose another with --listen or --metrics)")
 EOF
     ) || problems+=("$what: $out")
 }
@@ -292,7 +296,8 @@ check_install() {
     elif [ -f "$R$SETTINGS" ]; then metrics=$(read_var "$R$SETTINGS" NAT64HO_METRICS)
     else metrics=$DEFAULT_METRICS; fi
     # On an upgrade the running service holds its own ports: that is fine.
-    if [ -n "$PY" ] && ! service_active; then
+    # An image (--root) runs elsewhere: this host's ports say nothing of it.
+    if [ -n "$PY" ] && [ -z "$LAYOUT" ] && ! service_active; then
         check_port "listen address" udp "$listen"
         check_port "metrics address" tcp "$metrics"
     fi

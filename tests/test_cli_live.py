@@ -127,7 +127,7 @@ def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log, db
     assert "30000 events written" in screen
     assert (tmp_path / "out.log").read_text() == small.read_text()
 
-    status, screen = in_pty(["prune", "--db", str(db), "--before", "2019-03-18 12:00"])
+    status, screen = in_pty(["prune", "--yes", "--db", str(db), "--before", "2019-03-18 12:00"])
     assert status == 0 and re.search(r"\d+%", screen) and "events/s" in screen, screen
 
     # The same commands on pipes: only their one summary line.
@@ -143,7 +143,7 @@ def test_import_export_prune_show_a_bar_on_a_terminal_only(tmp_path, big_log, db
     )
     assert (r.stdout, r.stderr) == ("", f"30000 events written to {tmp_path / 'o2.log'}\n")
     r = subprocess.run(
-        PY + ["prune", "--db", str(db), "--before", "2019-03-18 12:00"],
+        PY + ["prune", "--yes", "--db", str(db), "--before", "2019-03-18 12:00"],
         capture_output=True,
         text=True,
         timeout=240,

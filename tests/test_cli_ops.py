@@ -182,7 +182,8 @@ def test_who_endpoint_table_json_csv(example_db):
         ),
         (
             ["who", "192.0.2.9:1", "--at", "noon"],
-            "Error: --at 'noon': not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+            "Error: --at 'noon': not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, ISO 8601, "
+            "'now', 'yesterday', or -1h, -2d)",
         ),
         (["query", "--nat", "192.0.2"], "Error: --nat '192.0.2': not an IPv4 address"),
         (["query", "--port", "0"], "Error: --port '0': not a port number (1-65535)"),
@@ -194,14 +195,14 @@ def test_who_endpoint_table_json_csv(example_db):
         (["export", "--format", "json"], "Error: --format 'json': expected one of log, jsonl, csv"),
         (
             ["export", "--since", "2019-13-01"],
-            "Error: --since '2019-13-01': not a time (use "
-            "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+            "Error: --since '2019-13-01': not a time (use 'YYYY-MM-DD HH:MM:SS' "
+            "in UTC, ISO 8601, 'now', 'yesterday', or -1h, -2d)",
         ),
         (["stats", "--ports", "9-1"], "Error: --ports '9-1': first port is above last port"),
         (
             ["prune", "--before", "last week"],
-            "Error: --before 'last week': not a time (use "
-            "'YYYY-MM-DD HH:MM:SS' in UTC, or ISO 8601)",
+            "Error: --before 'last week': not a time (use 'YYYY-MM-DD HH:MM:SS' "
+            "in UTC, ISO 8601, 'now', 'yesterday', or -1h, -2d)",
         ),
     ],
 )
@@ -227,7 +228,7 @@ def test_bad_value_through_the_real_command_has_no_traceback(example_db):
         ["who", "2001:db8::1"],
         ["export"],
         ["stats"],
-        ["prune", "--before", "2020-01-01"],
+        ["prune", "--before", "2020-01-01", "--yes"],
         ["check"],
     ],
 )
@@ -241,7 +242,7 @@ def test_missing_database_is_an_error_and_is_not_created(db_target, args):
 
 
 @pytest.mark.parametrize(
-    "args", [["query"], ["export"], ["stats"], ["check"], ["forget", "1.2.3.4"]]
+    "args", [["query"], ["export"], ["stats"], ["check"], ["forget", "1.2.3.4", "--yes"]]
 )
 def test_empty_postgresql_database_is_an_error_and_stays_empty(pg_url, args):
     r = nat64ho(*args, "--db", pg_url)
@@ -316,7 +317,11 @@ def test_read_commands_do_not_change_the_file(example_db):
 
 @pytest.mark.parametrize(
     "args",
-    [["prune", "--before", "2020-01-01"], ["forget", "192.0.2.9"], ["import", "--rebuild-table"]],
+    [
+        ["prune", "--before", "2020-01-01", "--yes"],
+        ["forget", "192.0.2.9", "--yes"],
+        ["import", "--rebuild-table"],
+    ],
 )
 def test_table_changing_commands_refuse_while_the_table_is_owned(example_db, tmp_path, args):
     log = tmp_path / "again.log"
@@ -459,7 +464,7 @@ def test_stats_and_prune(example_db):
         ("192.0.2.7", 0, 64508),
         ("192.0.2.9", 0, 64508),
     ]
-    r = invoke("prune", "--before", "2019-03-18 15:00", "--db", str(example_db))
+    r = invoke("prune", "--before", "2019-03-18 15:00", "--db", str(example_db), "--yes")
     assert (r.exit_code, r.stdout) == (
         0,
         "2 history events before 2019-03-18 15:00:00.000000 deleted\n",

@@ -61,7 +61,7 @@ def test_one_server_per_table_and_standby_takes_over(tmp_path, procs):
         "(a running 'nat64ho serve'?); serve needs it alone"
     )
     # So are the commands that change the table.
-    r = nat64ho("prune", "--before", "2020-01-01", "--db", str(db))
+    r = nat64ho("prune", "--yes", "--before", "2020-01-01", "--db", str(db))
     assert r.returncode == 1 and f"process {first.proc.pid}" in one_error(r)
     logfile = tmp_path / "import.log"
     logfile.write_text("2019-03-18 10:06:28.491727 Created 192.0.2.7:3719 [2001:db8::17]:53186\n")
@@ -90,11 +90,11 @@ def test_one_server_per_table_and_standby_takes_over(tmp_path, procs):
 
     run(after())
     # Now the standby owns it: a prune is refused naming it.
-    r = nat64ho("prune", "--before", "2020-01-01", "--db", str(db))
+    r = nat64ho("prune", "--yes", "--before", "2020-01-01", "--db", str(db))
     assert r.returncode == 1 and f"process {standby.proc.pid}" in one_error(r)
     standby.proc.send_signal(signal.SIGTERM)
     assert standby.proc.wait(30) == 0
-    r = nat64ho("prune", "--before", "2020-01-01", "--db", str(db))
+    r = nat64ho("prune", "--yes", "--before", "2020-01-01", "--db", str(db))
     assert r.returncode == 0, r.stderr
 
 
@@ -262,7 +262,7 @@ COMMANDS = [
     ["export"],
     ["stats"],
     ["check"],
-    ["prune", "--before", "2020-01-01"],
+    ["prune", "--yes", "--before", "2020-01-01"],
 ]
 
 

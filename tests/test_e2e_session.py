@@ -240,7 +240,7 @@ def test_forget_removes_a_nat64_and_keeps_its_history(server_factory, db_target)
         c.close()
 
     run(go())
-    refused = nat64ho("forget", "--db", str(srv.db), "127.0.0.11")
+    refused = nat64ho("forget", "--yes", "--db", str(srv.db), "127.0.0.11")
     assert (
         refused.returncode == 1
         and refused.stderr.startswith("Error: ")
@@ -248,13 +248,13 @@ def test_forget_removes_a_nat64_and_keeps_its_history(server_factory, db_target)
     ), refused.stderr
     assert srv.stop() == 0
     history = db_rows(srv.db, "SELECT count(*) FROM event")
-    out = nat64ho("forget", "--db", str(srv.db), "127.0.0.11")
+    out = nat64ho("forget", "--yes", "--db", str(srv.db), "127.0.0.11")
     assert out.returncode == 0, out.stderr
     assert "127.0.0.11" in out.stdout and "2 entries" in out.stdout
     assert db_rows(srv.db, "SELECT count(*) FROM entry") == [(0,)]
     assert db_rows(srv.db, "SELECT count(*) FROM nat") == [(0,)]
     assert db_rows(srv.db, "SELECT count(*) FROM event") == history
-    again = nat64ho("forget", "--db", str(srv.db), "127.0.0.11")
+    again = nat64ho("forget", "--yes", "--db", str(srv.db), "127.0.0.11")
     assert again.returncode == 1 and "not known" in again.stderr
-    bad = nat64ho("forget", "--db", str(srv.db), "not-an-address")
+    bad = nat64ho("forget", "--yes", "--db", str(srv.db), "not-an-address")
     assert bad.returncode == 2 and bad.stderr.startswith("Error: ")

@@ -323,8 +323,8 @@ def test_bad_setting_is_refused_before_a_working_install_changes(installed):
     bad = f"localhost:{free_port(socket.SOCK_DGRAM)}"
     proc = run("--root", installed, "--listen", bad, check=False)
     assert proc.returncode == 1
-    # The refusal is nat64ho's own, in its words.
-    assert f"Error: --listen '{bad}': 'localhost' is not an IP address" in proc.stderr
+    # The refusal is nat64ho's own, in its words, naming the setting.
+    assert f"Error: $NAT64HO_LISTEN '{bad}': 'localhost' is not an IP address" in proc.stderr
     assert "nothing that runs was changed" in proc.stderr
     assert (env.read_bytes(), os.readlink(home / "venv"), unit.read_bytes()) == before
     assert len(list((home / "releases").iterdir())) == 1, "the refused build is gone"
@@ -582,16 +582,41 @@ def test_too_old_python_fails_before_changing_anything(tmp_path):
     assert tree(root) == []
 
 
-def test_busy_port_fails_before_changing_anything(tmp_path):
-    root = tmp_path / "root"
-    root.mkdir()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        busy = f"127.0.0.1:{s.getsockname()[1]}"
-        proc = run("--root", root, "--listen", busy, check=False)
-    assert proc.returncode == 1
-    assert f"listen address: cannot bind UDP {busy}: Address already in use" in proc.stderr
-    assert tree(root) == []
+def test_an_image_in_a_private_directory_ignores_the_build_hosts_ports():
+    # mktemp -d makes 0700 directories: the service user, which builds the
+    # release, cannot enter the tree. And the image runs on another host, so
+    # a port busy here says nothing about it.
+    base = Path(tempfile.mkdtemp(prefix="nat64ho-private-"))
+    scratch_before = set(Path("/var/tmp").glob("nat64ho-build.*"))
+    try:
+        assert stat.S_IMODE(base.stat().st_mode) == 0o700
+        root = base / "root"
+        root.mkdir()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            busy = f"127.0.0.1:{s.getsockname()[1]}"
+            proc = run("--root", root, "--listen", busy, "--metrics", "", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Permission denied" not in proc.stderr
+        assert settings(root)["NAT64HO_LISTEN"] == busy
+        venv = root / HOME / "venv"
+        out = subprocess.run(
+            [venv / "bin/python", "-I", "-m", "nat64ho", "--version"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0 and out.stdout.startswith("nat64ho "), out.stderr
+        # Built elsewhere, it names the paths of the booted tree only.
+        for script in (venv / "bin").iterdir():
+            if script.is_file() and not script.is_symlink():
+                text = script.read_bytes()
+                assert str(base).encode() not in text and b"nat64ho-build." not in text, script
+                if text.startswith(b"#!"):
+                    assert text.startswith(b"#!/home/nat64ho/releases/"), (script, text[:80])
+        assert str(base) not in (venv / "pyvenv.cfg").read_text()
+        assert set(Path("/var/tmp").glob("nat64ho-build.*")) == scratch_before
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def as_nobody() -> list[str]:

@@ -291,7 +291,7 @@ def test_read_commands_need_only_select(url, tmp_path):
         r = nat64ho(*args, "--db", reader)
         assert r.returncode == 0, (args, r.stderr)
     assert r.stdout == log.read_text().splitlines(True)[1]
-    r = nat64ho("prune", "--before", "2020-01-01", "--db", reader)
+    r = nat64ho("prune", "--yes", "--before", "2020-01-01", "--db", reader)
     assert r.returncode == 1 and "permission denied for table event" in one_error(r)
 
 

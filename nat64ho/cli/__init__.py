@@ -12,40 +12,26 @@ prints tracebacks for operator mistakes.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from nat64ho import __version__
 from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
-from nat64ho.cli.options import EXIT_USAGE, ClickException, NoArgsIsHelpError, fail
+from nat64ho.cli.options import fail, usage_help
 from nat64ho.daemon import journal
-
-if TYPE_CHECKING:
-    from typer._click import Command, Context
-    from typer.core import TyperArgument
 
 
 class _Group(TyperGroup):
-    """Every usage mistake as one ``Error:`` line (click prints a usage block),
-    and option help without the framework's range notes."""
+    """Every usage mistake as one ``Error:`` line (click prints a usage block).
 
-    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
-        command = super().get_command(ctx, cmd_name)
-        for param in getattr(command, "params", ()):
-            if hasattr(param, "_get_number_range_help_str"):
-                # "[x>=0]" in help: the help text says the range in words.
-                param._get_number_range_help_str = lambda: None
-            if hasattr(param, "_usage_display_name"):
-                # An argument shows as NAME, [NAME] or NAME..., as man pages
-                # write it: no "{NAME}" and no "<list[str]>" beside it.
-                param._usage_display_name = functools.partial(_usage_name, param)
-                param.display_type_rich = lambda ctx: None
-        return command
+    Values are checked by the ``parser=`` of each option (nat64ho.cli.options),
+    which raise :class:`typer.TyperException` with the whole line; the
+    framework's own complaints (a missing option, an unknown command) are
+    TyperExceptions too."""
 
     def main(
         self,
@@ -60,21 +46,13 @@ class _Group(TyperGroup):
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
-        except NoArgsIsHelpError as exc:
-            exc.show()
-            sys.exit(EXIT_USAGE)
-        except ClickException as exc:
+        except typer.TyperException as exc:
             typer.echo(f"Error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
             sys.exit(130)
         # Without standalone mode a typer.Exit comes back as its status.
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _usage_name(param: TyperArgument) -> str:
-    name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
-    return name + ("..." if param.nargs != 1 else "")
 
 
 def _one_line(message: str) -> str:
@@ -84,11 +62,11 @@ def _one_line(message: str) -> str:
 app = typer.Typer(
     cls=_Group,
     help="NAT64 handoff server: the authoritative, durable connection table for NAT64s "
-    "(PROTOCOL.md v1).",
+    "(protocol v1.2, docs/protocol.md).",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    no_args_is_help=True,
-    add_completion=False,
+    # typer's --install-completion and --show-completion (bash, zsh, fish).
+    add_completion=True,
 )
 
 
@@ -98,8 +76,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -117,6 +96,7 @@ def _root(
     if verbose and quiet:
         fail("--verbose and --quiet: give one of them")
     journal.verbosity(verbose, quiet)
+    usage_help(ctx)
 
 
 # One place that lists every command, in the order of --help.

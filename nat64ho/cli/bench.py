@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.cli.options import SYNC_CHOICE, BenchMode, Sync, UsageError, choice, fail, parse_listen
+from nat64ho.cli.options import (
+    SYNC_CHOICE,
+    BenchMode,
+    Sync,
+    UsageError,
+    choice,
+    fail,
+    number,
+    parse_listen,
+)
 from nat64ho.storage import schema
 
 
@@ -24,7 +33,12 @@ def bench(
         ),
     ] = BenchMode.CREATE,
     batch: Annotated[
-        int, typer.Option(metavar="K", help="Messages per request datagram.", min=1, max=60)
+        int,
+        typer.Option(
+            metavar="K",
+            help="Messages per request datagram.",
+            parser=number("--batch", 1, 60, whole=True),
+        ),
     ] = 1,
     window: Annotated[
         int,
@@ -32,8 +46,7 @@ def bench(
             metavar="N",
             help="Requests in flight per client process (closed loop), or at most "
             "in flight (open loop, with --rate).",
-            min=1,
-            max=4096,
+            parser=number("--window", 1, 4096, whole=True),
         ),
     ] = 32,
     rate: Annotated[
@@ -41,20 +54,29 @@ def bench(
         typer.Option(
             metavar="R",
             help="Open loop: offer R messages/s over all clients. Default: closed loop.",
-            min=0,
+            parser=number("--rate", 0),
         ),
     ] = 0.0,
     duration: Annotated[
         float,
         typer.Option(
-            metavar="S", help="Seconds measured (after a second of warm-up).", min=0.5, max=3600
+            metavar="S",
+            help="Seconds measured (after a second of warm-up).",
+            parser=number("--duration", 0.5, 3600),
         ),
     ] = 10.0,
-    clients: Annotated[int, typer.Option(metavar="P", help="Client processes.", min=1, max=64)] = 1,
+    clients: Annotated[
+        int,
+        typer.Option(
+            metavar="P", help="Client processes.", parser=number("--clients", 1, 64, whole=True)
+        ),
+    ] = 1,
     nats: Annotated[
         int,
         typer.Option(
-            metavar="N", help="NAT64s, each from its own 127.1.x.y source address.", min=1, max=4000
+            metavar="N",
+            help="NAT64s, each from its own 127.1.x.y source address.",
+            parser=number("--nats", 1, 4000, whole=True),
         ),
     ] = 1,
     entries: Annotated[
@@ -62,8 +84,7 @@ def bench(
         typer.Option(
             metavar="N",
             help="lookup/mixed: entries created per NAT64 before measuring.",
-            min=1,
-            max=65535,
+            parser=number("--entries", 1, 65535, whole=True),
         ),
     ] = 20_000,
     server_addr: Annotated[
@@ -81,6 +102,7 @@ def bench(
         typer.Option(
             metavar="PID",
             help="With --server: its process id, to report its CPU and RSS.",
+            parser=number("--server-pid", 1, whole=True),
             show_default=False,
         ),
     ] = None,

@@ -26,6 +26,7 @@ from nat64ho.cli.options import (
     parse_ipv4,
     parse_seq,
     parse_time,
+    parser,
 )
 from nat64ho.cli.render import LineCounter, Progress, interrupted
 from nat64ho.eventlog import ts_str
@@ -36,25 +37,37 @@ from nat64ho.ops import export as ops_export
 def export(
     db: DbOption = None,
     nat: Annotated[
-        str | None,
-        typer.Option(metavar="IPV4", help="Only this NAT64's events.", show_default=False),
+        int | None,
+        typer.Option(
+            metavar="IPV4",
+            help="Only this NAT64's events.",
+            parser=parser(parse_ipv4, "--nat"),
+            show_default=False,
+        ),
     ] = None,
     since: Annotated[
-        str | None,
+        int | None,
         typer.Option(
             metavar="TIME",
-            help="Only events at or after this time (UTC unless a zone is given).",
+            help="Only events at or after this time (UTC unless a zone is given; or -1h, yesterday).",
+            parser=parser(parse_time, "--since"),
             show_default=False,
         ),
     ] = None,
     until: Annotated[
-        str | None,
-        typer.Option(metavar="TIME", help="Only events before this time.", show_default=False),
+        int | None,
+        typer.Option(
+            metavar="TIME",
+            help="Only events before this time.",
+            parser=parser(parse_time, "--until"),
+            show_default=False,
+        ),
     ] = None,
     after: Annotated[
-        str | None,
+        int | None,
         typer.Option(
             metavar="SEQ",
+            parser=parser(parse_seq, "--after"),
             help="Only events after this sequence number (the 'seq' of --format "
             "jsonl or csv): resumes an export or a --follow exactly where it stopped.",
             show_default=False,
@@ -75,8 +88,8 @@ def export(
             "--format",
             metavar="log|jsonl|csv",
             parser=choice(ExportFormat, "--format"),
-            help="log: PROTOCOL.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
-            "object per line, with its sequence number; csv: the same columns, with a header "
+            help="log: docs/protocol.md §6 lines, byte-identical to the server's log; jsonl: one "
+            "JSON object per line, with its sequence number; csv: the same columns, with a header "
             "row. Times in jsonl and csv are RFC 3339 in UTC.",
         ),
     ] = ExportFormat.LOG,
@@ -97,11 +110,7 @@ def export(
     changing it, safe while the server runs.
     """
     try:
-        nat_v = parse_ipv4(nat, "--nat") if nat is not None else None
-        since_v = parse_time(since, "--since") if since is not None else None
-        until_v = parse_time(until, "--until") if until is not None else None
-        after_v = parse_seq(after, "--after") if after is not None else None
-        if (after_v is not None or follow) and (since_v is not None or until_v is not None):
+        if (after is not None or follow) and (since is not None or until is not None):
             raise UsageError(
                 "--after and --follow go in sequence order: use them without --since/--until"
             )
@@ -115,7 +124,7 @@ def export(
         "csv": ops_export.write_csv,
     }[fmt]
     if follow:
-        _follow(db, writer, fmt, nat_v, after_v)
+        _follow(db, writer, fmt, nat, after)
         return
     # The last rows handed to the writer, for an interrupted export to name
     # the last one that reached the file (a writer holds at most FETCH).
@@ -149,9 +158,9 @@ def export(
     with Database(db) as conn:
         # In sequence order, only the settled ids (PostgreSQL): an --after of
         # the last one printed then resumes without missing a late commit.
-        upto = ops_export.settled_id(conn) if since_v is None and until_v is None else None
+        upto = ops_export.settled_id(conn) if since is None and until is None else None
         rows = ops_export.history_rows(
-            conn, nat=nat_v, since=since_v, until=until_v, after=after_v, upto=upto, with_id=True
+            conn, nat=nat, since=since, until=until, after=after, upto=upto, with_id=True
         )
         if output is None or output == "-":
             bar = Progress("export", "events", None, show=False)  # stdout is the data
@@ -167,8 +176,8 @@ def export(
             fail(f"--output {output!r}: {exc.strerror or exc}", EXIT_DB)
         # Rows to write: exact for a NAT64 or a window (a walk of an index),
         # else the id range, which is what an unpruned history holds.
-        if nat_v is None and since_v is None and until_v is None:
-            lo = after_v or 0
+        if nat is None and since is None and until is None:
+            lo = after or 0
             total = max(ops_export.last_event_id(conn) - lo, 0)
         else:
             total = None
@@ -185,7 +194,7 @@ def export(
                 interrupted(f"nothing written to {output}")
             # Rows handed over but still in the writer's buffer were not written.
             seq, ts = recent[-(handed[0] - written + 1)]
-            if since_v is None and until_v is None:
+            if since is None and until is None:
                 how = f"--after {seq}"
             else:
                 how = f"--since '{ts_str(ts)}' (its events at that instant again)"

@@ -10,7 +10,38 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.cli.options import UsageError, fail, parse_ipv4, parse_listen, parse_port
+from nat64ho.cli.options import (
+    Endpoint,
+    UsageError,
+    fail,
+    number,
+    parse_ipv4,
+    parse_listen,
+    parse_port,
+    parser,
+    usage_help,
+)
+
+WELL_KNOWN_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def parse_prefix96(text: str, what: str) -> ipaddress.IPv6Network:
+    """The NAT64 prefix: an IPv6 /96 without host bits."""
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: not an IPv6 prefix") from None
+    if "/" not in text or net.prefixlen != 96:
+        raise UsageError(f"{what} {text!r}: expected an IPv6 /96, e.g. 64:ff9b::/96")
+    return net
+
+
+def parse_server(text: str, what: str) -> Endpoint:
+    """A handoff server: IPV4:PORT."""
+    host, port = parse_listen(text, what)
+    if ":" in host or port == 0:
+        raise UsageError(f"{what} {text!r}: expected IPV4:PORT, e.g. 192.0.2.1:6464")
+    return Endpoint(host, port)
 
 
 def gateway(
@@ -23,37 +54,45 @@ def gateway(
         ),
     ],
     pool: Annotated[
-        str,
+        int,
         typer.Option(
             metavar="IPV4",
+            parser=parser(parse_ipv4, "--pool"),
             help="The pool address: the source of translated packets and of handoff datagrams.",
         ),
     ],
     server: Annotated[
-        list[str],
+        list[Endpoint],
         typer.Option(
             metavar="ADDR:PORT",
+            parser=parser(parse_server, "--server"),
             help="A handoff server; traffic to ADDR is translated with its table. "
             "Repeat for more hosts.",
         ),
     ],
     prefix: Annotated[
-        str, typer.Option(metavar="PREFIX/96", help="NAT64 prefix (RFC 6052).")
-    ] = "64:ff9b::/96",
+        ipaddress.IPv6Network,
+        typer.Option(
+            metavar="PREFIX/96",
+            help="NAT64 prefix (RFC 6052).",
+            parser=parser(parse_prefix96, "--prefix"),
+            show_default="64:ff9b::/96",
+        ),
+    ] = WELL_KNOWN_PREFIX,
     handoff_port: Annotated[
-        str,
+        int,
         typer.Option(
             metavar="N",
             help="Source port of handoff datagrams; keep it outside the servers' port range.",
+            parser=parser(parse_port, "--handoff-port"),
         ),
-    ] = "1027",
+    ] = 1027,
     touch_interval: Annotated[
         float,
         typer.Option(
             metavar="SECONDS",
             help="How often the ports in use are TOUCHed (the servers' LRU order is this precise).",
-            min=0.05,
-            max=3600,
+            parser=number("--touch-interval", 0.05, 3600),
         ),
     ] = 5.0,
 ) -> None:
@@ -67,36 +106,22 @@ def gateway(
     from nat64ho.gateway import core
     from nat64ho.gateway import tun as tun_io
 
-    try:
-        net = ipaddress.IPv6Network(prefix, strict=True) if "/" in prefix else None
-        if net is None or net.prefixlen != 96:
-            raise UsageError(f"--prefix {prefix!r}: expected an IPv6 /96, e.g. 64:ff9b::/96")
-        pool_v = parse_ipv4(pool, "--pool")
-        hport = parse_port(handoff_port, "--handoff-port")
-        servers = []
-        for text in server:
-            host, port = parse_listen(text, "--server")
-            if ":" in host or port == 0:
-                raise UsageError(f"--server {text!r}: expected IPV4:PORT, e.g. 192.0.2.1:6464")
-            servers.append((ipaddress.IPv4Address(host).packed, port))
-        if len({a for a, _ in servers}) != len(servers):
-            raise UsageError("--server: one server per IPv4 address")
-        if not tun or len(tun.encode()) > 15 or "/" in tun:
-            raise UsageError(f"--tun {tun!r}: not an interface name (1-15 characters)")
-    except ValueError:
-        fail(f"--prefix {prefix!r}: not an IPv6 prefix")
-    except UsageError as exc:
-        fail(str(exc))
+    servers = [(ipaddress.IPv4Address(host).packed, port) for host, port in server]
+    if len({a for a, _ in servers}) != len(servers):
+        fail("--server: one server per IPv4 address")
+    if not tun or len(tun.encode()) > 15 or "/" in tun:
+        fail(f"--tun {tun!r}: not an interface name (1-15 characters)")
     gw = core.Gateway(
-        net.network_address.packed[:12],
-        pool_v.to_bytes(4, "big"),
+        prefix.network_address.packed[:12],
+        pool.to_bytes(4, "big"),
         servers,
-        handoff_port=hport,
+        handoff_port=handoff_port,
         touch_interval=touch_interval,
     )
     banner = (
-        f"tun {tun}, prefix {net}, pool {pool} (handoff from port {hport}), servers "
-        + ", ".join(server)
+        f"tun {tun}, prefix {prefix}, pool {ipaddress.IPv4Address(pool)} (handoff from port "
+        f"{handoff_port}), servers "
+        + ", ".join(f"{host}:{port}" for host, port in server)
         + f", boot id {gw.boot_id.hex()}"
     )
     try:
@@ -109,8 +134,8 @@ testbed_app = typer.Typer(
     help="A NAT64 test bed in network namespaces (root): IPv6-only client, "
     "gateway, IPv4 host with 'nat64ho serve' and services.",
     short_help="Build or remove a NAT64 test bed in network namespaces.",
-    no_args_is_help=True,
 )
+testbed_app.callback(invoke_without_command=True)(usage_help)
 TestbedName = Annotated[
     str,
     typer.Option(

@@ -1,4 +1,5 @@
-"""``prune`` and ``check``: the commands that look after a database."""
+"""``prune``, ``forget`` and ``check``: the commands that look after a database;
+the two that delete say what they would remove and ask first."""
 
 from __future__ import annotations
 
@@ -11,41 +12,84 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     EXIT_DB,
     DbOption,
-    UsageError,
     db_target,
     fail,
     parse_ipv4,
     parse_time,
+    parser,
 )
 from nat64ho.cli.render import Progress, interrupted
+from nat64ho.daemon.clock import wall_us
 from nat64ho.eventlog import ipv4_str, ts_str
 from nat64ho.ops import maintenance
 from nat64ho.storage import schema
 
+DryRun = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Only say what would be removed; change nothing."),
+]
+Yes = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help="Do not ask before changing the database (needed when stdin is not a terminal).",
+    ),
+]
+
+
+def off_terminal_needs_yes(yes: bool, dry_run: bool) -> None:
+    """Off a terminal a destructive command needs --yes (a script must say it
+    means it): checked before the database is even read."""
+    if not (yes or dry_run) and not sys.stdin.isatty():
+        fail(
+            "this changes the database: give --yes to go ahead, "
+            "or --dry-run to see what it would do"
+        )
+
+
+def ask(question: str) -> None:
+    """On a terminal: go on only if the operator says yes; else nothing changes (exit 1)."""
+    if not typer.confirm(question, default=False, err=True):
+        fail("nothing changed", EXIT_DB)
+
 
 def prune(
     before: Annotated[
-        str,
+        int,
         typer.Option(
             metavar="TIME",
+            parser=parser(parse_time, "--before"),
             help="Delete history events older than this (UTC unless a zone is "
-            "given), e.g. 2024-01-01.",
+            "given; or relative: -30d), e.g. 2024-01-01. Not in the future.",
             show_default=False,
         ),
     ],
     db: DbOption = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
 ) -> None:
     """Delete old history events. Changes the database; current entries are never touched.
 
-    Refused while a server owns the table (it prunes itself with serve --keep-history).
+    Asks first on a terminal; elsewhere needs --yes. Refused while a server
+    owns the table (it prunes itself with serve --keep-history).
     """
-    try:
-        cutoff = parse_time(before, "--before")
-    except UsageError as exc:
-        fail(str(exc))
+    if before > wall_us():
+        # A date slip (2062 for 2026) would delete the whole history.
+        fail(
+            f"--before {ts_str(before)}: in the future; prune deletes events older than a past time"
+        )
+    off_terminal_needs_yes(yes, dry_run)
+    if dry_run or not yes:
+        with Database(db) as conn:
+            total = maintenance.prune_count(conn, before)
+        if dry_run:
+            typer.echo(f"would delete {total} history events before {ts_str(before)}")
+            return
+        ask(f"Delete {total} history events before {ts_str(before)}?")
     with Database(db, write=True, own="prune") as conn:
-        total = maintenance.prune_count(conn, cutoff) if sys.stderr.isatty() else None
-        bar = Progress("prune", "events", total, show=bool(total))
+        todo = maintenance.prune_count(conn, before) if sys.stderr.isatty() else None
+        bar = Progress("prune", "events", todo, show=bool(todo))
         done = {"n": 0}
 
         def batch(n: int) -> None:
@@ -53,41 +97,59 @@ def prune(
             bar.update(n, n)
 
         try:
-            n = maintenance.prune(conn, cutoff, on_batch=batch)
+            n = maintenance.prune(conn, before, on_batch=batch)
         except KeyboardInterrupt:
             bar.close()
             interrupted(
-                f"{done['n']} history events before {ts_str(cutoff)} deleted so far "
+                f"{done['n']} history events before {ts_str(before)} deleted so far "
                 "(each batch is committed); run the same command again to finish"
             )
         finally:
             bar.close()
-    typer.echo(f"{n} history events before {ts_str(cutoff)} deleted")
+    typer.echo(f"{n} history events before {ts_str(before)} deleted")
 
 
 def forget(
     nat: Annotated[
-        str, typer.Argument(metavar="NAT", help="The NAT64's IPv4 address.", show_default=False)
+        int,
+        typer.Argument(
+            metavar="NAT",
+            help="The NAT64's IPv4 nat.",
+            parser=parser(parse_ipv4, "NAT"),
+            show_default=False,
+        ),
     ],
     db: DbOption = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
 ) -> None:
     """Remove a NAT64 and its table from the database, so that it no longer counts
     against serve --max-nats; its history (the log's events) stays. The NAT64 is
     welcomed again as a new one if it comes back.
 
-    Refused while a server owns the table: stop it first.
+    Asks first on a terminal; elsewhere needs --yes. Refused while a server
+    owns the table: stop it first.
     """
-    try:
-        address = parse_ipv4(nat, "NAT")
-    except UsageError as exc:
-        fail(str(exc))
+    off_terminal_needs_yes(yes, dry_run)
+    if dry_run or not yes:
+        with Database(db) as conn:
+            entries, known = maintenance.forget_count(conn, nat)
+        if not entries and not known:
+            fail(f"NAT64 {ipv4_str(nat)} is not known in {schema.describe(db_target(db))}", EXIT_DB)
+        what = f"NAT64 {ipv4_str(nat)}: {entries} entries" + (
+            " and its boot record" if known else ""
+        )
+        if dry_run:
+            typer.echo(f"would forget {what}; its history stays")
+            return
+        ask(f"Forget {what}?")
     with Database(db, write=True, own="forget") as conn:
         try:
-            entries, known = maintenance.forget(conn, address)
+            entries, known = maintenance.forget(conn, nat)
         except maintenance.NotKnown:
-            fail(f"NAT64 {nat} is not known in {schema.describe(db_target(db))}", EXIT_DB)
+            fail(f"NAT64 {ipv4_str(nat)} is not known in {schema.describe(db_target(db))}", EXIT_DB)
     typer.echo(
-        f"forgot NAT64 {ipv4_str(address)}: {entries} entries"
+        f"forgot NAT64 {ipv4_str(nat)}: {entries} entries"
         + (" and its boot record" if known else "")
         + "; its history stays"
     )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 
 from nat64ho.cli.options import (
+    Endpoint,
     UsageError,
     fail,
     parse_ipv4,
@@ -16,42 +17,97 @@ from nat64ho.cli.options import (
     parse_listen,
     parse_port,
     parse_seconds,
+    parser,
 )
+
+
+def parse_server(text: str, what: str) -> Endpoint:
+    """``IPV4`` or ``IPV4:PORT`` (port 6464 if not given)."""
+    host, port = parse_listen(text if ":" in text else f"{text}:6464", what)
+    if ipaddress.ip_address(host).version != 4 or port == 0:
+        raise UsageError(
+            f"{what} {text!r}: give an IPv4 address (and a port 1-65535): the protocol runs over IPv4"
+        )
+    return Endpoint(host, port)
+
+
+def parse_source(text: str, what: str) -> str:
+    parse_ipv4(text, what)
+    return text
+
+
+class Client(NamedTuple):
+    addr: bytes  #: IPv6, 16 octets
+    port: int
+
+
+def parse_map(text: str, what: str) -> Client:
+    """A client endpoint ``[IPV6]:PORT``, as MAP carries it."""
+    try:
+        net, aport = parse_ipv6_target(text, what)
+    except UsageError:
+        net, aport = None, None
+    if net is None or net.prefixlen != 128 or aport is None:
+        raise UsageError(f"{what} {text!r}: expected [IPV6]:PORT, e.g. '[2001:db8::1]:4000'")
+    return Client(net.network_address.packed, aport)
+
+
+class Touch(tuple[int, ...]):
+    """The NAT ports of one TOUCH."""
+
+
+def parse_touch(text: str, what: str) -> Touch:
+    """``PORT[,PORT...]``, at most 255 of them."""
+    ports = Touch(parse_port(x.strip(), what) for x in text.split(","))
+    if len(ports) > 255:
+        raise UsageError(f"{what} {text!r}: at most 255 ports in one TOUCH")
+    return ports
+
+
+def parse_timeout(text: str, what: str) -> float:
+    wait = parse_seconds(text, what) / 1e6
+    if not 0 < wait <= 60:
+        raise UsageError(f"{what} {text!r}: expected seconds, above 0 and at most 60")
+    return wait
 
 
 def probe(
     server_addr: Annotated[
-        str,
+        Endpoint,
         typer.Argument(
             metavar="SERVER",
             help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
+            parser=parser(parse_server, "SERVER"),
             show_default=False,
         ),
     ],
     map_: Annotated[
-        list[str] | None,
+        list[Client] | None,
         typer.Option(
             "--map",
             metavar="[IPV6]:PORT",
             help="Send a MAP for this client endpoint (repeat for "
             "more). Creates an entry, as a NAT64 would.",
+            parser=parser(parse_map, "--map"),
             show_default=False,
         ),
     ] = None,
     lookup: Annotated[
-        list[str] | None,
+        list[int] | None,
         typer.Option(
             metavar="PORT",
             help="Send a LOOKUP for this NAT port (repeat for more).",
+            parser=parser(parse_port, "--lookup"),
             show_default=False,
         ),
     ] = None,
     touch: Annotated[
-        list[str] | None,
+        list[Touch] | None,
         typer.Option(
             metavar="PORT[,PORT...]",
             help="Send a TOUCH of these NAT ports (repeat for more "
             "TOUCHes); only ports without an entry are answered.",
+            parser=parser(parse_touch, "--touch"),
             show_default=False,
         ),
     ] = None,
@@ -60,11 +116,17 @@ def probe(
         typer.Option(
             metavar="IPV4",
             help="Local address to send from: the server keeps one table per source address.",
+            parser=parser(parse_source, "--source"),
         ),
     ] = "0.0.0.0",
     timeout: Annotated[
-        str, typer.Option(metavar="SECONDS", help="How long to wait for each answer.")
-    ] = "2",
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="How long to wait for each answer.",
+            parser=parser(parse_timeout, "--timeout"),
+        ),
+    ] = 2.0,
 ) -> None:
     """Say HELLO to a server and confirm the session as a NAT64 does, then send each
     --map, then each --lookup, then each --touch, printing every answer decoded with
@@ -76,42 +138,14 @@ def probe(
     """
     from nat64ho import probe as p
 
-    try:
-        if ":" in server_addr:
-            host, port = parse_listen(server_addr, "SERVER")
-        else:
-            host, port = parse_listen(f"{server_addr}:6464", "SERVER")
-        if ipaddress.ip_address(host).version != 4 or port == 0:
-            raise UsageError(
-                f"SERVER {server_addr!r}: give an IPv4 address (and a port "
-                "1-65535): the protocol runs over IPv4"
-            )
-        parse_ipv4(source, "--source")
-        wait = parse_seconds(timeout, "--timeout") / 1e6
-        if not 0 < wait <= 60:
-            raise UsageError(f"--timeout {timeout!r}: expected seconds, above 0 and at most 60")
-        maps = []
-        for text in map_ or []:
-            net, aport = parse_ipv6_target(text, "--map")
-            if net.prefixlen != 128 or aport is None:
-                raise UsageError(f"--map {text!r}: expected [IPV6]:PORT, e.g. '[2001:db8::1]:4000'")
-            maps.append((net.network_address.packed, aport))
-        lookups = [parse_port(x, "--lookup") for x in lookup or []]
-        touches = []
-        for text in touch or []:
-            ports = [parse_port(x.strip(), "--touch") for x in text.split(",")]
-            if len(ports) > 255:
-                raise UsageError(f"--touch {text!r}: at most 255 ports in one TOUCH")
-            touches.append(ports)
-    except UsageError as exc:
-        fail(str(exc))
-    plan = p.Plan(maps, lookups, touches)
+    host, port = server_addr
+    plan = p.Plan(list(map_ or []), lookup or [], [list(t) for t in touch or []])
 
     def say(line: str) -> None:
         typer.echo(line)
 
     try:
-        ok = asyncio.run(p.run(host, port, source, plan, wait, say))
+        ok = asyncio.run(p.run(host, port, source, plan, timeout, say))
     except OSError as exc:
         fail(f"{host}:{port} from {source}: {exc.strerror or exc}", 1)
     except KeyboardInterrupt:

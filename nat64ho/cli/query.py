@@ -16,6 +16,9 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     DbOption,
     FormatOption,
+    IPv6Target,
+    NoHeadersOption,
+    PortRange,
     TableFormat,
     UsageError,
     fail,
@@ -26,6 +29,7 @@ from nat64ho.cli.options import (
     parse_ports,
     parse_seconds,
     parse_time,
+    parser,
 )
 from nat64ho.cli.render import TS_W, emit, endpoint, rfc3339, seconds, ts_or
 from nat64ho.eventlog import format_event, ipv4_str, ipv6_str, ts_str
@@ -37,38 +41,43 @@ from nat64ho.ops import queries
 def query(
     db: DbOption = None,
     nat: Annotated[
-        str | None,
+        int | None,
         typer.Option(
             metavar="IPV4",
             help="Only this NAT64's table. Default: every NAT64.",
+            parser=parser(parse_ipv4, "--nat"),
             show_default=False,
         ),
     ] = None,
     ipv6: Annotated[
-        str | None,
+        IPv6Target | None,
         typer.Option(
             metavar="ADDR|PREFIX/LEN",
             help="Only entries of this client address or prefix.",
+            parser=parser(parse_ipv6_target, "--ipv6"),
             show_default=False,
         ),
     ] = None,
     port: Annotated[
-        str | None, typer.Option(metavar="N", help="Only this NAT port.", show_default=False)
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Only this NAT port.",
+            parser=parser(parse_port, "--port"),
+            show_default=False,
+        ),
     ] = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """The current entries: NAT port, client endpoint, created, last use; by NAT64 and port.
 
     Reads the database without changing it; safe while the server runs.
     """
-    try:
-        nat_v = parse_ipv4(nat, "--nat") if nat is not None else None
-        net = parse_ipv6_target(ipv6, "--ipv6") if ipv6 is not None else None
-        if net is not None and net[1] is not None:
-            raise UsageError(f"--ipv6 {ipv6!r}: give an address or prefix without a port")
-        port_v = parse_port(port, "--port") if port is not None else None
-    except UsageError as exc:
-        fail(str(exc))
+    if ipv6 is not None and ipv6.port is not None:
+        fail(
+            f"--ipv6 [{ipv6.net.network_address}]:{ipv6.port}: give an address or prefix without a port"
+        )
     text = ops_export.LineFormatter()  # cached dates and NAT64 addresses, C-library IPv6
     human = fmt == "table"  # the log's times; RFC 3339 for machines
     with Database(db) as conn:
@@ -83,7 +92,7 @@ def query(
                 "last_use": text.ts(e.last_use) if human else rfc3339(e.last_use),
             }
             for e in queries.query_entries(
-                conn, nat=nat_v, ipv6=net[0] if net else None, port=port_v
+                conn, nat=nat, ipv6=ipv6.net if ipv6 else None, port=port
             )
         )
         if fmt == "table":
@@ -165,6 +174,7 @@ def who(
     ] = None,
     db: DbOption = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Attribute a NAT port at an instant to the client that held it, with the events that prove it;
     or list every NAT port a client endpoint, address or prefix held, with time ranges.
@@ -499,26 +509,25 @@ def _who_port(h: queries.Holding | None, nat_port: tuple[int, int], at: int, spa
 def stats(
     db: DbOption = None,
     ports: Annotated[
-        str | None,
+        PortRange | None,
         typer.Option(
             metavar="FIRST-LAST",
+            parser=parser(parse_ports, "--ports"),
             help="Port range for the capacity column. Default: the --ports "
             "the server last started with (1028-65535 if it never recorded one).",
             show_default=False,
         ),
     ] = None,
     fmt: FormatOption = TableFormat.TABLE,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Per NAT64: entries / capacity, oldest last use, first and last HELLO, Created and
     Deleted over the last hour and day.
 
     Reads the database without changing it; safe while the server runs.
     """
-    try:
-        if ports is not None:
-            first, last = parse_ports(ports)
-    except UsageError as exc:
-        fail(str(exc))
+    if ports is not None:
+        first, last = ports
     now = int(time.time() * 1_000_000)
     with Database(db) as conn:
         if ports is None:

@@ -98,9 +98,21 @@ def endpoint(addr: bytes, aport: int) -> str:
     return f"[{ipv6_str(addr)}]:{aport}"
 
 
+#: Whether tables and CSV start with their header line (--no-headers, set by
+#: the option's callback so that every command that prints rows obeys it).
+headers = True
+
+
+def set_headers(no_headers: bool) -> bool:
+    global headers
+    headers = not no_headers
+    return no_headers
+
+
 def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str, int]]) -> None:
     """Print dicts as an aligned table (columns: key, header, width; the last
-    one unpadded so that rows can stream), a JSON array, or CSV."""
+    one unpadded so that rows can stream), a JSON array, or CSV; the header
+    line of a table or CSV unless --no-headers."""
     out = sys.stdout
     keys = [k for k, _, _ in columns]
     if fmt == "json":
@@ -112,7 +124,8 @@ def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str,
         out.write("\n]\n" if not first else "]\n")
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
-        w.writerow(keys)
+        if headers:
+            w.writerow(keys)
         for row in rows:
             w.writerow(
                 [
@@ -131,7 +144,8 @@ def emit(rows: Iterable[dict[str, Any]], fmt: str, columns: list[tuple[str, str,
             [f"{{{i}!s:<{w}}}" for i, (_, _, w) in enumerate(columns[:-1])]
             + [f"{{{len(columns) - 1}}}"]
         )
-        out.write(template.format(*[h for _, h, _ in columns]).rstrip() + "\n")
+        if headers:
+            out.write(template.format(*[h for _, h, _ in columns]).rstrip() + "\n")
         buf = []
         for row in rows:
             cells = [row[k] for k in keys]

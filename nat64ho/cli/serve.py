@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -12,25 +13,43 @@ import typer
 from nat64ho.cli.options import (
     SYNC_CHOICE,
     DbOption,
+    PortRange,
     Sync,
     UsageError,
     db_target,
     fail,
+    number,
     parse_listen,
     parse_ports,
     parse_prefix4,
+    parser,
 )
-from nat64ho.storage import schema
+from nat64ho.daemon.config import Config
+from nat64ho.storage import owner, schema
+
+#: The least --keep-history above 0: anything shorter deletes nearly the
+#: whole history at start, which is a slip more often than a wish.
+MIN_KEEP_DAYS = 1 / 24
+DEFAULT_SYNC = Sync(Config.sync)
+#: Databases refused at start: the lock file made beside them is removed.
+REFUSED = (
+    schema.NotOurDatabase,
+    schema.NewerDatabase,
+    schema.OutdatedDatabase,
+    schema.DatabaseUnwritable,
+)
+DEFAULT_PORTS = PortRange(Config.first_port, Config.last_port)
 
 
 def serve(
+    ctx: typer.Context,
     db: DbOption = None,
     listen: Annotated[
         str,
         typer.Option(
             metavar="ADDR:PORT", envvar="NAT64HO_LISTEN", help="UDP address and port to listen on."
         ),
-    ] = "0.0.0.0:6464",
+    ] = f"{Config.host}:{Config.port}",
     log_file: Annotated[
         str | None,
         typer.Option(
@@ -44,12 +63,14 @@ def serve(
         ),
     ] = None,
     ports: Annotated[
-        str,
+        PortRange,
         typer.Option(
             metavar="FIRST-LAST",
             help="NAT port range of each NAT64's table (announced in WELCOME).",
+            parser=parser(parse_ports, "--ports"),
+            show_default=f"{Config.first_port}-{Config.last_port}",
         ),
-    ] = "1028-65535",
+    ] = DEFAULT_PORTS,
     allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -65,18 +86,18 @@ def serve(
             metavar="SECONDS",
             help="Seconds an entry must have been idle before it may be deleted to make room; "
             "a MAP that would need a younger one gets ERROR TABLE_FULL.",
-            min=0,
+            parser=number("--min-idle", 0),
         ),
-    ] = 0.0,
+    ] = Config.min_idle,
     hello_rate: Annotated[
         float,
         typer.Option(
             metavar="N",
             help="HELLOs per second accepted from one source address, with a burst of as many "
             "(0 = unlimited). A NAT64 says HELLO once per boot.",
-            min=0,
+            parser=number("--hello-rate", 0),
         ),
-    ] = 5.0,
+    ] = Config.hello_rate,
     create_rate: Annotated[
         float,
         typer.Option(
@@ -84,9 +105,9 @@ def serve(
             help="New entries per second per NAT64, with a burst of as many (0 = unlimited). "
             "At the default a full 64508-port table turns over in 65 s, faster than the 2 minutes "
             "a UDP mapping must live (RFC 4787): a NAT64 creating faster keeps nothing alive.",
-            min=0,
+            parser=number("--create-rate", 0),
         ),
-    ] = 1000.0,
+    ] = Config.create_rate,
     request_rate: Annotated[
         float,
         typer.Option(
@@ -94,18 +115,18 @@ def serve(
             help="Request messages (MAP, LOOKUP, TOUCH) per second per NAT64, with a burst "
             "of as many (0 = unlimited); beyond it requests get ERROR RATE_LIMITED, so one "
             "NAT64 cannot take the server from the others.",
-            min=0,
+            parser=number("--request-rate", 0),
         ),
-    ] = 10_000.0,
+    ] = Config.request_rate,
     cookie_lifetime: Annotated[
         int,
         typer.Option(
             metavar="SECONDS",
             help="Cookies change every SECONDS and are accepted for one or two "
             "of these; a NAT64 holding an expired one says HELLO again (nothing is logged).",
-            min=1,
+            parser=number("--cookie-lifetime", 1, whole=True),
         ),
-    ] = 86400,
+    ] = Config.cookie_lifetime,
     sync: Annotated[
         Sync,
         typer.Option(
@@ -113,13 +134,15 @@ def serve(
             parser=SYNC_CHOICE,
             help="SQLite synchronous mode: 'full' survives power loss, 'normal' only crashes.",
         ),
-    ] = Sync.FULL,
+    ] = DEFAULT_SYNC,
     cache_size: Annotated[
         int,
         typer.Option(
-            metavar="N", help="Table entries kept in memory (all NAT64s together).", min=1
+            metavar="N",
+            help="Table entries kept in memory (all NAT64s together).",
+            parser=number("--cache-size", 1, whole=True),
         ),
-    ] = 100_000,
+    ] = Config.cache_size,
     metrics: Annotated[
         str | None,
         typer.Option(
@@ -135,11 +158,11 @@ def serve(
         typer.Option(
             metavar="DAYS",
             help="Delete history events older than this many days (current entries are never "
-            "touched). Default: keep all.",
-            min=0,
+            "touched); at least one hour (0.042). Default, or 0: keep all.",
+            parser=number("--keep-history", 0),
             show_default=False,
         ),
-    ] = None,
+    ] = Config.keep_history_days,
     max_nats: Annotated[
         int,
         typer.Option(
@@ -147,9 +170,9 @@ def serve(
             help="Confirmed NAT64 addresses the server keeps tables for; a new one beyond "
             "this gets ERROR NOT_ALLOWED. Only a NAT64 that proved its address (its cookie came "
             "back) counts, so spoofed HELLOs take no place; 'nat64ho forget' frees one.",
-            min=1,
+            parser=number("--max-nats", 1, whole=True),
         ),
-    ] = 4096,
+    ] = Config.max_nats,
     standby: Annotated[
         bool,
         typer.Option(
@@ -171,18 +194,21 @@ def serve(
     ipfix_domain: Annotated[
         int,
         typer.Option(
-            metavar="N", help="IPFIX observation domain id in the messages (0-4294967295)."
+            metavar="N",
+            help="IPFIX observation domain id in the messages (0-4294967295).",
+            parser=parser(parse_ipfix_domain, "--ipfix-domain"),
         ),
-    ] = 0,
+    ] = Config.ipfix_domain,
     workers: Annotated[
-        str,
+        int,
         typer.Option(
             metavar="N|auto",
             help="Front-end processes, each serving the NAT64s steered to it by source "
             "address, all committing through one writer process; 'auto': one per CPU. "
             "Above 1: SQLite only, and not with --metrics or --ipfix.",
+            parser=parser(parse_workers, "--workers"),
         ),
-    ] = "1",
+    ] = Config.workers,
     check_config: Annotated[
         bool,
         typer.Option(
@@ -201,34 +227,46 @@ def serve(
     from nat64ho.daemon import serve as server
 
     try:
-        host, port = parse_listen(listen)
+        host, port = parse_listen(listen, _named(ctx, "listen", "NAT64HO_LISTEN"))
         if ipaddress.ip_address(host).version == 6 and host not in ("::", "::0"):
             raise UsageError(
                 f"--listen {listen!r}: the handoff protocol runs over IPv4 (NAT64s "
                 "are IPv4 peers); give an IPv4 address, or [::] for all addresses "
                 "of both families"
             )
-        first, last = parse_ports(ports)
-        prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
-        metrics_at = parse_listen(metrics, "--metrics") if metrics else None
+        prefixes = [parse_prefix4(p, _named(ctx, "allow", "NAT64HO_ALLOW")) for p in allow or []]
+        metrics_at = (
+            parse_listen(metrics, _named(ctx, "metrics", "NAT64HO_METRICS")) if metrics else None
+        )
         collectors = parse_collectors(ipfix or [], ipfix_domain)
-        n_workers = parse_workers(workers)
-        if n_workers > 1 and (metrics_at or collectors):
+        if workers > 1 and (metrics_at or collectors):
             raise UsageError(
                 "--workers above 1 with --metrics or --ipfix: each would show one "
                 "worker's share only; run one worker to use them"
             )
+        if keep_history is not None and 0 < keep_history < MIN_KEEP_DAYS:
+            raise UsageError(
+                f"--keep-history {keep_history:g}: under an hour would delete nearly all "
+                f"history; give at least {MIN_KEEP_DAYS:.3f} days, or 0 to keep all"
+            )
     except UsageError as exc:
         fail(str(exc))
     target = db_target(db)  # a URL that does not parse is a bad option too
-    if n_workers > 1 and isinstance(target, str):
+    if workers > 1 and isinstance(target, str):
         fail(
             "--workers above 1 needs an SQLite table (its writer process commits for "
             "every worker); on PostgreSQL run one worker"
         )
     if check_config:
+        if isinstance(target, Path) and target.is_dir():
+            # What serve would say when it opens it (exit 1 there).
+            fail(f"{target}: is a directory, not a database file")
         typer.echo("ok: the options are valid")
         raise typer.Exit(0)
+    if metrics_at is not None:
+        # Before the database is opened and "listening" is logged: a busy
+        # port is one line here, not a server that starts and then stops.
+        _port_free(metrics_at, "--metrics")
     if log_file is None:
         log_file = str(default_log(target))
     config = server.Config(
@@ -236,8 +274,8 @@ def serve(
         host=host,
         port=port,
         log_file=log_file,
-        first_port=first,
-        last_port=last,
+        first_port=ports[0],
+        last_port=ports[1],
         allow=prefixes,
         min_idle=min_idle,
         hello_rate=hello_rate,
@@ -246,20 +284,25 @@ def serve(
         cookie_lifetime=cookie_lifetime,
         sync=sync.value,
         cache_size=cache_size,
-        keep_history_days=keep_history,
+        keep_history_days=keep_history or None,  # 0: keep all, as 0 means unlimited elsewhere
         metrics=metrics_at,
         max_nats=max_nats,
         standby=standby,
         ipfix=collectors,
         ipfix_domain=ipfix_domain,
-        workers=n_workers,
+        workers=workers,
     )
+    lock = None if isinstance(target, str) else owner.lock_path(target)
+    stray = lock is not None and not lock.exists()
     try:
         server.run(config)
     except KeyboardInterrupt:
         # A Ctrl-C that lands while Python tears the loop down: still one line.
         fail("interrupted", 130)
     except schema.DatabaseError as exc:
+        if lock is not None and stray and isinstance(exc, REFUSED):
+            # The lock file was made for a database that is not ours to serve.
+            lock.unlink(missing_ok=True)
         fail(str(exc), 1)
     except server.ListenError as exc:
         fail(exc.strerror or str(exc), 1)
@@ -278,7 +321,24 @@ def default_log(target: Path | str) -> Path:
     return Path(state) / "nat64ho" / "nat64ho.log"
 
 
-def parse_workers(text: str) -> int:
+def _named(ctx: typer.Context, param: str, envvar: str) -> str:
+    """The option as the operator gave it: from the environment, its variable."""
+    source = ctx.get_parameter_source(param)
+    return f"${envvar}" if source is not None and source.name == "ENVIRONMENT" else f"--{param}"
+
+
+def _port_free(at: tuple[str, int], what: str) -> None:
+    """Exit 1 with one line when the TCP address is taken (or not ours)."""
+    family = socket.AF_INET6 if ":" in at[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(at)
+        except OSError as exc:
+            fail(f"{what} {at[0]}:{at[1]}: {exc.strerror or exc}", 1)
+
+
+def parse_workers(text: str, what: str = "--workers") -> int:
     """``--workers``: a count from 1 to 64, or ``auto`` (the CPUs)."""
     if text == "auto":
         return max(1, len(os.sched_getaffinity(0)))
@@ -287,8 +347,14 @@ def parse_workers(text: str) -> int:
     except ValueError:
         n = 0
     if not 1 <= n <= 64:
-        raise UsageError(f"--workers {text!r}: expected a number from 1 to 64, or 'auto'")
+        raise UsageError(f"{what} {text!r}: expected a number from 1 to 64, or 'auto'")
     return n
+
+
+def parse_ipfix_domain(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise UsageError(f"{what} {text}: not a 32-bit unsigned number (0-4294967295)")
+    return int(text)
 
 
 def parse_collectors(texts: list[str], domain: int) -> list[tuple[str, int]]:

@@ -36,6 +36,13 @@ class NotKnown(LookupError):
     """The NAT64 has no row and no entries in the database."""
 
 
+def forget_count(conn: Conn, nat: int) -> tuple[int, bool]:
+    """What :func:`forget` would remove: the entries, and whether it has a row."""
+    entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
+    known = conn.execute("SELECT 1 FROM nat WHERE nat = ?", (nat,)).fetchone() is not None
+    return int(entries), known
+
+
 def forget(conn: Conn, nat: int) -> tuple[int, bool]:
     """Remove a NAT64 and its table (its history stays); returns the entries
     removed and whether it had a row. Raises :class:`NotKnown`."""
