@@ -259,7 +259,7 @@ class Store:
     async def _interrupt(self) -> None:
         """Abort the commit in flight (a stop that gives up on it)."""
         if self._writer is not None:
-            self._writer.kill()  # rolls back the group in flight
+            await self._writer.kill()  # rolls back the group in flight
 
     async def _close_connections(self) -> None:
         if self._writer is not None:
@@ -457,7 +457,7 @@ class Store:
             if w is not None and w.proc is not None and w.proc.poll() is not None:
                 # Dead while nothing was committing: stop now, not at the
                 # next new entry.
-                self.damage(WriterLost(w.why_lost()), "lost its writer")
+                self.damage(WriterLost(await w.why_lost()), "lost its writer")
 
     async def _flush_loop(self) -> None:
         try:
