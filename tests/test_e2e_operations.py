@@ -4,6 +4,7 @@ notifications, and SIGHUP reopening the log under logrotate."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
@@ -11,12 +12,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nat64ho.core import wire
-from tests.helpers import connect, run, v6, wait_for
+from nat64ho.testing import proc_tree
+from tests.helpers import connect, mappings, run, v6, wait_for
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -99,6 +102,62 @@ def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path, worker
         while sock.recv(4096).decode() != "STOPPING=1":
             pass
         assert srv.proc.wait(20) == 0
+    finally:
+        sock.close()
+
+
+def _notes(sock: socket.socket) -> list[str]:
+    """The notifications waiting on ``sock``, without waiting for more."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096, socket.MSG_DONTWAIT).decode())
+        except BlockingIOError:
+            return got
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_writer_that_stops_committing_stops_the_watchdog_until_it_resumes(
+    server_factory, tmp_path, workers
+):
+    # WATCHDOG_USEC 2 s: keep-alives every second, and a commit unanswered
+    # for over a second (serve.stall_bound) stops them.
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
+    srv = server_factory("--workers", workers, env=env)
+    stall = "has not returned for"
+    [writer] = [
+        p
+        for p in proc_tree(srv.proc.pid)
+        if b"nat64ho.storage.writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+
+    async def go() -> list:
+        c = await connect(srv)
+        wait_for(lambda: "WATCHDOG=1" in _notes(sock))
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            c.send([wire.Map(v6(i), 7) for i in range(8)])  # their commit hangs
+            while stall not in srv.stderr:
+                await asyncio.sleep(0.05)
+            _notes(sock)  # what was sent before the line
+            await asyncio.sleep(2.5)  # two keep-alive intervals and more
+            assert "WATCHDOG=1" not in _notes(sock)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        answers = await c.collect(8, timeout=10)
+        c.close()
+        return answers
+
+    try:
+        answers = run(go())
+        assert len(mappings(answers)) == 8  # answered once committed, nothing lost
+        wait_for(lambda: "WATCHDOG=1" in _notes(sock), timeout=10)
+        wait_for(lambda: "watchdog keep-alives resume" in srv.stderr)
+        assert srv.stderr.count(stall) == 1, srv.stderr
+        assert srv.stop() == 0
     finally:
         sock.close()
 

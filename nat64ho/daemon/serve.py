@@ -4,6 +4,7 @@ signals, timers (watchdog, prune), metrics and IPFIX, and a clean stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nat64ho.daemon.clock import wall_us
@@ -34,6 +36,9 @@ log = logging.getLogger("nat64ho")
 #: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
 #: rather than being dropped while a commit runs.
 RCVBUF = 4 * 1024 * 1024
+#: The least time a commit may go unanswered before the server stops
+#: sending systemd's WATCHDOG=1 (see :func:`stall_bound`).
+MIN_COMMIT_STALL = 1.0
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
 #: How often a standby server tries to take the table.
@@ -92,10 +97,57 @@ def _sd_notify(message: str) -> None:
         log.warning("cannot notify systemd: %s", exc)
 
 
-async def _watchdog(interval: float) -> None:
+def stall_bound(watchdog_usec: int) -> float:
+    """How long a commit may go unanswered before the keep-alives stop: half
+    the watchdog's timeout (15 s with WatchdogSec=30s in
+    contrib/nat64ho.service), far above any commit's time (a group fsynced
+    on a slow disk, a WAL checkpoint: seconds). systemd then restarts a
+    server whose writer hangs within 1.5 WatchdogSec. A commit that fails
+    (disk full) returns, and is retried: not a stall."""
+    return max(watchdog_usec / 2e6, MIN_COMMIT_STALL)
+
+
+class Heartbeat:
+    """Whether this server's commits still return: what the watchdog hears
+    (:func:`_watchdog`, and with workers the parent, by :meth:`beat`)."""
+
+    def __init__(self, store: Storage, where: str, bound: float):
+        self.store = store
+        self.where = where
+        self.bound = bound
+        self.stalled = False
+
+    def alive(self) -> bool:
+        """False while a commit has run longer than ``bound``; says so once
+        when it starts and once when it ends."""
+        running = self.store.commit_running_for()
+        if running > self.bound:
+            if not self.stalled:
+                self.stalled = True
+                log.error(
+                    "a commit to %s has not returned for %.0f s (writer process stopped, "
+                    "or the disk hung): no more watchdog keep-alives, so that systemd "
+                    "restarts the server",
+                    self.where,
+                    running,
+                )
+            return False
+        if self.stalled:
+            self.stalled = False
+            log.warning("commits to %s return again: watchdog keep-alives resume", self.where)
+        return True
+
+
+async def _watchdog(interval: float, heart: Heartbeat, keep_alive: Callable[[bool], None]) -> None:
+    # From the event loop, so a hung loop stops the keep-alives too.
     while True:
-        _sd_notify("WATCHDOG=1")
+        keep_alive(heart.alive())
         await asyncio.sleep(interval)
+
+
+def _sd_watchdog(alive: bool) -> None:
+    if alive:
+        _sd_notify("WATCHDOG=1")
 
 
 async def _prune(store: Storage, days: float) -> None:
@@ -361,7 +413,15 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     )
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
-        helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
+        heart = Heartbeat(store, where, stall_bound(watchdog_usec))
+        interval = watchdog_usec / 2e6
+        keep_alive = _sd_watchdog
+        if config.worker is not None:  # the parent speaks to systemd
+            from nat64ho.daemon import workers
+
+            keep_alive = functools.partial(workers.beat, config.worker)
+            interval /= 4  # the parent checks each interval: a beat late by a moment is not silence
+        helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
     metrics = None
