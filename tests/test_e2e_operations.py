@@ -106,6 +106,14 @@ def test_systemd_notify_ready_watchdog_stopping(server_factory, tmp_path, worker
         sock.close()
 
 
+async def _until(predicate, timeout: float = 10.0) -> None:
+    """Serve the event loop until ``predicate()``; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def _notes(sock: socket.socket) -> list[str]:
     """The notifications waiting on ``sock``, without waiting for more."""
     got = []
@@ -140,8 +148,7 @@ def test_a_writer_that_stops_committing_stops_the_watchdog_until_it_resumes(
         os.kill(writer, signal.SIGSTOP)
         try:
             c.send([wire.Map(v6(i), 7) for i in range(8)])  # their commit hangs
-            while stall not in srv.stderr:
-                await asyncio.sleep(0.05)
+            await _until(lambda: stall in srv.stderr)
             _notes(sock)  # what was sent before the line
             await asyncio.sleep(2.5)  # two keep-alive intervals and more
             assert "WATCHDOG=1" not in _notes(sock)
@@ -184,6 +191,48 @@ def test_sighup_reopens_the_log_and_loses_no_line(server_factory, workers):
     created = [line for line in old + new if " Created " in line]
     assert len(created) == 100
     assert len(new) == 50 and all(" Created " in line for line in new)
+
+
+def test_a_reopen_that_runs_out_of_descriptors_keeps_the_old_file_and_retries(server_factory):
+    # What logrotate's SIGHUP met when a flood of connections had taken every
+    # descriptor: the soft limit is lowered to 0 for the server process, so
+    # no open() can succeed until it is raised again.
+    import resource
+
+    srv = server_factory()
+    rotated = srv.log.with_name("events.log.1")
+    limits = resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE)
+    failed = "cannot reopen log file"
+
+    async def go():
+        c = await connect(srv)
+        for i in range(10):
+            await c.map(v6(i), 1)
+        srv.log.rename(rotated)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (0, limits[1]))
+        try:
+            srv.proc.send_signal(signal.SIGHUP)
+            await _until(lambda: failed in srv.stderr)
+            for i in range(10, 20):  # answered, and logged to the old file
+                await c.map(v6(i), 1)
+            srv.proc.send_signal(signal.SIGHUP)  # fails again, said once
+            await asyncio.sleep(2.5)  # and two periodic tries
+            assert not srv.log.exists()
+        finally:
+            resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, limits)
+        await _until(srv.log.exists)  # the next periodic try, with no SIGHUP
+        for i in range(20, 30):
+            await c.map(v6(i), 1)
+        c.close()
+
+    run(go())
+    assert srv.stop() == 0
+    assert srv.stderr.count(failed) == 1, srv.stderr
+    assert "EMFILE" in srv.stderr or "Too many open files" in srv.stderr
+    assert "Traceback" not in srv.stderr
+    old, new = rotated.read_text().splitlines(), srv.log.read_text().splitlines()
+    assert sum(" Created " in line for line in old) == 20
+    assert len(new) == 10 and all(" Created " in line for line in new)
 
 
 @pytest.mark.parametrize(
