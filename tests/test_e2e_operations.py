@@ -4,6 +4,7 @@ notifications, and SIGHUP reopening the log under logrotate."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -233,6 +234,47 @@ def test_a_reopen_that_runs_out_of_descriptors_keeps_the_old_file_and_retries(se
     old, new = rotated.read_text().splitlines(), srv.log.read_text().splitlines()
     assert sum(" Created " in line for line in old) == 20
     assert len(new) == 10 and all(" Created " in line for line in new)
+
+
+#: SO_RCVBUFFORCE (<asm-generic/socket.h>): as root, past net.core.rmem_max.
+SO_RCVBUFFORCE = 33
+
+
+def test_the_receive_buffer_line_says_what_the_kernel_granted():
+    from nat64ho.daemon.serve import RCVBUF, rcvbuf_line
+
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as small:
+        small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        level, line = rcvbuf_line(small)
+    assert level == logging.WARNING
+    assert line.startswith("UDP receive buffer 128 KiB (SO_RCVBUF), not the 4096 KiB asked for")
+    assert f"net.core.rmem_max is {rmem_max}," in line
+    assert f"set net.core.rmem_max to {RCVBUF} or more" in line
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as full:
+        full.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)  # tests run as root
+        assert rcvbuf_line(full) == (
+            logging.INFO,
+            "UDP receive buffer 8192 KiB (SO_RCVBUF), as asked",
+        )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_server_says_once_what_receive_buffer_it_got(server_factory, workers):
+    from nat64ho.daemon.serve import RCVBUF
+
+    srv = server_factory("--workers", workers)
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    wait_for(lambda: "UDP receive buffer" in srv.stderr)
+    assert srv.stop() == 0
+    lines = [line for line in srv.stderr.splitlines() if "UDP receive buffer" in line]
+    assert len(lines) == 1, srv.stderr
+    # As this host's kernel allows: the full buffer, or the cut said.
+    if rmem_max >= RCVBUF:
+        assert lines[0].endswith("UDP receive buffer 8192 KiB (SO_RCVBUF), as asked")
+    else:
+        assert f"UDP receive buffer {2 * rmem_max // 1024} KiB" in lines[0]
+        assert f"net.core.rmem_max is {rmem_max}" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,10 @@ from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
 log = logging.getLogger("nat64ho")
 
 #: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
-#: rather than being dropped while a commit runs.
+#: rather than being dropped while a commit runs. The kernel caps it at
+#: net.core.rmem_max (install.sh raises that: contrib/sysctl).
 RCVBUF = 4 * 1024 * 1024
+RMEM_MAX = Path("/proc/sys/net/core/rmem_max")
 #: The least time a commit may go unanswered before the server stops
 #: sending systemd's WATCHDOG=1 (see :func:`stall_bound`).
 MIN_COMMIT_STALL = 1.0
@@ -80,6 +82,25 @@ def _bind(host: str, port: int, reuseport: bool = False) -> socket.socket:
         raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def rcvbuf_line(sock: socket.socket) -> tuple[int, str]:
+    """The log level and line that say what receive buffer ``sock`` got:
+    the kernel cuts RCVBUF to net.core.rmem_max without an error."""
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux reports twice what it grants (the other half is its bookkeeping).
+    if got >= 2 * RCVBUF:
+        return logging.INFO, f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), as asked"
+    try:
+        limit = f"net.core.rmem_max is {int(RMEM_MAX.read_text())}"
+    except (OSError, ValueError):
+        limit = "net.core.rmem_max is lower"
+    return logging.WARNING, (
+        f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), not the {RCVBUF // 1024} KiB "
+        f"asked for: {limit}, and bursts beyond the buffer are dropped by the kernel; "
+        f"set net.core.rmem_max to {RCVBUF} or more (install.sh does: "
+        "/etc/sysctl.d/60-nat64ho.conf)"
+    )
 
 
 def _sd_notify(message: str) -> None:
@@ -411,6 +432,8 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         config.first_port,
         config.last_port,
     )
+    if config.worker is None:  # the parent of workers says it for their sockets
+        log.log(*rcvbuf_line(transport.get_extra_info("socket")))
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
         heart = Heartbeat(store, where, stall_bound(watchdog_usec))

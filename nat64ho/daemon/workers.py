@@ -36,6 +36,7 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: Negative offsets of classic BPF load from the network header.
 SKF_NET_OFF = -0x100000
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 #: How long the parent waits for the writer to finish once the workers left.
 WRITER_GRACE = 10.0
 #: How often the parent looks for ended children (and beats the watchdog).
@@ -173,13 +174,14 @@ def run(config: Config) -> None:
 
 
 def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]) -> None:
-    from nat64ho.daemon.serve import _sd_notify, stall_bound
+    from nat64ho.daemon.serve import _sd_notify, rcvbuf_line, stall_bound
     from nat64ho.storage.sqlite import PAGE_CACHE_KIB
 
     global _beats
     _prepare(config)
     _beats = mmap.mmap(-1, n * _BEAT.size)  # shared: the workers write, the parent reads
     socks = bind_group(config.host, config.port, n)
+    log.log(*rcvbuf_line(socks[0]))  # each socket of the group has its own, alike
     where = socks[0].getsockname()
     proc, ends = writer.spawn(str(config.db), config.sync, PAGE_CACHE_KIB, n)
     parent = os.getpid()
@@ -282,6 +284,8 @@ def _worker(
         # lock (inherited) must not outlive the server as a whole.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Its name in ps and top (/proc/PID/comm): which worker is busy.
+        libc.prctl(PR_SET_NAME, f"nat64ho-w{i}".encode()[:15], 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
         for j, s in enumerate(socks):
