@@ -170,6 +170,37 @@ def test_a_writer_that_stops_committing_stops_the_watchdog_until_it_resumes(
         sock.close()
 
 
+def test_a_worker_whose_event_loop_stops_stops_the_watchdog(server_factory, tmp_path):
+    # The parent alone speaks to systemd: a worker that no longer beats (its
+    # loop hung; here stopped) stops the keep-alives, with one line.
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
+    srv = server_factory("--workers", "2", env=env)
+    [worker] = [
+        p for p in proc_tree(srv.proc.pid) if Path(f"/proc/{p}/comm").read_text() == "nat64ho-w1\n"
+    ]
+    try:
+        # A worker counts once it has beaten: it starts right after this line.
+        wait_for(lambda: "[worker 1]: INFO: listening on" in srv.stderr)
+        time.sleep(0.5)  # two of its beats
+        wait_for(lambda: "WATCHDOG=1" in _notes(sock))
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            wait_for(lambda: "worker 1 silent for over 1 s" in srv.stderr)
+            _notes(sock)
+            time.sleep(2.5)
+            assert "WATCHDOG=1" not in _notes(sock)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_for(lambda: "WATCHDOG=1" in _notes(sock))
+        assert srv.stderr.count("silent for over") == 1, srv.stderr
+        assert srv.stop() == 0
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_reopens_the_log_and_loses_no_line(server_factory, workers):
     srv = server_factory("--workers", workers)
