@@ -16,6 +16,7 @@ readonly SETTINGS=/etc/default/nat64ho
 readonly UNIT=/etc/systemd/system/nat64ho.service
 readonly DROPIN_DIR=/etc/systemd/system/nat64ho.service.d
 readonly LOGROTATE=/etc/logrotate.d/nat64ho
+readonly SYSCTL=/etc/sysctl.d/60-nat64ho.conf
 readonly WANTS_DIR=/etc/systemd/system/multi-user.target.wants
 readonly WRAPPER=/usr/local/bin/nat64ho
 readonly DEFAULT_LISTEN=0.0.0.0:6464
@@ -51,6 +52,8 @@ What goes where:
   $UNIT   the unit (contrib/nat64ho.service)
   $DROPIN_DIR/auto-update.conf   only with --auto-update
   $LOGROTATE   daily rotation (contrib/logrotate/nat64ho)
+  $SYSCTL   net.core.rmem_max for the 4 MiB UDP receive buffer
+                             (contrib/sysctl), only where the host allowed less
   $WRAPPER     nat64ho for operators (root, group nat64ho), with
                              the installed database as its default --db
 
@@ -458,6 +461,7 @@ do_install() {
     if [ -z "$LAYOUT" ] && ! command -v logrotate >/dev/null; then
         warn "logrotate is not installed: the event log will grow until you install it (apt-get install logrotate)"
     fi
+    install_sysctl
     install_wrapper
 
     if [ -n "$LAYOUT" ]; then
@@ -509,6 +513,31 @@ pin_dependencies() {
     install -m 0644 "$tmp/requirements.txt" "$R$HOME_DIR/requirements.txt"
     own 0:0 "$R$HOME_DIR/requirements.txt"
     rm -rf "$tmp"
+}
+
+# The receive buffer the server asks for, where the host allows less: the
+# file sets it at boot and is applied now. A host that already allows as
+# much is left alone (the file could lower a later, larger setting). --root
+# cannot know the tree's kernel: it gets the file.
+install_sysctl() {
+    local wanted current=0
+    wanted=$(sed -n 's/^net\.core\.rmem_max *= *\([0-9]*\)$/\1/p' "$SRC/contrib/sysctl/60-nat64ho.conf")
+    if [ -z "$LAYOUT" ]; then
+        current=$(cat /proc/sys/net/core/rmem_max 2>/dev/null || echo 0)
+        if [ "$current" -ge "$wanted" ] && [ ! -f "$R$SYSCTL" ]; then
+            say "Keeping net.core.rmem_max $current (nat64ho asks for $wanted)"
+            return
+        fi
+    fi
+    install -d -m 0755 "$R/etc/sysctl.d"
+    install -m 0644 "$SRC/contrib/sysctl/60-nat64ho.conf" "$R$SYSCTL"
+    if [ -z "$LAYOUT" ] && [ "$current" -lt "$wanted" ]; then
+        if sysctl -q -p "$SYSCTL"; then
+            say "Raised net.core.rmem_max to $wanted ($SYSCTL)"
+        else
+            warn "could not raise net.core.rmem_max now (the next boot does): the server's receive buffer stays smaller until then"
+        fi
+    fi
 }
 
 # `nat64ho` on PATH: the installed code, with the installed database as the
@@ -616,7 +645,8 @@ do_uninstall() {
     if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ] && [ -f "$UNIT" ]; then
         systemctl disable --now --quiet "$NAME.service" || true
     fi
-    rm -f "$R$UNIT" "$R$LOGROTATE" "$R$WANTS_DIR/$NAME.service" "$R$WRAPPER"
+    # The running kernel keeps its rmem_max: lowering it could hurt others.
+    rm -f "$R$UNIT" "$R$LOGROTATE" "$R$SYSCTL" "$R$WANTS_DIR/$NAME.service" "$R$WRAPPER"
     rm -rf "$R$DROPIN_DIR" "$R$VENV" "$R$BIN_DIR" "$R$HOME_DIR/releases" "$R$HOME_DIR/wheels"
     rm -f "$R$INSTALL_CONF" "$R$HOME_DIR/requirements.txt"
     if [ -z "$LAYOUT" ] && [ -d /run/systemd/system ]; then

@@ -199,6 +199,33 @@ def test_who_endpoint_table_json_csv(example_db):
             "in UTC, ISO 8601, 'now', 'yesterday', or -1h, -2d)",
         ),
         (["stats", "--ports", "9-1"], "Error: --ports '9-1': first port is above last port"),
+        # One past what a signed 64-bit integer of either backend holds.
+        (
+            ["export", "--after", "9223372036854775808"],
+            "Error: --after '9223372036854775808': out of range "
+            "(a sequence number is at most 9223372036854775807)",
+        ),
+        (
+            ["export", "--after", "1" + "0" * 40],
+            f"Error: --after '1{'0' * 40}': out of range "
+            "(a sequence number is at most 9223372036854775807)",
+        ),
+        (
+            ["export", "--after", "\u00b2"],
+            "Error: --after '\u00b2': not a sequence number (the 'seq' of --format jsonl)",
+        ),
+        (
+            ["query", "--port", "6\u00b2"],
+            "Error: --port '6\u00b2': not a port number (1-65535)",
+        ),
+        (
+            ["who", "192.0.2.9:1", "--at", "9999-12-31T23:59:59-01:00"],
+            "Error: --at '9999-12-31T23:59:59-01:00': out of range (years 1 to 9999 in UTC)",
+        ),
+        (
+            ["export", "--until", "0001-01-01T00:00:00+01:00"],
+            "Error: --until '0001-01-01T00:00:00+01:00': out of range (years 1 to 9999 in UTC)",
+        ),
         (
             ["prune", "--before", "last week"],
             "Error: --before 'last week': not a time (use 'YYYY-MM-DD HH:MM:SS' "
@@ -209,6 +236,15 @@ def test_who_endpoint_table_json_csv(example_db):
 def test_bad_values_give_one_error_line_and_status_2(example_db, args, line):
     r = invoke(*args, "--db", str(example_db))
     assert (r.exit_code, r.stdout, r.stderr) == (2, "", line + "\n")
+
+
+def test_the_highest_sequence_number_is_a_plain_empty_export(example_db):
+    # The bound of parse_seq is what both backends take: nothing after it.
+    r = nat64ho("export", "--after", "9223372036854775807", "--db", str(example_db))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = nat64ho("export", "--after", "9223372036854775808", "--db", str(example_db))
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("Error: --after '9223372036854775808': out of range")
 
 
 def test_bad_value_through_the_real_command_has_no_traceback(example_db):

@@ -188,3 +188,43 @@ def test_an_idle_server_stops_when_its_writer_process_dies(tmp_path, workers):
         srv.kill()
     errors = [ln for ln in srv.stderr_lines if ln.startswith("Error:")]
     assert len(errors) == 1 and "writer process was killed by SIGKILL" in errors[0], errors
+
+
+def test_a_writer_that_stops_answering_is_told_and_killed_without_blocking_the_loop():
+    # The writer's end of the connection is gone but its process lives on:
+    # the server waits LOST_WAIT for an exit status and kills it, while the
+    # event loop goes on serving (a ticker measures its gaps).
+    import asyncio
+    import subprocess
+    import sys
+
+    from nat64ho.storage import writer as w
+
+    async def main() -> tuple[list[float], subprocess.Popen]:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.close()
+        handle = w.Writer(proc, *await asyncio.open_unix_connection(sock=ours))
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        task = asyncio.ensure_future(ticker())
+        try:
+            with pytest.raises(w.WriterLost, match="stopped answering"):
+                await handle.commit(((), (), (), (), None))
+            await handle.kill()
+        finally:
+            task.cancel()
+            proc.kill()
+        return gaps, proc
+
+    gaps, proc = asyncio.run(main())
+    assert proc.returncode == -signal.SIGKILL
+    assert sum(gaps) >= w.LOST_WAIT * 0.9  # it did wait for the exit status
+    assert max(gaps) < 0.5, max(gaps)  # ...while the loop ran

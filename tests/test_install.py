@@ -252,6 +252,17 @@ def test_unit_logrotate_and_updater_come_from_contrib(installed):
     )
 
 
+def test_sysctl_file_allows_the_receive_buffer_the_server_asks_for(installed):
+    from nat64ho.daemon.serve import RCVBUF
+
+    text = (installed / "etc/sysctl.d/60-nat64ho.conf").read_text()
+    assert text == (REPO / "contrib/sysctl/60-nat64ho.conf").read_text()
+    settings = [line for line in text.splitlines() if line and not line.startswith("#")]
+    # What the kernel caps SO_RCVBUF at must be at least what serve asks for.
+    assert settings == [f"net.core.rmem_max = {RCVBUF}"]
+    assert Path("/proc/sys/net/core/rmem_max").exists()  # the key names a real setting
+
+
 def test_settings_file_has_every_documented_key(installed):
     s = settings(installed)
     assert set(s) == {"NAT64HO_LISTEN", "NAT64HO_ALLOW", "NAT64HO_METRICS", "NAT64HO_ARGS"}
@@ -517,6 +528,7 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
     for gone in (
         "etc/systemd/system/nat64ho.service",
         "etc/logrotate.d/nat64ho",
+        "etc/sysctl.d/60-nat64ho.conf",
         "etc/systemd/system/multi-user.target.wants/nat64ho.service",
         "usr/local/bin/nat64ho",
         f"{HOME}/venv",

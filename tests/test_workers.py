@@ -25,11 +25,13 @@ from tests.helpers import (
     connect,
     hello_from,
     mapping_load,
+    mappings,
     nat64ho,
     one_error,
     run,
     table_rows,
     v6,
+    wait_for,
 )
 
 SOURCES = [f"127.0.0.{k}" for k in range(1, 9)]
@@ -40,14 +42,37 @@ def _ip(a: str) -> int:
 
 
 def _workers(srv: ServerProcess) -> dict[int, int]:
-    """pid -> worker index of a running server's workers."""
+    """pid -> worker index of a running server's workers (by their names)."""
     out = {}
     for p in proc_tree(srv.proc.pid):
-        if p == srv.proc.pid:
-            continue
-        if b"nat64ho.storage.writer" not in Path(f"/proc/{p}/cmdline").read_bytes():
-            out[p] = len(out)
+        m = re.fullmatch(r"nat64ho-w(\d+)", Path(f"/proc/{p}/comm").read_text().strip())
+        if m:
+            out[p] = int(m.group(1))
     return out
+
+
+def _udp_inode(pid: int, port: int) -> int:
+    """The inode of process ``pid``'s UDP socket on ``port``."""
+    mine = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+        if m:
+            mine.add(int(m.group(1)))
+    [inode] = [i for i, p in _udp_sockets().items() if i in mine and p[0] == port]
+    return inode
+
+
+def _udp_sockets() -> dict[int, tuple[int, int]]:
+    """inode -> (local port, datagrams the kernel dropped at its queue)."""
+    out = {}
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        f = line.split()
+        out[int(f[9])] = (int(f[1].split(":")[1], 16), int(f[12]))
+    return out
+
+
+def _drops(inode: int) -> int:
+    return _udp_sockets()[inode][1]
 
 
 def test_each_source_address_always_reaches_the_same_worker(tmp_path):
@@ -187,3 +212,60 @@ def test_workers_above_one_are_refused_on_postgresql():
         "Error: --workers above 1 needs an SQLite table (its writer process commits for "
         "every worker); on PostgreSQL run one worker"
     )
+
+
+def test_a_flood_fills_only_its_own_workers_queue_which_nat64s_steered_there_share(tmp_path):
+    # docs/running.md, "Workers and the kernel queue". 127.0.0.2 and .4 are
+    # steered to worker 0, 127.0.0.3 to worker 1. Worker 0 is stopped so
+    # that the flood fills its queue on any machine; running, it drains at
+    # its own rate and the flood must outrun it (benchmarks measure that).
+    flooder, neighbour, elsewhere = "127.0.0.2", "127.0.0.4", "127.0.0.3"
+    assert [worker_of(_ip(a), 2) for a in (flooder, neighbour, elsewhere)] == [0, 0, 1]
+    srv = ServerProcess(tmp_path, "--workers", "2").start()
+    try:
+        pids = {i: pid for pid, i in _workers(srv).items()}
+        queues = {i: _udp_inode(pid, srv.port) for i, pid in pids.items()}
+
+        async def go() -> None:
+            near = await connect(srv, local=neighbour)
+            far = await connect(srv, local=elsewhere)
+            assert mappings(await near.map(v6(0), 1)) and mappings(await far.map(v6(0), 1))
+            far_drops = _drops(queues[1])
+            os.kill(pids[0], signal.SIGSTOP)
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((flooder, 0))
+                    full = _drops(queues[0])
+                    for _ in range(100):  # at most 50,000 datagrams of 1,200 octets
+                        for _ in range(500):
+                            s.sendto(b"\x31" * 1200, ("127.0.0.1", srv.port))
+                        if _drops(queues[0]) > full:
+                            break
+                    else:
+                        raise AssertionError("the flood never filled worker 0's queue")
+                    # Then the smallest datagrams, till not even those fit.
+                    full = _drops(queues[0])
+                    for _ in range(1000):
+                        s.sendto(b"\x31", ("127.0.0.1", srv.port))
+                    wait_for(lambda: _drops(queues[0]) > full, timeout=5)
+                full = _drops(queues[0])
+                near.send([wire.Map(v6(1), 1)])  # behind the flood: the kernel drops it
+                wait_for(lambda: _drops(queues[0]) == full + 1, timeout=5)
+                # The other worker's NAT64 is served at once, and lost nothing.
+                start = time.monotonic()
+                assert mappings(await far.map(v6(1), 1))
+                assert time.monotonic() - start < 1.0
+                assert _drops(queues[1]) == far_drops
+            finally:
+                os.kill(pids[0], signal.SIGCONT)
+            # Worker 0 goes on: the neighbour's MAP was lost, not delayed; its
+            # next one is answered once the queue has drained.
+            assert not mappings(await near.collect(1, timeout=1.0))
+            assert mappings(await near.exchange([wire.Map(v6(1), 1)], timeout=10))
+            near.close()
+            far.close()
+
+        run(go())
+        assert srv.stop() == 0
+    finally:
+        srv.kill()

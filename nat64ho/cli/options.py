@@ -176,7 +176,11 @@ def parse_listen(text: str, what: str = "--listen") -> Endpoint:
 
 
 def parse_port(text: str, what: str, *, allow_zero: bool = False) -> int:
-    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+    # isascii: str.isdigit also takes digits such as '²' that int() refuses.
+    if (
+        not (text.isascii() and text.isdigit())
+        or not (0 if allow_zero else 1) <= int(text) <= 65535
+    ):
         raise UsageError(f"{what} {text!r}: not a port number (1-65535)")
     return int(text)
 
@@ -265,6 +269,12 @@ def parse_time(text: str, what: str) -> int:
             f"{what} {text!r}: not a time (use 'YYYY-MM-DD HH:MM:SS' in UTC, ISO 8601, "
             "'now', 'yesterday', or -1h, -2d)"
         ) from None
+    try:
+        # Its offset may carry it out of the years 1-9999, which the answer
+        # (printed in UTC) could not show.
+        when.astimezone(dt.UTC)
+    except OverflowError:
+        raise UsageError(f"{what} {text!r}: out of range (years 1 to 9999 in UTC)") from None
     return ts_from_datetime(when)
 
 
@@ -376,7 +386,13 @@ def parse_seconds(text: str, what: str) -> int:
     return round(value * 1_000_000)
 
 
+#: The highest sequence number: both backends keep it in a signed 64-bit integer.
+SEQ_MAX = 2**63 - 1
+
+
 def parse_seq(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise UsageError(f"{what} {text!r}: not a sequence number (the 'seq' of --format jsonl)")
+    if int(text) > SEQ_MAX:
+        raise UsageError(f"{what} {text!r}: out of range (a sequence number is at most {SEQ_MAX})")
     return int(text)

@@ -32,6 +32,9 @@ class LogFile:
     CATCH_UP_RETRY = 1.0
     #: History rows read per catch-up step.
     CATCH_UP_ROWS = 2000
+    #: Seconds between tries to reopen the log file after a SIGHUP's reopen
+    #: failed (descriptors ran out, the directory went): one open() each.
+    REOPEN_RETRY = 1.0
 
     def __init__(self, path: str):
         self.path = path
@@ -47,6 +50,8 @@ class LogFile:
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
         self._last: tuple | None = None  # key of the last event committed while behind
         self._task: asyncio.Task | None = None
+        self._retry: asyncio.TimerHandle | None = None  # the next try to reopen, while failing
+        self._reopen_failed = False  # said once until a reopen works
         self.open()
 
     def open(self) -> None:
@@ -57,10 +62,34 @@ class LogFile:
         self._good = os.fstat(self._fd).st_size
 
     def reopen(self) -> None:
+        """Open the file at ``path`` again (SIGHUP, after logrotate moved
+        it). When that fails, lines keep going to the file open until then,
+        with one line said, and it is tried again every REOPEN_RETRY s (and
+        at each SIGHUP) until it works."""
         if self.path == "-":
             return
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         old = self._fd
-        self.open()
+        try:
+            self.open()
+        except OSError as exc:
+            if self._fd != old:  # opened, then failed (fstat): not half switched
+                os.close(self._fd)
+                self._fd = old
+            if not self._reopen_failed:
+                self._reopen_failed = True
+                log.error(
+                    "cannot reopen log file %s: %s; still writing to the file open "
+                    "before, and trying again every %g s",
+                    self.path,
+                    exc,
+                    self.REOPEN_RETRY,
+                )
+            self._retry = asyncio.get_running_loop().call_later(self.REOPEN_RETRY, self.reopen)
+            return
+        self._reopen_failed = False
         os.close(old)
         log.info("reopened log file %s", self.path)
 
@@ -158,6 +187,8 @@ class LogFile:
             return
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._task is not None:
             self._task.cancel()
             log.error(

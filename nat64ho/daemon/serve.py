@@ -4,12 +4,14 @@ signals, timers (watchdog, prune), metrics and IPFIX, and a clean stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
 import signal
 import socket
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from nat64ho.daemon import journal
@@ -32,8 +34,13 @@ from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
 log = logging.getLogger("nat64ho")
 
 #: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
-#: rather than being dropped while a commit runs.
+#: rather than being dropped while a commit runs. The kernel caps it at
+#: net.core.rmem_max (install.sh raises that: contrib/sysctl).
 RCVBUF = 4 * 1024 * 1024
+RMEM_MAX = Path("/proc/sys/net/core/rmem_max")
+#: The least time a commit may go unanswered before the server stops
+#: sending systemd's WATCHDOG=1 (see :func:`stall_bound`).
+MIN_COMMIT_STALL = 1.0
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
 #: How often a standby server tries to take the table.
@@ -77,6 +84,25 @@ def _bind(host: str, port: int, reuseport: bool = False) -> socket.socket:
     return sock
 
 
+def rcvbuf_line(sock: socket.socket) -> tuple[int, str]:
+    """The log level and line that say what receive buffer ``sock`` got:
+    the kernel cuts RCVBUF to net.core.rmem_max without an error."""
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux reports twice what it grants (the other half is its bookkeeping).
+    if got >= 2 * RCVBUF:
+        return logging.INFO, f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), as asked"
+    try:
+        limit = f"net.core.rmem_max is {int(RMEM_MAX.read_text())}"
+    except (OSError, ValueError):
+        limit = "net.core.rmem_max is lower"
+    return logging.WARNING, (
+        f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), not the {RCVBUF // 1024} KiB "
+        f"asked for: {limit}, and bursts beyond the buffer are dropped by the kernel; "
+        f"set net.core.rmem_max to {RCVBUF} or more (install.sh does: "
+        "/etc/sysctl.d/60-nat64ho.conf)"
+    )
+
+
 def _sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -92,10 +118,57 @@ def _sd_notify(message: str) -> None:
         log.warning("cannot notify systemd: %s", exc)
 
 
-async def _watchdog(interval: float) -> None:
+def stall_bound(watchdog_usec: int) -> float:
+    """How long a commit may go unanswered before the keep-alives stop: half
+    the watchdog's timeout (15 s with WatchdogSec=30s in
+    contrib/nat64ho.service), far above any commit's time (a group fsynced
+    on a slow disk, a WAL checkpoint: seconds). systemd then restarts a
+    server whose writer hangs within 1.5 WatchdogSec. A commit that fails
+    (disk full) returns, and is retried: not a stall."""
+    return max(watchdog_usec / 2e6, MIN_COMMIT_STALL)
+
+
+class Heartbeat:
+    """Whether this server's commits still return: what the watchdog hears
+    (:func:`_watchdog`, and with workers the parent, by :meth:`beat`)."""
+
+    def __init__(self, store: Storage, where: str, bound: float):
+        self.store = store
+        self.where = where
+        self.bound = bound
+        self.stalled = False
+
+    def alive(self) -> bool:
+        """False while a commit has run longer than ``bound``; says so once
+        when it starts and once when it ends."""
+        running = self.store.commit_running_for()
+        if running > self.bound:
+            if not self.stalled:
+                self.stalled = True
+                log.error(
+                    "a commit to %s has not returned for %.0f s (writer process stopped, "
+                    "or the disk hung): no more watchdog keep-alives, so that systemd "
+                    "restarts the server",
+                    self.where,
+                    running,
+                )
+            return False
+        if self.stalled:
+            self.stalled = False
+            log.warning("commits to %s return again: watchdog keep-alives resume", self.where)
+        return True
+
+
+async def _watchdog(interval: float, heart: Heartbeat, keep_alive: Callable[[bool], None]) -> None:
+    # From the event loop, so a hung loop stops the keep-alives too.
     while True:
-        _sd_notify("WATCHDOG=1")
+        keep_alive(heart.alive())
         await asyncio.sleep(interval)
+
+
+def _sd_watchdog(alive: bool) -> None:
+    if alive:
+        _sd_notify("WATCHDOG=1")
 
 
 async def _prune(store: Storage, days: float) -> None:
@@ -369,9 +442,19 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         config.cache_size,
         ", ".join(map(str, config.allow)) or "any",
     )
+    if config.worker is None:  # the parent of workers says it for their sockets
+        log.log(*rcvbuf_line(transport.get_extra_info("socket")))
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec > 0:
-        helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
+        heart = Heartbeat(store, where, stall_bound(watchdog_usec))
+        interval = watchdog_usec / 2e6
+        keep_alive = _sd_watchdog
+        if config.worker is not None:  # the parent speaks to systemd
+            from nat64ho.daemon import workers
+
+            keep_alive = functools.partial(workers.beat, config.worker)
+            interval /= 4  # the parent checks each interval: a beat late by a moment is not silence
+        helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
     metrics = None

@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import dataclasses
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -36,6 +37,7 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: Negative offsets of classic BPF load from the network header.
 SKF_NET_OFF = -0x100000
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 #: How long the parent waits for the writer to finish once the workers left.
 WRITER_GRACE = 10.0
 #: How often the parent looks for ended children (and beats the watchdog).
@@ -43,6 +45,31 @@ WAIT_POLL = 0.1
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_BEAT = struct.Struct("d")
+#: Per worker, shared with the parent: the monotonic time of its last
+#: keep-alive; 0 before its first, negative while its commits stall (it
+#: said so itself).
+_beats: mmap.mmap | None = None
+
+
+def beat(i: int, alive: bool) -> None:
+    """Worker ``i``'s watchdog keep-alive, for its parent to pass on."""
+    if _beats is not None:
+        _BEAT.pack_into(_beats, i * _BEAT.size, time.monotonic() if alive else -1.0)
+
+
+def _silent(n: int, bound: float) -> tuple[list[int], list[int]]:
+    """(workers whose commits stall, workers not heard from for ``bound`` s)."""
+    assert _beats is not None
+    now = time.monotonic()
+    stalled, silent = [], []
+    for i in range(n):
+        (at,) = _BEAT.unpack_from(_beats, i * _BEAT.size)
+        if at < 0:
+            stalled.append(i)
+        elif at and now - at > bound:
+            silent.append(i)
+    return stalled, silent
 
 
 class WorkerFailed(schema.DatabaseError):
@@ -148,11 +175,14 @@ def run(config: Config) -> None:
 
 
 def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]) -> None:
-    from nat64ho.daemon.serve import _sd_notify
+    from nat64ho.daemon.serve import _sd_notify, rcvbuf_line, stall_bound
     from nat64ho.storage.sqlite import PAGE_CACHE_KIB
 
+    global _beats
     _prepare(config)
+    _beats = mmap.mmap(-1, n * _BEAT.size)  # shared: the workers write, the parent reads
     socks = bind_group(config.host, config.port, n)
+    log.log(*rcvbuf_line(socks[0]))  # each socket of the group has its own, alike
     where = socks[0].getsockname()
     proc, ends = writer.spawn(str(config.db), config.sync, PAGE_CACHE_KIB, n)
     parent = os.getpid()
@@ -172,13 +202,25 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
     # systemd (NotifyAccess=main) hears the parent only. The sockets are
     # bound: what arrives before a worker serves waits in its buffer.
     _sd_notify(f"READY=1\nSTATUS=listening on {where[0]}:{where[1]} ({n} workers)")
-    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    watchdog, bound = watchdog_usec / 2e6, stall_bound(watchdog_usec)
     next_watchdog = 0.0
+    told: list[int] = []
     failure = None
     while pids:
         if watchdog and time.monotonic() >= next_watchdog:
-            # The parent's heartbeat: a worker that hangs is not seen here.
-            _sd_notify("WATCHDOG=1")
+            # systemd hears only the parent: it passes on the workers'
+            # keep-alives, and stops when one stalls or falls silent.
+            stalled, silent = _silent(n, bound)
+            if not stalled and not silent:
+                _sd_notify("WATCHDOG=1")
+            if silent and silent != told:
+                log.error(
+                    "worker %s silent for over %.0f s: no more watchdog keep-alives",
+                    ", ".join(map(str, silent)),
+                    bound,
+                )
+            told = silent
             next_watchdog = time.monotonic() + watchdog
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -243,6 +285,8 @@ def _worker(
         # lock (inherited) must not outlive the server as a whole.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Its name in ps and top (/proc/PID/comm): which worker is busy.
+        libc.prctl(PR_SET_NAME, f"nat64ho-w{i}".encode()[:15], 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
         for j, s in enumerate(socks):
@@ -251,9 +295,9 @@ def _worker(
         for j, e in enumerate(ends):
             if j != i:
                 e.close()
-        # The parent speaks to systemd for the server as a whole.
+        # The parent speaks to systemd for the server as a whole; the
+        # worker's keep-alives go to it (beat).
         os.environ.pop("NOTIFY_SOCKET", None)
-        os.environ.pop("WATCHDOG_USEC", None)
         journal.setup_logging(f"nat64ho[worker {i}]")
         mine = dataclasses.replace(
             config, worker=i, sock_fd=socks[i].detach(), writer_fd=ends[i].detach()

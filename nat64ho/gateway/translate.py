@@ -53,6 +53,7 @@ BAD_CHECKSUM = "bad_checksum"
 NESTED_ERROR = "nested_error"
 BAD_EMBEDDED = "bad_embedded"
 NEEDS_FRAGMENTING = "needs_fragmenting"
+TOO_BIG = "too_big"
 REASONS = (
     NOT_IPV6,
     NOT_IPV4,
@@ -67,6 +68,7 @@ REASONS = (
     NESTED_ERROR,
     BAD_EMBEDDED,
     NEEDS_FRAGMENTING,
+    TOO_BIG,
 )
 
 
@@ -228,6 +230,8 @@ def to_ipv4(pkt: bytes, p: Parsed6, pool: bytes, nat_port: int) -> bytes:
             raise Untranslatable(BAD_CHECKSUM)
         body = _icmp6_to_4(body, p, pool, nat_port)
         proto = ICMP
+    if 20 + len(body) > 0xFFFF:  # an IPv6 jumbo-sized payload: no IPv4 packet holds it
+        raise Untranslatable(TOO_BIG)
     return ipv4_header(tos, 20 + len(body), 0, _DF, pkt[7], proto, pool, p.dst4) + body
 
 
@@ -312,6 +316,10 @@ def _inner6_to_4(inner: bytes, pool: bytes, nat_port: int) -> bytes:
         raise Untranslatable(BAD_EMBEDDED)
     tos = (inner[0] & 0x0F) << 4 | inner[1] >> 4
     total = 20 + plen - (l4 - 40)
+    if not 20 <= total <= 0xFFFF:
+        # Its header claims less than its own extension headers, or more
+        # than an IPv4 header can say.
+        raise Untranslatable(BAD_EMBEDDED)
     return ipv4_header(tos, total, 0, _DF, inner[7], proto, src4, pool) + body
 
 
@@ -346,6 +354,8 @@ def parse4(pkt: bytes, pool: bytes) -> Parsed4:
     if len(inner) < 20 or inner[0] >> 4 != 4 or inner[12:16] != pool:
         raise Untranslatable(BAD_EMBEDDED)
     iihl = (inner[0] & 0x0F) * 4
+    if iihl < 20:
+        raise Untranslatable(BAD_EMBEDDED)
     iproto = inner[9]
     if iproto in _PORTED and iihl + 2 <= len(inner):
         port = inner[iihl] << 8 | inner[iihl + 1]

@@ -67,6 +67,10 @@ class Storage(Protocol):
     damaged: str | None  #: why the file was given up on; never cleared
     damage_found: asyncio.Event
 
+    def commit_running_for(self) -> float:
+        """Seconds the commit in flight has gone unanswered; 0 when none runs."""
+        ...
+
     @property
     def stats(self) -> Mapping[str, int]:
         """ "commits", "commit_failures"."""

@@ -138,6 +138,7 @@ class Store:
         self._flusher: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self.failing: str | None = None  #: why the last commit failed, while it does
+        self._commit_began: float | None = None  # loop time the commit in flight began
         self.damaged: str | None = None  #: set once the file is found damaged; never cleared
         #: Set once the file is found damaged: the server stops.
         self.damage_found = asyncio.Event()
@@ -259,7 +260,7 @@ class Store:
     async def _interrupt(self) -> None:
         """Abort the commit in flight (a stop that gives up on it)."""
         if self._writer is not None:
-            self._writer.kill()  # rolls back the group in flight
+            await self._writer.kill()  # rolls back the group in flight
 
     async def _close_connections(self) -> None:
         if self._writer is not None:
@@ -457,7 +458,7 @@ class Store:
             if w is not None and w.proc is not None and w.proc.poll() is not None:
                 # Dead while nothing was committing: stop now, not at the
                 # next new entry.
-                self.damage(WriterLost(w.why_lost()), "lost its writer")
+                self.damage(WriterLost(await w.why_lost()), "lost its writer")
 
     async def _flush_loop(self) -> None:
         try:
@@ -498,6 +499,12 @@ class Store:
             if self._batch or self._closing or self._recency_due:
                 self._wake.set()
 
+    def commit_running_for(self) -> float:
+        """Seconds the commit in flight has run without an answer (0 when
+        none runs): a writer process stopped or a hung disk shows here."""
+        began = self._commit_began
+        return 0.0 if began is None else self._loop.time() - began
+
     def _take_recency(self) -> list[tuple[int, int, int]]:
         self._recency_due = False
         rows = [
@@ -531,9 +538,11 @@ class Store:
     async def _commit_until_done(self, batch: Batch, recency: list) -> None:
         delay = 0.01
         while True:
+            self._commit_began = self._loop.time()
             try:
                 await self._commit(batch, recency)
             except Exception as exc:
+                self._commit_began = None
                 self.stats["commit_failures"] += 1
                 if not self._retryable(exc):
                     raise DatabaseDamaged(self.damaged) from exc
@@ -548,6 +557,7 @@ class Store:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
+            self._commit_began = None
             if self.failing is not None:
                 log.warning("commits to %s work again", self.path)
                 self.failing = None

@@ -51,6 +51,15 @@ WAL_LIMIT_PAGES = 16384
 CHECKPOINT_POLL = 0.5
 
 
+#: How often the server looks whether its writer process ended.
+EXIT_POLL = 0.01
+#: How long a lost writer's connection waits for its exit status, to say
+#: why it ended (a writer that closed its end exits at once).
+LOST_WAIT = 1.0
+#: How long a kill waits for the process to end.
+KILL_WAIT = 1.0
+
+
 #: Never lowers it: with workers, each sends the newest last use it saw.
 _RAISE_HWM = (
     "INSERT INTO meta VALUES ('clock_hwm', ?) "
@@ -292,17 +301,25 @@ class Writer:
             head = await self._reader.readexactly(_LEN.size)
             failed, seconds = marshal.loads(await self._reader.readexactly(_LEN.unpack(head)[0]))
         except (OSError, asyncio.IncompleteReadError) as exc:
-            raise WriterLost(self.why_lost()) from exc
+            raise WriterLost(await self.why_lost()) from exc
         if failed is not None:
             raise CommitFailed(*failed)
         return seconds
 
-    def why_lost(self) -> str:
+    async def _exited(self, timeout: float) -> int | None:
+        """The writer's exit status, or None while it still runs after
+        ``timeout`` s. Polled: the event loop serves meanwhile."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while (rc := self.proc.poll()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(EXIT_POLL)
+        return rc
+
+    async def why_lost(self) -> str:
         if self.proc is None:
             return "the writer process closed its end"
-        try:
-            rc = self.proc.wait(1.0)
-        except subprocess.TimeoutExpired:
+        rc = await self._exited(LOST_WAIT)
+        if rc is None:
             return "its writer process stopped answering"
         if rc < 0:
             try:
@@ -312,13 +329,15 @@ class Writer:
             return f"its writer process was killed by {name}"
         return f"its writer process exited with status {rc}"
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         """Stop now, rolling back the group in flight (nothing of it was
         acknowledged)."""
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
-            self.proc.wait()
+            # A writer blocked in the kernel (a hung disk) dies only once its
+            # I/O returns: not waited for beyond KILL_WAIT (Popen reaps it).
+            await self._exited(KILL_WAIT)
         self._writer.close()
 
     async def stop(self, timeout: float) -> None:
@@ -333,10 +352,8 @@ class Writer:
                 await self._writer.drain()
             except OSError:
                 pass
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-        self.kill()
+            await self._exited(timeout)
+        await self.kill()
 
 
 if __name__ == "__main__":
