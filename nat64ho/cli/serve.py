@@ -130,6 +130,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            metavar="unix:PATH|ADDR:PORT",
+            envvar="NAT64HO_API",
+            help="Serve the read-only attribution API (GET /v1/client?nat=&port=, docs/api.md) "
+            "on a Unix socket (made 0660) or, only where given, on TCP. Default: off.",
+            show_default=False,
+        ),
+    ] = None,
     keep_history: Annotated[
         float | None,
         typer.Option(
@@ -212,11 +222,17 @@ def serve(
         prefixes = [parse_prefix4(p, "--allow") for p in allow or []]
         metrics_at = parse_listen(metrics, "--metrics") if metrics else None
         collectors = parse_collectors(ipfix or [], ipfix_domain)
+        api_at = parse_api(api) if api else None
         n_workers = parse_workers(workers)
         if n_workers > 1 and (metrics_at or collectors):
             raise UsageError(
                 "--workers above 1 with --metrics or --ipfix: each would show one "
                 "worker's share only; run one worker to use them"
+            )
+        if n_workers > 1 and api_at:
+            raise UsageError(
+                "--workers above 1 with --api: each worker holds only its NAT64s' "
+                "tables; run one worker to use the API"
             )
     except UsageError as exc:
         fail(str(exc))
@@ -248,6 +264,7 @@ def serve(
         cache_size=cache_size,
         keep_history_days=keep_history,
         metrics=metrics_at,
+        api=api_at,
         max_nats=max_nats,
         standby=standby,
         ipfix=collectors,
@@ -276,6 +293,16 @@ def default_log(target: Path | str) -> Path:
         os.path.expanduser("~"), ".local", "state"
     )
     return Path(state) / "nat64ho" / "nat64ho.log"
+
+
+def parse_api(text: str) -> tuple[str, int] | str:
+    """``--api``: ``unix:PATH`` (absolute or relative), or ADDR:PORT for TCP."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path or "\0" in path or len(os.fsencode(path)) > 107:
+            raise UsageError(f"--api {text!r}: expected unix:PATH (at most 107 octets)")
+        return path
+    return parse_listen(text, "--api")
 
 
 def parse_workers(text: str) -> int:
