@@ -24,7 +24,8 @@ def probe(
         str,
         typer.Argument(
             metavar="SERVER",
-            help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
+            help="The server: IPV4 or IPV4:PORT (port 6464 if not given); with --health, "
+            "its --metrics ADDR:PORT or --api unix:PATH.",
             show_default=False,
         ),
     ],
@@ -65,6 +66,15 @@ def probe(
     timeout: Annotated[
         str, typer.Option(metavar="SECONDS", help="How long to wait for each answer.")
     ] = "2",
+    health: Annotated[
+        bool,
+        typer.Option(
+            "--health",
+            help="Only ask the server's HTTP endpoint (SERVER: its --metrics or --api) "
+            "whether it serves: no HELLO, nothing stored or logged. Prints 'ok', exit 0; "
+            "else one Error line, exit 1. For monitoring.",
+        ),
+    ] = False,
 ) -> None:
     """Say HELLO to a server and confirm the session as a NAT64 does, then send each
     --map, then each --lookup, then each --touch, printing every answer decoded with
@@ -76,6 +86,20 @@ def probe(
     """
     from nat64ho import probe as p
 
+    if health:
+        if map_ or lookup or touch or source != "0.0.0.0":
+            fail(
+                "--health asks the HTTP endpoint only: give no --map, --lookup, --touch or --source"
+            )
+        try:
+            wait = parse_seconds(timeout, "--timeout") / 1e6
+        except UsageError as exc:
+            fail(str(exc))
+        try:
+            typer.echo(p.health(server_addr, wait))
+        except p.Unhealthy as exc:
+            fail(str(exc), 1)
+        return
     try:
         if ":" in server_addr:
             host, port = parse_listen(server_addr, "SERVER")
