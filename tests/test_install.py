@@ -254,12 +254,27 @@ def test_unit_logrotate_and_updater_come_from_contrib(installed):
 
 def test_settings_file_has_every_documented_key(installed):
     s = settings(installed)
-    assert set(s) == {"NAT64HO_LISTEN", "NAT64HO_ALLOW", "NAT64HO_METRICS", "NAT64HO_ARGS"}
+    assert set(s) == {
+        "NAT64HO_LISTEN",
+        "NAT64HO_ALLOW",
+        "NAT64HO_METRICS",
+        "NAT64HO_API",
+        "NAT64HO_ARGS",
+    }
     assert s["NAT64HO_LISTEN"].startswith("127.0.0.1:")
     assert s["NAT64HO_METRICS"].startswith("127.0.0.1:")
-    assert s["NAT64HO_ALLOW"] == s["NAT64HO_ARGS"] == ""
+    assert s["NAT64HO_ALLOW"] == s["NAT64HO_ARGS"] == s["NAT64HO_API"] == ""
     conf = (installed / HOME / "install.conf").read_text()
     assert f"SOURCE={REPO}\n" in conf and "AUTO_UPDATE=no\n" in conf
+
+
+def test_api_is_off_unless_asked_and_its_socket_directory_is_the_units(installed):
+    unit = (installed / "etc/systemd/system/nat64ho.service").read_text()
+    assert "\nRuntimeDirectory=nat64ho\nRuntimeDirectoryMode=0750\n" in unit
+    run("--root", installed, "--api")
+    assert settings(installed)["NAT64HO_API"] == "unix:/run/nat64ho/api.sock"
+    run("--root", installed, "--no-api")
+    assert settings(installed)["NAT64HO_API"] == ""
 
 
 def test_directories_and_ownership(installed):
@@ -556,6 +571,7 @@ def test_help_explains_options_and_layout():
         "--purge",
         "--listen",
         "--metrics",
+        "--api",
         "/etc/default/nat64ho",
         "/home/nat64ho/logs",
         "systemctl status nat64ho",
