@@ -1,8 +1,9 @@
 """The HTTP/1.1 endpoints of a running server (``--api``, ``--metrics``):
 a thin asyncio loop around h11's sans-I/O connection.
 
-h11 parses and writes; this module only moves bytes and bounds what a
-client may hold: connections (beyond MAX_CONNECTIONS one gets a 503 and is
+h11 parses every request; replies, always with a Content-Length, are
+written here (the head of a reply is a few fixed lines). The loop moves
+bytes and bounds what a client may hold: connections (beyond MAX_CONNECTIONS one gets a 503 and is
 closed, so a flood cannot take the server's descriptors), idle time, the
 size of a request head, and replies it does not read (reading pauses while
 its replies wait to be written). A route answers a request's query string
@@ -51,7 +52,6 @@ class Reply(NamedTuple):
 #: A route: the query string (octets after ``?``) -> the reply.
 Route = Callable[[bytes], "Reply | Awaitable[Reply]"]
 
-_CLOSE = (b"connection", b"close")
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -205,10 +205,9 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ requests
     def _next(self) -> None:
-        conn = self.conn
         while not self.busy:
             try:
-                event = conn.next_event()
+                event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
                 self._refuse(exc.error_status_hint, str(exc))
                 return
@@ -264,57 +263,54 @@ class _Connection(asyncio.Protocol):
         self._next()
 
     def _send(self, reply: Reply, *extra: tuple[bytes, bytes]) -> None:
-        conn = self.conn
+        """Write ``reply``; then the next request, on a fresh h11 connection
+        fed what this one had read past the request (pipelining)."""
         req = self.request
-        body = b"" if req is not None and req.method == b"HEAD" else reply.body
-        headers = [
-            (b"content-type", reply.content_type),
-            (b"content-length", str(len(reply.body)).encode()),
-            *reply.headers,
-            *extra,
-        ]
-        try:
-            out = conn.send(
-                h11.Response(
-                    status_code=reply.status,
-                    headers=headers,
-                    reason=_REASONS.get(reply.status, b""),
-                )
-            )
-            out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") if body else out or b""
-            out += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
+        assert req is not None and self.transport is not None
+        keep = _keep_alive(req)
+        self.transport.write(_render(reply, req.method == b"HEAD", keep, extra))
+        if not keep:
             self.close()
             return
-        assert self.transport is not None
-        self.transport.write(out)
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-            self.close()
-            return
-        try:
-            conn.start_next_cycle()
-        except h11.LocalProtocolError:  # the client closed its side meanwhile
-            self.close()
+        data, closed = self.conn.trailing_data
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.request = None
+        if data or closed:
+            self.conn.receive_data(data)
+            if closed:
+                self.conn.receive_data(b"")
 
     def _refuse(self, status: int, why: str) -> None:
-        """A request h11 cannot parse: one line saying why, then close."""
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = 431 if "incomplete event" in why else status
-            try:
-                out = self.conn.send(
-                    h11.Response(
-                        status_code=status,
-                        reason=_REASONS.get(status, b""),
-                        headers=[
-                            (b"content-type", b"text/plain"),
-                            (b"content-length", b"0"),
-                            _CLOSE,
-                        ],
-                    )
-                )
-                out = (out or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
-                assert self.transport is not None
-                self.transport.write(out)
-            except h11.LocalProtocolError:
-                pass
+        """A request h11 cannot parse: the status alone, then close."""
+        status = 431 if "incomplete event" in why else status
+        assert self.transport is not None
+        self.transport.write(_render(Reply(status, b""), False, False, ()))
         self.close()
+
+
+def _keep_alive(req: h11.Request) -> bool:
+    # HTTP/1.1 keeps the connection unless asked not to; 1.0 closes it (as
+    # h11 would decide).
+    if req.http_version != b"1.1":
+        return False
+    return not any(
+        name == b"connection" and b"close" in value.lower() for name, value in req.headers
+    )
+
+
+def _render(reply: Reply, head: bool, keep: bool, extra: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    # h11 parses every request; replies are ours alone, always with a
+    # Content-Length, so their head is a few fixed lines. h11's own writer
+    # costs as much as the rest of a lookup together.
+    lines = [
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+        % (reply.status, _REASONS.get(reply.status, b""), reply.content_type, len(reply.body))
+    ]
+    for name, value in (*reply.headers, *extra):
+        lines.append(name + b": " + value + b"\r\n")
+    if not keep:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head:
+        lines.append(reply.body)
+    return b"".join(lines)
