@@ -338,7 +338,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=8, help="connections per load process")
     ap.add_argument("--procs", type=int, default=1, help="load processes (lookups)")
     ap.add_argument("--rate", type=float, default=2000.0, help="requests/s (nginx)")
-    ap.add_argument("--map-rate", type=float, default=100.0, help="MAPs/s, one awaited at a time (udp)")
+    ap.add_argument(
+        "--map-rate", type=float, default=100.0, help="MAPs/s, one awaited at a time (udp)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nat64ho-api-") as d:
         {"lookups": lookups, "nginx": nginx, "udp": udp}[args.what](args, Path(d))
