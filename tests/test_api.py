@@ -372,3 +372,43 @@ def test_asgi_middleware_under_uvicorn(api_server, tmp_path, which):
     finally:
         uv.terminate()
         uv.wait(10)
+
+
+def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
+    """In-process, one port: the MAP that takes it from an older client is
+    decided at once, but until its commit the API does not answer the new
+    client from memory (the NAT64 has not been told); after it, it does."""
+    import asyncio
+
+    from nat64ho.daemon.api import Api
+    from nat64ho.peer import Peer
+    from tests.test_server_inproc import NAT, replies, settle, start, stop
+
+    async def go():
+        srv, rec = await start(tmp_path, first_port=1028, last_port=1028)
+        api = Api(srv)
+        peer = Peer(bytes(8))
+        srv.datagram_received(peer.hello(), NAT)
+        await settle(srv)
+        replies(rec, peer)
+        srv.datagram_received(peer.confirm(), NAT)
+        srv.datagram_received(peer.request([wire.Map(v6(1), 1)]), NAT)
+        await settle(srv)
+        assert [type(m) for m in replies(rec, peer)] == [wire.Mapping]
+        query = b"nat=192.0.2.7&port=1028"
+        first = api.client(query)
+        assert isinstance(first, httpd.Reply) and json.loads(first.body)["address"] == "2001:db8::1"
+
+        srv.datagram_received(peer.request([wire.Map(v6(2), 2)]), NAT)
+        assert srv.tables.nats[0xC0000207].table.by_port[1028].addr == v6(2)  # decided
+        pending = api.client(query)
+        assert not isinstance(pending, httpd.Reply)  # not from memory: read instead
+        pending.close()
+        await settle(srv)
+        assert [type(m) for m in replies(rec, peer)] == [wire.Deleted, wire.Mapping]
+        after = api.client(query)
+        assert isinstance(after, httpd.Reply) and json.loads(after.body)["address"] == "2001:db8::2"
+        api.close()
+        await stop(srv)
+
+    asyncio.run(go())
