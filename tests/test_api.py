@@ -113,8 +113,8 @@ def test_found_absent_not_a_nat64_and_the_past(api_server, db_target):
     conn.close()
 
 
-def test_after_a_restart_the_answer_comes_from_the_database(api_server):
-    srv, sock = api_server()
+def test_after_a_restart_the_answer_comes_from_the_database(api_server, db_target):
+    srv, sock = api_server(db=db_target)
 
     async def go():
         c = await connect(srv)
