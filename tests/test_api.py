@@ -412,3 +412,22 @@ def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
         await stop(srv)
 
     asyncio.run(go())
+
+
+def test_pipelined_requests_are_answered_in_order(api_server):
+    _, sock = api_server()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock)
+        s.settimeout(5)
+        s.sendall(
+            b"GET /v1/client?nat=127.0.0.1&port=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /v1/client?nat=127.0.0.1&port=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk := s.recv(65536):  # the server closes after the third
+            data += chunk
+    statuses = re.findall(rb"^HTTP/1.1 (\d+) ", data, re.M)
+    assert statuses == [b"200", b"404", b"200"]
+    assert data.index(b'"port": 1,') < data.index(b'"port": 2,')
+    assert data.count(b"connection: close") == 1
