@@ -251,7 +251,7 @@ class Testbed:
             _ip("netns", "del", ns, check=False)
 
     # ------------------------------------------------------------ processes
-    def serve(self, *args: str, detach: bool = False) -> Proc:
+    def serve(self, *args: str, detach: bool = False, api: bool = True) -> Proc:
         self.serve_proc = Proc(
             self.host,
             [
@@ -265,8 +265,7 @@ class Testbed:
                 f"{HOST4}:{HANDOFF_PORT}",
                 "--log-file",
                 str(self.events),
-                "--api",
-                f"unix:{self.api}",
+                *(["--api", f"unix:{self.api}"] if api else []),
                 *args,
             ],
             self.state / "serve.out",
