@@ -431,3 +431,21 @@ def test_pipelined_requests_are_answered_in_order(api_server):
     assert statuses == [b"200", b"404", b"200"]
     assert data.index(b'"port": 1,') < data.index(b'"port": 2,')
     assert data.count(b"connection: close") == 1
+
+
+def test_tcp_only_where_given_and_bad_values_in_one_line(server_factory, tmp_path):
+    srv = server_factory("--api", "127.0.0.1:0")
+    host, port = wait_for(lambda: re.search(r"API on http://([\d.]+):(\d+) ", srv.stderr)).groups()
+    assert client.lookup("127.0.0.1", 1028, api=f"{host}:{port}") is None
+    for value, line in (
+        ("localhost", "Error: --api 'localhost': expected ADDR:PORT, e.g. 127.0.0.1:6464"),
+        ("unix:", "Error: --api 'unix:': expected unix:PATH (at most 107 octets)"),
+    ):
+        out = nat64ho("serve", "--db", str(tmp_path / "x.db"), "--api", value, "--check-config")
+        assert (out.returncode, out.stderr.strip()) == (2, line)
+    taken = nat64ho("serve", "--db", str(tmp_path / "y.db"), "--listen", "127.0.0.1:0",
+                    "--api", f"{host}:{port}")  # fmt: skip
+    assert taken.returncode == 1
+    assert (
+        f"--api {host}:{port}: cannot listen: " in taken.stderr and "Traceback" not in taken.stderr
+    )
