@@ -13,6 +13,7 @@ that nginx's ``auth_request`` passes the request on (docs/api.md).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import json
@@ -20,6 +21,7 @@ import socket
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +124,7 @@ class Api:
         self._history.submit(close_conn)
         self._history.shutdown(wait=True)
 
-    def client(self, query: bytes) -> Reply | Any:
+    def client(self, query: bytes) -> Reply | Awaitable[Reply]:
         try:
             nat, port, at = parse_query(query)
         except BadQuery as exc:
@@ -150,8 +152,6 @@ class Api:
         return _answer(nat, port, r.addr, r.aport, r.created)
 
     async def _past(self, nat: int, port: int, at: int) -> Reply:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         try:
             h = await loop.run_in_executor(self._history, self._who, nat, port, at)
