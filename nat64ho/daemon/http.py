@@ -3,10 +3,10 @@ a thin asyncio loop around h11's sans-I/O connection.
 
 h11 parses every request; replies, always with a Content-Length, are
 written here (the head of a reply is a few fixed lines). The loop moves
-bytes and bounds what a client may hold: connections (beyond MAX_CONNECTIONS one gets a 503 and is
-closed, so a flood cannot take the server's descriptors), idle time, the
-size of a request head, and replies it does not read (reading pauses while
-its replies wait to be written). A route answers a request's query string
+bytes and bounds what a client may hold: connections (beyond
+MAX_CONNECTIONS one gets a 503 and is closed, so a flood cannot take the
+server's descriptors), idle time, the size of a request head, and replies
+it does not read (reading pauses while its replies wait to be written). A route answers a request's query string
 with a :class:`Reply`, or an awaitable of one when it must read the
 database; requests on one connection are answered in order (keep-alive,
 pipelining).
@@ -43,6 +43,8 @@ MAX_HEAD = 8192
 
 
 class Reply(NamedTuple):
+    """What a route answers; Content-Length is added when it is written."""
+
     status: int
     body: bytes
     content_type: bytes = b"text/plain; charset=utf-8"
