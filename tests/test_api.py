@@ -230,6 +230,8 @@ def test_the_connection_cap_holds_and_the_server_still_answers(server_factory, t
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
     status, _, body = wait_for(lambda: (r := get(conn, "/metrics"))[0] == 200 and r)
     assert b"nat64ho_build_info{" in body and b"process_open_fds " in body
+    refused_line = f'nat64ho_http_connections_refused_total{{endpoint="metrics"}} {refused}.0'
+    assert refused_line.encode() in body
     assert srv.proc.poll() is None
 
 

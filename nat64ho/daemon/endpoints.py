@@ -27,6 +27,7 @@ class Endpoints:
         failure, what was started is stopped and the OSError raised."""
         from nat64ho.daemon.api import health
 
+        metrics = None
         try:
             if config.metrics is not None:
                 from nat64ho.daemon.metrics import Metrics
@@ -48,6 +49,8 @@ class Endpoints:
                 self.servers.append(http)
                 at = await http.start(config.api)
                 log.info("API on %s (GET %s)", at, PATH.decode())
+            if metrics is not None:
+                metrics.endpoints += self.servers
         except BaseException:
             await self.stop()
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from nat64ho import __version__
 from nat64ho.core.counters import DROP_METRICS, METRICS, Count, Drop, Metric
-from nat64ho.daemon.http import Reply
+from nat64ho.daemon.http import HttpServer, Reply
 from nat64ho.eventlog import ipv4_str
 
 log = logging.getLogger("nat64ho")
@@ -140,11 +141,35 @@ def _ipfix_families(exporter):
     )
 
 
+class _HttpCollector(Collector):
+    """Connections of the HTTP endpoints, and those refused at the cap."""
+
+    def __init__(self, endpoints: list[HttpServer]):
+        self.endpoints = endpoints
+
+    def collect(self):
+        open_ = GaugeMetricFamily(
+            "nat64ho_http_connections",
+            "Connections open to an HTTP endpoint (metrics, api).",
+            labels=["endpoint"],
+        )
+        refused = CounterMetricFamily(
+            "nat64ho_http_connections_refused",
+            "Connections refused (503) because the endpoint held its maximum.",
+            labels=["endpoint"],
+        )
+        for http in self.endpoints:
+            open_.add_metric([http.what], len(http.connections))
+            refused.add_metric([http.what], http.refused)
+        yield open_
+        yield refused
+
+
 class Metrics:
     """The registry of one server; its endpoint is a route of
     :class:`nat64ho.daemon.http.HttpServer`."""
 
-    def __init__(self, server):
+    def __init__(self, server: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(server))
         self.batch_rows = Histogram(
@@ -165,6 +190,10 @@ class Metrics:
         Info("nat64ho_build", "The running nat64ho.", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
+
+        #: The HTTP endpoints (--metrics, --api), set once they listen.
+        self.endpoints: list[HttpServer] = []
+        self.registry.register(_HttpCollector(self.endpoints))
 
     def observe_commit(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
