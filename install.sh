@@ -21,6 +21,8 @@ readonly WANTS_DIR=/etc/systemd/system/multi-user.target.wants
 readonly WRAPPER=/usr/local/bin/nat64ho
 readonly DEFAULT_LISTEN=0.0.0.0:6464
 readonly DEFAULT_METRICS=127.0.0.1:9464
+# The attribution API's socket (--api): in the unit's RuntimeDirectory.
+readonly API_SOCKET=/run/nat64ho/api.sock
 # Days of rotated event logs kept: long enough to answer abuse reports.
 readonly DEFAULT_LOG_KEEP=180
 
@@ -61,6 +63,10 @@ Options:
   --listen ADDR:PORT   set NAT64HO_LISTEN in the settings (default $DEFAULT_LISTEN)
   --metrics ADDR:PORT  set NAT64HO_METRICS, the Prometheus endpoint
                        (default $DEFAULT_METRICS; '' turns it off)
+  --api                set NAT64HO_API=unix:$API_SOCKET: the read-only
+                       attribution API (docs/api.md), a Unix socket 0660 of
+                       group nat64ho; add nginx's user to that group to let
+                       it ask. Off by default; --no-api turns it off again
   --log-keep DAYS      rotated event logs to keep (default $DEFAULT_LOG_KEEP, or as
                        chosen last time)
   --python PATH        the Python to build the venv from (3.11 or newer;
@@ -119,6 +125,7 @@ ACTION=install
 LISTEN=
 METRICS=
 METRICS_SET=
+API_SET=
 LOG_KEEP=
 PYTHON=
 AUTO_UPDATE=
@@ -135,6 +142,8 @@ while [ $# -gt 0 ]; do
         --listen=*) LISTEN=${1#*=} ;;
         --metrics) need_arg "$@"; METRICS=$2; METRICS_SET=1; shift ;;
         --metrics=*) METRICS=${1#*=}; METRICS_SET=1 ;;
+        --api) API_SET=unix:$API_SOCKET ;;
+        --no-api) API_SET=off ;;
         --log-keep) need_arg "$@"; LOG_KEEP=$2; shift ;;
         --log-keep=*) LOG_KEEP=${1#*=} ;;
         --python) need_arg "$@"; PYTHON=$2; shift ;;
@@ -438,7 +447,7 @@ do_install() {
         say "Wrote the settings $R$SETTINGS"
     else
         say "Keeping the settings $R$SETTINGS"
-        if [ -n "$LISTEN" ] || [ -n "$METRICS_SET" ]; then
+        if [ -n "$LISTEN" ] || [ -n "$METRICS_SET" ] || [ -n "$API_SET" ]; then
             chmod --reference="$R$SETTINGS" "$candidate"
             mv -f "$candidate" "$R$SETTINGS"
         fi
@@ -586,7 +595,7 @@ EOF
 }
 
 # Writes to FILE the settings this run leaves: the existing file with only the
-# lines named by --listen/--metrics changed, or a new one.
+# lines named by --listen/--metrics/--api changed, or a new one.
 make_settings() {
     local out=$1 f=$R$SETTINGS metrics=$DEFAULT_METRICS
     if [ -n "$METRICS_SET" ]; then metrics=$METRICS; fi
@@ -594,12 +603,13 @@ make_settings() {
         cp "$f" "$out"
         if [ -n "$LISTEN" ]; then set_var "$out" NAT64HO_LISTEN "$LISTEN"; fi
         if [ -n "$METRICS_SET" ]; then set_var "$out" NAT64HO_METRICS "$METRICS"; fi
+        if [ -n "$API_SET" ]; then set_var "$out" NAT64HO_API "${API_SET#off}"; fi
         return
     fi
     cat >"$out" <<SETTINGS_EOF
 # Settings of the nat64ho service, read by $UNIT.
 # install.sh writes this file once and never overwrites it (except the line
-# named by its --listen or --metrics option). After a change:
+# named by its --listen, --metrics or --api option). After a change:
 #   systemctl restart nat64ho
 # Syntax: systemd EnvironmentFile (KEY=value, quotes optional, no \$expansion).
 
@@ -613,6 +623,10 @@ NAT64HO_ALLOW=
 # Prometheus metrics endpoint (HTTP, ADDR:PORT). Empty: off.
 NAT64HO_METRICS=$metrics
 
+# The attribution API (docs/api.md): unix:$API_SOCKET, a socket 0660 of
+# group nat64ho (add nginx's user to the group), or ADDR:PORT. Empty: off.
+NAT64HO_API=${API_SET#off}
+
 # Any other 'nat64ho serve' options, e.g. "--min-idle 120 --sync normal".
 # All of them: nat64ho serve --help
 NAT64HO_ARGS=
@@ -620,7 +634,7 @@ SETTINGS_EOF
 }
 
 print_howto() {
-    local metrics
+    local metrics api
     metrics=$(read_var "$SETTINGS" NAT64HO_METRICS)
     cat <<EOF
 
@@ -631,6 +645,11 @@ nat64ho is running.
   $SETTINGS                      settings; then: systemctl restart nat64ho
 EOF
     if [ -n "$metrics" ]; then say "  curl -s http://$metrics/metrics     Prometheus metrics"; fi
+    api=$(read_var "$SETTINGS" NAT64HO_API)
+    if [ "${api#unix:}" != "$api" ]; then
+        say "  curl -s --unix-socket ${api#unix:} 'http://nat64ho/v1/client?nat=192.0.2.9&port=47102'"
+        say "                                            who holds a NAT port now (docs/api.md)"
+    fi
     cat <<EOF
   nat64ho who 192.0.2.9:47102 --at '2019-03-18 15:00'
                                             who held a NAT port then (also: query, stats, export;

@@ -121,3 +121,23 @@ async def run(
     finally:
         client.close()
     return answered
+
+
+class Unhealthy(Exception):
+    """The server's HTTP endpoint did not say it serves; the message says why."""
+
+
+def health(endpoint: str, timeout: float) -> str:
+    """``ok`` when the server behind ``endpoint`` (its ``--metrics``
+    ADDR:PORT or ``--api`` unix:PATH) says it serves. Asks ``/health``, which
+    the server answers from its own state: unlike a HELLO, nothing is
+    stored or logged, so a monitoring check leaves no trace."""
+    from nat64ho.client import ApiError, fetch
+
+    try:
+        status, body = fetch(endpoint, "/health", timeout)
+    except ApiError as exc:
+        raise Unhealthy(str(exc)) from None
+    if status != 200:
+        raise Unhealthy(f"{endpoint}: {status} {body.decode(errors='replace').strip()}")
+    return "ok"

@@ -55,6 +55,18 @@ def test_up_curl_who_down(tmp_path):
         assert who.returncode == 0, who.stderr
         assert who.stdout.startswith(f"192.0.2.9:{port} at ")
         assert who.stdout.splitlines()[0].endswith(f": [2001:db8:1::10]:{local}")
+        if shutil.which("nginx") is not None:
+            # nginx on port 80 of the host, with contrib/nginx: its access
+            # log names the client, not the NAT64.
+            page = subprocess.run(
+                ["ip", "netns", "exec", f"{name}-client", "curl", "-sS", "-m", "20",
+                 "http://[64:ff9b::192.0.2.1]/"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert page.stdout == "Hello from nginx on the IPv4 host.\n", page.stderr
+            line = (state / "nginx-access.log").read_text().splitlines()[-1]
+            assert line.startswith("2001:db8:1::10 - - ["), line
+            assert '"GET / HTTP/1.1" 200 ' in line and " via 192.0.2.9:" in line
     finally:
         down = nat64ho("testbed", "down", "--name", name, "--state", str(state), timeout=120)
     assert down.returncode == 0, down.stderr

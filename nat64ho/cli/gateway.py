@@ -171,14 +171,24 @@ def testbed_up(
         bed = tb.up(name, state.absolute())
     except tb.TestbedError as exc:
         fail(str(exc), 1)
-    typer.echo(f"""Test bed {name!r} is up; state in {bed.state}.
+    typer.echo(
+        f"""Test bed {name!r} is up; state in {bed.state}.
   client {tb.CLIENT6} (netns {bed.client}), NAT64 pool {tb.POOL} (netns {bed.nat64}),
   host {tb.HOST4} (netns {bed.host}): nat64ho serve :{tb.HANDOFF_PORT}, HTTP :{tb.HTTP_PORT}, echo :{tb.ECHO_PORT}
 Try:
   ip netns exec {bed.client} curl http://[64:ff9b::{tb.HOST4}]:{tb.HTTP_PORT}/
   cat {bed.state}/services.out
-  nat64ho who --db {bed.db} {tb.POOL}:PORT
-Stop: nat64ho testbed down --name {name}""")
+  nat64ho who --db {bed.db} {tb.POOL}:PORT"""
+        + (
+            f"""
+  ip netns exec {bed.client} curl http://[64:ff9b::{tb.HOST4}]/
+  tail -1 {bed.nginx_log}   (nginx, port {tb.NGINX_PORT}: the client's IPv6 address)"""
+            if bed.with_nginx
+            else ""
+        )
+        + f"""
+Stop: nat64ho testbed down --name {name}"""
+    )
 
 
 @testbed_app.command("down")

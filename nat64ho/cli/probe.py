@@ -21,14 +21,22 @@ from nat64ho.cli.options import (
 )
 
 
-def parse_server(text: str, what: str) -> Endpoint:
-    """``IPV4`` or ``IPV4:PORT`` (port 6464 if not given)."""
+class Server(NamedTuple):
+    """SERVER as given, and its UDP endpoint where it names one."""
+
+    text: str
+    udp: Endpoint | None
+
+
+def parse_server(text: str, what: str) -> Server:
+    """``IPV4`` or ``IPV4:PORT`` (port 6464 if not given); for --health also
+    an HTTP endpoint: ``ADDR:PORT`` or ``unix:PATH``."""
+    if text.startswith("unix:") and len(text) > 5:
+        return Server(text, None)
     host, port = parse_listen(text if ":" in text else f"{text}:6464", what)
     if ipaddress.ip_address(host).version != 4 or port == 0:
-        raise UsageError(
-            f"{what} {text!r}: give an IPv4 address (and a port 1-65535): the protocol runs over IPv4"
-        )
-    return Endpoint(host, port)
+        return Server(text, None)
+    return Server(text, Endpoint(host, port))
 
 
 def parse_source(text: str, what: str) -> str:
@@ -73,10 +81,11 @@ def parse_timeout(text: str, what: str) -> float:
 
 def probe(
     server_addr: Annotated[
-        Endpoint,
+        Server,
         typer.Argument(
             metavar="SERVER",
-            help="The server: IPV4 or IPV4:PORT (port 6464 if not given).",
+            help="The server: IPV4 or IPV4:PORT (port 6464 if not given); with --health, "
+            "its --metrics ADDR:PORT or --api unix:PATH.",
             parser=parser(parse_server, "SERVER"),
             show_default=False,
         ),
@@ -127,6 +136,15 @@ def probe(
             parser=parser(parse_timeout, "--timeout"),
         ),
     ] = 2.0,
+    health: Annotated[
+        bool,
+        typer.Option(
+            "--health",
+            help="Only ask the server's HTTP endpoint (SERVER: its --metrics or --api) "
+            "whether it serves: no HELLO, nothing stored or logged. Prints 'ok', exit 0; "
+            "else one Error line, exit 1. For monitoring.",
+        ),
+    ] = False,
 ) -> None:
     """Say HELLO to a server and confirm the session as a NAT64 does, then send each
     --map, then each --lookup, then each --touch, printing every answer decoded with
@@ -138,7 +156,22 @@ def probe(
     """
     from nat64ho import probe as p
 
-    host, port = server_addr
+    if health:
+        if map_ or lookup or touch or source != "0.0.0.0":
+            fail(
+                "--health asks the HTTP endpoint only: give no --map, --lookup, --touch or --source"
+            )
+        try:
+            typer.echo(p.health(server_addr.text, timeout))
+        except p.Unhealthy as exc:
+            fail(str(exc), 1)
+        return
+    if server_addr.udp is None:
+        fail(
+            f"SERVER {server_addr.text!r}: give an IPv4 address (and a port 1-65535): "
+            "the protocol runs over IPv4"
+        )
+    host, port = server_addr.udp
     plan = p.Plan(list(map_ or []), lookup or [], [list(t) for t in touch or []])
 
     def say(line: str) -> None:

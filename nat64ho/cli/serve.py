@@ -153,6 +153,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            metavar="unix:PATH|ADDR:PORT",
+            envvar="NAT64HO_API",
+            help="Serve the read-only attribution API (GET /v1/client?nat=&port=, docs/api.md) "
+            "on a Unix socket (made 0660) or, only where given, on TCP. Default: off.",
+            show_default=False,
+        ),
+    ] = None,
     keep_history: Annotated[
         float | None,
         typer.Option(
@@ -239,6 +249,7 @@ def serve(
             parse_listen(metrics, _named(ctx, "metrics", "NAT64HO_METRICS")) if metrics else None
         )
         collectors = parse_collectors(ipfix or [], ipfix_domain)
+        api_at = parse_api(api) if api else None
         if workers > 1 and (metrics_at or collectors):
             raise UsageError(
                 "--workers above 1 with --metrics or --ipfix: each would show one "
@@ -248,6 +259,11 @@ def serve(
             raise UsageError(
                 f"--keep-history {keep_history:g}: under an hour would delete nearly all "
                 f"history; give at least {MIN_KEEP_DAYS:.3f} days, or 0 to keep all"
+            )
+        if workers > 1 and api_at:
+            raise UsageError(
+                "--workers above 1 with --api: each worker holds only its NAT64s' "
+                "tables; run one worker to use the API"
             )
     except UsageError as exc:
         fail(str(exc))
@@ -286,6 +302,7 @@ def serve(
         cache_size=cache_size,
         keep_history_days=keep_history or None,  # 0: keep all, as 0 means unlimited elsewhere
         metrics=metrics_at,
+        api=api_at,
         max_nats=max_nats,
         standby=standby,
         ipfix=collectors,
@@ -336,6 +353,16 @@ def _port_free(at: tuple[str, int], what: str) -> None:
             probe.bind(at)
         except OSError as exc:
             fail(f"{what} {at[0]}:{at[1]}: {exc.strerror or exc}", 1)
+
+
+def parse_api(text: str) -> tuple[str, int] | str:
+    """``--api``: ``unix:PATH`` (absolute or relative), or ADDR:PORT for TCP."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path or "\0" in path or len(os.fsencode(path)) > 107:
+            raise UsageError(f"--api {text!r}: expected unix:PATH (at most 107 octets)")
+        return path
+    return parse_listen(text, "--api")
 
 
 def parse_workers(text: str, what: str = "--workers") -> int:

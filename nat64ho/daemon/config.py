@@ -32,6 +32,7 @@ class Config:
     keep_history_days: float | None = None
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
+    api: tuple[str, int] | str | None = None  #: (host, port), or a Unix socket's path
     standby: bool = False  #: wait for another server to release the table
     ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
     ipfix_domain: int = 0  # IPFIX observation domain id

@@ -7,21 +7,28 @@ pays nothing for observability and no other thread reads server state.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import platform
 from collections.abc import Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nat64ho import __version__
 from nat64ho.core.counters import DROP_METRICS, METRICS, Count, Drop, Metric
+from nat64ho.daemon.http import HttpServer, Reply
 from nat64ho.eventlog import ipv4_str
 
 log = logging.getLogger("nat64ho")
-
-#: A scrape request larger than this is not a scrape.
-MAX_REQUEST = 8192
 
 
 class ServerCollector(Collector):
@@ -134,10 +141,35 @@ def _ipfix_families(exporter):
     )
 
 
-class Metrics:
-    """The registry of one server, and its HTTP endpoint."""
+class _HttpCollector(Collector):
+    """Connections of the HTTP endpoints, and those refused at the cap."""
 
-    def __init__(self, server):
+    def __init__(self, endpoints: list[HttpServer]):
+        self.endpoints = endpoints
+
+    def collect(self):
+        open_ = GaugeMetricFamily(
+            "nat64ho_http_connections",
+            "Connections open to an HTTP endpoint (metrics, api).",
+            labels=["endpoint"],
+        )
+        refused = CounterMetricFamily(
+            "nat64ho_http_connections_refused",
+            "Connections refused (503) because the endpoint held its maximum.",
+            labels=["endpoint"],
+        )
+        for http in self.endpoints:
+            open_.add_metric([http.what], len(http.connections))
+            refused.add_metric([http.what], http.refused)
+        yield open_
+        yield refused
+
+
+class Metrics:
+    """The registry of one server; its endpoint is a route of
+    :class:`nat64ho.daemon.http.HttpServer`."""
+
+    def __init__(self, server: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(server))
         self.batch_rows = Histogram(
@@ -152,7 +184,16 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
             registry=self.registry,
         )
-        self._server: asyncio.AbstractServer | None = None
+        # The process's CPU, memory and descriptors (process_*), and which
+        # build is running (nat64ho_build_info), for dashboards and alerts.
+        ProcessCollector(registry=self.registry)
+        Info("nat64ho_build", "The running nat64ho.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+
+        #: The HTTP endpoints (--metrics, --api), set once they listen.
+        self.endpoints: list[HttpServer] = []
+        self.registry.register(_HttpCollector(self.endpoints))
 
     def observe_commit(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
@@ -161,46 +202,5 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def start(self, host: str, port: int) -> tuple:
-        self._server = await asyncio.start_server(self._handle, host, port)
-        return self._server.sockets[0].getsockname()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            if len(head) > MAX_REQUEST:
-                raise ValueError("request too large")
-            method, path, *_ = head.split(b" ", 2)
-            if method != b"GET":
-                status, body, ctype = b"405 Method Not Allowed", b"GET only\n", b"text/plain"
-            elif path.split(b"?")[0] not in (b"/metrics", b"/"):
-                status, body, ctype = b"404 Not Found", b"see /metrics\n", b"text/plain"
-            else:
-                status, body = b"200 OK", self.render()
-                ctype = b"text/plain; version=0.0.4; charset=utf-8"
-            writer.write(
-                b"HTTP/1.0 "
-                + status
-                + b"\r\nContent-Type: "
-                + ctype
-                + b"\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\nConnection: close\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ConnectionError,
-            ValueError,
-        ):
-            pass
-        finally:
-            writer.close()
+    def route(self, query: bytes) -> Reply:
+        return Reply(200, self.render(), CONTENT_TYPE_LATEST.encode())

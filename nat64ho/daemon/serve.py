@@ -17,6 +17,7 @@ from pathlib import Path
 from nat64ho.daemon import journal
 from nat64ho.daemon.clock import wall_us
 from nat64ho.daemon.config import Config
+from nat64ho.daemon.endpoints import Endpoints
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
@@ -457,28 +458,21 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
-    metrics = None
-    if config.metrics is not None:
-        from nat64ho.daemon.metrics import Metrics
-
-        metrics = Metrics(server)
-        server.metrics = metrics
-        try:
-            at = await metrics.start(*config.metrics)
-        except OSError:
-            transport.close()
-            await store.close()
-            logfile.close()
-            raise
-        log.info("metrics on http://%s:%d/metrics", at[0], at[1])
+    endpoints = Endpoints()  # --metrics, --api
+    try:
+        await endpoints.start(config, server)
+    except OSError:
+        transport.close()
+        await store.close()
+        logfile.close()
+        raise
     if config.ipfix:
         exporter = Exporter(config.ipfix, config.ipfix_domain)
         try:
             exporter.start()
         except OSError:
             transport.close()
-            if metrics is not None:
-                await metrics.stop()
+            await endpoints.stop()
             await store.close()
             logfile.close()
             raise
@@ -503,8 +497,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         for h in helpers:
             h.cancel()
         server.save_recency()  # a clean stop keeps the LRU order to the µs
-        if metrics is not None:
-            await metrics.stop()
+        await endpoints.stop()
         unsaved = await store.close(hurry)
         damage.cancel()
         if server.ipfix is not None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ ROUTER6 = "2001:db8:1::1"
 CLIENTS_NET = "2001:db8:1::"
 HANDOFF_PORT = 6464
 HTTP_PORT = 8080
+#: Debian's nginx, where installed, with contrib/nginx (docs/api.md).
+NGINX_PORT = 80
 ECHO_PORT = 7007
 TUN = "nat64"
 #: Packets the kernel queues for the gateway (default 500): a Python process
@@ -152,6 +155,9 @@ class Testbed:
         self.namespaces = (self.client, self.nat64, self.host)
         self.db = self.state / "table.db"
         self.events = self.state / "events.log"
+        self.api = self.state / "api.sock"
+        self.nginx_log = self.state / "nginx-access.log"
+        self.with_nginx = False  #: up() started nginx
 
     def exists(self) -> bool:
         listed = _ip("netns", "list").stdout.split()
@@ -245,7 +251,7 @@ class Testbed:
             _ip("netns", "del", ns, check=False)
 
     # ------------------------------------------------------------ processes
-    def serve(self, *args: str, detach: bool = False) -> Proc:
+    def serve(self, *args: str, detach: bool = False, api: bool = True) -> Proc:
         self.serve_proc = Proc(
             self.host,
             [
@@ -259,6 +265,7 @@ class Testbed:
                 f"{HOST4}:{HANDOFF_PORT}",
                 "--log-file",
                 str(self.events),
+                *(["--api", f"unix:{self.api}"] if api else []),
                 *args,
             ],
             self.state / "serve.out",
@@ -311,6 +318,33 @@ class Testbed:
             detach,
         )
 
+    def nginx(
+        self, server_extra: str = "", http_extra: str = "", detach: bool = False
+    ) -> Proc | None:
+        """Debian's nginx on HOST4:NGINX_PORT with contrib/nginx's files, a
+        static page, and its access log in ``nginx-access.log``; None where
+        nginx or the files are missing. ``*_extra``: more directives."""
+        conf = nginx_conf(self.state, server_extra, http_extra)
+        if conf is None:
+            return None
+        proc = Proc(
+            self.host,
+            ["nginx", "-e", str(self.state / "nginx-error.log"), "-c", str(conf)],
+            self.state / "nginx.out",
+            None,
+            detach,
+        )
+        deadline = time.monotonic() + READY_S
+        while not self._listening(HOST4, NGINX_PORT):
+            if proc.proc.poll() is not None or time.monotonic() > deadline:
+                raise TestbedError(f"nginx did not start: {proc.text()}")
+            time.sleep(0.05)
+        return proc
+
+    def _listening(self, host: str, port: int) -> bool:
+        with self.inside(self.host), socket.socket() as s:
+            return s.connect_ex((host, port)) == 0
+
     def services_out(self) -> str:
         return (self.state / "services.out").read_text()
 
@@ -332,6 +366,53 @@ class Testbed:
                 libc.setns(old.fileno(), _CLONE_NEWNET)
 
 
+#: contrib/nginx of the checkout this runs from (not in an installed wheel).
+CONTRIB_NGINX = Path(__file__).resolve().parents[2] / "contrib" / "nginx"
+
+
+def nginx_conf(state: Path, server_extra: str = "", http_extra: str = "") -> Path | None:
+    """Write the test bed's nginx.conf (with contrib/nginx's files, the API
+    socket in ``state``); None where nginx or those files are missing."""
+    if shutil.which("nginx") is None or not (CONTRIB_NGINX / "nat64ho.conf").exists():
+        return None
+    # The installed unit's socket path, swapped for the test bed's own.
+    http_conf = (CONTRIB_NGINX / "nat64ho.conf").read_text()
+    (state / "nat64ho.conf").write_text(
+        http_conf.replace("/run/nat64ho/api.sock", str(state / "api.sock"))
+    )
+    www = state / "www"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text("Hello from nginx on the IPv4 host.\n")
+    (state / "nginx-tmp").mkdir(exist_ok=True)
+    conf = state / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+user root;  # the test bed's files and API socket are root's
+worker_processes 1;
+pid {state}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {state}/nginx-tmp;
+    proxy_temp_path {state}/nginx-tmp;
+    fastcgi_temp_path {state}/nginx-tmp;
+    uwsgi_temp_path {state}/nginx-tmp;
+    scgi_temp_path {state}/nginx-tmp;
+    include {state}/nat64ho.conf;
+    access_log {state}/nginx-access.log nat64ho;
+    {http_extra}
+    server {{
+        listen {HOST4}:{NGINX_PORT};
+        include {CONTRIB_NGINX}/nat64ho-server.conf;
+        root {www};
+        location / {{ }}
+        {server_extra}
+    }}
+}}
+"""
+    )
+    return conf
+
+
 def up(name: str, state: Path) -> Testbed:
     """Build the test bed and start the server, the services and the gateway,
     detached; :func:`down` stops them."""
@@ -341,6 +422,7 @@ def up(name: str, state: Path) -> Testbed:
         tb.serve("--hello-rate", "0", detach=True)
         tb.services(detach=True)
         tb.gateway("--touch-interval", "1", detach=True)
+        tb.with_nginx = tb.nginx(detach=True) is not None
     except BaseException:
         tb.destroy()
         raise
