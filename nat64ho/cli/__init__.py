@@ -83,7 +83,7 @@ def _one_line(message: str) -> str:
 app = typer.Typer(
     cls=_Group,
     help="NAT64 handoff server: the authoritative, durable connection table for NAT64s "
-    "(PROTOCOL.md v1).",
+    "(protocol v1.2, docs/protocol.md).",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     no_args_is_help=True,

@@ -20,6 +20,7 @@ from nat64ho.cli.options import (
     parse_ports,
     parse_prefix4,
 )
+from nat64ho.core.session import DEFAULT_HELLO_RATE
 from nat64ho.storage import schema
 
 
@@ -72,11 +73,13 @@ def serve(
         float,
         typer.Option(
             metavar="N",
-            help="HELLOs per second accepted from one source address, with a burst of as many "
-            "(0 = unlimited). A NAT64 says HELLO once per boot.",
+            help="HELLOs answered per second, all sources together (each --workers process "
+            "has its own budget; 0 = unlimited). Beyond it HELLOs are dropped at random, so a "
+            "NAT64 retrying among forged ones gets through; a HELLO repeating a NAT64's "
+            "recorded boot id has its own allowance of 5 a second (docs/protocol.md §7).",
             min=0,
         ),
-    ] = 5.0,
+    ] = DEFAULT_HELLO_RATE,
     create_rate: Annotated[
         float,
         typer.Option(
