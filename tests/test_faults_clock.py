@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nat64ho.core import wire
+from nat64ho.peer import Client
 from tests.helpers import Recorder, ServerProcess, connect, entries, mappings, run, v6
 
 HOUR, DAY = 3600, 86400
@@ -29,8 +30,13 @@ def log_times(log: Path) -> list[tuple[float, str]]:
 
 
 def test_wall_clock_steps_while_serving(tmp_path):
+    # Pinned to 00:30 UTC, whatever the hour: the step back of an hour
+    # crosses 00:00 into the previous cookie epoch, which must not cut the
+    # NAT64s' cookies (docs/protocol.md §4.6).
+    now = time.time()
+    base = (now // DAY) * DAY + HOUR / 2 - now
     offset = tmp_path / "offset"
-    offset.write_text("0")
+    offset.write_text(str(base))
     here = Path(__file__).parent / "clock_step"
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])),
@@ -39,7 +45,7 @@ def test_wall_clock_steps_while_serving(tmp_path):
     srv = ServerProcess(tmp_path, "--ports", "1028-1029", "--hello-rate", "1", env=env)
 
     def step(seconds: float) -> None:
-        offset.write_text(str(seconds))
+        offset.write_text(str(base + seconds))
 
     async def session(boot: bytes):
         return await connect(srv, boot_id=boot)
@@ -49,7 +55,9 @@ def test_wall_clock_steps_while_serving(tmp_path):
         [a] = await c.map(v6(1), 1)
         [b] = await c.map(v6(2), 2)
         step(-HOUR)
+        # The cookie of 00:30 still opens datagrams at 23:30 the day before.
         assert await c.exchange([wire.Lookup(a.nat_port)]) == [a]
+        assert c.rehellos == 0
         # B is the least recently used, although A's use is "earlier" by the wall.
         out = await c.map(v6(3), 3)
         assert out == [wire.Deleted(b.nat_port, v6(2), 2), wire.Mapping(b.nat_port, v6(3), 3)]
@@ -67,8 +75,16 @@ def test_wall_clock_steps_while_serving(tmp_path):
         assert await c2.exchange([wire.Lookup(b.nat_port)]) == [wire.Mapping(b.nat_port, v6(3), 3)]
         c.close()
         c2.close()
+        peers.append(c2.peer)
 
     async def after_restart():
+        # The cookie of the day ahead is still good after a restart with the
+        # clock a day behind: the epoch issued is kept with the table.
+        [peer2] = peers
+        old = await Client.connect(srv.host, srv.port, peer=peer2)
+        assert await old.exchange([wire.Lookup(c_port)]) == [wire.Mapping(c_port, v6(3), 3)]
+        assert old.rehellos == 0
+        old.close()
         # Restarted with the clock two days behind what was saved: D is used
         # now, so C (used "a day ahead") must still be the one to go.
         c = await session(b"boot0004")
@@ -82,9 +98,10 @@ def test_wall_clock_steps_while_serving(tmp_path):
         assert out == [wire.Deleted(c_port, v6(3), 3), wire.Mapping(c_port, v6(5), 5)]
         c.close()
 
+    peers: list = []
     srv.start()
     try:
-        real = time.time()
+        real = time.time() + base
         run(go())
         assert srv.stop() == 0
         c_port = entries(srv.db)[(v6(3), 3)]
