@@ -29,7 +29,7 @@ def log_times(log: Path) -> list[tuple[float, str]]:
     return out
 
 
-def test_wall_clock_steps_while_serving(tmp_path):
+def test_wall_clock_steps_while_serving(tmp_path, db_target):
     # Pinned to 00:30 UTC, whatever the hour: the step back of an hour
     # crosses 00:00 into the previous cookie epoch, which must not cut the
     # NAT64s' cookies (docs/protocol.md §4.6).
@@ -42,7 +42,9 @@ def test_wall_clock_steps_while_serving(tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])),
         "NAT64HO_TEST_WALL_OFFSET": str(offset),
     }
-    srv = ServerProcess(tmp_path, "--ports", "1028-1029", "--hello-rate", "1", env=env)
+    srv = ServerProcess(
+        tmp_path, "--ports", "1028-1029", "--hello-rate", "1", db=db_target, env=env
+    )
 
     def step(seconds: float) -> None:
         offset.write_text(str(base + seconds))
@@ -64,6 +66,7 @@ def test_wall_clock_steps_while_serving(tmp_path):
         # HELLO rate (1/s): the wall went back an hour, the bucket still refills.
         await asyncio.sleep(1.1)
         c2 = await session(b"boot0002")
+        await asyncio.sleep(0.2)  # its confirmation (and Initialized) lands before the step
         step(DAY)
         # ...and a day forward does not refill it.
         with pytest.raises(ConnectionRefusedError, match=f"ERROR {wire.ErrorCode.RATE_LIMITED:d}$"):
