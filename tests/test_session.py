@@ -225,7 +225,9 @@ def test_the_recorded_boot_id_has_its_own_allowance():
     s = sessions(hello_rate=1, known={NAT: BOOT})
     s.hello(NAT + 1, wire.Hello(b"F" * 8), 26, 0, WALL)  # the budget is spent
     assert isinstance(s.hello(NAT, wire.Hello(b"F" * 8), 26, 0, WALL), Refused)
-    got = [s.hello(NAT, wire.Hello(BOOT), 26, 0, WALL) for _ in range(int(session.REHELLO_RATE) + 1)]
+    got = [
+        s.hello(NAT, wire.Hello(BOOT), 26, 0, WALL) for _ in range(int(session.REHELLO_RATE) + 1)
+    ]
     assert all(isinstance(v, Welcomed) for v in got[:-1])
     assert got[-1] == Refused("hello_rate", bytes((0x39, 1, 4, 0x31)))
     assert welcome_of(got[0]).cookie == session.cookie(SECRET, NAT, BOOT, 20000)

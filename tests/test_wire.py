@@ -243,9 +243,7 @@ def test_every_field_is_size_checked(message):
 
 def test_section_8_confirm_vector():
     # v1.2: a COOKIE, then the HELLO of the boot it confirms, in one datagram.
-    data = bytes.fromhex(
-        "30048dcb0506d837aa41310c010001020304050607080000000000000000000000000000"
-    )
+    data = bytes.fromhex("30048dcb0506d837aa41310c010001020304050607080000000000000000000000000000")
     cookie = hmac.new(SECRET, NAT + BOOT + (20000).to_bytes(4, "big"), hashlib.sha256)
     assert wire.parse(data) == [wire.Cookie(cookie.digest()[:8]), wire.Hello(BOOT)]
     assert wire.build([wire.Cookie(cookie.digest()[:8]), wire.Hello(BOOT)]) == data
