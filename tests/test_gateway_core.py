@@ -135,7 +135,7 @@ def test_bad_cookie_is_a_hint_hello_again_same_boot_keeping_the_cookie():
     assert handoff == [[wire.Hello(BOOT)]]
     # A forged BAD_COOKIE looks the same: the cookie we hold keeps working,
     # and more of them do not make us HELLO faster.
-    for i in range(5):
+    for _ in range(5):
         gw.packet(reply([wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)]), 1.15)
     gw.packet(syn(CPORT + 1), 1.15)
     handoff, _ = split(gw.flush(1.15))
