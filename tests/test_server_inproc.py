@@ -376,14 +376,18 @@ def test_over_its_share_a_datagram_is_refused_before_it_is_parsed(tmp_path, monk
         assert replies(rec) == [wire.Error(wire.ErrorCode.RATE_LIMITED, 0x37)]
         assert srv.drops["request_rate"] == 1
         # In debt now: refused for a look-up, unparsed once the error budget
-        # (10 a second) is spent, however big and however malformed.
+        # (10 a second) is spent, and never parsed if bigger than a NAT64's
+        # requests, however malformed.
         parsed = []
         real_parse = wire.parse
         monkeypatch.setattr(wire, "parse", lambda d, *a: parsed.append(len(d)) or real_parse(d, *a))
         for _ in range(20):
             srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10" * 60000, NAT)
+        assert parsed == [] and srv.drops["request_rate"] == 21
+        for _ in range(20):
+            srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10", NAT)
         assert len(parsed) == 9 and srv.drops["reserved_group"] == 9  # the budget left
-        assert srv.drops["request_rate"] == 12
+        assert srv.drops["request_rate"] == 32
         assert rec.sent == []
         # The debt is paid at the request rate: 155 owed, 2 s later it is open.
         clock.us += 2_000_000

@@ -92,7 +92,7 @@ def _flood(
     make: Callable[[int, random.Random], Shot],
     rate: float,
     seconds: float,
-    sent: multiprocessing.sharedctypes.Synchronized,  # type: ignore[name-defined]
+    sent: multiprocessing.sharedctypes.Synchronized,
 ) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)

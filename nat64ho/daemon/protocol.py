@@ -76,6 +76,7 @@ _DATAGRAMS_OUT = Count.DATAGRAMS_OUT.value
 _CACHE_HIT = Count.CACHE_HIT.value
 _CACHE_MISS = Count.CACHE_MISS.value
 _LIMITED_REQUEST_RATE = Count.LIMITED_REQUEST_RATE.value
+_REQUEST_RATE = Drop.REQUEST_RATE.value
 #: A datagram holding one HELLO; one holding a COOKIE and then a HELLO.
 _HELLO_SIZE = 26
 _CONFIRM_SIZE = 36
@@ -245,38 +246,29 @@ class Server(asyncio.DatagramProtocol):
             self._send([[verdict.answer]], addr)
 
     def _opened(self, nat: int, data: bytes, size: int, addr) -> None:
-        """A datagram that starts with a COOKIE: checked, and charged to its
-        NAT64's share, before it is parsed whole (§2)."""
+        """A datagram that starts with a COOKIE: checked against its NAT64's
+        share, then its cookie, before it is parsed whole (§2)."""
         sessions = self.sessions
         skip = 1
         boot_id = None
+        now = self.clock.now()
         if size >= _CONFIRM_SIZE and data[10] == 0x31 and data[11] == 12:
-            # COOKIE then HELLO: a confirmation naming its boot (§4.5).
+            # COOKIE then HELLO: a confirmation naming its boot (§4.5). A
+            # reboot is not held to the share its address ran into debt.
             boot_id = data[14:22]
             skip = 2
+        else:
+            state = self.tables.nats.get(nat)
+            if state is not None:
+                requests = state.share.requests
+                if requests.tokens < 1.0 and not requests.ready(now):
+                    self._over_share(state, data, size, addr, now)
+                    return
         opened = sessions.open(nat, data[2:10], size, self.clock.wall(), boot_id)
         if isinstance(opened, Refused):
             self._refused(opened, addr)
             return
         confirmation = opened.confirmation
-        now = self.clock.now()
-        if confirmation is None:
-            state = self.tables.state(nat, now)
-            share = state.share
-            if not share.requests.ready(now):
-                # Over its share: refused for the cost of a look-up, and
-                # parsed only to answer while its error budget lasts.
-                if share.errors.take(now):
-                    try:
-                        body = wire.parse(data)[skip:]
-                    except wire.Malformed as exc:
-                        self._drop(exc.reason)
-                        return
-                    self._limited(state, body, Drop.REQUEST_RATE, addr, None, answered=True)
-                else:
-                    self._drop(Drop.REQUEST_RATE)
-                    self.counts[_LIMITED_REQUEST_RATE] += 1
-                return
         try:
             messages = wire.parse(data)
         except wire.Malformed as exc:
@@ -289,8 +281,8 @@ class Server(asyncio.DatagramProtocol):
                 return
         if confirmation is not None:
             confirmation = sessions.confirm(confirmation)
-            state = self.tables.state(nat, now)
-            share = state.share
+        state = self.tables.state(nat, now)
+        share = state.share
         if not body:
             if confirmation is not None:
                 self._record_boot(confirmation)
@@ -315,6 +307,28 @@ class Server(asyncio.DatagramProtocol):
             self.counts[_CACHE_MISS] += 1
             tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
+
+    def _over_share(self, state: NatState, data: bytes, size: int, addr, now: int) -> None:
+        """Refuse a datagram from a NAT64 in debt with its share, for the
+        cost of a look-up. It is checked and parsed only to answer ERROR
+        RATE_LIMITED while the NAT64's error budget lasts, and only if no
+        bigger than a NAT64's requests (§2): answering must not cost a parse
+        of 64 KiB a time."""
+        share = state.share
+        if size > wire.MAX_DATAGRAM or not share.errors.take(now):
+            self.drops[_REQUEST_RATE] += 1
+            self.counts[_LIMITED_REQUEST_RATE] += 1
+            return
+        opened = self.sessions.open(state.nat, data[2:10], size, self.clock.wall())
+        if isinstance(opened, Refused):
+            self._refused(opened, addr)
+            return
+        try:
+            body = wire.parse(data)[1:]
+        except wire.Malformed as exc:
+            self._drop(exc.reason)
+            return
+        self._limited(state, body, Drop.REQUEST_RATE, addr, None, answered=True)
 
     def _limited(
         self,
