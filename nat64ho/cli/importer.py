@@ -34,7 +34,7 @@ def import_(
         list[str],
         typer.Argument(
             metavar="FILE",
-            help="Log files in the PROTOCOL.md §6 format (this server's or the "
+            help="Log files in the docs/protocol.md §6 format (this server's or the "
             "original handoff server's); .gz is decompressed; '-' reads stdin.",
             show_default=False,
         ),

@@ -94,7 +94,7 @@ def serve(
         float,
         typer.Option(
             metavar="N",
-            help="Request messages (MAP, LOOKUP, TOUCH) per second per NAT64, with a burst "
+            help="Requests per second per NAT64, a TOUCH of n ports counting n, with a burst "
             "of as many (0 = unlimited); beyond it requests get ERROR RATE_LIMITED, so one "
             "NAT64 cannot take the server from the others.",
             min=0,

@@ -25,7 +25,7 @@ class Config:
     #: turns over in 65 s, under the 2-minute least lifetime RFC 4787 REQ-5
     #: asks of a UDP mapping: a NAT64 creating faster keeps nothing alive.
     create_rate: float = 1000.0
-    #: Request messages (MAP, LOOKUP, TOUCH) per second per NAT64.
+    #: Requests per second per NAT64; a TOUCH of n ports counts n.
     request_rate: float = 10_000.0
     cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME
     sync: str = "full"
