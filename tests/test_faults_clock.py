@@ -13,7 +13,16 @@ import pytest
 
 from nat64ho.core import wire
 from nat64ho.peer import Client
-from tests.helpers import Recorder, ServerProcess, connect, entries, mappings, run, v6
+from tests.helpers import (
+    Recorder,
+    ServerProcess,
+    connect,
+    db_rows,
+    entries,
+    mappings,
+    run,
+    v6,
+)
 
 HOUR, DAY = 3600, 86400
 
@@ -117,6 +126,9 @@ def test_wall_clock_steps_while_serving(tmp_path, db_target):
         assert srv.stop() == 0
     finally:
         srv.kill()
+    # The highest epoch issued (the day ahead) is kept with the table.
+    [(kept,)] = db_rows(srv.db, "SELECT value FROM meta WHERE key = 'epoch_hwm'")
+    assert int(kept) == int(real + DAY) // DAY
     lines = log_times(srv.log)
     kinds = [rest.split()[0] for _, rest in lines]
     assert kinds == [
