@@ -390,9 +390,9 @@ class Sessions:
 
 class Share:
     """One confirmed NAT64's share of the server (docs/protocol.md §7): its
-    rate of requests, counted as work (:func:`work`), and its bounds on work
-    waiting for reads and commits. The server keeps the counts; this says
-    yes or no."""
+    rate of requests, counted as work (a TOUCH of n ports costs n), and its
+    bounds on work waiting for reads and commits. The server keeps the
+    counts; this says yes or no."""
 
     __slots__ = ("requests", "errors", "queued", "waiting", "backlog")
 
@@ -404,13 +404,3 @@ class Share:
         self.queued = 0  #: datagrams waiting for database reads
         self.waiting = 0  #: datagrams whose answers wait for a commit
         self.backlog = 0  #: rows of this NAT64 waiting to be committed
-
-
-def work(body: list[wire.Message]) -> int:
-    """What the messages of a datagram cost of its NAT64's share (§7): a
-    TOUCH of n ports n, any other message one (skipped ones are parsed too)."""
-    n = len(body)
-    for m in body:
-        if type(m) is wire.Touch:
-            n += len(m.ports) - 1
-    return n

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 from nat64ho.core import wire
 from nat64ho.core.counters import LIMITED, Count, Drop
 from nat64ho.core.records import Event, EventClock, EventKind
-from nat64ho.core.session import Confirmation, Refused, Sessions, work
+from nat64ho.core.session import Confirmation, Refused, Sessions
 from nat64ho.core.tables import NatState, Tables
 from nat64ho.daemon.clock import Clock, SystemClock
 from nat64ho.daemon.config import Config
@@ -275,8 +275,14 @@ class Server(asyncio.DatagramProtocol):
             self._drop(exc.reason)
             return
         body = messages[skip:]
+        # What the datagram costs of its share (§7): a TOUCH of n ports n,
+        # any other message one (skipped ones cost a parse too).
+        cost = len(body)
         for m in body:
-            if type(m) is wire.Cookie or type(m) is wire.Hello:
+            kind = type(m)
+            if kind is wire.Touch:
+                cost += len(cast(wire.Touch, m).ports) - 1
+            elif kind is wire.Cookie or kind is wire.Hello:
                 self._drop(Drop.MISPLACED_SESSION)
                 return
         if confirmation is not None:
@@ -287,7 +293,7 @@ class Server(asyncio.DatagramProtocol):
             if confirmation is not None:
                 self._record_boot(confirmation)
             return
-        if not share.requests.spend(work(body), now):
+        if not share.requests.spend(cost, now):
             self._limited(state, body, Drop.REQUEST_RATE, addr, confirmation)
             return
         if share.waiting >= MAX_NAT_WAITING:
