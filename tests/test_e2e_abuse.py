@@ -6,6 +6,7 @@ while a NAT64 times its answers. Each runs a few seconds."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 
@@ -26,7 +27,7 @@ from nat64ho.peer import Client, Peer
 from tests.helpers import ServerProcess, connect, run, wait_for
 
 pytestmark = pytest.mark.skipif(
-    __import__("os").geteuid() != 0, reason="forging source addresses needs a raw socket (root)"
+    os.geteuid() != 0, reason="forging source addresses needs a raw socket (root)"
 )
 
 
