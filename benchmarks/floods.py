@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import tempfile
 import time
@@ -39,10 +38,12 @@ from nat64ho.bench.floods import (  # noqa: E402
     Forged,
     Replay,
     big_junk,
+    drops_logged,
     map_key,
     maps_under_way,
     new_endpoint,
     paced,
+    reboot,
 )
 from nat64ho.core import wire  # noqa: E402
 from nat64ho.peer import Client, Peer  # noqa: E402
@@ -54,16 +55,9 @@ FLOODER, SAME, OTHER = "127.0.0.41", "127.0.0.43", "127.0.0.42"
 
 
 def drops(server: Child) -> dict[str, int]:
-    """Drops by reason, summed over the server's processes, from the summary
-    each logs when it stops."""
     server.stop()
-    time.sleep(0.2)
-    out: dict[str, int] = {}
-    for line in server.lines:
-        if "stopped:" in line and "drops:" in line:
-            for k, v in re.findall(r"(\w+)=(\d+)", line.split("drops:")[1]):
-                out[k] = out.get(k, 0) + int(v)
-    return out
+    time.sleep(0.2)  # the last lines of its stderr
+    return drops_logged(server.lines)
 
 
 async def validated(
@@ -85,19 +79,6 @@ def spoofed(address, seconds: float) -> dict:
 
 
 def hellos(address, seconds: float, reboots: int = 5) -> dict:
-    async def reboot(client: Client) -> float:
-        loop = asyncio.get_running_loop()
-        start = next_hello = loop.time()
-        while client.peer.cookie is None:
-            if loop.time() >= next_hello:
-                client.send_raw(client.peer.hello())
-                next_hello = loop.time() + 0.25
-            await asyncio.sleep(0.005)
-        while True:
-            out = await client.exchange([wire.Map(bytes(15) + b"\x01", 1)])
-            if any(isinstance(m, wire.Mapping) for m in out):
-                return loop.time() - start
-
     async def rebooting() -> list[float]:
         took = []
         for i in range(reboots):

@@ -10,6 +10,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import re
 import socket
 import statistics
 import struct
@@ -239,3 +240,32 @@ async def maps_under_way(
         return await paced(client, seconds, new_endpoint(net), map_key)
     finally:
         client.close()
+
+
+async def reboot(client: Client, retry: float = 0.25) -> float:
+    """A NAT64 starting among forged HELLOs: HELLO every ``retry`` s until the
+    WELCOME of its own boot (the forged boots' WELCOMEs reach it too), then
+    a MAP until its MAPPING. Returns the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = next_hello = loop.time()
+    while client.peer.cookie is None:
+        if loop.time() >= next_hello:
+            client.send_raw(client.peer.hello())
+            next_hello = loop.time() + retry
+        await asyncio.sleep(0.005)
+    # The confirmation (COOKIE, HELLO) left when the WELCOME came.
+    while True:
+        out = await client.exchange([wire.Map(b"\x20\x01\x0d\xb8" + bytes(11) + b"\x07", 7)])
+        if any(isinstance(m, wire.Mapping) for m in out):
+            return loop.time() - start
+
+
+def drops_logged(lines: list[str]) -> dict[str, int]:
+    """Drops by reason, summed over a server's processes, from the summary
+    each logs when it stops."""
+    out: dict[str, int] = {}
+    for line in lines:
+        if "stopped:" in line and "drops:" in line:
+            for k, v in re.findall(r"(\w+)=(\d+)", line.split("drops:")[1]):
+                out[k] = out.get(k, 0) + int(v)
+    return out
