@@ -388,6 +388,9 @@ def test_over_its_share_a_datagram_is_refused_before_it_is_parsed(tmp_path, monk
             srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10", NAT)
         assert len(parsed) == 9 and srv.drops["reserved_group"] == 9  # the budget left
         assert srv.drops["request_rate"] == 32
+        # Its HELLO after the COOKIE does not make it a reboot to let through.
+        srv.datagram_received(peer.confirm() + b"\x10" * 60000, NAT)
+        assert len(parsed) == 9 and srv.drops["request_rate"] == 33
         assert rec.sent == []
         # The debt is paid at the request rate: 155 owed, 2 s later it is open.
         clock.us += 2_000_000

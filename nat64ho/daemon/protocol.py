@@ -3,9 +3,10 @@ the codec, the session rules, the tables (all in :mod:`nat64ho.core`) and
 storage.
 
 A datagram's first message is checked (source, cookie) and the datagram
-charged to its NAT64's share before it is parsed whole (docs/protocol.md
-§2); then it is decided by its NAT64's table and answered; answers that announce something not yet durable
-wait for their commit. Nothing a peer sends raises out of
+checked against its NAT64's share before it is parsed whole
+(docs/protocol.md §2); then it is decided by its NAT64's table and
+answered; answers that announce something not yet durable wait for their
+commit. Nothing a peer sends raises out of
 :meth:`Server.datagram_received`: every drop is counted under a named reason.
 Clocks come in (:class:`nat64ho.daemon.clock.SystemClock` by default).
 """
@@ -253,11 +254,12 @@ class Server(asyncio.DatagramProtocol):
         boot_id = None
         now = self.clock.now()
         if size >= _CONFIRM_SIZE and data[10] == 0x31 and data[11] == 12:
-            # COOKIE then HELLO: a confirmation naming its boot (§4.5). A
-            # reboot is not held to the share its address ran into debt.
+            # COOKIE then HELLO: a confirmation naming its boot (§4.5).
             boot_id = data[14:22]
             skip = 2
-        else:
+        # A reboot is not held to the share its address ran into debt; the
+        # boot already recorded is, whatever its datagram starts with.
+        if boot_id is None or sessions.boots.get(nat) == boot_id:
             state = self.tables.nats.get(nat)
             if state is not None:
                 requests = state.share.requests
