@@ -4,10 +4,11 @@ NAT64 gets meanwhile (docs/protocol.md §2, §4, §7), each with ``--workers``
 
 - spoofed: 100 datagrams of 65,507 octets a second from random sources, each
   opened by a forged COOKIE; a NAT64's MAP latency meanwhile.
-- hellos: 1,000 forged HELLOs a second from a rebooting NAT64's address and
-  port: the time from its first HELLO to its first MAPPING, over reboots;
-  then the same flood, one datagram a second a BAD_COOKIE trigger, against a
-  working NAT64 asking for an endpoint every 10 ms.
+- hellos: 1,000 forged HELLOs a second (``--hello-flood``) from a rebooting
+  NAT64's address and port: the time from its first HELLO (retried every
+  250 ms) to its first MAPPING, over reboots; then the same flood, one
+  datagram a second a BAD_COOKIE trigger, against a working NAT64 asking
+  for an endpoint every 10 ms.
 - touches: a validated NAT64 sending MTU-size datagrams of TOUCHes (727
   ports each) at 3,400 a second, 10,000 TOUCH messages; a neighbour's MAPs.
 - open: a validated NAT64 replaying one LOOKUP datagram from one process,
@@ -19,6 +20,7 @@ half second of it. Prints one JSON object a line.
 
     python benchmarks/floods.py --seconds 4
     python benchmarks/floods.py --only open --rates 20000 50000 0
+    python benchmarks/floods.py --only hellos --hello-flood 4000 --serve --hello-rate 1000
 """
 
 from __future__ import annotations
@@ -78,13 +80,13 @@ def spoofed(address, seconds: float) -> dict:
     return {"flood_sent": flood.sent.value, "neighbour": latency._asdict()}
 
 
-def hellos(address, seconds: float, reboots: int = 5) -> dict:
+def hellos(address, seconds: float, rate: float, reboots: int = 5) -> dict:
     async def rebooting() -> list[float]:
         took = []
         for i in range(reboots):
             c = await Client.connect(*address, local=SAME, peer=Peer(b"reboot" + bytes([i, 0])))
             port = c.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-            with Flood(address, Forged((SAME, port)), rate=1000, seconds=1.0):
+            with Flood(address, Forged((SAME, port)), rate=rate, seconds=3.0):
                 await asyncio.sleep(0.3)
                 took.append(round(await reboot(c), 3))
             c.close()
@@ -92,11 +94,10 @@ def hellos(address, seconds: float, reboots: int = 5) -> dict:
 
     async def working() -> tuple[dict, int]:
         c = await Client.connect(*address, local=OTHER)
-        await c.hello()
-        await c.quiet(0.05)
+        await reboot(c)  # its HELLO retried: the budget may still be spent
         port = c.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-        triggers = Forged((OTHER, port), every=1000)
-        with Flood(address, triggers, rate=1000, seconds=seconds):
+        triggers = Forged((OTHER, port), every=int(rate))
+        with Flood(address, triggers, rate=rate, seconds=seconds):
             await asyncio.sleep(0.5)
             latency = await paced(c, seconds - 0.5, new_endpoint(6), map_key)
         c.close()
@@ -151,6 +152,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="each flood")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--only", choices=["spoofed", "hellos", "touches", "open"], nargs="+")
+    ap.add_argument("--hello-flood", type=float, default=1000, help="forged HELLOs a second")
+    ap.add_argument(
+        "--serve", nargs=argparse.REMAINDER, default=[], help="more `nat64ho serve` options"
+    )
     ap.add_argument(
         "--rates", type=float, nargs="+", default=[20_000, 50_000, 0], help="open-loop rates"
     )
@@ -161,14 +166,15 @@ def main() -> None:
             for rate in args.rates if what == "open" else [None]:
                 with tempfile.TemporaryDirectory(prefix="nat64ho-floods-") as tmp:
                     db, log = Path(tmp) / "t.db", Path(tmp) / "t.log"
-                    extra = ["--sync", "normal", "--workers", str(workers)]
+                    extra = ["--sync", "normal", "--workers", str(workers), *args.serve]
                     server = Child(serve_command(db, log, *extra))
+                    out: dict = {}
                     try:
                         address = server.address
                         if what == "spoofed":
                             out = spoofed(address, args.seconds)
                         elif what == "hellos":
-                            out = hellos(address, args.seconds)
+                            out = hellos(address, args.seconds, args.hello_flood)
                         elif what == "touches":
                             out = touches(address, args.seconds)
                         else:
