@@ -1,4 +1,4 @@
-"""One NAT64 floods, another keeps its answers (PROTOCOL.md §7).
+"""One NAT64 floods, another keeps its answers (docs/protocol.md §7).
 
 Starts ``nat64ho serve`` with its default limits on a temporary database,
 gives a flooding NAT64 a table of entries that are then only in the database

@@ -144,7 +144,7 @@ def test_wall_clock_steps_while_serving(tmp_path, db_target):
         "Deleted",
         "Created",
     ]
-    # Event times never go back (PROTOCOL.md §6): a step forward moves them
+    # Event times never go back (docs/protocol.md §6): a step forward moves them
     # on, a step back holds them just after the newest one until the clock
     # catches up, so the history stays unambiguous.
     expected = [0, 0, 0, 0, 0, 0, DAY, DAY, DAY, DAY, DAY]
@@ -205,7 +205,7 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         out = asyncio.run(serve_once(req(wire.Map(v6(3), 3))))
     assert out == [wire.Deleted(a.nat_port, v6(1), 1), wire.Mapping(a.nat_port, v6(3), 3)]
     lines = (tmp_path / "events.log").read_text().splitlines()
-    # Event times never go back (PROTOCOL.md §6): stepped back, they stay
+    # Event times never go back (docs/protocol.md §6): stepped back, they stay
     # just after the newest one.
     assert [ln[:16] for ln in lines] == ["2030-06-01 12:00"] * 5
     assert lines == sorted(lines)

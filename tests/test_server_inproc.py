@@ -146,7 +146,7 @@ def test_session_errors_and_amplification(tmp_path):
         # No session yet: a MAP without COOKIE gets BAD_COOKIE naming its first octet.
         srv.datagram_received(wire.encode(wire.Map(V17, 1)), NAT)
         assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x33)]
-        # A datagram shorter than an ERROR earns nothing (PROTOCOL.md §7).
+        # A datagram shorter than an ERROR earns nothing (docs/protocol.md §7).
         srv.datagram_received(b"\x3a\x00", NAT)
         assert rec.sent == []
         # Outside the allow-list.

@@ -65,7 +65,7 @@ def test_whole_datagram_in_order():
 
 
 def test_welcome_is_no_longer_than_hello():
-    # PROTOCOL.md §7: a HELLO earns at most as many octets as it carried.
+    # docs/protocol.md §7: a HELLO earns at most as many octets as it carried.
     assert len(wire.encode(wire.Welcome(1, 2, b"c" * 8, BOOT))) <= len(
         wire.encode(wire.Hello(BOOT))
     )

@@ -52,7 +52,7 @@ DEFAULT_HELLO_RATE = 2000.0
 #: HELLOs per second (and burst) a confirmed NAT64 may send with its recorded
 #: boot id: after a lost WELCOME, an expired cookie or a forged BAD_COOKIE.
 REHELLO_RATE = 5.0
-#: Cookie lifetime by default (PROTOCOL.md §4.2): a day.
+#: Cookie lifetime by default (docs/protocol.md §4.2): a day.
 DEFAULT_COOKIE_LIFETIME = 86400
 
 #: ERROR (4 octets) is the smallest answer; §7 sends none to a smaller datagram.
@@ -60,7 +60,7 @@ _ERROR_SIZE = 4
 
 
 def cookie(secret: bytes, nat: int, boot_id: bytes, epoch: int) -> bytes:
-    """PROTOCOL.md §4.2: HMAC-SHA256(secret, NAT ‖ boot id ‖ epoch), 8 octets."""
+    """docs/protocol.md §4.2: HMAC-SHA256(secret, NAT ‖ boot id ‖ epoch), 8 octets."""
     msg = nat.to_bytes(4, "big") + boot_id + epoch.to_bytes(4, "big")
     return hmac.new(secret, msg, hashlib.sha256).digest()[:8]
 
@@ -101,7 +101,7 @@ class Bucket:
     def spend(self, n: int, now: int) -> bool:
         """Take ``n`` tokens at once if at least one is there, going into debt
         for the rest: a datagram bigger than the burst is admitted whole
-        (PROTOCOL.md §2) and paid for by the ones after it."""
+        (docs/protocol.md §2) and paid for by the ones after it."""
         if self.rate <= 0:
             return True
         self._refill(now)

@@ -37,7 +37,7 @@ class Kind(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    """Codes carried by ERROR (PROTOCOL.md §3)."""
+    """Codes carried by ERROR (docs/protocol.md §3)."""
 
     BAD_COOKIE = 1
     BAD_VERSION = 2
@@ -135,7 +135,7 @@ Message = (
 
 
 class Malformed(ValueError):
-    """The datagram breaks PROTOCOL.md §2; ``reason`` names how, for counting."""
+    """The datagram breaks docs/protocol.md §2; ``reason`` names how, for counting."""
 
     def __init__(self, reason: str, offset: int):
         super().__init__(f"{reason} at octet {offset}")
@@ -282,7 +282,7 @@ def parse(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> list[M
 def head(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> int:
     """Octet 0 of the datagram's first message, checking that message alone.
 
-    PROTOCOL.md §2 (v1.2): a server looks at the first message before it
+    docs/protocol.md §2 (v1.2): a server looks at the first message before it
     parses the rest, so that a datagram from an unproven source costs the
     same whatever its size. Raises :class:`Malformed` as :func:`parse` would
     for a fault in the first message; the rest is not looked at.

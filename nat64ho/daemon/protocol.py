@@ -49,7 +49,7 @@ MAX_INFLIGHT = 8192
 #: answer; the NAT64 retries): a full or stuck disk must not grow memory
 #: without bound.
 MAX_BACKLOG = 200_000
-#: A NAT64's share (PROTOCOL.md §7): its datagrams waiting for reads, its
+#: A NAT64's share (docs/protocol.md §7): its datagrams waiting for reads, its
 #: answers waiting for a commit, its rows waiting to be committed. Beyond
 #: them its requests get ERROR RATE_LIMITED; the other NAT64s go on. Each
 #: is far above what one NAT64 needs at its request rate while commits take
@@ -361,7 +361,7 @@ class Server(asyncio.DatagramProtocol):
 
     def _record_boot(self, c: Confirmation) -> None:
         """A confirmed boot joins the next commit: recorded, and logged as
-        ``Initialized`` when its boot id is new (PROTOCOL.md §4.4)."""
+        ``Initialized`` when its boot id is new (docs/protocol.md §4.4)."""
         wall = self.clock.wall()
         event = None
         if c.initialized:

@@ -5,7 +5,7 @@ with ``now``; packets for the TUN device come out of :meth:`Gateway.flush`.
 The gateway owns the pool address: every packet to it arrives through the
 TUN device, the handoff servers' answers included, so its handoff datagrams
 are IPv4/UDP packets it writes there too, from ``pool:handoff_port``. The
-servers know it by that source address (PROTOCOL.md §1).
+servers know it by that source address (docs/protocol.md §1).
 
 Per server, a cache maps NAT ports to client endpoints and back; the server
 holds the truth. A miss queues the packet (bounded) behind one MAP or LOOKUP,
