@@ -75,8 +75,8 @@ def export(
             "--format",
             metavar="log|jsonl|csv",
             parser=choice(ExportFormat, "--format"),
-            help="log: docs/protocol.md §6 lines, byte-identical to the server's log; jsonl: one JSON "
-            "object per line, with its sequence number; csv: with a header row.",
+            help="log: docs/protocol.md §6 lines, byte-identical to the server's log; jsonl: "
+            "one JSON object per line, with its sequence number; csv: with a header row.",
         ),
     ] = ExportFormat.LOG,
     output: Annotated[

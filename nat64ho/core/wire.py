@@ -1,8 +1,9 @@
 """The NAT64 handoff wire format (docs/protocol.md §2-3), in both directions.
 
 Pure: bytes in, messages out, and back. :func:`head` checks a datagram's
-first message alone; :func:`parse` parses it whole before any of it is used; a malformed one raises :class:`Malformed` with a short
-``reason`` that the server counts. Nothing else is ever raised for any input.
+first message alone; :func:`parse` parses it whole before any of it is
+used. A malformed one raises :class:`Malformed` with a short ``reason``
+that the server counts. Nothing else is ever raised for any input.
 Messages are NamedTuples: cheap to build on the hot path, immutable, hashable.
 """
 
