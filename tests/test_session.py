@@ -272,3 +272,21 @@ def test_bucket_spend_admits_a_big_datagram_whole_and_then_waits():
 def test_cookie_lifetime_must_be_positive(lifetime):
     with pytest.raises(ValueError):
         sessions(cookie_lifetime=lifetime)
+
+
+def test_the_nat64_side_keeps_its_cookie_on_bad_cookie_and_confirms_with_its_hello():
+    from nat64ho.peer import Peer
+
+    s = sessions()
+    peer = Peer(BOOT)
+    peer.receive(s.hello(NAT, wire.parse(peer.hello())[0], 26, 0, WALL).answer)
+    [cookie, hello] = wire.parse(peer.confirm())
+    assert (cookie, hello) == (wire.Cookie(peer.cookie), wire.Hello(BOOT))
+    assert peer.confirm().hex() == (
+        "30048dcb0506d837aa41310c010001020304050607080000000000000000000000000000"
+    )  # the §8 CONFIRM vector
+    # A BAD_COOKIE anyone could have caused changes nothing; a WELCOME for
+    # another boot neither.
+    peer.receive(wire.error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE))
+    peer.receive(wire.encode(wire.Welcome(1, 2, b"F" * 8, b"other-id")))
+    assert peer.cookie == cookie.cookie
