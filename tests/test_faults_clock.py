@@ -126,9 +126,10 @@ def test_wall_clock_steps_while_serving(tmp_path, db_target):
         assert srv.stop() == 0
     finally:
         srv.kill()
-    # The highest epoch issued (the day ahead) is kept with the table.
-    [(kept,)] = db_rows(srv.db, "SELECT value FROM meta WHERE key = 'epoch_hwm'")
-    assert int(kept) == int(real + DAY) // DAY
+    # The highest epoch issued (the day ahead) is kept with the table, as
+    # the second it began.
+    [(kept,)] = db_rows(srv.db, "SELECT value FROM meta WHERE key = 'cookie_epoch_start'")
+    assert int(kept) == int(real + DAY) // DAY * DAY
     lines = log_times(srv.log)
     kinds = [rest.split()[0] for _, rest in lines]
     assert kinds == [

@@ -442,3 +442,28 @@ def test_a_v1_1_confirmation_holding_only_the_cookie_still_works(tmp_path):
 
     asyncio.run(go())
     assert (tmp_path / "events.log").read_text().count("Initialized") == 1
+
+
+def test_the_epoch_issued_is_kept_across_restarts_and_lifetime_changes(tmp_path):
+    day = 86400
+
+    async def serve(when: str, lifetime: int, hello: bool) -> int:
+        clock = SetClock(when)
+        srv, rec = await start(tmp_path, clock, cookie_lifetime=lifetime)
+        if hello:
+            welcomed(srv, rec, Peer())
+            await srv._epoch_task
+        epoch = srv.sessions.epoch(clock.wall())
+        await stop(srv)
+        return epoch
+
+    async def go():
+        # 2024-10-04 is day 20000; hours are 24 times that.
+        assert await serve("2024-10-04 12:00:00", 3600, True) == 20000 * 24 + 12
+        # Restarted a day behind: the hour issued still holds.
+        assert await serve("2024-10-03 12:00:00", 3600, False) == 20000 * 24 + 12
+        # A longer lifetime: the kept time falls in day 20000, not hour 480012.
+        assert await serve("2024-10-03 12:00:00", day, False) == 20000
+        assert await serve("2024-10-05 01:00:00", day, True) == 20001
+
+    asyncio.run(go())

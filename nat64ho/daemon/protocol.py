@@ -64,8 +64,10 @@ READERS = 4
 #: Source addresses whose conversion is remembered; beyond, the memory
 #: starts over.
 MAX_SOURCES = 4096
-#: The meta key of the highest cookie epoch issued (§4.6).
-EPOCH_KEY = "epoch_hwm"
+#: The meta key of the start (UTC seconds) of the highest cookie epoch
+#: issued (§4.6): a time, not an epoch number, so that it still means the
+#: same after --cookie-lifetime changes.
+EPOCH_KEY = "cookie_epoch_start"
 #: Shortest interval between two reports of unexpected errors in the log;
 #: the ones between are counted (metric "internal_error") and summed up.
 BUG_LOG_INTERVAL = 60.0
@@ -105,6 +107,7 @@ class Server(asyncio.DatagramProtocol):
         #: An event's time: the wall clock read only when a datagram makes one.
         self._stamp = lambda: events.stamp(clock_.wall())
         self._epoch_task: asyncio.Future | None = None
+        kept_epoch = int(store.meta.get(EPOCH_KEY, 0))  # type: ignore[call-overload]
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,
@@ -114,7 +117,7 @@ class Server(asyncio.DatagramProtocol):
             max_nats=config.max_nats,
             cookie_lifetime=config.cookie_lifetime,
             known={nat: r.boot_id for nat, r in store.nats.items()},
-            epoch_floor=int(store.meta.get(EPOCH_KEY, 0)),  # type: ignore[call-overload]
+            epoch_floor=kept_epoch // config.cookie_lifetime,
             on_epoch=self._keep_epoch,
             rng=random.Random(os.urandom(32)),
             now=self.clock.now(),
@@ -149,7 +152,8 @@ class Server(asyncio.DatagramProtocol):
         """Keep the highest epoch issued with the table (§4.6): a restart
         with the clock behind goes on as of it. Once per epoch; a write
         that fails is tried again at the next start of an epoch."""
-        task = asyncio.ensure_future(self.store.set_meta(EPOCH_KEY, epoch))
+        start = epoch * self.config.cookie_lifetime
+        task = asyncio.ensure_future(self.store.set_meta(EPOCH_KEY, start))
         self._epoch_task = task
         task.add_done_callback(self._epoch_kept)
 
