@@ -258,6 +258,8 @@ class Sessions:
         """Answer a datagram holding exactly one HELLO, ``size`` octets long."""
         if not self.allowed(nat):
             return self._refuse("not_allowed", wire.ErrorCode.NOT_ALLOWED, size)
+        if hello.version != wire.VERSION:
+            return self._refuse("bad_version", wire.ErrorCode.BAD_VERSION, size)
         boot = self.boots.get(nat)
         if boot is not None and boot == hello.boot_id:
             # The boot already recorded (a lost WELCOME, an expired cookie, a
@@ -274,8 +276,6 @@ class Sessions:
                 if admitted is None:
                     return Refused("hello_rate", None)
                 return self._refuse("hello_rate", wire.ErrorCode.RATE_LIMITED, size)
-            if hello.version != wire.VERSION:
-                return self._refuse("bad_version", wire.ErrorCode.BAD_VERSION, size)
             if boot is None and len(self.boots) >= self.max_nats:
                 return self._refuse("too_many_nats", wire.ErrorCode.NOT_ALLOWED, size)
             value = self._claim(nat, hello.boot_id, self.epoch(wall))
