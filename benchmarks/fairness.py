@@ -1,4 +1,4 @@
-"""One NAT64 floods, another keeps its answers (PROTOCOL.md §7).
+"""One NAT64 floods, another keeps its answers (docs/protocol.md §7).
 
 Starts ``nat64ho serve`` with its default limits on a temporary database,
 gives a flooding NAT64 a table of entries that are then only in the database
@@ -24,11 +24,11 @@ import json
 import multiprocessing
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from nat64ho.bench.floods import maps_under_way
 from nat64ho.core import wire
 from nat64ho.peer import Client, Peer
 from nat64ho.testing import Child, serve_command
@@ -105,64 +105,6 @@ async def flood(address, boot_id: bytes, seconds: float, window: int) -> dict:
     return {"datagrams_sent": sent, "datagrams_answered": answers, "seconds": seconds}
 
 
-async def victim(address, seconds: float) -> dict:
-    c = await Client.connect(*address, local=VICTIM_SOURCE)
-    await c.hello()
-    loop = asyncio.get_running_loop()
-    latencies, lost, errors = [], 0, 0
-    pending: dict[bytes, float] = {}
-    answered = asyncio.Queue()
-    receive = c.datagram_received
-
-    def watch(data, addr):
-        now = loop.time()
-        for m in wire.parse(data, wire.Direction.TO_NAT64):
-            answered.put_nowait((now, m))
-        receive(data, addr)
-
-    c.datagram_received = watch
-    start = loop.time()
-    i = 0
-    while (now := loop.time()) < start + seconds:
-        addr = v6(i, 3)
-        c.send([wire.Map(addr, 1)])
-        pending[addr] = now
-        i += 1
-        while True:
-            try:
-                t, m = answered.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if isinstance(m, wire.Mapping) and m.addr in pending:
-                latencies.append(t - pending.pop(m.addr))
-            elif isinstance(m, wire.Error):
-                errors += 1
-        await asyncio.sleep(max(0.0, start + i * 0.01 - loop.time()))
-    deadline = loop.time() + 1.0
-    while pending and loop.time() < deadline:
-        try:
-            t, m = await asyncio.wait_for(answered.get(), deadline - loop.time())
-        except TimeoutError:
-            break
-        if isinstance(m, wire.Mapping) and m.addr in pending:
-            latencies.append(t - pending.pop(m.addr))
-        elif isinstance(m, wire.Error):
-            errors += 1
-    late = [x for x in latencies if x > 1.0]
-    lost = len(pending) + len(late)
-    c.close()
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "sent": i,
-        "answered": len(latencies) - len(late),
-        "lost": lost,
-        "errors": errors,
-        "p50_ms": round(statistics.median(ms), 2) if ms else None,
-        "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 2) if ms else None,
-        "max_ms": round(ms[-1], 2) if ms else None,
-    }
-
-
 def run(seconds: float, window: int, flood_on: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         db, log = Path(tmp) / "t.db", Path(tmp) / "t.log"
@@ -181,7 +123,8 @@ def run(seconds: float, window: int, flood_on: bool = True) -> dict:
                 )
                 proc.start()
                 time.sleep(1.0)  # the flood is under way before the victim starts
-            out = {"victim": asyncio.run(victim(server.address, seconds))}
+            victim = maps_under_way(server.address, VICTIM_SOURCE, seconds)
+            out = {"victim": asyncio.run(victim)._asdict()}
             if proc is not None:
                 out["flood"] = result.get(timeout=30)
                 proc.join(30)

@@ -1,3 +1,3 @@
-"""nat64ho: the server side of the NAT64 handoff protocol (PROTOCOL.md v1.1)."""
+"""nat64ho: the server side of the NAT64 handoff protocol (docs/protocol.md, v1.2)."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The event log's text form (PROTOCOL.md §6): one line per event, both ways.
+"""The event log's text form (docs/protocol.md §6): one line per event, both ways.
 
 Pure. The server's log file, ``export`` and ``import`` all go through
 :func:`format_event` and :func:`parse_line`, so that an export of the history
@@ -83,7 +83,7 @@ def format_event(e: Event) -> str:
 
 
 class BadLine(ValueError):
-    """A log line that is not in the PROTOCOL.md §6 format."""
+    """A log line that is not in the docs/protocol.md §6 format."""
 
 
 _LINE = re.compile(

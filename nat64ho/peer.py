@@ -3,8 +3,10 @@
 Used by the end-to-end tests, the benchmark and anyone simulating a NAT64.
 :class:`Peer` keeps the session (boot id, cookie, port range) and the NAT64's
 cache of mappings; :class:`Client` moves its datagrams over UDP, confirms
-each WELCOME at once (PROTOCOL.md §4.4) and says HELLO again, with the same
-boot id, when the server refuses an expired cookie (§4.3).
+each WELCOME at once with COOKIE and HELLO (docs/protocol.md §4.5) and says
+HELLO again, with the same boot id, when the server answers BAD_COOKIE
+(§4.3), keeping its cookie until a WELCOME replaces it: anyone can make the
+server send BAD_COOKIE to a NAT64.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ class Peer:
         return wire.encode(wire.Hello(self.boot_id))
 
     def confirm(self) -> bytes:
-        """The datagram that confirms our boot: only our COOKIE."""
+        """The datagram that confirms our boot (§4.5): our COOKIE, then our
+        HELLO, so that the server needs no memory of the claim."""
         if self.cookie is None:
             raise NoSession("no cookie yet: send hello() and feed the WELCOME to receive()")
-        return wire.encode(wire.Cookie(self.cookie))
+        return wire.encode(wire.Cookie(self.cookie)) + self.hello()
 
     def request(self, messages: list[wire.Message]) -> bytes:
         """A datagram: our COOKIE, then ``messages``."""
@@ -61,13 +64,12 @@ class Peer:
             elif isinstance(m, wire.Welcome) and m.boot_id == self.boot_id:
                 self.cookie = m.cookie
                 self.first_port, self.last_port = m.first_port, m.last_port
-            elif isinstance(m, wire.Error) and m.code == wire.ErrorCode.BAD_COOKIE:
-                self.cookie = None
         return messages
 
 
 #: Least time between two HELLOs a :class:`Client` sends by itself after
-#: BAD_COOKIE: one per round of refusals, well inside the server's HELLO rate.
+#: BAD_COOKIE: one per round of refusals, well inside the allowance the
+#: server gives HELLOs with a recorded boot id.
 REHELLO_INTERVAL = 0.5
 
 
@@ -76,8 +78,9 @@ class Client(asyncio.DatagramProtocol):
 
     With ``auto`` (the default) it keeps its session by itself: a WELCOME
     for our boot is confirmed at once, and a BAD_COOKIE is answered with a
-    HELLO (same boot id) and a confirmation; requests refused meanwhile are
-    the caller's to retry."""
+    HELLO (same boot id), at most once per REHELLO_INTERVAL, and the
+    confirmation of its WELCOME; requests refused meanwhile are the caller's
+    to retry."""
 
     def __init__(self, peer: Peer | None = None, *, auto: bool = True):
         self.peer = peer or Peer()

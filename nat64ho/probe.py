@@ -75,10 +75,10 @@ async def run(
         if welcome is None:
             say("no session: nothing more to ask")
             return False
-        # PROTOCOL.md §4: a datagram holding only the cookie confirms the
-        # boot at once; nothing answers it.
+        # docs/protocol.md §4.5: COOKIE then HELLO confirms the boot at
+        # once; nothing answers it.
         client.send_raw(client.peer.confirm())
-        say("COOKIE -> sent to confirm the session (no answer expected)")
+        say("COOKIE, HELLO -> sent to confirm the session (no answer expected)")
 
         async def ask(
             messages: list[wire.Message], answers: int, wait: float

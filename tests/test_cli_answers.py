@@ -19,7 +19,7 @@ TIME_KEYS |= {"oldest_last_use", "first_hello", "last_hello"}
 
 @pytest.fixture
 def db(example_db):  # noqa: F811
-    """The four lines of PROTOCOL.md §6 imported, on each backend."""
+    """The four lines of docs/protocol.md §6 imported, on each backend."""
     return example_db
 
 

@@ -369,7 +369,7 @@ def test_probe_hello_confirm_map_lookup_touch(server_factory):
         r"[0-9a-f]{16}, boot id [0-9a-f]{16}" + ms,
         lines[0],
     ), lines[0]
-    assert lines[1] == "COOKIE -> sent to confirm the session (no answer expected)"
+    assert lines[1] == "COOKIE, HELLO -> sent to confirm the session (no answer expected)"
     m = re.fullmatch(
         r"MAP \[2001:db8::1\]:4000 -> MAPPING (\d+) \[2001:db8::1\]:4000" + ms, lines[2]
     )

@@ -1,5 +1,5 @@
 """The Wireshark dissector (contrib/wireshark/nat64ho.lua) read back through
-tshark: a pcap written here from nat64ho.core.wire's own encodings (PROTOCOL.md §8
+tshark: a pcap written here from nat64ho.core.wire's own encodings (docs/protocol.md §8
 vectors, inner packets, malformed datagrams) and the fields tshark decodes.
 Also checks that the dissector and wire.parse call the same datagrams
 malformed, for the same reason."""

@@ -1,5 +1,5 @@
 """End to end over loopback: a real server process and a NAT64 written from
-PROTOCOL.md, through every message and every ERROR of §3."""
+docs/protocol.md, through every message and every ERROR of §3."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_retransmissions_during_a_stuck_commit_are_bounded(server_factory):
     # Below what MAX_INFLIGHT small answers can hold, with room for the allocator.
     assert grown < 48 * 1024, f"RSS grew by {grown} KiB"
     assert srv.stop() == 0
-    # Past the NAT64's own share (PROTOCOL.md §7) its retransmissions are
+    # Past the NAT64's own share (docs/protocol.md §7) its retransmissions are
     # refused before they hold anything.
     assert "nat_waiting=" in srv.stderr.splitlines()[-1]
     assert entries(srv.db)[(v6(1), 1)] == m.nat_port

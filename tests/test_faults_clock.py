@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from nat64ho.core import wire
-from tests.helpers import Recorder, ServerProcess, connect, entries, mappings, run, v6
+from nat64ho.peer import Client
+from tests.helpers import (
+    Recorder,
+    ServerProcess,
+    connect,
+    db_rows,
+    entries,
+    mappings,
+    run,
+    v6,
+)
 
 HOUR, DAY = 3600, 86400
 
@@ -28,18 +38,25 @@ def log_times(log: Path) -> list[tuple[float, str]]:
     return out
 
 
-def test_wall_clock_steps_while_serving(tmp_path):
+def test_wall_clock_steps_while_serving(tmp_path, db_target):
+    # Pinned to 00:30 UTC, whatever the hour: the step back of an hour
+    # crosses 00:00 into the previous cookie epoch, which must not cut the
+    # NAT64s' cookies (docs/protocol.md §4.6).
+    now = time.time()
+    base = (now // DAY) * DAY + HOUR / 2 - now
     offset = tmp_path / "offset"
-    offset.write_text("0")
+    offset.write_text(str(base))
     here = Path(__file__).parent / "clock_step"
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])),
         "NAT64HO_TEST_WALL_OFFSET": str(offset),
     }
-    srv = ServerProcess(tmp_path, "--ports", "1028-1029", "--hello-rate", "1", env=env)
+    srv = ServerProcess(
+        tmp_path, "--ports", "1028-1029", "--hello-rate", "1", db=db_target, env=env
+    )
 
     def step(seconds: float) -> None:
-        offset.write_text(str(seconds))
+        offset.write_text(str(base + seconds))
 
     async def session(boot: bytes):
         return await connect(srv, boot_id=boot)
@@ -49,13 +66,16 @@ def test_wall_clock_steps_while_serving(tmp_path):
         [a] = await c.map(v6(1), 1)
         [b] = await c.map(v6(2), 2)
         step(-HOUR)
+        # The cookie of 00:30 still opens datagrams at 23:30 the day before.
         assert await c.exchange([wire.Lookup(a.nat_port)]) == [a]
+        assert c.rehellos == 0
         # B is the least recently used, although A's use is "earlier" by the wall.
         out = await c.map(v6(3), 3)
         assert out == [wire.Deleted(b.nat_port, v6(2), 2), wire.Mapping(b.nat_port, v6(3), 3)]
         # HELLO rate (1/s): the wall went back an hour, the bucket still refills.
         await asyncio.sleep(1.1)
         c2 = await session(b"boot0002")
+        await asyncio.sleep(0.2)  # its confirmation (and Initialized) lands before the step
         step(DAY)
         # ...and a day forward does not refill it.
         with pytest.raises(ConnectionRefusedError, match=f"ERROR {wire.ErrorCode.RATE_LIMITED:d}$"):
@@ -67,8 +87,16 @@ def test_wall_clock_steps_while_serving(tmp_path):
         assert await c2.exchange([wire.Lookup(b.nat_port)]) == [wire.Mapping(b.nat_port, v6(3), 3)]
         c.close()
         c2.close()
+        peers.append(c2.peer)
 
     async def after_restart():
+        # The cookie of the day ahead is still good after a restart with the
+        # clock a day behind: the epoch issued is kept with the table.
+        [peer2] = peers
+        old = await Client.connect(srv.host, srv.port, peer=peer2)
+        assert await old.exchange([wire.Lookup(c_port)]) == [wire.Mapping(c_port, v6(3), 3)]
+        assert old.rehellos == 0
+        old.close()
         # Restarted with the clock two days behind what was saved: D is used
         # now, so C (used "a day ahead") must still be the one to go.
         c = await session(b"boot0004")
@@ -82,9 +110,10 @@ def test_wall_clock_steps_while_serving(tmp_path):
         assert out == [wire.Deleted(c_port, v6(3), 3), wire.Mapping(c_port, v6(5), 5)]
         c.close()
 
+    peers: list = []
     srv.start()
     try:
-        real = time.time()
+        real = time.time() + base
         run(go())
         assert srv.stop() == 0
         c_port = entries(srv.db)[(v6(3), 3)]
@@ -97,6 +126,10 @@ def test_wall_clock_steps_while_serving(tmp_path):
         assert srv.stop() == 0
     finally:
         srv.kill()
+    # The highest epoch issued (the day ahead) is kept with the table, as
+    # the second it began.
+    [(kept,)] = db_rows(srv.db, "SELECT value FROM meta WHERE key = 'cookie_epoch_start'")
+    assert int(kept) == int(real + DAY) // DAY * DAY
     lines = log_times(srv.log)
     kinds = [rest.split()[0] for _, rest in lines]
     assert kinds == [
@@ -112,7 +145,7 @@ def test_wall_clock_steps_while_serving(tmp_path):
         "Deleted",
         "Created",
     ]
-    # Event times never go back (PROTOCOL.md §6): a step forward moves them
+    # Event times never go back (docs/protocol.md §6): a step forward moves them
     # on, a step back holds them just after the newest one until the clock
     # catches up, so the history stays unambiguous.
     expected = [0, 0, 0, 0, 0, 0, DAY, DAY, DAY, DAY, DAY]
@@ -173,7 +206,7 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
         out = asyncio.run(serve_once(req(wire.Map(v6(3), 3))))
     assert out == [wire.Deleted(a.nat_port, v6(1), 1), wire.Mapping(a.nat_port, v6(3), 3)]
     lines = (tmp_path / "events.log").read_text().splitlines()
-    # Event times never go back (PROTOCOL.md §6): stepped back, they stay
+    # Event times never go back (docs/protocol.md §6): stepped back, they stay
     # just after the newest one.
     assert [ln[:16] for ln in lines] == ["2030-06-01 12:00"] * 5
     assert lines == sorted(lines)

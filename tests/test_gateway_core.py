@@ -56,7 +56,7 @@ def welcomed(now: float = 0.0, **kw) -> core.Gateway:
     gw.flush(now)
     gw.packet(reply([wire.Welcome(1028, 65535, COOKIE, BOOT)]), now)
     handoff, _ = split(gw.flush(now))
-    assert handoff == [[wire.Cookie(COOKIE)]]
+    assert handoff == [[wire.Cookie(COOKIE), wire.Hello(BOOT)]]
     return gw
 
 
@@ -74,7 +74,7 @@ def test_hello_at_start_retransmitted_with_the_same_boot_id():
     assert split(gw.flush(1.7))[0] == [[wire.Hello(BOOT)]]
 
 
-def test_welcome_is_confirmed_by_a_datagram_holding_only_the_cookie():
+def test_welcome_is_confirmed_by_a_datagram_holding_the_cookie_then_the_hello():
     welcomed()
 
 
@@ -126,16 +126,30 @@ def test_requests_are_retransmitted_then_given_up():
     assert gw.counts["drop_request_timeout"] == 1 and gw.pending() == 0
 
 
-def test_bad_cookie_hello_again_same_boot_then_resend():
+def test_bad_cookie_is_a_hint_hello_again_same_boot_keeping_the_cookie():
     gw = welcomed()
     gw.packet(syn(), 1.0)
     gw.flush(1.0)
     gw.packet(reply([wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)]), 1.1)
     handoff, _ = split(gw.flush(1.1))
     assert handoff == [[wire.Hello(BOOT)]]
+    # A forged BAD_COOKIE looks the same: the cookie we hold keeps working,
+    # and more of them do not make us HELLO faster.
+    for _ in range(5):
+        gw.packet(reply([wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)]), 1.15)
+    gw.packet(syn(CPORT + 1), 1.15)
+    handoff, _ = split(gw.flush(1.15))
+    assert handoff == [[wire.Cookie(COOKIE), wire.Map(CLIENT, CPORT + 1)]]
     gw.packet(reply([wire.Welcome(1028, 65535, b"D" * 8, BOOT)]), 1.2)
     handoff, _ = split(gw.flush(1.2))
-    assert handoff == [[wire.Cookie(b"D" * 8)], [wire.Cookie(b"D" * 8), wire.Map(CLIENT, CPORT)]]
+    assert handoff == [
+        [wire.Cookie(b"D" * 8), wire.Hello(BOOT)],
+        [wire.Cookie(b"D" * 8), wire.Map(CLIENT, CPORT), wire.Map(CLIENT, CPORT + 1)],
+    ]
+    # The next BAD_COOKIE is answered no sooner than HELLO_RTO after the last HELLO.
+    gw.packet(reply([wire.Error(wire.ErrorCode.BAD_COOKIE, wire.Kind.COOKIE)]), 1.3)
+    assert split(gw.flush(1.3))[0] == []
+    assert split(gw.flush(1.1 + core.HELLO_RTO))[0] == [[wire.Hello(BOOT)]]
 
 
 def test_deleted_entry_is_asked_for_again():

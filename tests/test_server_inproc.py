@@ -146,7 +146,7 @@ def test_session_errors_and_amplification(tmp_path):
         # No session yet: a MAP without COOKIE gets BAD_COOKIE naming its first octet.
         srv.datagram_received(wire.encode(wire.Map(V17, 1)), NAT)
         assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x33)]
-        # A datagram shorter than an ERROR earns nothing (PROTOCOL.md §7).
+        # A datagram shorter than an ERROR earns nothing (docs/protocol.md §7).
         srv.datagram_received(b"\x3a\x00", NAT)
         assert rec.sent == []
         # Outside the allow-list.
@@ -319,3 +319,151 @@ def test_the_datagram_path_leaves_no_cyclic_garbage(tmp_path):
             await stop(srv)
 
     assert asyncio.run(go()) == 0
+
+
+def welcomed(srv: Server, rec: Recorder, peer: Peer, nat=NAT) -> None:
+    srv.datagram_received(peer.hello(), nat)
+    assert isinstance(replies(rec, peer)[0], wire.Welcome)
+
+
+def test_without_a_valid_cookie_only_the_first_message_is_looked_at(tmp_path, monkeypatch):
+    async def go():
+        srv, rec = await start(tmp_path)
+        parsed = []
+        real_parse = wire.parse
+        monkeypatch.setattr(wire, "parse", lambda d, *a: parsed.append(len(d)) or real_parse(d, *a))
+        biggest = 65507
+        # A forged cookie, a first message that is no COOKIE, a HELLO with
+        # company: each costs the same whatever follows, and nothing parses.
+        srv.datagram_received(bytes.fromhex("3004") + bytes(8) + b"\x35\x01" * 32749, NAT)
+        srv.datagram_received(b"\x35\x01\x00\x01" * (biggest // 4), NAT)
+        srv.datagram_received(Peer().hello() + b"\x10" * (biggest - 26), NAT)
+        assert parsed == []
+        assert replies(rec) == [
+            wire.Error(wire.ErrorCode.BAD_COOKIE, 0x30),
+            wire.Error(wire.ErrorCode.BAD_COOKIE, 0x35),
+        ]
+        assert srv.drops == {"bad_cookie": 1, "no_cookie": 1, "hello_not_alone": 1}
+        # A fault in the first message is still named.
+        srv.datagram_received(b"\x33\x09" + bytes(10), NAT)
+        assert srv.drops["truncated"] == 1 and rec.sent == []
+        # A valid cookie: the datagram is parsed whole, and a fault after
+        # the COOKIE drops it whole.
+        peer = Peer()
+        welcomed(srv, rec, peer)
+        srv.datagram_received(peer.confirm(), NAT)
+        srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10", NAT)
+        assert srv.drops["reserved_group"] == 1 and rec.sent == []
+        await stop(srv)
+
+    asyncio.run(go())
+
+
+def test_over_its_share_a_datagram_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    async def go():
+        clock = SetClock("2024-10-04 12:00:00")
+        srv, rec = await start(tmp_path, clock, request_rate=100)
+        peer = Peer()
+        welcomed(srv, rec, peer)
+        srv.datagram_received(peer.confirm(), NAT)
+        await settle(srv)
+        # A TOUCH of n ports costs n: two of 255 spend 510 of a share of 100.
+        touch = peer.request([wire.Touch(tuple(range(2000, 2255)))])
+        srv.datagram_received(touch, NAT)
+        await settle(srv)
+        assert len(replies(rec)) == 255  # UNMAPPED for each
+        srv.datagram_received(touch, NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.RATE_LIMITED, 0x37)]
+        assert srv.drops["request_rate"] == 1
+        # In debt now: refused for a look-up, unparsed once the error budget
+        # (10 a second) is spent, and never parsed if bigger than a NAT64's
+        # requests, however malformed.
+        parsed = []
+        real_parse = wire.parse
+        monkeypatch.setattr(wire, "parse", lambda d, *a: parsed.append(len(d)) or real_parse(d, *a))
+        for _ in range(20):
+            srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10" * 60000, NAT)
+        assert parsed == [] and srv.drops["request_rate"] == 21
+        for _ in range(20):
+            srv.datagram_received(peer.request([wire.Lookup(1)]) + b"\x10", NAT)
+        assert len(parsed) == 9 and srv.drops["reserved_group"] == 9  # the budget left
+        assert srv.drops["request_rate"] == 32
+        # Its HELLO after the COOKIE does not make it a reboot to let through.
+        srv.datagram_received(peer.confirm() + b"\x10" * 60000, NAT)
+        assert len(parsed) == 9 and srv.drops["request_rate"] == 33
+        assert rec.sent == []
+        # The debt is paid at the request rate: 155 owed, 2 s later it is open.
+        clock.us += 2_000_000
+        srv.datagram_received(peer.request([wire.Lookup(1)]), NAT)
+        await settle(srv)
+        assert replies(rec) == [wire.Unmapped(1)]
+        await stop(srv)
+
+    asyncio.run(go())
+
+
+def test_a_confirmation_carrying_its_hello_needs_no_memory_of_the_claim(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path)
+        peer = Peer()
+        welcomed(srv, rec, peer)
+        srv.sessions.claims.clear()  # forgotten (a restart, a flood of claims)
+        # A malformed datagram confirms nothing.
+        srv.datagram_received(peer.confirm() + b"\x10", NAT)
+        assert srv.drops["reserved_group"] == 1 and srv.sessions.boots == {}
+        srv.datagram_received(peer.confirm() + wire.encode(wire.Map(V17, 1)), NAT)
+        await settle(srv)
+        [m] = replies(rec)
+        assert isinstance(m, wire.Mapping)
+        assert srv.sessions.boots == {int(ipaddress.IPv4Address(NAT[0])): peer.boot_id}
+        # Once confirmed, the same form is a plain datagram: nothing more logged.
+        srv.datagram_received(peer.confirm(), NAT)
+        # A HELLO after the COOKIE must name the boot the cookie is for.
+        other = Peer(b"O" * 8)
+        other.cookie = peer.cookie
+        srv.datagram_received(other.confirm(), NAT)
+        assert replies(rec) == [wire.Error(wire.ErrorCode.BAD_COOKIE, 0x30)]
+        await stop(srv)
+
+    asyncio.run(go())
+    log = (tmp_path / "events.log").read_text()
+    assert log.count("Initialized") == 1 and log.count("Created") == 1
+
+
+def test_a_v1_1_confirmation_holding_only_the_cookie_still_works(tmp_path):
+    async def go():
+        srv, rec = await start(tmp_path)
+        peer = Peer()
+        welcomed(srv, rec, peer)
+        srv.datagram_received(wire.encode(wire.Cookie(peer.cookie)), NAT)
+        await settle(srv)
+        assert srv.sessions.boots == {int(ipaddress.IPv4Address(NAT[0])): peer.boot_id}
+        await stop(srv)
+
+    asyncio.run(go())
+    assert (tmp_path / "events.log").read_text().count("Initialized") == 1
+
+
+def test_the_epoch_issued_is_kept_across_restarts_and_lifetime_changes(tmp_path):
+    day = 86400
+
+    async def serve(when: str, lifetime: int, hello: bool) -> int:
+        clock = SetClock(when)
+        srv, rec = await start(tmp_path, clock, cookie_lifetime=lifetime)
+        if hello:
+            welcomed(srv, rec, Peer())
+            await srv._epoch_task
+        epoch = srv.sessions.epoch(clock.wall())
+        await stop(srv)
+        return epoch
+
+    async def go():
+        # 2024-10-04 is day 20000; hours are 24 times that.
+        assert await serve("2024-10-04 12:00:00", 3600, True) == 20000 * 24 + 12
+        # Restarted a day behind: the hour issued still holds.
+        assert await serve("2024-10-03 12:00:00", 3600, False) == 20000 * 24 + 12
+        # A longer lifetime: the kept time falls in day 20000, not hour 480012.
+        assert await serve("2024-10-03 12:00:00", day, False) == 20000
+        assert await serve("2024-10-05 01:00:00", day, True) == 20001
+
+    asyncio.run(go())

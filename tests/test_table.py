@@ -1,4 +1,4 @@
-"""The pure table logic of PROTOCOL.md §5, with time passed in."""
+"""The pure table logic of docs/protocol.md §5, with time passed in."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_create_refused_when_storage_is_behind():
     t = table()
     out = t.apply([wire.Map(v6(1), 1)], S, lambda: S, 1, create_ok=False)
     assert out.units == [] and out.created == [] and out.counts["deferred"] == 1
-    # Over this NAT64's share: refused and said so (PROTOCOL.md §7).
+    # Over this NAT64's share: refused and said so (docs/protocol.md §7).
     out = t.apply([wire.Map(v6(1), 1), wire.Lookup(1)], S, lambda: S, 1, share_ok=False)
     assert [decode(u) for u in out.units] == [
         [wire.Error(wire.ErrorCode.RATE_LIMITED, wire.Kind.MAP)],

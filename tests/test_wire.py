@@ -1,4 +1,4 @@
-"""The codec against PROTOCOL.md §8's vectors, round trips, and the
+"""The codec against docs/protocol.md §8's vectors, round trips, and the
 invariant that any bytes parse or raise wire.Malformed."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_whole_datagram_in_order():
 
 
 def test_welcome_is_no_longer_than_hello():
-    # PROTOCOL.md §7: a HELLO earns at most as many octets as it carried.
+    # docs/protocol.md §7: a HELLO earns at most as many octets as it carried.
     assert len(wire.encode(wire.Welcome(1, 2, b"c" * 8, BOOT))) <= len(
         wire.encode(wire.Hello(BOOT))
     )
@@ -239,3 +239,57 @@ def test_each_builder_equals_the_general_encoder(port, addr, aport):
 def test_every_field_is_size_checked(message):
     with pytest.raises(ValueError):
         wire.encode(message)
+
+
+def test_section_8_confirm_vector():
+    # v1.2: a COOKIE, then the HELLO of the boot it confirms, in one datagram.
+    data = bytes.fromhex("30048dcb0506d837aa41310c010001020304050607080000000000000000000000000000")
+    cookie = hmac.new(SECRET, NAT + BOOT + (20000).to_bytes(4, "big"), hashlib.sha256)
+    assert wire.parse(data) == [wire.Cookie(cookie.digest()[:8]), wire.Hello(BOOT)]
+    assert wire.build([wire.Cookie(cookie.digest()[:8]), wire.Hello(BOOT)]) == data
+    assert wire.head(data) == wire.Kind.COOKIE
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", wire.EMPTY),
+        (b"\x10\x00", wire.RESERVED_GROUP),
+        (b"\x33", wire.TRUNCATED),
+        (b"\x33\x08" + b"\x00" * 16, wire.BAD_LENGTH),
+        (bytes.fromhex("340ab7fe20010db80000000000000000000000558753"), wire.WRONG_DIRECTION),
+        (b"\x45\x00\x00\x10" + b"\x00" * 12, wire.BAD_PACKET),
+        (b"\x45\x00", wire.TRUNCATED),
+        (b"\x60\x00\x00\x00\x00\x08" + b"\x00" * 40, wire.TRUNCATED),
+    ],
+)
+def test_head_names_a_fault_of_the_first_message(data, reason):
+    with pytest.raises(wire.Malformed) as info:
+        wire.head(data)
+    assert info.value.reason == reason
+
+
+def test_head_looks_at_the_first_message_only():
+    # 65,507 octets of junk after a well-formed LOOKUP: head does not look.
+    data = bytes.fromhex("3501b7fe") + b"\x10" * 65503
+    assert wire.head(data) == wire.Kind.LOOKUP
+    with pytest.raises(wire.Malformed):
+        wire.parse(data)
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=80), st.sampled_from(list(Direction)))
+def test_head_agrees_with_parse(data, direction):
+    try:
+        first = wire.head(data, direction)
+    except wire.Malformed as exc:
+        # parse checks the first message first: the same fault.
+        with pytest.raises(wire.Malformed) as info:
+            wire.parse(data, direction)
+        assert info.value.reason == exc.reason
+    else:
+        try:
+            wire.parse(data, direction)
+        except wire.Malformed as exc:
+            assert exc.offset > 0  # a fault after the first message
+        assert first == data[0]

@@ -1,4 +1,4 @@
--- Wireshark dissector for the NAT64 handoff protocol (PROTOCOL.md, wire
+-- Wireshark dissector for the NAT64 handoff protocol (docs/protocol.md, wire
 -- profile v1.1) on UDP port 6464: every message with named fields, the inner
 -- IPv4/IPv6 packets handed to Wireshark's own dissectors, and malformed
 -- datagrams flagged with the same reason names nat64ho counts (nat64ho/core/wire.py).
@@ -29,7 +29,7 @@ for k = 0x3A, 0x3F do KINDS[k] = "UNASSIGNED" end
 
 local TO_SERVER, TO_NAT64 = "NAT64 to server", "server to NAT64"
 
--- kind -> direction and the only allowed L values (PROTOCOL.md §3); the same
+-- kind -> direction and the only allowed L values (docs/protocol.md §3); the same
 -- catalogue as wire.py, so both call the same datagrams malformed.
 local CATALOGUE = {
     [0x30] = { TO_SERVER, 4, 4 }, [0x31] = { TO_SERVER, 12, 12 },

@@ -199,7 +199,7 @@ def tally(datagram: bytes) -> tuple[int, int, tuple[int, ...]]:
 
 
 def error_name(code: int) -> str:
-    """An ERROR code by its PROTOCOL.md §3 name."""
+    """An ERROR code by its docs/protocol.md §3 name."""
     try:
         return wire.ErrorCode(code).name
     except ValueError:

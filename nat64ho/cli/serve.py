@@ -93,8 +93,10 @@ def serve(
         float,
         typer.Option(
             metavar="N",
-            help="HELLOs per second accepted from one source address, with a burst of as many "
-            "(0 = unlimited). A NAT64 says HELLO once per boot.",
+            help="HELLOs answered per second, all sources together (each --workers process "
+            "has its own budget; 0 = unlimited). Beyond it HELLOs are dropped at random, so a "
+            "NAT64 retrying among forged ones gets through; a HELLO repeating a NAT64's "
+            "recorded boot id has its own allowance of 5 a second (docs/protocol.md §7).",
             parser=number("--hello-rate", 0),
         ),
     ] = Config.hello_rate,
@@ -112,7 +114,7 @@ def serve(
         float,
         typer.Option(
             metavar="N",
-            help="Request messages (MAP, LOOKUP, TOUCH) per second per NAT64, with a burst "
+            help="Requests per second per NAT64, a TOUCH of n ports counting n, with a burst "
             "of as many (0 = unlimited); beyond it requests get ERROR RATE_LIMITED, so one "
             "NAT64 cannot take the server from the others.",
             parser=number("--request-rate", 0),

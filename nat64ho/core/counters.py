@@ -18,14 +18,14 @@ class Drop(enum.StrEnum):
 
     __hash__ = str.__hash__  # Enum hashes the name; counters mix members and strings
 
-    # Malformed datagrams (PROTOCOL.md §2), named by the codec.
+    # Malformed datagrams (docs/protocol.md §2), named by the codec.
     EMPTY = wire.EMPTY
     RESERVED_GROUP = wire.RESERVED_GROUP
     TRUNCATED = wire.TRUNCATED
     BAD_LENGTH = wire.BAD_LENGTH
     WRONG_DIRECTION = wire.WRONG_DIRECTION
     BAD_PACKET = wire.BAD_PACKET
-    # Sessions (PROTOCOL.md §4), named by the session rules.
+    # Sessions (docs/protocol.md §4), named by the session rules.
     NOT_ALLOWED = "not_allowed"
     HELLO_RATE = "hello_rate"
     BAD_VERSION = "bad_version"

@@ -23,7 +23,7 @@ class Event(NamedTuple):
 
 
 class EventClock:
-    """Event times that strictly increase over the whole server (PROTOCOL.md
+    """Event times that strictly increase over the whole server (docs/protocol.md
     §6): an event in the same microsecond as the one before, or behind it
     after a wall-clock step, takes the next microsecond, so no two events
     share a time and the history holds exactly the lines of the log."""

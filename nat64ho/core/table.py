@@ -1,4 +1,4 @@
-"""The connection table of one NAT64: decisions only (PROTOCOL.md §5).
+"""The connection table of one NAT64: decisions only (docs/protocol.md §5).
 
 Pure: no sockets, no clock, no database. The database is the truth and this
 is its cache, so a call goes in two steps:
@@ -215,11 +215,11 @@ class NatTable:
         """Decide ``messages`` (the datagram after its COOKIE).
 
         ``now`` is the monotonic table clock in µs, and ``stamp()`` gives each
-        event its UTC time in µs (strictly increasing, PROTOCOL.md §6); ``seq`` is the write batch new entries join.
+        event its UTC time in µs (strictly increasing, docs/protocol.md §6); ``seq`` is the write batch new entries join.
         With ``create_ok`` false (storage cannot keep up) a MAP that needs a
         new entry gets no answer, so the NAT64 retries later; with
         ``share_ok`` false (this NAT64 has too much waiting to be committed,
-        PROTOCOL.md §7) it is answered ERROR RATE_LIMITED.
+        docs/protocol.md §7) it is answered ERROR RATE_LIMITED.
         """
         units: list[list[bytes]] = []
         events: list[Event] = []

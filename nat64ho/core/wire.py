@@ -1,8 +1,9 @@
-"""The NAT64 handoff wire format (PROTOCOL.md §2-3), in both directions.
+"""The NAT64 handoff wire format (docs/protocol.md §2-3), in both directions.
 
-Pure: bytes in, messages out, and back. A datagram is parsed whole before any
-of it is used; a malformed one raises :class:`Malformed` with a short
-``reason`` that the server counts. Nothing else is ever raised for any input.
+Pure: bytes in, messages out, and back. :func:`head` checks a datagram's
+first message alone; :func:`parse` parses it whole before any of it is
+used. A malformed one raises :class:`Malformed` with a short ``reason``
+that the server counts. Nothing else is ever raised for any input.
 Messages are NamedTuples: cheap to build on the hot path, immutable, hashable.
 """
 
@@ -37,7 +38,7 @@ class Kind(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    """Codes carried by ERROR (PROTOCOL.md §3)."""
+    """Codes carried by ERROR (docs/protocol.md §3)."""
 
     BAD_COOKIE = 1
     BAD_VERSION = 2
@@ -135,7 +136,7 @@ Message = (
 
 
 class Malformed(ValueError):
-    """The datagram breaks PROTOCOL.md §2; ``reason`` names how, for counting."""
+    """The datagram breaks docs/protocol.md §2; ``reason`` names how, for counting."""
 
     def __init__(self, reason: str, offset: int):
         super().__init__(f"{reason} at octet {offset}")
@@ -277,6 +278,44 @@ def parse(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> list[M
             raise Malformed(RESERVED_GROUP, pos)
         pos = stop
     return messages
+
+
+def head(datagram: bytes, direction: Direction = Direction.TO_SERVER) -> int:
+    """Octet 0 of the datagram's first message, checking that message alone.
+
+    docs/protocol.md §2 (v1.2): a server looks at the first message before it
+    parses the rest, so that a datagram from an unproven source costs the
+    same whatever its size. Raises :class:`Malformed` as :func:`parse` would
+    for a fault in the first message; the rest is not looked at.
+    """
+    end = len(datagram)
+    if end == 0:
+        raise Malformed(EMPTY, 0)
+    first = datagram[0]
+    group = first >> 4
+    if group == 3:
+        if end < 2 or 2 + 2 * datagram[1] > end:
+            raise Malformed(TRUNCATED, 0)
+        spec = _CATALOGUE.get(first)
+        if spec is not None:
+            if datagram[1] not in spec[1]:
+                raise Malformed(BAD_LENGTH, 0)
+            if spec[0] is not direction:
+                raise Malformed(WRONG_DIRECTION, 0)
+    elif group == 4:
+        if end < 4:
+            raise Malformed(TRUNCATED, 0)
+        total = _H.unpack_from(datagram, 2)[0]
+        if total < 20:
+            raise Malformed(BAD_PACKET, 0)
+        if total > end:
+            raise Malformed(TRUNCATED, 0)
+    elif group == 6:
+        if end < 6 or 40 + _H.unpack_from(datagram, 4)[0] > end:
+            raise Malformed(TRUNCATED, 0)
+    else:
+        raise Malformed(RESERVED_GROUP, 0)
+    return first
 
 
 def _control(kind: int, payload: bytes) -> bytes:

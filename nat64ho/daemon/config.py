@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nat64ho.core import wire
-from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME
+from nat64ho.core.session import DEFAULT_COOKIE_LIFETIME, DEFAULT_HELLO_RATE
 
 
 @dataclass
@@ -19,12 +19,13 @@ class Config:
     last_port: int = 65535
     allow: list = field(default_factory=list)  # IPv4Network; empty = any
     min_idle: float = 0.0  # seconds
-    hello_rate: float = 5.0
+    #: HELLOs answered per second, all sources together (per process).
+    hello_rate: float = DEFAULT_HELLO_RATE
     #: New entries per second per NAT64. At 1,000/s a full 64508-port table
     #: turns over in 65 s, under the 2-minute least lifetime RFC 4787 REQ-5
     #: asks of a UDP mapping: a NAT64 creating faster keeps nothing alive.
     create_rate: float = 1000.0
-    #: Request messages (MAP, LOOKUP, TOUCH) per second per NAT64.
+    #: Requests per second per NAT64; a TOUCH of n ports counts n.
     request_rate: float = 10_000.0
     cookie_lifetime: int = DEFAULT_COOKIE_LIFETIME
     sync: str = "full"

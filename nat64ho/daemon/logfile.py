@@ -1,4 +1,4 @@
-"""The event log file (PROTOCOL.md §6), with its catch-up from the history
+"""The event log file (docs/protocol.md §6), with its catch-up from the history
 when it could not be written."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ log = logging.getLogger("nat64ho")
 
 
 class LogFile:
-    """The event log (PROTOCOL.md §6). Lines reach the OS before the answers
+    """The event log (docs/protocol.md §6). Lines reach the OS before the answers
     they describe are sent; SIGHUP reopens the file for logrotate.
 
     When a write fails (disk full) the file is cut back to its last whole

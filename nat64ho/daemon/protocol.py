@@ -2,9 +2,11 @@
 the codec, the session rules, the tables (all in :mod:`nat64ho.core`) and
 storage.
 
-A datagram is parsed whole, checked (source, cookie, rates), decided by its
-NAT64's table, and answered; answers that announce something not yet durable
-wait for their commit. Nothing a peer sends raises out of
+A datagram's first message is checked (source, cookie) and the datagram
+checked against its NAT64's share before it is parsed whole
+(docs/protocol.md §2); then it is decided by its NAT64's table and
+answered; answers that announce something not yet durable wait for their
+commit. Nothing a peer sends raises out of
 :meth:`Server.datagram_received`: every drop is counted under a named reason.
 Clocks come in (:class:`nat64ho.daemon.clock.SystemClock` by default).
 """
@@ -47,7 +49,7 @@ MAX_INFLIGHT = 8192
 #: answer; the NAT64 retries): a full or stuck disk must not grow memory
 #: without bound.
 MAX_BACKLOG = 200_000
-#: A NAT64's share (PROTOCOL.md §7): its datagrams waiting for reads, its
+#: A NAT64's share (docs/protocol.md §7): its datagrams waiting for reads, its
 #: answers waiting for a commit, its rows waiting to be committed. Beyond
 #: them its requests get ERROR RATE_LIMITED; the other NAT64s go on. Each
 #: is far above what one NAT64 needs at its request rate while commits take
@@ -62,6 +64,10 @@ READERS = 4
 #: Source addresses whose conversion is remembered; beyond, the memory
 #: starts over.
 MAX_SOURCES = 4096
+#: The meta key of the start (UTC seconds) of the highest cookie epoch
+#: issued (§4.6): a time, not an epoch number, so that it still means the
+#: same after --cookie-lifetime changes.
+EPOCH_KEY = "cookie_epoch_start"
 #: Shortest interval between two reports of unexpected errors in the log;
 #: the ones between are counted (metric "internal_error") and summed up.
 BUG_LOG_INTERVAL = 60.0
@@ -72,6 +78,11 @@ _DATAGRAMS_IN = Count.DATAGRAMS_IN.value
 _DATAGRAMS_OUT = Count.DATAGRAMS_OUT.value
 _CACHE_HIT = Count.CACHE_HIT.value
 _CACHE_MISS = Count.CACHE_MISS.value
+_LIMITED_REQUEST_RATE = Count.LIMITED_REQUEST_RATE.value
+_REQUEST_RATE = Drop.REQUEST_RATE.value
+#: A datagram holding one HELLO; one holding a COOKIE and then a HELLO.
+_HELLO_SIZE = 26
+_CONFIRM_SIZE = 36
 
 
 class Server(asyncio.DatagramProtocol):
@@ -95,6 +106,8 @@ class Server(asyncio.DatagramProtocol):
         events, clock_ = self.events, self.clock
         #: An event's time: the wall clock read only when a datagram makes one.
         self._stamp = lambda: events.stamp(clock_.wall())
+        self._epoch_task: asyncio.Future | None = None
+        kept_epoch = int(store.meta.get(EPOCH_KEY, 0))  # type: ignore[call-overload]
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,
@@ -104,6 +117,10 @@ class Server(asyncio.DatagramProtocol):
             max_nats=config.max_nats,
             cookie_lifetime=config.cookie_lifetime,
             known={nat: r.boot_id for nat, r in store.nats.items()},
+            epoch_floor=kept_epoch // config.cookie_lifetime,
+            on_epoch=self._keep_epoch,
+            rng=random.Random(os.urandom(32)),
+            now=self.clock.now(),
         )
         self.transport: asyncio.DatagramTransport | None = None
         #: By the names of nat64ho.core.counters (metrics export each one).
@@ -130,6 +147,19 @@ class Server(asyncio.DatagramProtocol):
         #: Histograms of commit sizes and times (serve --metrics); None: off.
         self.metrics: Metrics | None = None
         self._commits = asyncio.ensure_future(self._take_commits())
+
+    def _keep_epoch(self, epoch: int) -> None:
+        """Keep the highest epoch issued with the table (§4.6): a restart
+        with the clock behind goes on as of it. Once per epoch; a write
+        that fails is tried again at the next start of an epoch."""
+        start = epoch * self.config.cookie_lifetime
+        task = asyncio.ensure_future(self.store.set_meta(EPOCH_KEY, start))
+        self._epoch_task = task
+        task.add_done_callback(self._epoch_kept)
+
+    def _epoch_kept(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("could not keep the cookie epoch in the database: %s", exc)
 
     # ------------------------------------------------------------ socket
     def connection_made(self, transport) -> None:
@@ -195,49 +225,81 @@ class Server(asyncio.DatagramProtocol):
         if nat is None:
             self._drop(Drop.NOT_IPV4)
             return
+        size = len(data)
+        if size >= 10 and data[0] == 0x30 and data[1] == 4:
+            self._opened(nat, data, size, addr)
+            return
+        # Not opened by a COOKIE: only the first message is looked at (§2).
+        try:
+            first = wire.head(data)
+        except wire.Malformed as exc:
+            self._drop(exc.reason)
+            return
+        if first != wire.Kind.HELLO:
+            self._refused(self.sessions.no_cookie(first, size), addr)
+            return
+        if size != _HELLO_SIZE:
+            self._drop(Drop.HELLO_NOT_ALONE)
+            return
+        self.counts[Count.HELLOS] += 1
+        clock = self.clock
+        hello = cast(wire.Hello, wire.parse(data)[0])  # 26 octets: cheap
+        verdict = self.sessions.hello(nat, hello, size, clock.now(), clock.wall())
+        if isinstance(verdict, Refused):
+            self._refused(verdict, addr)
+        else:
+            self._send([[verdict.answer]], addr)
+
+    def _opened(self, nat: int, data: bytes, size: int, addr) -> None:
+        """A datagram that starts with a COOKIE: checked against its NAT64's
+        share, then its cookie, before it is parsed whole (§2)."""
+        sessions = self.sessions
+        skip = 1
+        boot_id = None
+        now = self.clock.now()
+        if size >= _CONFIRM_SIZE and data[10] == 0x31 and data[11] == 12:
+            # COOKIE then HELLO: a confirmation naming its boot (§4.5).
+            boot_id = data[14:22]
+            skip = 2
+        # A reboot is not held to the share its address ran into debt; the
+        # boot already recorded is, whatever its datagram starts with.
+        if boot_id is None or sessions.boots.get(nat) == boot_id:
+            state = self.tables.nats.get(nat)
+            if state is not None:
+                requests = state.share.requests
+                if requests.tokens < 1.0 and not requests.ready(now):
+                    self._over_share(state, data, size, addr, now)
+                    return
+        opened = sessions.open(nat, data[2:10], size, self.clock.wall(), boot_id)
+        if isinstance(opened, Refused):
+            self._refused(opened, addr)
+            return
+        confirmation = opened.confirmation
         try:
             messages = wire.parse(data)
         except wire.Malformed as exc:
             self._drop(exc.reason)
             return
-        first = messages[0]
-        kind = type(first)
-        sessions = self.sessions
-        if kind is wire.Hello:
-            if len(messages) != 1:
-                self._drop(Drop.HELLO_NOT_ALONE)
-                return
-            self.counts[Count.HELLOS] += 1
-            clock = self.clock
-            verdict = sessions.hello(
-                nat, cast(wire.Hello, first), len(data), clock.now(), clock.wall()
-            )
-            if isinstance(verdict, Refused):
-                self._refused(verdict, addr)
-            else:
-                self._send([[verdict.answer]], addr)
-            return
-        if kind is not wire.Cookie:
-            self._refused(sessions.no_cookie(data[0], len(data)), addr)
-            return
-        body = messages[1:]
+        body = messages[skip:]
+        # What the datagram costs of its share (§7): a TOUCH of n ports n,
+        # any other message one (skipped ones cost a parse too).
+        cost = len(body)
         for m in body:
-            if type(m) is wire.Cookie or type(m) is wire.Hello:
+            kind = type(m)
+            if kind is wire.Touch:
+                cost += len(cast(wire.Touch, m).ports) - 1
+            elif kind is wire.Cookie or kind is wire.Hello:
                 self._drop(Drop.MISPLACED_SESSION)
                 return
-        opened = sessions.open(nat, cast(wire.Cookie, first).cookie, len(data), self.clock.wall())
-        if isinstance(opened, Refused):
-            self._refused(opened, addr)
-            return
-        confirmation = opened.confirmation
-        now = self.clock.now()
+        if confirmation is not None:
+            confirmation = sessions.confirm(confirmation)
         state = self.tables.state(nat, now)
+        share = state.share
         if not body:
             if confirmation is not None:
                 self._record_boot(confirmation)
             return
-        share = state.share
-        if not share.requests.spend(len(body), now):
+        if not share.requests.spend(cost, now):
             self._limited(state, body, Drop.REQUEST_RATE, addr, confirmation)
             return
         if share.waiting >= MAX_NAT_WAITING:
@@ -258,23 +320,52 @@ class Server(asyncio.DatagramProtocol):
             tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
 
+    def _over_share(self, state: NatState, data: bytes, size: int, addr, now: int) -> None:
+        """Refuse a datagram from a NAT64 in debt with its share, for the
+        cost of a look-up. It is checked and parsed only to answer ERROR
+        RATE_LIMITED while the NAT64's error budget lasts, and only if no
+        bigger than a NAT64's requests (§2): answering must not cost a parse
+        of 64 KiB a time."""
+        share = state.share
+        if size > wire.MAX_DATAGRAM or not share.errors.take(now):
+            self.drops[_REQUEST_RATE] += 1
+            self.counts[_LIMITED_REQUEST_RATE] += 1
+            return
+        opened = self.sessions.open(state.nat, data[2:10], size, self.clock.wall())
+        if isinstance(opened, Refused):
+            self._refused(opened, addr)
+            return
+        try:
+            body = wire.parse(data)[1:]
+        except wire.Malformed as exc:
+            self._drop(exc.reason)
+            return
+        self._limited(state, body, Drop.REQUEST_RATE, addr, None, answered=True)
+
     def _limited(
-        self, state: NatState, body: list, reason: Drop, addr, confirmation: Confirmation | None
+        self,
+        state: NatState,
+        body: list,
+        reason: Drop,
+        addr,
+        confirmation: Confirmation | None,
+        answered: bool = False,
     ) -> None:
         """Refuse a datagram over its NAT64's share whole (§7): ERROR
-        RATE_LIMITED for each request while the NAT64's error budget lasts."""
+        RATE_LIMITED for each request while the NAT64's error budget lasts
+        (``answered``: that budget was just taken from)."""
         if confirmation is not None:
             self._record_boot(confirmation)
         self._drop(reason)
         self.counts[LIMITED[reason]] += 1
-        if state.share.errors.take(self.clock.now()):
+        if answered or state.share.errors.take(self.clock.now()):
             units = [[_RATE_LIMITED[type(m)]] for m in body if type(m) in _RATE_LIMITED]
             if units:
                 self._send(units, addr)
 
     def _record_boot(self, c: Confirmation) -> None:
         """A confirmed boot joins the next commit: recorded, and logged as
-        ``Initialized`` when its boot id is new (PROTOCOL.md §4.4)."""
+        ``Initialized`` when its boot id is new (docs/protocol.md §4.4)."""
         wall = self.clock.wall()
         event = None
         if c.initialized:

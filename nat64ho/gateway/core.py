@@ -5,7 +5,7 @@ with ``now``; packets for the TUN device come out of :meth:`Gateway.flush`.
 The gateway owns the pool address: every packet to it arrives through the
 TUN device, the handoff servers' answers included, so its handoff datagrams
 are IPv4/UDP packets it writes there too, from ``pool:handoff_port``. The
-servers know it by that source address (PROTOCOL.md §1).
+servers know it by that source address (docs/protocol.md §1).
 
 Per server, a cache maps NAT ports to client endpoints and back; the server
 holds the truth. A miss queues the packet (bounded) behind one MAP or LOOKUP,
@@ -85,6 +85,10 @@ class Server:
         self.outbox: list[wire.Message] = []
         self.hello_due = 0.0
         self.hello_rto = HELLO_RTO
+        self.last_hello = float("-inf")
+        #: HELLO again (same boot) while still using the cookie we hold: the
+        #: server answered BAD_COOKIE, which anyone can make it do (§4.3).
+        self.rehello = False
         self.confirm = False
 
     def port_of(self, key: tuple[bytes, int]) -> int | None:
@@ -274,6 +278,7 @@ class Gateway:
                         f"warning: {srv.name}'s range holds the handoff port {self.handoff_port}"
                     )
                 srv.confirm = True
+                srv.rehello = False
                 srv.hello_rto = HELLO_RTO
                 for mapped in srv.maps.values():
                     mapped.due = now
@@ -285,11 +290,14 @@ class Gateway:
                 except ValueError:
                     name = str(m.code)
                 self.counts["error_" + name.lower()] += 1
-                if m.code == wire.ErrorCode.BAD_COOKIE:
-                    # The cookie expired, or the server never confirmed us:
-                    # the same boot, so HELLO again with the same boot id.
+                if m.code == wire.ErrorCode.BAD_COOKIE and not srv.rehello:
+                    # The cookie expired, the server never confirmed us, or
+                    # someone forged a datagram from our address: HELLO
+                    # again with the same boot id, keeping the cookie until
+                    # a WELCOME replaces it, and never faster than HELLO_RTO.
                     self.log(f"{srv.name} answered BAD_COOKIE: HELLO again")
-                    srv.hello_due = now
+                    srv.rehello = True
+                    srv.hello_due = max(now, srv.last_hello + HELLO_RTO)
                     srv.hello_rto = HELLO_RTO
 
     # ------------------------------------------------------------ timers
@@ -299,12 +307,13 @@ class Gateway:
         if touch:
             self.touch_due = now + self.touch_interval
         for srv in self.servers.values():
+            if (srv.peer.cookie is None or srv.rehello) and now >= srv.hello_due:
+                self._send(srv, srv.peer.hello())
+                srv.last_hello = now
+                srv.hello_due = now + srv.hello_rto
+                srv.hello_rto = min(srv.hello_rto * 2, HELLO_RTO_MAX)
+                self.counts["hello_sent"] += 1
             if srv.peer.cookie is None:
-                if now >= srv.hello_due:
-                    self._send(srv, srv.peer.hello())
-                    srv.hello_due = now + srv.hello_rto
-                    srv.hello_rto = min(srv.hello_rto * 2, HELLO_RTO_MAX)
-                    self.counts["hello_sent"] += 1
                 continue
             if touch and srv.used:
                 # Before new requests: a MAP that must delete an entry to make
@@ -340,8 +349,9 @@ class Gateway:
                 srv.outbox.clear()  # resent from the pending tables after WELCOME
                 continue
             if srv.confirm:
-                # PROTOCOL.md §4: a datagram holding only the COOKIE confirms the boot.
-                self._send(srv, srv.peer.request([]))
+                # docs/protocol.md §4.5: COOKIE then HELLO confirms the boot,
+                # whether or not the server still remembers our claim.
+                self._send(srv, srv.peer.confirm())
                 srv.confirm = False
             if srv.outbox:
                 self._requests(srv)
