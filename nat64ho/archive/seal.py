@@ -1,0 +1,138 @@
+"""Sealing: moving closed periods of the hot tier into segments.
+
+Order, so that a SIGKILL anywhere leaves every event exactly once: the file
+is written, fsynced and renamed into place; then one transaction records
+the segment and deletes its events. Killed before that commit, the events
+are still hot and the file is unrecorded: :func:`remove_orphans` (run by
+whoever owns the table: a seal, a server start, ``check``) deletes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nat64ho.archive import catalog, chain, segment
+from nat64ho.archive.catalog import Segment
+from nat64ho.ops.db import Conn, HistoryError, atomic, bad_row, id_event_ok
+
+#: Events read from the hot tier per query while sealing one segment.
+_CHUNK = 65536
+
+
+def orphans(conn: Conn, directory: Path | None = None) -> list[Path]:
+    """Files in the archive directory that no live segment records:
+    interrupted seals (and files of pruned segments not yet unlinked)."""
+    directory = directory or catalog.archive_dir(conn)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    recorded = {s.file for s in catalog.segments(conn, live=True)}
+    return sorted(
+        directory / name
+        for name in names
+        if name.startswith("segment-")
+        and (name.endswith(".tmp") or name.endswith(".parquet"))
+        and name not in recorded
+    )
+
+
+def remove_orphans(conn: Conn) -> list[Path]:
+    """Delete :func:`orphans`; only the table's owner may (a seal in flight
+    of another process has an unrecorded file too)."""
+    found = orphans(conn)
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def period_start(ts: int, period_us: int) -> int:
+    return ts - ts % period_us
+
+
+def seal(
+    conn: Conn,
+    *,
+    before: int,
+    period_us: int,
+    now: Callable[[], int] = lambda: time.time_ns() // 1000,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[Segment]:
+    """Seal the hot tier's events of every period that ends by ``before``,
+    one segment per period (periods are ``period_us`` long, aligned to the
+    epoch). Returns the new segments. ``stop``: checked between segments."""
+    made = []
+    directory = catalog.archive_dir(conn)
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    while not stop():
+        seg = seal_one(conn, directory, before=before, period_us=period_us, now=now)
+        if seg is None:
+            break
+        made.append(seg)
+    return made
+
+
+def seal_one(
+    conn: Conn, directory: Path, *, before: int, period_us: int, now: Callable[[], int]
+) -> Segment | None:
+    """Seal the oldest closed period of the hot tier, if any."""
+    upto = catalog.sealed_upto(conn)
+    first = conn.execute(
+        "SELECT id, ts FROM event WHERE id > ? ORDER BY id LIMIT 1", (upto,)
+    ).fetchone()
+    if first is None or type(first[1]) is not int or first[1] >= before:
+        return None
+    end = min(before, period_start(first[1], period_us) + period_us)
+    # The segment is a range of ids, so that the log order (id order) of
+    # both tiers is segment after segment, then the hot tier. Its end is
+    # the first event at or after the period's end (the server's clock
+    # keeps event times in id order but for steps back of the wall clock).
+    nxt = conn.execute(
+        "SELECT id FROM event INDEXED BY event_ts WHERE ts >= ? ORDER BY ts, id LIMIT 1", (end,)
+    ).fetchone()
+    if nxt is not None:
+        last = nxt[0] - 1
+    else:
+        last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
+    rows = []
+    cur = conn.execute(
+        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? AND id <= ? "
+        "ORDER BY id",
+        (upto, last),
+    )
+    while chunk := cur.fetchmany(_CHUNK):
+        for r in chunk:
+            if not id_event_ok(r):
+                raise bad_row(conn, r, id_event_ok)
+        rows += chunk
+    if not rows:
+        return None
+    segs = catalog.segments(conn)
+    n = segs[-1].n + 1 if segs else 1
+    previous = segs[-1].chain if segs else chain.GENESIS
+    name = catalog.file_name(n)
+    written = segment.write(segment.table_from_rows(rows), directory / name)
+    period = (written.first_id, written.last_id, written.ts_lo, written.ts_hi)
+    counts = (written.events, written.initialized, written.created, written.deleted)
+    link = chain.link(previous, written.sha256, period, counts)
+    with atomic(conn):
+        conn.execute(
+            "INSERT INTO segment (n, file, first_id, last_id, ts_lo, ts_hi, events, "
+            "initialized, created, deleted, bytes, sha256, chain, sealed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (n, name, *period, *counts, written.size, written.sha256, link, now()),
+        )
+        gone = conn.execute(
+            "DELETE FROM event WHERE id >= ? AND id <= ?", (written.first_id, written.last_id)
+        ).rowcount
+        if gone != written.events:
+            # Someone changed the hot tier while the file was written (only
+            # the owner seals, so this is another program): keep it all hot.
+            raise HistoryError(
+                f"{catalog.db_file(conn)}: events {written.first_id}..{written.last_id} changed "
+                "while they were sealed; nothing was sealed"
+            )
+    return catalog.segments(conn)[-1]

@@ -1,0 +1,307 @@
+"""The sealed tier: segments written by ``nat64ho seal``, read back by other
+engines, and every reader giving the same answers across the two tiers;
+``check`` finding each kind of tampering; SIGKILL during seals."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from nat64ho.core.records import Event, EventKind
+from nat64ho.eventlog import format_event, ts_str
+from nat64ho.ops import queries
+from nat64ho.storage import schema
+from tests.helpers import db_exec, db_rows, nat64ho, one_error, table_owned
+
+NATS = (0xC0000209, 0xC000020A)  # 192.0.2.9, 192.0.2.10
+START = 1_767_225_600_000_000  # 2026-01-01 00:00 UTC
+HOUR = 3_600_000_000
+
+
+def churn_log(n: int, *, seed: int = 7, ports: int = 300, start: int = START) -> list[str]:
+    """Log lines of tables under churn: ports handed from client to client
+    (Deleted then Created at one instant), over about ``n`` events."""
+    rnd = random.Random(seed)
+    clients = [
+        ipaddress.IPv6Address(
+            0x20010DB8 << 96 | rnd.getrandbits(64) << 16 | rnd.getrandbits(8)
+        ).packed
+        for _ in range(200)
+    ]
+    held: dict[tuple[int, int], tuple[bytes, int]] = {}
+    ts = start
+    events = [Event(ts, EventKind.INITIALIZED, nat) for nat in NATS]
+    while len(events) < n:
+        ts += rnd.randint(1, 40_000_000)
+        key = (rnd.choice(NATS), 1024 + rnd.randrange(ports))
+        if key in held:
+            addr, aport = held.pop(key)
+            events.append(Event(ts, EventKind.DELETED, *key, addr, aport))
+            if rnd.random() < 0.3:
+                continue
+        endpoint = (rnd.choice(clients), rnd.randint(1024, 65535))
+        if endpoint in held.values():
+            continue
+        held[key] = endpoint
+        events.append(Event(ts, EventKind.CREATED, *key, *endpoint))
+    return [format_event(e) + "\n" for e in events]
+
+
+def imported(tmp_path: Path, lines: list[str], name: str = "table.db") -> tuple[Path, Path]:
+    log = tmp_path / f"{name}.log"
+    log.write_text("".join(lines))
+    db = tmp_path / name
+    r = nat64ho("import", str(log), "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    return db, log
+
+
+def seal(db: Path, *args: str) -> subprocess.CompletedProcess:
+    r = nat64ho("seal", "--db", str(db), *args)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def export(db: Path, *args: str) -> str:
+    r = nat64ho("export", "--db", str(db), *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_segments_are_sorted_zstd_parquet_that_other_engines_read(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    db, log = imported(tmp_path, churn_log(3000))
+    out = seal(db, "--period", "7200").stdout
+    assert "segments sealed" in out and "chain head" in out
+    files = sorted((tmp_path / "archive").glob("segment-*.parquet"))
+    assert len(files) >= 3
+    meta = pq.ParquetFile(files[1]).metadata
+    col = meta.row_group(0).column(0)
+    assert col.compression == "ZSTD" and col.statistics.has_min_max
+    assert col.has_column_index and col.has_offset_index  # the page index
+    t = pq.read_table(files[1])
+    keys = list(zip(*(t[c].to_pylist() for c in ("nat", "port", "ts")), strict=True))
+    assert keys == sorted(keys) and len(keys) > 100
+    # The whole archive as one dataset, and as DuckDB reads it: every
+    # sealed event, and none is left in the hot tier below the last one.
+    sealed = pads.dataset([str(f) for f in files], format="parquet").count_rows()
+    rows = db_rows(db, "SELECT count(*) FROM segment")[0][0]
+    assert rows == len(files)
+    assert sealed == db_rows(db, "SELECT sum(events) FROM segment")[0][0]
+    hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
+    assert sealed + hot == len(log.read_text().splitlines())
+    con = duckdb.connect()
+    n, created = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE kind = 1) FROM read_parquet(?)",
+        [str(tmp_path / "archive" / "*.parquet")],
+    ).fetchone()
+    assert n == sealed and created == db_rows(db, "SELECT sum(created) FROM segment")[0][0]
+
+
+def test_readers_give_the_same_answers_across_a_seal(tmp_path):
+    lines = churn_log(4000)
+    db, log = imported(tmp_path, lines)
+    before = tmp_path / "before.db"
+    shutil.copy(db, before)
+    windows = [
+        (),
+        ("--since", ts_str(START + 5 * HOUR), "--until", ts_str(START + 20 * HOUR)),
+        ("--nat", "192.0.2.10"),
+        ("--after", "1500"),
+        ("--format", "jsonl"),
+        ("--format", "csv", "--since", ts_str(START + 30 * HOUR)),
+    ]
+    expected = [export(before, *w) for w in windows]
+    assert expected[0] == log.read_text()
+    seal(db, "--period", "7200")
+    assert db_rows(db, "SELECT count(*) FROM segment")[0][0] >= 5
+    assert db_rows(db, "SELECT count(*) FROM event")[0][0] < len(lines) // 4
+    for w, text in zip(windows, expected, strict=True):
+        assert export(db, *w) == text, w
+
+    # who, in the library: 200 random (port, time) pairs, windows, clients.
+    rnd = random.Random(3)
+    a = schema.open_db(before, readonly=True)
+    b = schema.open_db(db, readonly=True)
+    end = START + len(lines) * 20_000_000
+    found = 0
+    for _ in range(200):
+        nat, port, at = rnd.choice(NATS), 1024 + rnd.randrange(300), rnd.randint(START, end)
+        h = queries.who_port(a, nat, port, at)
+        found += h is not None
+        assert queries.who_port(b, nat, port, at) == h
+        assert queries.who_port_window(b, nat, port, at, HOUR) == queries.who_port_window(
+            a, nat, port, at, HOUR
+        )
+    assert found > 100
+    addrs = [r[0] for r in db_rows(before, "SELECT DISTINCT addr FROM event WHERE kind = 1")]
+    for addr in addrs[:10]:
+        for net in (ipaddress.IPv6Network(addr), ipaddress.IPv6Network((addr, 56), strict=False)):
+            assert list(queries.who_endpoint(b, net)) == list(queries.who_endpoint(a, net))
+    assert queries.stats(b, end, 300) == queries.stats(a, end, 300)
+    a.close()
+    b.close()
+
+    # The commands themselves, on a few questions of each kind.
+    at = ts_str(START + 12 * HOUR)
+    client = str(ipaddress.IPv6Address(addrs[0]))
+    reports = tmp_path / "reports.csv"
+    reports.write_text(f"192.0.2.9,1030,{at},600\n192.0.2.10,1100,{ts_str(START + HOUR)}\n")
+    for args in (
+        ("who", "192.0.2.9:1030", "--at", at),
+        ("who", "192.0.2.10:1200", "--at", at, "--tolerance", "3600", "--format", "json"),
+        ("who", client),
+        ("who", f"{client}/64", "--at", at),
+        ("who", "--reports", str(reports), "--tolerance", "60"),
+        ("query",),
+        ("stats", "--format", "json"),
+    ):
+        x, y = nat64ho(*args, "--db", str(before)), nat64ho(*args, "--db", str(db))
+        assert (y.returncode, y.stdout) == (x.returncode, x.stdout), args
+
+
+def test_seal_is_refused_while_the_table_is_owned(tmp_path):
+    db, _ = imported(tmp_path, churn_log(300))
+    with table_owned(db):
+        r = nat64ho("seal", "--db", str(db))
+    assert r.returncode == 1 and "owned" in one_error(r)
+    assert db_rows(db, "SELECT count(*) FROM segment") == [(0,)]
+
+
+def check(db: Path, *args: str) -> subprocess.CompletedProcess:
+    return nat64ho("check", "--db", str(db), *args)
+
+
+def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
+    db, _ = imported(tmp_path, churn_log(3000))
+    seal(db, "--period", "3600", "--before", ts_str(START + 3 * HOUR))
+    first = check(db)
+    assert first.returncode == 0, first.stderr
+    head = first.stdout.split("chain head ")[1].split()[0]
+    seal(db, "--period", "3600")
+    ok = check(db, "--head", head)
+    assert ok.returncode == 0 and "unchanged up to segment" in ok.stdout
+    arch = tmp_path / "archive"
+    files = sorted(arch.glob("segment-*.parquet"))
+    assert len(files) >= 4
+    saved = tmp_path / "saved"
+    shutil.copytree(arch, saved)
+
+    def restore() -> None:
+        shutil.rmtree(arch)
+        shutil.copytree(saved, arch)
+        r = check(db, "--head", head)
+        assert r.returncode == 0, r.stderr
+
+    def fails(name: str) -> str:
+        r = check(db)
+        assert r.returncode == 1, r.stdout
+        assert name in r.stderr, r.stderr
+        return r.stderr
+
+    # A changed byte.
+    data = bytearray(files[1].read_bytes())
+    data[len(data) // 2] ^= 1
+    files[1].write_bytes(bytes(data))
+    assert "SHA-256 differs" in fails("segment 2 (segment-00000002.parquet)")
+    restore()
+    # A missing segment.
+    files[2].unlink()
+    assert "missing" in fails("segment 3 (segment-00000003.parquet)")
+    restore()
+    # A replaced one (another valid segment in its place), and two reordered.
+    shutil.copy(files[0], files[1])
+    fails("segment 2 (segment-00000002.parquet)")
+    restore()
+    files[1].rename(tmp_path / "x")
+    files[2].rename(files[1])
+    (tmp_path / "x").rename(files[2])
+    out = fails("segment 2 (segment-00000002.parquet)")
+    assert "segment 3 (segment-00000003.parquet)" in out
+    restore()
+    # A row added to a sealed period, and a row of the segment table changed.
+    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
+    db_exec(
+        db,
+        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
+        ts,
+        NATS[0],
+        bytes(16),
+    )
+    assert "sealed period" in fails("segment 2 (segment-00000002.parquet)")
+    db_exec(db, "DELETE FROM event WHERE port = 9")
+    restore()
+    db_exec(db, "UPDATE segment SET events = events + 1 WHERE n = 1")
+    fails("segment 1 (segment-00000001.parquet)")
+    r = check(db, "--head", head)
+    assert r.returncode == 1 and "not a link" in r.stderr
+    db_exec(db, "UPDATE segment SET events = events - 1 WHERE n = 1")
+    restore()
+    assert check(db, "--head", "00" * 32).returncode == 1
+
+
+def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
+    lines = churn_log(20000, ports=2000)
+    db, log = imported(tmp_path, lines)
+    rnd = random.Random(11)
+    kills = 0
+    for _ in range(10):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "nat64ho", "seal", "--db", str(db), "--period", "600"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        # Past the start-up (about half a second here), at a random moment.
+        time.sleep(rnd.uniform(0.6, 1.6))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        # Every event exactly once, in a recorded segment or in the hot tier.
+        assert export(db) == log.read_text()
+        if kills == 6:
+            break
+    r = check(db)
+    assert r.returncode == 0, r.stderr
+    seal(db, "--period", "600")
+    assert export(db) == log.read_text()
+    recorded = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
+    assert {f.name for f in (tmp_path / "archive").iterdir()} == recorded
+    assert kills >= 5
+
+
+def test_archive_ls_and_get_copy_plain_parquet(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    db, _ = imported(tmp_path, churn_log(2000))
+    seal(db, "--period", "7200", "--archive", str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "archive").exists()
+    ls = nat64ho("archive", "ls", "--db", str(db))
+    assert ls.returncode == 0
+    rows = db_rows(db, "SELECT n, events, bytes, sha256 FROM segment ORDER BY n")
+    listed = ls.stdout.splitlines()[1:]
+    assert len(listed) == len(rows)
+    for line, (n, events, size, digest) in zip(listed, rows, strict=True):
+        f = line.split()
+        assert (int(f[0]), int(f[5]), int(f[6]), f[7]) == (n, events, size, digest.hex())
+    out = tmp_path / "copy"
+    r = nat64ho("archive", "get", str(out), "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    (n,) = (
+        duckdb.connect()
+        .execute("SELECT count(*) FROM read_parquet(?) WHERE kind = 1", [str(out / "*.parquet")])
+        .fetchone()
+    )
+    assert n == sum(r[0] for r in db_rows(db, "SELECT created FROM segment"))
+    # Moving an archive that has segments is refused.
+    r = nat64ho("seal", "--db", str(db), "--archive", str(tmp_path / "third"))
+    assert r.returncode == 1 and "segments of this database are in" in one_error(r)
