@@ -4,7 +4,9 @@ engines, and every reader giving the same answers across the two tiers;
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 import random
 import shutil
 import signal
@@ -17,11 +19,22 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from nat64ho.core import wire
 from nat64ho.core.records import Event, EventKind
-from nat64ho.eventlog import format_event, ts_str
+from nat64ho.eventlog import format_event, parse_line, ts_str
 from nat64ho.ops import queries
 from nat64ho.storage import schema
-from tests.helpers import db_exec, db_rows, nat64ho, one_error, table_owned
+from tests.helpers import (
+    Follower,
+    connect,
+    db_exec,
+    db_rows,
+    nat64ho,
+    one_error,
+    table_owned,
+    v6,
+    wait_for,
+)
 
 NATS = (0xC0000209, 0xC000020A)  # 192.0.2.9, 192.0.2.10
 START = 1_767_225_600_000_000  # 2026-01-01 00:00 UTC
@@ -305,3 +318,68 @@ def test_archive_ls_and_get_copy_plain_parquet(tmp_path):
     # Moving an archive that has segments is refused.
     r = nat64ho("seal", "--db", str(db), "--archive", str(tmp_path / "third"))
     assert r.returncode == 1 and "segments of this database are in" in one_error(r)
+
+
+def log_holders(
+    lines: list[str],
+) -> dict[tuple[int, int], list[tuple[int, int | None, bytes, int]]]:
+    """Per NAT port, its tenures from the log: (start, end or None, addr, aport)."""
+    out: dict[tuple[int, int], list] = {}
+    for line in lines:
+        e = parse_line(line)
+        if e.kind == EventKind.CREATED:
+            out.setdefault((e.nat, e.port), []).append([e.ts, None, e.addr, e.aport])
+        elif e.kind == EventKind.DELETED:
+            out[(e.nat, e.port)][-1][1] = e.ts
+    return {k: [tuple(t) for t in v] for k, v in out.items()}
+
+
+@pytest.mark.slow
+def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path):
+    srv = server_factory("--ports", "2000-2063", "--seal-every", "2", "--hello-rate", "0")
+    follower = Follower(srv.db)
+
+    async def churn() -> None:
+        client = await connect(srv)
+        n = 0
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            client.send([wire.Map(v6(n + k), 4000 + k) for k in range(16)])
+            await client.collect(16)
+            n += 16
+            await asyncio.sleep(0.01)
+        client.close()
+
+    asyncio.run(churn())
+    wait_for(lambda: db_rows(srv.db, "SELECT count(*) FROM segment")[0][0] >= 3, timeout=10)
+    assert srv.stop() == 0
+    text = srv.log.read_text()
+    lines = text.splitlines(keepends=True)
+    assert sum(" Deleted " in x for x in lines) > 500  # a full table, churning
+    assert export(srv.db) == text
+    sealed = db_rows(srv.db, "SELECT sum(events) FROM segment")[0][0]
+    assert sealed > len(lines) // 2
+    # --follow, started before the first seal, saw every event once, in order.
+    got = follower.take_until(len(lines))
+    follower.proc.kill()
+    assert [x["seq"] for x in got] == list(range(1, len(lines) + 1))
+    assert export(srv.db, "--format", "jsonl") == "".join(json.dumps(x) + "\n" for x in got)
+
+    holders = log_holders(lines)
+    lo, hi = parse_line(lines[0]).ts, parse_line(lines[-1]).ts
+    rnd = random.Random(5)
+    conn = schema.open_db(srv.db, readonly=True)
+    nat = parse_line(lines[0]).nat
+    for _ in range(200):
+        port, at = 2000 + rnd.randrange(64), rnd.randint(lo, hi)
+        # At an instant shared by a Deleted and a Created, the Created wins.
+        want = [
+            (a, ap)
+            for s, e, a, ap in holders.get((nat, port), [])
+            if s <= at and (e is None or at < e)
+        ]
+        h = queries.who_port(conn, nat, port, at)
+        assert ((h.addr, h.aport) if h is not None else None) == (want[-1] if want else None)
+    conn.close()
+    r = check(srv.db)
+    assert r.returncode == 0 and "segments" in r.stdout, r.stderr

@@ -136,3 +136,19 @@ def seal_one(
                 "while they were sealed; nothing was sealed"
             )
     return catalog.segments(conn)[-1]
+
+
+def seal_db(db: Path, period_s: float) -> list[Segment]:
+    """One round of the server's sealing: its own connection, unrecorded
+    files of a killed round removed (the server owns the table), then every
+    closed period sealed. Runs in a thread, off the datagram path."""
+    from nat64ho.storage import schema
+
+    period_us = max(1, int(period_s * 1_000_000))
+    conn = schema.open_db(db)
+    try:
+        remove_orphans(conn)
+        cutoff = period_start(time.time_ns() // 1000, period_us)
+        return seal(conn, before=cutoff, period_us=period_us)
+    finally:
+        conn.close()

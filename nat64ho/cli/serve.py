@@ -140,6 +140,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    seal_every: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            envvar="NAT64HO_SEAL_EVERY",
+            help="Seal each closed period of this length into an immutable Parquet segment "
+            "(SQLite: under the database's archive/; see docs/archive.md). 0: never.",
+            min=0,
+        ),
+    ] = 3600.0,
     max_nats: Annotated[
         int,
         typer.Option(
@@ -247,6 +257,7 @@ def serve(
         sync=sync.value,
         cache_size=cache_size,
         keep_history_days=keep_history,
+        seal_every=seal_every,
         metrics=metrics_at,
         max_nats=max_nats,
         standby=standby,

@@ -30,6 +30,8 @@ class Config:
     sync: str = "full"
     cache_size: int = 100_000
     keep_history_days: float | None = None
+    #: Seconds per sealed period of the history (nat64ho.archive); 0: never seal.
+    seal_every: float = 3600.0
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
     standby: bool = False  #: wait for another server to release the table

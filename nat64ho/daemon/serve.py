@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from nat64ho.daemon.clock import wall_us
@@ -18,6 +19,7 @@ from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
+from nat64ho.ops.db import HistoryError
 from nat64ho.storage.base import Storage
 from nat64ho.storage.schema import (
     DatabaseError,
@@ -105,6 +107,29 @@ async def _prune(store: Storage, days: float) -> None:
         if n:
             log.info("pruned %d history events older than %g days", n, days)
         await asyncio.sleep(PRUNE_INTERVAL)
+
+
+async def _seal(db: Path, seconds: float) -> None:
+    """Seal each closed period into a segment, in a thread with a connection
+    of its own; the first round at start-up also removes what a killed one
+    left."""
+    from nat64ho.archive import seal as sealing
+
+    while True:
+        try:
+            made = await asyncio.to_thread(sealing.seal_db, db, seconds)
+        except (DatabaseError, HistoryError, OSError, sqlite3.Error) as exc:
+            log.warning("sealing the history failed (retried next period): %s", exc)
+        else:
+            if made:
+                log.info(
+                    "sealed %d history events into %d segments",
+                    sum(s.events for s in made),
+                    len(made),
+                )
+        # Just past the period's end: its last events are committed by then.
+        grace = min(1.0, seconds / 4)
+        await asyncio.sleep(seconds - time.time() % seconds + grace)
 
 
 class NotCommitted(DatabaseError):
@@ -364,6 +389,8 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+    if config.seal_every > 0 and not config.worker and not is_postgres(config.db):
+        helpers.append(asyncio.ensure_future(_seal(Path(config.db), config.seal_every)))
     metrics = None
     if config.metrics is not None:
         from nat64ho.daemon.metrics import Metrics
