@@ -21,3 +21,23 @@ CREATE TABLE segment (
     sealed      INTEGER NOT NULL,
     pruned      INTEGER
 );
+
+-- Sealing empties the top of the id range when the hot tier has nothing
+-- newer; without AUTOINCREMENT the next event would take a sealed event's
+-- id again, and ids are the log order export and --follow --after rely on.
+CREATE TABLE event_next (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts    INTEGER NOT NULL,
+    kind  INTEGER NOT NULL CHECK (kind IN (0, 1, 2)),
+    nat   INTEGER NOT NULL,
+    port  INTEGER NOT NULL,
+    addr  BLOB,
+    aport INTEGER
+);
+INSERT INTO event_next (id, ts, kind, nat, port, addr, aport)
+    SELECT id, ts, kind, nat, port, addr, aport FROM event ORDER BY id;
+DROP TABLE event;
+ALTER TABLE event_next RENAME TO event;
+CREATE UNIQUE INDEX event_nat_port_ts ON event (nat, port, ts, kind);
+CREATE INDEX event_addr_ts ON event (addr, aport, ts) WHERE addr IS NOT NULL;
+CREATE INDEX event_ts ON event (ts);

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -226,21 +227,21 @@ def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
     data = bytearray(files[1].read_bytes())
     data[len(data) // 2] ^= 1
     files[1].write_bytes(bytes(data))
-    assert "SHA-256 differs" in fails("segment 2 (segment-00000002.parquet)")
+    assert "SHA-256 differs" in fails("segment 2 (segment-00000002-")
     restore()
     # A missing segment.
     files[2].unlink()
-    assert "missing" in fails("segment 3 (segment-00000003.parquet)")
+    assert "missing" in fails("segment 3 (segment-00000003-")
     restore()
     # A replaced one (another valid segment in its place), and two reordered.
     shutil.copy(files[0], files[1])
-    fails("segment 2 (segment-00000002.parquet)")
+    fails("segment 2 (segment-00000002-")
     restore()
     files[1].rename(tmp_path / "x")
     files[2].rename(files[1])
     (tmp_path / "x").rename(files[2])
-    out = fails("segment 2 (segment-00000002.parquet)")
-    assert "segment 3 (segment-00000003.parquet)" in out
+    out = fails("segment 2 (segment-00000002-")
+    assert "segment 3 (segment-00000003-" in out
     restore()
     # A row added to a sealed period, and a row of the segment table changed.
     ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
@@ -251,16 +252,20 @@ def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
         NATS[0],
         bytes(16),
     )
-    assert "sealed period" in fails("segment 2 (segment-00000002.parquet)")
+    assert "sealed period" in fails("segment 2 (segment-00000002-")
     db_exec(db, "DELETE FROM event WHERE port = 9")
     restore()
     db_exec(db, "UPDATE segment SET events = events + 1 WHERE n = 1")
-    fails("segment 1 (segment-00000001.parquet)")
+    fails("segment 1 (segment-00000001-")
     r = check(db, "--head", head)
     assert r.returncode == 1 and "not a link" in r.stderr
     db_exec(db, "UPDATE segment SET events = events - 1 WHERE n = 1")
     restore()
     assert check(db, "--head", "00" * 32).returncode == 1
+
+
+def sealed_or_over(db: Path, p: subprocess.Popen, segments: int) -> bool:
+    return p.poll() is not None or db_rows(db, "SELECT count(*) FROM segment")[0][0] >= segments
 
 
 def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
@@ -274,8 +279,11 @@ def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        # Past the start-up (about half a second here), at a random moment.
-        time.sleep(rnd.uniform(0.6, 1.6))
+        # A random moment of a seal: after a few segments of this run, and
+        # a little more (writing the next file, committing, deleting).
+        done = db_rows(db, "SELECT count(*) FROM segment")[0][0] + rnd.randint(1, 3)
+        wait_for(partial(sealed_or_over, db, p, done), timeout=30, interval=0.005)
+        time.sleep(rnd.uniform(0, 0.05))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
@@ -383,3 +391,55 @@ def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path
     conn.close()
     r = check(srv.db)
     assert r.returncode == 0 and "segments" in r.stdout, r.stderr
+
+
+def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path):
+    lines = churn_log(3000)
+    db, log = imported(tmp_path, lines)
+    seal(db, "--period", "3600")
+    head = check(db).stdout.split("chain head ")[1].split()[0]
+    files = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
+    cut = START + 5 * HOUR + 1800_000_000
+    r = nat64ho("prune", "--db", str(db), "--before", ts_str(cut))
+    assert r.returncode == 0, r.stderr
+    gone = db_rows(db, "SELECT file, events, ts_hi FROM segment WHERE pruned IS NOT NULL")
+    assert len(gone) == 5 and all(ts < cut for _, _, ts in gone)
+    assert r.stdout.startswith(f"{sum(e for _, e, _ in gone)} history events")
+    left = {f.name for f in (tmp_path / "archive").iterdir()}
+    assert left == files - {f for f, _, _ in gone}
+    # Whole segments only: the first one kept still has events before the cut.
+    kept = export(db).splitlines(keepends=True)
+    assert kept == lines[len(lines) - len(kept) :]
+    assert parse_line(kept[0]).ts < cut
+    ok = check(db, "--head", head)
+    assert ok.returncode == 0, ok.stderr
+    assert "5 pruned" in ok.stdout and f"chain head {head}" in ok.stdout
+    listing = nat64ho("archive", "ls", "--db", str(db)).stdout
+    assert listing.count("(pruned)") == 5
+
+
+def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path):
+    first = churn_log(2000)
+    db, log = imported(tmp_path, first)
+    seal(db, "--period", "3600")
+    segments = db_rows(db, "SELECT count(*) FROM segment")[0][0]
+    r = nat64ho("import", str(log), "--db", str(db))
+    assert r.returncode == 0 and f" 0 events added, {len(first)} already present" in r.stderr, (
+        r.stderr
+    )
+    assert db_rows(db, "SELECT count(*) FROM segment")[0][0] == segments
+    assert export(db) == log.read_text()
+    # A log of another, earlier day goes straight into segments.
+    older = churn_log(1000, seed=9, start=START - 86400_000_000)
+    other = tmp_path / "older.log"
+    other.write_text("".join(older))
+    r = nat64ho("import", str(other), "--db", str(db))
+    assert r.returncode == 0 and f" {len(older)} events added" in r.stderr, r.stderr
+    assert db_rows(db, "SELECT count(*) FROM event") == [(0,)]
+    assert db_rows(db, "SELECT count(*) FROM segment")[0][0] > segments
+    assert export(db) == log.read_text() + other.read_text()
+    again = nat64ho("import", str(other), str(log), "--db", str(db))
+    assert f" 0 events added, {len(first) + len(older)} already present" in again.stderr, (
+        again.stderr
+    )
+    assert check(db).returncode == 0

@@ -62,13 +62,6 @@ def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
     return [Segment(*r) for r in conn.execute(sql + " ORDER BY n")]
 
 
-def sealed_upto(conn: Conn) -> int:
-    """The highest event id in a segment (0 when nothing is sealed)."""
-    if not supported(conn):
-        return 0
-    return int(conn.execute("SELECT coalesce(max(last_id), 0) FROM segment").fetchone()[0])
-
-
 def db_file(conn: Conn) -> Path:
     return Path(conn.execute("PRAGMA database_list").fetchone()[2])
 
@@ -100,5 +93,5 @@ def set_archive_dir(conn: Conn, directory: Path) -> None:
         )
 
 
-def file_name(n: int) -> str:
-    return f"segment-{n:08d}.parquet"
+def file_name(n: int, token: str) -> str:
+    return f"segment-{n:08d}-{token}.parquet"

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nat64ho.archive import catalog, chain, segment
+from nat64ho.archive import catalog, chain
 from nat64ho.archive.catalog import Segment
 from nat64ho.ops.db import Conn, HistoryError, atomic, bad_row, id_event_ok
 
+#: The period of segments made outside a server (an import's).
+DEFAULT_PERIOD_US = 3600 * 1_000_000
 #: Events read from the hot tier per query while sealing one segment.
 _CHUNK = 65536
 
@@ -78,30 +80,30 @@ def seal(
 def seal_one(
     conn: Conn, directory: Path, *, before: int, period_us: int, now: Callable[[], int]
 ) -> Segment | None:
-    """Seal the oldest closed period of the hot tier, if any."""
-    upto = catalog.sealed_upto(conn)
-    first = conn.execute(
-        "SELECT id, ts FROM event WHERE id > ? ORDER BY id LIMIT 1", (upto,)
-    ).fetchone()
-    if first is None or type(first[1]) is not int or first[1] >= before:
+    """Seal the oldest closed period of the hot tier, if any: every hot event
+    before the end of the period of the oldest one. Events of a period
+    sealed earlier (a log imported since, a wall clock that stepped back)
+    go into a segment of their own."""
+    first = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
+    if first is None or type(first) is not int or first >= before:
         return None
-    end = min(before, period_start(first[1], period_us) + period_us)
-    # The segment is a range of ids, so that the log order (id order) of
-    # both tiers is segment after segment, then the hot tier. Its end is
-    # the first event at or after the period's end (the server's clock
-    # keeps event times in id order but for steps back of the wall clock).
-    nxt = conn.execute(
-        "SELECT id FROM event INDEXED BY event_ts WHERE ts >= ? ORDER BY ts, id LIMIT 1", (end,)
-    ).fetchone()
-    if nxt is not None:
-        last = nxt[0] - 1
-    else:
-        last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
+    end = min(before, period_start(first, period_us) + period_us)
+    # Up to the last id read now: a server's later commits are not in the
+    # file, so they must not be deleted with it either.
+    last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
+    return seal_rows(conn, directory, "ts < ? AND id <= ?", (end, last), now)
+
+
+def seal_rows(
+    conn: Conn, directory: Path, where: str, args: tuple[int, ...], now: Callable[[], int]
+) -> Segment | None:
+    """Move the hot events ``WHERE <where>`` (nothing but integers in
+    ``args``) into a new segment; None if there are none."""
+    from nat64ho.archive import segment  # pyarrow: only where something is sealed
+
     rows = []
     cur = conn.execute(
-        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > ? AND id <= ? "
-        "ORDER BY id",
-        (upto, last),
+        f"SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE {where}", args
     )
     while chunk := cur.fetchmany(_CHUNK):
         for r in chunk:
@@ -113,7 +115,9 @@ def seal_one(
     segs = catalog.segments(conn)
     n = segs[-1].n + 1 if segs else 1
     previous = segs[-1].chain if segs else chain.GENESIS
-    name = catalog.file_name(n)
+    # A name no other sealer can pick: two that raced for n never replace
+    # each other's file (the loser's commit fails, its file is an orphan).
+    name = catalog.file_name(n, os.urandom(4).hex())
     written = segment.write(segment.table_from_rows(rows), directory / name)
     period = (written.first_id, written.last_id, written.ts_lo, written.ts_hi)
     counts = (written.events, written.initialized, written.created, written.deleted)
@@ -125,9 +129,7 @@ def seal_one(
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (n, name, *period, *counts, written.size, written.sha256, link, now()),
         )
-        gone = conn.execute(
-            "DELETE FROM event WHERE id >= ? AND id <= ?", (written.first_id, written.last_id)
-        ).rowcount
+        gone = conn.execute(f"DELETE FROM event WHERE {where}", args).rowcount
         if gone != written.events:
             # Someone changed the hot tier while the file was written (only
             # the owner seals, so this is another program): keep it all hot.
@@ -152,3 +154,22 @@ def seal_db(db: Path, period_s: float) -> list[Segment]:
         return seal(conn, before=cutoff, period_us=period_us)
     finally:
         conn.close()
+
+
+def seal_after_import(conn: Conn) -> list[Segment]:
+    """An import into an archived history: its events of closed periods go
+    into segments now if this process can own the table; else the owning
+    server's next round seals them."""
+    from nat64ho.archive import tiers
+    from nat64ho.storage import owner
+
+    if not catalog.supported(conn) or not tiers.has_segments(conn):
+        return []
+    try:
+        with owner.table_owner(catalog.db_file(conn), what="import"):
+            now = time.time_ns() // 1000
+            return seal(
+                conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US
+            )
+    except owner.TableOwned:
+        return []

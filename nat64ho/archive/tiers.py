@@ -12,16 +12,29 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from nat64ho.archive import catalog, segment
+from nat64ho.archive import catalog
 from nat64ho.archive.catalog import Segment
 from nat64ho.ops.db import Conn
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from nat64ho.archive import segment
+
 Row = tuple[Any, ...]
+
+
+def _arrow() -> tuple[Any, Any, Any]:
+    """pyarrow, pyarrow.compute and the segment module, imported only where
+    there is an archive: commands on a database without one stay as small."""
+    import pyarrow
+    import pyarrow.compute
+
+    from nat64ho.archive import segment
+
+    return pyarrow, pyarrow.compute, segment
 
 
 class Archive:
@@ -31,23 +44,25 @@ class Archive:
         self.state = state
         self.dir = catalog.archive_dir(conn)
         self.segments = catalog.segments(conn, live=True)
-        self.upto = max((s.last_id for s in self.segments), default=0)
-        self._readers: dict[int, segment.Reader] = {}
+        self._readers: dict[int, Any] = {}  # n -> segment.Reader
         self._nats: set[int] | None = None
 
     def path(self, seg: Segment) -> Path:
         return self.dir / seg.file
 
     def reader(self, seg: Segment) -> segment.Reader:
+        _, _, segment = _arrow()
         r = self._readers.get(seg.n)
         if r is None:
             r = self._readers[seg.n] = segment.Reader(self.path(seg))
         return r
 
     def table(self, seg: Segment, columns: list[str] | None = None) -> pa.Table:
+        _, _, segment = _arrow()
         return segment.read_table(self.path(seg), columns)
 
     def nats(self) -> set[int]:
+        _, pc, _ = _arrow()
         if self._nats is None:
             found: set[int] = set()
             for seg in self.segments:
@@ -164,6 +179,7 @@ def history_rows(
 ) -> Iterator[Row]:
     """ops.export.history_rows over both tiers; ``hot`` opens the hot tier's
     rows, each with its id first, in the same order."""
+    _, pc, segment = _arrow()
     by_time = since is not None or until is not None
 
     def wanted(s: Segment) -> bool:
@@ -195,12 +211,7 @@ def history_rows(
 
         return open_
 
-    sealed = arch.upto
-
-    def hot_rows() -> Iterator[Row]:
-        # A row sealed after the segment list was read is in a segment too.
-        return (r for r in hot() if r[0] > sealed)
-
+    hot_rows = hot
     sources: list[tuple[Any, Callable[[], Iterator[Row]]]]
     if by_time:
         lo = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
@@ -209,7 +220,8 @@ def history_rows(
         rows = merge(sources, key=lambda r: (r[1], r[0]))
     else:
         sources = [(s.first_id, opener(s)) for s in arch.segments if wanted(s)]
-        sources.append((sealed + 1, hot_rows))
+        first = conn.execute("SELECT min(id) FROM event").fetchone()[0]
+        sources.append((first if first is not None else 0, hot_rows))
         rows = merge(sources, key=lambda r: r[0])
     if limit is not None:
         rows = itertools.islice(rows, limit)
@@ -274,6 +286,7 @@ def endpoint_rows(
     arch = archive(conn)
     if arch is None:
         return hot
+    pa, pc, segment = _arrow()
     found = []
     for s in arch.segments:
         t = arch.table(s, ["nat", "port", "ts", "kind", "addr", "aport", "id"])
@@ -308,6 +321,7 @@ def kind_counts(conn: Conn, lo: int, hi: int, hour: int) -> dict[tuple[int, int]
     out: dict[tuple[int, int], list[int]] = {}
     if arch is None:
         return out
+    _, pc, _ = _arrow()
     for s in arch.segments:
         if s.ts_hi < lo or s.ts_lo > hi:
             continue
@@ -325,3 +339,52 @@ def kind_counts(conn: Conn, lo: int, hi: int, hour: int) -> dict[tuple[int, int]
             c[0] += 1
             c[1] += ts >= hour
     return out
+
+
+class SealedFilter:
+    """For ``import``: drops the rows ``(ts, kind, nat, port, addr, aport)``
+    already in a segment, as the unique event index drops those already hot,
+    so that importing a log twice adds nothing."""
+
+    _KEYS = ["nat", "port", "ts", "kind"]
+
+    def __init__(self, conn: Conn):
+        self.arch = archive(conn)
+        self._tables: dict[int, Any] = {}  # n -> pyarrow.Table of keys
+
+    def _keys(self, seg: Segment) -> pa.Table:
+        t = self._tables.get(seg.n)
+        if t is None:
+            if len(self._tables) >= 2:  # an import goes forward in time
+                self._tables.clear()
+            assert self.arch is not None
+            t = self._tables[seg.n] = self.arch.table(seg, self._KEYS)
+        return t
+
+    def __call__(self, rows: list[Row]) -> list[Row]:
+        if self.arch is None or not rows:
+            return rows
+        lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
+        segs = [s for s in self.arch.segments if s.ts_hi >= lo and s.ts_lo <= hi]
+        if not segs:
+            return rows
+        pa, pc, _ = _arrow()
+        batch = pa.table(
+            {
+                "nat": pa.array([r[2] for r in rows], pa.uint32()),
+                "port": pa.array([r[3] for r in rows], pa.uint16()),
+                "ts": pa.array([r[0] for r in rows], pa.int64()),
+                "kind": pa.array([r[1] for r in rows], pa.uint8()),
+                "i": pa.array(range(len(rows)), pa.int64()),
+            }
+        )
+        for s in segs:
+            keys = self._keys(s)
+            keys = keys.filter(
+                pc.and_(pc.greater_equal(keys["ts"], lo), pc.less_equal(keys["ts"], hi))
+            )
+            if keys.num_rows:
+                batch = batch.join(keys, keys=self._KEYS, join_type="left anti")
+        if batch.num_rows == len(rows):
+            return rows
+        return [rows[i] for i in sorted(batch["i"].to_pylist())]

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from nat64ho.archive import catalog, segment
+from nat64ho.archive import catalog
 from nat64ho.archive import seal as sealing
 from nat64ho.cli.database import Database
 from nat64ho.cli.options import EXIT_DB, DbOption, UsageError, fail, parse_time
@@ -19,6 +19,7 @@ from nat64ho.storage import schema
 
 archive_app = typer.Typer(
     help="The sealed history: list its segments, copy them out as Parquet files.",
+    short_help="List the sealed segments of the history or copy them out.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -122,6 +123,8 @@ def get(
 ) -> None:
     """Copy every live segment into DIR as a plain Parquet file, each checked
     against its recorded SHA-256."""
+    from nat64ho.archive import segment
+
     with Database(db) as conn:
         segs = catalog.segments(conn, live=True)
         source = catalog.archive_dir(conn)
@@ -144,7 +147,7 @@ def archive_check(db: Path, report: schema.CheckReport, head: bytes | None) -> N
     """``check``'s part for the sealed tier: findings and facts go in ``report``.
     Files of interrupted seals are removed when no other process owns the table
     (a seal in flight has one too)."""
-    from nat64ho.archive import verify
+    from nat64ho.archive import verify  # pyarrow, for the segment files
     from nat64ho.storage import owner
 
     conn = schema.open_db(db, readonly=True)

@@ -100,10 +100,14 @@ async def _watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _prune(store: Storage, days: float) -> None:
+async def _prune(store: Storage, days: float, db: Path | str) -> None:
+    from nat64ho.archive import retention
+
     while True:
         before = wall_us() - int(days * 86400 * 1_000_000)
         n = await store.prune(before)
+        if not is_postgres(db):  # sealed history goes by whole segments
+            n += await asyncio.to_thread(retention.prune_db, Path(db), before)
         if n:
             log.info("pruned %d history events older than %g days", n, days)
         await asyncio.sleep(PRUNE_INTERVAL)
@@ -388,7 +392,7 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     if watchdog_usec > 0:
         helpers.append(asyncio.ensure_future(_watchdog(watchdog_usec / 2e6)))
     if config.keep_history_days is not None and not config.worker:
-        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days, config.db)))
     if config.seal_every > 0 and not config.worker and not is_postgres(config.db):
         helpers.append(asyncio.ensure_future(_seal(Path(config.db), config.seal_every)))
     metrics = None
