@@ -182,6 +182,14 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path):
     ):
         x, y = nat64ho(*args, "--db", str(before)), nat64ho(*args, "--db", str(db))
         assert (y.returncode, y.stdout) == (x.returncode, x.stdout), args
+    # stats adds the sealed tier's totals below the same table.
+    x, y = nat64ho("stats", "--db", str(before)), nat64ho("stats", "--db", str(db))
+    n, events, size = db_rows(db, "SELECT count(*), sum(events), sum(bytes) FROM segment")[0]
+    hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
+    assert y.stdout == x.stdout + (
+        f"Sealed history: {n} segments, {events} events, {size} bytes "
+        f"({size / events:.1f} bytes/event); {hot} events not yet sealed.\n"
+    )
 
 
 def test_seal_is_refused_while_the_table_is_owned(tmp_path):

@@ -95,3 +95,17 @@ def set_archive_dir(conn: Conn, directory: Path) -> None:
 
 def file_name(n: int, token: str) -> str:
     return f"segment-{n:08d}-{token}.parquet"
+
+
+def summary(conn: Conn) -> str | None:
+    """One line for ``stats``: the sealed tier's totals, None without one."""
+    live = segments(conn, live=True)
+    if not live:
+        return None
+    events = sum(s.events for s in live)
+    size = sum(s.size for s in live)
+    hot = conn.execute("SELECT count(*) FROM event").fetchone()[0]
+    return (
+        f"Sealed history: {len(live)} segments, {events} events, {size} bytes "
+        f"({size / max(events, 1):.1f} bytes/event); {hot} events not yet sealed."
+    )
