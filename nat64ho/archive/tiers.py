@@ -238,29 +238,42 @@ def _port_rows(arch: Archive, seg: Segment, nat: int, port: int) -> list[Row]:
     return list(zip(*(t[c].to_pylist() for c in ("ts", "kind", "addr", "aport")), strict=True))
 
 
-def port_neighbours(conn: Conn, nat: int, port: int, at: int) -> tuple[list[Row], list[Row]]:
+def port_neighbours(
+    conn: Conn,
+    nat: int,
+    port: int,
+    at: int,
+    hot_before: list[int] = [],  # noqa: B006 (never changed)
+    hot_after: list[int] = [],  # noqa: B006
+) -> tuple[list[Row], list[Row]]:
     """Sealed events ``(ts, kind, addr, aport)`` of ``nat``:``port`` (not
     Initialized): the last two at or before ``at`` and the first two after
-    it, as who_port's queries of the hot tier find them."""
+    it, as who_port's queries of the hot tier find them. ``hot_before`` and
+    ``hot_after``: the times the hot tier found, so that segments that
+    cannot hold anything closer are not opened."""
     arch = archive(conn)
     if arch is None:
         return [], []
     before: list[Row] = []
+    seen = sorted(hot_before, reverse=True)
     for s in sorted(arch.segments, key=lambda s: -s.ts_hi):
         if s.ts_lo > at:
             continue
-        if len(before) >= 2 and before[1][0] > s.ts_hi:
+        if len(seen) >= 2 and seen[1] > s.ts_hi:
             break
         before += [r for r in _port_rows(arch, s, nat, port) if r[0] <= at and r[1] > 0]
         before.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        seen = sorted(hot_before + [r[0] for r in before], reverse=True)
     after: list[Row] = []
+    seen = sorted(hot_after)
     for s in sorted(arch.segments, key=lambda s: s.ts_lo):
         if s.ts_hi <= at:
             continue
-        if len(after) >= 2 and after[1][0] < s.ts_lo:
+        if len(seen) >= 2 and seen[1] < s.ts_lo:
             break
         after += [r for r in _port_rows(arch, s, nat, port) if r[0] > at and r[1] > 0]
         after.sort(key=lambda r: (r[0], r[1]))
+        seen = sorted(hot_after + [r[0] for r in after])
     return before[:2], after[:2]
 
 

@@ -197,7 +197,9 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
             (*key, at),
         )
     ]
-    sealed_before, sealed_after = tiers.port_neighbours(conn, nat, port, at)
+    sealed_before, sealed_after = tiers.port_neighbours(
+        conn, nat, port, at, [e.ts for e in before], [e.ts for e in after]
+    )
     before += [_event(r, *key) for r in sealed_before]
     after += [_event(r, *key) for r in sealed_after]
     # Two rows each way are enough: only a Deleted and a Created can share a
