@@ -1,9 +1,10 @@
 -- The sealed tier of the history: one row per segment, an immutable Parquet
--- file of the events with ids first_id..last_id, removed from table event
--- in the transaction that inserted its row. n counts from 1 without gaps;
--- chain = SHA-256(chain of n-1 || sha256 || period || counts) (nat64ho/archive/chain.py).
--- A pruned segment keeps its row (pruned set, file gone), so the chain
--- still verifies after retention.
+-- file of the hot events that had ts < cut_ts and id <= cut_id when it was
+-- sealed. Those are deleted from table event after its row is committed, in
+-- small transactions while pending is 1; readers skip them meanwhile.
+-- n counts from 1 without gaps; chain = SHA-256(chain of n-1 || sha256 ||
+-- period || counts) (nat64ho/archive/chain.py). A pruned segment keeps its
+-- row (pruned set, file gone), so the chain still verifies after retention.
 CREATE TABLE segment (
     n           INTEGER PRIMARY KEY,
     file        TEXT    NOT NULL,
@@ -19,7 +20,10 @@ CREATE TABLE segment (
     sha256      BLOB    NOT NULL,
     chain       BLOB    NOT NULL,
     sealed      INTEGER NOT NULL,
-    pruned      INTEGER
+    pruned      INTEGER,
+    cut_ts      INTEGER NOT NULL,
+    cut_id      INTEGER NOT NULL,
+    pending     INTEGER NOT NULL DEFAULT 1
 );
 
 -- Sealing empties the top of the id range when the hot tier has nothing

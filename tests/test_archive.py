@@ -24,6 +24,7 @@ from nat64ho.core import wire
 from nat64ho.core.records import Event, EventKind
 from nat64ho.eventlog import format_event, parse_line, ts_str
 from nat64ho.ops import queries
+from nat64ho.ops.db import atomic as schema_atomic
 from nat64ho.storage import schema
 from tests.helpers import (
     Follower,
@@ -304,6 +305,7 @@ def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     seal(db, "--period", "600")
     assert export(db) == log.read_text()
+    assert db_rows(db, "SELECT count(*) FROM segment WHERE pending = 1") == [(0,)]
     recorded = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
     assert {f.name for f in (tmp_path / "archive").iterdir()} == recorded
     assert kills >= 5
@@ -451,3 +453,52 @@ def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path):
         again.stderr
     )
     assert check(db).returncode == 0
+
+
+def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_path, monkeypatch):
+    from nat64ho.archive import catalog
+    from nat64ho.archive import seal as sealing
+
+    lines = churn_log(3000)
+    db, log = imported(tmp_path, lines)
+    before = tmp_path / "before.db"
+    shutil.copy(db, before)
+    # As if killed after the segments were recorded, before or while their
+    # events left the hot tier: some batches done, the rest still there.
+    conn = schema.open_db(db)
+
+    def killed(conn) -> int:
+        if catalog.pending(conn):
+            raise RuntimeError("killed")
+        return 0
+
+    monkeypatch.setattr(sealing, "finish_pending", killed)
+    with pytest.raises(RuntimeError):
+        sealing.seal(conn, before=START + 6 * HOUR, period_us=6 * HOUR)
+    with schema_atomic(conn):  # the batches deleted before the kill
+        conn.execute("DELETE FROM event WHERE id IN (SELECT id FROM event ORDER BY id LIMIT 100)")
+    conn.close()
+    pending = db_rows(db, "SELECT count(*) FROM segment WHERE pending = 1")[0][0]
+    assert pending == 1
+    hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
+    assert hot + 100 == len(lines)  # every sealed event still hot but the 100
+    assert export(db) == log.read_text()
+    assert export(db, "--since", ts_str(START + HOUR)) == export(
+        before, "--since", ts_str(START + HOUR)
+    )
+    r = check(db)
+    assert r.returncode == 0, r.stderr
+    a = schema.open_db(before, readonly=True)
+    b = schema.open_db(db, readonly=True)
+    rnd = random.Random(8)
+    for _ in range(50):
+        nat, port, at = rnd.choice(NATS), 1024 + rnd.randrange(300), START + rnd.randrange(8 * HOUR)
+        assert queries.who_port(b, nat, port, at) == queries.who_port(a, nat, port, at)
+    a.close()
+    b.close()
+    # The next seal finishes the deletes first.
+    seal(db, "--period", "3600", "--before", ts_str(START + 6 * HOUR))
+    assert db_rows(db, "SELECT count(*) FROM segment WHERE pending = 1") == [(0,)]
+    sealed = db_rows(db, "SELECT sum(events) FROM segment")[0][0]
+    assert sealed + db_rows(db, "SELECT count(*) FROM event")[0][0] == len(lines)
+    assert export(db) == log.read_text()

@@ -11,7 +11,7 @@ from nat64ho.ops.db import Conn, on_postgres
 
 _COLUMNS = (
     "n, file, first_id, last_id, ts_lo, ts_hi, events, initialized, created, deleted, "
-    "bytes, sha256, chain, sealed, pruned"
+    "bytes, sha256, chain, sealed, pruned, cut_ts, cut_id, pending"
 )
 #: meta key of an archive directory given with --archive (absolute path).
 META_DIR = "archive_dir"
@@ -34,6 +34,9 @@ class Segment:
     chain: builtins.bytes
     sealed: int
     pruned: int | None
+    cut_ts: int  #: the segment took the hot events with ts < cut_ts
+    cut_id: int  #: and id <= cut_id
+    pending: int  #: 1 while those may still be in the hot tier too
 
     @property
     def period(self) -> tuple[int, int, int, int]:
@@ -60,6 +63,15 @@ def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
     if live:
         sql += " WHERE pruned IS NULL"
     return [Segment(*r) for r in conn.execute(sql + " ORDER BY n")]
+
+
+def pending(conn: Conn) -> list[tuple[int, int]]:
+    """(cut_ts, cut_id) of segments whose events may still be hot too."""
+    if not supported(conn):
+        return []
+    return [
+        (r[0], r[1]) for r in conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1")
+    ]
 
 
 def db_file(conn: Conn) -> Path:

@@ -1,10 +1,14 @@
 """Sealing: moving closed periods of the hot tier into segments.
 
-Order, so that a SIGKILL anywhere leaves every event exactly once: the file
-is written, fsynced and renamed into place; then one transaction records
-the segment and deletes its events. Killed before that commit, the events
-are still hot and the file is unrecorded: :func:`remove_orphans` (run by
-whoever owns the table: a seal, a server start, ``check``) deletes it.
+Order, so that a SIGKILL anywhere leaves every event exactly once as every
+reader sees it: the file is written, fsynced and renamed into place; then
+one transaction records the segment, pending, with its cut (ts < cut_ts,
+id <= cut_id); then its events leave the hot tier a batch per transaction
+and the segment stops being pending. Killed before the record's commit, the
+events are still hot and the file is unrecorded: :func:`remove_orphans`
+(run by whoever owns the table: a seal, a server start, ``check``) deletes
+it. Killed while deleting, the next seal finishes; readers skip the hot
+events a pending segment holds meanwhile.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from pathlib import Path
 
 from nat64ho.archive import catalog, chain
 from nat64ho.archive.catalog import Segment
-from nat64ho.ops.db import Conn, HistoryError, atomic, bad_row, id_event_ok
+from nat64ho.ops.db import Conn, atomic, bad_row, id_event_ok
 
 #: The period of segments made outside a server (an import's).
 DEFAULT_PERIOD_US = 3600 * 1_000_000
+#: Sealed events deleted from the hot tier per transaction.
+DELETE_BATCH = 5000
 #: Events read from the hot tier per query while sealing one segment.
 _CHUNK = 65536
 
@@ -69,6 +75,7 @@ def seal(
     made = []
     directory = catalog.archive_dir(conn)
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    finish_pending(conn)  # what a killed seal left
     while not stop():
         seg = seal_one(conn, directory, before=before, period_us=period_us, now=now)
         if seg is None:
@@ -91,19 +98,20 @@ def seal_one(
     # Up to the last id read now: a server's later commits are not in the
     # file, so they must not be deleted with it either.
     last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
-    return seal_rows(conn, directory, "ts < ? AND id <= ?", (end, last), now)
+    return seal_rows(conn, directory, end, last, now)
 
 
 def seal_rows(
-    conn: Conn, directory: Path, where: str, args: tuple[int, ...], now: Callable[[], int]
+    conn: Conn, directory: Path, cut_ts: int, cut_id: int, now: Callable[[], int]
 ) -> Segment | None:
-    """Move the hot events ``WHERE <where>`` (nothing but integers in
-    ``args``) into a new segment; None if there are none."""
+    """Move the hot events with ts < cut_ts and id <= cut_id into a new
+    segment; None if there are none."""
     from nat64ho.archive import segment  # pyarrow: only where something is sealed
 
     rows = []
     cur = conn.execute(
-        f"SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE {where}", args
+        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < ? AND id <= ?",
+        (cut_ts, cut_id),
     )
     while chunk := cur.fetchmany(_CHUNK):
         for r in chunk:
@@ -125,19 +133,37 @@ def seal_rows(
     with atomic(conn):
         conn.execute(
             "INSERT INTO segment (n, file, first_id, last_id, ts_lo, ts_hi, events, "
-            "initialized, created, deleted, bytes, sha256, chain, sealed) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (n, name, *period, *counts, written.size, written.sha256, link, now()),
+            "initialized, created, deleted, bytes, sha256, chain, sealed, cut_ts, cut_id, "
+            "pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            (n, name, *period, *counts, written.size, written.sha256, link, now(), cut_ts, cut_id),
         )
-        gone = conn.execute(f"DELETE FROM event WHERE {where}", args).rowcount
-        if gone != written.events:
-            # Someone changed the hot tier while the file was written (only
-            # the owner seals, so this is another program): keep it all hot.
-            raise HistoryError(
-                f"{catalog.db_file(conn)}: events {written.first_id}..{written.last_id} changed "
-                "while they were sealed; nothing was sealed"
-            )
+    finish_pending(conn)
     return catalog.segments(conn)[-1]
+
+
+def finish_pending(conn: Conn) -> int:
+    """Delete from the hot tier the events of segments still pending, a
+    batch per transaction, so that a server's commits wait for one batch at
+    most; returns how many. Until done, readers skip those events (see
+    :func:`nat64ho.archive.tiers.sealed_hot`)."""
+    total = 0
+    for cut_ts, cut_id in catalog.pending(conn):
+        while True:
+            with atomic(conn):
+                n = conn.execute(
+                    "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? AND id <= ? "
+                    "LIMIT ?)",
+                    (cut_ts, cut_id, DELETE_BATCH),
+                ).rowcount
+                if n < DELETE_BATCH:
+                    conn.execute(
+                        "UPDATE segment SET pending = 0 WHERE cut_ts = ? AND cut_id = ?",
+                        (cut_ts, cut_id),
+                    )
+            total += n
+            if n < DELETE_BATCH:
+                break
+    return total
 
 
 def seal_db(db: Path, period_s: float) -> list[Segment]:

@@ -124,6 +124,21 @@ def snapshot(
             conn.execute("COMMIT")
 
 
+def sealed_hot(conn: Conn, hot: Callable[[], Iterator[Row]]) -> Callable[[], Iterator[Row]]:
+    """``hot`` (rows with their id first) without the events that a pending
+    segment already holds (see nat64ho.archive.seal.finish_pending)."""
+    cuts = catalog.pending(conn)
+    if not cuts:
+        return hot
+
+    def rows() -> Iterator[Row]:
+        for r in hot():
+            if not any(r[1] < ts and r[0] <= i for ts, i in cuts):
+                yield r
+
+    return rows
+
+
 # ---------------------------------------------------------------- history rows
 
 
@@ -211,7 +226,7 @@ def history_rows(
 
         return open_
 
-    hot_rows = hot
+    hot_rows = sealed_hot(conn, hot)
     sources: list[tuple[Any, Callable[[], Iterator[Row]]]]
     if by_time:
         lo = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
