@@ -502,3 +502,40 @@ def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_pa
     sealed = db_rows(db, "SELECT sum(events) FROM segment")[0][0]
     assert sealed + db_rows(db, "SELECT count(*) FROM event")[0][0] == len(lines)
     assert export(db) == log.read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_sealing_server_loses_and_duplicates_nothing(server_factory):
+    srv = server_factory("--ports", "2000-2031", "--seal-every", "1", "--hello-rate", "0")
+    rnd = random.Random(13)
+    snapshots = []
+
+    async def churn(seconds: float, base: int) -> None:
+        client = await connect(srv)
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            client.send([wire.Map(v6(base + n + k), 4000 + k) for k in range(8)])
+            await client.collect(8)
+            n += 8
+            await asyncio.sleep(0.005)
+        client.close()
+
+    for kill in range(5):
+        asyncio.run(churn(rnd.uniform(1.2, 2.5), kill * 1_000_000))
+        srv.kill()  # SIGKILL, while the sealer may be at any step
+        snapshots.append(export(srv.db))
+        srv.start()
+    asyncio.run(churn(1.5, 9_000_000))
+    wait_for(lambda: db_rows(srv.db, "SELECT count(*) FROM segment WHERE pending = 1") == [(0,)])
+    assert srv.stop() == 0
+    final = export(srv.db)
+    # Ids are never reused and every committed event stays exactly once:
+    # what was there at each kill is still the start of the history.
+    for snap in snapshots:
+        assert final.startswith(snap)
+    seqs = [json.loads(x)["seq"] for x in export(srv.db, "--format", "jsonl").splitlines()]
+    assert seqs == sorted(set(seqs))
+    assert db_rows(srv.db, "SELECT count(*) FROM segment")[0][0] >= 5
+    r = check(srv.db)
+    assert r.returncode == 0, r.stderr
