@@ -12,7 +12,6 @@ number of segments a question has to open, not with their size.
 from __future__ import annotations
 
 import argparse
-import io
 import ipaddress
 import random
 import shutil
@@ -25,17 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_ops import Null  # noqa: E402
 from nat64ho.archive import catalog  # noqa: E402
 from nat64ho.archive import seal as sealing  # noqa: E402
 from nat64ho.ops import export, queries  # noqa: E402
 from nat64ho.storage import schema  # noqa: E402
-
-
-class Null(io.TextIOBase):
-    """A text sink that costs nothing, so the writer is what gets timed."""
-
-    def write(self, s: str) -> int:
-        return len(s)
 
 
 def pct(xs: list[float], p: float) -> float:

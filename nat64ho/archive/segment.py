@@ -91,11 +91,7 @@ def write(table: pa.Table, path: Path) -> Written:
         column_encoding={"port": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED"},
         sorting_columns=[pq.SortingColumn(i) for i in range(3)],
     )
-    digest = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(f.fileno())
+    sha256 = file_digest(tmp, fsync=True)
     os.replace(tmp, path)
     fsync_dir(path.parent)
     kinds = pc.value_counts(table["kind"]).to_pylist()
@@ -104,7 +100,7 @@ def write(table: pa.Table, path: Path) -> Written:
     mm_ts = pc.min_max(table["ts"]).as_py()
     return Written(
         size=path.stat().st_size,
-        sha256=digest.digest(),
+        sha256=sha256,
         events=table.num_rows,
         initialized=by_kind.get(0, 0),
         created=by_kind.get(1, 0),
@@ -124,9 +120,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def file_digest(path: Path) -> bytes:
+def file_digest(path: Path, *, fsync: bool = False) -> bytes:
+    """The SHA-256 of a file; ``fsync``: and make it durable first."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.digest()
