@@ -494,6 +494,8 @@ def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_pa
     for _ in range(50):
         nat, port, at = rnd.choice(NATS), 1024 + rnd.randrange(300), START + rnd.randrange(8 * HOUR)
         assert queries.who_port(b, nat, port, at) == queries.who_port(a, nat, port, at)
+    end = START + 8 * HOUR
+    assert queries.stats(b, end, 300) == queries.stats(a, end, 300)
     a.close()
     b.close()
     # The next seal finishes the deletes first.

@@ -366,6 +366,16 @@ def kind_counts(conn: Conn, lo: int, hi: int, hour: int) -> dict[tuple[int, int]
             c = out.setdefault((nat, kind), [0, 0])
             c[0] += 1
             c[1] += ts >= hour
+    # The hot copies of a pending segment's events are counted by the caller.
+    for cut_ts, cut_id in catalog.pending(conn):
+        for nat, kind, n_day, n_hour in conn.execute(
+            "SELECT nat, kind, count(*), sum(CASE WHEN ts >= ? THEN 1 ELSE 0 END) FROM event "
+            "WHERE ts >= ? AND ts <= ? AND ts < ? AND id <= ? AND kind > 0 GROUP BY nat, kind",
+            (hour, lo, hi, cut_ts, cut_id),
+        ):
+            c = out.setdefault((nat, kind), [0, 0])
+            c[0] -= n_day
+            c[1] -= n_hour
     return out
 
 
