@@ -354,7 +354,10 @@ def log_holders(
 
 @pytest.mark.slow
 def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path):
-    srv = server_factory("--ports", "2000-2063", "--seal-every", "2", "--hello-rate", "0")
+    segs = tmp_path / "segments"
+    srv = server_factory(
+        "--ports", "2000-2063", "--seal-every", "2", "--hello-rate", "0", "--archive", str(segs)
+    )
     follower = Follower(srv.db)
 
     async def churn() -> None:
@@ -377,6 +380,8 @@ def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path
     assert export(srv.db) == text
     sealed = db_rows(srv.db, "SELECT sum(events) FROM segment")[0][0]
     assert sealed > len(lines) // 2
+    files = {r[0] for r in db_rows(srv.db, "SELECT file FROM segment")}
+    assert {f.name for f in segs.iterdir()} == files and not (tmp_path / "archive").exists()
     # --follow, started before the first seal, saw every event once, in order.
     got = follower.take_until(len(lines))
     follower.proc.kill()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nat64ho.archive import chain
-from nat64ho.ops.db import Conn, on_postgres
+from nat64ho.ops.db import Conn, HistoryError, atomic, on_postgres
 
 _COLUMNS = (
     "n, file, first_id, last_id, ts_lo, ts_hi, events, initialized, created, deleted, "
@@ -90,6 +90,18 @@ def archive_dir(conn: Conn) -> Path:
         value = row[0]
         return Path(value.decode() if isinstance(value, bytes) else value)
     return default_dir(db_file(conn))
+
+
+def use_dir(conn: Conn, directory: Path) -> None:
+    """Make ``directory`` this database's archive (``--archive``); refused
+    while live segments are elsewhere."""
+    new, old = directory.resolve(), archive_dir(conn).resolve()
+    if new == old:
+        return
+    if segments(conn, live=True):
+        raise HistoryError(f"--archive {directory}: the segments of this database are in {old}")
+    with atomic(conn):
+        set_archive_dir(conn, new)
 
 
 def set_archive_dir(conn: Conn, directory: Path) -> None:

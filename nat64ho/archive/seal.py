@@ -166,15 +166,18 @@ def finish_pending(conn: Conn) -> int:
     return total
 
 
-def seal_db(db: Path, period_s: float) -> list[Segment]:
+def seal_db(db: Path, period_s: float, directory: Path | None = None) -> list[Segment]:
     """One round of the server's sealing: its own connection, unrecorded
     files of a killed round removed (the server owns the table), then every
-    closed period sealed. Runs in a thread, off the datagram path."""
+    closed period sealed (into ``directory`` if given: serve --archive).
+    Runs in a thread, off the datagram path."""
     from nat64ho.storage import schema
 
     period_us = max(1, int(period_s * 1_000_000))
     conn = schema.open_db(db)
     try:
+        if directory is not None:
+            catalog.use_dir(conn, directory)
         remove_orphans(conn)
         cutoff = period_start(time.time_ns() // 1000, period_us)
         return seal(conn, before=cutoff, period_us=period_us)

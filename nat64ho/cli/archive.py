@@ -39,19 +39,6 @@ ArchiveOption = Annotated[
 ]
 
 
-def use_archive_dir(conn: catalog.Conn, directory: str | None) -> None:
-    """Record --archive, refusing to move an archive that has segments."""
-    if directory is None:
-        return
-    new = Path(directory).resolve()
-    old = catalog.archive_dir(conn).resolve()
-    if new != old and catalog.segments(conn, live=True):
-        fail(f"--archive {directory}: the segments of this database are in {old}", EXIT_DB)
-    conn.execute("BEGIN IMMEDIATE")
-    catalog.set_archive_dir(conn, new)
-    conn.execute("COMMIT")
-
-
 def seal(
     db: DbOption = None,
     archive: ArchiveOption = None,
@@ -84,7 +71,8 @@ def seal(
     with Database(db, write=True, own="seal") as conn:
         if not catalog.supported(conn):
             fail("seal: this backend keeps no sealed tier yet (SQLite only)", EXIT_DB)
-        use_archive_dir(conn, archive)
+        if archive is not None:
+            catalog.use_dir(conn, Path(archive))
         sealing.remove_orphans(conn)
         made = sealing.seal(conn, before=cutoff, period_us=period_us)
         events = sum(s.events for s in made)

@@ -150,6 +150,15 @@ def serve(
             min=0,
         ),
     ] = 3600.0,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Where sealed segments go (SQLite), remembered in the database. "
+            "Default: archive/ beside the database.",
+            show_default=False,
+        ),
+    ] = None,
     max_nats: Annotated[
         int,
         typer.Option(
@@ -258,6 +267,7 @@ def serve(
         cache_size=cache_size,
         keep_history_days=keep_history,
         seal_every=seal_every,
+        archive=archive,
         metrics=metrics_at,
         max_nats=max_nats,
         standby=standby,

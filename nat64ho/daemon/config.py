@@ -32,6 +32,7 @@ class Config:
     keep_history_days: float | None = None
     #: Seconds per sealed period of the history (nat64ho.archive); 0: never seal.
     seal_every: float = 3600.0
+    archive: Path | None = None  #: where segments go (SQLite); None: as recorded
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
     standby: bool = False  #: wait for another server to release the table

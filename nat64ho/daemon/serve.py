@@ -113,7 +113,7 @@ async def _prune(store: Storage, days: float, db: Path | str) -> None:
         await asyncio.sleep(PRUNE_INTERVAL)
 
 
-async def _seal(db: Path, seconds: float) -> None:
+async def _seal(db: Path, seconds: float, directory: Path | None) -> None:
     """Seal each closed period into a segment, in a thread with a connection
     of its own; the first round at start-up also removes what a killed one
     left."""
@@ -121,7 +121,7 @@ async def _seal(db: Path, seconds: float) -> None:
 
     while True:
         try:
-            made = await asyncio.to_thread(sealing.seal_db, db, seconds)
+            made = await asyncio.to_thread(sealing.seal_db, db, seconds, directory)
         except (DatabaseError, HistoryError, OSError, sqlite3.Error) as exc:
             log.warning("sealing the history failed (retried next period): %s", exc)
         else:
@@ -394,7 +394,9 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days, config.db)))
     if config.seal_every > 0 and not config.worker and not is_postgres(config.db):
-        helpers.append(asyncio.ensure_future(_seal(Path(config.db), config.seal_every)))
+        helpers.append(
+            asyncio.ensure_future(_seal(Path(config.db), config.seal_every, config.archive))
+        )
     metrics = None
     if config.metrics is not None:
         from nat64ho.daemon.metrics import Metrics
