@@ -135,12 +135,6 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, schema=SCHEMA)
 
 
-def rows_in_id_order(table: pa.Table, *, with_id: bool) -> Iterator[tuple[Any, ...]]:
-    """History rows ``([id,] ts, kind, nat, port, addr, aport)`` of a table, by id."""
-    table = table.take(pc.sort_indices(table["id"]))
-    return as_rows(table, with_id=with_id)
-
-
 def as_rows(table: pa.Table, *, with_id: bool) -> Iterator[tuple[Any, ...]]:
     names = (["id"] if with_id else []) + ROW_COLUMNS
     for batch in table.select(names).to_batches(max_chunksize=4096):
