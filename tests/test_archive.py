@@ -415,7 +415,7 @@ def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path):
     head = check(db).stdout.split("chain head ")[1].split()[0]
     files = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
     cut = START + 5 * HOUR + 1800_000_000
-    r = nat64ho("prune", "--db", str(db), "--before", ts_str(cut))
+    r = nat64ho("prune", "--db", str(db), "--before", ts_str(cut), "--yes")
     assert r.returncode == 0, r.stderr
     gone = db_rows(db, "SELECT file, events, ts_hi FROM segment WHERE pruned IS NOT NULL")
     assert len(gone) == 5 and all(ts < cut for _, _, ts in gone)
