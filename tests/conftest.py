@@ -3,10 +3,16 @@ stay importable from conftest for tests written before that split."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests import pgcluster
 from tests.helpers import Proc, ServerProcess, connect, run, tmpfs, umount, v6, wait_for  # noqa: F401
+
+# Servers of the tests seal their history only when a test asks (an hourly
+# seal would otherwise move a test's events whenever it runs across the hour).
+os.environ.setdefault("NAT64HO_SEAL_EVERY", "0")
 
 
 @pytest.fixture

@@ -36,9 +36,11 @@ COMMANDS = [
     "prune",
     "forget",
     "check",
+    "seal",
     "bench",
     "gateway",
     "probe",
+    "archive",
     "testbed",
 ]
 

@@ -20,7 +20,17 @@ import typer
 from typer.core import TyperGroup
 
 from nat64ho import __version__
-from nat64ho.cli import bench, export, gateway, importer, maintenance, probe, query, serve
+from nat64ho.cli import (
+    archive,
+    bench,
+    export,
+    gateway,
+    importer,
+    maintenance,
+    probe,
+    query,
+    serve,
+)
 from nat64ho.cli.options import fail, usage_help
 from nat64ho.daemon import journal
 
@@ -113,6 +123,10 @@ app.command(short_help="Per NAT64: table fill, HELLOs, recent Created/Deleted.")
 app.command(short_help="Delete history events older than a time.")(maintenance.prune)
 app.command(short_help="Remove a NAT64 and its table; its history stays.")(maintenance.forget)
 app.command(short_help="Check a database without changing it.")(maintenance.check)
+app.command(short_help="Move closed periods of the history into sealed Parquet segments.")(
+    archive.seal
+)
+app.add_typer(archive.archive_app, name="archive")
 app.command(short_help="Load a server over loopback and report its speed.")(bench.bench)
 app.command(short_help="Run a userspace NAT64 on TUN whose ports come from handoff servers.")(
     gateway.gateway

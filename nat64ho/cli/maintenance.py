@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from nat64ho.cli.archive import archive_check
 from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     EXIT_DB,
@@ -155,7 +156,18 @@ def forget(
     )
 
 
-def check(db: DbOption = None) -> None:
+def check(
+    db: DbOption = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HEX",
+            help="A chain head printed earlier: fail unless the sealed history up to it "
+            "is unchanged.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Check a database without changing it: file header, schema version, tables
     and indexes, PRAGMA integrity_check (on PostgreSQL: schema version, tables,
     columns and indexes, rows that do not decode). Safe while the server runs.
@@ -165,12 +177,18 @@ def check(db: DbOption = None) -> None:
     """
     target = db_target(db)
     try:
+        head_v = bytes.fromhex(head) if head is not None else None
+    except ValueError:
+        fail(f"--head {head!r}: not a hexadecimal chain value")
+    try:
         if isinstance(target, str):
             from nat64ho.storage import pg_check
 
             report = pg_check.check(target)
         else:
             report = schema.check(target)
+            if report.ok:
+                archive_check(target, report, head_v)
     except schema.DatabaseMissing as exc:
         fail(str(exc), EXIT_DB)
     except schema.DatabaseError as exc:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from nat64ho.archive import catalog
 from nat64ho.cli.database import Database
 from nat64ho.cli.options import (
     DbOption,
@@ -536,6 +537,7 @@ def stats(
             # PostgreSQL keeps meta values as octets (UTF-8 text).
             first, last = parse_ports(value.decode() if isinstance(value, bytes) else value)
         found = queries.stats(conn, now, last - first + 1)
+        sealed = catalog.summary(conn)
     rows = [
         {
             "nat": ipv4_str(s.nat),
@@ -586,3 +588,5 @@ def stats(
             )
         ]
     emit(rows, fmt, cols)
+    if fmt == "table" and sealed is not None:
+        typer.echo(sealed)

@@ -175,6 +175,25 @@ def serve(
             show_default=False,
         ),
     ] = Config.keep_history_days,
+    seal_every: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            envvar="NAT64HO_SEAL_EVERY",
+            help="Seal each closed period of this length into an immutable Parquet segment "
+            "(SQLite: under the database's archive/; see docs/archive.md). 0: never.",
+            parser=number("--seal-every", 0),
+        ),
+    ] = Config.seal_every,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Where sealed segments go (SQLite), remembered in the database. "
+            "Default: archive/ beside the database.",
+            show_default=False,
+        ),
+    ] = None,
     max_nats: Annotated[
         int,
         typer.Option(
@@ -303,6 +322,8 @@ def serve(
         sync=sync.value,
         cache_size=cache_size,
         keep_history_days=keep_history or None,  # 0: keep all, as 0 means unlimited elsewhere
+        seal_every=seal_every,
+        archive=archive,
         metrics=metrics_at,
         api=api_at,
         max_nats=max_nats,

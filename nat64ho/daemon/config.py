@@ -31,6 +31,9 @@ class Config:
     sync: str = "full"
     cache_size: int = 100_000
     keep_history_days: float | None = None
+    #: Seconds per sealed period of the history (nat64ho.archive); 0: never seal.
+    seal_every: float = 3600.0
+    archive: Path | None = None  #: where segments go (SQLite); None: as recorded
     max_nats: int = 4096
     metrics: tuple[str, int] | None = None
     api: tuple[str, int] | str | None = None  #: (host, port), or a Unix socket's path

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from nat64ho.daemon.endpoints import Endpoints
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
+from nat64ho.ops.db import HistoryError
 from nat64ho.storage.base import Storage
 from nat64ho.storage.schema import (
     DatabaseError,
@@ -172,13 +174,40 @@ def _sd_watchdog(alive: bool) -> None:
         _sd_notify("WATCHDOG=1")
 
 
-async def _prune(store: Storage, days: float) -> None:
+async def _prune(store: Storage, days: float, db: Path | str) -> None:
+    from nat64ho.archive import retention
+
     while True:
         before = wall_us() - int(days * 86400 * 1_000_000)
         n = await store.prune(before)
+        if not is_postgres(db):  # sealed history goes by whole segments
+            n += await asyncio.to_thread(retention.prune_db, Path(db), before)
         if n:
             log.info("pruned %d history events older than %g days", n, days)
         await asyncio.sleep(PRUNE_INTERVAL)
+
+
+async def _seal(db: Path, seconds: float, directory: Path | None) -> None:
+    """Seal each closed period into a segment, in a thread with a connection
+    of its own; the first round at start-up also removes what a killed one
+    left."""
+    from nat64ho.archive import seal as sealing
+
+    while True:
+        try:
+            made = await asyncio.to_thread(sealing.seal_db, db, seconds, directory)
+        except (DatabaseError, HistoryError, OSError, sqlite3.Error) as exc:
+            log.warning("sealing the history failed (retried next period): %s", exc)
+        else:
+            if made:
+                log.info(
+                    "sealed %d history events into %d segments",
+                    sum(s.events for s in made),
+                    len(made),
+                )
+        # Just past the period's end: its last events are committed by then.
+        grace = min(1.0, seconds / 4)
+        await asyncio.sleep(seconds - time.time() % seconds + grace)
 
 
 class NotCommitted(DatabaseError):
@@ -457,7 +486,11 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             interval /= 4  # the parent checks each interval: a beat late by a moment is not silence
         helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
     if config.keep_history_days is not None and not config.worker:
-        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
+        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days, config.db)))
+    if config.seal_every > 0 and not config.worker and not is_postgres(config.db):
+        helpers.append(
+            asyncio.ensure_future(_seal(Path(config.db), config.seal_every, config.archive))
+        )
     endpoints = Endpoints()  # --metrics, --api
     try:
         await endpoints.start(config, server)

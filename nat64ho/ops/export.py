@@ -34,8 +34,41 @@ def history_rows(
     two orders differ only where the clock stepped back or older logs were
     imported later. ``after``: only events with a higher id (id order), so
     that a reader resumes exactly where it stopped; ``upto``: none above this
-    id (see :func:`settled_id`).
+    id (see :func:`settled_id`). Sealed events (nat64ho.archive) come in
+    their place in either order.
     """
+    from nat64ho.archive import tiers
+
+    if tiers.has_segments(conn):
+        return tiers.snapshot(
+            conn,
+            lambda arch: tiers.history_rows(
+                conn,
+                arch,
+                lambda: _hot_rows(conn, nat, since, until, after, upto, True, limit),
+                nat=nat,
+                since=since,
+                until=until,
+                after=after,
+                upto=upto,
+                with_id=with_id,
+                limit=limit,
+            ),
+            lambda: _hot_rows(conn, nat, since, until, after, upto, with_id, limit),
+        )
+    return _hot_rows(conn, nat, since, until, after, upto, with_id, limit)
+
+
+def _hot_rows(
+    conn: Conn,
+    nat: int | None,
+    since: int | None,
+    until: int | None,
+    after: int | None,
+    upto: int | None,
+    with_id: bool,
+    limit: int | None,
+) -> Iterator[tuple[Any, ...]]:
     where, args = [], []
     if after is not None:
         where.append("id > ?")

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, NamedTuple, cast
 
+from nat64ho.archive.seal import seal_after_import
+from nat64ho.archive.tiers import SealedFilter
 from nat64ho.eventlog import BadLine, EventKind, parse_line
 from nat64ho.ops.db import Conn, HistoryError, atomic
 from nat64ho.sql import INSERT_EVENT
@@ -208,10 +210,12 @@ def import_logs(
         )
         conn.execute("DELETE FROM temp.replay")
 
+    sealed = SealedFilter(conn)
+
     def commit() -> int:
         before = conn.total_changes
         with atomic(conn):
-            conn.executemany(INSERT_EVENT, batch)
+            conn.executemany(INSERT_EVENT, sealed(batch))
             new = conn.total_changes - before
             if rebuild_table:
                 conn.executemany(
@@ -250,6 +254,7 @@ def import_logs(
     if rebuild_table and on_rebuild is not None:
         on_rebuild()
     entries = rebuild(conn) if rebuild_table else 0
+    seal_after_import(conn)
     return ImportResult(lines, added, skipped, entries)
 
 

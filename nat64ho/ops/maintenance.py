@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nat64ho.archive import retention
 from nat64ho.ops.db import Conn, atomic
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 
 
 def prune_count(conn: Conn, before_us: int) -> int:
     """How many events :func:`prune` would delete (a walk of the ts index)."""
-    return int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
+    hot = int(conn.execute("SELECT count(*) FROM event WHERE ts < ?", (before_us,)).fetchone()[0])
+    return hot + sum(s.events for s in retention.prunable(conn, before_us))
 
 
 def prune(conn: Conn, before_us: int, on_batch: Callable[[int], None] | None = None) -> int:
@@ -29,7 +31,8 @@ def prune(conn: Conn, before_us: int, on_batch: Callable[[int], None] | None = N
         if on_batch is not None:
             on_batch(total)
         if n < PRUNE_BATCH:
-            return total
+            # Sealed history goes by whole segments (nat64ho.archive).
+            return total + retention.prune(conn, before_us)
 
 
 class NotKnown(LookupError):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from nat64ho.archive import tiers
 from nat64ho.eventlog import Event, EventKind, ipv4_str
 from nat64ho.ops.db import Conn, bad_row, db_path, stream
 from nat64ho.storage import schema
@@ -92,6 +93,8 @@ def nat_addresses(conn: Conn, *, history: bool = True) -> list[int]:
         while nat is not None:
             found.add(nat)
             nat = conn.execute(sql, (nat,)).fetchone()[0]
+    if history:
+        found |= tiers.nats(conn)
     return sorted(found)
 
 
@@ -198,6 +201,11 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
             (*key, at),
         )
     ]
+    sealed_before, sealed_after = tiers.port_neighbours(
+        conn, nat, port, at, [e.ts for e in before], [e.ts for e in after]
+    )
+    before += [_event(r, *key) for r in sealed_before]
+    after += [_event(r, *key) for r in sealed_after]
     # Two rows each way are enough: only a Deleted and a Created can share a
     # timestamp, and the rule above says which of them came first.
     prev = max(before, key=_order) if before else None
@@ -263,6 +271,7 @@ def who_port_window(
             (nat, port, _CREATED, lo, hi, WINDOW_EVENTS),
         )
     ]
+    instants += tiers.created_between(conn, nat, port, lo, hi)[:WINDOW_EVENTS]
     found: dict[tuple[bytes, int, int | None, int | None], Holding] = {}
     for t in dict.fromkeys(instants):  # an exact instant is asked about once
         h = who_port(conn, nat, port, t)
@@ -331,7 +340,8 @@ def who_endpoint(
                 yield h
         done.clear()
 
-    for ts, kind, n, p, addr, ap in stream(cur, None, schema.event_ok, conn):
+    hot = stream(cur, None, schema.event_ok, conn)
+    for ts, kind, n, p, addr, ap in tiers.endpoint_rows(conn, hot, lo, hi, aport):
         if (addr, ap) != group:
             yield from flush()
             group = (addr, ap)
@@ -382,6 +392,10 @@ def stats(conn: Conn, now: int, capacity: int) -> list[NatStats]:
         (hour, day, now),
     ):
         counts[(nat, kind)] = [n_day, n_hour]
+    for k, (n_day, n_hour) in tiers.kind_counts(conn, day, now, hour).items():
+        c = counts.setdefault(k, [0, 0])
+        c[0] += n_day
+        c[1] += n_hour
     hellos = {
         r[0]: (r[1], r[2]) for r in conn.execute("SELECT nat, first_hello, last_hello FROM nat")
     }

@@ -469,7 +469,7 @@ class CheckReport:
     def __init__(self, path: Path):
         self.path = path
         self.problems: list[str] = []
-        self.facts: dict[str, int] = {}
+        self.facts: dict[str, int | str] = {}
 
     @property
     def ok(self) -> bool:

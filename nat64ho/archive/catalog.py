@@ -1,0 +1,135 @@
+"""The segment table: where the archive lives, and the recorded segments."""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+from pathlib import Path
+
+from nat64ho.archive import chain
+from nat64ho.ops.db import Conn, HistoryError, atomic, on_postgres
+
+_COLUMNS = (
+    "n, file, first_id, last_id, ts_lo, ts_hi, events, initialized, created, deleted, "
+    "bytes, sha256, chain, sealed, pruned, cut_ts, cut_id, pending"
+)
+#: meta key of an archive directory given with --archive (absolute path).
+META_DIR = "archive_dir"
+
+
+@dataclass(frozen=True)
+class Segment:
+    n: int
+    file: str
+    first_id: int
+    last_id: int
+    ts_lo: int
+    ts_hi: int
+    events: int
+    initialized: int
+    created: int
+    deleted: int
+    size: int
+    sha256: builtins.bytes
+    chain: builtins.bytes
+    sealed: int
+    pruned: int | None
+    cut_ts: int  #: the segment took the hot events with ts < cut_ts
+    cut_id: int  #: and id <= cut_id
+    pending: int  #: 1 while those may still be in the hot tier too
+
+    @property
+    def period(self) -> tuple[int, int, int, int]:
+        return (self.first_id, self.last_id, self.ts_lo, self.ts_hi)
+
+    @property
+    def counts(self) -> tuple[int, int, int, int]:
+        return (self.events, self.initialized, self.created, self.deleted)
+
+    def link(self, previous: builtins.bytes) -> builtins.bytes:
+        return chain.link(previous, self.sha256, self.period, self.counts)
+
+
+def supported(conn: Conn) -> bool:
+    """Whether this database keeps a sealed tier (SQLite, for now)."""
+    return not on_postgres(conn)
+
+
+def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
+    """Recorded segments by n; ``live``: only those not pruned."""
+    if not supported(conn):
+        return []
+    sql = f"SELECT {_COLUMNS} FROM segment"
+    if live:
+        sql += " WHERE pruned IS NULL"
+    return [Segment(*r) for r in conn.execute(sql + " ORDER BY n")]
+
+
+def pending(conn: Conn) -> list[tuple[int, int]]:
+    """(cut_ts, cut_id) of segments whose events may still be hot too."""
+    if not supported(conn):
+        return []
+    return [
+        (r[0], r[1]) for r in conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1")
+    ]
+
+
+def db_file(conn: Conn) -> Path:
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
+def default_dir(db: Path) -> Path:
+    """``archive/`` beside the database."""
+    return db.parent / "archive"
+
+
+def archive_dir(conn: Conn) -> Path:
+    """Where this database's segment files are."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_DIR,)).fetchone()
+    if row is not None:
+        value = row[0]
+        return Path(value.decode() if isinstance(value, bytes) else value)
+    return default_dir(db_file(conn))
+
+
+def use_dir(conn: Conn, directory: Path) -> None:
+    """Make ``directory`` this database's archive (``--archive``); refused
+    while live segments are elsewhere."""
+    new, old = directory.resolve(), archive_dir(conn).resolve()
+    if new == old:
+        return
+    if segments(conn, live=True):
+        raise HistoryError(f"--archive {directory}: the segments of this database are in {old}")
+    with atomic(conn):
+        set_archive_dir(conn, new)
+
+
+def set_archive_dir(conn: Conn, directory: Path) -> None:
+    """Record ``directory`` (made absolute) as where segments go; the default
+    needs no record."""
+    directory = directory.resolve()
+    if directory == default_dir(db_file(conn)).resolve():
+        conn.execute("DELETE FROM meta WHERE key = ?", (META_DIR,))
+    else:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (META_DIR, str(directory).encode()),
+        )
+
+
+def file_name(n: int, token: str) -> str:
+    return f"segment-{n:08d}-{token}.parquet"
+
+
+def summary(conn: Conn) -> str | None:
+    """One line for ``stats``: the sealed tier's totals, None without one."""
+    live = segments(conn, live=True)
+    if not live:
+        return None
+    events = sum(s.events for s in live)
+    size = sum(s.size for s in live)
+    hot = conn.execute("SELECT count(*) FROM event").fetchone()[0]
+    return (
+        f"Sealed history: {len(live)} segments, {events} events, {size} bytes "
+        f"({size / max(events, 1):.1f} bytes/event); {hot} events not yet sealed."
+    )

@@ -1,0 +1,46 @@
+"""Retention of the sealed tier: whole segments older than a cut-off are
+dropped, their rows kept (marked pruned) so that the chain still verifies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nat64ho.archive import catalog
+from nat64ho.ops.db import Conn, atomic
+
+
+def prunable(conn: Conn, before: int) -> list[catalog.Segment]:
+    """Live segments whose every event is older than ``before``."""
+    return [s for s in catalog.segments(conn, live=True) if s.ts_hi < before]
+
+
+def prune(conn: Conn, before: int) -> int:
+    """Drop :func:`prunable` segments; returns their events. The rows are
+    marked first, the files removed after the commit: a file left by a kill
+    in between is an orphan, removed like an interrupted seal's."""
+    if not catalog.supported(conn):
+        return 0
+    gone = prunable(conn, before)
+    if not gone:
+        return 0
+    with atomic(conn):
+        conn.executemany(
+            "UPDATE segment SET pruned = ? WHERE n = ?",
+            [(time.time_ns() // 1000, s.n) for s in gone],
+        )
+    directory = catalog.archive_dir(conn)
+    for s in gone:
+        (directory / s.file).unlink(missing_ok=True)
+    return sum(s.events for s in gone)
+
+
+def prune_db(db: Path, before: int) -> int:
+    """:func:`prune` on a connection of its own (the server's --keep-history)."""
+    from nat64ho.storage import schema
+
+    conn = schema.open_db(db)
+    try:
+        return prune(conn, before)
+    finally:
+        conn.close()

@@ -1,0 +1,171 @@
+"""One segment file: history events as Parquet, written once and read by
+column, row group or whole; the format other engines read as it is.
+
+Rows are sorted by (nat, port, ts, id), zstd, with row-group statistics and
+the page index, so a lookup of one NAT port reads one row group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+#: The columns, in file order. ``id`` is the event's sequence number in the
+#: hot tier: the order the server logged it, which export reproduces.
+SCHEMA = pa.schema(
+    [
+        pa.field("nat", pa.uint32(), nullable=False),
+        pa.field("port", pa.uint16(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("kind", pa.uint8(), nullable=False),
+        pa.field("addr", pa.binary(16)),
+        pa.field("aport", pa.uint16()),
+        pa.field("id", pa.int64(), nullable=False),
+    ]
+)
+ROW_COLUMNS = ["ts", "kind", "nat", "port", "addr", "aport"]
+#: Small enough that one port's lookup decodes little, large enough that the
+#: footer of a segment of millions of events stays small.
+ROW_GROUP = 65536
+
+
+@dataclass(frozen=True)
+class Written:
+    """What writing a segment gave: its size and digest, and its contents' summary."""
+
+    size: int
+    sha256: bytes
+    events: int
+    initialized: int
+    created: int
+    deleted: int
+    first_id: int
+    last_id: int
+    ts_lo: int
+    ts_hi: int
+
+
+def table_from_rows(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
+    """A table of ``(id, ts, kind, nat, port, addr, aport)`` rows, in SCHEMA's columns."""
+    ids, ts, kind, nat, port, addr, aport = [], [], [], [], [], [], []
+    for r in rows:
+        ids.append(r[0])
+        ts.append(r[1])
+        kind.append(r[2])
+        nat.append(r[3])
+        port.append(r[4])
+        addr.append(r[5])
+        aport.append(r[6])
+    cols = {"nat": nat, "port": port, "ts": ts, "kind": kind, "addr": addr, "aport": aport}
+    cols["id"] = ids
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def sorted_table(table: pa.Table) -> pa.Table:
+    order = [(c, "ascending") for c in ("nat", "port", "ts", "id")]
+    return table.take(pc.sort_indices(table, sort_keys=order))
+
+
+def write(table: pa.Table, path: Path) -> Written:
+    """Write ``table`` (sorted here) to ``path`` durably: a temporary name,
+    fsync, rename, fsync of the directory. Returns what was written."""
+    table = sorted_table(table.cast(SCHEMA))
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        compression_level=9,
+        row_group_size=ROW_GROUP,
+        write_statistics=True,
+        write_page_index=True,
+        use_dictionary=["nat", "kind"],
+        column_encoding={"port": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED"},
+        sorting_columns=[pq.SortingColumn(i) for i in range(3)],
+    )
+    sha256 = file_digest(tmp, fsync=True)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    kinds = pc.value_counts(table["kind"]).to_pylist()
+    by_kind = {k["values"]: k["counts"] for k in kinds}
+    mm_id = pc.min_max(table["id"]).as_py()
+    mm_ts = pc.min_max(table["ts"]).as_py()
+    return Written(
+        size=path.stat().st_size,
+        sha256=sha256,
+        events=table.num_rows,
+        initialized=by_kind.get(0, 0),
+        created=by_kind.get(1, 0),
+        deleted=by_kind.get(2, 0),
+        first_id=mm_id["min"],
+        last_id=mm_id["max"],
+        ts_lo=mm_ts["min"],
+        ts_hi=mm_ts["max"],
+    )
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: Path, *, fsync: bool = False) -> bytes:
+    """The SHA-256 of a file; ``fsync``: and make it durable first."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns, schema=SCHEMA)
+
+
+def as_rows(table: pa.Table, *, with_id: bool) -> Iterator[tuple[Any, ...]]:
+    names = (["id"] if with_id else []) + ROW_COLUMNS
+    for batch in table.select(names).to_batches(max_chunksize=4096):
+        yield from zip(*(col.to_pylist() for col in batch.columns), strict=True)
+
+
+class Reader:
+    """A segment file opened once: its footer, for lookups by NAT port."""
+
+    def __init__(self, path: Path):
+        self.file = pq.ParquetFile(path)
+        meta = self.file.metadata
+        names = meta.schema.names
+        inat, iport = names.index("nat"), names.index("port")
+        # (nat min, nat max, port min, port max) of each row group.
+        self.groups = []
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            ns, ps = rg.column(inat).statistics, rg.column(iport).statistics
+            self.groups.append((ns.min, ns.max, ps.min, ps.max))
+
+    def port_table(self, nat: int, port: int) -> pa.Table:
+        """Every event of ``nat``:``port`` in this segment, by (ts, id)."""
+        hit = [
+            g
+            for g, (n0, n1, p0, p1) in enumerate(self.groups)
+            if n0 <= nat <= n1 and (n0 < n1 or p0 <= port <= p1)
+        ]
+        if not hit:
+            return SCHEMA.empty_table()
+        # Without the id column, and in this thread: a lookup decodes little.
+        t = self.file.read_row_groups(hit, columns=ROW_COLUMNS, use_threads=False)
+        mask = pc.and_(pc.equal(t["nat"], nat), pc.equal(t["port"], port))
+        return t.filter(mask)
