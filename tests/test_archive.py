@@ -1,6 +1,8 @@
 """The sealed tier: segments written by ``nat64ho seal``, read back by other
 engines, and every reader giving the same answers across the two tiers;
-``check`` finding each kind of tampering; SIGKILL during seals."""
+``check`` finding each kind of tampering; SIGKILL during seals. On both
+backends (segments are files beside an SQLite database, rows of
+segment_data on PostgreSQL), but for what concerns files."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from nat64ho.eventlog import format_event, parse_line, ts_str
 from nat64ho.ops import queries
 from nat64ho.ops.db import atomic as schema_atomic
 from nat64ho.storage import schema
+from nat64ho.storage.schema import is_postgres
 from tests.helpers import (
     Follower,
     connect,
@@ -33,6 +36,7 @@ from tests.helpers import (
     db_rows,
     nat64ho,
     one_error,
+    ops_conn,
     table_owned,
     v6,
     wait_for,
@@ -72,22 +76,41 @@ def churn_log(n: int, *, seed: int = 7, ports: int = 300, start: int = START) ->
     return [format_event(e) + "\n" for e in events]
 
 
-def imported(tmp_path: Path, lines: list[str], name: str = "table.db") -> tuple[Path, Path]:
+def imported(
+    tmp_path: Path, lines: list[str], db: Path | str | None = None, name: str = "table.db"
+) -> tuple[Path | str, Path]:
+    """``lines`` imported into ``db`` (default: an SQLite file ``name``)."""
     log = tmp_path / f"{name}.log"
     log.write_text("".join(lines))
-    db = tmp_path / name
+    db = db or tmp_path / name
     r = nat64ho("import", str(log), "--db", str(db))
     assert r.returncode == 0, r.stderr
     return db, log
 
 
-def seal(db: Path, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture
+def twin(request, db_target: str, tmp_path: Path) -> str:
+    """Another database of ``db_target``'s backend: the same history, left unsealed."""
+    if is_postgres(db_target):
+        return request.getfixturevalue("pg_cluster").url()
+    return str(tmp_path / "before.db")
+
+
+def seal(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     r = nat64ho("seal", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
     return r
 
 
-def export(db: Path, *args: str) -> str:
+def stored(db: Path | str, directory: Path | None = None) -> set[str]:
+    """Names of the segments the archive holds: files in ``directory`` (by
+    default archive/ beside an SQLite file), rows of segment_data on PostgreSQL."""
+    if is_postgres(str(db)):
+        return {r[0] for r in db_rows(db, "SELECT file FROM segment JOIN segment_data USING (n)")}
+    return {f.name for f in (directory or Path(db).parent / "archive").iterdir()}
+
+
+def export(db: Path | str, *args: str) -> str:
     r = nat64ho("export", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -123,11 +146,10 @@ def test_segments_are_sorted_zstd_parquet_that_other_engines_read(tmp_path):
     assert n == sealed and created == db_rows(db, "SELECT sum(created) FROM segment")[0][0]
 
 
-def test_readers_give_the_same_answers_across_a_seal(tmp_path):
+def test_readers_give_the_same_answers_across_a_seal(tmp_path, db_target, twin):
     lines = churn_log(4000)
-    db, log = imported(tmp_path, lines)
-    before = tmp_path / "before.db"
-    shutil.copy(db, before)
+    db, log = imported(tmp_path, lines, db_target)
+    before, _ = imported(tmp_path, lines, twin, name="before")
     windows = [
         (),
         ("--since", ts_str(START + 5 * HOUR), "--until", ts_str(START + 20 * HOUR)),
@@ -146,8 +168,8 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path):
 
     # who, in the library: 200 random (port, time) pairs, windows, clients.
     rnd = random.Random(3)
-    a = schema.open_db(before, readonly=True)
-    b = schema.open_db(db, readonly=True)
+    a = ops_conn(before, readonly=True)
+    b = ops_conn(db, readonly=True)
     end = START + len(lines) * 20_000_000
     found = 0
     for _ in range(200):
@@ -193,15 +215,15 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path):
     )
 
 
-def test_seal_is_refused_while_the_table_is_owned(tmp_path):
-    db, _ = imported(tmp_path, churn_log(300))
+def test_seal_is_refused_while_the_table_is_owned(tmp_path, db_target):
+    db, _ = imported(tmp_path, churn_log(300), db_target)
     with table_owned(db):
         r = nat64ho("seal", "--db", str(db))
     assert r.returncode == 1 and "owned" in one_error(r)
     assert db_rows(db, "SELECT count(*) FROM segment") == [(0,)]
 
 
-def check(db: Path, *args: str) -> subprocess.CompletedProcess:
+def check(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     return nat64ho("check", "--db", str(db), *args)
 
 
