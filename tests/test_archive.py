@@ -295,6 +295,80 @@ def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
     assert check(db, "--head", "00" * 32).returncode == 1
 
 
+def swap(db: str) -> None:
+    """Segments 2 and 3 trade places, rows and data alike."""
+    for table in ("segment", "segment_data"):
+        db_exec(db, f"UPDATE {table} SET n = -n WHERE n IN (2, 3)")
+        db_exec(db, f"UPDATE {table} SET n = CASE n WHEN -2 THEN 3 ELSE 2 END WHERE n < 0")
+
+
+def test_check_finds_tampering_with_segments_kept_in_postgresql(tmp_path, pg_url):
+    db, _ = imported(tmp_path, churn_log(3000), pg_url)
+    seal(db, "--period", "3600", "--before", ts_str(START + 3 * HOUR))
+    first = check(db)
+    assert first.returncode == 0, first.stderr
+    head = first.stdout.split("chain head ")[1].split()[0]
+    seal(db, "--period", "3600")
+    ok = check(db, "--head", head)
+    assert ok.returncode == 0 and "unchanged up to segment" in ok.stdout, ok.stderr
+    assert db_rows(db, "SELECT count(*) FROM segment_data")[0][0] >= 4
+
+    def fails(*names: str) -> str:
+        r = check(db)
+        assert r.returncode == 1, r.stdout
+        for name in names:
+            assert name in r.stderr, r.stderr
+        return r.stderr
+
+    def passes() -> None:
+        r = check(db, "--head", head)
+        assert r.returncode == 0, r.stderr
+
+    # A changed byte in a stored segment, then put back.
+    (data,) = db_rows(db, "SELECT data FROM segment_data WHERE n = 2")[0]
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 1
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 2", bytes(bad))
+    assert "SHA-256 differs" in fails("segment 2 (segment-00000002-")
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 2", data)
+    passes()
+    # Its data gone; another segment's in its place.
+    (third,) = db_rows(db, "SELECT data FROM segment_data WHERE n = 3")[0]
+    db_exec(db, "DELETE FROM segment_data WHERE n = 3")
+    assert "data is missing" in fails("segment 3 (segment-00000003-")
+    db_exec(db, "INSERT INTO segment_data (n, data) VALUES (3, ?)", data)  # segment 2's
+    assert "SHA-256 differs" in fails("segment 3 (segment-00000003-")
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 3", third)
+    passes()
+    # A segment row removed, then two reordered (their data with them).
+    row = db_rows(db, "SELECT * FROM segment WHERE n = 2")[0]
+    db_exec(db, "DELETE FROM segment WHERE n = 2")
+    fails("segment 2 is missing from the segment table")
+    r = check(db, "--head", head)
+    assert r.returncode == 1 and "not a link" in r.stderr
+    db_exec(db, f"INSERT INTO segment VALUES ({', '.join(['?'] * len(row))})", *row)
+    passes()
+    swap(db)
+    fails("segment 2 (segment-00000003-", "chain value does not follow")
+    swap(db)
+    passes()
+    # A row added to a sealed period, and a segment row changed.
+    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
+    db_exec(
+        db,
+        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
+        ts,
+        NATS[0],
+        bytes(16),
+    )
+    assert "sealed period" in fails("segment 2 (segment-00000002-")
+    db_exec(db, "DELETE FROM event WHERE port = 9")
+    db_exec(db, "UPDATE segment SET events = events + 1 WHERE n = 1")
+    fails("segment 1 (segment-00000001-")
+    db_exec(db, "UPDATE segment SET events = events - 1 WHERE n = 1")
+    passes()
+
+
 def sealed_or_over(db: Path, p: subprocess.Popen, segments: int) -> bool:
     return p.poll() is not None or db_rows(db, "SELECT count(*) FROM segment")[0][0] >= segments
 
