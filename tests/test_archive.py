@@ -27,7 +27,6 @@ from nat64ho.core.records import Event, EventKind
 from nat64ho.eventlog import format_event, parse_line, ts_str
 from nat64ho.ops import queries
 from nat64ho.ops.db import atomic as schema_atomic
-from nat64ho.storage import schema
 from nat64ho.storage.schema import is_postgres
 from tests.helpers import (
     Follower,
@@ -563,17 +562,18 @@ def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path, db_t
     assert check(db).returncode == 0
 
 
-def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_path, monkeypatch):
+def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(
+    tmp_path, monkeypatch, db_target, twin
+):
     from nat64ho.archive import catalog
     from nat64ho.archive import seal as sealing
 
     lines = churn_log(3000)
-    db, log = imported(tmp_path, lines)
-    before = tmp_path / "before.db"
-    shutil.copy(db, before)
+    db, log = imported(tmp_path, lines, db_target)
+    before, _ = imported(tmp_path, lines, twin, name="before")
     # As if killed after the segments were recorded, before or while their
     # events left the hot tier: some batches done, the rest still there.
-    conn = schema.open_db(db)
+    conn = ops_conn(db)
 
     def killed(conn) -> int:
         if catalog.pending(conn):
@@ -596,8 +596,8 @@ def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_pa
     )
     r = check(db)
     assert r.returncode == 0, r.stderr
-    a = schema.open_db(before, readonly=True)
-    b = schema.open_db(db, readonly=True)
+    a = ops_conn(before, readonly=True)
+    b = ops_conn(db, readonly=True)
     rnd = random.Random(8)
     for _ in range(50):
         nat, port, at = rnd.choice(NATS), 1024 + rnd.randrange(300), START + rnd.randrange(8 * HOUR)
