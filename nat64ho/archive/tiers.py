@@ -36,6 +36,10 @@ def _arrow() -> tuple[Any, Any, Any]:
     return pyarrow, pyarrow.compute, segment
 
 
+#: Segments read from the database (whole, into memory) kept open at once.
+_HELD_IN_MEMORY = 32
+
+
 class Archive:
     """The live segments of one database, with their files opened on demand."""
 
@@ -61,6 +65,8 @@ class Archive:
         _, _, segment = _arrow()
         r = self._readers.get(seg.n)
         if r is None:
+            if self.dir is None and len(self._readers) >= _HELD_IN_MEMORY:
+                self._readers.clear()
             r = self._readers[seg.n] = segment.Reader(self.source(seg))
         return r
 
