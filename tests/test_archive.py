@@ -1,6 +1,8 @@
 """The sealed tier: segments written by ``nat64ho seal``, read back by other
 engines, and every reader giving the same answers across the two tiers;
-``check`` finding each kind of tampering; SIGKILL during seals."""
+``check`` finding each kind of tampering; SIGKILL during seals. On both
+backends (segments are files beside an SQLite database, rows of
+segment_data on PostgreSQL), but for what concerns files."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from nat64ho.core.records import Event, EventKind
 from nat64ho.eventlog import format_event, parse_line, ts_str
 from nat64ho.ops import queries
 from nat64ho.ops.db import atomic as schema_atomic
-from nat64ho.storage import schema
+from nat64ho.storage.schema import is_postgres
 from tests.helpers import (
     Follower,
     connect,
@@ -33,6 +35,7 @@ from tests.helpers import (
     db_rows,
     nat64ho,
     one_error,
+    ops_conn,
     table_owned,
     v6,
     wait_for,
@@ -72,22 +75,41 @@ def churn_log(n: int, *, seed: int = 7, ports: int = 300, start: int = START) ->
     return [format_event(e) + "\n" for e in events]
 
 
-def imported(tmp_path: Path, lines: list[str], name: str = "table.db") -> tuple[Path, Path]:
+def imported(
+    tmp_path: Path, lines: list[str], db: Path | str | None = None, name: str = "table.db"
+) -> tuple[Path | str, Path]:
+    """``lines`` imported into ``db`` (default: an SQLite file ``name``)."""
     log = tmp_path / f"{name}.log"
     log.write_text("".join(lines))
-    db = tmp_path / name
+    db = db or tmp_path / name
     r = nat64ho("import", str(log), "--db", str(db))
     assert r.returncode == 0, r.stderr
     return db, log
 
 
-def seal(db: Path, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture
+def twin(request, db_target: str, tmp_path: Path) -> str:
+    """Another database of ``db_target``'s backend: the same history, left unsealed."""
+    if is_postgres(db_target):
+        return request.getfixturevalue("pg_cluster").url()
+    return str(tmp_path / "before.db")
+
+
+def seal(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     r = nat64ho("seal", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
     return r
 
 
-def export(db: Path, *args: str) -> str:
+def stored(db: Path | str, directory: Path | None = None) -> set[str]:
+    """Names of the segments the archive holds: files in ``directory`` (by
+    default archive/ beside an SQLite file), rows of segment_data on PostgreSQL."""
+    if is_postgres(str(db)):
+        return {r[0] for r in db_rows(db, "SELECT file FROM segment JOIN segment_data USING (n)")}
+    return {f.name for f in (directory or Path(db).parent / "archive").iterdir()}
+
+
+def export(db: Path | str, *args: str) -> str:
     r = nat64ho("export", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -123,11 +145,14 @@ def test_segments_are_sorted_zstd_parquet_that_other_engines_read(tmp_path):
     assert n == sealed and created == db_rows(db, "SELECT sum(created) FROM segment")[0][0]
 
 
-def test_readers_give_the_same_answers_across_a_seal(tmp_path):
+def test_readers_give_the_same_answers_across_a_seal(tmp_path, db_target, twin, monkeypatch):
+    from nat64ho.archive import tiers
+
+    # Segments read from PostgreSQL are let go of a few at a time, in between.
+    monkeypatch.setattr(tiers, "_HELD_IN_MEMORY", 2)
     lines = churn_log(4000)
-    db, log = imported(tmp_path, lines)
-    before = tmp_path / "before.db"
-    shutil.copy(db, before)
+    db, log = imported(tmp_path, lines, db_target)
+    before, _ = imported(tmp_path, lines, twin, name="before")
     windows = [
         (),
         ("--since", ts_str(START + 5 * HOUR), "--until", ts_str(START + 20 * HOUR)),
@@ -146,8 +171,8 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path):
 
     # who, in the library: 200 random (port, time) pairs, windows, clients.
     rnd = random.Random(3)
-    a = schema.open_db(before, readonly=True)
-    b = schema.open_db(db, readonly=True)
+    a = ops_conn(before, readonly=True)
+    b = ops_conn(db, readonly=True)
     end = START + len(lines) * 20_000_000
     found = 0
     for _ in range(200):
@@ -193,15 +218,15 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path):
     )
 
 
-def test_seal_is_refused_while_the_table_is_owned(tmp_path):
-    db, _ = imported(tmp_path, churn_log(300))
+def test_seal_is_refused_while_the_table_is_owned(tmp_path, db_target):
+    db, _ = imported(tmp_path, churn_log(300), db_target)
     with table_owned(db):
         r = nat64ho("seal", "--db", str(db))
     assert r.returncode == 1 and "owned" in one_error(r)
     assert db_rows(db, "SELECT count(*) FROM segment") == [(0,)]
 
 
-def check(db: Path, *args: str) -> subprocess.CompletedProcess:
+def check(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     return nat64ho("check", "--db", str(db), *args)
 
 
@@ -273,13 +298,87 @@ def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
     assert check(db, "--head", "00" * 32).returncode == 1
 
 
-def sealed_or_over(db: Path, p: subprocess.Popen, segments: int) -> bool:
+def swap(db: str) -> None:
+    """Segments 2 and 3 trade places, rows and data alike."""
+    for table in ("segment", "segment_data"):
+        db_exec(db, f"UPDATE {table} SET n = -n WHERE n IN (2, 3)")
+        db_exec(db, f"UPDATE {table} SET n = CASE n WHEN -2 THEN 3 ELSE 2 END WHERE n < 0")
+
+
+def test_check_finds_tampering_with_segments_kept_in_postgresql(tmp_path, pg_url):
+    db, _ = imported(tmp_path, churn_log(3000), pg_url)
+    seal(db, "--period", "3600", "--before", ts_str(START + 3 * HOUR))
+    first = check(db)
+    assert first.returncode == 0, first.stderr
+    head = first.stdout.split("chain head ")[1].split()[0]
+    seal(db, "--period", "3600")
+    ok = check(db, "--head", head)
+    assert ok.returncode == 0 and "unchanged up to segment" in ok.stdout, ok.stderr
+    assert db_rows(db, "SELECT count(*) FROM segment_data")[0][0] >= 4
+
+    def fails(*names: str) -> str:
+        r = check(db)
+        assert r.returncode == 1, r.stdout
+        for name in names:
+            assert name in r.stderr, r.stderr
+        return r.stderr
+
+    def passes() -> None:
+        r = check(db, "--head", head)
+        assert r.returncode == 0, r.stderr
+
+    # A changed byte in a stored segment, then put back.
+    (data,) = db_rows(db, "SELECT data FROM segment_data WHERE n = 2")[0]
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 1
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 2", bytes(bad))
+    assert "SHA-256 differs" in fails("segment 2 (segment-00000002-")
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 2", data)
+    passes()
+    # Its data gone; another segment's in its place.
+    (third,) = db_rows(db, "SELECT data FROM segment_data WHERE n = 3")[0]
+    db_exec(db, "DELETE FROM segment_data WHERE n = 3")
+    assert "data is missing" in fails("segment 3 (segment-00000003-")
+    db_exec(db, "INSERT INTO segment_data (n, data) VALUES (3, ?)", data)  # segment 2's
+    assert "SHA-256 differs" in fails("segment 3 (segment-00000003-")
+    db_exec(db, "UPDATE segment_data SET data = ? WHERE n = 3", third)
+    passes()
+    # A segment row removed, then two reordered (their data with them).
+    row = db_rows(db, "SELECT * FROM segment WHERE n = 2")[0]
+    db_exec(db, "DELETE FROM segment WHERE n = 2")
+    fails("segment 2 is missing from the segment table")
+    r = check(db, "--head", head)
+    assert r.returncode == 1 and "not a link" in r.stderr
+    db_exec(db, f"INSERT INTO segment VALUES ({', '.join(['?'] * len(row))})", *row)
+    passes()
+    swap(db)
+    fails("segment 2 (segment-00000003-", "chain value does not follow")
+    swap(db)
+    passes()
+    # A row added to a sealed period, and a segment row changed.
+    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
+    db_exec(
+        db,
+        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
+        ts,
+        NATS[0],
+        bytes(16),
+    )
+    assert "sealed period" in fails("segment 2 (segment-00000002-")
+    db_exec(db, "DELETE FROM event WHERE port = 9")
+    db_exec(db, "UPDATE segment SET events = events + 1 WHERE n = 1")
+    fails("segment 1 (segment-00000001-")
+    db_exec(db, "UPDATE segment SET events = events - 1 WHERE n = 1")
+    passes()
+
+
+def sealed_or_over(db: Path | str, p: subprocess.Popen, segments: int) -> bool:
     return p.poll() is not None or db_rows(db, "SELECT count(*) FROM segment")[0][0] >= segments
 
 
-def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
+def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path, db_target):
     lines = churn_log(20000, ports=2000)
-    db, log = imported(tmp_path, lines)
+    db, log = imported(tmp_path, lines, db_target)
     rnd = random.Random(11)
     kills = 0
     for _ in range(10):
@@ -307,14 +406,19 @@ def test_sigkill_during_seals_loses_and_duplicates_nothing(tmp_path):
     assert export(db) == log.read_text()
     assert db_rows(db, "SELECT count(*) FROM segment WHERE pending = 1") == [(0,)]
     recorded = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
-    assert {f.name for f in (tmp_path / "archive").iterdir()} == recorded
+    assert stored(db) == recorded
     assert kills >= 5
 
 
-def test_archive_ls_and_get_copy_plain_parquet(tmp_path):
+def test_archive_ls_and_get_copy_plain_parquet(tmp_path, db_target):
     duckdb = pytest.importorskip("duckdb")
-    db, _ = imported(tmp_path, churn_log(2000))
-    seal(db, "--period", "7200", "--archive", str(tmp_path / "elsewhere"))
+    db, _ = imported(tmp_path, churn_log(2000), db_target)
+    if is_postgres(db):
+        r = nat64ho("seal", "--db", str(db), "--archive", str(tmp_path / "elsewhere"))
+        assert r.returncode == 1 and "kept in the database" in one_error(r)
+        seal(db, "--period", "7200")
+    else:
+        seal(db, "--period", "7200", "--archive", str(tmp_path / "elsewhere"))
     assert not (tmp_path / "archive").exists()
     ls = nat64ho("archive", "ls", "--db", str(db))
     assert ls.returncode == 0
@@ -333,6 +437,8 @@ def test_archive_ls_and_get_copy_plain_parquet(tmp_path):
         .fetchone()
     )
     assert n == sum(r[0] for r in db_rows(db, "SELECT created FROM segment"))
+    if is_postgres(db):
+        return
     # Moving an archive that has segments is refused.
     r = nat64ho("seal", "--db", str(db), "--archive", str(tmp_path / "third"))
     assert r.returncode == 1 and "segments of this database are in" in one_error(r)
@@ -353,10 +459,11 @@ def log_holders(
 
 
 @pytest.mark.slow
-def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path):
+def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path, db_target):
     segs = tmp_path / "segments"
+    where = () if is_postgres(db_target) else ("--archive", str(segs))
     srv = server_factory(
-        "--ports", "2000-2063", "--seal-every", "2", "--hello-rate", "0", "--archive", str(segs)
+        "--ports", "2000-2063", "--seal-every", "2", "--hello-rate", "0", *where, db=db_target
     )
     follower = Follower(srv.db)
 
@@ -381,7 +488,7 @@ def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path
     sealed = db_rows(srv.db, "SELECT sum(events) FROM segment")[0][0]
     assert sealed > len(lines) // 2
     files = {r[0] for r in db_rows(srv.db, "SELECT file FROM segment")}
-    assert {f.name for f in segs.iterdir()} == files and not (tmp_path / "archive").exists()
+    assert stored(srv.db, segs) == files and not (tmp_path / "archive").exists()
     # --follow, started before the first seal, saw every event once, in order.
     got = follower.take_until(len(lines))
     follower.proc.kill()
@@ -391,7 +498,7 @@ def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path
     holders = log_holders(lines)
     lo, hi = parse_line(lines[0]).ts, parse_line(lines[-1]).ts
     rnd = random.Random(5)
-    conn = schema.open_db(srv.db, readonly=True)
+    conn = ops_conn(srv.db, readonly=True)
     nat = parse_line(lines[0]).nat
     for _ in range(200):
         port, at = 2000 + rnd.randrange(64), rnd.randint(lo, hi)
@@ -408,9 +515,9 @@ def test_a_server_sealing_every_two_seconds_under_churn(server_factory, tmp_path
     assert r.returncode == 0 and "segments" in r.stdout, r.stderr
 
 
-def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path):
+def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path, db_target):
     lines = churn_log(3000)
-    db, log = imported(tmp_path, lines)
+    db, log = imported(tmp_path, lines, db_target)
     seal(db, "--period", "3600")
     head = check(db).stdout.split("chain head ")[1].split()[0]
     files = {r[0] for r in db_rows(db, "SELECT file FROM segment")}
@@ -420,8 +527,7 @@ def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path):
     gone = db_rows(db, "SELECT file, events, ts_hi FROM segment WHERE pruned IS NOT NULL")
     assert len(gone) == 5 and all(ts < cut for _, _, ts in gone)
     assert r.stdout.startswith(f"{sum(e for _, e, _ in gone)} history events")
-    left = {f.name for f in (tmp_path / "archive").iterdir()}
-    assert left == files - {f for f, _, _ in gone}
+    assert stored(db) == files - {f for f, _, _ in gone}
     # Whole segments only: the first one kept still has events before the cut.
     kept = export(db).splitlines(keepends=True)
     assert kept == lines[len(lines) - len(kept) :]
@@ -433,9 +539,9 @@ def test_prune_drops_whole_segments_and_the_chain_still_verifies(tmp_path):
     assert listing.count("(pruned)") == 5
 
 
-def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path):
+def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path, db_target):
     first = churn_log(2000)
-    db, log = imported(tmp_path, first)
+    db, log = imported(tmp_path, first, db_target)
     seal(db, "--period", "3600")
     segments = db_rows(db, "SELECT count(*) FROM segment")[0][0]
     r = nat64ho("import", str(log), "--db", str(db))
@@ -460,17 +566,18 @@ def test_import_into_an_archived_history_is_sealed_and_idempotent(tmp_path):
     assert check(db).returncode == 0
 
 
-def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_path, monkeypatch):
+def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(
+    tmp_path, monkeypatch, db_target, twin
+):
     from nat64ho.archive import catalog
     from nat64ho.archive import seal as sealing
 
     lines = churn_log(3000)
-    db, log = imported(tmp_path, lines)
-    before = tmp_path / "before.db"
-    shutil.copy(db, before)
+    db, log = imported(tmp_path, lines, db_target)
+    before, _ = imported(tmp_path, lines, twin, name="before")
     # As if killed after the segments were recorded, before or while their
     # events left the hot tier: some batches done, the rest still there.
-    conn = schema.open_db(db)
+    conn = ops_conn(db)
 
     def killed(conn) -> int:
         if catalog.pending(conn):
@@ -493,8 +600,8 @@ def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_pa
     )
     r = check(db)
     assert r.returncode == 0, r.stderr
-    a = schema.open_db(before, readonly=True)
-    b = schema.open_db(db, readonly=True)
+    a = ops_conn(before, readonly=True)
+    b = ops_conn(db, readonly=True)
     rnd = random.Random(8)
     for _ in range(50):
         nat, port, at = rnd.choice(NATS), 1024 + rnd.randrange(300), START + rnd.randrange(8 * HOUR)
@@ -512,8 +619,10 @@ def test_a_seal_stopped_while_deleting_its_hot_events_hides_nothing_twice(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_sealing_server_loses_and_duplicates_nothing(server_factory):
-    srv = server_factory("--ports", "2000-2031", "--seal-every", "1", "--hello-rate", "0")
+def test_sigkill_of_a_sealing_server_loses_and_duplicates_nothing(server_factory, db_target):
+    srv = server_factory(
+        "--ports", "2000-2031", "--seal-every", "1", "--hello-rate", "0", db=db_target
+    )
     rnd = random.Random(13)
     snapshots = []
 

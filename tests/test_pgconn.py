@@ -120,7 +120,7 @@ def test_a_readonly_session_refuses_writes_in_one_line(url):
 
 def test_connect_create_makes_tables_only_in_an_empty_database(pg_url):
     c = pgconn.connect(pg_url, create=True)
-    assert c.created == 1
+    assert c.created == 2  # the latest schema version
     c.close()
     c = pgconn.connect(pg_url, create=True)
     assert c.created == 0
@@ -236,7 +236,17 @@ def test_check_expects_what_the_migration_makes():
         "created": "bigint",
         "last_use": "bigint",
     }
-    assert set(tables) == {"schema_migrations", "meta", "nat", "entry", "event"}
+    assert set(tables) == {
+        "schema_migrations",
+        "meta",
+        "nat",
+        "entry",
+        "event",
+        "segment",
+        "segment_data",
+    }
+    assert tables["segment_data"] == {"n": "bigint", "data": "bytea"}
+    assert tables["segment"]["sha256"] == "bytea" and tables["segment"]["pending"] == "smallint"
     assert indexes == {
         "entry_endpoint": ("entry", True, "nat, addr, aport"),
         "entry_lru": ("entry", False, "nat, last_use, port"),

@@ -1,4 +1,5 @@
-"""The segment table: where the archive lives, and the recorded segments."""
+"""The segment table: where the archive lives (files beside an SQLite
+database, table segment_data on PostgreSQL), and the recorded segments."""
 
 from __future__ import annotations
 
@@ -50,15 +51,20 @@ class Segment:
         return chain.link(previous, self.sha256, self.period, self.counts)
 
 
-def supported(conn: Conn) -> bool:
-    """Whether this database keeps a sealed tier (SQLite, for now)."""
-    return not on_postgres(conn)
+def in_database(conn: Conn) -> bool:
+    """Whether segments live in the database itself (PostgreSQL: a standby
+    has them) rather than as files beside it (SQLite)."""
+    return on_postgres(conn)
+
+
+def data(conn: Conn, n: int) -> builtins.bytes | None:
+    """The octets of segment ``n`` kept in the database; None if absent."""
+    row = conn.execute("SELECT data FROM segment_data WHERE n = ?", (n,)).fetchone()
+    return None if row is None else builtins.bytes(row[0])
 
 
 def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
     """Recorded segments by n; ``live``: only those not pruned."""
-    if not supported(conn):
-        return []
     sql = f"SELECT {_COLUMNS} FROM segment"
     if live:
         sql += " WHERE pruned IS NULL"
@@ -67,8 +73,6 @@ def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
 
 def pending(conn: Conn) -> list[tuple[int, int]]:
     """(cut_ts, cut_id) of segments whose events may still be hot too."""
-    if not supported(conn):
-        return []
     return [
         (r[0], r[1]) for r in conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1")
     ]
@@ -95,6 +99,10 @@ def archive_dir(conn: Conn) -> Path:
 def use_dir(conn: Conn, directory: Path) -> None:
     """Make ``directory`` this database's archive (``--archive``); refused
     while live segments are elsewhere."""
+    if in_database(conn):
+        raise HistoryError(
+            f"--archive {directory}: on PostgreSQL the segments are kept in the database itself"
+        )
     new, old = directory.resolve(), archive_dir(conn).resolve()
     if new == old:
         return

@@ -18,9 +18,8 @@ def prunable(conn: Conn, before: int) -> list[catalog.Segment]:
 def prune(conn: Conn, before: int) -> int:
     """Drop :func:`prunable` segments; returns their events. The rows are
     marked first, the files removed after the commit: a file left by a kill
-    in between is an orphan, removed like an interrupted seal's."""
-    if not catalog.supported(conn):
-        return 0
+    in between is an orphan, removed like an interrupted seal's. On
+    PostgreSQL the octets go in the same transaction as the marks."""
     gone = prunable(conn, before)
     if not gone:
         return 0
@@ -29,17 +28,21 @@ def prune(conn: Conn, before: int) -> int:
             "UPDATE segment SET pruned = ? WHERE n = ?",
             [(time.time_ns() // 1000, s.n) for s in gone],
         )
+        if catalog.in_database(conn):
+            conn.executemany("DELETE FROM segment_data WHERE n = ?", [(s.n,) for s in gone])
+    if catalog.in_database(conn):
+        return sum(s.events for s in gone)
     directory = catalog.archive_dir(conn)
     for s in gone:
         (directory / s.file).unlink(missing_ok=True)
     return sum(s.events for s in gone)
 
 
-def prune_db(db: Path, before: int) -> int:
+def prune_db(db: Path | str, before: int) -> int:
     """:func:`prune` on a connection of its own (the server's --keep-history)."""
-    from nat64ho.storage import schema
+    from nat64ho.archive.seal import open_target
 
-    conn = schema.open_db(db)
+    conn = open_target(db)
     try:
         return prune(conn, before)
     finally:

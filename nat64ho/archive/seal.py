@@ -8,7 +8,9 @@ and the segment stops being pending. Killed before the record's commit, the
 events are still hot and the file is unrecorded: :func:`remove_orphans`
 (run by whoever owns the table: a seal, a server start, ``check``) deletes
 it. Killed while deleting, the next seal finishes; readers skip the hot
-events a pending segment holds meanwhile.
+events a pending segment holds meanwhile. On PostgreSQL the segment's
+octets go into table segment_data in the transaction that records it, so
+there are no files and nothing to leave behind.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _CHUNK = 65536
 def orphans(conn: Conn, directory: Path | None = None) -> list[Path]:
     """Files in the archive directory that no live segment records:
     interrupted seals (and files of pruned segments not yet unlinked)."""
+    if catalog.in_database(conn):
+        return []
     directory = directory or catalog.archive_dir(conn)
     try:
         names = os.listdir(directory)
@@ -73,8 +77,10 @@ def seal(
     one segment per period (periods are ``period_us`` long, aligned to the
     epoch). Returns the new segments. ``stop``: checked between segments."""
     made = []
-    directory = catalog.archive_dir(conn)
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    directory = None
+    if not catalog.in_database(conn):
+        directory = catalog.archive_dir(conn)
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     finish_pending(conn)  # what a killed seal left
     while not stop():
         seg = seal_one(conn, directory, before=before, period_us=period_us, now=now)
@@ -85,7 +91,7 @@ def seal(
 
 
 def seal_one(
-    conn: Conn, directory: Path, *, before: int, period_us: int, now: Callable[[], int]
+    conn: Conn, directory: Path | None, *, before: int, period_us: int, now: Callable[[], int]
 ) -> Segment | None:
     """Seal the oldest closed period of the hot tier, if any: every hot event
     before the end of the period of the oldest one. Events of a period
@@ -102,10 +108,11 @@ def seal_one(
 
 
 def seal_rows(
-    conn: Conn, directory: Path, cut_ts: int, cut_id: int, now: Callable[[], int]
+    conn: Conn, directory: Path | None, cut_ts: int, cut_id: int, now: Callable[[], int]
 ) -> Segment | None:
     """Move the hot events with ts < cut_ts and id <= cut_id into a new
-    segment; None if there are none."""
+    segment, a file in ``directory`` or (None) octets in the database; None
+    if there are none."""
     from nat64ho.archive import segment  # pyarrow: only where something is sealed
 
     rows = []
@@ -126,7 +133,11 @@ def seal_rows(
     # A name no other sealer can pick: two that raced for n never replace
     # each other's file (the loser's commit fails, its file is an orphan).
     name = catalog.file_name(n, os.urandom(4).hex())
-    written = segment.write(segment.table_from_rows(rows), directory / name)
+    table = segment.table_from_rows(rows)
+    if directory is None:
+        octets, written = segment.encode(table)
+    else:
+        written = segment.write(table, directory / name)
     period = (written.first_id, written.last_id, written.ts_lo, written.ts_hi)
     counts = (written.events, written.initialized, written.created, written.deleted)
     link = chain.link(previous, written.sha256, period, counts)
@@ -137,6 +148,8 @@ def seal_rows(
             "pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
             (n, name, *period, *counts, written.size, written.sha256, link, now(), cut_ts, cut_id),
         )
+        if directory is None:
+            conn.execute("INSERT INTO segment_data (n, data) VALUES (?, ?)", (n, octets))
     finish_pending(conn)
     return catalog.segments(conn)[-1]
 
@@ -166,17 +179,27 @@ def finish_pending(conn: Conn) -> int:
     return total
 
 
-def seal_db(db: Path, period_s: float, directory: Path | None = None) -> list[Segment]:
-    """One round of the server's sealing: its own connection, unrecorded
-    files of a killed round removed (the server owns the table), then every
-    closed period sealed (into ``directory`` if given: serve --archive).
-    Runs in a thread, off the datagram path."""
+def open_target(db: Path | str) -> Conn:
+    """A connection of its own to an SQLite file or a PostgreSQL URL (the
+    server's threads: sealing, retention)."""
     from nat64ho.storage import schema
 
+    if schema.is_postgres(db):
+        from nat64ho.ops import pgconn
+
+        return pgconn.connect(str(db), name="nat64ho seal")
+    return schema.open_db(Path(db))
+
+
+def seal_db(db: Path | str, period_s: float, directory: Path | None = None) -> list[Segment]:
+    """One round of the server's sealing: its own connection, unrecorded
+    files of a killed round removed (the server owns the table), then every
+    closed period sealed (into ``directory`` if given: serve --archive, on
+    SQLite). Runs in a thread, off the datagram path."""
     period_us = max(1, int(period_s * 1_000_000))
-    conn = schema.open_db(db)
+    conn = open_target(db)
     try:
-        if directory is not None:
+        if directory is not None and not catalog.in_database(conn):
             catalog.use_dir(conn, directory)
         remove_orphans(conn)
         cutoff = period_start(time.time_ns() // 1000, period_us)
@@ -192,13 +215,32 @@ def seal_after_import(conn: Conn) -> list[Segment]:
     from nat64ho.archive import tiers
     from nat64ho.storage import owner
 
-    if not catalog.supported(conn) or not tiers.has_segments(conn):
+    if not tiers.has_segments(conn):
         return []
+
+    def sealed() -> list[Segment]:
+        now = time.time_ns() // 1000
+        return seal(conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US)
+
+    if catalog.in_database(conn):
+        return _as_owner_pg(conn, sealed)
     try:
         with owner.table_owner(catalog.db_file(conn), what="import"):
-            now = time.time_ns() // 1000
-            return seal(
-                conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US
-            )
+            return sealed()
     except owner.TableOwned:
         return []
+
+
+def _as_owner_pg(conn: Conn, work: Callable[[], list[Segment]]) -> list[Segment]:
+    """``work()`` holding the table's advisory lock for the moment, or
+    nothing if a server holds it."""
+    from nat64ho.storage import owner, pg_schema
+
+    try:
+        conn.take_owner("import")  # type: ignore[attr-defined]
+    except owner.TableOwned:
+        return []
+    try:
+        return work()
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(?)", (pg_schema.OWNER_LOCK,)).fetchone()

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,14 +74,10 @@ def sorted_table(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=order))
 
 
-def write(table: pa.Table, path: Path) -> Written:
-    """Write ``table`` (sorted here) to ``path`` durably: a temporary name,
-    fsync, rename, fsync of the directory. Returns what was written."""
-    table = sorted_table(table.cast(SCHEMA))
-    tmp = path.with_name(path.name + ".tmp")
+def _write_parquet(table: pa.Table, where: str | Path | pa.NativeFile) -> None:
     pq.write_table(
         table,
-        tmp,
+        where,
         compression="zstd",
         compression_level=9,
         row_group_size=ROW_GROUP,
@@ -91,15 +87,15 @@ def write(table: pa.Table, path: Path) -> Written:
         column_encoding={"port": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED"},
         sorting_columns=[pq.SortingColumn(i) for i in range(3)],
     )
-    sha256 = file_digest(tmp, fsync=True)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+
+
+def _written(table: pa.Table, size: int, sha256: bytes) -> Written:
     kinds = pc.value_counts(table["kind"]).to_pylist()
     by_kind = {k["values"]: k["counts"] for k in kinds}
     mm_id = pc.min_max(table["id"]).as_py()
     mm_ts = pc.min_max(table["ts"]).as_py()
     return Written(
-        size=path.stat().st_size,
+        size=size,
         sha256=sha256,
         events=table.num_rows,
         initialized=by_kind.get(0, 0),
@@ -110,6 +106,28 @@ def write(table: pa.Table, path: Path) -> Written:
         ts_lo=mm_ts["min"],
         ts_hi=mm_ts["max"],
     )
+
+
+def write(table: pa.Table, path: Path) -> Written:
+    """Write ``table`` (sorted here) to ``path`` durably: a temporary name,
+    fsync, rename, fsync of the directory. Returns what was written."""
+    table = sorted_table(table.cast(SCHEMA))
+    tmp = path.with_name(path.name + ".tmp")
+    _write_parquet(table, tmp)
+    sha256 = file_digest(tmp, fsync=True)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return _written(table, path.stat().st_size, sha256)
+
+
+def encode(table: pa.Table) -> tuple[bytes, Written]:
+    """The octets of ``table`` (sorted here) as a segment, and what they hold:
+    a segment kept in the database (PostgreSQL)."""
+    table = sorted_table(table.cast(SCHEMA))
+    sink = pa.BufferOutputStream()
+    _write_parquet(table, sink)
+    data = sink.getvalue().to_pybytes()
+    return data, _written(table, len(data), hashlib.sha256(data).digest())
 
 
 def fsync_dir(directory: Path) -> None:
@@ -131,8 +149,12 @@ def file_digest(path: Path, *, fsync: bool = False) -> bytes:
     return digest.digest()
 
 
-def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(path, columns=columns, schema=SCHEMA)
+#: Where a segment is read from: its file, or its octets (PostgreSQL).
+Source: TypeAlias = "Path | pa.NativeFile"
+
+
+def read_table(source: Source, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(source, columns=columns, schema=SCHEMA)
 
 
 def as_rows(table: pa.Table, *, with_id: bool) -> Iterator[tuple[Any, ...]]:
@@ -144,8 +166,8 @@ def as_rows(table: pa.Table, *, with_id: bool) -> Iterator[tuple[Any, ...]]:
 class Reader:
     """A segment file opened once: its footer, for lookups by NAT port."""
 
-    def __init__(self, path: Path):
-        self.file = pq.ParquetFile(path)
+    def __init__(self, source: Source):
+        self.file = pq.ParquetFile(source)
         meta = self.file.metadata
         names = meta.schema.names
         inat, iport = names.index("nat"), names.index("port")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nat64ho.archive import catalog
 from nat64ho.archive.catalog import Segment
-from nat64ho.ops.db import Conn
+from nat64ho.ops.db import Conn, HistoryError, on_postgres
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,29 +36,43 @@ def _arrow() -> tuple[Any, Any, Any]:
     return pyarrow, pyarrow.compute, segment
 
 
+#: Segments read from the database (whole, into memory) kept open at once.
+_HELD_IN_MEMORY = 32
+
+
 class Archive:
     """The live segments of one database, with their files opened on demand."""
 
     def __init__(self, conn: Conn, state: tuple[int, int]):
         self.state = state
-        self.dir = catalog.archive_dir(conn)
+        self.conn = conn
+        self.dir = None if catalog.in_database(conn) else catalog.archive_dir(conn)
         self.segments = catalog.segments(conn, live=True)
         self._readers: dict[int, Any] = {}  # n -> segment.Reader
         self._nats: set[int] | None = None
 
-    def path(self, seg: Segment) -> Path:
-        return self.dir / seg.file
+    def source(self, seg: Segment) -> segment.Source:
+        """The segment's file, or its octets read from the database."""
+        if self.dir is not None:
+            return self.dir / seg.file
+        pa, _, _ = _arrow()
+        octets = catalog.data(self.conn, seg.n)
+        if octets is None:
+            raise HistoryError(f"segment {seg.n} ({seg.file}): its data is missing")
+        return pa.BufferReader(octets)
 
     def reader(self, seg: Segment) -> segment.Reader:
         _, _, segment = _arrow()
         r = self._readers.get(seg.n)
         if r is None:
-            r = self._readers[seg.n] = segment.Reader(self.path(seg))
+            if self.dir is None and len(self._readers) >= _HELD_IN_MEMORY:
+                self._readers.clear()
+            r = self._readers[seg.n] = segment.Reader(self.source(seg))
         return r
 
     def table(self, seg: Segment, columns: list[str] | None = None) -> pa.Table:
         _, _, segment = _arrow()
-        return segment.read_table(self.path(seg), columns)
+        return segment.read_table(self.source(seg), columns)
 
     def nats(self) -> set[int]:
         _, pc, _ = _arrow()
@@ -79,8 +92,6 @@ _cache: dict[int, tuple[Any, Archive]] = {}
 
 def archive(conn: Conn) -> Archive | None:
     """The sealed tier of ``conn``'s database; None when it has no live segment."""
-    if not catalog.supported(conn):
-        return None
     n, pruned = conn.execute("SELECT coalesce(max(n), 0), count(pruned) FROM segment").fetchone()
     if n == 0:
         return None
@@ -98,11 +109,7 @@ def archive(conn: Conn) -> Archive | None:
 
 def has_segments(conn: Conn) -> bool:
     """Whether anything was ever sealed (a cheap look before the join)."""
-    return (
-        catalog.supported(conn)
-        and conn.execute("SELECT 1 FROM segment WHERE pruned IS NULL LIMIT 1").fetchone()
-        is not None
-    )
+    return conn.execute("SELECT 1 FROM segment WHERE pruned IS NULL LIMIT 1").fetchone() is not None
 
 
 def snapshot(
@@ -116,6 +123,9 @@ def snapshot(
     own = not getattr(conn, "in_transaction", True)
     if own:
         conn.execute("BEGIN")
+        if on_postgres(conn):
+            # One snapshot for the whole read, as SQLite's read transaction.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
         arch = archive(conn)
         yield from spanning(arch) if arch is not None else hot_only()

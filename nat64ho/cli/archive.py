@@ -16,6 +16,7 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import EXIT_DB, DbOption, fail, number, parse_time, parser
 from nat64ho.daemon.config import Config
 from nat64ho.eventlog import ts_str
+from nat64ho.ops.db import Conn
 from nat64ho.storage import schema
 
 archive_app = typer.Typer(
@@ -34,7 +35,7 @@ ArchiveOption = Annotated[
         "--archive",
         metavar="DIR",
         help="Where segment files go (SQLite), remembered in the database. "
-        "Default: archive/ beside the database.",
+        "Default: archive/ beside the database. PostgreSQL keeps them in the database.",
         show_default=False,
     ),
 ]
@@ -72,8 +73,6 @@ def seal(
     if until is not None:
         cutoff = min(cutoff, until)
     with Database(db, write=True, own="seal") as conn:
-        if not catalog.supported(conn):
-            fail("seal: this backend keeps no sealed tier yet (SQLite only)", EXIT_DB)
         if archive is not None:
             catalog.use_dir(conn, Path(archive))
         sealing.remove_orphans(conn)
@@ -118,36 +117,51 @@ def get(
 
     with Database(db) as conn:
         segs = catalog.segments(conn, live=True)
-        source = catalog.archive_dir(conn)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"{directory}: cannot be created ({exc.strerror or exc})", EXIT_DB)
-    for s in segs:
-        target = directory / s.file
         try:
-            shutil.copyfile(source / s.file, target)
+            directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            fail(f"segment {s.n}: cannot be copied ({exc.strerror or exc})", EXIT_DB)
-        if segment.file_digest(target) != s.sha256:
-            fail(f"segment {s.n} ({s.file}): its SHA-256 differs from the recorded one", 1)
+            fail(f"{directory}: cannot be created ({exc.strerror or exc})", EXIT_DB)
+        for s in segs:
+            _copy_out(conn, s, directory / s.file)
+            if segment.file_digest(directory / s.file) != s.sha256:
+                fail(f"segment {s.n} ({s.file}): its SHA-256 differs from the recorded one", 1)
     typer.echo(f"{len(segs)} segments copied to {directory}")
 
 
-def archive_check(db: Path, report: schema.CheckReport, head: bytes | None) -> None:
+def _copy_out(conn: Conn, s: catalog.Segment, target: Path) -> None:
+    """Segment ``s`` as the file ``target``: copied from its file, or
+    written from its octets in the database."""
+    try:
+        if catalog.in_database(conn):
+            octets = catalog.data(conn, s.n)
+            if octets is None:
+                fail(f"segment {s.n} ({s.file}): its data is missing from the database", 1)
+            target.write_bytes(octets)
+        else:
+            shutil.copyfile(catalog.archive_dir(conn) / s.file, target)
+    except OSError as exc:
+        fail(f"segment {s.n}: cannot be copied ({exc.strerror or exc})", EXIT_DB)
+
+
+def archive_check(db: Path | str, report: schema.CheckReport, head: bytes | None) -> None:
     """``check``'s part for the sealed tier: findings and facts go in ``report``.
     Files of interrupted seals are removed when no other process owns the table
     (a seal in flight has one too)."""
     from nat64ho.archive import verify  # pyarrow, for the segment files
     from nat64ho.storage import owner
 
-    conn = schema.open_db(db, readonly=True)
+    if schema.is_postgres(db):
+        from nat64ho.ops import pgconn
+
+        conn: Conn = pgconn.connect(str(db), readonly=True, name="nat64ho check")
+    else:
+        conn = schema.open_db(Path(db), readonly=True)
     try:
         verdict = verify.verify(conn, head)
         stray = sealing.orphans(conn)
         if stray:
             try:
-                with owner.table_owner(db, what="check"):
+                with owner.table_owner(Path(db), what="check"):
                     stray = sealing.remove_orphans(conn)
                 report.facts["unrecorded segment files removed"] = len(stray)
             except owner.TableOwned:

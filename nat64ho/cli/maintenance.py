@@ -187,8 +187,8 @@ def check(
             report = pg_check.check(target)
         else:
             report = schema.check(target)
-            if report.ok:
-                archive_check(target, report, head_v)
+        if report.ok:
+            archive_check(target, report, head_v)
     except schema.DatabaseMissing as exc:
         fail(str(exc), EXIT_DB)
     except schema.DatabaseError as exc:

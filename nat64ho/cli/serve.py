@@ -181,7 +181,8 @@ def serve(
             metavar="SECONDS",
             envvar="NAT64HO_SEAL_EVERY",
             help="Seal each closed period of this length into an immutable Parquet segment "
-            "(SQLite: under the database's archive/; see docs/archive.md). 0: never.",
+            "(SQLite: under the database's archive/; PostgreSQL: in the database; see "
+            "docs/archive.md). 0: never.",
             parser=number("--seal-every", 0),
         ),
     ] = Config.seal_every,

@@ -187,7 +187,7 @@ async def _prune(store: Storage, days: float, db: Path | str) -> None:
         await asyncio.sleep(PRUNE_INTERVAL)
 
 
-async def _seal(db: Path, seconds: float, directory: Path | None) -> None:
+async def _seal(db: Path | str, seconds: float, directory: Path | None) -> None:
     """Seal each closed period into a segment, in a thread with a connection
     of its own; the first round at start-up also removes what a killed one
     left."""
@@ -487,10 +487,8 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
         helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
     if config.keep_history_days is not None and not config.worker:
         helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days, config.db)))
-    if config.seal_every > 0 and not config.worker and not is_postgres(config.db):
-        helpers.append(
-            asyncio.ensure_future(_seal(Path(config.db), config.seal_every, config.archive))
-        )
+    if config.seal_every > 0 and not config.worker:
+        helpers.append(asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive)))
     endpoints = Endpoints()  # --metrics, --api
     try:
         await endpoints.start(config, server)
