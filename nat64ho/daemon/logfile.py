@@ -36,16 +36,21 @@ class LogFile:
     #: failed (descriptors ran out, the directory went): one open() each.
     REOPEN_RETRY = 1.0
 
-    def __init__(self, path: str):
+    def __init__(
+        self,
+        path: str,
+        store: Storage | None = None,
+        owns: Callable[[int], bool] | None = None,
+    ):
         self.path = path
         self._fd = -1
         self._good = 0  # size of the file after the last whole write
         #: Lines committed to the database but not yet in the file.
         self.waiting = 0
-        self.store: Storage | None = None  #: where catch-up reads the history
+        self.store = store  #: where catch-up reads the history
         #: Whether this process wrote the events of a NAT64 (with workers,
         #: each catches up its own lines of the shared file); None: all.
-        self.owns: Callable[[int], bool] | None = None
+        self.owns = owns
         self._behind: tuple | None = None  # key of the first missing event, while behind
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
         self._last: tuple | None = None  # key of the last event committed while behind

@@ -31,10 +31,9 @@ from nat64ho.daemon.clock import Clock, SystemClock
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
-from nat64ho.daemon.workers import worker_of
+from nat64ho.errors import DatabaseDamaged, Fault
 from nat64ho.storage.base import Committed, Storage
 from nat64ho.storage.schema import BadRow
-from nat64ho.storage.sqlite import DatabaseDamaged, is_damage
 
 if TYPE_CHECKING:
     from nat64ho.daemon.metrics import Metrics
@@ -87,19 +86,19 @@ _CONFIRM_SIZE = 36
 
 class Server(asyncio.DatagramProtocol):
     def __init__(
-        self, config: Config, store: Storage, logfile: LogFile, clock: Clock | None = None
+        self,
+        config: Config,
+        store: Storage,
+        logfile: LogFile,
+        clock: Clock | None = None,
+        *,
+        ipfix: Exporter | None = None,
     ):
         self.config = config
         self.store = store
         self.logfile = logfile
-        logfile.store = store
-        if config.workers > 1:
-            n, mine = config.workers, config.worker
-
-            def owns(nat: int) -> bool:
-                return worker_of(nat, n) == mine
-
-            logfile.owns = owns
+        #: IPFIX export of committed events (serve --ipfix); None: off.
+        self.ipfix = ipfix
         #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
         self.events = EventClock(store.last_event_ts, config.workers, config.worker or 0)
@@ -146,6 +145,10 @@ class Server(asyncio.DatagramProtocol):
         self._bad_row_quiet = 0.0
         #: Histograms of commit sizes and times (serve --metrics); None: off.
         self.metrics: Metrics | None = None
+        if config.metrics is not None:
+            from nat64ho.daemon.metrics import Metrics
+
+            self.metrics = Metrics(self)
         self._commits = asyncio.ensure_future(self._take_commits())
 
     def _keep_epoch(self, epoch: int) -> None:
@@ -440,7 +443,7 @@ class Server(asyncio.DatagramProtocol):
                 log.error("%s (datagram dropped)", exc)
                 self._bad_row_quiet = now + BUG_LOG_INTERVAL
             return
-        if is_damage(exc):
+        if self.store.classify(exc) is Fault.DAMAGED:
             self.store.damage(exc)
             return
         self._drop(Drop.INTERNAL_ERROR)
@@ -504,9 +507,6 @@ class Server(asyncio.DatagramProtocol):
             await asyncio.wait(list(self.tasks), timeout=min(left, 0.1))
 
     # ------------------------------------------------------------ commits
-    #: IPFIX export of committed events (serve --ipfix); None: off.
-    ipfix: Exporter | None = None
-
     async def _take_commits(self) -> None:
         """Act on each commit of the store, in order, until it closes."""
         try:
