@@ -8,8 +8,9 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from nat64ho.core.records import Event, EventKind
 from nat64ho.eventlog import format_event
@@ -51,10 +52,12 @@ class LogFile:
         #: Whether this process wrote the events of a NAT64 (with workers,
         #: each catches up its own lines of the shared file); None: all.
         self.owns = owns
-        self._behind: tuple | None = None  # key of the first missing event, while behind
+        self._behind: tuple[object, ...] | None = (
+            None  # key of the first missing event, while behind
+        )
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
-        self._last: tuple | None = None  # key of the last event committed while behind
-        self._task: asyncio.Task | None = None
+        self._last: tuple[object, ...] | None = None  # key of the last event committed while behind
+        self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None  # the next try to reopen, while failing
         self._reopen_failed = False  # said once until a reopen works
         self.open()
@@ -207,6 +210,6 @@ class LogFile:
             self._fd = -1
 
 
-def _event_key(e) -> tuple:
+def _event_key(e: Sequence[Any]) -> tuple[object, ...]:
     """What identifies an event in the history (its unique index)."""
     return (e[0], int(e[1]), e[2], e[3])

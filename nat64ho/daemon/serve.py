@@ -14,6 +14,7 @@ import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nat64ho.daemon import journal, standby, systemd
 from nat64ho.daemon.clock import wall_us
@@ -29,7 +30,12 @@ from nat64ho.errors import DatabaseDamaged, DatabaseError
 from nat64ho.storage.base import RECENCY_INTERVAL, Storage
 from nat64ho.storage.schema import describe, is_postgres
 
+if TYPE_CHECKING:
+    import asyncpg
+
 log = logging.getLogger("nat64ho")
+#: Told the socket's address once the server listens (tests wait on it).
+Ready = asyncio.Future[tuple[Any, ...]]
 
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
@@ -83,7 +89,7 @@ def _made_private(dirs: list[Path], files: list[Path]) -> None:
             pass
 
 
-async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:
+async def serve(config: Config, ready: Ready | None = None) -> Server | None:
     """Run until SIGTERM/SIGINT; returns the server after a clean stop (None
     when stopped before it served, in standby)."""
     loop = asyncio.get_running_loop()
@@ -105,7 +111,9 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server |
             loop.remove_signal_handler(sig)
 
 
-async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Event):
+async def _serve(
+    config: Config, ready: Ready | None, stop: asyncio.Event, hurry: asyncio.Event
+) -> Server | None:
     pg = is_postgres(config.db)
     db = None if pg else Path(config.db)
     log_path = Path(config.log_file) if config.log_file != "-" else None
@@ -139,7 +147,9 @@ async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Even
         return await _serve_owned(config, ready, stop, hurry, created_dirs, created, writer)
 
 
-async def _open_store(config: Config, writer) -> tuple[Storage, tuple[type[BaseException], ...]]:
+async def _open_store(
+    config: Config, writer: asyncpg.Connection | None
+) -> tuple[Storage, tuple[type[BaseException], ...]]:
     """The store of ``config.db``, and the errors its writes raise."""
     if writer is not None:
         import asyncpg
@@ -163,7 +173,15 @@ def _owns(config: Config) -> Callable[[int], bool] | None:
     return lambda nat: worker_of(nat, n) == mine
 
 
-async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created, writer) -> Server:
+async def _serve_owned(
+    config: Config,
+    ready: Ready | None,
+    stop: asyncio.Event,
+    hurry: asyncio.Event,
+    created_dirs: list[Path],
+    created: list[Path],
+    writer: asyncpg.Connection | None,
+) -> Server:
     loop = asyncio.get_running_loop()
     where = describe(config.db)
     unsaved = 0

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 from nat64ho.daemon import systemd
 from nat64ho.daemon.config import Config
 from nat64ho.storage.schema import DatabaseError, NewerDatabase, NotOurDatabase, shown
 
+if TYPE_CHECKING:
+    import asyncpg
+
+    from nat64ho.storage.owner import Ownership
+
 log = logging.getLogger("nat64ho")
+T = TypeVar("T")
 
 #: How often a standby server tries to take the table.
 STANDBY_POLL = 0.2
@@ -18,7 +26,7 @@ STANDBY_POLL = 0.2
 STANDBY_MAX_BACKOFF = 5.0
 
 
-def try_take_table(config: Config, told: bool):
+def try_take_table(config: Config, told: bool) -> Ownership | None:
     """One try to own the table of ``config.db`` (nat64ho.storage.owner): the
     ownership, or None while another server holds it and ``standby`` lets
     this one wait (said once, unless ``told``). Shared by the one-process
@@ -36,7 +44,7 @@ def try_take_table(config: Config, told: bool):
         return None
 
 
-async def take_table(config: Config, stop: asyncio.Event):
+async def take_table(config: Config, stop: asyncio.Event) -> Ownership | None:
     """Own the table of ``config.db``; with ``standby`` wait for it, or for a
     stop. Returns None when stopped while waiting."""
     told = False
@@ -50,7 +58,7 @@ async def take_table(config: Config, stop: asyncio.Event):
     return ownership
 
 
-async def take_pg_table(url: str, config: Config, stop: asyncio.Event):
+async def take_pg_table(url: str, config: Config, stop: asyncio.Event) -> asyncpg.Connection | None:
     """The writer session of ``url``, migrated and holding the owner lock
     (nat64ho.storage.pg_owner); with ``standby`` wait for the lock (and for
     the database, if it cannot be reached), or for a stop (None). A database
@@ -108,7 +116,7 @@ async def take_pg_table(url: str, config: Config, stop: asyncio.Event):
         return None
 
 
-async def _unless_stopped(coro, stop: asyncio.Event):
+async def _unless_stopped(coro: Awaitable[T], stop: asyncio.Event) -> T | None:
     """``coro``'s result, or None as soon as ``stop`` is set (a standby's
     connect can hang for CONNECT_TIMEOUT on an unreachable host)."""
     task = asyncio.ensure_future(coro)
@@ -123,7 +131,7 @@ async def _unless_stopped(coro, stop: asyncio.Event):
     return None
 
 
-def drop(conn) -> None:
+def drop(conn: asyncpg.Connection | None) -> None:
     """Close a session without waiting on a server that may be gone."""
     if conn is not None and not conn.is_closed():
         conn.terminate()

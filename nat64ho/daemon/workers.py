@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any
 
 from nat64ho.daemon import journal, systemd
@@ -35,6 +36,7 @@ from nat64ho.daemon.sockets import worker_of as worker_of
 from nat64ho.daemon.standby import STANDBY_POLL, try_take_table
 from nat64ho.errors import DatabaseError
 from nat64ho.storage import schema, writer
+from nat64ho.storage.owner import Ownership
 
 log = logging.getLogger("nat64ho")
 
@@ -90,7 +92,7 @@ def _prepare(config: Config) -> None:
         conn.close()
 
 
-def _take_table(config: Config, stopping: list[int]):
+def _take_table(config: Config, stopping: list[int]) -> Ownership | None:
     told = False
     while (ownership := try_take_table(config, told)) is None:
         told = True
@@ -111,7 +113,7 @@ def run(config: Config, serve: Serve) -> None:
     stopping: list[int] = []  # signals received
     pids: dict[int, int] = {}  # pid -> worker index
 
-    def on_signal(signum, frame) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         if not stopping:
             systemd.notify("STOPPING=1")
         stopping.append(signum)
@@ -121,7 +123,7 @@ def run(config: Config, serve: Serve) -> None:
             except ProcessLookupError:
                 pass
 
-    def on_hup(signum, frame) -> None:
+    def on_hup(signum: int, frame: FrameType | None) -> None:
         for pid in pids:  # each worker reopens the log file
             try:
                 os.kill(pid, signal.SIGHUP)
