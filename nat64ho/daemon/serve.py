@@ -128,7 +128,13 @@ async def _serve(
     if log_path is not None:
         candidates.append(log_path)
     created = [f for f in candidates if not f.exists()]
-    async with contextlib.AsyncExitStack() as owned:
+    loop = asyncio.get_running_loop()
+    where = describe(config.db)
+    unsaved = 0
+    # Closed in the reverse order. What commits write to (the log file,
+    # IPFIX) outlives the store's last commit in ``sinks``, the table's
+    # ownership all else.
+    async with contextlib.AsyncExitStack() as sinks, contextlib.AsyncExitStack() as stack:
         writer = None
         if config.worker is not None:
             pass  # its parent owns the table (daemon.workers)
@@ -137,57 +143,13 @@ async def _serve(
             if writer is None:
                 log.info("stopped while in standby")
                 return None
-            owned.callback(standby.drop, writer)  # the store closed it, unless it failed to open
+            sinks.callback(standby.drop, writer)  # the store closed it, unless it failed to open
         else:
             ownership = await standby.take_table(config, stop)
             if ownership is None:
                 log.info("stopped while in standby")
                 return None
-            owned.callback(ownership.release)
-        return await _serve_owned(config, ready, stop, hurry, created_dirs, created, writer)
-
-
-async def _open_store(
-    config: Config, writer: asyncpg.Connection | None
-) -> tuple[Storage, tuple[type[BaseException], ...]]:
-    """The store of ``config.db``, and the errors its writes raise."""
-    if writer is not None:
-        import asyncpg
-
-        from nat64ho.storage.postgres import PgStore
-
-        pg = await PgStore.open(str(config.db), writer=writer)
-        return pg, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-    from nat64ho.storage.sqlite import Store
-
-    store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
-    return store, (sqlite3.Error,)
-
-
-def _owns(config: Config) -> Callable[[int], bool] | None:
-    """Whether this process writes the events of a NAT64 (with workers, each
-    catches up its own lines of the shared log file); None: all."""
-    if config.worker is None:
-        return None
-    n, mine = config.workers, config.worker
-    return lambda nat: worker_of(nat, n) == mine
-
-
-async def _serve_owned(
-    config: Config,
-    ready: Ready | None,
-    stop: asyncio.Event,
-    hurry: asyncio.Event,
-    created_dirs: list[Path],
-    created: list[Path],
-    writer: asyncpg.Connection | None,
-) -> Server:
-    loop = asyncio.get_running_loop()
-    where = describe(config.db)
-    unsaved = 0
-    # Closed in the reverse order: what commits write to (the log file,
-    # IPFIX) outlives the store's last commit, in ``sinks``.
-    async with contextlib.AsyncExitStack() as sinks, contextlib.AsyncExitStack() as stack:
+            sinks.callback(ownership.release)
         store, errors = await _open_store(config, writer)
 
         async def close_store() -> None:
@@ -297,6 +259,32 @@ async def _serve_owned(
             "none of them was acknowledged to a NAT64"
         )
     return server
+
+
+async def _open_store(
+    config: Config, writer: asyncpg.Connection | None
+) -> tuple[Storage, tuple[type[BaseException], ...]]:
+    """The store of ``config.db``, and the errors its writes raise."""
+    if writer is not None:
+        import asyncpg
+
+        from nat64ho.storage.postgres import PgStore
+
+        pg = await PgStore.open(str(config.db), writer=writer)
+        return pg, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+    from nat64ho.storage.sqlite import Store
+
+    store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
+    return store, (sqlite3.Error,)
+
+
+def _owns(config: Config) -> Callable[[int], bool] | None:
+    """Whether this process writes the events of a NAT64 (with workers, each
+    catches up its own lines of the shared log file); None: all."""
+    if config.worker is None:
+        return None
+    n, mine = config.workers, config.worker
+    return lambda nat: worker_of(nat, n) == mine
 
 
 def run(config: Config) -> None:
