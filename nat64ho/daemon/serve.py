@@ -179,7 +179,7 @@ async def _serve(
         )
         stack.callback(transport.close)
         helpers = [asyncio.ensure_future(server.save_recency_every(RECENCY_INTERVAL))]
-        stack.callback(lambda: [h.cancel() for h in helpers])
+        stack.callback(lambda: [h.cancel() for h in helpers])  # timers, when all is decided
         loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
         sockname = transport.get_extra_info("sockname")
         log.info(
@@ -212,9 +212,8 @@ async def _serve(
                 from nat64ho.daemon import workers
 
                 keep_alive = functools.partial(workers.beat, config.worker)
-                interval /= (
-                    4  # the parent checks each interval: a beat late by a moment is not silence
-                )
+                # The parent checks each interval: a beat late by a moment is not silence.
+                interval /= 4
             helpers.append(asyncio.ensure_future(systemd.watchdog(interval, heart, keep_alive)))
         if config.keep_history_days is not None and not config.worker:
             helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days)))
@@ -241,8 +240,6 @@ async def _serve(
             await server.drain(
                 STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set()
             )
-            for h in helpers:
-                h.cancel()
             server.save_recency()  # a clean stop keeps the LRU order to the µs
 
         sinks.callback(lambda: log.info("stopped: %s", server.summary()))
