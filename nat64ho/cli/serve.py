@@ -307,7 +307,7 @@ def serve(
         _port_free(metrics_at, "--metrics")
     if log_file is None:
         log_file = str(default_log(target))
-    config = server.Config(
+    config = Config(
         db=target,
         host=host,
         port=port,

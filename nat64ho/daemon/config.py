@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from nat64ho.core import wire
@@ -17,7 +18,7 @@ class Config:
     log_file: str = "-"
     first_port: int = 1028
     last_port: int = 65535
-    allow: list = field(default_factory=list)  # IPv4Network; empty = any
+    allow: list[IPv4Network] = field(default_factory=list)  # IPv4Network; empty = any
     min_idle: float = 0.0  # seconds
     #: HELLOs answered per second, all sources together (per process).
     hello_rate: float = DEFAULT_HELLO_RATE
@@ -38,7 +39,7 @@ class Config:
     metrics: tuple[str, int] | None = None
     api: tuple[str, int] | str | None = None  #: (host, port), or a Unix socket's path
     standby: bool = False  #: wait for another server to release the table
-    ipfix: list = field(default_factory=list)  # (host, port) of IPFIX collectors
+    ipfix: list[tuple[str, int]] = field(default_factory=list)  # (host, port) of IPFIX collectors
     ipfix_domain: int = 0  # IPFIX observation domain id
     workers: int = 1  #: front-end processes (serve --workers)
     #: Set in a worker process by nat64ho.daemon.workers: its index, the

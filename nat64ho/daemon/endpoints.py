@@ -27,13 +27,9 @@ class Endpoints:
         failure, what was started is stopped and the OSError raised."""
         from nat64ho.daemon.api import health
 
-        metrics = None
+        metrics = server.metrics  # made by the server when config.metrics is set
         try:
-            if config.metrics is not None:
-                from nat64ho.daemon.metrics import Metrics
-
-                metrics = Metrics(server)
-                server.metrics = metrics
+            if config.metrics is not None and metrics is not None:
                 http = HttpServer(
                     {b"/metrics": metrics.route, b"/": metrics.route, b"/health": health(server)},
                     "metrics",

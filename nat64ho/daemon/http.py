@@ -22,7 +22,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import h11
 
@@ -154,8 +154,8 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Future[Reply] | None = None
 
     # ------------------------------------------------------------ transport
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, base)  # a stream's
         owner = self.owner
         if len(owner.connections) >= MAX_CONNECTIONS:
             owner.refused += 1
@@ -215,7 +215,7 @@ class _Connection(asyncio.Protocol):
                 return
             kind = type(event)
             if kind is h11.Request:
-                self.request = event  # type: ignore[assignment]
+                self.request = cast(h11.Request, event)
             elif kind is h11.EndOfMessage:
                 self._dispatch()
             elif event is h11.NEED_DATA or event is h11.PAUSED:

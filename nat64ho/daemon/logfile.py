@@ -8,8 +8,9 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from nat64ho.core.records import Event, EventKind
 from nat64ho.eventlog import format_event
@@ -36,20 +37,27 @@ class LogFile:
     #: failed (descriptors ran out, the directory went): one open() each.
     REOPEN_RETRY = 1.0
 
-    def __init__(self, path: str):
+    def __init__(
+        self,
+        path: str,
+        store: Storage | None = None,
+        owns: Callable[[int], bool] | None = None,
+    ):
         self.path = path
         self._fd = -1
         self._good = 0  # size of the file after the last whole write
         #: Lines committed to the database but not yet in the file.
         self.waiting = 0
-        self.store: Storage | None = None  #: where catch-up reads the history
+        self.store = store  #: where catch-up reads the history
         #: Whether this process wrote the events of a NAT64 (with workers,
         #: each catches up its own lines of the shared file); None: all.
-        self.owns: Callable[[int], bool] | None = None
-        self._behind: tuple | None = None  # key of the first missing event, while behind
+        self.owns = owns
+        self._behind: tuple[object, ...] | None = (
+            None  # key of the first missing event, while behind
+        )
         self._after = -1  # id of the last event copied by the catch-up (-1: not known yet)
-        self._last: tuple | None = None  # key of the last event committed while behind
-        self._task: asyncio.Task | None = None
+        self._last: tuple[object, ...] | None = None  # key of the last event committed while behind
+        self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None  # the next try to reopen, while failing
         self._reopen_failed = False  # said once until a reopen works
         self.open()
@@ -202,6 +210,6 @@ class LogFile:
             self._fd = -1
 
 
-def _event_key(e) -> tuple:
+def _event_key(e: Sequence[Any]) -> tuple[object, ...]:
     """What identifies an event in the history (its unique index)."""
     return (e[0], int(e[1]), e[2], e[3])

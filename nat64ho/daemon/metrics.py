@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.registry import Collector
 
 from nat64ho import __version__
@@ -28,14 +29,18 @@ from nat64ho.core.counters import DROP_METRICS, METRICS, Count, Drop, Metric
 from nat64ho.daemon.http import HttpServer, Reply
 from nat64ho.eventlog import ipv4_str
 
+if TYPE_CHECKING:
+    from nat64ho.daemon.ipfix_export import Exporter
+    from nat64ho.daemon.protocol import Server
+
 log = logging.getLogger("nat64ho")
 
 
 class ServerCollector(Collector):
-    def __init__(self, server):
+    def __init__(self, server: Server) -> None:
         self.server = server
 
-    def collect(self):
+    def collect(self) -> Iterator[Family]:
         s = self.server
         yield from counter_families(s.counts, s.drops)
         store = s.store.stats
@@ -85,7 +90,7 @@ class ServerCollector(Collector):
             yield from _ipfix_families(s.ipfix)
 
 
-def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> list:
+def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> list[Family]:
     """The families of the server's counters, each registered one (zero
     included) and each drop reason, from :mod:`nat64ho.core.counters`."""
     families: dict[str, CounterMetricFamily] = {}
@@ -110,7 +115,7 @@ def counter_families(counts: Mapping[str, int], drops: Mapping[str, int]) -> lis
     return list(families.values())
 
 
-def _ipfix_families(exporter):
+def _ipfix_families(exporter: Exporter) -> Iterator[Family]:
     """What ``--ipfix`` sent, per collector (best effort: UDP)."""
     records = CounterMetricFamily(
         "nat64ho_ipfix_records_sent", "IPFIX data records sent, by collector.", labels=["collector"]
@@ -147,7 +152,7 @@ class _HttpCollector(Collector):
     def __init__(self, endpoints: list[HttpServer]):
         self.endpoints = endpoints
 
-    def collect(self):
+    def collect(self) -> Iterator[Family]:
         open_ = GaugeMetricFamily(
             "nat64ho_http_connections",
             "Connections open to an HTTP endpoint (metrics, api).",
@@ -169,7 +174,7 @@ class Metrics:
     """The registry of one server; its endpoint is a route of
     :class:`nat64ho.daemon.http.HttpServer`."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Server) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(server))
         self.batch_rows = Histogram(

@@ -20,26 +20,28 @@ import os
 import random
 import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from nat64ho.core import wire
 from nat64ho.core.counters import LIMITED, Count, Drop
 from nat64ho.core.records import Event, EventClock, EventKind
 from nat64ho.core.session import Confirmation, Refused, Sessions
-from nat64ho.core.tables import NatState, Tables
+from nat64ho.core.tables import NatState, Tables, Waiting
 from nat64ho.daemon.clock import Clock, SystemClock
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
-from nat64ho.daemon.workers import worker_of
+from nat64ho.errors import DatabaseDamaged, Fault
 from nat64ho.storage.base import Committed, Storage
 from nat64ho.storage.schema import BadRow
-from nat64ho.storage.sqlite import DatabaseDamaged, is_damage
 
 if TYPE_CHECKING:
     from nat64ho.daemon.metrics import Metrics
 
 log = logging.getLogger("nat64ho")
+#: A NAT64's address as the socket gives it (the core's Waiting has it so).
+Address = tuple[str, int]
 
 #: Datagrams waiting on database reads or commits at once, all NAT64s
 #: together; beyond this new work is dropped ("overloaded") so memory stays
@@ -87,27 +89,27 @@ _CONFIRM_SIZE = 36
 
 class Server(asyncio.DatagramProtocol):
     def __init__(
-        self, config: Config, store: Storage, logfile: LogFile, clock: Clock | None = None
+        self,
+        config: Config,
+        store: Storage,
+        logfile: LogFile,
+        clock: Clock | None = None,
+        *,
+        ipfix: Exporter | None = None,
     ):
         self.config = config
         self.store = store
         self.logfile = logfile
-        logfile.store = store
-        if config.workers > 1:
-            n, mine = config.workers, config.worker
-
-            def owns(nat: int) -> bool:
-                return worker_of(nat, n) == mine
-
-            logfile.owns = owns
+        #: IPFIX export of committed events (serve --ipfix); None: off.
+        self.ipfix = ipfix
         #: now() (table clock, µs), wall() (UTC, µs), monotonic() (s).
         self.clock = clock if clock is not None else SystemClock(store.clock_hwm)
         self.events = EventClock(store.last_event_ts, config.workers, config.worker or 0)
         events, clock_ = self.events, self.clock
         #: An event's time: the wall clock read only when a datagram makes one.
         self._stamp = lambda: events.stamp(clock_.wall())
-        self._epoch_task: asyncio.Future | None = None
-        kept_epoch = int(store.meta.get(EPOCH_KEY, 0))  # type: ignore[call-overload]
+        self._epoch_task: asyncio.Future[None] | None = None
+        kept_epoch = int(cast("str | int", store.meta.get(EPOCH_KEY, 0)))
         self.sessions = Sessions(
             store.secret,
             first_port=config.first_port,
@@ -126,7 +128,7 @@ class Server(asyncio.DatagramProtocol):
         #: By the names of nat64ho.core.counters (metrics export each one).
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.tables = Tables(
             config.first_port,
             config.last_port,
@@ -137,7 +139,7 @@ class Server(asyncio.DatagramProtocol):
             rng=random.Random(os.urandom(32)),
         )
         #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
-        self._loading: dict[int, asyncio.Task] = {}
+        self._loading: dict[int, asyncio.Task[None]] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         #: Source address text -> IPv4 as an int (None: not IPv4).
         self._sources: dict[str, int | None] = {}
@@ -146,6 +148,10 @@ class Server(asyncio.DatagramProtocol):
         self._bad_row_quiet = 0.0
         #: Histograms of commit sizes and times (serve --metrics); None: off.
         self.metrics: Metrics | None = None
+        if config.metrics is not None:
+            from nat64ho.daemon.metrics import Metrics
+
+            self.metrics = Metrics(self)
         self._commits = asyncio.ensure_future(self._take_commits())
 
     def _keep_epoch(self, epoch: int) -> None:
@@ -157,19 +163,19 @@ class Server(asyncio.DatagramProtocol):
         self._epoch_task = task
         task.add_done_callback(self._epoch_kept)
 
-    def _epoch_kept(self, task: asyncio.Task) -> None:
+    def _epoch_kept(self, task: asyncio.Future[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("could not keep the cookie epoch in the database: %s", exc)
 
     # ------------------------------------------------------------ socket
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (a NAT64 went away): not ours to fix.
         self.counts[Count.ICMP_ERRORS] += 1
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         self.counts[_DATAGRAMS_IN] += 1
         try:
             self._datagram(data, addr)
@@ -196,7 +202,7 @@ class Server(asyncio.DatagramProtocol):
     def _drop(self, reason: Drop | str) -> None:
         self.drops[reason] += 1
 
-    def _send(self, units: list[list[bytes]], addr) -> None:
+    def _send(self, units: list[list[bytes]], addr: Address) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if len(units) == 1 and len(units[0]) == 1:  # most answers: one message
@@ -207,13 +213,13 @@ class Server(asyncio.DatagramProtocol):
             self.transport.sendto(d, addr)
             self.counts[_DATAGRAMS_OUT] += 1
 
-    def _refused(self, verdict: Refused, addr) -> None:
+    def _refused(self, verdict: Refused, addr: Address) -> None:
         self._drop(verdict.reason)
         if verdict.answer is not None:
             self._send([[verdict.answer]], addr)
 
     # ------------------------------------------------------------ dispatch
-    def _datagram(self, data: bytes, addr) -> None:
+    def _datagram(self, data: bytes, addr: Address) -> None:
         host = addr[0]
         try:
             nat = self._sources[host]  # None is remembered too: not IPv4
@@ -250,7 +256,7 @@ class Server(asyncio.DatagramProtocol):
         else:
             self._send([[verdict.answer]], addr)
 
-    def _opened(self, nat: int, data: bytes, size: int, addr) -> None:
+    def _opened(self, nat: int, data: bytes, size: int, addr: Address) -> None:
         """A datagram that starts with a COOKIE: checked against its NAT64's
         share, then its cookie, before it is parsed whole (§2)."""
         sessions = self.sessions
@@ -320,7 +326,7 @@ class Server(asyncio.DatagramProtocol):
             tables.enqueue(state, (body, addr, confirmation))
             self._read_next()
 
-    def _over_share(self, state: NatState, data: bytes, size: int, addr, now: int) -> None:
+    def _over_share(self, state: NatState, data: bytes, size: int, addr: Address, now: int) -> None:
         """Refuse a datagram from a NAT64 in debt with its share, for the
         cost of a look-up. It is checked and parsed only to answer ERROR
         RATE_LIMITED while the NAT64's error budget lasts, and only if no
@@ -345,9 +351,9 @@ class Server(asyncio.DatagramProtocol):
     def _limited(
         self,
         state: NatState,
-        body: list,
+        body: list[wire.Message],
         reason: Drop,
-        addr,
+        addr: Address,
         confirmation: Confirmation | None,
         answered: bool = False,
     ) -> None:
@@ -375,8 +381,8 @@ class Server(asyncio.DatagramProtocol):
     def _decide(
         self,
         state: NatState,
-        body: list,
-        addr,
+        body: list[wire.Message],
+        addr: Address,
         confirmation: Confirmation | None = None,
         now: int | None = None,
     ) -> None:
@@ -423,7 +429,7 @@ class Server(asyncio.DatagramProtocol):
             self.tasks.add(task)
             task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._read_failed(exc)
@@ -440,13 +446,13 @@ class Server(asyncio.DatagramProtocol):
                 log.error("%s (datagram dropped)", exc)
                 self._bad_row_quiet = now + BUG_LOG_INTERVAL
             return
-        if is_damage(exc):
+        if self.store.classify(exc) is Fault.DAMAGED:
             self.store.damage(exc)
             return
         self._drop(Drop.INTERNAL_ERROR)
         self._bug("datagram read failed", exc)
 
-    async def _read_one(self, state: NatState, item: tuple) -> None:
+    async def _read_one(self, state: NatState, item: Waiting) -> None:
         """Decide a waiting datagram of ``state``, after reading what memory
         lacks; then give the NAT64 back its turn."""
         body, addr, confirmation = item
@@ -463,7 +469,7 @@ class Server(asyncio.DatagramProtocol):
             # forgetting one before would make its endpoint look new.
             self._trim()
 
-    async def _read_for(self, state: NatState, body: list) -> None:
+    async def _read_for(self, state: NatState, body: list[wire.Message]) -> None:
         """Read from the database what memory lacks to decide ``body``."""
         if not state.table.loaded:
             await self._load(state)
@@ -494,7 +500,7 @@ class Server(asyncio.DatagramProtocol):
         ports, total = await self.store.load_table(state.nat)
         state.table.load(ports, total)
 
-    async def drain(self, timeout: float, give_up=lambda: False) -> None:
+    async def drain(self, timeout: float, give_up: Callable[[], bool] = lambda: False) -> None:
         """Decide the datagrams waiting for reads, for at most ``timeout`` s,
         checking ``give_up()`` (answers that wait for a failing commit would
         wait in vain) every tenth of a second."""
@@ -504,9 +510,6 @@ class Server(asyncio.DatagramProtocol):
             await asyncio.wait(list(self.tasks), timeout=min(left, 0.1))
 
     # ------------------------------------------------------------ commits
-    #: IPFIX export of committed events (serve --ipfix); None: off.
-    ipfix: Exporter | None = None
-
     async def _take_commits(self) -> None:
         """Act on each commit of the store, in order, until it closes."""
         try:
@@ -570,7 +573,7 @@ class Server(asyncio.DatagramProtocol):
 
 
 #: The answer to a request refused over its NAT64's share, by message type.
-_RATE_LIMITED = {
+_RATE_LIMITED: dict[type[wire.Message], bytes] = {
     cls: wire.encode(wire.Error(wire.ErrorCode.RATE_LIMITED, kind))
     for cls, kind in (
         (wire.Map, wire.Kind.MAP),

@@ -1,9 +1,10 @@
-"""Running the server: ownership of the table, standby, the socket,
-signals, timers (watchdog, prune), metrics and IPFIX, and a clean stop."""
+"""Running the server: its parts started in order (the table's owner, the
+store, the socket, timers, metrics and IPFIX), signals, and a clean stop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -14,42 +15,32 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from nat64ho.daemon import journal
+from nat64ho.daemon import journal, standby, systemd
 from nat64ho.daemon.clock import wall_us
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.endpoints import Endpoints
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
 from nat64ho.daemon.protocol import Server
+from nat64ho.daemon.sockets import RCVBUF as RCVBUF
+from nat64ho.daemon.sockets import ListenError as ListenError
+from nat64ho.daemon.sockets import bind, rcvbuf_line, worker_of
+from nat64ho.errors import DatabaseDamaged, DatabaseError
 from nat64ho.ops.db import HistoryError
-from nat64ho.storage.base import Storage
-from nat64ho.storage.schema import (
-    DatabaseError,
-    NewerDatabase,
-    NotOurDatabase,
-    describe,
-    is_postgres,
-    shown,
-)
-from nat64ho.storage.sqlite import RECENCY_INTERVAL, Store
+from nat64ho.storage.base import RECENCY_INTERVAL, Storage
+from nat64ho.storage.schema import describe, is_postgres
+
+if TYPE_CHECKING:
+    import asyncpg
 
 log = logging.getLogger("nat64ho")
+#: Told the socket's address once the server listens (tests wait on it).
+Ready = asyncio.Future[tuple[Any, ...]]
 
-#: Kernel receive buffer asked for: a burst from a busy NAT64 waits here
-#: rather than being dropped while a commit runs. The kernel caps it at
-#: net.core.rmem_max (install.sh raises that: contrib/sysctl).
-RCVBUF = 4 * 1024 * 1024
-RMEM_MAX = Path("/proc/sys/net/core/rmem_max")
-#: The least time a commit may go unanswered before the server stops
-#: sending systemd's WATCHDOG=1 (see :func:`stall_bound`).
-MIN_COMMIT_STALL = 1.0
 #: How long a clean stop waits for datagrams in flight before committing.
 STOP_GRACE = 10.0
-#: How often a standby server tries to take the table.
-STANDBY_POLL = 0.2
-#: The longest wait between a standby's tries to reach PostgreSQL.
-STANDBY_MAX_BACKOFF = 5.0
 #: Interval between history prunes when --keep-history is set.
 PRUNE_INTERVAL = 3600.0
 #: Young-generation collections between two full ones (Python's default:
@@ -60,128 +51,14 @@ PRUNE_INTERVAL = 3600.0
 GC_FULL_EVERY = 1000
 
 
-class ListenError(OSError):
-    """The UDP socket could not be bound; the message says where and why."""
-
-
-def _bind(host: str, port: int, reuseport: bool = False) -> socket.socket:
-    # Bound here rather than by the event loop, whose errors (uvloop's in
-    # particular) do not say why a bind failed.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        if reuseport:  # one of the workers' sockets (nat64ho.daemon.workers)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        except OSError:
-            pass
-        if sock.family == socket.AF_INET6:
-            # Only [::] gets here (the CLI refuses other IPv6 addresses): it
-            # serves IPv4 NAT64s, which arrive as ::ffff:a.b.c.d.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def rcvbuf_line(sock: socket.socket) -> tuple[int, str]:
-    """The log level and line that say what receive buffer ``sock`` got:
-    the kernel cuts RCVBUF to net.core.rmem_max without an error."""
-    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    # Linux reports twice what it grants (the other half is its bookkeeping).
-    if got >= 2 * RCVBUF:
-        return logging.INFO, f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), as asked"
-    try:
-        limit = f"net.core.rmem_max is {int(RMEM_MAX.read_text())}"
-    except (OSError, ValueError):
-        limit = "net.core.rmem_max is lower"
-    return logging.WARNING, (
-        f"UDP receive buffer {got // 1024} KiB (SO_RCVBUF), not the {RCVBUF // 1024} KiB "
-        f"asked for: {limit}, and bursts beyond the buffer are dropped by the kernel; "
-        f"set net.core.rmem_max to {RCVBUF} or more (install.sh does: "
-        "/etc/sysctl.d/60-nat64ho.conf)"
-    )
-
-
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", exc)
-
-
-def stall_bound(watchdog_usec: int) -> float:
-    """How long a commit may go unanswered before the keep-alives stop: half
-    the watchdog's timeout (15 s with WatchdogSec=30s in
-    contrib/nat64ho.service), far above any commit's time (a group fsynced
-    on a slow disk, a WAL checkpoint: seconds). systemd then restarts a
-    server whose writer hangs within 1.5 WatchdogSec. A commit that fails
-    (disk full) returns, and is retried: not a stall."""
-    return max(watchdog_usec / 2e6, MIN_COMMIT_STALL)
-
-
-class Heartbeat:
-    """Whether this server's commits still return: what the watchdog hears
-    (:func:`_watchdog`, and with workers the parent, by :meth:`beat`)."""
-
-    def __init__(self, store: Storage, where: str, bound: float):
-        self.store = store
-        self.where = where
-        self.bound = bound
-        self.stalled = False
-
-    def alive(self) -> bool:
-        """False while a commit has run longer than ``bound``; says so once
-        when it starts and once when it ends."""
-        running = self.store.commit_running_for()
-        if running > self.bound:
-            if not self.stalled:
-                self.stalled = True
-                log.error(
-                    "a commit to %s has not returned for %.0f s (writer process stopped, "
-                    "or the disk hung): no more watchdog keep-alives, so that systemd "
-                    "restarts the server",
-                    self.where,
-                    running,
-                )
-            return False
-        if self.stalled:
-            self.stalled = False
-            log.warning("commits to %s return again: watchdog keep-alives resume", self.where)
-        return True
-
-
-async def _watchdog(interval: float, heart: Heartbeat, keep_alive: Callable[[bool], None]) -> None:
-    # From the event loop, so a hung loop stops the keep-alives too.
-    while True:
-        keep_alive(heart.alive())
-        await asyncio.sleep(interval)
-
-
-def _sd_watchdog(alive: bool) -> None:
-    if alive:
-        _sd_notify("WATCHDOG=1")
-
-
 async def _prune(store: Storage, days: float, db: Path | str) -> None:
     from nat64ho.archive import retention
 
     while True:
         before = wall_us() - int(days * 86400 * 1_000_000)
         n = await store.prune(before)
-        if not is_postgres(db):  # sealed history goes by whole segments
-            n += await asyncio.to_thread(retention.prune_db, Path(db), before)
+        # Sealed history goes by whole segments, on either backend.
+        n += await asyncio.to_thread(retention.prune_db, db, before)
         if n:
             log.info("pruned %d history events older than %g days", n, days)
         await asyncio.sleep(PRUNE_INTERVAL)
@@ -241,118 +118,7 @@ def _made_private(dirs: list[Path], files: list[Path]) -> None:
             pass
 
 
-def try_take_table(config: Config, told: bool):
-    """One try to own the table of ``config.db`` (nat64ho.storage.owner): the
-    ownership, or None while another server holds it and ``standby`` lets
-    this one wait (said once, unless ``told``). Shared by the one-process
-    server and the parent of workers."""
-    from nat64ho.storage import owner
-
-    try:
-        return owner.acquire(config.db, what="serve")
-    except owner.TableOwned as exc:
-        if not config.standby or getattr(exc, "holder", None) is None:
-            raise
-        if not told:
-            log.info("standby: %s is owned by %s; waiting to take over", config.db, exc.holder)
-            _sd_notify(f"STATUS=standby, waiting for {exc.holder} to release {config.db}")
-        return None
-
-
-async def _take_table(config: Config, stop: asyncio.Event):
-    """Own the table of ``config.db``; with ``standby`` wait for it, or for a
-    stop. Returns None when stopped while waiting."""
-    told = False
-    while (ownership := try_take_table(config, told)) is None:
-        told = True
-        try:
-            await asyncio.wait_for(stop.wait(), STANDBY_POLL)
-            return None
-        except TimeoutError:
-            pass
-    return ownership
-
-
-async def _take_pg_table(url: str, config: Config, stop: asyncio.Event):
-    """The writer session of ``url``, migrated and holding the owner lock
-    (nat64ho.storage.pg_owner); with ``standby`` wait for the lock (and for
-    the database, if it cannot be reached), or for a stop (None). A database
-    that is not ours, is newer, or refuses the role stops even a standby:
-    waiting would not mend it."""
-    from nat64ho.storage import pg_owner, pg_schema, postgres
-    from nat64ho.storage.owner import TableOwned
-
-    told: str | None = None
-    conn = None
-    delay = STANDBY_POLL
-    while True:
-        try:
-            if conn is None:
-                conn = await _unless_stopped(postgres.connect(url), stop)
-                if conn is None:
-                    return None
-                # serve is the command that migrates; a failed migration
-                # closes the session, so that a retry starts clean.
-                async with pg_schema.closed_on_failure(conn, url):
-                    await pg_schema.migrate(conn, url)
-            await pg_owner.try_acquire(conn, url, what="serve")
-            if told is not None:
-                log.info("standby: took over the table of %s", shown(url))
-            return conn
-        except (NotOurDatabase, NewerDatabase, pg_schema.AccessRefused):
-            _drop(conn)
-            raise
-        except TableOwned as exc:
-            if not config.standby:
-                _drop(conn)
-                raise
-            why = f"owned by {exc.holder}"
-            delay = STANDBY_POLL  # the session is up: polling the lock is cheap
-        except Exception as exc:
-            # Unreachable, missing, or the session failed while we waited:
-            # start over with a new session, backing off to spare the server.
-            _drop(conn)
-            conn = None
-            if not config.standby:
-                if isinstance(exc, DatabaseError):
-                    raise
-                raise DatabaseError(f"{shown(url)}: {exc}") from None
-            why = str(exc) if isinstance(exc, DatabaseError) else f"{shown(url)}: {exc}"
-            delay = min(delay * 2, STANDBY_MAX_BACKOFF)
-        if told != why:
-            log.info("standby: %s; waiting to take over", why)
-            _sd_notify(f"STATUS=standby, {why}")
-            told = why
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except TimeoutError:
-            continue
-        _drop(conn)
-        return None
-
-
-async def _unless_stopped(coro, stop: asyncio.Event):
-    """``coro``'s result, or None as soon as ``stop`` is set (a standby's
-    connect can hang for CONNECT_TIMEOUT on an unreachable host)."""
-    task = asyncio.ensure_future(coro)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    return None
-
-
-def _drop(conn) -> None:
-    """Close a session without waiting on a server that may be gone."""
-    if conn is not None and not conn.is_closed():
-        conn.terminate()
-
-
-async def serve(config: Config, ready: asyncio.Future | None = None) -> Server | None:
+async def serve(config: Config, ready: Ready | None = None) -> Server | None:
     """Run until SIGTERM/SIGINT; returns the server after a clean stop (None
     when stopped before it served, in standby)."""
     loop = asyncio.get_running_loop()
@@ -374,7 +140,9 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> Server |
             loop.remove_signal_handler(sig)
 
 
-async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Event):
+async def _serve(
+    config: Config, ready: Ready | None, stop: asyncio.Event, hurry: asyncio.Event
+) -> Server | None:
     pg = is_postgres(config.db)
     db = None if pg else Path(config.db)
     log_path = Path(config.log_file) if config.log_file != "-" else None
@@ -389,156 +157,133 @@ async def _serve(config: Config, ready, stop: asyncio.Event, hurry: asyncio.Even
     if log_path is not None:
         candidates.append(log_path)
     created = [f for f in candidates if not f.exists()]
-    if config.worker is not None:  # its parent owns the table (daemon.workers)
-        return await _serve_owned(config, ready, stop, hurry, created_dirs, created)
-    if pg:
-        writer = await _take_pg_table(str(config.db), config, stop)
-        if writer is None:
-            log.info("stopped while in standby")
-            return None
-        try:
-            return await _serve_owned(config, ready, stop, hurry, created_dirs, created, writer)
-        finally:
-            if not writer.is_closed():
-                writer.terminate()  # the store closed it, unless it failed to open
-    ownership = await _take_table(config, stop)
-    if ownership is None:
-        log.info("stopped while in standby")
-        return None
-    try:
-        return await _serve_owned(config, ready, stop, hurry, created_dirs, created)
-    finally:
-        ownership.release()
-
-
-async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created, writer=None):
     loop = asyncio.get_running_loop()
-    store: Store
-    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
-    if writer is not None:
-        import asyncpg
-
-        from nat64ho.storage.postgres import PgStore
-
-        store = await PgStore.open(str(config.db), writer=writer)
-        errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-    else:
-        store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
     where = describe(config.db)
-    try:
-        # Read commands (stats) take the table size from here.
-        await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
-    except errors as exc:
-        log.warning("cannot record the port range in %s: %s", where, exc)
-    try:
-        logfile = LogFile(config.log_file)
-    except OSError:
-        await store.close()
-        raise
-    _made_private(created_dirs, created)
-    server = Server(config, store, logfile)
-    damage = asyncio.ensure_future(store.damage_found.wait())
-    damage.add_done_callback(lambda _: stop.set())
-    try:
+    unsaved = 0
+    # Closed in the reverse order. What commits write to (the log file,
+    # IPFIX) outlives the store's last commit in ``sinks``, the table's
+    # ownership all else.
+    async with contextlib.AsyncExitStack() as sinks, contextlib.AsyncExitStack() as stack:
+        writer = None
+        if config.worker is not None:
+            pass  # its parent owns the table (daemon.workers)
+        elif pg:
+            writer = await standby.take_pg_table(str(config.db), config, stop)
+            if writer is None:
+                log.info("stopped while in standby")
+                return None
+            sinks.callback(standby.drop, writer)  # the store closed it, unless it failed to open
+        else:
+            ownership = await standby.take_table(config, stop)
+            if ownership is None:
+                log.info("stopped while in standby")
+                return None
+            sinks.callback(ownership.release)
+        store, errors = await _open_store(config, writer)
+
+        async def close_store() -> None:
+            nonlocal unsaved
+            unsaved = await store.close(hurry)
+
+        stack.push_async_callback(close_store)
+        try:
+            # Read commands (stats) take the table size from here.
+            await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
+        except errors as exc:
+            log.warning("cannot record the port range in %s: %s", where, exc)
+        logfile = sinks.enter_context(
+            contextlib.closing(LogFile(config.log_file, store, _owns(config)))
+        )
+        _made_private(created_dirs, created)
+        exporter = Exporter(config.ipfix, config.ipfix_domain) if config.ipfix else None
+        server = Server(config, store, logfile, ipfix=exporter)
+        damage = asyncio.ensure_future(store.damage_found.wait())
+        damage.add_done_callback(lambda _: stop.set())
+        sinks.callback(damage.cancel)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: server,
-            sock=_bind(config.host, config.port)
+            sock=bind(config.host, config.port)
             if config.sock_fd is None
             else socket.socket(fileno=config.sock_fd),
         )
-    except BaseException:
-        await store.close()
-        logfile.close()
-        raise
-    helpers = [asyncio.ensure_future(server.save_recency_every(RECENCY_INTERVAL))]
-    loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
-    sockname = transport.get_extra_info("sockname")
-    log.info(
-        "listening on %s:%d, database %s, log %s, ports %d-%d",
-        sockname[0],
-        sockname[1],
-        where,
-        config.log_file,
-        config.first_port,
-        config.last_port,
-    )
-    log.debug(
-        "limits: %g new entries/s and %g requests/s per NAT64, min idle %g s, %d NAT64s, "
-        "cache %d entries, allow %s",
-        config.create_rate,
-        config.request_rate,
-        config.min_idle,
-        config.max_nats,
-        config.cache_size,
-        ", ".join(map(str, config.allow)) or "any",
-    )
-    if config.worker is None:  # the parent of workers says it for their sockets
-        log.log(*rcvbuf_line(transport.get_extra_info("socket")))
-    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    if watchdog_usec > 0:
-        heart = Heartbeat(store, where, stall_bound(watchdog_usec))
-        interval = watchdog_usec / 2e6
-        keep_alive = _sd_watchdog
-        if config.worker is not None:  # the parent speaks to systemd
-            from nat64ho.daemon import workers
-
-            keep_alive = functools.partial(workers.beat, config.worker)
-            interval /= 4  # the parent checks each interval: a beat late by a moment is not silence
-        helpers.append(asyncio.ensure_future(_watchdog(interval, heart, keep_alive)))
-    if config.keep_history_days is not None and not config.worker:
-        helpers.append(asyncio.ensure_future(_prune(store, config.keep_history_days, config.db)))
-    if config.seal_every > 0 and not config.worker:
-        helpers.append(asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive)))
-    endpoints = Endpoints()  # --metrics, --api
-    try:
-        await endpoints.start(config, server)
-    except OSError:
-        transport.close()
-        await store.close()
-        logfile.close()
-        raise
-    if config.ipfix:
-        exporter = Exporter(config.ipfix, config.ipfix_domain)
-        try:
-            exporter.start()
-        except OSError:
-            transport.close()
-            await endpoints.stop()
-            await store.close()
-            logfile.close()
-            raise
-        server.ipfix = exporter
+        stack.callback(transport.close)
+        helpers = [asyncio.ensure_future(server.save_recency_every(RECENCY_INTERVAL))]
+        stack.callback(lambda: [h.cancel() for h in helpers])  # timers, when all is decided
+        loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
+        sockname = transport.get_extra_info("sockname")
         log.info(
-            "IPFIX export to %s, observation domain %d",
-            ", ".join(c.name for c in exporter.collectors),
-            config.ipfix_domain,
+            "listening on %s:%d, database %s, log %s, ports %d-%d",
+            sockname[0],
+            sockname[1],
+            where,
+            config.log_file,
+            config.first_port,
+            config.last_port,
         )
-    gc.freeze()  # start-up's objects live as long as the server: no collection walks them
-    _sd_notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
-    if ready is not None and not ready.done():
-        ready.set_result(sockname)
-    unsaved = 0
-    try:
+        log.debug(
+            "limits: %g new entries/s and %g requests/s per NAT64, min idle %g s, %d NAT64s, "
+            "cache %d entries, allow %s",
+            config.create_rate,
+            config.request_rate,
+            config.min_idle,
+            config.max_nats,
+            config.cache_size,
+            ", ".join(map(str, config.allow)) or "any",
+        )
+        if config.worker is None:  # the parent of workers says it for their sockets
+            log.log(*rcvbuf_line(transport.get_extra_info("socket")))
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if watchdog_usec > 0:
+            heart = systemd.Heartbeat(store, where, systemd.stall_bound(watchdog_usec))
+            interval = watchdog_usec / 2e6
+            keep_alive = systemd.keep_alive
+            if config.worker is not None:  # the parent speaks to systemd
+                from nat64ho.daemon import workers
+
+                keep_alive = functools.partial(workers.beat, config.worker)
+                # The parent checks each interval: a beat late by a moment is not silence.
+                interval /= 4
+            helpers.append(asyncio.ensure_future(systemd.watchdog(interval, heart, keep_alive)))
+        if config.keep_history_days is not None and not config.worker:
+            helpers.append(
+                asyncio.ensure_future(_prune(store, config.keep_history_days, config.db))
+            )
+        if config.seal_every > 0 and not config.worker:
+            helpers.append(
+                asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive))
+            )
+        endpoints = Endpoints()  # --metrics, --api
+        await endpoints.start(config, server)
+        stack.push_async_callback(endpoints.stop)
+        if exporter is not None:
+            exporter.start()
+            sinks.callback(exporter.close)
+            log.info(
+                "IPFIX export to %s, observation domain %d",
+                ", ".join(c.name for c in exporter.collectors),
+                config.ipfix_domain,
+            )
+        gc.freeze()  # start-up's objects live as long as the server: no collection walks them
+        systemd.notify(f"READY=1\nSTATUS=listening on {sockname[0]}:{sockname[1]}")
+        if ready is not None and not ready.done():
+            ready.set_result(sockname)
+
+        async def stop_serving() -> None:
+            systemd.notify("STOPPING=1")
+            log.info("stopping: committing what is in flight")
+            transport.close()
+            await server.drain(
+                STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set()
+            )
+            server.save_recency()  # a clean stop keeps the LRU order to the µs
+
+        sinks.callback(lambda: log.info("stopped: %s", server.summary()))
+        stack.push_async_callback(stop_serving)
         await stop.wait()
-    finally:
-        _sd_notify("STOPPING=1")
-        log.info("stopping: committing what is in flight")
-        transport.close()
-        await server.drain(STOP_GRACE, give_up=lambda: store.failing is not None or hurry.is_set())
-        for h in helpers:
-            h.cancel()
-        server.save_recency()  # a clean stop keeps the LRU order to the µs
-        await endpoints.stop()
-        unsaved = await store.close(hurry)
-        damage.cancel()
-        if server.ipfix is not None:
-            server.ipfix.close()
-        logfile.close()
-        log.info("stopped: %s", server.summary())
-    if getattr(store, "lost", None) is not None:
-        raise DatabaseError(store.damaged)
     if store.damaged is not None:
-        raise NotOurDatabase(f"{store.damaged}; run 'nat64ho check --db {where}'")
+        # A lost session is not damage: the table may have a new owner.
+        hint = "" if store.lost is not None else f"; run 'nat64ho check --db {where}'"
+        raise DatabaseDamaged(store.damaged + hint)
     if unsaved:
         why = store.failing or "a second signal came first"
         raise NotCommitted(
@@ -546,6 +291,32 @@ async def _serve_owned(config: Config, ready, stop, hurry, created_dirs, created
             "none of them was acknowledged to a NAT64"
         )
     return server
+
+
+async def _open_store(
+    config: Config, writer: asyncpg.Connection | None
+) -> tuple[Storage, tuple[type[BaseException], ...]]:
+    """The store of ``config.db``, and the errors its writes raise."""
+    if writer is not None:
+        import asyncpg
+
+        from nat64ho.storage.postgres import PgStore
+
+        pg = await PgStore.open(str(config.db), writer=writer)
+        return pg, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+    from nat64ho.storage.sqlite import Store
+
+    store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
+    return store, (sqlite3.Error,)
+
+
+def _owns(config: Config) -> Callable[[int], bool] | None:
+    """Whether this process writes the events of a NAT64 (with workers, each
+    catches up its own lines of the shared log file); None: all."""
+    if config.worker is None:
+        return None
+    n, mine = config.workers, config.worker
+    return lambda nat: worker_of(nat, n) == mine
 
 
 def run(config: Config) -> None:
@@ -558,7 +329,7 @@ def run(config: Config) -> None:
     if config.workers > 1:
         from nat64ho.daemon import workers
 
-        workers.run(config)
+        workers.run(config, serve)
         return
     try:
         import uvloop

@@ -24,18 +24,22 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable, Coroutine
+from types import FrameType
+from typing import Any
 
-from nat64ho.daemon import journal
+from nat64ho.daemon import journal, systemd
 from nat64ho.daemon.config import Config
+from nat64ho.daemon.sockets import bind_group, rcvbuf_line
+from nat64ho.daemon.sockets import steering as steering
+from nat64ho.daemon.sockets import worker_of as worker_of
+from nat64ho.daemon.standby import STANDBY_POLL, try_take_table
+from nat64ho.errors import DatabaseError
 from nat64ho.storage import schema, writer
+from nat64ho.storage.owner import Ownership
 
 log = logging.getLogger("nat64ho")
 
-#: From <asm-generic/socket.h>: a classic BPF program choosing the socket of
-#: a SO_REUSEPORT group by its index (the order the sockets were bound).
-SO_ATTACH_REUSEPORT_CBPF = 51
-#: Negative offsets of classic BPF load from the network header.
-SKF_NET_OFF = -0x100000
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 #: How long the parent waits for the writer to finish once the workers left.
@@ -72,41 +76,8 @@ def _silent(n: int, bound: float) -> tuple[list[int], list[int]]:
     return stalled, silent
 
 
-class WorkerFailed(schema.DatabaseError):
+class WorkerFailed(DatabaseError):
     """A worker or the writer died; the server stopped."""
-
-
-def steering(n: int) -> bytes:
-    """The program: A = source IPv4 address; A %= n; return A."""
-    code = [
-        (0x20, 0, 0, (SKF_NET_OFF + 12) & 0xFFFFFFFF),  # ld [net + 12]: saddr
-        (0x94, 0, 0, n),  # mod #n
-        (0x16, 0, 0, 0),  # ret a
-    ]
-    return b"".join(struct.pack("HBBI", *insn) for insn in code)
-
-
-def worker_of(nat: int, n: int) -> int:
-    """The worker that serves NAT64 ``nat`` (what the program computes)."""
-    return nat % n
-
-
-def bind_group(host: str, port: int, n: int) -> list[socket.socket]:
-    """``n`` sockets on one address, steered by :func:`steering`."""
-    from nat64ho.daemon.serve import _bind
-
-    socks: list[socket.socket] = []
-    try:
-        for i in range(n):
-            socks.append(_bind(host, port if i == 0 else socks[0].getsockname()[1], reuseport=True))
-        prog = ctypes.create_string_buffer(steering(n))
-        fprog = struct.pack("HL", len(prog.raw) // 8, ctypes.addressof(prog))
-        socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
 
 
 def _prepare(config: Config) -> None:
@@ -121,9 +92,7 @@ def _prepare(config: Config) -> None:
         conn.close()
 
 
-def _take_table(config: Config, stopping: list[int]):
-    from nat64ho.daemon.serve import STANDBY_POLL, try_take_table
-
+def _take_table(config: Config, stopping: list[int]) -> Ownership | None:
     told = False
     while (ownership := try_take_table(config, told)) is None:
         told = True
@@ -133,17 +102,20 @@ def _take_table(config: Config, stopping: list[int]):
     return ownership
 
 
-def run(config: Config) -> None:
-    """Blocking: the parent of ``config.workers`` workers."""
+#: What a worker runs: nat64ho.daemon.serve.serve, passed in by it.
+Serve = Callable[[Config], Coroutine[Any, Any, object]]
+
+
+def run(config: Config, serve: Serve) -> None:
+    """Blocking: the parent of ``config.workers`` workers, each running
+    ``serve`` on its socket."""
     n = config.workers
     stopping: list[int] = []  # signals received
     pids: dict[int, int] = {}  # pid -> worker index
 
-    def on_signal(signum, frame) -> None:
-        from nat64ho.daemon.serve import _sd_notify
-
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         if not stopping:
-            _sd_notify("STOPPING=1")
+            systemd.notify("STOPPING=1")
         stopping.append(signum)
         for pid in pids:
             try:
@@ -151,7 +123,7 @@ def run(config: Config) -> None:
             except ProcessLookupError:
                 pass
 
-    def on_hup(signum, frame) -> None:
+    def on_hup(signum: int, frame: FrameType | None) -> None:
         for pid in pids:  # each worker reopens the log file
             try:
                 os.kill(pid, signal.SIGHUP)
@@ -166,7 +138,7 @@ def run(config: Config) -> None:
             log.info("stopped while in standby")
             return
         try:
-            _run_owned(config, n, pids, stopping)
+            _run_owned(config, serve, n, pids, stopping)
         finally:
             ownership.release()
     finally:
@@ -174,8 +146,9 @@ def run(config: Config) -> None:
             signal.signal(sig, handler)
 
 
-def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]) -> None:
-    from nat64ho.daemon.serve import _sd_notify, rcvbuf_line, stall_bound
+def _run_owned(
+    config: Config, serve: Serve, n: int, pids: dict[int, int], stopping: list[int]
+) -> None:
     from nat64ho.storage.sqlite import PAGE_CACHE_KIB
 
     global _beats
@@ -190,7 +163,7 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
         for i in range(n):
             pid = os.fork()
             if pid == 0:
-                _worker(config, i, parent, socks, ends)  # never returns
+                _worker(config, serve, i, parent, socks, ends)  # never returns
             pids[pid] = i
     finally:
         for s in socks + ends:
@@ -201,9 +174,9 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
             os.kill(pid, signal.SIGTERM)
     # systemd (NotifyAccess=main) hears the parent only. The sockets are
     # bound: what arrives before a worker serves waits in its buffer.
-    _sd_notify(f"READY=1\nSTATUS=listening on {where[0]}:{where[1]} ({n} workers)")
+    systemd.notify(f"READY=1\nSTATUS=listening on {where[0]}:{where[1]} ({n} workers)")
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    watchdog, bound = watchdog_usec / 2e6, stall_bound(watchdog_usec)
+    watchdog, bound = watchdog_usec / 2e6, systemd.stall_bound(watchdog_usec)
     next_watchdog = 0.0
     told: list[int] = []
     failure = None
@@ -213,7 +186,7 @@ def _run_owned(config: Config, n: int, pids: dict[int, int], stopping: list[int]
             # keep-alives, and stops when one stalls or falls silent.
             stalled, silent = _silent(n, bound)
             if not stalled and not silent:
-                _sd_notify("WATCHDOG=1")
+                systemd.notify("WATCHDOG=1")
             if silent and silent != told:
                 log.error(
                     "worker %s silent for over %.0f s: no more watchdog keep-alives",
@@ -268,6 +241,7 @@ def _ended(code: int) -> str:
 
 def _worker(
     config: Config,
+    serve: Serve,
     i: int,
     parent: int,
     socks: list[socket.socket],
@@ -302,7 +276,6 @@ def _worker(
         mine = dataclasses.replace(
             config, worker=i, sock_fd=socks[i].detach(), writer_fd=ends[i].detach()
         )
-        from nat64ho.daemon.serve import serve
 
         async def main() -> None:
             task = asyncio.ensure_future(serve(mine))
@@ -317,7 +290,7 @@ def _worker(
         else:
             uvloop.run(main())
         code = 0
-    except (schema.DatabaseError, OSError) as exc:
+    except (DatabaseError, OSError) as exc:
         log.error("%s", exc)
     except BaseException as exc:  # a worker must end here, never return into the parent's code
         log.critical("worker %d failed", i, exc_info=exc)

@@ -15,6 +15,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from nat64ho.core.records import Event, NewEntry, Row
+from nat64ho.errors import Fault
+
+#: Unsaved recency is written at least this often (µs are not lost on a clean
+#: stop; on a crash at most this much LRU ordering is).
+RECENCY_INTERVAL = 1.0
 
 
 class NatRecord(NamedTuple):
@@ -65,6 +70,7 @@ class Storage(Protocol):
     committed_seq: int  #: the newest group on disk
     failing: str | None  #: why commits fail, while they do
     damaged: str | None  #: why the file was given up on; never cleared
+    lost: str | None  #: why the session to the database ended (PostgreSQL), if it did
     damage_found: asyncio.Event
 
     def commit_running_for(self) -> float:
@@ -135,6 +141,10 @@ class Storage(Protocol):
     async def wait(self, seq: int) -> None: ...
 
     async def flushed(self) -> None: ...
+
+    def classify(self, exc: BaseException) -> Fault | None:
+        """What ``exc``, raised by a read, means for serving; None: not the
+        database's fault."""
 
     def damage(self, exc: BaseException, what: str = ...) -> None:
         """Give up on the file: commit nothing more, set damage_found."""

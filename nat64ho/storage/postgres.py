@@ -18,6 +18,7 @@ import socket
 import asyncpg
 
 from nat64ho.core.records import Row
+from nat64ho.errors import DatabaseDamaged, Fault
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS, numbered
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.storage import pg_schema, schema
@@ -286,6 +287,11 @@ class PgStore(Store):
         # Whatever waits on the session fails now rather than at its timeout.
         self._pg_w.remove_termination_listener(self._terminated)
         self._pg_w.terminate()
+
+    def classify(self, exc: BaseException) -> Fault | None:
+        if isinstance(exc, DatabaseDamaged):
+            return Fault.DAMAGED
+        return Fault.LOST if _lost(exc) else None
 
     def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
         if self.damaged is not None:

@@ -18,16 +18,15 @@ import time
 from importlib import resources
 from pathlib import Path
 
+# Re-exported: its home was here, and the commands still import it from here.
+from nat64ho.errors import DatabaseError as DatabaseError
+
 #: How long a connection waits on a lock held by another process before it
 #: reports the database busy. Long enough to ride out a big commit or a
 #: checkpoint, short enough that an operator is not left staring at nothing.
 BUSY_TIMEOUT_MS = 5000
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-class DatabaseError(Exception):
-    """Base of the named errors below; the message is meant for an operator."""
 
 
 class DatabaseMissing(DatabaseError):

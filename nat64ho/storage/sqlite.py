@@ -23,16 +23,16 @@ from pathlib import Path
 import aiosqlite
 
 from nat64ho.core.records import Event, NewEntry, Row
+from nat64ho.errors import DatabaseDamaged as DatabaseDamaged
+from nat64ho.errors import Fault
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 from nat64ho.storage import schema
+from nat64ho.storage.base import RECENCY_INTERVAL as RECENCY_INTERVAL
 from nat64ho.storage.base import NatRecord
 from nat64ho.storage.writer import CommitFailed, Writer, WriterLost
 
 log = logging.getLogger("nat64ho.store")
 
-#: Unsaved recency is written at least this often (µs are not lost on a clean
-#: stop; on a crash at most this much LRU ordering is).
-RECENCY_INTERVAL = 1.0
 #: Longest wait between retries of a failed commit (disk full, locked).
 MAX_RETRY_DELAY = 2.0
 #: SQLite page cache per connection, in KiB: the hot part of the indexes fits,
@@ -63,10 +63,6 @@ def is_damage(exc: BaseException) -> bool:
         isinstance(exc, sqlite3.DatabaseError)
         and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES
     )
-
-
-class DatabaseDamaged(Exception):
-    """A read or commit found the file damaged; the store stopped writing."""
 
 
 class Batch:
@@ -108,6 +104,8 @@ class Batch:
 
 class Store:
     """The database of one server. Use :meth:`open`, then :meth:`close`."""
+
+    lost: str | None = None  #: a file has no session to lose (PostgreSQL's has)
 
     def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
         self.path = path
@@ -584,6 +582,10 @@ class Store:
             self.damage(exc, "refused a change as inconsistent (a bug; please report)")
             return False
         return True
+
+    def classify(self, exc: BaseException) -> Fault | None:
+        """What ``exc`` from a read means for serving (nat64ho.errors)."""
+        return Fault.DAMAGED if isinstance(exc, DatabaseDamaged) or is_damage(exc) else None
 
     def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
         """Record that ``exc`` found the file damaged (or a change it cannot
