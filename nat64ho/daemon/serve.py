@@ -28,7 +28,6 @@ from nat64ho.daemon.sockets import RCVBUF as RCVBUF
 from nat64ho.daemon.sockets import ListenError as ListenError
 from nat64ho.daemon.sockets import bind, rcvbuf_line, worker_of
 from nat64ho.errors import DatabaseDamaged, DatabaseError
-from nat64ho.ops.db import HistoryError
 from nat64ho.storage.base import RECENCY_INTERVAL, Storage
 from nat64ho.storage.schema import describe, is_postgres
 
@@ -68,7 +67,9 @@ async def _seal(db: Path | str, seconds: float, directory: Path | None) -> None:
     """Seal each closed period into a segment, in a thread with a connection
     of its own; the first round at start-up also removes what a killed one
     left."""
+    # Lazily, as the archive: the datagram path never loads the operator commands' layer.
     from nat64ho.archive import seal as sealing
+    from nat64ho.ops.db import HistoryError
 
     while True:
         try:
