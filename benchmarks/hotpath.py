@@ -65,20 +65,28 @@ async def settle(srv: Server) -> None:
         await srv.store.flushed()
 
 
+async def confirmed(
+    config: Config, sync: str, nat: tuple[str, int] = NAT
+) -> tuple[Store, Server, Counting, Peer]:
+    """An in-process server on ``config`` with one NAT64 (``nat``) confirmed."""
+    store = await Store.open(config.db, sync=sync)
+    srv = Server(config, store, LogFile(config.log_file))
+    out = Counting()
+    srv.connection_made(out)
+    peer = Peer(bytes(8))
+    srv.datagram_received(peer.hello(), nat)
+    peer.receive(out.kept.pop())
+    srv.datagram_received(peer.confirm(), nat)
+    return store, srv, out, peer
+
+
 async def run(
     tmp: Path, count: int, entries: int, rounds: int, create_count: int
 ) -> tuple[list[float], list[float], list[float]]:
     config = Config(
         db=tmp / "t.db", log_file=str(tmp / "t.log"), request_rate=10**9, create_rate=10**9
     )
-    store = await Store.open(config.db, sync="full")
-    srv = Server(config, store, LogFile(config.log_file))
-    out = Counting()
-    srv.connection_made(out)
-    peer = Peer(bytes(8))
-    srv.datagram_received(peer.hello(), NAT)
-    peer.receive(out.kept.pop())
-    srv.datagram_received(peer.confirm(), NAT)
+    store, srv, out, peer = await confirmed(config, "full")
     for i in range(entries):
         v6 = ipaddress.IPv6Address(0x20010DB8 << 96 | i).packed
         srv.datagram_received(peer.request([wire.Map(v6, 1024 + i % 60000)]), NAT)

@@ -29,14 +29,12 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.hotpath import Counting, settle  # noqa: E402
+from benchmarks.hotpath import confirmed, settle  # noqa: E402
 from nat64ho.bench.floods import BIGGEST  # noqa: E402
 from nat64ho.core import wire  # noqa: E402
 from nat64ho.daemon.config import Config  # noqa: E402
-from nat64ho.daemon.logfile import LogFile  # noqa: E402
 from nat64ho.daemon.protocol import Server  # noqa: E402
 from nat64ho.peer import Peer  # noqa: E402
-from nat64ho.storage.sqlite import Store  # noqa: E402
 
 NAT = ("192.0.2.7", 40000)
 
@@ -58,14 +56,7 @@ def timed(srv: Server, datagrams: list[bytes], addrs: list[tuple[str, int]], cou
 
 async def run(tmp: Path, count: int) -> dict[str, float]:
     config = Config(db=tmp / "t.db", log_file=str(tmp / "t.log"), request_rate=1000)
-    store = await Store.open(config.db, sync="normal")
-    srv = Server(config, store, LogFile(config.log_file))
-    out = Counting()
-    srv.connection_made(out)
-    peer = Peer(bytes(8))
-    srv.datagram_received(peer.hello(), NAT)
-    peer.receive(out.kept.pop())
-    srv.datagram_received(peer.confirm(), NAT)
+    store, srv, out, peer = await confirmed(config, "normal", NAT)
     await settle(srv)
     out.keep = False
     spoofed = sources(50_000)
