@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nat64ho import client
 from nat64ho.core import wire
@@ -382,6 +384,7 @@ def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
     client from memory (the NAT64 has not been told); after it, it does."""
     import asyncio
 
+    from nat64ho.daemon import api as api_mod
     from nat64ho.daemon.api import Api
     from nat64ho.peer import Peer
     from tests.test_server_inproc import NAT, replies, settle, start, stop
@@ -410,6 +413,11 @@ def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
         assert [type(m) for m in replies(rec, peer)] == [wire.Deleted, wire.Mapping]
         after = api.client(query)
         assert isinstance(after, httpd.Reply) and json.loads(after.body)["address"] == "2001:db8::2"
+        # A query padded past MAX_CACHED_QUERY is answered alike, never cached.
+        cached = api_mod._parse_cached.cache_info().currsize
+        padded = api.client(query + b"&" * api_mod.MAX_CACHED_QUERY)
+        assert isinstance(padded, httpd.Reply) and padded.body == after.body
+        assert api_mod._parse_cached.cache_info().currsize == cached
         api.close()
         await stop(srv)
 
@@ -451,3 +459,53 @@ def test_tcp_only_where_given_and_bad_values_in_one_line(server_factory, tmp_pat
     assert (
         f"--api {host}:{port}: cannot listen: " in taken.stderr and "Traceback" not in taken.stderr
     )
+
+
+# ------------------------------------------------------------------ answers, in-process
+
+
+@given(
+    nat=st.integers(0, 2**32 - 1),
+    port=st.integers(1, 65535),
+    addr=st.one_of(
+        st.binary(min_size=16, max_size=16),
+        st.binary(min_size=4, max_size=4).map(lambda v4: bytes(10) + b"\xff\xff" + v4),
+        st.binary(min_size=6, max_size=6).map(lambda tail: bytes(10) + tail),
+    ),
+    aport=st.integers(0, 65535),
+    since=st.integers(0, 2**41),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_found_answer_is_what_json_dumps_would_write(nat, port, addr, aport, since):
+    """The answer a lookup gets, written without json.dumps, is byte for
+    byte json.dumps of its fields, for any address (IPv4-mapped and other
+    mixed notations included) and time."""
+    from nat64ho.daemon.api import _answer
+    from nat64ho.eventlog import ipv4_str, ipv6_str, ts_rfc3339
+
+    reply = _answer(nat, port, addr, aport, since)
+    fields = {
+        "nat": ipv4_str(nat),
+        "port": port,
+        "address": ipv6_str(addr),
+        "client_port": aport,
+        "since": ts_rfc3339(since),
+    }
+    assert reply.body == json.dumps(fields).encode() + b"\n"
+    assert json.loads(reply.body) == fields
+    assert dict(reply.headers) == {
+        b"x-nat64ho-client": fields["address"].encode(),
+        b"x-nat64ho-client-port": str(aport).encode(),
+    }
+
+
+def test_a_query_is_parsed_once_and_a_long_or_bad_one_every_time():
+    from nat64ho.daemon import api
+
+    api._parse_cached.cache_clear()
+    ok = b"nat=192.0.2.9&port=14106"
+    assert api._parse_cached(ok) == api.parse_query(ok) == (0xC0000209, 14106, None)
+    assert api._parse_cached(ok) is api._parse_cached(ok)
+    with pytest.raises(api.BadQuery):
+        api._parse_cached(b"nat=192.0.2.9&port=0")
+    assert api._parse_cached.cache_info().currsize == 1  # errors are not kept
