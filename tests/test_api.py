@@ -260,6 +260,26 @@ def test_idle_connections_are_closed(monkeypatch, tmp_path):
     run(go())
 
 
+def test_requests_in_one_read_then_eof_are_all_answered_then_closed(tmp_path):
+    """In-process: two requests and the client's end of sending arrive
+    together; both are answered, in order, and then the connection closes
+    (the second on an h11 connection made after the first reply)."""
+    import asyncio
+
+    async def go():
+        server = httpd.HttpServer({b"/x": lambda q: httpd.text(200, q.decode())}, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        w.write(b"GET /x?1 HTTP/1.1\r\nHost: a\r\n\r\nGET /x?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        w.write_eof()
+        data = await asyncio.wait_for(r.read(), 5)  # to EOF: the server closed
+        await server.stop()
+        return data
+
+    data = run(go())
+    assert re.findall(rb"HTTP/1.1 200 OK\r\n.*?\r\n\r\n(\d)\n", data, re.S) == [b"1", b"2"]
+
+
 def test_health_answers_from_the_endpoint_and_writes_nothing(server_factory, tmp_path):
     srv = server_factory("--metrics", "127.0.0.1:0", "--api", f"unix:{tmp_path}/a.sock")
     host, port = wait_for(

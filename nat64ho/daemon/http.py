@@ -141,14 +141,31 @@ def _remove_stale(path: Path) -> None:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("owner", "conn", "transport", "busy", "request", "last", "timer", "task")
+    __slots__ = (
+        "owner",
+        "conn",
+        "fresh",
+        "transport",
+        "loop",
+        "busy",
+        "request",
+        "out",
+        "last",
+        "timer",
+        "task",
+    )
 
     def __init__(self, owner: HttpServer):
         self.owner = owner
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.fresh = True  #: ``conn`` has been fed nothing yet
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
         self.busy = False  #: a reply is being computed: later requests wait
         self.request: h11.Request | None = None
+        #: Replies not yet written: those to the requests of one read go out
+        #: in one write (pipelining, or nginx's requests queued while busy).
+        self.out: list[bytes] = []
         self.last = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Future[Reply] | None = None
@@ -163,9 +180,8 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         owner.connections.add(self)
-        loop = asyncio.get_running_loop()
-        self.last = loop.time()
-        self.timer = loop.call_later(IDLE_TIMEOUT, self._idle)
+        self.last = self.loop.time()
+        self.timer = self.loop.call_later(IDLE_TIMEOUT, self._idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connections.discard(self)
@@ -188,7 +204,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _idle(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         left = self.last + IDLE_TIMEOUT - loop.time()
         if left > 0 or self.busy:
             self.timer = loop.call_later(max(left, 1.0), self._idle)
@@ -196,18 +212,23 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
-        self.last = asyncio.get_running_loop().time()
+        self.last = self.loop.time()
         self.conn.receive_data(data)
+        self.fresh = False
         self._next()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
+        self.fresh = False
         self._next()
         return False
 
     # ------------------------------------------------------------ requests
     def _next(self) -> None:
-        while not self.busy:
+        """Answer what has been read, as far as it goes, then write."""
+        # A fresh h11 connection fed nothing (the usual state after a
+        # reply) has no event to give: it is not asked.
+        while not self.busy and not self.fresh:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -219,11 +240,19 @@ class _Connection(asyncio.Protocol):
             elif kind is h11.EndOfMessage:
                 self._dispatch()
             elif event is h11.NEED_DATA or event is h11.PAUSED:
-                return
+                break
             elif kind is h11.ConnectionClosed:
+                self._flush()
                 self.close()
                 return
             # h11.Data: a body, which no route takes; read and dropped.
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def _dispatch(self) -> None:
         req = self.request
@@ -265,28 +294,34 @@ class _Connection(asyncio.Protocol):
         self._next()
 
     def _send(self, reply: Reply, *extra: tuple[bytes, bytes]) -> None:
-        """Write ``reply``; then the next request, on a fresh h11 connection
-        fed what this one had read past the request (pipelining)."""
+        """Queue ``reply``; then the next request, on a fresh h11 connection
+        fed what this one had read past the request (pipelining).
+
+        A fresh connection rather than h11's ``start_next_cycle``: that
+        needs the reply written through h11's own writer, which costs far
+        more than a new connection does."""
         req = self.request
         assert req is not None and self.transport is not None
         keep = _keep_alive(req)
-        self.transport.write(_render(reply, req.method == b"HEAD", keep, extra))
+        self.out.append(_render(reply, req.method == b"HEAD", keep, extra))
         if not keep:
+            self._flush()
             self.close()
             return
         data, closed = self.conn.trailing_data
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request = None
-        if data or closed:
+        self.fresh = not (data or closed)
+        if data:
             self.conn.receive_data(data)
-            if closed:
-                self.conn.receive_data(b"")
+        if closed:
+            self.conn.receive_data(b"")
 
     def _refuse(self, status: int, why: str) -> None:
         """A request h11 cannot parse: the status alone, then close."""
         status = 431 if "incomplete event" in why else status
-        assert self.transport is not None
-        self.transport.write(_render(Reply(status, b""), False, False, ()))
+        self.out.append(_render(Reply(status, b""), False, False, ()))
+        self._flush()
         self.close()
 
 
