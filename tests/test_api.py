@@ -280,6 +280,50 @@ def test_requests_in_one_read_then_eof_are_all_answered_then_closed(tmp_path):
     assert re.findall(rb"HTTP/1.1 200 OK\r\n.*?\r\n\r\n(\d)\n", data, re.S) == [b"1", b"2"]
 
 
+def test_a_request_read_again_is_answered_alike_however_it_arrives(tmp_path):
+    """In-process: the same request head read whole (parsed once, then
+    remembered), in two pieces, with a body, as HTTP/1.0 and as a HEAD:
+    each gets the answer h11's parse gives it, in order."""
+    import asyncio
+
+    head = b"GET /x?a HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    async def go():
+        server = httpd.HttpServer({b"/x": lambda q: httpd.text(200, q.decode())}, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+
+        async def answer(*pieces: bytes) -> bytes:
+            for p in pieces:
+                w.write(p)
+                await w.drain()
+                await asyncio.sleep(0.02)  # each piece a read of its own
+            got = await r.readuntil(b"\r\n\r\n")
+            if pieces[0].startswith(b"HEAD "):
+                return got
+            length = int(re.search(rb"content-length: (\d+)", got).group(1))
+            return got + await r.readexactly(length)
+
+        got = [await answer(head) for _ in range(3)]
+        got.append(await answer(head[:9], head[9:]))
+        got.append(await answer(b"GET /x?b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz"))
+        got.append(await answer(b"HEAD /x?c HTTP/1.1\r\nHost: a\r\n\r\n"))
+        got.append(await answer(head))
+        w.write(b"GET /x?d HTTP/1.0\r\n\r\n")
+        last = await asyncio.wait_for(r.read(), 5)  # HTTP/1.0: closed after it
+        await server.stop()
+        return got, last
+
+    got, last = run(go())
+    bodies = [g.split(b"\r\n\r\n", 1)[1] for g in got]
+    assert bodies == [b"a\n"] * 4 + [b"b\n", b"", b"a\n"]
+    assert b"content-length: 2\r\n" in got[5]  # the HEAD's length is the GET's
+    assert last.endswith(b"connection: close\r\n\r\nd\n")
+    assert httpd._whole_request(head) is httpd._whole_request(head)  # remembered
+    assert httpd._whole_request(head[:9]) is None
+    assert httpd._whole_request(head + head) is None  # two: h11 takes them one by one
+
+
 def test_health_answers_from_the_endpoint_and_writes_nothing(server_factory, tmp_path):
     srv = server_factory("--metrics", "127.0.0.1:0", "--api", f"unix:{tmp_path}/a.sock")
     host, port = wait_for(
