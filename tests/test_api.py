@@ -324,6 +324,39 @@ def test_a_request_read_again_is_answered_alike_however_it_arrives(tmp_path):
     assert httpd._whole_request(head + head) is None  # two: h11 takes them one by one
 
 
+def test_a_request_read_while_one_is_computed_waits_its_turn(tmp_path):
+    """In-process: a remembered request whose route must wait (as a read of
+    the database does), and two more read while it waits, one of them the
+    same head: answered in order, each once."""
+    import asyncio
+
+    async def slow(q: bytes) -> httpd.Reply:
+        await asyncio.sleep(0.1)
+        return httpd.text(200, "slow " + q.decode())
+
+    head = b"GET /slow?1 HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    async def go():
+        routes = {b"/slow": slow, b"/x": lambda q: httpd.text(200, q.decode())}
+        server = httpd.HttpServer(routes, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        for request in (head, head):  # once to be remembered, once remembered
+            w.write(request)
+            await asyncio.sleep(0.02)  # a read of its own; the route is waiting
+            w.write(b"GET /x?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+            await asyncio.sleep(0.02)
+            w.write(head)
+        w.write(b"GET /x?3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), 5)
+        await server.stop()
+        return data
+
+    data = run(go())
+    bodies = re.findall(rb"\r\n\r\n([^\r]*?)\n", data)
+    assert bodies == [b"slow 1", b"2", b"slow 1"] * 2 + [b"3"]
+
+
 def test_health_answers_from_the_endpoint_and_writes_nothing(server_factory, tmp_path):
     srv = server_factory("--metrics", "127.0.0.1:0", "--api", f"unix:{tmp_path}/a.sock")
     host, port = wait_for(
