@@ -1,15 +1,16 @@
 """The HTTP/1.1 endpoints of a running server (``--api``, ``--metrics``):
 a thin asyncio loop around h11's sans-I/O connection.
 
-h11 parses every request; replies, always with a Content-Length, are
-written here (the head of a reply is a few fixed lines). The loop moves
-bytes and bounds what a client may hold: connections (beyond
-MAX_CONNECTIONS one gets a 503 and is closed, so a flood cannot take the
-server's descriptors), idle time, the size of a request head, and replies
-it does not read (reading pauses while its replies wait to be written). A route answers a request's query string
-with a :class:`Reply`, or an awaitable of one when it must read the
-database; requests on one connection are answered in order (keep-alive,
-pipelining).
+h11 parses every request (a short read that is one whole request, once:
+see MAX_CACHED_READ); replies, always with a Content-Length, are written
+here (the head of a reply is a few fixed lines), those to one read in one
+write. The loop moves bytes and bounds what a client may hold: connections
+(beyond MAX_CONNECTIONS one gets a 503 and is closed, so a flood cannot
+take the server's descriptors), idle time, the size of a request head, and
+replies it does not read (reading pauses while its replies wait to be
+written). A route answers a request's query string with a :class:`Reply`,
+or an awaitable of one when it must read the database; requests on one
+connection are answered in order (keep-alive, pipelining).
 """
 
 from __future__ import annotations
