@@ -2,15 +2,16 @@
 latency, what it adds to nginx, and what it costs the UDP service.
 
     python benchmarks/api.py lookups --seconds 10      # lookups/s and p99, Unix socket, keep-alive
+    python benchmarks/api.py lookups --distinct-heads  # the same, no request head seen before
     python benchmarks/api.py nginx --seconds 10        # nginx at 2,000 req/s, with and without the include
     python benchmarks/api.py udp --seconds 10          # MAP p99, API idle vs 5,000 lookups/s
 
 Each starts ``nat64ho serve`` on a temporary SQLite database, gives NAT64
 127.0.0.2 ``--entries`` entries and asks about them (memory hits, as for a
-live connection). The load generator is ours: asyncio, raw HTTP/1.1 on
-keep-alive connections, in processes of its own; closed loop for the rate,
-open loop (latency from the scheduled instant) for the fixed rates. Prints
-one JSON object per measurement.
+live connection). The load generator is ours: asyncio on uvloop (as the
+server runs), raw HTTP/1.1 on keep-alive connections, in processes of its
+own; closed loop for the rate, open loop (latency from the scheduled
+instant) for the fixed rates. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import uvloop
 
 from nat64ho.core import wire
 from nat64ho.gateway.testbed import CONTRIB_NGINX
@@ -102,19 +105,26 @@ async def _ask(r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes)
     return int(head[9:12])
 
 
-def _lookup(port: int) -> bytes:
-    return f"GET /v1/client?nat={NAT64}&port={port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+def _lookup(port: int, n: int | None = None) -> bytes:
+    # With ``n``, a header no request repeats: the server cannot answer from
+    # a request it remembers, and h11 parses each one.
+    tag = "" if n is None else f"X-N: {n}\r\n"
+    return f"GET /v1/client?nat={NAT64}&port={port} HTTP/1.1\r\nHost: x\r\n{tag}\r\n".encode()
 
 
-def closed_loop(where: str, ports: list[int], conns: int, seconds: float, out) -> None:
+def closed_loop(
+    where: str, ports: list[int], conns: int, seconds: float, distinct: bool, out
+) -> None:
     """As fast as answers come, on ``conns`` keep-alive connections."""
 
     async def one(lat: list[float], errors: list[int]) -> None:
         r, w = await _open(where)
         rng = random.Random()
         deadline = time.perf_counter() + seconds
+        n = rng.randrange(1 << 40)
         while (t0 := time.perf_counter()) < deadline:
-            if await _ask(r, w, _lookup(rng.choice(ports))) != 200:
+            n += 1
+            if await _ask(r, w, _lookup(rng.choice(ports), n if distinct else None)) != 200:
                 errors[0] += 1
             lat.append(time.perf_counter() - t0)
         w.close()
@@ -125,7 +135,7 @@ def closed_loop(where: str, ports: list[int], conns: int, seconds: float, out) -
         await asyncio.gather(*(one(lat, errors) for _ in range(conns)))
         out.put((lat, errors[0]))
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def open_loop(
@@ -158,7 +168,7 @@ def open_loop(
         await asyncio.gather(*(one(i, lat, errors) for i in range(conns)))
         out.put((lat, errors[0]))
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def in_processes(target, procs: int, *args) -> tuple[list[float], int]:
@@ -185,12 +195,15 @@ def lookups(args, tmp: Path) -> None:
     try:
         ports = asyncio.run(prefill(srv.address, args.entries))
         cpu = proc_tree_cpu(srv.pid)
-        lat, errors = in_processes(closed_loop, args.procs, sock, ports, args.conns, args.seconds)
+        lat, errors = in_processes(
+            closed_loop, args.procs, sock, ports, args.conns, args.seconds, args.distinct_heads
+        )
         cpu = proc_tree_cpu(srv.pid) - cpu
         # The server's CPU per lookup: what the rate would be were the
         # server alone on a core (here it shares two with the load).
         per = cpu / max(len(lat), 1)
-        print(json.dumps(summary("api lookups, closed loop", lat, args.seconds, errors,
+        what = "api lookups, closed loop" + (", distinct heads" if args.distinct_heads else "")
+        print(json.dumps(summary(what, lat, args.seconds, errors,
                                  conns=args.conns * args.procs, server_cpu_us=round(per * 1e6, 1),
                                  server_cpu_share=round(cpu / args.seconds, 2),
                                  one_core_per_s=round(1 / per) if per else None)))  # fmt: skip
@@ -339,6 +352,11 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=1000)
     ap.add_argument("--conns", type=int, default=8, help="connections per load process")
     ap.add_argument("--procs", type=int, default=1, help="load processes (lookups)")
+    ap.add_argument(
+        "--distinct-heads",
+        action="store_true",
+        help="no request repeats another (lookups): each is parsed by h11, none remembered",
+    )
     ap.add_argument("--rate", type=float, default=2000.0, help="requests/s (nginx)")
     ap.add_argument(
         "--map-rate", type=float, default=100.0, help="MAPs/s, one awaited at a time (udp)"

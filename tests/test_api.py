@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nat64ho import client
 from nat64ho.core import wire
@@ -258,6 +260,103 @@ def test_idle_connections_are_closed(monkeypatch, tmp_path):
     run(go())
 
 
+def test_requests_in_one_read_then_eof_are_all_answered_then_closed(tmp_path):
+    """In-process: two requests and the client's end of sending arrive
+    together; both are answered, in order, and then the connection closes
+    (the second on an h11 connection made after the first reply)."""
+    import asyncio
+
+    async def go():
+        server = httpd.HttpServer({b"/x": lambda q: httpd.text(200, q.decode())}, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        w.write(b"GET /x?1 HTTP/1.1\r\nHost: a\r\n\r\nGET /x?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        w.write_eof()
+        data = await asyncio.wait_for(r.read(), 5)  # to EOF: the server closed
+        await server.stop()
+        return data
+
+    data = run(go())
+    assert re.findall(rb"HTTP/1.1 200 OK\r\n.*?\r\n\r\n(\d)\n", data, re.S) == [b"1", b"2"]
+
+
+def test_a_request_read_again_is_answered_alike_however_it_arrives(tmp_path):
+    """In-process: the same request head read whole (parsed once, then
+    remembered), in two pieces, with a body, as HTTP/1.0 and as a HEAD:
+    each gets the answer h11's parse gives it, in order."""
+    import asyncio
+
+    head = b"GET /x?a HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    async def go():
+        server = httpd.HttpServer({b"/x": lambda q: httpd.text(200, q.decode())}, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+
+        async def answer(*pieces: bytes) -> bytes:
+            for p in pieces:
+                w.write(p)
+                await w.drain()
+                await asyncio.sleep(0.02)  # each piece a read of its own
+            got = await r.readuntil(b"\r\n\r\n")
+            if pieces[0].startswith(b"HEAD "):
+                return got
+            length = int(re.search(rb"content-length: (\d+)", got).group(1))
+            return got + await r.readexactly(length)
+
+        got = [await answer(head) for _ in range(3)]
+        got.append(await answer(head[:9], head[9:]))
+        got.append(await answer(b"GET /x?b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz"))
+        got.append(await answer(b"HEAD /x?c HTTP/1.1\r\nHost: a\r\n\r\n"))
+        got.append(await answer(head))
+        w.write(b"GET /x?d HTTP/1.0\r\n\r\n")
+        last = await asyncio.wait_for(r.read(), 5)  # HTTP/1.0: closed after it
+        await server.stop()
+        return got, last
+
+    got, last = run(go())
+    bodies = [g.split(b"\r\n\r\n", 1)[1] for g in got]
+    assert bodies == [b"a\n"] * 4 + [b"b\n", b"", b"a\n"]
+    assert b"content-length: 2\r\n" in got[5]  # the HEAD's length is the GET's
+    assert last.endswith(b"connection: close\r\n\r\nd\n")
+    assert httpd._whole_request(head) is httpd._whole_request(head)  # remembered
+    assert httpd._whole_request(head[:9]) is None
+    assert httpd._whole_request(head + head) is None  # two: h11 takes them one by one
+
+
+def test_a_request_read_while_one_is_computed_waits_its_turn(tmp_path):
+    """In-process: a remembered request whose route must wait (as a read of
+    the database does), and two more read while it waits, one of them the
+    same head: answered in order, each once."""
+    import asyncio
+
+    async def slow(q: bytes) -> httpd.Reply:
+        await asyncio.sleep(0.1)
+        return httpd.text(200, "slow " + q.decode())
+
+    head = b"GET /slow?1 HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    async def go():
+        routes = {b"/slow": slow, b"/x": lambda q: httpd.text(200, q.decode())}
+        server = httpd.HttpServer(routes, "api")
+        await server.start(str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        for request in (head, head):  # once to be remembered, once remembered
+            w.write(request)
+            await asyncio.sleep(0.02)  # a read of its own; the route is waiting
+            w.write(b"GET /x?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+            await asyncio.sleep(0.02)
+            w.write(head)
+        w.write(b"GET /x?3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), 5)
+        await server.stop()
+        return data
+
+    data = run(go())
+    bodies = re.findall(rb"\r\n\r\n([^\r]*?)\n", data)
+    assert bodies == [b"slow 1", b"2", b"slow 1"] * 2 + [b"3"]
+
+
 def test_health_answers_from_the_endpoint_and_writes_nothing(server_factory, tmp_path):
     srv = server_factory("--metrics", "127.0.0.1:0", "--api", f"unix:{tmp_path}/a.sock")
     host, port = wait_for(
@@ -382,6 +481,7 @@ def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
     client from memory (the NAT64 has not been told); after it, it does."""
     import asyncio
 
+    from nat64ho.daemon import api as api_mod
     from nat64ho.daemon.api import Api
     from nat64ho.peer import Peer
     from tests.test_server_inproc import NAT, replies, settle, start, stop
@@ -410,6 +510,11 @@ def test_an_entry_is_answered_from_memory_only_once_committed(tmp_path):
         assert [type(m) for m in replies(rec, peer)] == [wire.Deleted, wire.Mapping]
         after = api.client(query)
         assert isinstance(after, httpd.Reply) and json.loads(after.body)["address"] == "2001:db8::2"
+        # A query padded past MAX_CACHED_QUERY is answered alike, never cached.
+        cached = api_mod._parse_cached.cache_info().currsize
+        padded = api.client(query + b"&" * api_mod.MAX_CACHED_QUERY)
+        assert isinstance(padded, httpd.Reply) and padded.body == after.body
+        assert api_mod._parse_cached.cache_info().currsize == cached
         api.close()
         await stop(srv)
 
@@ -451,3 +556,53 @@ def test_tcp_only_where_given_and_bad_values_in_one_line(server_factory, tmp_pat
     assert (
         f"--api {host}:{port}: cannot listen: " in taken.stderr and "Traceback" not in taken.stderr
     )
+
+
+# ------------------------------------------------------------------ answers, in-process
+
+
+@given(
+    nat=st.integers(0, 2**32 - 1),
+    port=st.integers(1, 65535),
+    addr=st.one_of(
+        st.binary(min_size=16, max_size=16),
+        st.binary(min_size=4, max_size=4).map(lambda v4: bytes(10) + b"\xff\xff" + v4),
+        st.binary(min_size=6, max_size=6).map(lambda tail: bytes(10) + tail),
+    ),
+    aport=st.integers(0, 65535),
+    since=st.integers(0, 2**41),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_found_answer_is_what_json_dumps_would_write(nat, port, addr, aport, since):
+    """The answer a lookup gets, written without json.dumps, is byte for
+    byte json.dumps of its fields, for any address (IPv4-mapped and other
+    mixed notations included) and time."""
+    from nat64ho.daemon.api import _answer
+    from nat64ho.eventlog import ipv4_str, ipv6_str, ts_rfc3339
+
+    reply = _answer(nat, port, addr, aport, since)
+    fields = {
+        "nat": ipv4_str(nat),
+        "port": port,
+        "address": ipv6_str(addr),
+        "client_port": aport,
+        "since": ts_rfc3339(since),
+    }
+    assert reply.body == json.dumps(fields).encode() + b"\n"
+    assert json.loads(reply.body) == fields
+    assert dict(reply.headers) == {
+        b"x-nat64ho-client": fields["address"].encode(),
+        b"x-nat64ho-client-port": str(aport).encode(),
+    }
+
+
+def test_a_query_is_parsed_once_and_a_long_or_bad_one_every_time():
+    from nat64ho.daemon import api
+
+    api._parse_cached.cache_clear()
+    ok = b"nat=192.0.2.9&port=14106"
+    assert api._parse_cached(ok) == api.parse_query(ok) == (0xC0000209, 14106, None)
+    assert api._parse_cached(ok) is api._parse_cached(ok)
+    with pytest.raises(api.BadQuery):
+        api._parse_cached(b"nat=192.0.2.9&port=0")
+    assert api._parse_cached.cache_info().currsize == 1  # errors are not kept
