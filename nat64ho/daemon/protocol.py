@@ -140,6 +140,9 @@ class Server(asyncio.DatagramProtocol):
         )
         #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
         self._loading: dict[int, asyncio.Task[None]] = {}
+        #: Answers that announce what is not yet durable, by the sequence
+        #: number of the commit they wait for: (NAT64, encoded units, address).
+        self._held: dict[int, list[tuple[int, list[list[bytes]], Address]]] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         #: Source address text -> IPv4 as an int (None: not IPv4).
         self._sources: dict[str, int | None] = {}
@@ -415,7 +418,10 @@ class Server(asyncio.DatagramProtocol):
             if self.tables.queued + self.waiting >= MAX_INFLIGHT:
                 self._drop(Drop.OVERLOADED)
                 return
-            store.answer_after(out.wait_seq, state.nat, out.units, addr)
+            held = self._held.get(out.wait_seq)
+            if held is None:
+                held = self._held[out.wait_seq] = []
+            held.append((state.nat, out.units, addr))
             share.waiting += 1
             self.waiting += 1
         else:
@@ -536,12 +542,13 @@ class Server(asyncio.DatagramProtocol):
                     initialized += 1
             if initialized:
                 self.counts[Count.INITIALIZED] += initialized
-        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in batch.answers])
-        if batch.answers:
+        answers = self._held.pop(batch.seq, ())
+        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in answers])
+        if answers:
             send = self._send
-            for _, units, addr in batch.answers:
+            for _, units, addr in answers:
                 send(units, addr)
-            self.waiting -= len(batch.answers)
+            self.waiting -= len(answers)
         if self.tables.excess > 0:
             self._trim()
 
