@@ -20,7 +20,7 @@ import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from nat64ho.core import wire
@@ -37,6 +37,7 @@ from nat64ho.storage.base import Committed, Storage
 from nat64ho.storage.schema import BadRow
 
 if TYPE_CHECKING:
+    from nat64ho.daemon.http import HttpServer
     from nat64ho.daemon.metrics import Metrics
 
 log = logging.getLogger("nat64ho")
@@ -96,6 +97,7 @@ class Server(asyncio.DatagramProtocol):
         clock: Clock | None = None,
         *,
         ipfix: Exporter | None = None,
+        http: Sequence[HttpServer] = (),
     ):
         self.config = config
         self.store = store
@@ -154,7 +156,7 @@ class Server(asyncio.DatagramProtocol):
         if config.metrics is not None:
             from nat64ho.daemon.metrics import Metrics
 
-            self.metrics = Metrics(self)
+            self.metrics = Metrics(self, http)
         self._commits = asyncio.ensure_future(self._take_commits())
 
     def _keep_epoch(self, epoch: int) -> None:

@@ -199,7 +199,8 @@ async def _serve(
         )
         _made_private(created_dirs, created)
         exporter = Exporter(config.ipfix, config.ipfix_domain) if config.ipfix else None
-        server = Server(config, store, logfile, ipfix=exporter)
+        endpoints = Endpoints()  # --metrics, --api
+        server = Server(config, store, logfile, ipfix=exporter, http=endpoints.servers)
         damage = asyncio.ensure_future(store.damage_found.wait())
         damage.add_done_callback(lambda _: stop.set())
         sinks.callback(damage.cancel)
@@ -255,7 +256,6 @@ async def _serve(
             helpers.append(
                 asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive))
             )
-        endpoints = Endpoints()  # --metrics, --api
         await endpoints.start(config, server)
         stack.push_async_callback(endpoints.stop)
         if exporter is not None:

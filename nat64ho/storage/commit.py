@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from nat64ho.core.records import Event, NewEntry
 from nat64ho.errors import DatabaseDamaged, Fault
@@ -121,10 +122,28 @@ class GroupCommit(abc.ABC):
     async def _close_connections(self) -> None: ...
 
     @abc.abstractmethod
+    async def _prune_some(self, before: int) -> int:
+        """Delete a chunk of the history events older than ``before``; how many."""
+
+    @abc.abstractmethod
     def _drop_session(self) -> None:
         """The connection is lost: fail whatever waits on it now."""
 
     # ------------------------------------------------------------ life
+    def _loaded(
+        self,
+        meta: dict[str, object],
+        nats: Iterable[Sequence[Any]],
+        last_event_ts: int | None,
+    ) -> None:
+        """Take the state read at start: ``meta`` (with the secret),
+        (nat, boot_id, first_hello, last_hello) rows, the newest event time."""
+        self.meta = meta
+        self.secret = bytes(cast(bytes, meta["secret"]))
+        self.clock_hwm = int(cast(int, meta.get("clock_hwm", 0)))
+        self.nats = {nat: NatRecord(bytes(boot), first, last) for nat, boot, first, last in nats}
+        self.last_event_ts = last_event_ts or 0
+
     def _start(self) -> None:
         """Start committing, once opened and loaded."""
         self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
@@ -234,6 +253,14 @@ class GroupCommit(abc.ABC):
                 raise DatabaseDamaged(self.damaged)
         finally:
             self._read_all.set()
+
+    async def prune(self, before: int) -> int:
+        """Delete history events older than ``before`` (µs), in small chunks."""
+        total = 0
+        while n := await self._prune_some(before):
+            total += n
+            await asyncio.sleep(0)
+        return total
 
     def commit_running_for(self) -> float:
         """Seconds the commit in flight has run without an answer (0 when

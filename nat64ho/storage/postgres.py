@@ -22,7 +22,7 @@ from nat64ho.errors import Fault
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS, numbered
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.storage import pg_schema, schema
-from nat64ho.storage.base import EventRow, NatRecord, checked_rows
+from nat64ho.storage.base import EventRow, checked_rows
 from nat64ho.storage.commit import CLOSE_GIVE_UP, Group, GroupCommit, Recency
 from nat64ho.storage.schema import shown
 
@@ -89,6 +89,7 @@ _SET_META = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 _ROW = "SELECT port, addr, aport, created, last_use FROM entry"
+_PRUNE_EVENTS = numbered(PRUNE_EVENTS)
 
 
 class SessionLost(Exception):
@@ -239,12 +240,9 @@ class PgStore(GroupCommit):
             # Written at start, so that a session that cannot write is
             # refused now, not found out at the first HELLO.
             await w.execute(_SET_META, "secret", rows["secret"])
-            for r in await w.fetch("SELECT nat, boot_id, first_hello, last_hello FROM nat"):
-                self.nats[r[0]] = NatRecord(bytes(r[1]), r[2], r[3])
-            self.last_event_ts = await w.fetchval("SELECT max(ts) FROM event") or 0
-        self.meta = {k: _meta_value(k, v) for k, v in rows.items()}
-        self.secret = bytes(rows["secret"])
-        self.clock_hwm = int(cast(int, self.meta.get("clock_hwm", 0)))
+            nats = await w.fetch("SELECT nat, boot_id, first_hello, last_hello FROM nat")
+            last_ts = await w.fetchval("SELECT max(ts) FROM event")
+        self._loaded({k: _meta_value(k, v) for k, v in rows.items()}, nats, last_ts)
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None:
         if self.meta.get(key) != value:
@@ -406,18 +404,10 @@ class PgStore(GroupCommit):
         self._last_ok = self._loop.time()
         return self._last_ok - start
 
-    async def prune(self, before: int) -> int:
-        """Delete history events older than ``before`` (µs), in small chunks."""
-        total = 0
-        sql = numbered(PRUNE_EVENTS)
-        while True:
-            async with self._wlock:
-                status = await self._w.execute(sql, before, PRUNE_BATCH)
-            n = int(status.split()[-1])
-            total += n
-            if n < PRUNE_BATCH:
-                return total
-            await asyncio.sleep(0)
+    async def _prune_some(self, before: int) -> int:
+        async with self._wlock:
+            status = await self._w.execute(_PRUNE_EVENTS, before, PRUNE_BATCH)
+        return int(status.split()[-1])
 
 
 async def _init_reader(conn: asyncpg.Connection) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import cast
 
 import aiosqlite
 
@@ -23,7 +22,7 @@ from nat64ho.core.records import Row
 from nat64ho.errors import Fault
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS
 from nat64ho.storage import schema
-from nat64ho.storage.base import EventRow, NatRecord, checked_rows
+from nat64ho.storage.base import EventRow, checked_rows
 from nat64ho.storage.commit import CLOSE_GIVE_UP, Group, GroupCommit, Recency
 from nat64ho.storage.writer import CommitFailed, Writer, WriterLost
 
@@ -120,23 +119,16 @@ class Store(GroupCommit):
         return self
 
     async def _load_meta(self) -> None:
-        rows = self.meta = {
-            str(k): v for k, v in await self._w.execute_fetchall("SELECT key, value FROM meta")
-        }
-        secret = rows.get("secret")
-        if secret is None:
+        w = self._w
+        meta = {str(k): v for k, v in await w.execute_fetchall("SELECT key, value FROM meta")}
+        if meta.get("secret") is None:
             # Created once and kept with the table, so cookies survive restarts.
-            secret = os.urandom(32)
-            await self._w.execute("INSERT INTO meta VALUES ('secret', ?)", (secret,))
-        self.secret = bytes(cast(bytes, secret))  # a BLOB
-        self.clock_hwm = int(cast(int, rows.get("clock_hwm", 0)))
-        for nat, boot_id, first, last in await self._w.execute_fetchall(
-            "SELECT nat, boot_id, first_hello, last_hello FROM nat"
-        ):
-            self.nats[nat] = NatRecord(bytes(boot_id), first, last)
+            meta["secret"] = os.urandom(32)
+            await w.execute("INSERT INTO meta VALUES ('secret', ?)", (meta["secret"],))
+        nats = await w.execute_fetchall("SELECT nat, boot_id, first_hello, last_hello FROM nat")
         # An index seek (event_ts): event times go on strictly after it.
-        [(last_ts,)] = await self._w.execute_fetchall("SELECT max(ts) FROM event")
-        self.last_event_ts = last_ts or 0
+        [(last_ts,)] = await w.execute_fetchall("SELECT max(ts) FROM event")
+        self._loaded(meta, nats, last_ts)
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None:
         """Record a server-wide value (e.g. the port range, for ``stats``)."""
@@ -266,12 +258,6 @@ class Store(GroupCommit):
         # BEGIN to COMMIT, as the writer timed it.
         return await self._writer.commit((group.entries, recency, events, nats, hwm))
 
-    async def prune(self, before: int) -> int:
-        """Delete history events older than ``before`` (µs), in small chunks."""
-        total = 0
-        while True:
-            cur = await self._w.execute(PRUNE_EVENTS, (before, PRUNE_BATCH))
-            total += cur.rowcount
-            if cur.rowcount < PRUNE_BATCH:
-                return total
-            await asyncio.sleep(0)
+    async def _prune_some(self, before: int) -> int:
+        cur = await self._w.execute(PRUNE_EVENTS, (before, PRUNE_BATCH))
+        return cur.rowcount
