@@ -281,9 +281,7 @@ class PgStore(GroupCommit):
         return Fault.DAMAGED if isinstance(exc, asyncpg.PostgresError) else None
 
     async def _interrupt(self) -> None:
-        # Our own doing, not a lost session.
-        self._w.remove_termination_listener(self._terminated)
-        self._w.terminate()
+        self._drop_session()  # our own doing: no lost session to report
 
     async def _close_connections(self) -> None:
         self._w.remove_termination_listener(self._terminated)
