@@ -42,14 +42,6 @@ _ROW = "SELECT port, addr, aport, created, last_use FROM entry"
 _DAMAGE_CODES = frozenset({11, 26})
 
 
-def is_damage(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database file is damaged."""
-    return (
-        isinstance(exc, sqlite3.DatabaseError)
-        and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES
-    )
-
-
 class Store(GroupCommit):
     """The database of one server. Use :meth:`open`, then :meth:`close`."""
 
@@ -240,7 +232,7 @@ class Store(GroupCommit):
             return Fault.LOST
         if not isinstance(exc, sqlite3.Error):
             return None
-        if is_damage(exc):
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DAMAGE_CODES:
             return Fault.DAMAGED
         if isinstance(exc, sqlite3.IntegrityError) or (
             isinstance(exc, CommitFailed) and exc.integrity
