@@ -18,5 +18,7 @@ class DatabaseDamaged(DatabaseError):
 class Fault(enum.Enum):
     """What a failed read or commit means, as the store that saw it tells."""
 
+    RETRY = "retry"  #: passing (a full or busy disk, a lock): the same commit again
     DAMAGED = "damaged"  #: the database itself: stop, writing on may spread it
-    LOST = "lost"  #: the session, and the table's ownership with it
+    REFUSED = "refused"  #: a change the database calls inconsistent: a bug, stop
+    LOST = "lost"  #: the session (or writer), and the table's ownership with it

@@ -236,6 +236,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def committed(store, seq: int | None = None) -> None:
+    """Until group ``seq`` of an in-process store is committed (None: every
+    change added so far); raises DatabaseDamaged once it is given up on.
+    Yields at least once, so that the reader of its commits runs."""
+    from nat64ho.errors import DatabaseDamaged
+
+    while True:
+        await asyncio.sleep(0.001)
+        if store.damaged is not None:
+            raise DatabaseDamaged(store.damaged)
+        if (store.unsaved == 0) if seq is None else store.committed_seq >= seq:
+            return
+
+
 def nat64ho(
     *args: str, input: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from nat64ho.daemon.metrics import Metrics
 from nat64ho.daemon.protocol import Server
 from nat64ho.peer import Peer
 from nat64ho.storage.sqlite import Store
+from tests.helpers import committed
 
 NAT = ("192.0.2.7", 40000)
 
@@ -52,7 +53,7 @@ def scrape(tmp_path: Path) -> tuple[dict, set, set]:
         while srv.tasks or srv.waiting:
             if srv.tasks:
                 await asyncio.gather(*list(srv.tasks))
-            await store.flushed()
+            await committed(store)
         text = metrics.render().decode()
         counted, dropped = set(srv.counts), set(srv.drops)
         await store.close()

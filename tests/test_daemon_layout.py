@@ -58,6 +58,6 @@ def test_daemon_modules_import_one_another_without_a_cycle():
 
 
 def test_the_datagram_path_imports_no_backend():
-    for name in ("protocol", "metrics", "endpoints", "http", "systemd", "sockets"):
+    for name in ("protocol", "logfile", "metrics", "endpoints", "http", "systemd", "sockets"):
         used = _imports(DAEMON / f"{name}.py")
         assert used & BACKENDS == set(), name

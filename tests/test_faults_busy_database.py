@@ -43,7 +43,7 @@ def hold(db: Path, begin: str, statement: str, seconds: float) -> subprocess.Pop
 
 @pytest.mark.slow
 def test_write_lock_held_for_seconds_is_waited_out(server_factory):
-    from nat64ho.storage.sqlite import MAX_RETRY_DELAY
+    from nat64ho.storage.commit import MAX_RETRY_DELAY
 
     srv = server_factory("--ports", "1028-1100")
 

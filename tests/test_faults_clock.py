@@ -16,6 +16,7 @@ from nat64ho.peer import Client
 from tests.helpers import (
     Recorder,
     ServerProcess,
+    committed,
     connect,
     db_rows,
     entries,
@@ -182,7 +183,7 @@ def test_wall_clock_stepped_back_between_runs_freezegun(tmp_path):
             while srv.tasks or srv.waiting:
                 if srv.tasks:
                     await asyncio.gather(*list(srv.tasks))
-                await store.flushed()
+                await committed(store)
             for data, _ in rec.sent:
                 out += peer.receive(data)
             rec.sent.clear()

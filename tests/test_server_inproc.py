@@ -16,7 +16,7 @@ from nat64ho.daemon.protocol import Server
 from nat64ho.eventlog import Event, EventKind, format_event, parse_line, ts_from_datetime
 from nat64ho.peer import Peer
 from nat64ho.storage.sqlite import Store
-from tests.helpers import Recorder
+from tests.helpers import Recorder, committed
 
 NAT = ("192.0.2.7", 40000)
 V17 = ipaddress.IPv6Address("2001:db8::17").packed
@@ -56,7 +56,7 @@ async def settle(srv: Server):
     while srv.tasks or srv.waiting:
         if srv.tasks:
             await asyncio.gather(*list(srv.tasks))
-        await srv.store.flushed()
+        await committed(srv.store)
 
 
 async def stop(srv: Server):
@@ -244,14 +244,14 @@ def test_spoofed_hello_does_not_cut_off_the_real_nat64(tmp_path):
 
 def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_path):
     from nat64ho.core.records import Row
-    from nat64ho.storage.sqlite import DatabaseDamaged
+    from nat64ho.errors import DatabaseDamaged
 
     async def go():
         srv, rec = await start(tmp_path)
         # Two entries for one endpoint on one NAT64: the endpoint index says no.
         srv.store.add(1, [Row(1028, V17, 1, 0, 0), Row(1029, V17, 1, 0, 0)], [])
         with pytest.raises(DatabaseDamaged):
-            await srv.store.wait(1)
+            await committed(srv.store, 1)
         assert srv.store.damage_found.is_set() and "inconsistent" in srv.store.damaged
         await srv.store.close()
         srv.logfile.close()

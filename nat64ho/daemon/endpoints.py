@@ -45,8 +45,6 @@ class Endpoints:
                 self.servers.append(http)
                 at = await http.start(config.api)
                 log.info("API on %s (GET %s)", at, PATH.decode())
-            if metrics is not None:
-                metrics.endpoints += self.servers
         except BaseException:
             await self.stop()
             raise

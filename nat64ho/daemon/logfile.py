@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -180,7 +179,10 @@ class LogFile:
                         break
             except OSError:
                 continue  # still failing: the error was said once
-            except (sqlite3.Error, ValueError, TypeError) as exc:
+            except Exception as exc:
+                # A row that does not decode, or the database's error.
+                if store.classify(exc) is None and not isinstance(exc, ValueError | TypeError):
+                    raise
                 if not told:
                     log.error("cannot read the history to catch up log file %s: %s", self.path, exc)
                     told = True

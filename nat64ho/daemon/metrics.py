@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -149,7 +149,7 @@ def _ipfix_families(exporter: Exporter) -> Iterator[Family]:
 class _HttpCollector(Collector):
     """Connections of the HTTP endpoints, and those refused at the cap."""
 
-    def __init__(self, endpoints: list[HttpServer]):
+    def __init__(self, endpoints: Sequence[HttpServer]):
         self.endpoints = endpoints
 
     def collect(self) -> Iterator[Family]:
@@ -174,7 +174,9 @@ class Metrics:
     """The registry of one server; its endpoint is a route of
     :class:`nat64ho.daemon.http.HttpServer`."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, endpoints: Sequence[HttpServer] = ()) -> None:
+        """``endpoints``: the HTTP endpoints (--metrics, --api), a list
+        that fills once they listen."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(server))
         self.batch_rows = Histogram(
@@ -195,10 +197,7 @@ class Metrics:
         Info("nat64ho_build", "The running nat64ho.", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
-
-        #: The HTTP endpoints (--metrics, --api), set once they listen.
-        self.endpoints: list[HttpServer] = []
-        self.registry.register(_HttpCollector(self.endpoints))
+        self.registry.register(_HttpCollector(endpoints))
 
     def observe_commit(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

@@ -20,7 +20,7 @@ import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from nat64ho.core import wire
@@ -37,6 +37,7 @@ from nat64ho.storage.base import Committed, Storage
 from nat64ho.storage.schema import BadRow
 
 if TYPE_CHECKING:
+    from nat64ho.daemon.http import HttpServer
     from nat64ho.daemon.metrics import Metrics
 
 log = logging.getLogger("nat64ho")
@@ -96,6 +97,7 @@ class Server(asyncio.DatagramProtocol):
         clock: Clock | None = None,
         *,
         ipfix: Exporter | None = None,
+        http: Sequence[HttpServer] = (),
     ):
         self.config = config
         self.store = store
@@ -140,6 +142,9 @@ class Server(asyncio.DatagramProtocol):
         )
         #: Loads of NAT64 tables in flight, shared by the datagrams that need them.
         self._loading: dict[int, asyncio.Task[None]] = {}
+        #: Answers that announce what is not yet durable, by the sequence
+        #: number of the commit they wait for: (NAT64, encoded units, address).
+        self._held: dict[int, list[tuple[int, list[list[bytes]], Address]]] = {}
         self.waiting = 0  #: datagrams whose answers wait for a commit, all NAT64s
         #: Source address text -> IPv4 as an int (None: not IPv4).
         self._sources: dict[str, int | None] = {}
@@ -151,7 +156,7 @@ class Server(asyncio.DatagramProtocol):
         if config.metrics is not None:
             from nat64ho.daemon.metrics import Metrics
 
-            self.metrics = Metrics(self)
+            self.metrics = Metrics(self, http)
         self._commits = asyncio.ensure_future(self._take_commits())
 
     def _keep_epoch(self, epoch: int) -> None:
@@ -415,7 +420,10 @@ class Server(asyncio.DatagramProtocol):
             if self.tables.queued + self.waiting >= MAX_INFLIGHT:
                 self._drop(Drop.OVERLOADED)
                 return
-            store.answer_after(out.wait_seq, state.nat, out.units, addr)
+            held = self._held.get(out.wait_seq)
+            if held is None:
+                held = self._held[out.wait_seq] = []
+            held.append((state.nat, out.units, addr))
             share.waiting += 1
             self.waiting += 1
         else:
@@ -536,12 +544,13 @@ class Server(asyncio.DatagramProtocol):
                     initialized += 1
             if initialized:
                 self.counts[Count.INITIALIZED] += initialized
-        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in batch.answers])
-        if batch.answers:
+        answers = self._held.pop(batch.seq, ())
+        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in answers])
+        if answers:
             send = self._send
-            for _, units, addr in batch.answers:
+            for _, units, addr in answers:
                 send(units, addr)
-            self.waiting -= len(batch.answers)
+            self.waiting -= len(answers)
         if self.tables.excess > 0:
             self._trim()
 

@@ -180,7 +180,7 @@ async def _serve(
                 log.info("stopped while in standby")
                 return None
             sinks.callback(ownership.release)
-        store, errors = await _open_store(config, writer)
+        store = await _open_store(config, writer)
 
         async def close_store() -> None:
             nonlocal unsaved
@@ -190,14 +190,17 @@ async def _serve(
         try:
             # Read commands (stats) take the table size from here.
             await store.set_meta("ports", f"{config.first_port}-{config.last_port}")
-        except errors as exc:
+        except Exception as exc:
+            if store.classify(exc) is None:
+                raise
             log.warning("cannot record the port range in %s: %s", where, exc)
         logfile = sinks.enter_context(
             contextlib.closing(LogFile(config.log_file, store, _owns(config)))
         )
         _made_private(created_dirs, created)
         exporter = Exporter(config.ipfix, config.ipfix_domain) if config.ipfix else None
-        server = Server(config, store, logfile, ipfix=exporter)
+        endpoints = Endpoints()  # --metrics, --api
+        server = Server(config, store, logfile, ipfix=exporter, http=endpoints.servers)
         damage = asyncio.ensure_future(store.damage_found.wait())
         damage.add_done_callback(lambda _: stop.set())
         sinks.callback(damage.cancel)
@@ -253,7 +256,6 @@ async def _serve(
             helpers.append(
                 asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive))
             )
-        endpoints = Endpoints()  # --metrics, --api
         await endpoints.start(config, server)
         stack.push_async_callback(endpoints.stop)
         if exporter is not None:
@@ -294,21 +296,15 @@ async def _serve(
     return server
 
 
-async def _open_store(
-    config: Config, writer: asyncpg.Connection | None
-) -> tuple[Storage, tuple[type[BaseException], ...]]:
-    """The store of ``config.db``, and the errors its writes raise."""
+async def _open_store(config: Config, writer: asyncpg.Connection | None) -> Storage:
+    """The store of ``config.db``."""
     if writer is not None:
-        import asyncpg
-
         from nat64ho.storage.postgres import PgStore
 
-        pg = await PgStore.open(str(config.db), writer=writer)
-        return pg, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+        return await PgStore.open(str(config.db), writer=writer)
     from nat64ho.storage.sqlite import Store
 
-    store = await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
-    return store, (sqlite3.Error,)
+    return await Store.open(config.db, sync=config.sync, writer_fd=config.writer_fd)
 
 
 def _owns(config: Config) -> Callable[[int], bool] | None:

@@ -1,21 +1,22 @@
 """The storage interface the server needs, over plain records: what a
 backend (SQLite in :mod:`.sqlite`, PostgreSQL in :mod:`.postgres`) implements.
 
-The core decides; storage keeps. Storage never sees a live table entry: it
-gets new entries as :class:`Row` values and recency as (port, last use)
-pairs, and commits them in groups. The server learns that a group is durable
-by taking it from :meth:`Storage.commits` (answers and events of the group
-leave then), or by awaiting :meth:`Storage.wait`.
+The core decides; storage keeps. Storage never sees a live table entry nor
+a datagram: it gets new entries as :class:`Row` values and recency as (port,
+last use) pairs, and commits them in groups (:mod:`.commit`). The server
+learns that a group is durable by taking it from :meth:`Storage.commits`;
+the answers waiting for that group's sequence number leave then.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from nat64ho.core.records import Event, NewEntry, Row
 from nat64ho.errors import Fault
+from nat64ho.storage import schema
 
 #: Unsaved recency is written at least this often (µs are not lost on a clean
 #: stop; on a crash at most this much LRU ordering is).
@@ -30,12 +31,25 @@ class NatRecord(NamedTuple):
     last_hello: int
 
 
+#: A history row: (id, ts, kind, nat, port, addr, aport).
+EventRow = tuple[Any, ...]
+
+
+def checked_rows(where: object, nat: int, rows: Iterable[Sequence[Any]]) -> list[Row]:
+    """Entry rows as read, checked: a planted or damaged one is refused by name."""
+    out = []
+    for r in rows:
+        if not schema.entry_ok((nat, *r)):
+            raise schema.bad_entry(where, (nat, *r))
+        out.append(Row(*r))
+    return out
+
+
 class Committed(Protocol):
     """One durable group of changes, as :meth:`Storage.commits` yields it."""
 
     seq: int
     events: list[Event]  #: in the order they were added
-    answers: list[tuple[int, list, tuple]]  #: (NAT64, encoded units, address) to send now
     rows_by_nat: dict[int, int]  #: rows (entries and events) each NAT64 added
     recency: list[tuple[int, int, int]]  #: (last_use, nat, port) saved
     rows: int  #: rows written, recency included
@@ -48,11 +62,6 @@ class Storage(Protocol):
     does not decode; a damaged file sets :attr:`damage_found`."""
 
     # ---------------------------------------------------------------- state read at start
-    @property
-    def path(self) -> object:
-        """Where it lives, for messages."""
-        ...
-
     secret: bytes  #: the cookie secret, created once and kept
 
     @property
@@ -70,7 +79,7 @@ class Storage(Protocol):
     committed_seq: int  #: the newest group on disk
     failing: str | None  #: why commits fail, while they do
     damaged: str | None  #: why the file was given up on; never cleared
-    lost: str | None  #: why the session to the database ended (PostgreSQL), if it did
+    lost: str | None  #: why the session (or writer) ended, if it did
     damage_found: asyncio.Event
 
     def commit_running_for(self) -> float:
@@ -102,9 +111,9 @@ class Storage(Protocol):
         """``n`` rows in (last_use, port) order, after ``after``."""
 
     # ---------------------------------------------------------------- the log's catch-up
-    async def event_id(self, key: tuple) -> int | None: ...
+    async def event_id(self, key: tuple[object, ...]) -> int | None: ...
 
-    async def read_events(self, after: int, n: int) -> list[tuple]: ...
+    async def read_events(self, after: int, n: int) -> list[EventRow]: ...
 
     # ---------------------------------------------------------------- writes
     @property
@@ -129,25 +138,17 @@ class Storage(Protocol):
 
     def add_boot(self, nat: int, boot_id: bytes, wall: int, event: Event | None) -> None: ...
 
-    def answer_after(self, seq: int, nat: int, units: list, addr: tuple) -> None:
-        """Hold an answer until group ``seq`` is durable."""
-
     def flush_recency_soon(self) -> None: ...
 
     def commits(self) -> AsyncIterator[Committed]:
-        """Each durable group in order, until closed; the group's waiters
-        wake once the next one is asked for."""
-
-    async def wait(self, seq: int) -> None: ...
-
-    async def flushed(self) -> None: ...
+        """Each durable group in order, until closed; raises
+        DatabaseDamaged at the end once given up on."""
 
     def classify(self, exc: BaseException) -> Fault | None:
-        """What ``exc``, raised by a read, means for serving; None: not the
-        database's fault."""
+        """What ``exc`` means for serving; None: not the database's fault."""
 
-    def damage(self, exc: BaseException, what: str = ...) -> None:
-        """Give up on the file: commit nothing more, set damage_found."""
+    def damage(self, exc: BaseException, fault: Fault = ...) -> None:
+        """Give up on the database: commit nothing more, set damage_found."""
 
     # ---------------------------------------------------------------- upkeep
     async def prune(self, before: int) -> int:

@@ -1,7 +1,6 @@
-"""The server's tables on PostgreSQL, through asyncpg: the same group commit,
-acknowledge-after-commit and recency batches as the SQLite store (whose
-batching it inherits), over one writer session that also holds the table's
-ownership lock, and a small pool of read-only sessions for reads.
+"""The server's tables on PostgreSQL, through asyncpg: a backend of the group
+commit (:mod:`nat64ho.storage.commit`), over one writer session that also
+holds the table's ownership lock, and a small pool of read-only sessions.
 
 The writer session is the owner: if it ends (terminated, its server gone,
 the network cut), the lock is gone with it and a standby may already be
@@ -14,21 +13,18 @@ import asyncio
 import logging
 import os
 import socket
+from typing import cast
 
 import asyncpg
 
 from nat64ho.core.records import Row
-from nat64ho.errors import DatabaseDamaged, Fault
+from nat64ho.errors import Fault
 from nat64ho.sql import PRUNE_BATCH, PRUNE_EVENTS, numbered
 from nat64ho.sql import UPSERT_ENTRY as _UPSERT_ENTRY
 from nat64ho.storage import pg_schema, schema
-from nat64ho.storage.base import NatRecord
+from nat64ho.storage.base import EventRow, checked_rows
+from nat64ho.storage.commit import CLOSE_GIVE_UP, Group, GroupCommit, Recency
 from nat64ho.storage.schema import shown
-from nat64ho.storage.sqlite import (
-    CLOSE_GIVE_UP,
-    Batch,
-    Store,
-)
 
 log = logging.getLogger("nat64ho.store")
 
@@ -93,6 +89,7 @@ _SET_META = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 _ROW = "SELECT port, addr, aport, created, last_use FROM entry"
+_PRUNE_EVENTS = numbered(PRUNE_EVENTS)
 
 
 class SessionLost(Exception):
@@ -104,6 +101,7 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(
         exc,
         (
+            SessionLost,
             OSError,
             TimeoutError,
             asyncpg.InterfaceError,
@@ -181,22 +179,22 @@ def _meta_octets(value: str | bytes | int) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-class PgStore(Store):
+class PgStore(GroupCommit):
     """The database of one server on PostgreSQL. Open it with a session
     that holds the owner lock (:mod:`nat64ho.storage.pg_owner`)."""
 
+    LOST_WHAT = "lost its PostgreSQL session, and with it the table"
+
     def __init__(self, url: str, writer: asyncpg.Connection, reader: asyncpg.Pool):
-        super().__init__(shown(url), writer, reader)  # type: ignore[arg-type]
+        super().__init__(shown(url))
         self.url = url
-        self._pg_w = writer
+        self._w = writer
         self._pool = reader
         self._wlock = asyncio.Lock()  # one statement at a time on the writer
         self._last_ok = self._loop.time()
-        self._heart: asyncio.Task | None = None
-        self.lost: str | None = None  #: why the session ended, if it did
 
     @classmethod
-    async def open(cls, url: str, *, writer: asyncpg.Connection) -> PgStore:  # type: ignore[override]
+    async def open(cls, url: str, *, writer: asyncpg.Connection) -> PgStore:
         """The store over ``writer`` (migrated, holding the owner lock)."""
         try:
             # Checked here too: whoever migrated may have let a refusal pass
@@ -226,13 +224,11 @@ class PgStore(Store):
             ) from None
         log.info("database %s: PostgreSQL %s", self.path, _version(writer))
         writer.add_termination_listener(self._terminated)
-        self._flusher = asyncio.create_task(self._flush_loop(), name="nat64ho-flush")
-        self._ticker = asyncio.create_task(self._tick(), name="nat64ho-recency")
-        self._heart = asyncio.create_task(self._heartbeat(), name="nat64ho-heartbeat")
+        self._start()
         return self
 
     async def _load_meta(self) -> None:
-        w = self._pg_w
+        w = self._w
         async with w.transaction():
             rows = {
                 r["key"]: bytes(r["value"]) for r in await w.fetch("SELECT key, value FROM meta")
@@ -244,82 +240,58 @@ class PgStore(Store):
             # Written at start, so that a session that cannot write is
             # refused now, not found out at the first HELLO.
             await w.execute(_SET_META, "secret", rows["secret"])
-            for r in await w.fetch("SELECT nat, boot_id, first_hello, last_hello FROM nat"):
-                self.nats[r[0]] = NatRecord(bytes(r[1]), r[2], r[3])
-            self.last_event_ts = await w.fetchval("SELECT max(ts) FROM event") or 0
-        self.meta = {k: _meta_value(k, v) for k, v in rows.items()}
-        self.secret = bytes(rows["secret"])
-        self.clock_hwm = int(self.meta.get("clock_hwm", 0))  # type: ignore[call-overload]
+            nats = await w.fetch("SELECT nat, boot_id, first_hello, last_hello FROM nat")
+            last_ts = await w.fetchval("SELECT max(ts) FROM event")
+        self._loaded({k: _meta_value(k, v) for k, v in rows.items()}, nats, last_ts)
 
     async def set_meta(self, key: str, value: str | bytes | int) -> None:
         if self.meta.get(key) != value:
             async with self._wlock:
-                await self._pg_w.execute(_SET_META, key, _meta_octets(value))
+                await self._w.execute(_SET_META, key, _meta_octets(value))
             self.meta[key] = value
 
     # ------------------------------------------------------------ the session
     def _terminated(self, _conn: object) -> None:
-        self._session_lost(SessionLost("the connection closed"))
+        self.damage(SessionLost("the connection closed"), Fault.LOST)
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT)
-            if self._loop.time() - self._last_ok < HEARTBEAT or self.damaged is not None:
-                continue
-            try:
-                async with self._wlock:
-                    await self._pg_w.fetchval("SELECT 1", timeout=HEARTBEAT_TIMEOUT)
-                self._last_ok = self._loop.time()
-            except Exception as exc:
-                if _lost(exc) or isinstance(exc, asyncpg.PostgresError):
-                    self._session_lost(exc)
-                    return
-                raise
+    async def _probe(self) -> None:
+        if self._loop.time() - self._last_ok < HEARTBEAT:
+            return  # a commit just answered
+        try:
+            async with self._wlock:
+                await self._w.fetchval("SELECT 1", timeout=HEARTBEAT_TIMEOUT)
+        except asyncpg.PostgresError as exc:
+            raise SessionLost(str(exc)) from exc
+        self._last_ok = self._loop.time()
 
-    def _session_lost(self, exc: BaseException) -> None:
-        if self.damaged is not None:
-            return
-        why = str(exc) or type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            why = "no answer in time"
-        self.lost = why
-        self.damage(exc, "lost its PostgreSQL session, and with it the table")
+    def _drop_session(self) -> None:
         # Whatever waits on the session fails now rather than at its timeout.
-        self._pg_w.remove_termination_listener(self._terminated)
-        self._pg_w.terminate()
+        self._w.remove_termination_listener(self._terminated)
+        self._w.terminate()
 
     def classify(self, exc: BaseException) -> Fault | None:
-        if isinstance(exc, DatabaseDamaged):
-            return Fault.DAMAGED
-        return Fault.LOST if _lost(exc) else None
-
-    def damage(self, exc: BaseException, what: str = "damaged while serving") -> None:
-        if self.damaged is not None:
-            return
-        if self.lost is None:
-            super().damage(exc, what)
-            return
-        # Not damage: the table may have a new owner now. One line says so.
-        self.damaged = f"{self.path}: {what} ({self.lost}); stopping, nothing more is acknowledged"
-        self.failing = self.damaged
-        self.damage_found.set()
+        if _lost(exc):
+            return Fault.LOST
+        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+            # A decision broke a constraint: a bug, which retrying would
+            # only repeat while nothing else commits.
+            return Fault.REFUSED
+        if _transient(exc):
+            return Fault.RETRY
+        return Fault.DAMAGED if isinstance(exc, asyncpg.PostgresError) else None
 
     async def _interrupt(self) -> None:
-        # Our own doing, not a lost session.
-        self._pg_w.remove_termination_listener(self._terminated)
-        self._pg_w.terminate()
+        self._drop_session()  # our own doing: no lost session to report
 
     async def _close_connections(self) -> None:
-        if self._heart is not None:
-            self._heart.cancel()
-        self._pg_w.remove_termination_listener(self._terminated)
-        for close in (self._pool.close, self._pg_w.close):
+        self._w.remove_termination_listener(self._terminated)
+        for close in (self._pool.close, self._w.close):
             try:
                 await asyncio.wait_for(close(), CLOSE_GIVE_UP)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pass
         self._pool.terminate()
-        self._pg_w.terminate()
+        self._w.terminate()
 
     # ------------------------------------------------------------ reads
     async def load_table(self, nat: int) -> tuple[list[int], int]:
@@ -334,13 +306,13 @@ class PgStore(Store):
             [a for a, _ in endpoints],
             [p for _, p in endpoints],
         )
-        return self._rows(nat, rows)
+        return checked_rows(self.path, nat, rows)
 
     async def read_ports(self, nat: int, ports: list[int]) -> list[Row]:
         rows = await self._pool.fetch(
             f"{_ROW} WHERE nat = $1 AND port = ANY($2::int[])", nat, ports
         )
-        return self._rows(nat, rows)
+        return checked_rows(self.path, nat, rows)
 
     async def read_oldest(
         self, nat: int, n: int, after: tuple[int, int] | None = None
@@ -357,18 +329,19 @@ class PgStore(Store):
                 *after,
                 n,
             )
-        return self._rows(nat, rows)
+        return checked_rows(self.path, nat, rows)
 
-    async def event_id(self, key: tuple) -> int | None:
-        return await self._pool.fetchval(
+    async def event_id(self, key: tuple[object, ...]) -> int | None:
+        found = await self._pool.fetchval(
             "SELECT id FROM event WHERE nat = $1 AND port = $2 AND ts = $3 AND kind = $4",
             key[2],
             key[3],
             key[0],
-            int(key[1]),
+            key[1],
         )
+        return cast(int | None, found)
 
-    async def read_events(self, after: int, n: int) -> list[tuple]:
+    async def read_events(self, after: int, n: int) -> list[EventRow]:
         rows = await self._pool.fetch(
             "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE id > $1 "
             "ORDER BY id LIMIT $2",
@@ -378,29 +351,14 @@ class PgStore(Store):
         return [tuple(r) for r in rows]
 
     # ------------------------------------------------------------ writes
-    def _retryable(self, exc: Exception) -> bool:
-        if _lost(exc):
-            self._session_lost(exc)
-            return False
-        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-            # A decision broke a constraint: a bug, which retrying would
-            # only repeat while nothing else commits.
-            self.damage(exc, "refused a change as inconsistent (a bug; please report)")
-            return False
-        if not _transient(exc):
-            self.damage(exc, "refused a commit")
-            return False
-        return True
-
-    async def _commit(self, batch: Batch, recency: list) -> None:
+    async def _commit_group(self, group: Group, recency: Recency, hwm: int | None) -> float:
         async with self._wlock:
-            await self._commit_group(batch, recency)
+            return await self._commit_locked(group, recency, hwm)
 
-    async def _commit_group(self, batch: Batch, recency: list) -> None:
-        w = self._pg_w
+    async def _commit_locked(self, group: Group, recency: Recency, hwm: int | None) -> float:
+        w = self._w
         start = self._loop.time()
-        hwm = self._clock_after(batch, recency)
-        entries = batch.entries
+        entries = group.entries
         t = STATEMENT_TIMEOUT
         # BEGIN and COMMIT as statements, each with its timeout: a transaction
         # block would roll back on a dead session without one.
@@ -417,19 +375,19 @@ class PgStore(Store):
                     await w.executemany(_UPSERT_ENTRY_EACH, entries, timeout=t)
             if recency:
                 await w.execute(_UPDATE_RECENCY, *map(list, zip(*recency, strict=True)), timeout=t)
-            if batch.events:
-                cols = list(map(list, zip(*batch.events, strict=True)))
+            if group.events:
+                cols = list(map(list, zip(*group.events, strict=True)))
                 cols[1] = [int(k) for k in cols[1]]
                 await w.execute(_INSERT_EVENTS, *cols, timeout=t)
-            if batch.nats:
+            if group.nats:
                 await w.execute(
                     _UPSERT_NATS,
-                    list(batch.nats),
-                    [b for b, _ in batch.nats.values()],
-                    [wall for _, wall in batch.nats.values()],
+                    list(group.nats),
+                    [b for b, _ in group.nats.values()],
+                    [wall for _, wall in group.nats.values()],
                     timeout=t,
                 )
-            if hwm > self.clock_hwm:
+            if hwm is not None:
                 await w.execute(_SET_META, "clock_hwm", _meta_octets(hwm), timeout=t)
             await w.execute("COMMIT", timeout=t)
         except Exception as exc:
@@ -442,26 +400,12 @@ class PgStore(Store):
                     raise again from exc
             raise
         self._last_ok = self._loop.time()
-        self.clock_hwm = hwm
-        for nat, (boot, wall) in batch.nats.items():
-            old = self.nats.get(nat)
-            self.nats[nat] = NatRecord(boot, old.first_hello if old else wall, wall)
-        self.stats["commits"] += 1
-        batch.rows = len(entries) + len(recency) + len(batch.events)
-        batch.seconds = self._loop.time() - start
+        return self._last_ok - start
 
-    async def prune(self, before: int) -> int:
-        """Delete history events older than ``before`` (µs), in small chunks."""
-        total = 0
-        sql = numbered(PRUNE_EVENTS)
-        while True:
-            async with self._wlock:
-                status = await self._pg_w.execute(sql, before, PRUNE_BATCH)
-            n = int(status.split()[-1])
-            total += n
-            if n < PRUNE_BATCH:
-                return total
-            await asyncio.sleep(0)
+    async def _prune_some(self, before: int) -> int:
+        async with self._wlock:
+            status = await self._w.execute(_PRUNE_EVENTS, before, PRUNE_BATCH)
+        return int(status.split()[-1])
 
 
 async def _init_reader(conn: asyncpg.Connection) -> None:

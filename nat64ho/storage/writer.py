@@ -24,11 +24,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import cast
+from typing import Any, cast
 
 from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY
 
 _LEN = struct.Struct("!I")
+#: A group as marshal carries it: (entries, recency, events, nats, clock_hwm
+#: or None), each a list of plain tuples.
+Group = tuple[list[Any], list[Any], list[Any], list[Any], int | None]
 _UPDATE_RECENCY = "UPDATE entry SET last_use = ? WHERE nat = ? AND port = ?"
 _UPSERT_NAT = (
     "INSERT INTO nat (nat, boot_id, first_hello, last_hello) VALUES (?, ?, ?, ?) "
@@ -99,7 +102,7 @@ def _read(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _commit(conn: sqlite3.Connection, groups: list[tuple]) -> None:
+def _commit(conn: sqlite3.Connection, groups: list[Group]) -> None:
     """One transaction for the groups of every server process that sent one."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -153,7 +156,7 @@ def _checkpointer(path: str, busy_ms: int, stop: threading.Event, behind: thread
         conn.close()
 
 
-def _receive(sock: socket.socket) -> tuple | None:
+def _receive(sock: socket.socket) -> Group | None:
     """The next group a server process sent; None when it stopped."""
     head = _read(sock, _LEN.size)
     if head is None:
@@ -190,7 +193,7 @@ def main(argv: list[str]) -> int:
         while socks:
             # Every process that has a group waiting joins this transaction.
             senders: list[socket.socket] = []
-            groups: list[tuple] = []
+            groups: list[Group] = []
             timeout = None
             while True:
                 for key, _ in sel.select(timeout):
@@ -215,7 +218,10 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             try:
                 _commit(conn, groups)
-                reply: tuple = (None, time.perf_counter() - start)
+                reply: tuple[tuple[str, int, bool] | None, float] = (
+                    None,
+                    time.perf_counter() - start,
+                )
             except sqlite3.Error as exc:
                 code = getattr(exc, "sqlite_errorcode", 0) or 0
                 failed = (str(exc), code, isinstance(exc, sqlite3.IntegrityError))
@@ -240,7 +246,7 @@ def main(argv: list[str]) -> int:
 
 def spawn(
     path: str, sync: str, cache_kib: int, n: int
-) -> tuple[subprocess.Popen, list[socket.socket]]:
+) -> tuple[subprocess.Popen[bytes], list[socket.socket]]:
     """Start a writer process for ``n`` server processes; their sockets."""
     ours, theirs = [], []
     for _ in range(n):
@@ -274,7 +280,12 @@ class Writer:
     """A server process's handle on the writer process: its own child, or,
     for a worker, the one its parent started (``proc`` None)."""
 
-    def __init__(self, proc: subprocess.Popen | None, reader: asyncio.StreamReader, writer):
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes] | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ):
         self.proc = proc
         self._reader = reader
         self._writer = writer
@@ -291,7 +302,7 @@ class Writer:
         reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
         return cls(None, reader, writer)
 
-    async def commit(self, group: tuple) -> float:
+    async def commit(self, group: Group) -> float:
         """Commit ``group`` (entries, recency, events, nats, clock_hwm or
         None); the seconds it took. Raises CommitFailed (rolled back) or
         WriterLost."""
@@ -304,7 +315,7 @@ class Writer:
             raise WriterLost(await self.why_lost()) from exc
         if failed is not None:
             raise CommitFailed(*failed)
-        return seconds
+        return float(seconds)
 
     async def _exited(self, timeout: float) -> int | None:
         """The writer's exit status, or None while it still runs after
