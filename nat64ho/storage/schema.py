@@ -20,6 +20,7 @@ from pathlib import Path
 
 # Re-exported: its home was here, and the commands still import it from here.
 from nat64ho.errors import DatabaseError as DatabaseError
+from nat64ho.storage import declared
 
 #: How long a connection waits on a lock held by another process before it
 #: reports the database busy. Long enough to ride out a big commit or a
@@ -136,7 +137,9 @@ def migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _connect(path: Path, mode: str) -> sqlite3.Connection:
+def _connect(
+    path: Path, mode: str, factory: type[sqlite3.Connection] = sqlite3.Connection
+) -> sqlite3.Connection:
     uri = f"file:{path.as_posix()}?mode={mode}"
     if mode == "ro" and not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-wal"):
         # A reader who may not create the -shm file (group nat64ho on the
@@ -144,7 +147,12 @@ def _connect(path: Path, mode: str) -> sqlite3.Connection:
         # -wal file, so all there is lies in the file itself.
         uri += "&immutable=1"
     conn = sqlite3.connect(
-        uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        uri,
+        uri=True,
+        isolation_level=None,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        check_same_thread=False,
+        factory=factory,
     )
     # Before anything reads: SQL stored in the file (views, triggers, index
     # expressions) may then call no function with side effects.
@@ -214,7 +222,10 @@ def migrate(conn: sqlite3.Connection, path: Path) -> list[int]:
             )
             for statement in _statements(sql):
                 conn.execute(statement)
-            conn.execute(
+            # sqlite3's own execute: the operator commands' connections
+            # (the factory of open_db) bind by name.
+            sqlite3.Connection.execute(
+                conn,
                 "INSERT INTO schema_migrations VALUES (?, ?, ?)",
                 (version, name, int(time.time() * 1_000_000)),
             )
@@ -241,13 +252,18 @@ def _statements(sql: str) -> list[str]:
 
 
 def open_db(
-    path: Path | str, *, readonly: bool = False, create: bool = False
+    path: Path | str,
+    *,
+    readonly: bool = False,
+    create: bool = False,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> sqlite3.Connection:
     """Open a nat64ho database, synchronously.
 
     ``readonly``: never writes (and never creates). ``create``: make the file
     and its directory if missing, then apply pending migrations. Otherwise the
-    file must exist and be current. Raises the DatabaseError subclasses.
+    file must exist and be current. ``factory``: the connection's class (the
+    operator commands'). Raises the DatabaseError subclasses.
     """
     path = Path(path)
     if not path.exists():
@@ -260,7 +276,7 @@ def open_db(
     else:
         check_file(path)
     check_companions(path)
-    conn = _connect(path, "ro" if readonly else "rwc" if create else "rw")
+    conn = _connect(path, "ro" if readonly else "rwc" if create else "rw", factory)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Identify the file before anything writes to it: switching a foreign
@@ -462,6 +478,33 @@ def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
     return problems
 
 
+def catalog_problems(conn: sqlite3.Connection) -> list[str]:
+    """How sqlite_master differs from the declared schema: views and triggers
+    (none is declared) first, then tables, columns, keys and indexes."""
+    tables: dict[str, dict[str, str]] = {}
+    keys: dict[str, tuple[str, ...]] = {}
+    indexes: dict[str, declared.Index] = {}
+    found = []
+    for kind, name, table, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    ):
+        if kind == "table" and not name.startswith("sqlite_"):
+            info = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (name,))
+            cols = info.fetchall()
+            tables[name] = {c: t for c, t, _ in cols}
+            keys[name] = tuple(c for c, _, pk in sorted(cols, key=lambda c: c[2]) if pk)
+        elif kind == "index" and sql is not None:
+            [(unique, partial)] = conn.execute(
+                'SELECT "unique", partial FROM pragma_index_list(?) WHERE name = ?', (table, name)
+            )
+            on = tuple(c for (c,) in conn.execute("SELECT name FROM pragma_index_info(?)", (name,)))
+            indexes[name] = declared.Index(table, on, bool(unique), bool(partial))
+        elif kind not in ("table", "index"):
+            found.append(f"unknown {kind} {name}" + (f" on {table}" if table != name else ""))
+    live = declared.Catalog(tables, keys, indexes)
+    return found + declared.differences(declared.SQLITE, live)
+
+
 class CheckReport:
     """What :func:`check` found: ``problems`` empty means healthy."""
 
@@ -503,7 +546,7 @@ def check(path: Path | str) -> CheckReport:
                 return report
             applied = []
         if applied:
-            schema = schema_problems(conn, applied)
+            schema = catalog_problems(conn)
             if schema:
                 # integrity_check would evaluate the planted SQL (a view's
                 # query, an index expression): report and read no further.
@@ -638,7 +681,8 @@ def bad_event(path, row, conn=None) -> BadRow:
     if conn is not None:
         try:
             found = conn.execute(
-                "SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? AND port IS ?",
+                "SELECT id FROM event WHERE ts IS NOT DISTINCT FROM $1 AND kind IS NOT DISTINCT "
+                "FROM $2 AND nat IS NOT DISTINCT FROM $3 AND port IS NOT DISTINCT FROM $4",
                 row[:4],
             ).fetchone()
         except (sqlite3.Error, DatabaseError):
