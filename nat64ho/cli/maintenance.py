@@ -194,7 +194,4 @@ def check(
             typer.echo(f"Error: {problem}", err=True)
         raise typer.Exit(1)
     facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
-    if isinstance(target, str):
-        typer.echo(f"ok: {schema.shown(target)}: schema current, rows decode; {facts}")
-    else:
-        typer.echo(f"ok: {target}: integrity ok, schema current; {facts}")
+    typer.echo(f"ok: {schema.describe(target)}: {report.passed}; {facts}")

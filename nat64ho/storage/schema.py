@@ -508,7 +508,10 @@ def catalog_problems(conn: sqlite3.Connection) -> list[str]:
 class CheckReport:
     """What :func:`check` found: ``problems`` empty means healthy."""
 
-    def __init__(self, path: Path):
+    #: What a healthy database passed, in words.
+    passed = "integrity ok, schema current"
+
+    def __init__(self, path: Path | str):
         self.path = path
         self.problems: list[str] = []
         self.facts: dict[str, int | str] = {}
