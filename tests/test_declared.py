@@ -101,3 +101,33 @@ def test_check_names_each_difference_from_the_schema(
     r = nat64ho("check", "--db", db)
     assert r.returncode == 1 and r.stdout == ""
     assert one_error(r) == f"Error: {schema.describe(db)}: {finding}"
+
+
+def v1_database(path) -> str:
+    """An SQLite database as nat64ho's first schema version left it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    [(version, name, sql)] = schema.migrations()[:1]
+    conn.execute(
+        "CREATE TABLE schema_migrations ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
+    )
+    for statement in schema._statements(sql):
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    conn.close()
+    return str(path)
+
+
+def test_an_older_schema_is_upgraded_to_the_declared_one(tmp_path):
+    db = v1_database(tmp_path / "v1.db")
+    with pytest.raises(schema.OutdatedDatabase):
+        schema.open_db(db, readonly=True)
+    schema.open_db(db, create=True).close()  # what serve does
+    assert problems(db) == []
+
+
+def test_sql_planted_in_an_older_schema_is_refused(tmp_path):
+    db = v1_database(tmp_path / "v1.db")
+    db_exec(db, "CREATE TRIGGER planted AFTER INSERT ON event BEGIN SELECT 1; END")
+    with pytest.raises(schema.NotOurDatabase, match="unknown trigger planted on event"):
+        schema.open_db(db, create=True)

@@ -8,7 +8,6 @@ where a read was asked for.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -26,6 +25,10 @@ from nat64ho.storage import declared
 #: reports the database busy. Long enough to ride out a big commit or a
 #: checkpoint, short enough that an operator is not left staring at nothing.
 BUSY_TIMEOUT_MS = 5000
+
+#: sqlite3's own execute, for statements with ``?`` placeholders: the operator
+#: commands' connections (open_db's ``factory``) bind ``$1, $2, …`` by name.
+_execute = sqlite3.Connection.execute
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -160,6 +163,13 @@ def _connect(
     return conn
 
 
+_MIGRATIONS_TABLE = [
+    ("version", "INTEGER", 1, 0),
+    ("name", "TEXT", 0, 0),
+    ("applied", "INTEGER", 0, 0),
+]
+
+
 def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     """Versions recorded in the database; raises NotOurDatabase for foreign files."""
     try:
@@ -187,9 +197,11 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
             f"{path}: an SQLite database of another program (no schema_migrations table)"
         )
     # Read it only once it is known to be the plain table the migrations
-    # made: a view of the same name could run any query.
-    [(sql,)] = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'schema_migrations'")
-    if _norm(sql) != _norm(_expected(1)["schema_migrations"][2]):
+    # made: a generated column would run its SQL on every read.
+    info = conn.execute(
+        "SELECT name, type, pk, hidden FROM pragma_table_xinfo('schema_migrations')"
+    )
+    if info.fetchall() != _MIGRATIONS_TABLE:
         raise NotOurDatabase(f"{path}: table schema_migrations differs from the schema")
     return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
@@ -222,9 +234,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> list[int]:
             )
             for statement in _statements(sql):
                 conn.execute(statement)
-            # sqlite3's own execute: the operator commands' connections
-            # (the factory of open_db) bind by name.
-            sqlite3.Connection.execute(
+            _execute(
                 conn,
                 "INSERT INTO schema_migrations VALUES (?, ?, ?)",
                 (version, name, int(time.time() * 1_000_000)),
@@ -282,7 +292,8 @@ def open_db(
         # Identify the file before anything writes to it: switching a foreign
         # database to WAL would already change its header.
         applied = check_version(conn, path)
-        problems = schema_problems(conn, applied)
+        # An older schema is for serve to migrate: only SQL planted in it matters.
+        problems = catalog_problems(conn, whole=len(applied) == len(migrations()))
         if problems:
             raise NotOurDatabase(
                 f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
@@ -422,65 +433,10 @@ def check_file(path: Path) -> None:
         )
 
 
-def _norm(sql: str | None) -> str:
-    return " ".join((sql or "").split())
-
-
-#: Tables SQLite itself may add (ANALYZE statistics): they steer query plans,
-#: never what a query returns.
-_SQLITE_OWN = frozenset({"sqlite_stat1", "sqlite_stat4"})
-
-
-@functools.cache
-def _expected(version: int) -> dict[str, tuple[str, str, str]]:
-    """name -> (type, tbl_name, sql) of everything in sqlite_master after
-    migrations 1..``version``, built once by applying them in memory."""
-    mem = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        for _v, _name, sql in migrations()[:version]:
-            mem.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
-            )
-            for statement in _statements(sql):
-                mem.execute(statement)
-        return _schema_of(mem)
-    finally:
-        mem.close()
-
-
-def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str, str]]:
-    return {
-        n: (t, tbl, sql)
-        for t, n, tbl, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
-    }
-
-
-def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
-    """Every difference between the file's whole sqlite_master and what the
-    migrations it records build: unknown views, triggers, tables and indexes
-    first. Reads sqlite_master only."""
-    want = _expected(max(applied, default=0))
-    have = _schema_of(conn)
-    problems = []
-    for name, (kind, tbl, _sql) in sorted(have.items()):
-        if name in _SQLITE_OWN and kind == "table":
-            continue
-        mine = want.get(name)
-        if mine is None or mine[0] != kind:
-            problems.append(f"unknown {kind} {name}" + (f" on {tbl}" if tbl != name else ""))
-    for name, (kind, tbl, sql) in sorted(want.items()):
-        found = have.get(name)
-        if found is None or found[0] != kind:
-            problems.append(f"{kind} {name} is missing")
-        elif found[1] != tbl or _norm(found[2]) != _norm(sql):
-            problems.append(f"{kind} {name} differs from the schema")
-    return problems
-
-
-def catalog_problems(conn: sqlite3.Connection) -> list[str]:
+def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[str]:
     """How sqlite_master differs from the declared schema: views and triggers
-    (none is declared) first, then tables, columns, keys and indexes."""
+    (none is declared) first, then (``whole``) tables, columns, keys and indexes.
+    Reads the catalog only: no SQL stored in the file runs."""
     tables: dict[str, dict[str, str]] = {}
     keys: dict[str, tuple[str, ...]] = {}
     indexes: dict[str, declared.Index] = {}
@@ -489,20 +445,25 @@ def catalog_problems(conn: sqlite3.Connection) -> list[str]:
         "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
     ):
         if kind == "table" and not name.startswith("sqlite_"):
-            info = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (name,))
+            info = _execute(conn, "SELECT name, type, pk FROM pragma_table_info(?)", (name,))
             cols = info.fetchall()
             tables[name] = {c: t for c, t, _ in cols}
             keys[name] = tuple(c for c, _, pk in sorted(cols, key=lambda c: c[2]) if pk)
         elif kind == "index" and sql is not None:
-            [(unique, partial)] = conn.execute(
-                'SELECT "unique", partial FROM pragma_index_list(?) WHERE name = ?', (table, name)
+            [(unique, partial)] = _execute(
+                conn,
+                'SELECT "unique", partial FROM pragma_index_list(?) WHERE name = ?',
+                (table, name),
             )
-            on = tuple(c for (c,) in conn.execute("SELECT name FROM pragma_index_info(?)", (name,)))
+            on = tuple(
+                c for (c,) in _execute(conn, "SELECT name FROM pragma_index_info(?)", (name,))
+            )
             indexes[name] = declared.Index(table, on, bool(unique), bool(partial))
         elif kind not in ("table", "index"):
             found.append(f"unknown {kind} {name}" + (f" on {table}" if table != name else ""))
-    live = declared.Catalog(tables, keys, indexes)
-    return found + declared.differences(declared.SQLITE, live)
+    if not whole:
+        return found
+    return found + declared.differences(declared.SQLITE, declared.Catalog(tables, keys, indexes))
 
 
 class CheckReport:
