@@ -51,8 +51,7 @@ class Dialect:
     begin_snapshot: str
     #: The schema of a session's temporary tables.
     temp: str
-    #: Table event read in ts order (SQLite's planner may prefer the
-    #: (nat, port, ts) index for a --nat filter, then sort the whole result).
+    #: Table event read in ts order (SQLite's planner may take another index, then sort).
     event_by_ts: str
     #: The ports an import names, for its replay: a temporary table.
     create_replay: str
@@ -101,9 +100,7 @@ class Conn(Protocol):
     @property
     def in_transaction(self) -> bool: ...
 
-    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Rows: ...
 
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool
@@ -128,9 +125,6 @@ class SqliteConn(sqlite3.Connection):
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         return super().execute(sql, _named(parameters))
-
-    def executemany(self, sql: str, rows: Iterable[Any], /) -> sqlite3.Cursor:
-        return super().executemany(sql, map(_named, rows))
 
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool

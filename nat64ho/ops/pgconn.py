@@ -198,12 +198,6 @@ class PgConnection:
             self.total_changes += n
         return PgCursor(self, "", (), n)
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> PgCursor:
-        rows = list(rows)
-        self._run(self._conn.executemany(sql, rows))
-        self.total_changes += len(rows)
-        return PgCursor(self, "", (), len(rows))
-
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool
     ) -> int:

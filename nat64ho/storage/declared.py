@@ -25,14 +25,8 @@ class Catalog:
     indexes: dict[str, Index]
 
 
-_KEYS = {
-    "schema_migrations": ("version",),
-    "meta": ("key",),
-    "nat": ("nat",),
-    "entry": ("nat", "port"),
-    "event": ("id",),
-    "segment": ("n",),
-}
+_KEYS = dict(schema_migrations=("version",), meta=("key",), nat=("nat",), entry=("nat", "port"))
+_KEYS |= dict(event=("id",), segment=("n",))
 _INDEXES = {
     "entry_endpoint": Index("entry", ("nat", "addr", "aport"), unique=True),
     "entry_lru": Index("entry", ("nat", "last_use", "port")),
@@ -47,47 +41,22 @@ _SEGMENT += ["pruned", "cut_ts", "cut_id"]
 def _tables(integer: str, small: str, big: str, text: str, blob: str) -> dict[str, dict[str, str]]:
     """Both backends' tables, in their own type names."""
     return {
-        "schema_migrations": {"version": integer, "name": text, "applied": big},
-        "meta": {"key": text, "value": blob},
-        "nat": {"nat": big, "boot_id": blob, "first_hello": big, "last_hello": big},
-        "entry": {
-            "nat": big,
-            "port": integer,
-            "addr": blob,
-            "aport": integer,
-            "created": big,
-            "last_use": big,
-        },
-        "event": {
-            "id": big,
-            "ts": big,
-            "kind": small,
-            "nat": big,
-            "port": integer,
-            "addr": blob,
-            "aport": integer,
-        },
-        "segment": {
-            **dict.fromkeys(_SEGMENT, big),
-            "file": text,
-            "sha256": blob,
-            "chain": blob,
-            "pending": small,
-        },
+        "schema_migrations": dict(version=integer, name=text, applied=big),
+        "meta": dict(key=text, value=blob),
+        "nat": dict(nat=big, boot_id=blob, first_hello=big, last_hello=big),
+        "entry": dict(nat=big, port=integer, addr=blob, aport=integer, created=big, last_use=big),
+        "event": dict(id=big, ts=big, kind=small, nat=big, port=integer, addr=blob, aport=integer),
+        "segment": dict.fromkeys(_SEGMENT, big)
+        | dict(file=text, sha256=blob, chain=blob, pending=small),
     }
 
 
 #: SQLite's declared types (its columns take any type; schema.bad_rows checks the rows).
 SQLITE = Catalog(_tables("INTEGER", "INTEGER", "INTEGER", "TEXT", "BLOB"), _KEYS, _INDEXES)
 
-POSTGRES = Catalog(
-    {
-        **_tables("integer", "smallint", "bigint", "text", "bytea"),
-        "segment_data": {"n": "bigint", "data": "bytea"},
-    },
-    {**_KEYS, "segment_data": ("n",)},
-    _INDEXES,
-)
+_PG_TABLES = _tables("integer", "smallint", "bigint", "text", "bytea")
+_PG_TABLES["segment_data"] = dict(n="bigint", data="bytea")
+POSTGRES = Catalog(_PG_TABLES, _KEYS | dict(segment_data=("n",)), _INDEXES)
 
 
 def differences(want: Catalog, have: Catalog) -> list[str]:

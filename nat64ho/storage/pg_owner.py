@@ -43,18 +43,9 @@ def owned(url: str, who: str, what: str) -> TableOwned:
     return err
 
 
-async def holder(conn: asyncpg.Connection) -> str:
-    """Who holds the owner lock, in words."""
-    return described(await conn.fetchrow(HOLDER_SQL, *KEY_HALVES))
-
-
 async def try_acquire(conn: asyncpg.Connection, url: str, *, what: str = "nat64ho") -> None:
-    """Take the table for ``conn``'s session (until it ends or
-    :func:`release`), or raise :class:`TableOwned` naming the holder."""
+    """Take the table for ``conn``'s session (until it ends), or raise
+    :class:`TableOwned` naming the holder."""
     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
         return
-    raise owned(url, await holder(conn), what)
-
-
-async def release(conn: asyncpg.Connection) -> None:
-    await conn.execute("SELECT pg_advisory_unlock($1)", OWNER_LOCK)
+    raise owned(url, described(await conn.fetchrow(HOLDER_SQL, *KEY_HALVES)), what)

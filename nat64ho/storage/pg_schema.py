@@ -158,21 +158,6 @@ async def require_current(conn: asyncpg.Connection, url: str) -> None:
         )
 
 
-async def open_db(url: str, *, readonly: bool = False, create: bool = False) -> asyncpg.Connection:
-    """Connect and check the schema. ``readonly``: the session refuses every
-    write, so a read command can never change the database. ``create``: apply
-    pending migrations (``serve``). Otherwise the schema must be current."""
-    conn = await connect(url)
-    async with closed_on_failure(conn, url):
-        if readonly:
-            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        if create:
-            await migrate(conn, url)
-        else:
-            await require_current(conn, url)
-    return conn
-
-
 @contextlib.asynccontextmanager
 async def closed_on_failure(conn: asyncpg.Connection, url: str) -> AsyncIterator[None]:
     """Close ``conn`` if the block fails (so no half-set-up session is left
