@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from nat64ho.storage import schema
+from nat64ho.storage import declared, schema
 from nat64ho.storage.schema import (
     DatabaseError,
     DatabaseMissing,
@@ -43,7 +43,7 @@ _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
 )
-_OUR_MIGRATIONS_COLUMNS = [("version", "integer"), ("name", "text"), ("applied", "bigint")]
+_OUR_MIGRATIONS_COLUMNS = list(declared.POSTGRES.tables["schema_migrations"].items())
 
 
 def migrations() -> list[tuple[int, str, str]]:

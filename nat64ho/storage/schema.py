@@ -163,10 +163,9 @@ def _connect(
     return conn
 
 
-_MIGRATIONS_TABLE = [
-    ("version", "INTEGER", 1, 0),
-    ("name", "TEXT", 0, 0),
-    ("applied", "INTEGER", 0, 0),
+#: schema_migrations as pragma_table_xinfo shows it: (name, type, pk, hidden).
+_MIGRATIONS = [
+    (c, t, int(c == "version"), 0) for c, t in declared.SQLITE.tables["schema_migrations"].items()
 ]
 
 
@@ -201,7 +200,7 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
     info = conn.execute(
         "SELECT name, type, pk, hidden FROM pragma_table_xinfo('schema_migrations')"
     )
-    if info.fetchall() != _MIGRATIONS_TABLE:
+    if info.fetchall() != _MIGRATIONS:
         raise NotOurDatabase(f"{path}: table schema_migrations differs from the schema")
     return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
