@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -532,6 +533,20 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
     conn.close()
     assert by_server == by_ops == 3
     assert left_server == left_ops == EXAMPLE.splitlines(True)[3]
+
+
+def test_statements_run_as_each_backend_takes_them(db):
+    # $n placeholders bind on both backends, a repeated one to its one value;
+    # the other backend's spellings are refused, never rewritten.
+    load(db, EXAMPLE)
+    sql = "SELECT count(*) FROM event WHERE nat = $1 AND port >= $2 AND ts > $2"
+    assert db.execute(sql, (NAT7, 1)).fetchone() == (1,)  # the Created, not port 0
+    if db.sql.postgres:
+        wrong = f"SELECT 1 FROM {opsdb.SQLITE.event_by_ts}"
+    else:
+        wrong = opsdb.POSTGRES.begin_snapshot
+    with pytest.raises((sqlite3.Error, schema.DatabaseError), match="syntax error"):
+        db.execute(wrong).fetchall()
 
 
 # ---------------------------------------------------------------- plans and locks
