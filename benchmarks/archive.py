@@ -28,6 +28,7 @@ from benchmarks.bench_ops import Null  # noqa: E402
 from nat64ho.archive import catalog  # noqa: E402
 from nat64ho.archive import seal as sealing  # noqa: E402
 from nat64ho.ops import export, queries  # noqa: E402
+from nat64ho.ops.db import SqliteConn  # noqa: E402
 from nat64ho.storage import schema  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main() -> None:
 def run(args: argparse.Namespace, work: Path) -> None:
     db = work / "table.db"
     shutil.copy(args.db, db)
-    conn = schema.open_db(db, create=True)  # the archive's migration, on a copy
+    conn = schema.open_db(db, create=True, factory=SqliteConn)  # the archive migration, a copy
     events = conn.execute("SELECT count(*) FROM event").fetchone()[0]
     hot_bytes = db.stat().st_size
     print(f"history: {events} events, {hot_bytes / events:.1f} bytes/event in the table's file")

@@ -30,6 +30,7 @@ import ipaddress  # noqa: E402
 
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_str  # noqa: E402
 from nat64ho.ops import export, queries  # noqa: E402
+from nat64ho.ops.db import SqliteConn  # noqa: E402
 from nat64ho.storage import schema  # noqa: E402
 
 SCRATCH_NAT = (203 << 24) | (0 << 16) | (113 << 8) | 1  # 203.0.113.1, TEST-NET-3
@@ -85,7 +86,7 @@ def main() -> None:
     db = str(args.db)
     rng = random.Random(64)
 
-    conn = schema.open_db(args.db, readonly=True)
+    conn = schema.open_db(args.db, readonly=True, factory=SqliteConn)
     events = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     entries = conn.execute("SELECT count(*) FROM entry").fetchone()[0]
     nats = queries.nat_addresses(conn)

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from nat64ho.core import wire
+from nat64ho.ops import db as opsdb
 from nat64ho.peer import Client, Peer
-from nat64ho.sql import INSERT_EVENT, UPSERT_ENTRY, numbered
-from nat64ho.storage.schema import is_postgres, open_db
+from nat64ho.sql import numbered
+from nat64ho.storage.schema import is_postgres
 from nat64ho.testing import Child, spawn_logged
 
 
@@ -314,11 +315,10 @@ async def _pg_rows(url: str, sql: str, params: tuple) -> list[tuple]:
 def ops_conn(db: Path | str, *, create: bool = False, readonly: bool = False):
     """An operator-side connection (nat64ho.ops.db.Conn) to an SQLite file or
     a PostgreSQL URL; ``create`` makes the tables first."""
-    if is_postgres(str(db)):
-        from nat64ho.ops import pgconn
+    return opsdb.connect(db, create=create, readonly=readonly)
 
-        return pgconn.connect(str(db), create=create, readonly=readonly)
-    return open_db(Path(db), create=create, readonly=readonly)
+
+ENTRY_COLUMNS = ("nat", "port", "addr", "aport", "created", "last_use")
 
 
 def make_tables(db: Path | str, *, entries=(), events=(), nats=()) -> Path | str:
@@ -328,14 +328,10 @@ def make_tables(db: Path | str, *, entries=(), events=(), nats=()) -> Path | str
     ``nats`` (nat, boot_id, first_hello, last_hello). Returns ``db``."""
     conn = ops_conn(db, create=True)
     try:
-        conn.execute("BEGIN")
-        for row in entries:
-            conn.execute(UPSERT_ENTRY, tuple(row))
-        for row in events:
-            conn.execute(INSERT_EVENT, tuple(row))
-        for row in nats:
-            conn.execute("INSERT INTO nat VALUES (?, ?, ?, ?)", tuple(row))
-        conn.execute("COMMIT")
+        with opsdb.atomic(conn):
+            conn.insert_many("entry", ENTRY_COLUMNS, entries, ignore=False)
+            conn.insert_many("event", opsdb.EVENT_COLUMNS, events, ignore=True)
+            conn.insert_many("nat", ("nat", "boot_id", "first_hello", "last_hello"), nats, False)
     finally:
         conn.close()
     return db
@@ -410,8 +406,11 @@ def table_owned(db: Path | str):
     if not is_postgres(str(db)):
         from nat64ho.storage import owner
 
-        with owner.table_owner(db, what="test"):
+        held = owner.acquire(db, what="test")
+        try:
             yield
+        finally:
+            held.release()
         return
     import asyncpg
 

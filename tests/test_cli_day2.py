@@ -448,7 +448,7 @@ def test_who_port_window_sees_a_holder_known_only_from_the_table(db_target):
     try:
         nat = 0xC0000209
         conn.execute(
-            "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO entry VALUES ($1, $2, $3, $4, $5, $6)",
             (nat, 5000, v6(1), 7, 2_000_000, 2_000_000),
         )
         found = queries.who_port_window(conn, nat, 5000, 1_000_000, 1_500_000)

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from nat64ho.gateway import testbed as tb
+from nat64ho.ops import db as opsdb
 from nat64ho.ops import queries
 from tests.helpers import nat64ho
 
@@ -81,7 +82,7 @@ def endpoint(s: socket.socket) -> str:
 
 
 def db(bed: tb.Testbed) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{bed.db}?mode=ro", uri=True)
+    return opsdb.SqliteConn(f"file:{bed.db}?mode=ro", uri=True)
 
 
 # ------------------------------------------------------------------ HTTP

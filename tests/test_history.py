@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -59,7 +60,7 @@ def load(conn, text: str, **kw) -> tuple[importer.ImportResult, list]:
 
 def add_entry(conn, nat, port, addr, aport, created, last_use=None):
     conn.execute(
-        "INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entry VALUES ($1, $2, $3, $4, $5, $6)",
         (nat, port, v6(addr), aport, created, last_use or created),
     )
 
@@ -488,7 +489,7 @@ def test_stats_counts_recent_events(db):
         """),
     )
     add_entry(db, NAT9, 2, "2001:db8::3", 1, now - 5, now - 3)
-    db.execute("INSERT INTO nat VALUES (?, ?, ?, ?)", (NAT9, bytes(8), 100, 200))
+    db.execute("INSERT INTO nat VALUES ($1, $2, $3, $4)", (NAT9, bytes(8), 100, 200))
     [s] = queries.stats(db, now, 64508)
     assert s == queries.NatStats(NAT9, 1, 64508, now - 3, 100, 200, 1, 1, 2, 1)
 
@@ -510,12 +511,12 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
     # run one statement with one batch size; both must leave the same history.
     cut = us("2019-03-18 15:22:02.062478")
     for name in ("ops.db", "server.db"):
-        conn = schema.open_db(tmp_path / name, create=True)
+        conn = ops_conn(tmp_path / name, create=True)
         load(conn, EXAMPLE)
         conn.close()
     monkeypatch.setattr(maintenance, "PRUNE_BATCH", 2)
     monkeypatch.setattr(store, "PRUNE_BATCH", 2)
-    conn = schema.open_db(tmp_path / "ops.db")
+    conn = ops_conn(tmp_path / "ops.db")
     by_ops, left_ops = maintenance.prune(conn, cut), export(conn)
     conn.close()
 
@@ -527,11 +528,25 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
             await s.close()
 
     by_server = asyncio.run(server_prune())
-    conn = schema.open_db(tmp_path / "server.db", readonly=True)
+    conn = ops_conn(tmp_path / "server.db", readonly=True)
     left_server = export(conn)
     conn.close()
     assert by_server == by_ops == 3
     assert left_server == left_ops == EXAMPLE.splitlines(True)[3]
+
+
+def test_statements_run_as_each_backend_takes_them(db):
+    # $n placeholders bind on both backends, a repeated one to its one value;
+    # the other backend's spellings are refused, never rewritten.
+    load(db, EXAMPLE)
+    sql = "SELECT count(*) FROM event WHERE nat = $1 AND port >= $2 AND ts > $2"
+    assert db.execute(sql, (NAT7, 1)).fetchone() == (1,)  # the Created, not port 0
+    if db.sql.postgres:
+        wrong = f"SELECT 1 FROM {opsdb.SQLITE.event_by_ts}"
+    else:
+        wrong = opsdb.POSTGRES.begin_snapshot
+    with pytest.raises((sqlite3.Error, schema.DatabaseError), match="syntax error"):
+        db.execute(wrong).fetchall()
 
 
 # ---------------------------------------------------------------- plans and locks
@@ -541,47 +556,48 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
     "sql, args, index",
     [
         (
-            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-            "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2",
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = $1 AND port = $2 AND kind > 0 "
+            "AND ts <= $3 ORDER BY ts DESC, kind DESC LIMIT 2",
             (1, 2, 3),
             "event_nat_port_ts",
         ),
         (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN ? AND ? "
+            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN $1 AND $2 "
             "ORDER BY addr, aport, ts",
             (b"a", b"b"),
             "event_addr_ts",
         ),
         (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = ? AND aport = ? "
+            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = $1 AND aport = $2 "
             "ORDER BY addr, aport, ts",
             (b"a", 1),
             "event_addr_ts",
         ),
         (
-            "SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+            "SELECT port, addr, aport, created FROM entry WHERE nat = $1 AND addr BETWEEN $2 AND $3 "
             "ORDER BY addr, aport",
             (1, b"a", b"b"),
             "entry_endpoint",
         ),
         (
-            "SELECT nat, port, addr, aport, created, last_use FROM entry WHERE nat = ? ORDER BY port",
+            "SELECT nat, port, addr, aport, created, last_use FROM entry WHERE nat = $1 ORDER BY port",
             (1,),
             "PRIMARY KEY",  # entry_pkey on PostgreSQL
         ),
         (
-            "SELECT ts, kind, nat, port, addr, aport FROM event INDEXED BY event_ts WHERE ts >= ? "
+            "SELECT ts, kind, nat, port, addr, aport FROM {event_by_ts} WHERE ts >= $1 "
             "ORDER BY ts, id",
             (1,),
             "event_ts",
         ),
-        ("SELECT min(nat) FROM event WHERE nat > ?", (1,), "event_nat_port_ts"),
+        ("SELECT min(nat) FROM event WHERE nat > $1", (1,), "event_nat_port_ts"),
     ],
 )
 def test_queries_use_an_index_and_no_sort(db, sql, args, index):
     # The statements the operator modules run; a plan change here is what would make
     # them scan 100 M rows.
-    if opsdb.on_postgres(db):
+    sql = sql.format(event_by_ts=db.sql.event_by_ts)
+    if db.sql.postgres:
         # An empty table is cheapest to read whole: ask for the plan the
         # planner takes on a big one, where neither a scan nor a sort pays.
         db.execute("SET enable_seqscan = off")

@@ -8,45 +8,46 @@ import asyncio
 
 import pytest
 
+from nat64ho.ops import pgconn
 from nat64ho.storage import pg_schema, schema
 from tests.helpers import nat64ho, one_error
 
 
 def test_serve_migrates_once_and_reads_never_create(pg_url, pg_cluster):
-    async def go():
-        with pytest.raises(schema.DatabaseMissing, match="no nat64ho tables"):
-            await pg_schema.open_db(pg_url, readonly=True)
-        conn = await pg_schema.open_db(pg_url, create=True)
-        assert await pg_schema.applied(conn, pg_url) == [1, 2]
-        await conn.close()
-        conn = await pg_schema.open_db(pg_url, create=True)  # nothing more to apply
-        assert await pg_schema.migrate(conn, pg_url) == []
-        await conn.close()
-        conn = await pg_schema.open_db(pg_url, readonly=True)
-        with pytest.raises(Exception, match="read-only"):
-            await conn.execute("DELETE FROM entry")
-        await conn.close()
+    async def applied_and_migrated() -> tuple[list[int], list[int]]:
+        conn = await pg_schema.connect(pg_url)
+        try:
+            return await pg_schema.applied(conn, pg_url), await pg_schema.migrate(conn, pg_url)
+        finally:
+            await conn.close()
 
-    asyncio.run(go())
+    with pytest.raises(schema.DatabaseMissing, match="no nat64ho tables"):
+        pgconn.connect(pg_url, readonly=True)
+    assert asyncio.run(applied_and_migrated()) == ([], [1, 2])
+    assert asyncio.run(applied_and_migrated()) == ([1, 2], [])  # nothing more to apply
+    conn = pgconn.connect(pg_url, readonly=True)
+    with pytest.raises(pgconn.PgError, match="read-only"):
+        conn.execute("DELETE FROM entry")
+    conn.close()
 
 
 def test_missing_newer_and_foreign_databases_are_refused(pg_cluster):
-    async def go(url, **how):
-        await (await pg_schema.open_db(url, **how)).close()
+    def go(url, **how):
+        pgconn.connect(url, **how).close()
 
     with pytest.raises(schema.DatabaseMissing, match="no such database"):
-        asyncio.run(go(pg_cluster.url("nope"), readonly=True))
+        go(pg_cluster.url("nope"), readonly=True)
 
     name = pg_cluster.createdb()
-    asyncio.run(go(pg_cluster.url(name), create=True))
+    go(pg_cluster.url(name), create=True)
     pg_cluster.psql(name, "INSERT INTO schema_migrations VALUES (99, 'future', 0)")
     with pytest.raises(schema.NewerDatabase, match="schema version 99"):
-        asyncio.run(go(pg_cluster.url(name), readonly=True))
+        go(pg_cluster.url(name), readonly=True)
 
     other = pg_cluster.createdb()
     pg_cluster.psql(other, "CREATE TABLE invoices (id int)")
     with pytest.raises(schema.NotOurDatabase, match="another program"):
-        asyncio.run(go(pg_cluster.url(other), readonly=True))
+        go(pg_cluster.url(other), readonly=True)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ import pytest
 from nat64ho.cli.export import FOLLOW_POLL_S
 from nat64ho.ops import export as ops_export
 from nat64ho.ops import pgconn
-from nat64ho.sql import INSERT_EVENT
-from nat64ho.storage import pg_check
+from nat64ho.ops.db import EVENT_COLUMNS
 from nat64ho.storage.owner import TableOwned
 from tests.helpers import Follower, db_exec, db_rows, make_tables, nat64ho, one_error, ops_conn, v6
 
@@ -35,22 +34,25 @@ def conn(url):
     c.close()
 
 
+INSERT_EVENT = (
+    "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
 def event(i: int) -> tuple:
     return (1_000_000 + i, 1, 7, 1000 + i, v6(i), 2000 + i)
 
 
-def test_translate_spells_sqlite_as_postgresql():
-    assert pgconn.translate("SELECT a FROM t WHERE x = ? AND y IS ?") == (
-        "SELECT a FROM t WHERE x = $1 AND y IS NOT DISTINCT FROM $2"
-    )
-    assert pgconn.translate(INSERT_EVENT).endswith(
-        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
-    )
-    assert pgconn.translate(INSERT_EVENT).startswith("INSERT INTO event ")
-    assert pgconn.translate("DELETE FROM temp.replay") == "DELETE FROM pg_temp.replay"
-    assert pgconn.translate("SELECT 1 FROM event INDEXED BY event_ts WHERE ts > ?") == (
-        "SELECT 1 FROM event WHERE ts > $1"
-    )
+def test_statements_run_as_written(conn):
+    # No statement is rewritten on its way: SQLite's spellings are refused,
+    # and the dialect's own spellings are taken.
+    with pytest.raises(pgconn.PgError, match="syntax error"):
+        conn.execute("SELECT id FROM event INDEXED BY event_ts WHERE ts > $1", (0,)).fetchall()
+    with pytest.raises(pgconn.PgError, match="syntax error"):
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ($1, $2)", ("k", b"v"))
+    sql = f"SELECT count(*) FROM {conn.sql.event_by_ts} WHERE ts > $1 AND port IS NOT DISTINCT FROM $2"
+    assert conn.execute(sql, (0, None)).fetchone() == (0,)
 
 
 def test_statements_commit_on_their_own_and_count_changes(conn, url):
@@ -59,12 +61,12 @@ def test_statements_commit_on_their_own_and_count_changes(conn, url):
     assert conn.total_changes == 1
     # Seen by another session at once: nothing was left open.
     assert db_rows(url, "SELECT port FROM event") == [(1001,)]
-    assert conn.execute("DELETE FROM event WHERE port > ?", (0,)).rowcount == 1
+    assert conn.execute("DELETE FROM event WHERE port > $1", (0,)).rowcount == 1
     assert conn.total_changes == 2
 
 
 def test_begin_rollback_discards_and_begin_commit_keeps(conn, url):
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(conn.sql.begin)
     conn.execute(INSERT_EVENT, event(1))
     assert conn.in_transaction
     conn.execute("ROLLBACK")
@@ -76,24 +78,29 @@ def test_begin_rollback_discards_and_begin_commit_keeps(conn, url):
     assert db_rows(url, "SELECT count(*) FROM event") == [(1,)]
 
 
-def test_executemany_copies_in_order_and_skips_what_is_there(conn, url):
+def test_insert_many_copies_in_order_and_skips_what_is_there(conn, url):
     rows = [event(i) for i in range(50)]
     conn.execute(INSERT_EVENT, event(10))  # already there
     before = conn.total_changes
-    conn.executemany(INSERT_EVENT, rows + [event(3)])  # and one twice in the batch
+    # And one twice in the batch.
+    assert conn.insert_many("event", EVENT_COLUMNS, rows + [event(3)], ignore=True) == 49
     assert conn.total_changes - before == 49
     # Ids follow the order of the batch (export order is id order).
     ports = [p for (p,) in db_rows(url, "SELECT port FROM event ORDER BY id")]
     assert ports == [1010] + [1000 + i for i in range(50) if i != 10]
-    # A table without a column list, in a temp schema, as import's replay uses it.
-    conn.execute("CREATE TEMP TABLE replay (nat BIGINT, port INTEGER, PRIMARY KEY (nat, port))")
-    conn.executemany("INSERT OR IGNORE INTO temp.replay VALUES (?, ?)", [(1, 2), (1, 2), (3, 4)])
-    assert conn.execute("SELECT * FROM temp.replay ORDER BY 1").fetchall() == [(1, 2), (3, 4)]
+    # In a temp schema, as import's replay uses it.
+    conn.execute(conn.sql.create_replay)
+    replay = f"{conn.sql.temp}.replay"
+    assert conn.insert_many(replay, ("nat", "port"), [(1, 2), (1, 2), (3, 4)], ignore=True) == 2
+    assert conn.execute(f"SELECT * FROM {replay} ORDER BY 1").fetchall() == [(1, 2), (3, 4)]
+    # Without ignore, a conflict is an error.
+    with pytest.raises(pgconn.PgError, match="duplicate key"):
+        conn.insert_many(replay, ("nat", "port"), [(1, 2)], ignore=False)
 
 
 def test_streaming_cursor_reads_in_chunks_beside_other_statements(conn, monkeypatch):
     monkeypatch.setattr(pgconn, "CURSOR_ROWS", 7)
-    conn.executemany(INSERT_EVENT, [event(i) for i in range(30)])
+    conn.insert_many("event", EVENT_COLUMNS, [event(i) for i in range(30)], ignore=False)
     cur = conn.execute("SELECT port, addr FROM event ORDER BY id")
     first = cur.fetchmany(4)
     assert [p for p, _ in first] == [1000, 1001, 1002, 1003]
@@ -189,17 +196,20 @@ def test_settled_id_without_writers_is_the_last_id_drawn(conn, tmp_path):
         sqlite.close()
 
 
-def test_take_owner_names_the_holder(conn, url):
+def test_take_table_names_the_holder(conn, url):
     other = pgconn.connect(url, name="nat64ho serve")
     try:
-        other.take_owner("serve")
+        release = other.take_table("serve")
         with pytest.raises(TableOwned) as err:
-            conn.take_owner("prune")
+            conn.take_table("prune")
         assert "owned by nat64ho serve (on a local socket, PostgreSQL backend" in str(err.value)
         assert str(err.value).endswith("prune needs it alone")
+        release()
+        conn.take_table("prune")()  # free once released
+        other.take_table("serve")
     finally:
         other.close()
-    conn.take_owner("prune")  # free once the holder's session ends
+    conn.take_table("prune")  # free once the holder's session ends
 
 
 def test_export_follow_misses_no_event_committed_out_of_id_order(url):
@@ -224,58 +234,6 @@ def test_export_follow_misses_no_event_committed_out_of_id_order(url):
         follower.proc.send_signal(signal.SIGTERM)
         assert follower.proc.wait(20) == 0
     assert follower.proc.stderr.read() == "stopped after seq 4; resume with --after 4\n"
-
-
-def test_check_expects_what_the_migration_makes():
-    tables, indexes = pg_check.expected()
-    assert tables["entry"] == {
-        "nat": "bigint",
-        "port": "integer",
-        "addr": "bytea",
-        "aport": "integer",
-        "created": "bigint",
-        "last_use": "bigint",
-    }
-    assert set(tables) == {
-        "schema_migrations",
-        "meta",
-        "nat",
-        "entry",
-        "event",
-        "segment",
-        "segment_data",
-    }
-    assert tables["segment_data"] == {"n": "bigint", "data": "bytea"}
-    assert tables["segment"]["sha256"] == "bytea" and tables["segment"]["pending"] == "smallint"
-    assert indexes == {
-        "entry_endpoint": ("entry", True, "nat, addr, aport"),
-        "entry_lru": ("entry", False, "nat, last_use, port"),
-        "event_nat_port_ts": ("event", True, "nat, port, ts, kind"),
-        "event_addr_ts": ("event", False, "addr, aport, ts"),
-        "event_ts": ("event", False, "ts"),
-    }
-
-
-@pytest.mark.parametrize(
-    "sql, finding",
-    [
-        ("DROP INDEX event_ts", "index event_ts is missing"),
-        ("CREATE INDEX extra ON entry (aport)", "unknown index extra on entry"),
-        (
-            "DROP INDEX entry_lru; CREATE INDEX entry_lru ON entry (last_use)",
-            "index entry_lru differs from the schema",
-        ),
-        ("ALTER TABLE entry ALTER COLUMN aport TYPE bigint", "table entry differs from the schema"),
-        ("CREATE TABLE planted (x int)", "unknown table planted"),
-        ("ALTER TABLE meta DROP CONSTRAINT meta_pkey", "table meta has no primary key"),
-    ],
-)
-def test_check_names_each_difference_from_the_schema(url, sql, finding):
-    assert nat64ho("check", "--db", url).returncode == 0
-    db_exec(url, sql)
-    r = nat64ho("check", "--db", url)
-    assert r.returncode == 1 and r.stdout == ""
-    assert one_error(r) == f"Error: {url}: {finding}"
 
 
 def test_read_commands_need_only_select(url, tmp_path):
@@ -354,9 +312,9 @@ def test_a_session_cut_while_export_streams_is_one_error_line(url, fmt):
 
 def test_a_write_beside_an_unread_cursor_commits_as_outside_begin(conn, url, monkeypatch):
     monkeypatch.setattr(pgconn, "CURSOR_ROWS", 7)
-    conn.executemany(INSERT_EVENT, [event(i) for i in range(30)])
+    conn.insert_many("event", EVENT_COLUMNS, [event(i) for i in range(30)], ignore=False)
     cur = conn.execute("SELECT port FROM event ORDER BY id")
     assert cur.fetchmany(2) == [(1000,), (1001,)]
-    conn.execute("INSERT INTO meta VALUES (?, ?)", ("probe", b"x"))
+    conn.execute("INSERT INTO meta VALUES ($1, $2)", ("probe", b"x"))
     conn.close()  # the cursor never read to its end
     assert db_rows(url, "SELECT value FROM meta WHERE key = 'probe'") == [(b"x",)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nat64ho.archive import chain
-from nat64ho.ops.db import Conn, HistoryError, atomic, on_postgres
+from nat64ho.ops.db import Conn, HistoryError, atomic, db_file
 
 _COLUMNS = (
     "n, file, first_id, last_id, ts_lo, ts_hi, events, initialized, created, deleted, "
@@ -54,12 +54,12 @@ class Segment:
 def in_database(conn: Conn) -> bool:
     """Whether segments live in the database itself (PostgreSQL: a standby
     has them) rather than as files beside it (SQLite)."""
-    return on_postgres(conn)
+    return conn.sql.postgres
 
 
 def data(conn: Conn, n: int) -> builtins.bytes | None:
     """The octets of segment ``n`` kept in the database; None if absent."""
-    row = conn.execute("SELECT data FROM segment_data WHERE n = ?", (n,)).fetchone()
+    row = conn.execute("SELECT data FROM segment_data WHERE n = $1", (n,)).fetchone()
     return None if row is None else builtins.bytes(row[0])
 
 
@@ -78,10 +78,6 @@ def pending(conn: Conn) -> list[tuple[int, int]]:
     ]
 
 
-def db_file(conn: Conn) -> Path:
-    return Path(conn.execute("PRAGMA database_list").fetchone()[2])
-
-
 def default_dir(db: Path) -> Path:
     """``archive/`` beside the database."""
     return db.parent / "archive"
@@ -89,7 +85,7 @@ def default_dir(db: Path) -> Path:
 
 def archive_dir(conn: Conn) -> Path:
     """Where this database's segment files are."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_DIR,)).fetchone()
+    row = conn.execute("SELECT value FROM meta WHERE key = $1", (META_DIR,)).fetchone()
     if row is not None:
         value = row[0]
         return Path(value.decode() if isinstance(value, bytes) else value)
@@ -117,10 +113,11 @@ def set_archive_dir(conn: Conn, directory: Path) -> None:
     needs no record."""
     directory = directory.resolve()
     if directory == default_dir(db_file(conn)).resolve():
-        conn.execute("DELETE FROM meta WHERE key = ?", (META_DIR,))
+        conn.execute("DELETE FROM meta WHERE key = $1", (META_DIR,))
     else:
         conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            "INSERT INTO meta (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (META_DIR, str(directory).encode()),
         )
 

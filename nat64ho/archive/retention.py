@@ -24,12 +24,11 @@ def prune(conn: Conn, before: int) -> int:
     if not gone:
         return 0
     with atomic(conn):
-        conn.executemany(
-            "UPDATE segment SET pruned = ? WHERE n = ?",
-            [(time.time_ns() // 1000, s.n) for s in gone],
-        )
-        if catalog.in_database(conn):
-            conn.executemany("DELETE FROM segment_data WHERE n = ?", [(s.n,) for s in gone])
+        now = time.time_ns() // 1000
+        for s in gone:
+            conn.execute("UPDATE segment SET pruned = $1 WHERE n = $2", (now, s.n))
+            if catalog.in_database(conn):
+                conn.execute("DELETE FROM segment_data WHERE n = $1", (s.n,))
     if catalog.in_database(conn):
         return sum(s.events for s in gone)
     directory = catalog.archive_dir(conn)

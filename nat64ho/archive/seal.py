@@ -117,7 +117,7 @@ def seal_rows(
 
     rows = []
     cur = conn.execute(
-        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < ? AND id <= ?",
+        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2",
         (cut_ts, cut_id),
     )
     while chunk := cur.fetchmany(_CHUNK):
@@ -145,11 +145,11 @@ def seal_rows(
         conn.execute(
             "INSERT INTO segment (n, file, first_id, last_id, ts_lo, ts_hi, events, "
             "initialized, created, deleted, bytes, sha256, chain, sealed, cut_ts, cut_id, "
-            "pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            "pending) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 1)",
             (n, name, *period, *counts, written.size, written.sha256, link, now(), cut_ts, cut_id),
         )
         if directory is None:
-            conn.execute("INSERT INTO segment_data (n, data) VALUES (?, ?)", (n, octets))
+            conn.execute("INSERT INTO segment_data (n, data) VALUES ($1, $2)", (n, octets))
     finish_pending(conn)
     return catalog.segments(conn)[-1]
 
@@ -164,13 +164,13 @@ def finish_pending(conn: Conn) -> int:
         while True:
             with atomic(conn):
                 n = conn.execute(
-                    "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? AND id <= ? "
-                    "LIMIT ?)",
+                    "DELETE FROM event WHERE id IN "
+                    "(SELECT id FROM event WHERE ts < $1 AND id <= $2 LIMIT $3)",
                     (cut_ts, cut_id, DELETE_BATCH),
                 ).rowcount
                 if n < DELETE_BATCH:
                     conn.execute(
-                        "UPDATE segment SET pending = 0 WHERE cut_ts = ? AND cut_id = ?",
+                        "UPDATE segment SET pending = 0 WHERE cut_ts = $1 AND cut_id = $2",
                         (cut_ts, cut_id),
                     )
             total += n
@@ -182,13 +182,9 @@ def finish_pending(conn: Conn) -> int:
 def open_target(db: Path | str) -> Conn:
     """A connection of its own to an SQLite file or a PostgreSQL URL (the
     server's threads: sealing, retention)."""
-    from nat64ho.storage import schema
+    from nat64ho.ops import db as opsdb
 
-    if schema.is_postgres(db):
-        from nat64ho.ops import pgconn
-
-        return pgconn.connect(str(db), name="nat64ho seal")
-    return schema.open_db(Path(db))
+    return opsdb.connect(db, readonly=False, name="nat64ho seal")
 
 
 def seal_db(db: Path | str, period_s: float, directory: Path | None = None) -> list[Segment]:
@@ -217,30 +213,12 @@ def seal_after_import(conn: Conn) -> list[Segment]:
 
     if not tiers.has_segments(conn):
         return []
-
-    def sealed() -> list[Segment]:
+    try:
+        release = conn.take_table("import")
+    except owner.TableOwned:
+        return []
+    try:
         now = time.time_ns() // 1000
         return seal(conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US)
-
-    if catalog.in_database(conn):
-        return _as_owner_pg(conn, sealed)
-    try:
-        with owner.table_owner(catalog.db_file(conn), what="import"):
-            return sealed()
-    except owner.TableOwned:
-        return []
-
-
-def _as_owner_pg(conn: Conn, work: Callable[[], list[Segment]]) -> list[Segment]:
-    """``work()`` holding the table's advisory lock for the moment, or
-    nothing if a server holds it."""
-    from nat64ho.storage import owner, pg_schema
-
-    try:
-        conn.take_owner("import")  # type: ignore[attr-defined]
-    except owner.TableOwned:
-        return []
-    try:
-        return work()
     finally:
-        conn.execute("SELECT pg_advisory_unlock(?)", (pg_schema.OWNER_LOCK,)).fetchone()
+        release()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from nat64ho.archive import catalog
 from nat64ho.archive.catalog import Segment
-from nat64ho.ops.db import Conn, HistoryError, on_postgres
+from nat64ho.ops.db import Conn, HistoryError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -120,12 +120,9 @@ def snapshot(
     """Rows of ``spanning`` (or ``hot_only`` if nothing is sealed) read in
     one read transaction, so that the segment list and the hot tier are the
     same instant's: a seal between the two cannot hide its events."""
-    own = not getattr(conn, "in_transaction", True)
+    own = not conn.in_transaction
     if own:
-        conn.execute("BEGIN")
-        if on_postgres(conn):
-            # One snapshot for the whole read, as SQLite's read transaction.
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute(conn.sql.begin_snapshot)
     try:
         arch = archive(conn)
         yield from spanning(arch) if arch is not None else hot_only()
@@ -379,8 +376,8 @@ def kind_counts(conn: Conn, lo: int, hi: int, hour: int) -> dict[tuple[int, int]
     # The hot copies of a pending segment's events are counted by the caller.
     for cut_ts, cut_id in catalog.pending(conn):
         for nat, kind, n_day, n_hour in conn.execute(
-            "SELECT nat, kind, count(*), sum(CASE WHEN ts >= ? THEN 1 ELSE 0 END) FROM event "
-            "WHERE ts >= ? AND ts <= ? AND ts < ? AND id <= ? AND kind > 0 GROUP BY nat, kind",
+            "SELECT nat, kind, count(*), sum(CASE WHEN ts >= $1 THEN 1 ELSE 0 END) FROM event "
+            "WHERE ts >= $2 AND ts <= $3 AND ts < $4 AND id <= $5 AND kind > 0 GROUP BY nat, kind",
             (hour, lo, hi, cut_ts, cut_id),
         ):
             c = out.setdefault((nat, kind), [0, 0])

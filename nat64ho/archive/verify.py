@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from nat64ho.archive import catalog, chain, segment
 from nat64ho.eventlog import ts_str
-from nat64ho.ops.db import Conn
+from nat64ho.ops.db import Conn, arg
 
 
 @dataclass
@@ -72,10 +72,11 @@ def verify(conn: Conn, head: bytes | None = None) -> Verdict:
         last = max(s.ts_hi for s in live)
         # Not the events a pending segment is still deleting from the hot tier.
         cuts = catalog.pending(conn)
-        skip = "".join(" AND NOT (ts < ? AND id <= ?)" for _ in cuts)
+        args: list[int] = [last]
+        skip = "".join(f" AND NOT (ts < {arg(args, t)} AND id <= {arg(args, i)})" for t, i in cuts)
         for eid, ts in conn.execute(
-            f"SELECT id, ts FROM event INDEXED BY event_ts WHERE ts <= ?{skip} ORDER BY ts LIMIT 5",
-            (last, *[v for cut in cuts for v in cut]),
+            f"SELECT id, ts FROM {conn.sql.event_by_ts} WHERE ts <= $1{skip} ORDER BY ts LIMIT 5",
+            args,
         ).fetchall():
             s = next((s for s in live if s.ts_lo <= ts <= s.ts_hi), live[-1])
             out.problems.append(

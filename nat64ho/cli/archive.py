@@ -16,6 +16,7 @@ from nat64ho.cli.database import Database
 from nat64ho.cli.options import EXIT_DB, DbOption, fail, number, parse_time, parser
 from nat64ho.daemon.config import Config
 from nat64ho.eventlog import ts_str
+from nat64ho.ops import db as opsdb
 from nat64ho.ops.db import Conn
 from nat64ho.storage import schema
 
@@ -150,22 +151,19 @@ def archive_check(db: Path | str, report: schema.CheckReport, head: bytes | None
     from nat64ho.archive import verify  # pyarrow, for the segment files
     from nat64ho.storage import owner
 
-    if schema.is_postgres(db):
-        from nat64ho.ops import pgconn
-
-        conn: Conn = pgconn.connect(str(db), readonly=True, name="nat64ho check")
-    else:
-        conn = schema.open_db(Path(db), readonly=True)
+    conn = opsdb.connect(db, name="nat64ho check")
     try:
         verdict = verify.verify(conn, head)
         stray = sealing.orphans(conn)
         if stray:
             try:
-                with owner.table_owner(Path(db), what="check"):
-                    stray = sealing.remove_orphans(conn)
-                report.facts["unrecorded segment files removed"] = len(stray)
+                release = conn.take_table("check")
             except owner.TableOwned:
                 report.facts["unrecorded segment files (a seal in flight?)"] = len(stray)
+            else:
+                stray = sealing.remove_orphans(conn)
+                release()
+                report.facts["unrecorded segment files removed"] = len(stray)
     finally:
         conn.close()
     report.problems += verdict.problems

@@ -7,19 +7,16 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import typer
 
 from nat64ho.cli.options import EXIT_DB, db_target, fail
 from nat64ho.ops import db as opsdb
 from nat64ho.storage import schema
-
-if TYPE_CHECKING:
-    from nat64ho.ops.pgconn import PgConnection
-    from nat64ho.storage.owner import Ownership
 
 #: How long a command keeps retrying a database that stays locked, on top of
 #: the busy timeout of each attempt: a commit or checkpoint of the server
@@ -35,7 +32,7 @@ class Database:
     up; on PostgreSQL a read-only session. Database errors while the command
     runs become one ``Error:`` line; the connection is closed on the way out.
     ``own``: the command must own the table (refused while a server runs).
-    ``create`` (PostgreSQL): make the tables of a database that has none.
+    ``create``: make the tables where the database has none.
     """
 
     def __init__(
@@ -44,19 +41,19 @@ class Database:
         self.target = db_target(db)
         self.path = schema.describe(self.target)  # for messages
         self.write = write
-        self.own = own  # the command, if it must own the table (nat64ho.storage.owner)
+        self.own = own  # the command, if it must own the table (Conn.take_table)
         self.create = create
-        self.ownership: Ownership | None = None
+        self.release: Callable[[], None] | None = None  # of the table, if owned
         self.conn: opsdb.Conn | None = None
 
     def __enter__(self) -> opsdb.Conn:
-        if isinstance(self.target, str):
-            self.conn = self._postgres(self.target)
-            return self.conn
         deadline = time.monotonic() + BUSY_RETRY_S
+        name = f"nat64ho {self.own or ('write' if self.write else 'read')}"
         while True:
             try:
-                conn = schema.open_db(self.target, readonly=not self.write)
+                conn = opsdb.connect(
+                    self.target, readonly=not self.write, create=self.create, name=name
+                )
                 break
             except schema.DatabaseBusy as exc:
                 if time.monotonic() >= deadline:
@@ -65,43 +62,21 @@ class Database:
             except schema.DatabaseError as exc:
                 fail(str(exc), EXIT_DB)
         if self.own is not None:
-            from nat64ho.storage import owner
-
             try:
-                self.ownership = owner.acquire(self.target, what=self.own)
-            except owner.TableOwned as exc:
+                self.release = conn.take_table(self.own)
+            except schema.DatabaseError as exc:
                 conn.close()
                 fail(str(exc), EXIT_DB)
         self.conn = conn
         return conn
 
-    def _postgres(self, url: str) -> PgConnection:
-        from nat64ho.ops import pgconn
-
-        try:
-            conn = pgconn.connect(
-                url,
-                readonly=not self.write,
-                create=self.create,
-                name=f"nat64ho {self.own or ('write' if self.write else 'read')}",
-            )
-        except schema.DatabaseError as exc:
-            fail(str(exc), EXIT_DB)
-        if self.own is not None:
-            try:
-                conn.take_owner(self.own)
-            except schema.DatabaseError as exc:
-                conn.close()
-                fail(str(exc), EXIT_DB)
-        return conn
-
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
+        if self.release is not None:
+            self.release()
         if self.conn is not None:
             self.conn.close()
-        if self.ownership is not None:
-            self.ownership.release()
         if isinstance(exc, BrokenPipeError):
             # `nat64ho export | head`: the reader has all it wanted.
             try:

@@ -22,6 +22,7 @@ from nat64ho.cli.options import (
 from nat64ho.cli.render import Progress, interrupted
 from nat64ho.daemon.clock import wall_us
 from nat64ho.eventlog import ipv4_str, ts_str
+from nat64ho.ops import db as opsdb
 from nat64ho.ops import maintenance
 from nat64ho.storage import schema
 
@@ -181,12 +182,7 @@ def check(
     except ValueError:
         fail(f"--head {head!r}: not a hexadecimal chain value")
     try:
-        if isinstance(target, str):
-            from nat64ho.storage import pg_check
-
-            report = pg_check.check(target)
-        else:
-            report = schema.check(target)
+        report = opsdb.check(target)
         if report.ok:
             archive_check(target, report, head_v)
     except schema.DatabaseMissing as exc:
@@ -198,7 +194,4 @@ def check(
             typer.echo(f"Error: {problem}", err=True)
         raise typer.Exit(1)
     facts = ", ".join(f"{k} {v}" for k, v in report.facts.items())
-    if isinstance(target, str):
-        typer.echo(f"ok: {schema.shown(target)}: schema current, rows decode; {facts}")
-    else:
-        typer.echo(f"ok: {target}: integrity ok, schema current; {facts}")
+    typer.echo(f"ok: {schema.describe(target)}: {report.passed}; {facts}")

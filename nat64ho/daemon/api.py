@@ -23,7 +23,6 @@ import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nat64ho.daemon.http import Reply, Route, text
@@ -212,14 +211,9 @@ class Api:
             raise DatabaseError(str(exc)) from None
 
     def _connect(self) -> Any:
-        db = self.server.config.db
-        if isinstance(db, str):
-            from nat64ho.ops import pgconn
+        from nat64ho.ops import db
 
-            return pgconn.connect(db, readonly=True, name="nat64ho api")
-        from nat64ho.storage.schema import open_db
-
-        return open_db(Path(db), readonly=True)
+        return db.connect(self.server.config.db, name="nat64ho api")
 
 
 def health(server: Server) -> Route:

@@ -1,9 +1,10 @@
-"""What the operator modules share: the connection they take, the
-transaction helper, row streaming with checks, the errors they raise, and
-whether another process has a database open.
+"""What the operator modules share: the connection they take (one path to
+each backend, :func:`connect`), what the backends spell differently
+(:class:`Dialect`), the transaction helper, row streaming with checks, the
+errors they raise, and whether another process has a database open.
 
-Synchronous: sqlite3 on a connection from :func:`nat64ho.storage.schema.open_db`,
-or PostgreSQL through :mod:`nat64ho.ops.pgconn`, which speaks the same API.
+Statements take ``$1, $2, …`` placeholders, which SQLite and PostgreSQL
+both read as they are: sqlite3 is given the values by name, asyncpg by position.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import fcntl
 import os
 import sqlite3
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from nat64ho.storage import schema
@@ -37,23 +40,142 @@ class Rows(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What the operator commands spell differently on each backend."""
+
+    postgres: bool
+    #: A write transaction, its lock taken at once.
+    begin: str
+    #: A read transaction on one snapshot of the database.
+    begin_snapshot: str
+    #: The schema of a session's temporary tables.
+    temp: str
+    #: Table event read in ts order (SQLite's planner may take another index, then sort).
+    event_by_ts: str
+    #: The ports an import names, for its replay: a temporary table.
+    create_replay: str
+
+
+SQLITE = Dialect(
+    postgres=False,
+    begin="BEGIN IMMEDIATE",
+    begin_snapshot="BEGIN",
+    temp="temp",
+    event_by_ts="event INDEXED BY event_ts",
+    create_replay="CREATE TEMP TABLE IF NOT EXISTS replay "
+    "(nat INTEGER, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID",
+)
+
+POSTGRES = Dialect(
+    postgres=True,
+    begin="BEGIN",
+    begin_snapshot="BEGIN ISOLATION LEVEL REPEATABLE READ",
+    temp="pg_temp",
+    event_by_ts="event",
+    create_replay="CREATE TEMP TABLE IF NOT EXISTS replay "
+    "(nat bigint, port integer, PRIMARY KEY (nat, port))",
+)
+
+
+#: The columns of an event as the operator commands write it (id is drawn).
+EVENT_COLUMNS = ("ts", "kind", "nat", "port", "addr", "aport")
+
+
+def arg(args: list[Any], value: Any) -> str:
+    """The placeholder of ``value``, appended to ``args``: for statements
+    whose conditions are chosen at run time."""
+    args.append(value)
+    return f"${len(args)}"
+
+
 class Conn(Protocol):
-    """A connection of either backend: sqlite3.Connection, or pgconn.PgConnection."""
+    """A session of either backend: :class:`SqliteConn` or pgconn.PgConnection."""
+
+    sql: Dialect
 
     @property
     def total_changes(self) -> int: ...
 
-    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+    @property
+    def in_transaction(self) -> bool: ...
 
-    def executemany(self, sql: str, rows: Any, /) -> Any: ...
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Rows: ...
+
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool
+    ) -> int: ...
+
+    def take_table(self, what: str) -> Callable[[], None]:
+        """Own the table (TableOwned names the holder otherwise) until the
+        function returned is called, or the process or session ends."""
 
     def close(self) -> None: ...
 
 
-def on_postgres(conn: Conn | None) -> bool:
-    """Whether ``conn`` is a PostgreSQL session (pgconn is not imported for
-    SQLite, so that asyncpg stays off its path)."""
-    return conn is not None and not isinstance(conn, sqlite3.Connection)
+def _named(values: Sequence[Any]) -> dict[str, Any]:
+    return {str(i): v for i, v in enumerate(values, 1)}
+
+
+class SqliteConn(sqlite3.Connection):
+    """sqlite3 with the operator commands' placeholders and :class:`Conn`'s
+    additions (made by :func:`nat64ho.storage.schema.open_db`, as its ``factory``)."""
+
+    sql = SQLITE
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return super().execute(sql, _named(parameters))
+
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool
+    ) -> int:
+        """Insert ``rows`` (those that conflict skipped if ``ignore``); how many went in."""
+        marks = ", ".join("?" * len(columns))
+        before = self.total_changes
+        super().executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+            + (" ON CONFLICT DO NOTHING" if ignore else ""),
+            rows,
+        )
+        return self.total_changes - before
+
+    def take_table(self, what: str) -> Callable[[], None]:
+        from nat64ho.storage import owner
+
+        return owner.acquire(db_file(self), what=what).release
+
+
+def db_file(conn: Conn | sqlite3.Connection) -> Path:
+    """The file of an SQLite connection."""
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
+def connect(
+    db: Path | str, *, readonly: bool = True, create: bool = False, name: str = "nat64ho"
+) -> Conn:
+    """A session on ``--db`` whose schema is current (DatabaseError otherwise).
+    ``readonly``: it never writes. ``create``: the tables are made first where
+    the database has none (an older schema is still refused: ``serve``
+    upgrades it). ``name``: what PostgreSQL shows for the session."""
+    if schema.is_postgres(db):
+        from nat64ho.ops import pgconn
+
+        return pgconn.connect(str(db), readonly=readonly, create=create, name=name)
+    path = Path(db)
+    create = create and not path.exists()
+    conn = schema.open_db(path, readonly=readonly, create=create, factory=SqliteConn)
+    assert isinstance(conn, SqliteConn)
+    return conn
+
+
+def check(db: Path | str) -> schema.CheckReport:
+    """``check`` of either backend: the live catalog against the declared
+    schema (nat64ho.storage.declared), then the rows; nothing is changed."""
+    if schema.is_postgres(db):
+        from nat64ho.storage import pg_check
+
+        return pg_check.check(str(db))
+    return schema.check(db)
 
 
 class HistoryError(Exception):
@@ -65,7 +187,7 @@ def atomic(conn: Conn) -> Iterator[Conn]:
     """``with atomic(conn):`` one write transaction, committed at the end or
     rolled back on any exception (Ctrl-C included). IMMEDIATE takes the write
     lock at once, so a busy database fails here rather than halfway through."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(conn.sql.begin)
     try:
         yield conn
     except BaseException:
@@ -96,12 +218,12 @@ def db_path(conn: Conn | None) -> str:
     """The file (or PostgreSQL URL) of ``conn``, for messages."""
     if conn is None:
         return "database"
-    if on_postgres(conn):
-        return schema.shown(getattr(conn, "url", "database"))
-    try:
-        return str(conn.execute("PRAGMA database_list").fetchone()[2] or "database")
-    except sqlite3.Error:
-        return "database"
+    if isinstance(conn, sqlite3.Connection):
+        try:
+            return str(db_file(conn)) or "database"
+        except sqlite3.Error:
+            return "database"
+    return schema.shown(getattr(conn, "url", "database"))
 
 
 def bad_row(conn: Conn | None, row: Any, ok: Callable[[Any], bool]) -> Exception:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_rfc3339, ts_str
-from nat64ho.ops.db import FETCH, Conn, id_event_ok, on_postgres, stream
+from nat64ho.ops.db import FETCH, Conn, arg, id_event_ok, stream
 from nat64ho.storage import schema
 
 
@@ -69,33 +69,25 @@ def _hot_rows(
     with_id: bool,
     limit: int | None,
 ) -> Iterator[tuple[Any, ...]]:
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if after is not None:
-        where.append("id > ?")
-        args.append(after)
+        where.append(f"id > {arg(args, after)}")
     if upto is not None:
-        where.append("id <= ?")
-        args.append(upto)
+        where.append(f"id <= {arg(args, upto)}")
     if nat is not None:
-        where.append("nat = ?")
-        args.append(nat)
+        where.append(f"nat = {arg(args, nat)}")
     if since is not None:
-        where.append("ts >= ?")
-        args.append(since)
+        where.append(f"ts >= {arg(args, since)}")
     if until is not None:
-        where.append("ts < ?")
-        args.append(until)
+        where.append(f"ts < {arg(args, until)}")
     if since is None and until is None:
-        order = "id"
+        order, table = "id", "event"
     else:
-        order = "ts, id"
-    sql = f"SELECT {'id, ' if with_id else ''}ts, kind, nat, port, addr, aport FROM event"
+        order, table = "ts, id", conn.sql.event_by_ts
+    sql = f"SELECT {'id, ' if with_id else ''}ts, kind, nat, port, addr, aport FROM {table}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    if since is not None or until is not None:
-        # Otherwise the planner may prefer the (nat, port, ts) index for a
-        # --nat filter and then sort the whole result before the first row.
-        sql = sql.replace("FROM event", "FROM event INDEXED BY event_ts")
     sql += f" ORDER BY {order}"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
@@ -130,7 +122,7 @@ def settled_id(conn: Conn) -> int | None:
     waiting) and over snapshot xmin (an insert draws its id before it gets
     a transaction id, so xmin alone leaves a gap). The wait is for commits
     already under way: milliseconds."""
-    if not on_postgres(conn):
+    if not conn.sql.postgres:
         return None
     last = int(
         conn.execute(
@@ -148,7 +140,7 @@ def settled_id(conn: Conn) -> int | None:
         time.sleep(SETTLE_POLL_S)
         writers = [
             r[0]
-            for r in conn.execute(lock + " AND virtualtransaction = ANY(?)", (writers,)).fetchall()
+            for r in conn.execute(lock + " AND virtualtransaction = ANY($1)", (writers,)).fetchall()
         ]
     return last
 

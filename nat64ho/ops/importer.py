@@ -12,8 +12,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from nat64ho.archive.seal import seal_after_import
 from nat64ho.archive.tiers import SealedFilter
 from nat64ho.eventlog import BadLine, EventKind, parse_line
-from nat64ho.ops.db import Conn, HistoryError, atomic
-from nat64ho.sql import INSERT_EVENT
+from nat64ho.ops.db import EVENT_COLUMNS, Conn, HistoryError, atomic
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
 
@@ -204,23 +203,20 @@ def import_logs(
     lines = skipped = added = 0
     batch: list[tuple[Any, ...]] = []
     if rebuild_table:
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS replay "
-            "(nat BIGINT, port INTEGER, PRIMARY KEY (nat, port)) WITHOUT ROWID"
-        )
-        conn.execute("DELETE FROM temp.replay")
+        conn.execute(conn.sql.create_replay)
+        conn.execute(f"DELETE FROM {conn.sql.temp}.replay")
 
     sealed = SealedFilter(conn)
 
     def commit() -> int:
-        before = conn.total_changes
         with atomic(conn):
-            conn.executemany(INSERT_EVENT, sealed(batch))
-            new = conn.total_changes - before
+            new = conn.insert_many("event", EVENT_COLUMNS, sealed(batch), ignore=True)
             if rebuild_table:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO temp.replay VALUES (?, ?)",
+                conn.insert_many(
+                    f"{conn.sql.temp}.replay",
+                    ("nat", "port"),
                     [(r[2], r[3]) for r in batch if r[1] != 0],
+                    ignore=True,
                 )
         batch.clear()
         return new
@@ -263,14 +259,14 @@ def rebuild(conn: Conn) -> int:
     the entry its last event implies; returns the entries added."""
     with atomic(conn):
         # The last event of each port named by the logs, over the whole
-        # history (a Deleted already stored counts too); OR IGNORE keeps
+        # history (a Deleted already stored counts too); DO NOTHING keeps
         # the entries the table has, by port and by endpoint.
-        added = conn.execute("""
-            INSERT OR IGNORE INTO entry (nat, port, addr, aport, created, last_use)
+        added = conn.execute(f"""
+            INSERT INTO entry (nat, port, addr, aport, created, last_use)
             SELECT e.nat, e.port, e.addr, e.aport, e.ts, e.ts
-            FROM temp.replay AS r JOIN event AS e ON e.id = (
+            FROM {conn.sql.temp}.replay AS r JOIN event AS e ON e.id = (
                 SELECT id FROM event WHERE nat = r.nat AND port = r.port AND kind > 0
                 ORDER BY ts DESC, kind ASC LIMIT 1)
-            WHERE e.kind = 1""").rowcount
-        conn.execute("DELETE FROM temp.replay")
+            WHERE e.kind = 1 ON CONFLICT DO NOTHING""").rowcount
+        conn.execute(f"DELETE FROM {conn.sql.temp}.replay")
     return added

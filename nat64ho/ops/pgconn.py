@@ -1,26 +1,22 @@
-"""A synchronous connection to PostgreSQL with the part of sqlite3's API the
-operator modules use, so that nat64ho.ops keeps one implementation per
-command for both backends. asyncpg underneath, on an event loop of its own.
-
-SQLite's dialect is translated where the two differ (``?`` placeholders,
-``INSERT OR IGNORE``, ``IS ?``, ``temp.``, ``INDEXED BY``); rows come back
-as tuples, bytea as bytes, so the row checks of nat64ho.storage.schema
-apply unchanged. Big reads stream through a server-side cursor; many-row
-inserts go through COPY.
+"""The operator commands' path to PostgreSQL: a synchronous session with
+the part of sqlite3's API they use (:class:`nat64ho.ops.db.Conn`), asyncpg
+underneath on an event loop of its own. Statements run as written (the
+backends' differences are in :data:`nat64ho.ops.db.POSTGRES`); rows come
+back as tuples, bytea as bytes. Big reads stream through a server-side
+cursor; many-row inserts go through COPY.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import re
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
-from nat64ho.sql import numbered
+from nat64ho.ops.db import POSTGRES
 from nat64ho.storage import pg_owner, pg_schema
+from nat64ho.storage.pg_schema import OWNER_LOCK
 from nat64ho.storage.schema import DatabaseError, shown
 
 _T = TypeVar("_T")
@@ -32,24 +28,6 @@ CURSOR_ROWS = 4096
 class PgError(DatabaseError):
     """A PostgreSQL error while a command runs (a lost connection, a refused
     write, a constraint); the message names the database."""
-
-
-@functools.lru_cache(maxsize=256)
-def translate(sql: str) -> str:
-    """SQLite's spelling of a statement as PostgreSQL takes it."""
-    out = sql.replace(" INDEXED BY event_ts", "").replace(" WITHOUT ROWID", "")
-    out = re.sub(r"\btemp\.", "pg_temp.", out)
-    out = re.sub(r" IS \?", " IS NOT DISTINCT FROM ?", out)
-    if re.match(r"\s*INSERT OR IGNORE INTO", out):
-        out = out.replace("INSERT OR IGNORE INTO", "INSERT INTO", 1).rstrip()
-        out += " ON CONFLICT DO NOTHING"
-    return numbered(out)
-
-
-#: A plain many-row insert, which executemany sends through COPY.
-_PLAIN_INSERT = re.compile(
-    r"\s*INSERT (OR IGNORE )?INTO ([\w.]+)\s*(?:\(([^)]*)\))?\s*VALUES\s*\(([?,\s]*)\)\s*$"
-)
 
 
 #: Statements that return rows (read when the cursor is read).
@@ -118,11 +96,13 @@ class PgConnection:
     statement commits on its own, as in sqlite3's autocommit mode; streaming
     cursors open a transaction of their own that ends with the last of them."""
 
+    sql = POSTGRES
+
     def __init__(self, url: str, conn: asyncpg.Connection, loop: asyncio.AbstractEventLoop):
         self.url = url
         self._conn = conn
         self._loop = loop
-        self._tx: Any = None  # the open transaction, explicit or the cursors'
+        self._tx = False  # a transaction is open, explicit or the cursors'
         self._explicit = False
         self._cursors = 0
         self._broken = False
@@ -164,8 +144,8 @@ class PgConnection:
         return [tuple(r) for r in self._run(self._conn.fetch(sql, *params))]
 
     def _open_cursor(self, sql: str, params: tuple[Any, ...]) -> Any:
-        if self._tx is None:
-            self._begin(explicit=False)
+        if not self._tx:
+            self._begin("BEGIN", explicit=False)
         self._cursors += 1
 
         async def declare() -> Any:
@@ -178,85 +158,62 @@ class PgConnection:
 
     def _cursor_closed(self) -> None:
         self._cursors -= 1
-        if self._cursors <= 0 and self._tx is not None and not self._explicit:
-            self._end(commit=True)
+        if self._cursors <= 0 and self._tx and not self._explicit:
+            self._end("COMMIT")
 
-    def _begin(self, *, explicit: bool) -> None:
-        if self._tx is not None and not self._explicit:
-            self._end(commit=True)  # cursors left unread: their rows are not needed
-        tx = self._conn.transaction()
-        self._run(tx.start())
-        self._tx, self._explicit = tx, explicit
+    def _begin(self, sql: str, *, explicit: bool) -> None:
+        if self._tx and not self._explicit:
+            self._end("COMMIT")  # cursors left unread: their rows are not needed
+        self._run(self._conn.execute(sql))
+        self._tx, self._explicit = True, explicit
 
-    def _end(self, *, commit: bool) -> None:
-        tx, self._tx, self._explicit, self._cursors = self._tx, None, False, 0
-        if tx is None:
-            if commit:
-                raise PgError(f"{shown(self.url)}: COMMIT without a transaction")
-            return
-        if self._broken:
-            if commit:
-                raise PgError(f"{shown(self.url)}: the connection was interrupted")
-            return  # the server rolled back when the session ended
-        self._run(tx.commit() if commit else tx.rollback())
+    def _end(self, sql: str) -> None:
+        tx, self._tx, self._explicit, self._cursors = self._tx, False, False, 0
+        if tx and not self._broken:
+            self._run(self._conn.execute(sql))
+        elif sql.startswith("COMMIT"):  # a broken session's server rolled back
+            why = "the connection was interrupted" if tx else "COMMIT without a transaction"
+            raise PgError(f"{shown(self.url)}: {why}")
 
     # ------------------------------------------------------------ sqlite3's API
 
     @property
     def in_transaction(self) -> bool:
-        return self._tx is not None
+        return self._tx
 
-    def execute(self, sql: str, parameters: Iterable[Any] = (), /) -> PgCursor:
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         word = sql.lstrip()[:8].upper()
         if word.startswith("BEGIN"):
-            self._begin(explicit=True)
+            self._begin(sql, explicit=True)
             return PgCursor(self, "", ())
         if word.startswith(("COMMIT", "ROLLBACK")):
-            self._end(commit=word.startswith("COMMIT"))
+            self._end(sql)
             return PgCursor(self, "", ())
         params = tuple(parameters)
-        text = translate(sql)
         if word.startswith(_ROWS):
-            return PgCursor(self, text, params)
-        status = self._run(self._conn.execute(text, *params))
+            return PgCursor(self, sql, params)
+        status = self._run(self._conn.execute(sql, *params))
         n = _count(status)
         if status.startswith(("INSERT", "UPDATE", "DELETE")) and n > 0:
             self.total_changes += n
         return PgCursor(self, "", (), n)
 
-    def executemany(self, sql: str, rows: Iterable[Any], /) -> PgCursor:
-        rows = list(rows)
-        m = _PLAIN_INSERT.match(sql)
-        if m is None:
-            self._run(self._conn.executemany(translate(sql), rows))
-            self.total_changes += len(rows)
-            return PgCursor(self, "", (), len(rows))
-        if not rows:
-            return PgCursor(self, "", (), 0)
-        n = self._run(self._copy_insert(m.group(2), m.group(3), bool(m.group(1)), rows))
-        self.total_changes += n
-        return PgCursor(self, "", (), n)
-
-    async def _copy_insert(
-        self, table: str, columns: str | None, ignore: bool, rows: list[Any]
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], ignore: bool
     ) -> int:
         """COPY into a session's staging table, then one INSERT … SELECT in
-        the rows' order (ids follow it), skipping conflicts when asked: the
-        count of rows added comes back, as sqlite3's total_changes gives it."""
-        table = table.replace("temp.", "pg_temp.", 1)
-        if columns is None:
-            cols = [
-                r[0]
-                for r in await self._conn.fetch(
-                    "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass "
-                    "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                    table,
-                )
-            ]
-        else:
-            cols = [c.strip() for c in columns.split(",")]
+        the rows' order (ids follow it), skipping conflicts if ``ignore``:
+        the count of rows added comes back."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        n = self._run(self._copy_insert(table, list(columns), ignore, rows))
+        self.total_changes += n
+        return n
+
+    async def _copy_insert(self, table: str, cols: list[str], ignore: bool, rows: list[Any]) -> int:
         names = ", ".join(cols)
-        stage = "nat64ho_stage_" + re.sub(r"\W", "_", table)
+        stage = "nat64ho_stage_" + table.rpartition(".")[2]
         await self._conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {table} "
             f"WITH NO DATA; ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS stage_n bigserial; "
@@ -272,12 +229,12 @@ class PgConnection:
         return _count(status)
 
     def close(self) -> None:
-        if self._tx is not None and not self._explicit and not self._broken:
+        if self._tx and not self._explicit and not self._broken:
             # A cursor left unread holds its transaction open, and statements
             # run meanwhile are in it; outside BEGIN each one commits on its
             # own, so they must not be rolled back with the unread rows.
             try:
-                self._end(commit=True)
+                self._end("COMMIT")
             except PgError:
                 pass  # the session broke: the server rolled back
         if not self._conn.is_closed():
@@ -292,35 +249,31 @@ class PgConnection:
 
     # ------------------------------------------------------------ beyond sqlite3
 
-    def take_owner(self, what: str) -> None:
+    def take_table(self, what: str) -> Callable[[], None]:
         """Own the table for this session (the advisory lock a server holds
         for its whole life), or raise :class:`TableOwned` naming the holder."""
-        got = self.execute("SELECT pg_try_advisory_lock(?)", (pg_schema.OWNER_LOCK,)).fetchone()
+        got = self.execute("SELECT pg_try_advisory_lock($1)", (OWNER_LOCK,)).fetchone()
         if got is not None and got[0]:
-            return
+            return self._release_table
         row = self.execute(pg_owner.HOLDER_SQL, pg_owner.KEY_HALVES).fetchone()
         raise pg_owner.owned(self.url, pg_owner.described(row), what)
 
-
-async def _open(url: str, readonly: bool, name: str) -> tuple[asyncpg.Connection, int]:
-    conn = await pg_schema.open_db(url, readonly=readonly)
-    try:
-        await conn.execute("SELECT set_config('application_name', $1, false)", name)
-    except asyncpg.PostgresError:
-        pass  # only a label for pg_stat_activity
-    return conn, 0
+    def _release_table(self) -> None:
+        if not self._broken and not self._conn.is_closed():
+            self.execute("SELECT pg_advisory_unlock($1)", (OWNER_LOCK,)).fetchone()
 
 
-async def _open_creating(url: str, name: str) -> tuple[asyncpg.Connection, int]:
-    """A writing session; the tables are made first if the database holds
-    none (``import`` onto a new database). The schema version made, or 0."""
-    conn = await pg_schema.connect(url)
+async def _open(url: str, readonly: bool, create: bool, name: str) -> tuple[Any, int]:
+    """A session whose schema is current; with ``create`` the tables are made
+    first where the database has none. The schema version made, or 0."""
+    conn = await pg_schema.connect(url, server_settings={"application_name": name})
     made = 0
     async with pg_schema.closed_on_failure(conn, url):
-        if not await pg_schema.applied(conn, url):
+        if readonly:
+            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        elif create and not await pg_schema.applied(conn, url):
             made = max(await pg_schema.migrate(conn, url))
         await pg_schema.require_current(conn, url)
-        await conn.execute("SELECT set_config('application_name', $1, false)", name)
     return conn, made
 
 
@@ -332,10 +285,7 @@ def connect(
     tables in a database that has none (``created`` says which version)."""
     loop = asyncio.new_event_loop()
     try:
-        if create:
-            conn, made = loop.run_until_complete(_open_creating(url, name))
-        else:
-            conn, made = loop.run_until_complete(_open(url, readonly, name))
+        conn, made = loop.run_until_complete(_open(url, readonly, create, name))
     except BaseException:
         loop.close()
         raise

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from nat64ho.archive import tiers
 from nat64ho.eventlog import Event, EventKind, ipv4_str
-from nat64ho.ops.db import Conn, bad_row, db_path, stream
+from nat64ho.ops.db import Conn, arg, bad_row, db_path, stream
 from nat64ho.storage import schema
 
 _CREATED, _DELETED = int(EventKind.CREATED), int(EventKind.DELETED)
@@ -88,7 +88,7 @@ def nat_addresses(conn: Conn, *, history: bool = True) -> list[int]:
     # A loose index scan: one index seek per distinct NAT64 instead of
     # reading millions of rows to find a hundred values.
     for table in ("entry", "event") if history else ("entry",):
-        sql = f"SELECT min(nat) FROM {table} WHERE nat > ?"
+        sql = f"SELECT min(nat) FROM {table} WHERE nat > $1"
         nat = conn.execute(f"SELECT min(nat) FROM {table}").fetchone()[0]
         while nat is not None:
             found.add(nat)
@@ -129,16 +129,16 @@ def query_entries(
     for n in [nat] if nat is not None else nat_addresses(conn, history=False):
         if ipv6 is not None:
             lo, hi = prefix_range(ipv6)
-            extra, args = ("AND port = ?", (port,)) if port is not None else ("", ())
+            extra, args = ("AND port = $4", (port,)) if port is not None else ("", ())
             cur = conn.execute(
-                f"SELECT {cols} FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
+                f"SELECT {cols} FROM entry WHERE nat = $1 AND addr BETWEEN $2 AND $3 "
                 f"{extra} ORDER BY port",
                 (n, lo, hi, *args),
             )
         elif port is not None:
-            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? AND port = ?", (n, port))
+            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = $1 AND port = $2", (n, port))
         else:
-            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = ? ORDER BY port", (n,))
+            cur = conn.execute(f"SELECT {cols} FROM entry WHERE nat = $1 ORDER BY port", (n,))
         yield from stream(cur, Entry, schema.entry_ok, conn)
 
 
@@ -188,16 +188,16 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
     before = [
         _event(r, *key)
         for r in conn.execute(
-            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-            "AND ts <= ? ORDER BY ts DESC, kind DESC LIMIT 2",
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = $1 AND port = $2 AND kind > 0 "
+            "AND ts <= $3 ORDER BY ts DESC, kind DESC LIMIT 2",
             (*key, at),
         )
     ]
     after = [
         _event(r, *key)
         for r in conn.execute(
-            "SELECT ts, kind, addr, aport FROM event WHERE nat = ? AND port = ? AND kind > 0 "
-            "AND ts > ? ORDER BY ts, kind LIMIT 2",
+            "SELECT ts, kind, addr, aport FROM event WHERE nat = $1 AND port = $2 AND kind > 0 "
+            "AND ts > $3 ORDER BY ts, kind LIMIT 2",
             (*key, at),
         )
     ]
@@ -213,7 +213,7 @@ def who_port(conn: Conn, nat: int, port: int, at: int) -> Holding | None:
     row = _entry_row(
         conn,
         conn.execute(
-            "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", key
+            "SELECT addr, aport, created FROM entry WHERE nat = $1 AND port = $2", key
         ).fetchone(),
     )
     if prev is not None and prev.kind == EventKind.CREATED:
@@ -266,8 +266,8 @@ def who_port_window(
     instants = [lo, hi, at] + [
         r[0]
         for r in conn.execute(
-            "SELECT ts FROM event WHERE nat = ? AND port = ? AND kind = ? AND ts > ? AND ts <= ? "
-            "ORDER BY ts LIMIT ?",
+            "SELECT ts FROM event WHERE nat = $1 AND port = $2 AND kind = $3 AND ts > $4 "
+            "AND ts <= $5 ORDER BY ts LIMIT $6",
             (nat, port, _CREATED, lo, hi, WINDOW_EVENTS),
         )
     ]
@@ -305,10 +305,9 @@ def who_endpoint(
     # One address is an equality, so that an aport condition stays on the
     # index too and the rows need no sort.
     args: list[bytes | int]
-    where, args = ("addr = ?", [lo]) if lo == hi else ("addr BETWEEN ? AND ?", [lo, hi])
+    where, args = ("addr = $1", [lo]) if lo == hi else ("addr BETWEEN $1 AND $2", [lo, hi])
     if aport is not None:
-        where += " AND aport = ?"
-        args.append(aport)
+        where += f" AND aport = {arg(args, aport)}"
     cur = conn.execute(
         f"SELECT ts, kind, nat, port, addr, aport FROM event WHERE {where} "
         "ORDER BY addr, aport, ts",
@@ -324,7 +323,7 @@ def who_endpoint(
             row = _entry_row(
                 conn,
                 conn.execute(
-                    "SELECT addr, aport, created FROM entry WHERE nat = ? AND port = ?", (n, p)
+                    "SELECT addr, aport, created FROM entry WHERE nat = $1 AND port = $2", (n, p)
                 ).fetchone(),
             )
             current = row is not None and (row[0], row[1]) == (created.addr, created.aport)
@@ -358,11 +357,11 @@ def who_endpoint(
             )
     yield from flush()
 
-    extra, extra_args = ("AND aport = ?", (aport,)) if aport is not None else ("", ())
+    extra, extra_args = ("AND aport = $4", (aport,)) if aport is not None else ("", ())
     for n in nat_addresses(conn, history=False):
         for p, addr, ap, created in conn.execute(
-            f"SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
-            f"{extra} ORDER BY addr, aport",
+            "SELECT port, addr, aport, created FROM entry WHERE nat = $1 "
+            f"AND addr BETWEEN $2 AND $3 {extra} ORDER BY addr, aport",
             (n, lo, hi, *extra_args),
         ).fetchall():
             if (n, p) in seen_current:
@@ -386,8 +385,8 @@ def stats(conn: Conn, now: int, capacity: int) -> list[NatStats]:
     # One pass over the last day along the ts index, rather than a walk of
     # each NAT64's whole history.
     for nat, kind, n_day, n_hour in conn.execute(
-        "SELECT nat, kind, count(*), sum(CASE WHEN ts >= ? THEN 1 ELSE 0 END) FROM event "
-        "WHERE ts >= ? AND ts <= ? "
+        "SELECT nat, kind, count(*), sum(CASE WHEN ts >= $1 THEN 1 ELSE 0 END) FROM event "
+        "WHERE ts >= $2 AND ts <= $3 "
         "AND kind > 0 GROUP BY nat, kind",
         (hour, day, now),
     ):
@@ -401,8 +400,10 @@ def stats(conn: Conn, now: int, capacity: int) -> list[NatStats]:
     }
     out = []
     for nat in nat_addresses(conn):
-        entries = conn.execute("SELECT count(*) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
-        oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = ?", (nat,)).fetchone()[0]
+        entries = conn.execute("SELECT count(*) FROM entry WHERE nat = $1", (nat,)).fetchone()[0]
+        oldest = conn.execute("SELECT min(last_use) FROM entry WHERE nat = $1", (nat,)).fetchone()[
+            0
+        ]
         first, last = hellos.get(nat, (None, None))
         for column, v in (
             ("entry.last_use", oldest),

@@ -10,10 +10,8 @@ crash; the pid written in the file is only there to name the holder.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from nat64ho.storage.schema import DatabaseError
@@ -80,14 +78,3 @@ def acquire(db: Path | str, *, what: str = "nat64ho") -> Ownership:
     except OSError:
         pass  # a full disk: the lock holds without the pid that names it
     return Ownership(path, fd)
-
-
-@contextlib.contextmanager
-def table_owner(db: Path | str, *, what: str = "nat64ho") -> Iterator[Ownership]:
-    """``with table_owner(path): ...``: the table is this process's inside;
-    raises :class:`TableOwned` at once if another process owns it."""
-    held = acquire(db, what=what)
-    try:
-        yield held
-    finally:
-        held.release()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncpg
 
-from nat64ho.sql import numbered
 from nat64ho.storage.owner import TableOwned
 from nat64ho.storage.pg_schema import OWNER_LOCK
 from nat64ho.storage.schema import shown
@@ -16,14 +15,13 @@ from nat64ho.storage.schema import shown
 #: pg_locks shows a bigint advisory key as its two 32-bit halves.
 KEY_HALVES = (OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFF_FFFF)
 
-#: The holder of the owner lock, if any, for :func:`described`; arguments
-#: KEY_HALVES (``?`` placeholders: :func:`nat64ho.sql.numbered` for asyncpg).
+#: The holder of the owner lock, if any, for :func:`described`; arguments KEY_HALVES.
 HOLDER_SQL = (
     "SELECT l.pid, a.application_name, host(a.client_addr), a.backend_start::text "
     "FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
     "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND l.classid = ? AND l.objid = ? AND l.objsubid = 1 LIMIT 1"
+    "AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1 LIMIT 1"
 )
 
 
@@ -45,18 +43,9 @@ def owned(url: str, who: str, what: str) -> TableOwned:
     return err
 
 
-async def holder(conn: asyncpg.Connection) -> str:
-    """Who holds the owner lock, in words."""
-    return described(await conn.fetchrow(numbered(HOLDER_SQL), *KEY_HALVES))
-
-
 async def try_acquire(conn: asyncpg.Connection, url: str, *, what: str = "nat64ho") -> None:
-    """Take the table for ``conn``'s session (until it ends or
-    :func:`release`), or raise :class:`TableOwned` naming the holder."""
+    """Take the table for ``conn``'s session (until it ends), or raise
+    :class:`TableOwned` naming the holder."""
     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
         return
-    raise owned(url, await holder(conn), what)
-
-
-async def release(conn: asyncpg.Connection) -> None:
-    await conn.execute("SELECT pg_advisory_unlock($1)", OWNER_LOCK)
+    raise owned(url, described(await conn.fetchrow(HOLDER_SQL, *KEY_HALVES)), what)

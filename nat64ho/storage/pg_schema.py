@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from nat64ho.storage import schema
+from nat64ho.storage import declared, schema
 from nat64ho.storage.schema import (
     DatabaseError,
     DatabaseMissing,
@@ -43,7 +43,7 @@ _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
 )
-_OUR_MIGRATIONS_COLUMNS = [("version", "integer"), ("name", "text"), ("applied", "bigint")]
+_OUR_MIGRATIONS_COLUMNS = list(declared.POSTGRES.tables["schema_migrations"].items())
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -156,21 +156,6 @@ async def require_current(conn: asyncpg.Connection, url: str) -> None:
             f"{shown(url)}: lacks schema versions {missing}; start 'nat64ho serve' "
             "of this version once to apply them"
         )
-
-
-async def open_db(url: str, *, readonly: bool = False, create: bool = False) -> asyncpg.Connection:
-    """Connect and check the schema. ``readonly``: the session refuses every
-    write, so a read command can never change the database. ``create``: apply
-    pending migrations (``serve``). Otherwise the schema must be current."""
-    conn = await connect(url)
-    async with closed_on_failure(conn, url):
-        if readonly:
-            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        if create:
-            await migrate(conn, url)
-        else:
-            await require_current(conn, url)
-    return conn
 
 
 @contextlib.asynccontextmanager

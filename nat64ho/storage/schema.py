@@ -8,7 +8,6 @@ where a read was asked for.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -20,11 +19,16 @@ from pathlib import Path
 
 # Re-exported: its home was here, and the commands still import it from here.
 from nat64ho.errors import DatabaseError as DatabaseError
+from nat64ho.storage import declared
 
 #: How long a connection waits on a lock held by another process before it
 #: reports the database busy. Long enough to ride out a big commit or a
 #: checkpoint, short enough that an operator is not left staring at nothing.
 BUSY_TIMEOUT_MS = 5000
+
+#: sqlite3's own execute, for statements with ``?`` placeholders: the operator
+#: commands' connections (open_db's ``factory``) bind ``$1, $2, …`` by name.
+_execute = sqlite3.Connection.execute
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -136,7 +140,9 @@ def migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _connect(path: Path, mode: str) -> sqlite3.Connection:
+def _connect(
+    path: Path, mode: str, factory: type[sqlite3.Connection] = sqlite3.Connection
+) -> sqlite3.Connection:
     uri = f"file:{path.as_posix()}?mode={mode}"
     if mode == "ro" and not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-wal"):
         # A reader who may not create the -shm file (group nat64ho on the
@@ -144,12 +150,23 @@ def _connect(path: Path, mode: str) -> sqlite3.Connection:
         # -wal file, so all there is lies in the file itself.
         uri += "&immutable=1"
     conn = sqlite3.connect(
-        uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        uri,
+        uri=True,
+        isolation_level=None,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        check_same_thread=False,
+        factory=factory,
     )
     # Before anything reads: SQL stored in the file (views, triggers, index
     # expressions) may then call no function with side effects.
     conn.execute("PRAGMA trusted_schema = OFF")
     return conn
+
+
+#: schema_migrations as pragma_table_xinfo shows it: (name, type, pk, hidden).
+_MIGRATIONS = [
+    (c, t, int(c == "version"), 0) for c, t in declared.SQLITE.tables["schema_migrations"].items()
+]
 
 
 def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
@@ -179,9 +196,11 @@ def _applied(conn: sqlite3.Connection, path: Path) -> list[int]:
             f"{path}: an SQLite database of another program (no schema_migrations table)"
         )
     # Read it only once it is known to be the plain table the migrations
-    # made: a view of the same name could run any query.
-    [(sql,)] = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'schema_migrations'")
-    if _norm(sql) != _norm(_expected(1)["schema_migrations"][2]):
+    # made: a generated column would run its SQL on every read.
+    info = conn.execute(
+        "SELECT name, type, pk, hidden FROM pragma_table_xinfo('schema_migrations')"
+    )
+    if info.fetchall() != _MIGRATIONS:
         raise NotOurDatabase(f"{path}: table schema_migrations differs from the schema")
     return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
@@ -214,7 +233,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> list[int]:
             )
             for statement in _statements(sql):
                 conn.execute(statement)
-            conn.execute(
+            _execute(
+                conn,
                 "INSERT INTO schema_migrations VALUES (?, ?, ?)",
                 (version, name, int(time.time() * 1_000_000)),
             )
@@ -241,13 +261,18 @@ def _statements(sql: str) -> list[str]:
 
 
 def open_db(
-    path: Path | str, *, readonly: bool = False, create: bool = False
+    path: Path | str,
+    *,
+    readonly: bool = False,
+    create: bool = False,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> sqlite3.Connection:
     """Open a nat64ho database, synchronously.
 
     ``readonly``: never writes (and never creates). ``create``: make the file
     and its directory if missing, then apply pending migrations. Otherwise the
-    file must exist and be current. Raises the DatabaseError subclasses.
+    file must exist and be current. ``factory``: the connection's class (the
+    operator commands'). Raises the DatabaseError subclasses.
     """
     path = Path(path)
     if not path.exists():
@@ -260,13 +285,14 @@ def open_db(
     else:
         check_file(path)
     check_companions(path)
-    conn = _connect(path, "ro" if readonly else "rwc" if create else "rw")
+    conn = _connect(path, "ro" if readonly else "rwc" if create else "rw", factory)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Identify the file before anything writes to it: switching a foreign
         # database to WAL would already change its header.
         applied = check_version(conn, path)
-        problems = schema_problems(conn, applied)
+        # An older schema is for serve to migrate: only SQL planted in it matters.
+        problems = catalog_problems(conn, whole=len(applied) == len(migrations()))
         if problems:
             raise NotOurDatabase(
                 f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
@@ -406,66 +432,46 @@ def check_file(path: Path) -> None:
         )
 
 
-def _norm(sql: str | None) -> str:
-    return " ".join((sql or "").split())
-
-
-#: Tables SQLite itself may add (ANALYZE statistics): they steer query plans,
-#: never what a query returns.
-_SQLITE_OWN = frozenset({"sqlite_stat1", "sqlite_stat4"})
-
-
-@functools.cache
-def _expected(version: int) -> dict[str, tuple[str, str, str]]:
-    """name -> (type, tbl_name, sql) of everything in sqlite_master after
-    migrations 1..``version``, built once by applying them in memory."""
-    mem = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        for _v, _name, sql in migrations()[:version]:
-            mem.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
+def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[str]:
+    """How sqlite_master differs from the declared schema: views and triggers
+    (none is declared) first, then (``whole``) tables, columns, keys and indexes.
+    Reads the catalog only: no SQL stored in the file runs."""
+    tables: dict[str, dict[str, str]] = {}
+    keys: dict[str, tuple[str, ...]] = {}
+    indexes: dict[str, declared.Index] = {}
+    found = []
+    for kind, name, table, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    ):
+        if kind == "table" and not name.startswith("sqlite_"):
+            info = _execute(conn, "SELECT name, type, pk FROM pragma_table_info(?)", (name,))
+            cols = info.fetchall()
+            tables[name] = {c: t for c, t, _ in cols}
+            keys[name] = tuple(c for c, _, pk in sorted(cols, key=lambda c: c[2]) if pk)
+        elif kind == "index" and sql is not None:
+            [(unique, partial)] = _execute(
+                conn,
+                'SELECT "unique", partial FROM pragma_index_list(?) WHERE name = ?',
+                (table, name),
             )
-            for statement in _statements(sql):
-                mem.execute(statement)
-        return _schema_of(mem)
-    finally:
-        mem.close()
-
-
-def _schema_of(conn: sqlite3.Connection) -> dict[str, tuple[str, str, str]]:
-    return {
-        n: (t, tbl, sql)
-        for t, n, tbl, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
-    }
-
-
-def schema_problems(conn: sqlite3.Connection, applied: list[int]) -> list[str]:
-    """Every difference between the file's whole sqlite_master and what the
-    migrations it records build: unknown views, triggers, tables and indexes
-    first. Reads sqlite_master only."""
-    want = _expected(max(applied, default=0))
-    have = _schema_of(conn)
-    problems = []
-    for name, (kind, tbl, _sql) in sorted(have.items()):
-        if name in _SQLITE_OWN and kind == "table":
-            continue
-        mine = want.get(name)
-        if mine is None or mine[0] != kind:
-            problems.append(f"unknown {kind} {name}" + (f" on {tbl}" if tbl != name else ""))
-    for name, (kind, tbl, sql) in sorted(want.items()):
-        found = have.get(name)
-        if found is None or found[0] != kind:
-            problems.append(f"{kind} {name} is missing")
-        elif found[1] != tbl or _norm(found[2]) != _norm(sql):
-            problems.append(f"{kind} {name} differs from the schema")
-    return problems
+            on = tuple(
+                c for (c,) in _execute(conn, "SELECT name FROM pragma_index_info(?)", (name,))
+            )
+            indexes[name] = declared.Index(table, on, bool(unique), bool(partial))
+        elif kind not in ("table", "index"):
+            found.append(f"unknown {kind} {name}" + (f" on {table}" if table != name else ""))
+    if not whole:
+        return found
+    return found + declared.differences(declared.SQLITE, declared.Catalog(tables, keys, indexes))
 
 
 class CheckReport:
     """What :func:`check` found: ``problems`` empty means healthy."""
 
-    def __init__(self, path: Path):
+    #: What a healthy database passed, in words.
+    passed = "integrity ok, schema current"
+
+    def __init__(self, path: Path | str):
         self.path = path
         self.problems: list[str] = []
         self.facts: dict[str, int | str] = {}
@@ -503,7 +509,7 @@ def check(path: Path | str) -> CheckReport:
                 return report
             applied = []
         if applied:
-            schema = schema_problems(conn, applied)
+            schema = catalog_problems(conn)
             if schema:
                 # integrity_check would evaluate the planted SQL (a view's
                 # query, an index expression): report and read no further.
@@ -638,7 +644,8 @@ def bad_event(path, row, conn=None) -> BadRow:
     if conn is not None:
         try:
             found = conn.execute(
-                "SELECT id FROM event WHERE ts IS ? AND kind IS ? AND nat IS ? AND port IS ?",
+                "SELECT id FROM event WHERE ts IS NOT DISTINCT FROM $1 AND kind IS NOT DISTINCT "
+                "FROM $2 AND nat IS NOT DISTINCT FROM $3 AND port IS NOT DISTINCT FROM $4",
                 row[:4],
             ).fetchone()
         except (sqlite3.Error, DatabaseError):
