@@ -25,14 +25,14 @@ HOLDER_SQL = (
 )
 
 
-def described(row: tuple | None) -> str:
+def described(row: tuple[object, ...] | None) -> str:
     """A row of HOLDER_SQL in words: the server's own name for itself
     (``nat64ho serve pid N on HOST``), where from, which backend, since when."""
     if row is None:
         return "another session (it has just gone)"
     pid, name, client, since = row
     where = f"from {client}" if client else "on a local socket"
-    when = f", connected {since[:19]}" if since else ""
+    when = f", connected {str(since)[:19]}" if since else ""
     return f"{name or 'a session without a name'} ({where}, PostgreSQL backend {pid}{when})"
 
 

@@ -14,8 +14,11 @@ import shutil
 import sqlite3
 import stat
 import time
+from collections.abc import Sequence
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any, Protocol
 
 # Re-exported: its home was here, and the commands still import it from here.
 from nat64ho.errors import DatabaseError as DatabaseError
@@ -118,7 +121,7 @@ def default_db_path() -> Path:
     return Path(data) / "nat64ho" / "table.db"
 
 
-def _migration_dir():
+def _migration_dir() -> Traversable:
     packaged = resources.files("nat64ho").joinpath("migrations")
     if packaged.is_dir():
         return packaged
@@ -548,19 +551,26 @@ def check(path: Path | str) -> CheckReport:
 # here, so a planted or damaged one is named instead of raising deep inside.
 
 
+class _Finds(Protocol):
+    """What :func:`bad_event` asks of a connection (either backend's
+    nat64ho.ops.db.Conn)."""
+
+    def execute(self, sql: str, parameters: Sequence[object], /) -> Any: ...
+
+
 class BadRow(DatabaseError):
     """A row does not decode; the message names the table and the row."""
 
 
-def _is_int(v) -> bool:
+def _is_int(v: object) -> bool:
     return type(v) is int
 
 
-def _is_port(v) -> bool:
+def _is_port(v: object) -> bool:
     return type(v) is int and 0 <= v <= 65535
 
 
-def _is_addr(v) -> bool:
+def _is_addr(v: object) -> bool:
     return type(v) is bytes and len(v) == 16
 
 
@@ -582,13 +592,13 @@ _EVENT = (
 )
 
 
-def _show(v) -> str:
+def _show(v: object) -> str:
     if isinstance(v, bytes):
         return f"a blob of {len(v)} octets"
     return f"{type(v).__name__} {v!r}"[:60]
 
 
-def entry_ok(row) -> bool:
+def entry_ok(row: Sequence[object]) -> bool:
     """Whether (nat, port, addr, aport, created, last_use) decodes."""
     nat, port, addr, aport, created, last_use = row
     return (
@@ -604,7 +614,7 @@ def entry_ok(row) -> bool:
     )
 
 
-def event_ok(row) -> bool:
+def event_ok(row: Sequence[object]) -> bool:
     """Whether (ts, kind, nat, port, addr, aport) decodes."""
     ts, kind, nat, port, addr, aport = row
     if not (type(ts) is int and type(nat) is int and type(port) is int and 0 <= port <= 65535):
@@ -621,7 +631,7 @@ def event_ok(row) -> bool:
     )
 
 
-def bad_entry(path, row) -> BadRow:
+def bad_entry(path: object, row: Sequence[object]) -> BadRow:
     """The error for an entry row that failed :func:`entry_ok`."""
     why = next(
         f"{c} holds {_show(v)}" for (c, ok), v in zip(_ENTRY, row, strict=False) if not ok(v)
@@ -632,7 +642,7 @@ def bad_entry(path, row) -> BadRow:
     )
 
 
-def bad_event(path, row, conn=None) -> BadRow:
+def bad_event(path: object, row: Sequence[object], conn: _Finds | None = None) -> BadRow:
     """The error for an event row that failed :func:`event_ok`, with its id
     when ``conn`` (either backend's, nat64ho.ops.db.Conn) can find it."""
     checks = _EVENT if row[1] != 0 else _EVENT[:4]
