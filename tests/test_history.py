@@ -547,18 +547,6 @@ def test_server_prune_deletes_what_the_operator_prune_deletes(tmp_path, monkeypa
             "event_nat_port_ts",
         ),
         (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN ? AND ? "
-            "ORDER BY addr, aport, ts",
-            (b"a", b"b"),
-            "event_addr_ts",
-        ),
-        (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = ? AND aport = ? "
-            "ORDER BY addr, aport, ts",
-            (b"a", 1),
-            "event_addr_ts",
-        ),
-        (
             "SELECT port, addr, aport, created FROM entry WHERE nat = ? AND addr BETWEEN ? AND ? "
             "ORDER BY addr, aport",
             (1, b"a", b"b"),

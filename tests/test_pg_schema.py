@@ -17,7 +17,7 @@ def test_serve_migrates_once_and_reads_never_create(pg_url, pg_cluster):
         with pytest.raises(schema.DatabaseMissing, match="no nat64ho tables"):
             await pg_schema.open_db(pg_url, readonly=True)
         conn = await pg_schema.open_db(pg_url, create=True)
-        assert await pg_schema.applied(conn, pg_url) == [1, 2]
+        assert await pg_schema.applied(conn, pg_url) == [1, 2, 3]
         await conn.close()
         conn = await pg_schema.open_db(pg_url, create=True)  # nothing more to apply
         assert await pg_schema.migrate(conn, pg_url) == []
