@@ -81,10 +81,14 @@ def seal(
     period_us: int,
     now: Callable[[], int] = lambda: time.time_ns() // 1000,
     stop: Callable[[], bool] = lambda: False,
+    alone: bool = False,
 ) -> list[Segment]:
     """Seal the hot tier's events of every period that ends by ``before``,
     one segment per period (periods are ``period_us`` long, aligned to the
-    epoch). Returns the new segments. ``stop``: checked between passes."""
+    epoch). Returns the new segments. ``stop``: checked between passes.
+    ``alone``: no server writes meanwhile (the caller owns the table), so a
+    pass deletes its events in one transaction rather than in batches that
+    a server's commits can come between."""
     made: list[Segment] = []
     directory = None
     if not catalog.in_database(conn):
@@ -92,7 +96,7 @@ def seal(
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     finish_pending(conn)  # what a killed seal left
     while not stop():
-        segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now)
+        segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now, alone=alone)
         if not segs:
             break
         made += segs
@@ -100,7 +104,13 @@ def seal(
 
 
 def seal_pass(
-    conn: Conn, directory: Path | None, *, before: int, period_us: int, now: Callable[[], int]
+    conn: Conn,
+    directory: Path | None,
+    *,
+    before: int,
+    period_us: int,
+    now: Callable[[], int],
+    alone: bool = False,
 ) -> list[Segment]:
     """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
     and about PASS_EVENTS events of them (a single larger period whole),
@@ -124,7 +134,7 @@ def seal_pass(
             rows = _hot_rows(conn, end, last, None)
     if not rows:
         return []
-    return seal_rows(conn, directory, rows, end, last, period_us, now)
+    return seal_rows(conn, directory, rows, end, last, period_us, now, alone=alone)
 
 
 def _hot_rows(conn: Conn, cut_ts: int, cut_id: int, limit: int | None) -> list[tuple[Any, ...]]:
@@ -143,6 +153,8 @@ def seal_rows(
     cut_id: int,
     period_us: int,
     now: Callable[[], int],
+    *,
+    alone: bool = False,
 ) -> list[Segment]:
     """Move ``rows``, the hot events with ts < cut_ts and id <= cut_id in ts
     order, into one new segment per period; then their events leave the
@@ -158,8 +170,30 @@ def seal_rows(
         parts.append((table.slice(lo, hi - lo), end, cut_id))
         lo = hi
     made = write_segments(conn, directory, parts, now, pending=True)
-    finish_pending(conn)
+    _delete_sealed(conn, table["id"], cut_ts, cut_id, None if alone else DELETE_BATCH)
+    finish_pending(conn)  # nothing left to delete: clears pending
     return made
+
+
+def _delete_sealed(conn: Conn, ids: Any, cut_ts: int, cut_id: int, batch: int | None) -> None:
+    """Delete the events just sealed (their ``ids``) from the hot tier, a
+    range of ids a transaction: a walk of the table's tree in order, where
+    finish_pending's generic query (for what a killed seal left) gathers
+    each batch through the ts index first. ``batch``: ids a transaction
+    (None: all in one, which dirties each index page once)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(ids).to_pylist()
+    ids = ids.take(order).to_pylist() if order else []
+    with _lazy_commits(conn):
+        step = batch or len(ids) or 1
+        for lo in range(0, len(ids), step):
+            first, last = ids[lo], ids[min(lo + step, len(ids)) - 1]
+            with atomic(conn):
+                conn.execute(
+                    "DELETE FROM event WHERE id >= ? AND id <= ? AND ts < ? AND id <= ?",
+                    (first, last, cut_ts, cut_id),
+                )
 
 
 def write_segments(
@@ -333,7 +367,9 @@ def seal_after_import(conn: Conn, *, owned: bool = False) -> list[Segment]:
 def seal_closed(conn: Conn) -> list[Segment]:
     """Seal the hot events of every closed period of DEFAULT_PERIOD_US."""
     now = time.time_ns() // 1000
-    return seal(conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US)
+    return seal(
+        conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US, alone=True
+    )
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def _write_parquet(table: pa.Table, where: str | Path | pa.NativeFile) -> None:
         table,
         where,
         compression="zstd",
-        compression_level=9,
+        compression_level=3,
         row_group_size=ROW_GROUP,
         write_statistics=True,
         write_page_index=True,
