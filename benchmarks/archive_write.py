@@ -5,7 +5,7 @@ and what sealing adds to the answers' latency.
     python benchmarks/make_history.py /tmp/h.db --nats 4 --events 1000000 --span-days 1
     python benchmarks/archive_write.py seal /tmp/h.db --period 3600
     python benchmarks/archive_write.py import /tmp/h.db --compare
-    python benchmarks/archive_write.py writer --before REV --duration 15
+    python benchmarks/archive_write.py writer --before REV --history 2000000
     python benchmarks/archive_write.py hot --seal-every 2 --periods 24
     python benchmarks/archive_write.py p99 --seal-every 2 --duration 20
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,13 +54,17 @@ def scratch() -> Iterator[Path]:
 def bench_seal(args: argparse.Namespace) -> None:
     """Seal every closed period of a copy of ``args.db`` in this process, as
     ``nat64ho seal`` does (or, ``--batches``, as a server's sealer does)."""
-    with scratch() as work:
-        db = work / "table.db"
-        shutil.copy(args.db, db)
-        conn = schema.open_db(db, create=True)
+    with scratch() as work, postgresql(args.pg) as url:
+        conn: Any
+        if url is None:
+            db = work / "table.db"
+            shutil.copy(args.db, db)
+            conn = schema.open_db(db, create=True)
+        else:
+            conn = copied_to_postgresql(args.db, url)
         events = conn.execute("SELECT count(*) FROM event").fetchone()[0]
         deleting = [0.0, 0.0]
-        originals = {f: getattr(sealing, f) for f in ("finish_pending", "_delete_sealed")}
+        originals = {"finish_pending": sealing.finish_pending}
 
         def timed(f):  # type: ignore[no-untyped-def]
             def run(*a):  # type: ignore[no-untyped-def]
@@ -97,34 +104,91 @@ def bench_import(args: argparse.Namespace) -> None:
     """``nat64ho import --seal`` of the history of ``args.db`` as a log, into
     a new database; then again (adds nothing); ``--compare``: the import of
     the line-by-line path into the hot tier then ``seal``, same run."""
-    with scratch() as work:
+    with scratch() as work, postgresql(args.pg) as url:
         log = work / "history.log"
         conn = schema.open_db(args.db, readonly=True)
         with open(log, "w") as f:
             lines = export.write_log(export.history_rows(conn), f)
         conn.close()
 
-        def timed(*cmd: str) -> float:
+        def timed(*cmd: str) -> tuple[float, float]:
+            """(wall, CPU) seconds of a nat64ho command."""
             t = time.perf_counter()
+            cpu = _children_cpu()
             r = subprocess.run(
                 [sys.executable, "-m", "nat64ho", *cmd], capture_output=True, text=True
             )
             took = time.perf_counter() - t
             if r.returncode != 0:
                 raise SystemExit(r.stderr)
-            print(f"    {' '.join(cmd[:2])} ...: {r.stderr.strip().splitlines()[-1]}")
-            return took
+            said = (r.stderr or r.stdout).strip().splitlines()
+            print(f"    {' '.join(cmd[:2])} ...: {said[-1] if said else ''}")
+            return took, _children_cpu() - cpu
 
-        fresh = work / "seal.db"
-        took = timed("import", "--seal", str(log), "--db", str(fresh))
-        print(f"import --seal (command): {lines:,} lines in {took:.1f} s: {lines / took:,.0f}/s")
-        took = timed("import", str(log), "--db", str(fresh))
-        print(f"the same log again: {took:.1f} s, {lines / took:,.0f} lines/s")
+        def rates(what: str, wall: float, cpu: float) -> None:
+            print(
+                f"{what}: {lines:,} lines in {wall:.1f} s: {lines / wall:,.0f} lines/s wall, "
+                f"{lines / cpu:,.0f} per CPU second"
+            )
+
+        fresh = str(work / "seal.db") if url is None else url
+        rates("import --seal (command)", *timed("import", "--seal", str(log), "--db", fresh))
+        rates("the same log again (adds nothing)", *timed("import", str(log), "--db", fresh))
         if args.compare:
             old = work / "hot.db"
-            took = timed("import", str(log), "--db", str(old))
-            took += timed("seal", "--db", str(old), "--period", "3600")
-            print(f"import into the hot tier, then seal: {lines / took:,.0f} lines/s")
+            wall, cpu = timed("import", str(log), "--db", str(old))
+            w2, c2 = timed("seal", "--db", str(old), "--period", "3600")
+            rates("import into the hot tier, then seal", wall + w2, cpu + c2)
+
+
+@contextlib.contextmanager
+def postgresql(wanted: bool) -> Iterator[str | None]:
+    """The URL of a database of a temporary PostgreSQL cluster, if ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    from tests import pgcluster
+
+    why = pgcluster.missing()
+    if why:
+        raise SystemExit(why)
+    cluster = pgcluster.Cluster().start()
+    try:
+        yield cluster.url()
+    finally:
+        cluster.stop()
+
+
+def copied_to_postgresql(db: Path, url: str) -> Any:
+    """The events of SQLite ``db`` in the hot tier of a new PostgreSQL
+    database (COPY); an operator connection to it."""
+    import asyncio
+
+    import asyncpg
+
+    from nat64ho.ops import pgconn
+
+    pgconn.connect(url, create=True).close()
+    src = schema.open_db(db, readonly=True)
+    rows = src.execute("SELECT id, ts, kind, nat, port, addr, aport FROM event").fetchall()
+    src.close()
+
+    async def load() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            cols = ["id", "ts", "kind", "nat", "port", "addr", "aport"]
+            await conn.copy_records_to_table("event", records=rows, columns=cols)
+            await conn.execute("ANALYZE event")
+        finally:
+            await conn.close()
+
+    asyncio.run(load())
+    return pgconn.connect(url)
+
+
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
 
 
 def serve(work: Path, name: str, extra: list[str], tree: Path | None = None) -> Child:
@@ -162,6 +226,24 @@ def bench_writer(args: argparse.Namespace) -> None:
         got: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
         for rnd in range(args.rounds):
             for name, tree in (("before", base), ("after", None)):
+                if args.history:
+                    # A hot tier of this many events already, made by that tree.
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            str((tree or ROOT) / "benchmarks" / "make_history.py"),
+                            str(work / f"{name}{rnd}.db"),
+                            "--nats",
+                            "4",
+                            "--events",
+                            str(args.history),
+                            "--span-days",
+                            "0.1",
+                        ],
+                        check=True,
+                        capture_output=True,
+                        env=dict(os.environ, PYTHONPATH=str(tree or ROOT)),
+                    )
                 child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
                 try:
                     r = drive(load(args.duration, args.rate), child.address, child.pid)
@@ -250,16 +332,19 @@ def main() -> None:
     p.add_argument(
         "--batches", action="store_true", help="delete in a server's batches (as serve does)"
     )
+    p.add_argument("--pg", action="store_true", help="on a temporary PostgreSQL cluster")
     p.set_defaults(run=bench_seal)
     p = sub.add_parser("import", help="import --seal of a database's history as a log")
     p.add_argument("db", type=Path)
     p.add_argument("--compare", action="store_true", help="also the hot-tier import + seal")
+    p.add_argument("--pg", action="store_true", help="on a temporary PostgreSQL cluster")
     p.set_defaults(run=bench_import)
     p = sub.add_parser("writer", help="server CPU per new entry, before and after")
     p.add_argument("--before", required=True, help="git revision of the tree to compare with")
     p.add_argument("--rate", type=float, default=3000)
     p.add_argument("--duration", type=float, default=15)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--history", type=int, default=0, help="events in the hot tier before the load")
     p.set_defaults(run=bench_writer)
     p = sub.add_parser("hot", help="the hot tier's size under constant load")
     p.add_argument("--seal-every", type=float, default=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ DELETE_BATCH = 10_000
 PASS_EVENTS = 2_000_000
 #: Periods one seal pass makes segments of, at most (recorded in one transaction).
 PASS_PERIODS = 24
+#: Set while a seal runs with nobody else writing (the caller owns the table).
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("seal_alone", default=False)
 #: Page cache of a connection while it deletes sealed events (KiB): the
 #: pages of the event indexes those deletes touch.
 DELETE_CACHE_KIB = 256 * 1024
@@ -94,23 +97,21 @@ def seal(
     if not catalog.in_database(conn):
         directory = catalog.archive_dir(conn)
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    finish_pending(conn)  # what a killed seal left
-    while not stop():
-        segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now, alone=alone)
-        if not segs:
-            break
-        made += segs
+    token = _ALONE.set(alone)
+    try:
+        finish_pending(conn)  # what a killed seal left
+        while not stop():
+            segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now)
+            if not segs:
+                break
+            made += segs
+    finally:
+        _ALONE.reset(token)
     return made
 
 
 def seal_pass(
-    conn: Conn,
-    directory: Path | None,
-    *,
-    before: int,
-    period_us: int,
-    now: Callable[[], int],
-    alone: bool = False,
+    conn: Conn, directory: Path | None, *, before: int, period_us: int, now: Callable[[], int]
 ) -> list[Segment]:
     """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
     and about PASS_EVENTS events of them (a single larger period whole),
@@ -134,7 +135,7 @@ def seal_pass(
             rows = _hot_rows(conn, end, last, None)
     if not rows:
         return []
-    return seal_rows(conn, directory, rows, end, last, period_us, now, alone=alone)
+    return seal_rows(conn, directory, rows, end, last, period_us, now)
 
 
 def _hot_rows(conn: Conn, cut_ts: int, cut_id: int, limit: int | None) -> list[tuple[Any, ...]]:
@@ -153,8 +154,6 @@ def seal_rows(
     cut_id: int,
     period_us: int,
     now: Callable[[], int],
-    *,
-    alone: bool = False,
 ) -> list[Segment]:
     """Move ``rows``, the hot events with ts < cut_ts and id <= cut_id in ts
     order, into one new segment per period; then their events leave the
@@ -170,30 +169,8 @@ def seal_rows(
         parts.append((table.slice(lo, hi - lo), end, cut_id))
         lo = hi
     made = write_segments(conn, directory, parts, now, pending=True)
-    _delete_sealed(conn, table["id"], cut_ts, cut_id, None if alone else DELETE_BATCH)
-    finish_pending(conn)  # nothing left to delete: clears pending
+    finish_pending(conn)
     return made
-
-
-def _delete_sealed(conn: Conn, ids: Any, cut_ts: int, cut_id: int, batch: int | None) -> None:
-    """Delete the events just sealed (their ``ids``) from the hot tier, a
-    range of ids a transaction: a walk of the table's tree in order, where
-    finish_pending's generic query (for what a killed seal left) gathers
-    each batch through the ts index first. ``batch``: ids a transaction
-    (None: all in one, which dirties each index page once)."""
-    import pyarrow.compute as pc
-
-    order = pc.sort_indices(ids).to_pylist()
-    ids = ids.take(order).to_pylist() if order else []
-    with _lazy_commits(conn):
-        step = batch or len(ids) or 1
-        for lo in range(0, len(ids), step):
-            first, last = ids[lo], ids[min(lo + step, len(ids)) - 1]
-            with atomic(conn):
-                conn.execute(
-                    "DELETE FROM event WHERE id >= ? AND id <= ? AND ts < ? AND id <= ?",
-                    (first, last, cut_ts, cut_id),
-                )
 
 
 def write_segments(
@@ -265,9 +242,11 @@ def _checked_table(conn: Conn, rows: list[tuple[Any, ...]]) -> Any:
 
 
 def finish_pending(conn: Conn) -> int:
-    """Delete from the hot tier the events of segments still pending, a
-    batch per transaction, so that a server's commits wait for one batch at
-    most; returns how many. Until done, readers skip those events (see
+    """Delete from the hot tier the events of segments still pending, by
+    ranges of ids (a walk of the table's tree in order), DELETE_BATCH ids a
+    transaction so that a server's commits wait for one batch at most, or
+    all in one in a seal that is alone (which dirties each index page
+    once); returns how many. Until done, readers skip those events (see
     :func:`nat64ho.archive.tiers.sealed_hot`). The deletes need not reach
     the disk at once: one lost in a crash leaves its events hot and the
     segment pending, which the next seal finishes."""
@@ -275,30 +254,36 @@ def finish_pending(conn: Conn) -> int:
     # Latest cut first: a pass of several periods records one cut per
     # period, and the last one covers the others.
     cuts = sorted(catalog.pending(conn), reverse=True)
+    if not cuts:
+        return 0
+    # The events a pending segment took are all at or below its last id.
+    top = conn.execute("SELECT max(last_id) FROM segment WHERE pending = 1").fetchone()[0]
+    step = None if _ALONE.get() else DELETE_BATCH
     with _lazy_commits(conn):
         done = (0, 0)
         for cut_ts, cut_id in cuts:
             if cut_ts <= done[0] and cut_id <= done[1]:
                 continue  # cleared with a later cut
             done = (cut_ts, cut_id)
-            while True:
+            hi = min(cut_id, top)
+            lo = conn.execute("SELECT min(id) FROM event").fetchone()[0]
+            while lo is not None and lo <= hi:
+                end = hi if step is None else min(hi, lo + step - 1)
                 with atomic(conn):
                     if on_postgres(conn):
                         conn.execute("SET LOCAL synchronous_commit = off")
-                    n = conn.execute(
-                        "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE ts < ? "
-                        "AND id <= ? LIMIT ?)",
-                        (cut_ts, cut_id, DELETE_BATCH),
+                    total += conn.execute(
+                        "DELETE FROM event WHERE id >= ? AND id <= ? AND ts < ?",
+                        (lo, end, cut_ts),
                     ).rowcount
-                    if n < DELETE_BATCH:
-                        conn.execute(
-                            "UPDATE segment SET pending = 0 WHERE pending = 1 AND cut_ts <= ? "
-                            "AND cut_id <= ?",
-                            (cut_ts, cut_id),
-                        )
-                total += n
-                if n < DELETE_BATCH:
-                    break
+                # Past a gap of ids (those of imported segments) at once.
+                lo = conn.execute("SELECT min(id) FROM event WHERE id > ?", (end,)).fetchone()[0]
+            with atomic(conn):
+                conn.execute(
+                    "UPDATE segment SET pending = 0 WHERE pending = 1 AND cut_ts <= ? "
+                    "AND cut_id <= ?",
+                    (cut_ts, cut_id),
+                )
     return total
 
 
