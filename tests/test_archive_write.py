@@ -129,3 +129,23 @@ def test_migration_0003_drops_the_address_index_of_an_existing_history(tmp_path,
     assert db_rows(db, "SELECT max(version) FROM schema_migrations") == [(3,)]
     assert export(db) == log.read_text()
     assert check(db).returncode == 0
+
+
+def test_seal_passes_of_whole_periods_bounded_in_events(tmp_path, db_target, monkeypatch):
+    from nat64ho.archive import seal as sealing
+
+    lines = churn_log(3000)
+    db, log = imported(tmp_path, lines, db_target)
+    conn = ops_conn(db)
+    # About 180 events an hour: a pass of 500 stops at a period's end, and
+    # a pass of 50 reads one period whole all the same.
+    for limit, until in ((500, START + 6 * HOUR), (50, START + 9 * HOUR)):
+        monkeypatch.setattr(sealing, "PASS_EVENTS", limit)
+        made = sealing.seal(conn, before=until, period_us=HOUR)
+        assert [s.ts_hi < until for s in made] == [True] * len(made)
+        assert len({s.ts_lo // HOUR for s in made}) == len(made)  # one a period
+    conn.close()
+    assert segments(db) == 9
+    assert db_rows(db, "SELECT count(*) FROM event WHERE ts < ?", START + 9 * HOUR) == [(0,)]
+    assert export(db) == log.read_text()
+    assert check(db).returncode == 0

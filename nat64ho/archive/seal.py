@@ -32,7 +32,7 @@ from nat64ho.ops.db import Conn, atomic, bad_row, id_event_ok, on_postgres
 #: The period of segments made outside a server (an import's).
 DEFAULT_PERIOD_US = 3600 * 1_000_000
 #: Sealed events deleted from the hot tier per transaction.
-DELETE_BATCH = 10_000
+DELETE_BATCH = 2000
 #: Hot events one seal pass holds in memory, in whole periods.
 PASS_EVENTS = 2_000_000
 #: Periods one seal pass makes segments of, at most (recorded in one transaction).
@@ -115,10 +115,9 @@ def seal_pass(
 ) -> list[Segment]:
     """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
     and about PASS_EVENTS events of them (a single larger period whole),
-    one segment each, from
-    one read of the hot tier. Events of a period sealed earlier (a log
-    imported since, a wall clock that stepped back) go into a segment of
-    their own."""
+    one segment each, from one read of the hot tier. Events of a period
+    sealed earlier (a log imported since, a wall clock that stepped back)
+    go into a segment of their own."""
     first = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
     if first is None or type(first) is not int or first >= before:
         return []
@@ -133,6 +132,8 @@ def seal_pass(
         if end <= first:
             end = min(before, period_start(first, period_us) + period_us)
             rows = _hot_rows(conn, end, last, None)
+        else:
+            del rows[bisect.bisect_left(rows, end, key=lambda r: r[1]) :]
     if not rows:
         return []
     return seal_rows(conn, directory, rows, end, last, period_us, now)
