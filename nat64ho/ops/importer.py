@@ -196,7 +196,6 @@ class _BlockParser:
 
     def __init__(self, parse: _FastParser):
         self.parse = parse
-        self._addrs: dict[str, bytes | None] = {}
 
     def __call__(self, lines: Any, first: int) -> tuple[Any, list[int]]:
         """(table of ts, kind, nat, port, addr, aport, seq, for the lines
