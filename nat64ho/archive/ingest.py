@@ -21,7 +21,8 @@ from nat64ho.archive import catalog, segment, tiers
 from nat64ho.archive.seal import DEFAULT_PERIOD_US, period_start, write_segments
 from nat64ho.ops.db import Conn, atomic, on_postgres
 
-#: Parsed lines held before the closed periods among them are written.
+#: Parsed lines held at least before the closed periods among them are
+#: written (when a later period shows up).
 CHUNK = 1 << 18
 _KEYS = ["nat", "port", "ts", "kind"]
 #: Parsed rows: (ts, kind, nat, port, addr, aport), as the hot tier's INSERT takes them.
@@ -53,6 +54,8 @@ class Ingest:
             self.directory = catalog.archive_dir(conn)
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._held: list[pa.Table] = []
+        self._newest = 0  # start of the newest period written up to
+        self._keys: dict[int, pa.Table] = {}  # n -> keys of a segment read
         self.added = 0
 
     def take(
@@ -67,13 +70,16 @@ class Ingest:
             cols = list(zip(*rows, strict=True))
             arrays = [pa.array(c, f.type) for c, f in zip(cols, _HELD, strict=True)]
             self._held.append(pa.Table.from_arrays(arrays, schema=_HELD))
-        if sum(t.num_rows for t in self._held) < CHUNK:
+        if not self._held:
             return
+        newest = period_start(pc.max(self._held[-1]["ts"]).as_py(), self.period_us)
+        if newest <= self._newest or sum(t.num_rows for t in self._held) < CHUNK:
+            return  # no period closed since the last write, or little held
+        self._newest = newest
         held = pa.concat_tables(self._held)
         # The newest period may go on in the next lines: held back (so is
         # the open one, always the newest).
-        cut = period_start(pc.max(held["ts"]).as_py(), self.period_us)
-        done = pc.less(held["ts"], cut)
+        done = pc.less(held["ts"], newest)
         self._held = [held.filter(pc.invert(done))]
         self._write(held.filter(done), now)
 
@@ -135,7 +141,11 @@ class Ingest:
         for seg in arch.segments:
             if seg.ts_hi < lo or seg.ts_lo > hi or not table.num_rows:
                 continue
-            keys = arch.table(seg, _KEYS)
+            keys = self._keys.get(seg.n)
+            if keys is None:
+                if len(self._keys) >= 2:  # a log goes forward in time
+                    self._keys.clear()
+                keys = self._keys[seg.n] = arch.table(seg, _KEYS)
             table = table.join(keys, keys=_KEYS, join_type="left anti")
         return table
 
