@@ -182,7 +182,7 @@ def test_check_finds_a_damaged_page_that_start_up_does_not_read(tmp_path):
     r = nat64ho("check", "--db", str(db))
     assert (r.returncode, r.stderr) == (0, "")
     assert (
-        r.stdout == f"ok: {db}: integrity ok, schema current; schema version 2, NAT64s 1, "
+        r.stdout == f"ok: {db}: integrity ok, schema current; schema version 3, NAT64s 1, "
         "entries 3000, events 3000\n"
     )
     expected = make_bad_page(db)

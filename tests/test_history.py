@@ -562,18 +562,6 @@ def test_statements_run_as_each_backend_takes_them(db):
             "event_nat_port_ts",
         ),
         (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr BETWEEN $1 AND $2 "
-            "ORDER BY addr, aport, ts",
-            (b"a", b"b"),
-            "event_addr_ts",
-        ),
-        (
-            "SELECT ts, kind, nat, port, addr, aport FROM event WHERE addr = $1 AND aport = $2 "
-            "ORDER BY addr, aport, ts",
-            (b"a", 1),
-            "event_addr_ts",
-        ),
-        (
             "SELECT port, addr, aport, created FROM entry WHERE nat = $1 AND addr BETWEEN $2 AND $3 "
             "ORDER BY addr, aport",
             (1, b"a", b"b"),

@@ -23,8 +23,8 @@ def test_serve_migrates_once_and_reads_never_create(pg_url, pg_cluster):
 
     with pytest.raises(schema.DatabaseMissing, match="no nat64ho tables"):
         pgconn.connect(pg_url, readonly=True)
-    assert asyncio.run(applied_and_migrated()) == ([], [1, 2])
-    assert asyncio.run(applied_and_migrated()) == ([1, 2], [])  # nothing more to apply
+    assert asyncio.run(applied_and_migrated()) == ([], [1, 2, 3])
+    assert asyncio.run(applied_and_migrated()) == ([1, 2, 3], [])  # nothing more to apply
     conn = pgconn.connect(pg_url, readonly=True)
     with pytest.raises(pgconn.PgError, match="read-only"):
         conn.execute("DELETE FROM entry")

@@ -85,7 +85,7 @@ def test_a_standby_never_serves_a_database_of_a_newer_nat64ho(tmp_path, pg_clust
     assert b.proc.wait(20) == 1
     b.wait_line(r"^Error: ")
     assert one_error(b.stderr) == (
-        f"Error: {url}: written by a newer nat64ho (schema version 99, this one knows up to 2); "
+        f"Error: {url}: written by a newer nat64ho (schema version 99, this one knows up to 3); "
         "upgrade nat64ho"
     )
     assert "listening" not in b.stderr

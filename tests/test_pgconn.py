@@ -127,7 +127,7 @@ def test_a_readonly_session_refuses_writes_in_one_line(url):
 
 def test_connect_create_makes_tables_only_in_an_empty_database(pg_url):
     c = pgconn.connect(pg_url, create=True)
-    assert c.created == 2  # the latest schema version
+    assert c.created == 3  # the latest schema version
     c.close()
     c = pgconn.connect(pg_url, create=True)
     assert c.created == 0

@@ -1,24 +1,29 @@
 """Sealing: moving closed periods of the hot tier into segments.
 
 Order, so that a SIGKILL anywhere leaves every event exactly once as every
-reader sees it: the file is written, fsynced and renamed into place; then
-one transaction records the segment, pending, with its cut (ts < cut_ts,
-id <= cut_id); then its events leave the hot tier a batch per transaction
-and the segment stops being pending. Killed before the record's commit, the
-events are still hot and the file is unrecorded: :func:`remove_orphans`
-(run by whoever owns the table: a seal, a server start, ``check``) deletes
-it. Killed while deleting, the next seal finishes; readers skip the hot
-events a pending segment holds meanwhile. On PostgreSQL the segment's
-octets go into table segment_data in the transaction that records it, so
-there are no files and nothing to leave behind.
-"""
+reader sees it: one read of the hot tier (several periods, whole) gives one
+file per period, each written, fsynced and renamed into place; then one
+transaction records those segments, pending, each with the cut of its
+period (ts < cut_ts, id <= cut_id; the last cut covers the earlier ones);
+then their events leave the hot tier a batch per transaction and the
+segments stop being pending. Killed before the record's commit, the events
+are still hot and the files are unrecorded: :func:`remove_orphans` (run by
+whoever owns the table: a seal, a server start, ``check``) deletes them.
+Killed while deleting, the next seal finishes; readers skip the hot events
+a pending segment holds meanwhile. On PostgreSQL the segments' octets go
+into table segment_data in the transaction that records them, so there are
+no files and nothing to leave behind."""
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import contextvars
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from nat64ho.archive import catalog, chain
 from nat64ho.archive.catalog import Segment
@@ -27,9 +32,16 @@ from nat64ho.ops.db import Conn, atomic, bad_row, id_event_ok
 #: The period of segments made outside a server (an import's).
 DEFAULT_PERIOD_US = 3600 * 1_000_000
 #: Sealed events deleted from the hot tier per transaction.
-DELETE_BATCH = 5000
-#: Events read from the hot tier per query while sealing one segment.
-_CHUNK = 65536
+DELETE_BATCH = 2000
+#: Hot events one seal pass holds in memory, in whole periods.
+PASS_EVENTS = 2_000_000
+#: Periods one seal pass makes segments of, at most (recorded in one transaction).
+PASS_PERIODS = 24
+#: Set while a seal runs with nobody else writing (the caller owns the table).
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("seal_alone", default=False)
+#: Page cache of a connection while it deletes sealed events (KiB): the
+#: pages of the event indexes those deletes touch.
+DELETE_CACHE_KIB = 256 * 1024
 
 
 def orphans(conn: Conn, directory: Path | None = None) -> list[Path]:
@@ -72,111 +84,228 @@ def seal(
     period_us: int,
     now: Callable[[], int] = lambda: time.time_ns() // 1000,
     stop: Callable[[], bool] = lambda: False,
+    alone: bool = False,
 ) -> list[Segment]:
     """Seal the hot tier's events of every period that ends by ``before``,
     one segment per period (periods are ``period_us`` long, aligned to the
-    epoch). Returns the new segments. ``stop``: checked between segments."""
-    made = []
+    epoch). Returns the new segments. ``stop``: checked between passes.
+    ``alone``: no server writes meanwhile (the caller owns the table), so a
+    pass deletes its events in one transaction rather than in batches that
+    a server's commits can come between."""
+    made: list[Segment] = []
     directory = None
     if not catalog.in_database(conn):
         directory = catalog.archive_dir(conn)
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    finish_pending(conn)  # what a killed seal left
-    while not stop():
-        seg = seal_one(conn, directory, before=before, period_us=period_us, now=now)
-        if seg is None:
-            break
-        made.append(seg)
+    token = _ALONE.set(alone)
+    try:
+        finish_pending(conn)  # what a killed seal left
+        while not stop():
+            segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now)
+            if not segs:
+                break
+            made += segs
+    finally:
+        _ALONE.reset(token)
     return made
 
 
-def seal_one(
+def seal_pass(
     conn: Conn, directory: Path | None, *, before: int, period_us: int, now: Callable[[], int]
-) -> Segment | None:
-    """Seal the oldest closed period of the hot tier, if any: every hot event
-    before the end of the period of the oldest one. Events of a period
+) -> list[Segment]:
+    """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
+    and about PASS_EVENTS events of them (a single larger period whole),
+    one segment each, from one read of the hot tier. Events of a period
     sealed earlier (a log imported since, a wall clock that stepped back)
     go into a segment of their own."""
     first = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
     if first is None or type(first) is not int or first >= before:
-        return None
-    end = min(before, period_start(first, period_us) + period_us)
+        return []
     # Up to the last id read now: a server's later commits are not in the
-    # file, so they must not be deleted with it either.
+    # files, so they must not be deleted with them either.
     last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
-    return seal_rows(conn, directory, end, last, now)
+    end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
+    rows = _hot_rows(conn, end, last, PASS_EVENTS + 1)
+    if len(rows) > PASS_EVENTS:
+        # Whole periods only: the last one read may go on past the limit.
+        end = period_start(rows[-1][1], period_us)
+        if end <= first:
+            end = min(before, period_start(first, period_us) + period_us)
+            rows = _hot_rows(conn, end, last, None)
+        else:
+            del rows[bisect.bisect_left(rows, end, key=lambda r: r[1]) :]
+    if not rows:
+        return []
+    return seal_rows(conn, directory, rows, end, last, period_us, now)
+
+
+def _hot_rows(conn: Conn, cut_ts: int, cut_id: int, limit: int | None) -> list[tuple[Any, ...]]:
+    """(id, ts, kind, nat, port, addr, aport) of the hot events with ts <
+    cut_ts and id <= cut_id, by ts."""
+    sql = "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2 "
+    sql += "ORDER BY ts" + (f" LIMIT {int(limit)}" if limit is not None else "")
+    return conn.execute(sql, (cut_ts, cut_id)).fetchall()
 
 
 def seal_rows(
-    conn: Conn, directory: Path | None, cut_ts: int, cut_id: int, now: Callable[[], int]
-) -> Segment | None:
-    """Move the hot events with ts < cut_ts and id <= cut_id into a new
-    segment, a file in ``directory`` or (None) octets in the database; None
-    if there are none."""
+    conn: Conn,
+    directory: Path | None,
+    rows: list[tuple[Any, ...]],
+    cut_ts: int,
+    cut_id: int,
+    period_us: int,
+    now: Callable[[], int],
+) -> list[Segment]:
+    """Move ``rows``, the hot events with ts < cut_ts and id <= cut_id in ts
+    order, into one new segment per period; then their events leave the
+    hot tier."""
+    table = _checked_table(conn, rows)
+    times = table["ts"].to_pylist()
+    parts = []
+    lo = 0
+    while lo < len(times):
+        end = min(cut_ts, period_start(times[lo], period_us) + period_us)
+        hi = bisect.bisect_left(times, end, lo)
+        # Each with the cut of its period's end: the last covers the others.
+        parts.append((table.slice(lo, hi - lo), end, cut_id))
+        lo = hi
+    made = write_segments(conn, directory, parts, now, pending=True)
+    finish_pending(conn)
+    return made
+
+
+def write_segments(
+    conn: Conn,
+    directory: Path | None,
+    parts: list[tuple[Any, int, int]],
+    now: Callable[[], int],
+    *,
+    pending: bool,
+) -> list[Segment]:
+    """One new segment for each ``(table, cut_ts, cut_id)`` of ``parts``: a
+    file in ``directory`` (fsynced, renamed into place) or (None) octets
+    in the database, then all recorded in one transaction, chained in
+    order. ``pending``: their events may still be hot too (a seal)."""
     from nat64ho.archive import segment  # pyarrow: only where something is sealed
 
-    rows = []
-    cur = conn.execute(
-        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2",
-        (cut_ts, cut_id),
-    )
-    while chunk := cur.fetchmany(_CHUNK):
-        for r in chunk:
-            if not id_event_ok(r):
-                raise bad_row(conn, r, id_event_ok)
-        rows += chunk
-    if not rows:
-        return None
     segs = catalog.segments(conn)
     n = segs[-1].n + 1 if segs else 1
     previous = segs[-1].chain if segs else chain.GENESIS
-    # A name no other sealer can pick: two that raced for n never replace
-    # each other's file (the loser's commit fails, its file is an orphan).
-    name = catalog.file_name(n, os.urandom(4).hex())
-    table = segment.table_from_rows(rows)
-    if directory is None:
-        octets, written = segment.encode(table)
-    else:
-        written = segment.write(table, directory / name)
-    period = (written.first_id, written.last_id, written.ts_lo, written.ts_hi)
-    counts = (written.events, written.initialized, written.created, written.deleted)
-    link = chain.link(previous, written.sha256, period, counts)
-    with atomic(conn):
-        conn.execute(
-            "INSERT INTO segment (n, file, first_id, last_id, ts_lo, ts_hi, events, "
-            "initialized, created, deleted, bytes, sha256, chain, sealed, cut_ts, cut_id, "
-            "pending) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, 1)",
-            (n, name, *period, *counts, written.size, written.sha256, link, now(), cut_ts, cut_id),
-        )
+    records = []
+    for table, cut_ts, cut_id in parts:
+        # A name no other sealer can pick: two that raced for n never
+        # replace each other's file (the loser's commit fails, its files
+        # are orphans).
+        name = catalog.file_name(n, os.urandom(4).hex())
+        octets = None
         if directory is None:
-            conn.execute("INSERT INTO segment_data (n, data) VALUES ($1, $2)", (n, octets))
-    finish_pending(conn)
-    return catalog.segments(conn)[-1]
+            octets, written = segment.encode(table)
+        else:
+            written = segment.write(table, directory / name, durable=False)
+        period = (written.first_id, written.last_id, written.ts_lo, written.ts_hi)
+        counts = (written.events, written.initialized, written.created, written.deleted)
+        previous = chain.link(previous, written.sha256, period, counts)
+        records.append(
+            (n, name, *period, *counts, written.size, written.sha256, previous, now(), cut_ts)
+            + (cut_id, int(pending), octets)
+        )
+        n += 1
+    if directory is not None and records:
+        segment.fsync_dir(directory)  # every file's rename, before any is recorded
+    with atomic(conn):
+        for *row, octets in records:
+            conn.execute(
+                "INSERT INTO segment (n, file, first_id, last_id, ts_lo, ts_hi, events, "
+                "initialized, created, deleted, bytes, sha256, chain, sealed, cut_ts, cut_id, "
+                "pending) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+                "$15, $16, $17)",
+                tuple(row),
+            )
+            if octets is not None:
+                conn.execute("INSERT INTO segment_data (n, data) VALUES ($1, $2)", (row[0], octets))
+    return catalog.segments(conn)[-len(records) :] if records else []
+
+
+def _checked_table(conn: Conn, rows: list[tuple[Any, ...]]) -> Any:
+    """``rows`` as a segment table; a row that does not decode raises
+    bad_row, as every reader of the hot tier does."""
+    from nat64ho.archive import segment
+
+    try:
+        table = segment.table_from_rows(rows)
+        if segment.rows_decode(table):
+            return table
+    except (ValueError, TypeError, OverflowError):  # pyarrow's errors derive from these
+        pass
+    for r in rows:
+        if not id_event_ok(r):
+            raise bad_row(conn, r, id_event_ok)
+    return segment.table_from_rows(rows)
 
 
 def finish_pending(conn: Conn) -> int:
-    """Delete from the hot tier the events of segments still pending, a
-    batch per transaction, so that a server's commits wait for one batch at
-    most; returns how many. Until done, readers skip those events (see
-    :func:`nat64ho.archive.tiers.sealed_hot`)."""
+    """Delete from the hot tier the events of segments still pending, by
+    ranges of ids (a walk of the table's tree in order), DELETE_BATCH ids a
+    transaction so that a server's commits wait for one batch at most, or
+    all in one in a seal that is alone (which dirties each index page
+    once); returns how many. Until done, readers skip those events (see
+    :func:`nat64ho.archive.tiers.sealed_hot`). The deletes need not reach
+    the disk at once: one lost in a crash leaves its events hot and the
+    segment pending, which the next seal finishes."""
     total = 0
-    for cut_ts, cut_id in catalog.pending(conn):
-        while True:
+    # Latest cut first: a pass of several periods records one cut per
+    # period, and the last one covers the others.
+    cuts = sorted(catalog.pending(conn), reverse=True)
+    if not cuts:
+        return 0
+    # The events a pending segment took are all at or below its last id.
+    top = conn.execute("SELECT max(last_id) FROM segment WHERE pending = 1").fetchone()[0]
+    step = None if _ALONE.get() else DELETE_BATCH
+    with _lazy_commits(conn):
+        done = (0, 0)
+        for cut_ts, cut_id in cuts:
+            if cut_ts <= done[0] and cut_id <= done[1]:
+                continue  # cleared with a later cut
+            done = (cut_ts, cut_id)
+            hi = min(cut_id, top)
+            lo = conn.execute("SELECT min(id) FROM event").fetchone()[0]
+            while lo is not None and lo <= hi:
+                end = hi if step is None else min(hi, lo + step - 1)
+                with atomic(conn):
+                    if conn.sql.postgres:
+                        conn.execute("SET LOCAL synchronous_commit = off")
+                    total += conn.execute(
+                        "DELETE FROM event WHERE id >= $1 AND id <= $2 AND ts < $3",
+                        (lo, end, cut_ts),
+                    ).rowcount
+                # Past a gap of ids (those of imported segments) at once.
+                lo = conn.execute("SELECT min(id) FROM event WHERE id > $1", (end,)).fetchone()[0]
             with atomic(conn):
-                n = conn.execute(
-                    "DELETE FROM event WHERE id IN "
-                    "(SELECT id FROM event WHERE ts < $1 AND id <= $2 LIMIT $3)",
-                    (cut_ts, cut_id, DELETE_BATCH),
-                ).rowcount
-                if n < DELETE_BATCH:
-                    conn.execute(
-                        "UPDATE segment SET pending = 0 WHERE cut_ts = $1 AND cut_id = $2",
-                        (cut_ts, cut_id),
-                    )
-            total += n
-            if n < DELETE_BATCH:
-                break
+                conn.execute(
+                    "UPDATE segment SET pending = 0 WHERE pending = 1 AND cut_ts <= $1 "
+                    "AND cut_id <= $2",
+                    (cut_ts, cut_id),
+                )
     return total
+
+
+@contextlib.contextmanager
+def _lazy_commits(conn: Conn) -> Iterator[None]:
+    """SQLite: commits that wait for no fsync (WAL keeps them in order, so
+    a crash loses a suffix of them), and room to cache the index pages the
+    deletes touch; put back as they were."""
+    if conn.sql.postgres:
+        yield
+        return
+    sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA cache_size = {-DELETE_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA synchronous = {int(sync)}")
+        conn.execute(f"PRAGMA cache_size = {int(cache)}")
 
 
 def open_target(db: Path | str) -> Conn:
@@ -204,21 +333,40 @@ def seal_db(db: Path | str, period_s: float, directory: Path | None = None) -> l
         conn.close()
 
 
-def seal_after_import(conn: Conn) -> list[Segment]:
+def seal_after_import(conn: Conn, *, owned: bool = False) -> list[Segment]:
     """An import into an archived history: its events of closed periods go
-    into segments now if this process can own the table; else the owning
-    server's next round seals them."""
+    into segments now if this process can own the table (``owned``: it
+    does already); else the owning server's next round seals them."""
     from nat64ho.archive import tiers
-    from nat64ho.storage import owner
 
     if not tiers.has_segments(conn):
         return []
+    if owned:
+        return seal_closed(conn)
+    with owning(conn, "import") as mine:
+        return seal_closed(conn) if mine else []
+
+
+def seal_closed(conn: Conn) -> list[Segment]:
+    """Seal the hot events of every closed period of DEFAULT_PERIOD_US."""
+    now = time.time_ns() // 1000
+    return seal(
+        conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US, alone=True
+    )
+
+
+@contextlib.contextmanager
+def owning(conn: Conn, what: str) -> Iterator[bool]:
+    """Own the table for the block unless a server does (the lock file on
+    SQLite, the advisory lock on PostgreSQL); yields whether it is owned."""
+    from nat64ho.storage import owner
+
     try:
-        release = conn.take_table("import")
+        release = conn.take_table(what)
     except owner.TableOwned:
-        return []
+        yield False
+        return
     try:
-        now = time.time_ns() // 1000
-        return seal(conn, before=period_start(now, DEFAULT_PERIOD_US), period_us=DEFAULT_PERIOD_US)
+        yield True
     finally:
         release()

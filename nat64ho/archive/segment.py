@@ -53,20 +53,40 @@ class Written:
     ts_hi: int
 
 
+_INT, _MAYBE = frozenset({int}), frozenset({int, type(None)})
+_PY_TYPES = [_INT, _INT, _INT, _INT, frozenset({bytes, type(None)}), _MAYBE, _INT]
+
+
 def table_from_rows(rows: Iterable[tuple[Any, ...]]) -> pa.Table:
-    """A table of ``(id, ts, kind, nat, port, addr, aport)`` rows, in SCHEMA's columns."""
-    ids, ts, kind, nat, port, addr, aport = [], [], [], [], [], [], []
-    for r in rows:
-        ids.append(r[0])
-        ts.append(r[1])
-        kind.append(r[2])
-        nat.append(r[3])
-        port.append(r[4])
-        addr.append(r[5])
-        aport.append(r[6])
-    cols = {"nat": nat, "port": port, "ts": ts, "kind": kind, "addr": addr, "aport": aport}
-    cols["id"] = ids
-    return pa.Table.from_pydict(cols, schema=SCHEMA)
+    """A table of ``(id, ts, kind, nat, port, addr, aport)`` rows, in SCHEMA's
+    columns. Raises pyarrow's errors (ValueError, TypeError) for a value
+    its column cannot hold."""
+    columns = list(zip(*rows, strict=True))
+    if not columns:
+        return SCHEMA.empty_table()
+    ids, ts, kind, nat, port, addr, aport = columns
+    arrays = [nat, port, ts, kind, addr, aport, ids]
+    # pyarrow would take 1.0 for 1 and text for octets: what SQLite's
+    # loose types could hold, and the readers refuse.
+    for c, allowed in zip(arrays, _PY_TYPES, strict=True):
+        if not set(map(type, c)) <= allowed:
+            raise TypeError("a value of another type")
+    return pa.Table.from_arrays(
+        [pa.array(c, f.type) for c, f in zip(arrays, SCHEMA, strict=True)], schema=SCHEMA
+    )
+
+
+def rows_decode(table: pa.Table) -> bool:
+    """Whether every row of ``table`` (from :func:`table_from_rows`) is an
+    event the readers decode: schema.event_ok, a column at a time."""
+    if any(table[c].null_count for c in ("nat", "port", "ts", "kind", "id")):
+        return False
+    kind = table["kind"]
+    if pc.any(pc.greater(kind, 2)).as_py():
+        return False
+    # Created and Deleted name a client endpoint.
+    named = table.filter(pc.greater(kind, 0))
+    return not (named["addr"].null_count or named["aport"].null_count)
 
 
 def sorted_table(table: pa.Table) -> pa.Table:
@@ -79,7 +99,7 @@ def _write_parquet(table: pa.Table, where: str | Path | pa.NativeFile) -> None:
         table,
         where,
         compression="zstd",
-        compression_level=9,
+        compression_level=3,
         row_group_size=ROW_GROUP,
         write_statistics=True,
         write_page_index=True,
@@ -108,15 +128,17 @@ def _written(table: pa.Table, size: int, sha256: bytes) -> Written:
     )
 
 
-def write(table: pa.Table, path: Path) -> Written:
+def write(table: pa.Table, path: Path, *, durable: bool = True) -> Written:
     """Write ``table`` (sorted here) to ``path`` durably: a temporary name,
-    fsync, rename, fsync of the directory. Returns what was written."""
+    fsync, rename, fsync of the directory (``durable=False``: the caller
+    fsyncs the directory, once for several files). Returns what was written."""
     table = sorted_table(table.cast(SCHEMA))
     tmp = path.with_name(path.name + ".tmp")
     _write_parquet(table, tmp)
     sha256 = file_digest(tmp, fsync=True)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return _written(table, path.stat().st_size, sha256)
 
 

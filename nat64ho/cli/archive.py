@@ -77,7 +77,7 @@ def seal(
         if archive is not None:
             catalog.use_dir(conn, Path(archive))
         sealing.remove_orphans(conn)
-        made = sealing.seal(conn, before=cutoff, period_us=period_us)
+        made = sealing.seal(conn, before=cutoff, period_us=period_us, alone=True)
         events = sum(s.events for s in made)
         size = sum(s.size for s in made)
         head = catalog.segments(conn)[-1].chain.hex() if made else None

@@ -50,6 +50,14 @@ def import_(
             "a running server keeps its free ports in memory.",
         ),
     ] = False,
+    seal: Annotated[
+        bool,
+        typer.Option(
+            "--seal",
+            help="Write the events of closed hours straight into sealed segments, sorted and "
+            "in bulk (the default once the history has segments); not with --rebuild-table.",
+        ),
+    ] = False,
 ) -> None:
     """Add log files to the history; creates the database if it is missing.
 
@@ -58,6 +66,8 @@ def import_(
     that does not parse (or is longer than 4096 octets) is reported as
     FILE:LINE and skipped; the exit status is then 1 (0 when every line was taken).
     """
+    if seal and rebuild_table:
+        fail("--seal and --rebuild-table go separately: the table is rebuilt from the hot tier")
     for name in files:
         if name != "-" and not os.path.isfile(name):
             fail(f"{name!r}: no such file")
@@ -119,6 +129,7 @@ def import_(
                 logs(),
                 bad,
                 rebuild_table=rebuild_table,
+                into_segments=seal,
                 on_progress=progress,
                 on_rebuild=bar.rebuilding,
             )

@@ -3,14 +3,16 @@ events into the current table (``--rebuild-table``)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, NamedTuple, cast
 
-from nat64ho.archive.seal import seal_after_import
-from nat64ho.archive.tiers import SealedFilter
+from nat64ho.archive.seal import owning, seal_after_import
+from nat64ho.archive.tiers import SealedFilter, has_segments
 from nat64ho.eventlog import BadLine, EventKind, parse_line
 from nat64ho.ops.db import EVENT_COLUMNS, Conn, HistoryError, atomic
 
@@ -176,6 +178,165 @@ _HEX_COLON = frozenset("0123456789abcdefABCDEF:.")
 _DIGIT_DOT = frozenset("0123456789.")
 
 
+#: Octets of a log the block reader takes at once (import into segments).
+BLOCK = 1 << 22
+#: The common line; one it does not match goes to the line parser, which
+#: decides. Fixed widths as _FastParser checks them.
+_LINE_RE = (
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} (Created|Deleted) "
+    r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5} \[[0-9a-fA-F:.]+\]:\d{1,5}$"
+)
+
+
+class _BlockParser:
+    """Lines to columns a block at a time (pyarrow), the same values as
+    :class:`_FastParser` gives line by line; a line that is not of the
+    common form, or has a value out of range, goes to that parser."""
+
+    def __init__(self, parse: _FastParser):
+        self.parse = parse
+
+    def __call__(self, lines: Any, first: int) -> tuple[Any, list[int]]:
+        """(table of ts, kind, nat, port, addr, aport, seq, for the lines
+        taken; indexes into ``lines`` (a pyarrow binary array) of the
+        others). ``first``: seq of ``lines[0]``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        try:
+            text = lines.cast(pa.string())
+        except pa.ArrowInvalid:  # not UTF-8: those lines are the line parser's
+            return None, list(range(len(lines)))
+        ok = pc.and_(pc.string_is_ascii(text), pc.match_substring_regex(text, _LINE_RE))
+        seq = pa.array(range(first, first + len(lines)), pa.int64())
+        if not pc.all(ok).as_py():
+            seq = seq.filter(ok)
+            others = pc.indices_nonzero(pc.invert(ok)).to_pylist()
+            text = text.filter(ok)
+        else:
+            others = []
+
+        def cut(start: int, stop: int) -> Any:
+            return pc.utf8_slice_codeunits(text, start, stop)
+
+        def num(col: Any) -> Any:
+            return pc.cast(col, pa.int64())
+
+        def looked_up(col: Any, find: Callable[[str], Any], kind: Any) -> Any:
+            uniq = pc.unique(col)
+            values = []
+            for u in uniq.to_pylist():
+                try:
+                    values.append(find(u))
+                except (ValueError, KeyError, IndexError, OSError, BadLine):
+                    values.append(None)
+            return pc.take(pa.array(values, kind), pc.index_in(col, uniq))
+
+        # "NAT:PORT [ADDR]:APORT" after the kind's word.
+        nat_port, v6 = _halves(pc.utf8_slice_codeunits(text, 35, MAX_LINE + 1), " [")
+        nat_text, port_text = _halves(nat_port, ":")
+        addr_text, aport_text = _halves(v6, "]:")
+        day = looked_up(cut(0, 10), self.parse._day, pa.int64())
+        h, m, s, us = num(cut(11, 13)), num(cut(14, 16)), num(cut(17, 19)), num(cut(20, 26))
+        port, aport = num(port_text), num(aport_text)
+        nat = looked_up(nat_text, self.parse._nat, pa.int64())
+        addr = looked_up(addr_text, self._addr, pa.binary(16))
+        good = pc.and_(pc.is_valid(day), pc.and_(pc.is_valid(nat), pc.is_valid(addr)))
+        for col, top in ((h, 23), (m, 59), (s, 59), (port, 65535), (aport, 65535)):
+            good = pc.and_(good, pc.less_equal(col, top))
+        secs = pc.add(pc.multiply(pc.add(pc.multiply(h, 60), m), 60), s)
+        ts = pc.add(pc.add(day, pc.multiply(secs, 1_000_000)), us)
+        kind = pc.if_else(pc.equal(cut(27, 28), "C"), _CREATED, _DELETED)
+        table = pa.table(
+            {"ts": ts, "kind": kind, "nat": nat, "port": port, "addr": addr, "aport": aport}
+        )
+        table = table.append_column("seq", seq)
+        good = pc.fill_null(good, False)
+        if not pc.all(good).as_py():
+            # In form, out of range: the line parser names the fault.
+            others += [v - first for v in seq.filter(pc.invert(good)).to_pylist()]
+            table = table.filter(good)
+        return table, sorted(others)
+
+    def _addr(self, text: str) -> bytes:
+        return socket.inet_pton(socket.AF_INET6, text)
+
+
+def _split(data: bytes) -> Any:
+    """The lines of ``data`` (LF between them), as a pyarrow binary array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.split_pattern(pa.array([data], pa.binary()), b"\n").values
+
+
+def _halves(col: Any, sep: str) -> tuple[Any, Any]:
+    """Each string of ``col`` split at the first ``sep`` (matched lines have one)."""
+    import pyarrow.compute as pc
+
+    parts = pc.split_pattern(col, sep, max_splits=1)
+    return pc.list_element(parts, 0), pc.list_element(parts, 1)
+
+
+def _read_blocks(
+    name: str,
+    stream: BinaryIO,
+    lines_before: int,
+    blocks: _BlockParser,
+    take: Callable[[Any, list[tuple[Any, ...]], int], None],
+    on_bad: Callable[[str, int, str], None],
+) -> tuple[int, int]:
+    """The lines of one log, a block at a time, given to ``take(table,
+    rows)``: the block parser's table and the line parser's rows (each with
+    its seq last), and the lines read so far. Returns (lines, skipped). Lines as :func:`read_lines`
+    splits them: at LF, one over MAX_LINE octets skipped unread."""
+    number = skipped = 0
+    rest = b""
+    skipping = False  # in a line over MAX_LINE, until its end
+    while True:
+        try:
+            data = stream.read(BLOCK)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise LogUnreadable(f"{name}: line {number + 1}: {exc}") from None
+        if not data:
+            if not rest or skipping:
+                return number, skipped
+            lines, rest, ends = _split(rest), b"", False
+        else:
+            if skipping:
+                end = data.find(b"\n")
+                if end < 0:
+                    continue
+                data, skipping = data[end + 1 :], False
+            data = rest + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                if len(rest) > MAX_LINE:
+                    number += 1
+                    skipped += 1
+                    on_bad(name, number, f"line longer than {MAX_LINE} octets")
+                    rest, skipping = b"", True
+                continue
+            lines, rest, ends = _split(data[:cut]), data[cut + 1 :], True
+        table, others = blocks(lines, lines_before + number)
+        rows = []
+        for i in others:
+            line = lines[i].as_py()
+            if len(line) > MAX_LINE:
+                skipped += 1
+                on_bad(name, number + i + 1, f"line longer than {MAX_LINE} octets")
+                continue
+            text = line.decode("ascii", "replace") + ("\n" if ends else "")
+            try:
+                rows.append((*blocks.parse(text), lines_before + number + i))
+            except BadLine as exc:
+                skipped += 1
+                on_bad(name, number + i + 1, str(exc))
+        number += len(lines)
+        take(table, rows, lines_before + number)
+
+
 def import_logs(
     conn: Conn,
     logs: Iterable[tuple[str, BinaryIO]],
@@ -184,6 +345,7 @@ def import_logs(
     rebuild_table: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_rebuild: Callable[[], None] | None = None,
+    into_segments: bool = False,
 ) -> ImportResult:
     """Add the events of each ``(name, stream from open_log)`` to the history.
 
@@ -198,15 +360,27 @@ def import_logs(
     lines read and the events committed so far; ``on_rebuild()`` before the
     table is rebuilt (one statement, no progress of its own). Raises :class:`LogUnreadable` for read errors (the
     batches committed before it stay: importing again completes the work).
+
+    ``into_segments`` (or a history that has segments already), unless
+    ``rebuild_table``: the events of closed periods go straight into new
+    segments, sorted and in bulk, when no server owns the table (see
+    :mod:`nat64ho.archive.ingest`); those of the open period and, while a
+    server owns the table, all of them go into the hot tier.
     """
     parse = _FastParser()
-    lines = skipped = added = 0
     batch: list[tuple[Any, ...]] = []
     if rebuild_table:
         conn.execute(conn.sql.create_replay)
         conn.execute(f"DELETE FROM {conn.sql.temp}.replay")
 
     sealed = SealedFilter(conn)
+    owned = contextlib.ExitStack()
+    ingest = None
+    if not rebuild_table and (into_segments or has_segments(conn)):
+        if owned.enter_context(owning(conn, "import")):
+            from nat64ho.archive.ingest import Ingest  # pyarrow: only where it is used
+
+            ingest = Ingest(conn, time.time_ns() // 1000)
 
     def commit() -> int:
         with atomic(conn):
@@ -221,6 +395,67 @@ def import_logs(
         batch.clear()
         return new
 
+    with owned:
+        try:
+            if ingest is not None:
+                lines, skipped = _read_into(ingest, logs, parse, on_bad, on_progress)
+            else:
+                lines, added, skipped = _read(logs, parse, batch, commit, on_bad, on_progress)
+        except LogUnreadable:
+            if ingest is not None:
+                ingest.finish(_now_us)  # what was read stays, as committed batches do
+            raise
+        if ingest is not None:
+            ingest.finish(_now_us)
+            added = ingest.added
+        if on_progress is not None:
+            on_progress(lines, added)
+        if rebuild_table and on_rebuild is not None:
+            on_rebuild()
+        entries = rebuild(conn) if rebuild_table else 0
+        seal_after_import(conn, owned=ingest is not None)
+    return ImportResult(lines, added, skipped, entries)
+
+
+def _read_into(
+    ingest: Any,
+    logs: Iterable[tuple[str, BinaryIO]],
+    parse: _FastParser,
+    on_bad: Callable[[str, int, str], None],
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[int, int]:
+    """Every line of ``logs`` into ``ingest``, a block at a time; returns
+    (lines, lines skipped)."""
+    blocks = _BlockParser(parse)
+    lines = skipped = 0
+
+    def take(table: Any, rows: list[tuple[Any, ...]], upto: int) -> None:
+        ingest.take(table, rows, _now_us)
+        if on_progress is not None:
+            on_progress(upto, ingest.added)
+
+    for name, stream in logs:
+        n, bad = _read_blocks(name, stream, lines, blocks, take, on_bad)
+        lines += n
+        skipped += bad
+    return lines, skipped
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _read(
+    logs: Iterable[tuple[str, BinaryIO]],
+    parse: Callable[[str], tuple[Any, ...]],
+    batch: list[tuple[Any, ...]],
+    commit: Callable[[], int],
+    on_bad: Callable[[str, int, str], None],
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[int, int, int]:
+    """Parse every line of ``logs`` into ``batch``, committed every
+    IMPORT_BATCH; returns (lines, events added, lines skipped)."""
+    lines = skipped = added = 0
     for name, stream in logs:
         number = 0
         try:
@@ -245,13 +480,7 @@ def import_logs(
         lines += number
     if batch:
         added += commit()
-    if on_progress is not None:
-        on_progress(lines, added)
-    if rebuild_table and on_rebuild is not None:
-        on_rebuild()
-    entries = rebuild(conn) if rebuild_table else 0
-    seal_after_import(conn)
-    return ImportResult(lines, added, skipped, entries)
+    return lines, added, skipped
 
 
 def rebuild(conn: Conn) -> int:

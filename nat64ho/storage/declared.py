@@ -31,7 +31,6 @@ _INDEXES = {
     "entry_endpoint": Index("entry", ("nat", "addr", "aport"), unique=True),
     "entry_lru": Index("entry", ("nat", "last_use", "port")),
     "event_nat_port_ts": Index("event", ("nat", "port", "ts", "kind"), unique=True),
-    "event_addr_ts": Index("event", ("addr", "aport", "ts"), partial=True),
     "event_ts": Index("event", ("ts",)),
 }
 _SEGMENT = "n first_id last_id ts_lo ts_hi events initialized created deleted bytes sealed".split()

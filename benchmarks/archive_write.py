@@ -1,0 +1,364 @@
+"""Time the sealed history's write side: sealing, import into segments, the
+writer's CPU with the hot tier's indexes, the hot tier under constant load,
+and what sealing adds to the answers' latency.
+
+    python benchmarks/make_history.py /tmp/h.db --nats 4 --events 1000000 --span-days 1
+    python benchmarks/archive_write.py seal /tmp/h.db --period 3600
+    python benchmarks/archive_write.py import /tmp/h.db --compare
+    python benchmarks/archive_write.py writer --before REV --history 2000000
+    python benchmarks/archive_write.py hot --seal-every 2 --periods 24
+    python benchmarks/archive_write.py p99 --seal-every 2 --duration 20
+
+``writer --before REV`` runs a server of the tree at git revision REV (one
+with the hot tier's three event indexes) beside this one, in the same run.
+``hot`` compresses a day: periods of --seal-every seconds stand for hours,
+and it reports the most events the hot tier ever held, in periods' worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nat64ho.archive import seal as sealing  # noqa: E402
+from nat64ho.bench.load import BenchConfig, Result, drive  # noqa: E402
+from nat64ho.ops import export  # noqa: E402
+from nat64ho.storage import schema  # noqa: E402
+from nat64ho.testing import Child, start_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="nat64ho-archive-write-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work)
+
+
+def bench_seal(args: argparse.Namespace) -> None:
+    """Seal every closed period of a copy of ``args.db`` in this process, as
+    ``nat64ho seal`` does (or, ``--batches``, as a server's sealer does)."""
+    with scratch() as work, postgresql(args.pg) as url:
+        conn: Any
+        if url is None:
+            db = work / "table.db"
+            shutil.copy(args.db, db)
+            conn = schema.open_db(db, create=True)
+        else:
+            conn = copied_to_postgresql(args.db, url)
+        events = conn.execute("SELECT count(*) FROM event").fetchone()[0]
+        deleting = [0.0, 0.0]
+        originals = {"finish_pending": sealing.finish_pending}
+
+        def timed(f):  # type: ignore[no-untyped-def]
+            def run(*a):  # type: ignore[no-untyped-def]
+                t, cpu = time.perf_counter(), time.process_time()
+                try:
+                    return f(*a)
+                finally:
+                    deleting[0] += time.perf_counter() - t
+                    deleting[1] += time.process_time() - cpu
+
+            return run
+
+        for name, f in originals.items():
+            setattr(sealing, name, timed(f))
+        t, cpu = time.perf_counter(), time.process_time()
+        made = sealing.seal(
+            conn,
+            before=time.time_ns() // 1000,
+            period_us=args.period * 1_000_000,
+            alone=not args.batches,
+        )
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        for name, f in originals.items():
+            setattr(sealing, name, f)
+        sealed = sum(s.events for s in made)
+        print(
+            f"sealing: {sealed:,} of {events:,} hot events into {len(made)} segments in "
+            f"{wall:.1f} s: {sealed / wall:,.0f} events/s wall, {sealed / cpu:,.0f} per CPU "
+            f"second; deleting them from the hot tier {deleting[0]:.1f} s wall, "
+            f"{deleting[1]:.1f} s CPU; at rest "
+            f"{sum(s.size for s in made) / max(1, sealed):.1f} bytes/event"
+        )
+        conn.close()
+
+
+def bench_import(args: argparse.Namespace) -> None:
+    """``nat64ho import --seal`` of the history of ``args.db`` as a log, into
+    a new database; then again (adds nothing); ``--compare``: the import of
+    the line-by-line path into the hot tier then ``seal``, same run."""
+    with scratch() as work, postgresql(args.pg) as url:
+        log = work / "history.log"
+        conn = schema.open_db(args.db, readonly=True)
+        with open(log, "w") as f:
+            lines = export.write_log(export.history_rows(conn), f)
+        conn.close()
+
+        def timed(*cmd: str) -> tuple[float, float]:
+            """(wall, CPU) seconds of a nat64ho command."""
+            t = time.perf_counter()
+            cpu = _children_cpu()
+            r = subprocess.run(
+                [sys.executable, "-m", "nat64ho", *cmd], capture_output=True, text=True
+            )
+            took = time.perf_counter() - t
+            if r.returncode != 0:
+                raise SystemExit(r.stderr)
+            said = (r.stderr or r.stdout).strip().splitlines()
+            print(f"    {' '.join(cmd[:2])} ...: {said[-1] if said else ''}")
+            return took, _children_cpu() - cpu
+
+        def rates(what: str, wall: float, cpu: float) -> None:
+            print(
+                f"{what}: {lines:,} lines in {wall:.1f} s: {lines / wall:,.0f} lines/s wall, "
+                f"{lines / cpu:,.0f} per CPU second"
+            )
+
+        fresh = str(work / "seal.db") if url is None else url
+        rates("import --seal (command)", *timed("import", "--seal", str(log), "--db", fresh))
+        rates("the same log again (adds nothing)", *timed("import", str(log), "--db", fresh))
+        if args.compare:
+            old = work / "hot.db"
+            wall, cpu = timed("import", str(log), "--db", str(old))
+            w2, c2 = timed("seal", "--db", str(old), "--period", "3600")
+            rates("import into the hot tier, then seal", wall + w2, cpu + c2)
+
+
+@contextlib.contextmanager
+def postgresql(wanted: bool) -> Iterator[str | None]:
+    """The URL of a database of a temporary PostgreSQL cluster, if ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    from tests import pgcluster
+
+    why = pgcluster.missing()
+    if why:
+        raise SystemExit(why)
+    cluster = pgcluster.Cluster().start()
+    try:
+        yield cluster.url()
+    finally:
+        cluster.stop()
+
+
+def copied_to_postgresql(db: Path, url: str) -> Any:
+    """The events of SQLite ``db`` in the hot tier of a new PostgreSQL
+    database (COPY); an operator connection to it."""
+    import asyncio
+
+    import asyncpg
+
+    from nat64ho.ops import pgconn
+
+    pgconn.connect(url, create=True).close()
+    src = schema.open_db(db, readonly=True)
+    rows = src.execute("SELECT id, ts, kind, nat, port, addr, aport FROM event").fetchall()
+    src.close()
+
+    async def load() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            cols = ["id", "ts", "kind", "nat", "port", "addr", "aport"]
+            await conn.copy_records_to_table("event", records=rows, columns=cols)
+            await conn.execute("ANALYZE event")
+        finally:
+            await conn.close()
+
+    asyncio.run(load())
+    return pgconn.connect(url)
+
+
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def serve(work: Path, name: str, extra: list[str], tree: Path | None = None) -> Child:
+    db, log = work / f"{name}.db", work / f"{name}.log"
+    if tree is None:
+        return start_server(db, log, "full", extra)
+    from nat64ho.testing import serve_command
+
+    limits = ["--hello-rate", "0", "--create-rate", "0", "--request-rate", "0"]
+    cmd = serve_command(db, log, "--sync", "full", *limits, *extra)
+    return Child(cmd, env={"PYTHONPATH": str(tree)})
+
+
+def load(duration: float, rate: float) -> BenchConfig:
+    return BenchConfig(mode="create", batch=1, rate=rate, window=512, duration=duration)
+
+
+def per_entry(r: Result) -> tuple[float, float]:
+    """µs of server CPU, and of its writer, per new entry answered."""
+    assert r.cpu is not None and r.cpu_by is not None
+    n = max(1, r.counts["messages"])
+    return r.cpu * r.seconds / n * 1e6, r.cpu_by.get("writer", 0.0) * r.seconds / n * 1e6
+
+
+def bench_writer(args: argparse.Namespace) -> None:
+    """Server CPU per new entry at a fixed open-loop rate: the tree at
+    ``--before`` (its hot tier's indexes) and this one, alternately."""
+    with scratch() as work:
+        base = work / "before"
+        base.mkdir()
+        tar = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(base)], input=tar.stdout, check=True)
+        got: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for rnd in range(args.rounds):
+            for name, tree in (("before", base), ("after", None)):
+                if args.history:
+                    # A hot tier of this many events already, made by that tree.
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            str((tree or ROOT) / "benchmarks" / "make_history.py"),
+                            str(work / f"{name}{rnd}.db"),
+                            "--nats",
+                            "4",
+                            "--events",
+                            str(args.history),
+                            "--span-days",
+                            "0.1",
+                        ],
+                        check=True,
+                        capture_output=True,
+                        env=dict(os.environ, PYTHONPATH=str(tree or ROOT)),
+                    )
+                child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
+                try:
+                    r = drive(load(args.duration, args.rate), child.address, child.pid)
+                finally:
+                    child.stop()
+                got[name].append(per_entry(r))
+        for name, runs in got.items():
+            print(
+                f"{name}: server {min(a for a, _ in runs):.1f} µs CPU per new entry, "
+                f"writer {min(w for _, w in runs):.1f} (best of {len(runs)} at {args.rate:,.0f}/s)"
+            )
+        b, a = (min(w for _, w in got[k]) for k in ("before", "after"))
+        sb, sa = (min(s for s, _ in got[k]) for k in ("before", "after"))
+        print(
+            f"writer CPU per entry {(1 - a / b) * 100:.0f}% lower; server {(1 - sa / sb) * 100:.0f}%"
+        )
+
+
+def bench_hot(args: argparse.Namespace) -> None:
+    """A server at a constant rate for ``--periods`` periods of
+    ``--seal-every`` seconds; the hot tier's size sampled all along."""
+    with scratch() as work:
+        child = serve(work, "hot", ["--seal-every", str(args.seal_every)])
+        samples: list[int] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            conn = None
+            while not stop.wait(args.seal_every / 10):
+                try:
+                    conn = conn or schema.open_db(work / "hot.db", readonly=True)
+                    samples.append(conn.execute("SELECT count(*) FROM event").fetchone()[0])
+                except Exception:  # noqa: BLE001 - not created yet
+                    conn = None
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        try:
+            r = drive(load(args.seal_every * args.periods, args.rate), child.address, child.pid)
+        finally:
+            stop.set()
+            watcher.join()
+            child.stop()
+        conn = schema.open_db(work / "hot.db", readonly=True)
+        sealed, segs = conn.execute("SELECT sum(events), count(*) FROM segment").fetchone()
+        hot = conn.execute("SELECT count(*) FROM event").fetchone()[0]
+        conn.close()
+        per_period = (sealed + hot) / (r.seconds + 1) * args.seal_every  # events a period
+        print(
+            f"hot tier over {args.periods} periods of {args.seal_every} s at "
+            f"{r.messages_per_s:,.0f} new entries/s: at most {max(samples):,} events "
+            f"({max(samples) / per_period:.2f} periods' worth), {hot:,} at the end; "
+            f"{segs} segments, {sealed:,} events sealed"
+        )
+
+
+def bench_p99(args: argparse.Namespace) -> None:
+    """The same load on a server that never seals and one that seals every
+    ``--seal-every`` seconds: the latency of the answers."""
+    with scratch() as work:
+        out = {}
+        for name, every in (
+            ("no seal", "0"),
+            (f"--seal-every {args.seal_every}", str(args.seal_every)),
+        ):
+            child = serve(work, name.replace(" ", "-"), ["--seal-every", every])
+            try:
+                r = drive(load(args.duration, args.rate), child.address, child.pid)
+            finally:
+                child.stop()
+            out[name] = r
+            print(
+                f"{name}: {r.messages_per_s:,.0f} answers/s, p50 {r.percentile(0.5) * 1e3:.2f} ms, "  # type: ignore[operator]
+                f"p99 {r.percentile(0.99) * 1e3:.2f} ms, p99.9 {r.percentile(0.999) * 1e3:.2f} ms"  # type: ignore[operator]
+            )
+        a, b = out.values()
+        print(f"a seal adds {(b.percentile(0.99) - a.percentile(0.99)) * 1e3:+.2f} ms to p99")  # type: ignore[operator]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("seal", help="seal a copy of a make_history.py database")
+    p.add_argument("db", type=Path)
+    p.add_argument("--period", type=int, default=3600, help="seconds per segment")
+    p.add_argument(
+        "--batches", action="store_true", help="delete in a server's batches (as serve does)"
+    )
+    p.add_argument("--pg", action="store_true", help="on a temporary PostgreSQL cluster")
+    p.set_defaults(run=bench_seal)
+    p = sub.add_parser("import", help="import --seal of a database's history as a log")
+    p.add_argument("db", type=Path)
+    p.add_argument("--compare", action="store_true", help="also the hot-tier import + seal")
+    p.add_argument("--pg", action="store_true", help="on a temporary PostgreSQL cluster")
+    p.set_defaults(run=bench_import)
+    p = sub.add_parser("writer", help="server CPU per new entry, before and after")
+    p.add_argument("--before", required=True, help="git revision of the tree to compare with")
+    p.add_argument("--rate", type=float, default=3000)
+    p.add_argument("--duration", type=float, default=15)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--history", type=int, default=0, help="events in the hot tier before the load")
+    p.set_defaults(run=bench_writer)
+    p = sub.add_parser("hot", help="the hot tier's size under constant load")
+    p.add_argument("--seal-every", type=float, default=2)
+    p.add_argument("--periods", type=int, default=24)
+    p.add_argument("--rate", type=float, default=3000)
+    p.set_defaults(run=bench_hot)
+    p = sub.add_parser("p99", help="what sealing adds to the answers' p99")
+    p.add_argument("--seal-every", type=float, default=2)
+    p.add_argument("--duration", type=float, default=20)
+    p.add_argument("--rate", type=float, default=3000)
+    p.set_defaults(run=bench_p99)
+    args = ap.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
