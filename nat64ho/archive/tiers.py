@@ -351,6 +351,13 @@ def endpoint_rows(
     pa, pc, segment = _arrow()
     found = []
     for s in arch.segments:
+        if lo == hi and aport is not None:
+            # One endpoint: its rows by the segment's endpoint index, if any.
+            t = arch.reader(s).endpoint_table(lo, aport)
+            if t is not None:
+                if t.num_rows:
+                    found.append(t)
+                continue
         t = arch.table(s, ["nat", "port", "ts", "kind", "addr", "aport", "id"])
         addr = t["addr"].cast(pa.binary())
         mask = pc.and_(
