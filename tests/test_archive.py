@@ -95,6 +95,12 @@ def twin(request, db_target: str, tmp_path: Path) -> str:
     return str(tmp_path / "before.db")
 
 
+def stats_of(db: Path | str, fmt: str) -> str:
+    r = nat64ho("stats", "--db", str(db), "--format", fmt)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def seal(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     r = nat64ho("seal", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
@@ -204,18 +210,33 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path, db_target, twin, 
         ("who", f"{client}/64", "--at", at),
         ("who", "--reports", str(reports), "--tolerance", "60"),
         ("query",),
-        ("stats", "--format", "json"),
     ):
         x, y = nat64ho(*args, "--db", str(before)), nat64ho(*args, "--db", str(db))
         assert (y.returncode, y.stdout) == (x.returncode, x.stdout), args
-    # stats adds the sealed tier's totals below the same table.
+    # stats adds the sealed tier's totals below the same table, and to each
+    # row of the machine formats.
     x, y = nat64ho("stats", "--db", str(before)), nat64ho("stats", "--db", str(db))
-    n, events, size = db_rows(db, "SELECT count(*), sum(events), sum(bytes) FROM segment")[0]
+    row = db_rows(db, "SELECT count(*), sum(events), sum(bytes) FROM segment")[0]
+    n, events, size = map(int, row)  # PostgreSQL's sums are numeric
     hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
     assert y.stdout == x.stdout + (
         f"Sealed history: {n} segments, {events} events, {size} bytes "
         f"({size / events:.1f} bytes/event); {hot} events not yet sealed.\n"
     )
+    sealed = {
+        "sealed_segments": n,
+        "sealed_events": events,
+        "sealed_bytes": size,
+        "sealed_bytes_per_event": round(size / events, 2),
+    }
+    unsealed = dict.fromkeys(sealed, 0) | {"sealed_bytes_per_event": None}
+    x, y = (json.loads(stats_of(d, "json")) for d in (before, db))
+    assert len(y) == len(NATS) and y == [row | sealed for row in x]
+    assert all(row | unsealed == row for row in x)
+    x, y = (stats_of(d, "csv").splitlines() for d in (before, db))
+    assert y[0] == x[0] and y[0].endswith(",".join(sealed))
+    tail = ",".join(str(v) for v in sealed.values())
+    assert y[1:] == [line.removesuffix(",0,0,0,") + "," + tail for line in x[1:]]
 
 
 def test_seal_is_refused_while_the_table_is_owned(tmp_path, db_target):

@@ -155,7 +155,8 @@ def endpoint_index(table: pa.Table) -> bytes | None:
     owned = memoryview(pc.bit_wise_and(both, pa.scalar(0xFFFF, u64)).cast(pa.uint16()).buffers()[1])
     starts = memoryview(keys.buffers()[1]).cast("I")[: len(keys)]
     counts, bases, frames = [], [], []
-    buckets = min(_BUCKET_BITS, _KEY_BITS)
+    # Buckets of about a thousand keys or more: a small segment's index small.
+    buckets = min(_BUCKET_BITS, _KEY_BITS, (len(keys) >> 10).bit_length())
     shift = _KEY_BITS - buckets
     i = 0
     for b in range(1 << buckets):
