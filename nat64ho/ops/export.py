@@ -90,6 +90,12 @@ class HistoryRows(Iterator[tuple[Any, ...]]):
     def __next__(self) -> tuple[Any, ...]:
         return next(self._rows)
 
+    def close(self) -> None:
+        """End the read (its transaction) before all rows were taken."""
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+
     def blocks(self) -> Iterator[Any] | None:
         """The rows in blocks, each row with its id first; None with a limit."""
         return None if self.limited else self._blocks
@@ -360,19 +366,10 @@ Writer = Callable[[Iterable[tuple[Any, ...]], TextSink], int]
 
 def write_log(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     """Write rows as §6 log lines; returns how many."""
-    f = LineFormatter()
     blocks = rows.blocks() if isinstance(rows, HistoryRows) else None
     if blocks is not None:
-        n = 0
-        for block in blocks:
-            if isinstance(block, list):
-                text = "".join([f.line(r[1:]) + "\n" for r in block])
-            else:
-                text = f.lines(block)
-            out.write(text)
-            n += len(block) if isinstance(block, list) else block.num_rows
-        return n
-    fmt = f.line
+        return write_log_blocks(blocks, out)
+    fmt = LineFormatter().line
     n = 0
     buf = []
     for row in rows:
@@ -384,6 +381,21 @@ def write_log(rows: Iterable[tuple[Any, ...]], out: TextSink) -> int:
     if buf:
         out.write("\n".join(buf) + "\n")
         n += len(buf)
+    return n
+
+
+def write_log_blocks(blocks: Iterable[Any], out: TextSink) -> int:
+    """:func:`write_log` for :meth:`HistoryRows.blocks`; each block is
+    written whole before the next is asked for."""
+    f = LineFormatter()
+    n = 0
+    for block in blocks:
+        if isinstance(block, list):
+            out.write("".join([f.line(r[1:]) + "\n" for r in block]))
+            n += len(block)
+        else:
+            out.write(f.lines(block))
+            n += block.num_rows
     return n
 
 
