@@ -63,6 +63,16 @@ def data(conn: Conn, n: int) -> builtins.bytes | None:
     return None if row is None else builtins.bytes(row[0])
 
 
+def data_range(conn: Conn, n: int, offset: int, length: int) -> builtins.bytes | None:
+    """``length`` octets of segment ``n`` from ``offset`` (PostgreSQL keeps
+    them uncompressed in TOAST, so only the chunks asked for are read)."""
+    row = conn.execute(
+        "SELECT substring(data FROM ? FOR ?) FROM segment_data WHERE n = ?",
+        (offset + 1, length, n),
+    ).fetchone()
+    return None if row is None else builtins.bytes(row[0])
+
+
 def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
     """Recorded segments by n; ``live``: only those not pruned."""
     sql = f"SELECT {_COLUMNS} FROM segment"

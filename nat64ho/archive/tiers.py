@@ -9,6 +9,7 @@ ignored by the who rules), never not at all.
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,7 +38,7 @@ def _arrow() -> tuple[Any, Any, Any]:
     return pyarrow, pyarrow.compute, segment
 
 
-#: Segments read from the database (whole, into memory) kept open at once.
+#: Segments kept in the database held open at once (each its footer).
 _HELD_IN_MEMORY = 32
 
 
@@ -63,12 +64,19 @@ class Archive:
         return pa.BufferReader(octets)
 
     def reader(self, seg: Segment) -> segment.Reader:
-        _, _, segment = _arrow()
+        """The segment opened for lookups: its file, or (PostgreSQL) the
+        ranges of its octets that a lookup reads, not the whole value."""
+        pa, _, segment = _arrow()
         r = self._readers.get(seg.n)
         if r is None:
             if self.dir is None and len(self._readers) >= _HELD_IN_MEMORY:
                 self._readers.clear()
-            r = self._readers[seg.n] = segment.Reader(self.source(seg))
+            source = (
+                self.dir / seg.file
+                if self.dir is not None
+                else pa.PythonFile(_StoredSegment(self.conn, seg), mode="r")
+            )
+            r = self._readers[seg.n] = segment.Reader(source)
         return r
 
     def table(self, seg: Segment, columns: list[str] | None = None) -> pa.Table:
@@ -84,6 +92,38 @@ class Archive:
                 found.update(pc.unique(col).to_pylist())
             self._nats = found
         return self._nats
+
+
+class _StoredSegment(io.RawIOBase):
+    """A segment kept in the database, as a file read by ranges."""
+
+    def __init__(self, conn: Conn, seg: Segment):
+        self.conn, self.seg, self.at = conn, seg, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.seg.size}[whence]
+        self.at = base + offset
+        return self.at
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.seg.size - self.at if size is None or size < 0 else size
+        size = max(0, min(size, self.seg.size - self.at))
+        if size == 0:
+            return b""
+        octets = catalog.data_range(self.conn, self.seg.n, self.at, size)
+        if octets is None:
+            raise HistoryError(f"segment {self.seg.n} ({self.seg.file}): its data is missing")
+        self.at += len(octets)
+        return octets
 
 
 #: The last few databases' archives, by connection (held, so that an id is
