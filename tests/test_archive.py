@@ -701,8 +701,13 @@ def test_endpoint_index_finds_every_event_of_an_endpoint(tmp_path, monkeypatch, 
         assert found is not None
         want = [r for r in whole.to_pylist() if (r["addr"], r["aport"]) == (addr, aport)]
         assert found.to_pylist() == want and want
-    # An endpoint that never held a port: nothing.
+    # An endpoint that never held a port: nothing; nor in a segment of only
+    # Initialized events.
     assert reader.endpoint_table(b"\x20\x01\x0d\xb8" + bytes(12), 9).num_rows == 0
+    segment.write(segment.table_from_rows([(1, START, 0, NATS[0], 0, None, None)]), path)
+    assert segment.Reader(path).endpoint_table(b"\x20\x01\x0d\xb8" + bytes(12), 9) == (
+        segment.SCHEMA.empty_table()
+    )
 
 
 def test_who_endpoint_with_a_port_over_the_index_gives_the_same_holdings(tmp_path, db_target, twin):
