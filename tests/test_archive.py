@@ -95,6 +95,12 @@ def twin(request, db_target: str, tmp_path: Path) -> str:
     return str(tmp_path / "before.db")
 
 
+def stats_of(db: Path | str, fmt: str) -> str:
+    r = nat64ho("stats", "--db", str(db), "--format", fmt)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def seal(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     r = nat64ho("seal", "--db", str(db), *args)
     assert r.returncode == 0, r.stderr
@@ -204,18 +210,33 @@ def test_readers_give_the_same_answers_across_a_seal(tmp_path, db_target, twin, 
         ("who", f"{client}/64", "--at", at),
         ("who", "--reports", str(reports), "--tolerance", "60"),
         ("query",),
-        ("stats", "--format", "json"),
     ):
         x, y = nat64ho(*args, "--db", str(before)), nat64ho(*args, "--db", str(db))
         assert (y.returncode, y.stdout) == (x.returncode, x.stdout), args
-    # stats adds the sealed tier's totals below the same table.
+    # stats adds the sealed tier's totals below the same table, and to each
+    # row of the machine formats.
     x, y = nat64ho("stats", "--db", str(before)), nat64ho("stats", "--db", str(db))
-    n, events, size = db_rows(db, "SELECT count(*), sum(events), sum(bytes) FROM segment")[0]
+    row = db_rows(db, "SELECT count(*), sum(events), sum(bytes) FROM segment")[0]
+    n, events, size = map(int, row)  # PostgreSQL's sums are numeric
     hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
     assert y.stdout == x.stdout + (
         f"Sealed history: {n} segments, {events} events, {size} bytes "
         f"({size / events:.1f} bytes/event); {hot} events not yet sealed.\n"
     )
+    sealed = {
+        "sealed_segments": n,
+        "sealed_events": events,
+        "sealed_bytes": size,
+        "sealed_bytes_per_event": round(size / events, 2),
+    }
+    unsealed = dict.fromkeys(sealed, 0) | {"sealed_bytes_per_event": None}
+    x, y = (json.loads(stats_of(d, "json")) for d in (before, db))
+    assert len(y) == len(NATS) and y == [row | sealed for row in x]
+    assert all(row | unsealed == row for row in x)
+    x, y = (stats_of(d, "csv").splitlines() for d in (before, db))
+    assert y[0] == x[0] and y[0].endswith(",".join(sealed))
+    tail = ",".join(str(v) for v in sealed.values())
+    assert y[1:] == [line.removesuffix(",0,0,0,") + "," + tail for line in x[1:]]
 
 
 def test_seal_is_refused_while_the_table_is_owned(tmp_path, db_target):
@@ -655,3 +676,55 @@ def test_sigkill_of_a_sealing_server_loses_and_duplicates_nothing(server_factory
     assert db_rows(srv.db, "SELECT count(*) FROM segment")[0][0] >= 5
     r = check(srv.db)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("key_bits", [28, 6])
+def test_endpoint_index_finds_every_event_of_an_endpoint(tmp_path, monkeypatch, key_bits):
+    """A segment's endpoint index names every row group of an endpoint, and
+    the lookup gives exactly the rows a scan finds, also where keys collide
+    (6 bits: every lookup reads row groups of other endpoints too)."""
+    from nat64ho.archive import segment
+
+    monkeypatch.setattr(segment, "_KEY_BITS", key_bits)
+    monkeypatch.setattr(segment, "ROW_GROUP", 256)
+    monkeypatch.setattr(segment, "INDEX_BLOCK", 256)
+    events = [parse_line(line) for line in churn_log(6000)]
+    rows = [(i, *e) for i, e in enumerate(events, 1)]
+    path = tmp_path / "s.parquet"
+    segment.write(segment.table_from_rows(rows), path)
+    reader = segment.Reader(path)
+    assert reader.index is not None and reader.file.metadata.num_row_groups > 20
+    whole = pq.read_table(path)
+    endpoints = {(e.addr, e.aport) for e in events if e.addr is not None}
+    for addr, aport in sorted(endpoints)[:150]:
+        found = reader.endpoint_table(addr, aport)
+        assert found is not None
+        want = [r for r in whole.to_pylist() if (r["addr"], r["aport"]) == (addr, aport)]
+        assert found.to_pylist() == want and want
+    # An endpoint that never held a port: nothing; nor in a segment of only
+    # Initialized events.
+    assert reader.endpoint_table(b"\x20\x01\x0d\xb8" + bytes(12), 9).num_rows == 0
+    segment.write(segment.table_from_rows([(1, START, 0, NATS[0], 0, None, None)]), path)
+    assert segment.Reader(path).endpoint_table(b"\x20\x01\x0d\xb8" + bytes(12), 9) == (
+        segment.SCHEMA.empty_table()
+    )
+
+
+def test_who_endpoint_with_a_port_over_the_index_gives_the_same_holdings(tmp_path, db_target, twin):
+    lines = churn_log(3000)
+    db, _ = imported(tmp_path, lines, db_target)
+    before, _ = imported(tmp_path, lines, twin, name="before")
+    seal(db, "--period", "7200")
+    a = ops_conn(before, readonly=True)
+    b = ops_conn(db, readonly=True)
+    endpoints = db_rows(before, "SELECT DISTINCT addr, aport FROM event WHERE kind > 0")
+    random.Random(4).shuffle(endpoints)
+    held = 0
+    for addr, aport in endpoints[:60] + [(bytes(addr), aport + 1) for addr, aport in endpoints[:5]]:
+        net = ipaddress.IPv6Network(bytes(addr))
+        got = list(queries.who_endpoint(b, net, aport))
+        assert got == list(queries.who_endpoint(a, net, aport))
+        held += len(got)
+    assert held >= 60
+    a.close()
+    b.close()

@@ -196,6 +196,19 @@ def test_fast_formatter_equals_format_event(e):
     assert ops_export.LineFormatter().line(tuple(e)) == format_event(e)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events, min_size=1, max_size=60), st.integers(0, 5))
+def test_block_formatter_equals_format_event(evs, skip):
+    """The Arrow formatter that export uses for sealed blocks: the same text,
+    for a block that starts inside its arrays (a slice) too."""
+    from nat64ho.archive import segment
+
+    rows = [(i, *e) for i, e in enumerate(evs)]
+    table = segment.table_from_rows(rows[:1] * skip + rows).select(segment.ROW_COLUMNS)
+    text = ops_export.LineFormatter().lines(table.slice(skip))
+    assert text == "".join(format_event(e) + "\n" for e in evs)
+
+
 def _reference(line):
     try:
         e = parse_line(line)

@@ -63,6 +63,16 @@ def data(conn: Conn, n: int) -> builtins.bytes | None:
     return None if row is None else builtins.bytes(row[0])
 
 
+def data_range(conn: Conn, n: int, offset: int, length: int) -> builtins.bytes | None:
+    """``length`` octets of segment ``n`` from ``offset`` (PostgreSQL keeps
+    them uncompressed in TOAST, so only the chunks asked for are read)."""
+    row = conn.execute(
+        "SELECT substring(data FROM $1 FOR $2) FROM segment_data WHERE n = $3",
+        (offset + 1, length, n),
+    ).fetchone()
+    return None if row is None else builtins.bytes(row[0])
+
+
 def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
     """Recorded segments by n; ``live``: only those not pruned."""
     sql = f"SELECT {_COLUMNS} FROM segment"
@@ -126,15 +136,34 @@ def file_name(n: int, token: str) -> str:
     return f"segment-{n:08d}-{token}.parquet"
 
 
+@dataclass(frozen=True)
+class Totals:
+    """The sealed tier at a glance: live segments, their events and octets."""
+
+    segments: int
+    events: int
+    size: int
+
+    @property
+    def bytes_per_event(self) -> float | None:
+        return round(self.size / self.events, 2) if self.events else None
+
+
+def totals(conn: Conn) -> Totals:
+    n, events, size = conn.execute(
+        "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(bytes), 0) FROM segment "
+        "WHERE pruned IS NULL"
+    ).fetchone()
+    return Totals(int(n), int(events), int(size))
+
+
 def summary(conn: Conn) -> str | None:
     """One line for ``stats``: the sealed tier's totals, None without one."""
-    live = segments(conn, live=True)
-    if not live:
+    t = totals(conn)
+    if not t.segments:
         return None
-    events = sum(s.events for s in live)
-    size = sum(s.size for s in live)
     hot = conn.execute("SELECT count(*) FROM event").fetchone()[0]
     return (
-        f"Sealed history: {len(live)} segments, {events} events, {size} bytes "
-        f"({size / max(events, 1):.1f} bytes/event); {hot} events not yet sealed."
+        f"Sealed history: {t.segments} segments, {t.events} events, {t.size} bytes "
+        f"({t.size / max(t.events, 1):.1f} bytes/event); {hot} events not yet sealed."
     )

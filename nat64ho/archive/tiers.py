@@ -9,9 +9,10 @@ ignored by the who rules), never not at all.
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nat64ho.archive import catalog
 from nat64ho.archive.catalog import Segment
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from nat64ho.archive import segment
 
 Row = tuple[Any, ...]
+T = TypeVar("T")
 
 
 def _arrow() -> tuple[Any, Any, Any]:
@@ -36,7 +38,7 @@ def _arrow() -> tuple[Any, Any, Any]:
     return pyarrow, pyarrow.compute, segment
 
 
-#: Segments read from the database (whole, into memory) kept open at once.
+#: Segments kept in the database held open at once (each its footer).
 _HELD_IN_MEMORY = 32
 
 
@@ -62,12 +64,19 @@ class Archive:
         return pa.BufferReader(octets)
 
     def reader(self, seg: Segment) -> segment.Reader:
-        _, _, segment = _arrow()
+        """The segment opened for lookups: its file, or (PostgreSQL) the
+        ranges of its octets that a lookup reads, not the whole value."""
+        pa, _, segment = _arrow()
         r = self._readers.get(seg.n)
         if r is None:
             if self.dir is None and len(self._readers) >= _HELD_IN_MEMORY:
                 self._readers.clear()
-            r = self._readers[seg.n] = segment.Reader(self.source(seg))
+            source = (
+                self.dir / seg.file
+                if self.dir is not None
+                else pa.PythonFile(_StoredSegment(self.conn, seg), mode="r")
+            )
+            r = self._readers[seg.n] = segment.Reader(source)
         return r
 
     def table(self, seg: Segment, columns: list[str] | None = None) -> pa.Table:
@@ -83,6 +92,38 @@ class Archive:
                 found.update(pc.unique(col).to_pylist())
             self._nats = found
         return self._nats
+
+
+class _StoredSegment(io.RawIOBase):
+    """A segment kept in the database, as a file read by ranges."""
+
+    def __init__(self, conn: Conn, seg: Segment):
+        self.conn, self.seg, self.at = conn, seg, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.seg.size}[whence]
+        self.at = base + offset
+        return self.at
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.seg.size - self.at if size is None or size < 0 else size
+        size = max(0, min(size, self.seg.size - self.at))
+        if size == 0:
+            return b""
+        octets = catalog.data_range(self.conn, self.seg.n, self.at, size)
+        if octets is None:
+            raise HistoryError(f"segment {self.seg.n} ({self.seg.file}): its data is missing")
+        self.at += len(octets)
+        return octets
 
 
 #: The last few databases' archives, by connection (held, so that an id is
@@ -114,9 +155,9 @@ def has_segments(conn: Conn) -> bool:
 
 def snapshot(
     conn: Conn,
-    spanning: Callable[[Archive], Iterator[Row]],
-    hot_only: Callable[[], Iterator[Row]],
-) -> Iterator[Row]:
+    spanning: Callable[[Archive], Iterator[T]],
+    hot_only: Callable[[], Iterator[T]],
+) -> Iterator[T]:
     """Rows of ``spanning`` (or ``hot_only`` if nothing is sealed) read in
     one read transaction, so that the segment list and the hot tier are the
     same instant's: a seal between the two cannot hide its events."""
@@ -186,7 +227,17 @@ def merge(
             heapq.heappush(heap, (key(nxt), next(tie), nxt, it))
 
 
-def history_rows(
+#: Rows per block handed to a writer: an Arrow slice of a segment, or a list
+#: of hot rows; large enough that formatting a block at once pays.
+BLOCK = 1 << 18
+
+
+def blocks_of(rows: Iterator[Row], size: int = BLOCK) -> Iterator[list[Row]]:
+    while block := list(itertools.islice(rows, size)):
+        yield block
+
+
+def history_blocks(
     conn: Conn,
     arch: Archive,
     hot: Callable[[], Iterator[Row]],
@@ -196,11 +247,11 @@ def history_rows(
     until: int | None,
     after: int | None,
     upto: int | None,
-    with_id: bool,
-    limit: int | None,
-) -> Iterator[Row]:
-    """ops.export.history_rows over both tiers; ``hot`` opens the hot tier's
-    rows, each with its id first, in the same order."""
+) -> Iterator[pa.Table | list[Row]]:
+    """ops.export.history_rows over both tiers, with the id first, in blocks:
+    Arrow tables of sealed rows (columns id, ts, kind, nat, port, addr,
+    aport) and lists of row tuples; ``hot`` opens the hot tier's rows, each
+    with its id first, in the same order."""
     _, pc, segment = _arrow()
     by_time = since is not None or until is not None
 
@@ -212,44 +263,57 @@ def history_rows(
             and (until is None or s.ts_lo < until)
         )
 
-    def opener(s: Segment) -> Callable[[], Iterator[Row]]:
-        def open_() -> Iterator[Row]:
-            t = arch.table(s)
-            mask = None
-            for cond in (
-                pc.equal(t["nat"], nat) if nat is not None else None,
-                pc.greater(t["id"], after) if after is not None else None,
-                pc.less_equal(t["id"], upto) if upto is not None else None,
-                pc.greater_equal(t["ts"], since) if since is not None else None,
-                pc.less(t["ts"], until) if until is not None else None,
-            ):
-                if cond is not None:
-                    mask = cond if mask is None else pc.and_(mask, cond)
-            if mask is not None:
-                t = t.filter(mask)
-            keys = [("ts", "ascending"), ("id", "ascending")] if by_time else [("id", "ascending")]
-            t = t.take(pc.sort_indices(t, sort_keys=keys))
-            return segment.as_rows(t, with_id=True)
+    def sealed(s: Segment) -> pa.Table:
+        t = arch.table(s)
+        mask = None
+        for cond in (
+            pc.equal(t["nat"], nat) if nat is not None else None,
+            pc.greater(t["id"], after) if after is not None else None,
+            pc.less_equal(t["id"], upto) if upto is not None else None,
+            pc.greater_equal(t["ts"], since) if since is not None else None,
+            pc.less(t["ts"], until) if until is not None else None,
+        ):
+            if cond is not None:
+                mask = cond if mask is None else pc.and_(mask, cond)
+        if mask is not None:
+            t = t.filter(mask)
+        keys = [("ts", "ascending"), ("id", "ascending")] if by_time else [("id", "ascending")]
+        return t.take(pc.sort_indices(t, sort_keys=keys)).select(["id", *segment.ROW_COLUMNS])
 
-        return open_
-
+    segs = sorted(
+        (s for s in arch.segments if wanted(s)),
+        key=(lambda s: s.ts_lo) if by_time else (lambda s: s.first_id),
+    )
     hot_rows = sealed_hot(conn, hot)
+    column = "ts" if by_time else "id"
+    first = conn.execute(f"SELECT min({column}) FROM event").fetchone()[0]
+    lo = first if first is not None else 0
+    # (first, last) key of each segment, then the hot tier's first.
+    bounds = [b for s in segs for b in ((s.ts_lo, s.ts_hi) if by_time else (s.first_id, s.last_id))]
+    bounds += [lo] if first is not None else []
+    if all(bounds[i] < bounds[i + 1] for i in range(1, len(bounds) - 1, 2)):
+        # Nothing interleaves (the usual case: periods sealed in sequence),
+        # so the sources follow each other and a segment goes out whole.
+        for s in segs:
+            t = sealed(s)
+            for off in range(0, t.num_rows, BLOCK):
+                yield t.slice(off, BLOCK)
+        yield from blocks_of(hot_rows())
+        return
+
+    def opener(s: Segment) -> Callable[[], Iterator[Row]]:
+        return lambda: segment.as_rows(sealed(s), with_id=True)
+
     sources: list[tuple[Any, Callable[[], Iterator[Row]]]]
     if by_time:
-        lo = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
-        sources = [((s.ts_lo, 0), opener(s)) for s in arch.segments if wanted(s)]
-        sources.append(((lo if lo is not None else 0, 0), hot_rows))
+        sources = [((s.ts_lo, 0), opener(s)) for s in segs]
+        sources.append(((lo, 0), hot_rows))
         rows = merge(sources, key=lambda r: (r[1], r[0]))
     else:
-        sources = [(s.first_id, opener(s)) for s in arch.segments if wanted(s)]
-        first = conn.execute("SELECT min(id) FROM event").fetchone()[0]
-        sources.append((first if first is not None else 0, hot_rows))
+        sources = [(s.first_id, opener(s)) for s in segs]
+        sources.append((lo, hot_rows))
         rows = merge(sources, key=lambda r: r[0])
-    if limit is not None:
-        rows = itertools.islice(rows, limit)
-    if not with_id:
-        rows = (r[1:] for r in rows)
-    return rows
+    yield from blocks_of(rows)
 
 
 # ---------------------------------------------------------------- who
@@ -324,6 +388,13 @@ def endpoint_rows(
     pa, pc, segment = _arrow()
     found = []
     for s in arch.segments:
+        if lo == hi and aport is not None:
+            # One endpoint: its rows by the segment's endpoint index, if any.
+            t = arch.reader(s).endpoint_table(lo, aport)
+            if t is not None:
+                if t.num_rows:
+                    found.append(t)
+                continue
         t = arch.table(s, ["nat", "port", "ts", "kind", "addr", "aport", "id"])
         addr = t["addr"].cast(pa.binary())
         mask = pc.and_(

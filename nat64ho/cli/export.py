@@ -155,6 +155,44 @@ def export(
                 bar.update(n, n)
             yield row if fmt != "log" else row[1:]
 
+    # Blocks handed to the log writer (sealed history), by the count of rows
+    # before each: an interrupted export finds its last written row there.
+    marks: collections.deque[tuple[int, Any]] = collections.deque(maxlen=3)
+
+    def counted_blocks(blocks: Iterable[Any]) -> Iterator[Any]:
+        n = 0
+        for block in blocks:
+            if stop_asked[0]:
+                raise KeyboardInterrupt
+            marks.append((n, block))
+            n += len(block) if isinstance(block, list) else block.num_rows
+            handed[0] = n
+            bar.update(n, n)
+            yield block
+
+    def handed_row(k: int) -> tuple[Any, ...]:
+        """(id, ts) of the k-th row handed to the writer (1-based)."""
+        if not marks:
+            return tuple(recent[-(handed[0] - k + 1)])
+        for first, block in reversed(marks):
+            if k > first:
+                i = k - first - 1
+                if isinstance(block, list):
+                    return tuple(block[i][:2])
+                return (block["id"][i].as_py(), block["ts"][i].as_py())
+        raise IndexError(k)
+
+    def write(out: ops_export.TextSink) -> int:
+        blocks = rows.blocks() if isinstance(rows, ops_export.HistoryRows) else None
+        try:
+            if fmt == "log" and blocks is not None:
+                # Sealed history goes out a block at a time, formatted in Arrow.
+                return ops_export.write_log_blocks(counted_blocks(blocks), out)
+            return writer(counted(rows), out)
+        finally:
+            if isinstance(rows, ops_export.HistoryRows):
+                rows.close()  # its read transaction ends while the database is open
+
     with Database(db) as conn:
         # In sequence order, only the settled ids (PostgreSQL): an --after of
         # the last one printed then resumes without missing a late commit.
@@ -164,7 +202,7 @@ def export(
         )
         if output is None or output == "-":
             bar = Progress("export", "events", None, show=False)  # stdout is the data
-            writer(counted(rows), sys.stdout)
+            write(sys.stdout)
             sys.stdout.flush()
             return
         try:
@@ -186,14 +224,14 @@ def export(
         previous = signal.signal(signal.SIGINT, ask_stop)
         try:
             with out:
-                n = writer(counted(rows), lines)
+                n = write(lines)
         except KeyboardInterrupt:
             bar.close()
             written = lines.lines - (fmt == "csv")
             if written <= 0:
                 interrupted(f"nothing written to {output}")
             # Rows handed over but still in the writer's buffer were not written.
-            seq, ts = recent[-(handed[0] - written + 1)]
+            seq, ts = handed_row(written)
             if since is None and until is None:
                 how = f"--after {seq}"
             else:

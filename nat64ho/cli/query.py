@@ -537,7 +537,8 @@ def stats(
             # PostgreSQL keeps meta values as octets (UTF-8 text).
             first, last = parse_ports(value.decode() if isinstance(value, bytes) else value)
         found = queries.stats(conn, now, last - first + 1)
-        sealed = catalog.summary(conn)
+        sealed = catalog.summary(conn) if fmt == "table" else None
+        archived = catalog.totals(conn)
     rows = [
         {
             "nat": ipv4_str(s.nat),
@@ -555,6 +556,12 @@ def stats(
             "deleted_day": s.deleted_day,
             "hour": f"+{s.created_hour} -{s.deleted_hour}",
             "day": f"+{s.created_day} -{s.deleted_day}",
+            # The whole sealed tier's, the same on every row: the machine
+            # formats stay one flat row per NAT64.
+            "sealed_segments": archived.segments,
+            "sealed_events": archived.events,
+            "sealed_bytes": archived.size,
+            "sealed_bytes_per_event": archived.bytes_per_event,
         }
         for s in found
     ]
@@ -585,6 +592,10 @@ def stats(
                 "deleted_hour",
                 "created_day",
                 "deleted_day",
+                "sealed_segments",
+                "sealed_events",
+                "sealed_bytes",
+                "sealed_bytes_per_event",
             )
         ]
     emit(rows, fmt, cols)
