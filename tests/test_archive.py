@@ -689,7 +689,7 @@ def test_endpoint_index_finds_every_event_of_an_endpoint(tmp_path, monkeypatch, 
     monkeypatch.setattr(segment, "ROW_GROUP", 256)
     monkeypatch.setattr(segment, "INDEX_BLOCK", 256)
     events = [parse_line(line) for line in churn_log(6000)]
-    rows = [(i, *e) for i, e in enumerate(events, 1)]
+    rows = [(i, e[0], int(e[1]), *e[2:]) for i, e in enumerate(events, 1)]  # kind as stored
     path = tmp_path / "s.parquet"
     segment.write(segment.table_from_rows(rows), path)
     reader = segment.Reader(path)

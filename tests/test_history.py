@@ -203,7 +203,7 @@ def test_block_formatter_equals_format_event(evs, skip):
     for a block that starts inside its arrays (a slice) too."""
     from nat64ho.archive import segment
 
-    rows = [(i, *e) for i, e in enumerate(evs)]
+    rows = [(i, e[0], int(e[1]), *e[2:]) for i, e in enumerate(evs)]  # kind as stored
     table = segment.table_from_rows(rows[:1] * skip + rows).select(segment.ROW_COLUMNS)
     text = ops_export.LineFormatter().lines(table.slice(skip))
     assert text == "".join(format_event(e) + "\n" for e in evs)
