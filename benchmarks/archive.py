@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"{statistics.median(lat) * 1e3:.1f} ms, p99 {pct(lat, 0.99) * 1e3:.1f} ms"
     )
     sample = conn.execute(
-        "SELECT addr, aport FROM entry ORDER BY random() LIMIT ?", (args.questions // 10,)
+        "SELECT addr, aport FROM entry ORDER BY random() LIMIT $1", (args.questions // 10,)
     ).fetchall()
     lat = []
     for addr, aport in sample:

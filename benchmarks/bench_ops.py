@@ -145,7 +145,7 @@ def main() -> None:
         r
         for i in ids
         for r in conn.execute(
-            "SELECT addr, aport FROM event WHERE id = ? AND addr IS NOT NULL", (i,)
+            "SELECT addr, aport FROM event WHERE id = $1 AND addr IS NOT NULL", (i,)
         )
     ]
     times, rows = [], 0
@@ -185,7 +185,7 @@ def main() -> None:
             export.write_log(rows, out)
         until = ts_str(
             conn.execute(
-                "SELECT ts FROM event WHERE id = ?", (min(events, args.import_lines) + 1,)
+                "SELECT ts FROM event WHERE id = $1", (min(events, args.import_lines) + 1,)
             ).fetchone()[0]
         )
         t_cmd = command(
