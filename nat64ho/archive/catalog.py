@@ -6,9 +6,10 @@ from __future__ import annotations
 import builtins
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nat64ho.archive import chain
-from nat64ho.ops.db import Conn, HistoryError, atomic, db_file
+from nat64ho.ops.db import Conn, HistoryError, arg, atomic, db_file
 
 _COLUMNS = (
     "n, file, first_id, last_id, ts_lo, ts_hi, events, initialized, created, deleted, "
@@ -86,6 +87,13 @@ def pending(conn: Conn) -> list[tuple[int, int]]:
     return [
         (r[0], r[1]) for r in conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1")
     ]
+
+
+def pending_held(args: list[Any], cuts: list[tuple[int, int]]) -> str:
+    """A condition on table event, true for a hot event that a pending
+    segment holds too (its placeholders appended to ``args``). The cuts of
+    one pass overlap, so it is their union: never one test per cut."""
+    return " OR ".join(f"(ts < {arg(args, t)} AND id <= {arg(args, i)})" for t, i in cuts)
 
 
 def default_dir(db: Path) -> Path:

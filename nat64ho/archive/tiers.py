@@ -445,15 +445,19 @@ def kind_counts(conn: Conn, lo: int, hi: int, hour: int) -> dict[tuple[int, int]
             c[0] += 1
             c[1] += ts >= hour
     # The hot copies of a pending segment's events are counted by the caller.
-    for cut_ts, cut_id in catalog.pending(conn):
-        for nat, kind, n_day, n_hour in conn.execute(
-            "SELECT nat, kind, count(*), sum(CASE WHEN ts >= $1 THEN 1 ELSE 0 END) FROM event "
-            "WHERE ts >= $2 AND ts <= $3 AND ts < $4 AND id <= $5 AND kind > 0 GROUP BY nat, kind",
-            (hour, lo, hi, cut_ts, cut_id),
-        ):
-            c = out.setdefault((nat, kind), [0, 0])
-            c[0] -= n_day
-            c[1] -= n_hour
+    cuts = catalog.pending(conn)
+    if not cuts:
+        return out
+    args: list[Any] = [hour, lo, hi]
+    held = catalog.pending_held(args, cuts)
+    for nat, kind, n_day, n_hour in conn.execute(
+        "SELECT nat, kind, count(*), sum(CASE WHEN ts >= $1 THEN 1 ELSE 0 END) FROM event "
+        f"WHERE ts >= $2 AND ts <= $3 AND kind > 0 AND ({held}) GROUP BY nat, kind",
+        args,
+    ):
+        c = out.setdefault((nat, kind), [0, 0])
+        c[0] -= n_day
+        c[1] -= n_hour
     return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from nat64ho.archive import catalog, chain, segment
 from nat64ho.eventlog import ts_str
-from nat64ho.ops.db import Conn, arg
+from nat64ho.ops.db import Conn
 
 
 @dataclass
@@ -73,7 +73,7 @@ def verify(conn: Conn, head: bytes | None = None) -> Verdict:
         # Not the events a pending segment is still deleting from the hot tier.
         cuts = catalog.pending(conn)
         args: list[int] = [last]
-        skip = "".join(f" AND NOT (ts < {arg(args, t)} AND id <= {arg(args, i)})" for t, i in cuts)
+        skip = f" AND NOT ({catalog.pending_held(args, cuts)})" if cuts else ""
         for eid, ts in conn.execute(
             f"SELECT id, ts FROM {conn.sql.event_by_ts} WHERE ts <= $1{skip} ORDER BY ts LIMIT 5",
             args,
