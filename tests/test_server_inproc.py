@@ -4,6 +4,7 @@ a clock the test sets, on a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 
@@ -255,6 +256,49 @@ def test_a_change_the_database_refuses_stops_the_store_instead_of_retrying(tmp_p
         assert srv.store.damage_found.is_set() and "inconsistent" in srv.store.damaged
         await srv.store.close()
         srv.logfile.close()
+
+    asyncio.run(go())
+
+
+def test_a_bug_in_the_commit_loop_stops_the_store_instead_of_silence(tmp_path, monkeypatch):
+    from nat64ho.core.records import Row
+    from nat64ho.errors import DatabaseDamaged
+
+    async def go():
+        srv, rec = await start(tmp_path)
+
+        async def broken(*args, **kw):
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(srv.store, "_commit_group", broken)
+        srv.store.add(1, [Row(1028, V17, 1, 0, 0)], [])
+        with pytest.raises(DatabaseDamaged):
+            await committed(srv.store, 1)
+        assert srv.store.damage_found.is_set() and "simulated bug" in srv.store.damaged
+        with contextlib.suppress(RuntimeError):
+            await srv.store.close()
+        srv.logfile.close()
+
+    asyncio.run(go())
+
+
+def test_answers_leave_after_their_commit_even_when_the_log_write_raises(tmp_path, monkeypatch):
+    async def go():
+        srv, rec = await start(tmp_path)
+        peer = Peer()
+        srv.datagram_received(peer.hello(), NAT)
+        await settle(srv)
+        replies(rec, peer)
+
+        def broken(*args, **kw):
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(srv.logfile, "write", broken)
+        srv.datagram_received(peer.request([wire.Map(V17, 40000)]), NAT)
+        await settle(srv)
+        assert [type(m) for m in replies(rec, peer)] == [wire.Mapping]
+        assert srv.waiting == 0
+        await stop(srv)
 
     asyncio.run(go())
 

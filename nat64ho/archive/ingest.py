@@ -157,6 +157,9 @@ def _take_ids(conn: Conn, count: int) -> int:
     already stored)."""
     with atomic(conn):
         if conn.sql.postgres:
+            # Taken alone: an insert elsewhere (an import into the hot tier
+            # beside this one) could otherwise draw an id inside the block.
+            conn.execute("LOCK TABLE event IN SHARE ROW EXCLUSIVE MODE")
             first = conn.execute(
                 "SELECT nextval(pg_get_serial_sequence('event', 'id'))"
             ).fetchone()[0]

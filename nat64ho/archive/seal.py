@@ -28,6 +28,7 @@ from typing import Any
 from nat64ho.archive import catalog, chain
 from nat64ho.archive.catalog import Segment
 from nat64ho.ops.db import Conn, atomic, bad_row, id_event_ok
+from nat64ho.ops.export import settled_id
 
 #: The period of segments made outside a server (an import's).
 DEFAULT_PERIOD_US = 3600 * 1_000_000
@@ -122,8 +123,11 @@ def seal_pass(
     if first is None or type(first) is not int or first >= before:
         return []
     # Up to the last id read now: a server's later commits are not in the
-    # files, so they must not be deleted with them either.
-    last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
+    # files, so they must not be deleted with them either. On PostgreSQL an
+    # id below it may still commit (an import's): wait for those first.
+    last = settled_id(conn)
+    if last is None:
+        last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
     rows = _hot_rows(conn, end, last, PASS_EVENTS + 1)
     if len(rows) > PASS_EVENTS:

@@ -530,6 +530,23 @@ class Server(asyncio.DatagramProtocol):
             pass  # the store said so, and the server is stopping
 
     def _committed(self, batch: Committed) -> None:
+        answers = self._held.pop(batch.seq, ())
+        try:
+            self._record(batch)
+        finally:
+            # Durable whatever the log or an exporter made of it: the
+            # answers go, or they would wait forever.
+            self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in answers])
+            if answers:
+                send = self._send
+                for _, units, addr in answers:
+                    send(units, addr)
+                self.waiting -= len(answers)
+        if self.tables.excess > 0:
+            self._trim()
+
+    def _record(self, batch: Committed) -> None:
+        """What a commit tells the log file, IPFIX, metrics and counters."""
         if self.metrics is not None:
             self.metrics.observe_commit(batch.rows, batch.seconds)
         if batch.recency:
@@ -544,15 +561,6 @@ class Server(asyncio.DatagramProtocol):
                     initialized += 1
             if initialized:
                 self.counts[Count.INITIALIZED] += initialized
-        answers = self._held.pop(batch.seq, ())
-        self.tables.committed(batch.rows_by_nat, [nat for nat, _, _ in answers])
-        if answers:
-            send = self._send
-            for _, units, addr in answers:
-                send(units, addr)
-            self.waiting -= len(answers)
-        if self.tables.excess > 0:
-            self._trim()
 
     def _trim(self) -> None:
         if self.tables.trim(self.store.committed_seq):

@@ -37,9 +37,10 @@ EntryRow = tuple[int, int, bytes, int, int, int]
 #: Recency saved: (last_use, nat, port).
 Recency = list[tuple[int, int, int]]
 
-_WHAT = {
+_WHAT: dict[Fault | None, str] = {
     Fault.DAMAGED: "damaged while serving",
     Fault.REFUSED: "refused a change as inconsistent (a bug; please report)",
+    None: "could not commit for a reason not the database's (a bug; please report)",
 }
 
 
@@ -284,6 +285,11 @@ class GroupCommit(abc.ABC):
     async def _flush_loop(self) -> None:
         try:
             await self._flush_groups()
+        except Exception as exc:
+            # Stop as for damage: a server whose commits ended silently
+            # would go on answering nothing.
+            self.damage(exc, None)
+            raise
         finally:
             self._committed.put_nowait(None)  # commits() ends
 
@@ -375,9 +381,9 @@ class GroupCommit(abc.ABC):
         self.damage(exc, fault)
         return True
 
-    def damage(self, exc: BaseException, fault: Fault = Fault.DAMAGED) -> None:
+    def damage(self, exc: BaseException, fault: Fault | None = Fault.DAMAGED) -> None:
         """Give up on the database for ``exc``: commit nothing more, tell
-        the server once (:attr:`damage_found`)."""
+        the server once (:attr:`damage_found`). ``fault`` None: a bug."""
         if self.damaged is not None:
             return
         if fault is Fault.LOST:
