@@ -145,7 +145,7 @@ def test_seal_passes_of_whole_periods_bounded_in_events(tmp_path, db_target, mon
     # About 180 events an hour: a pass of 500 stops at a period's end, and
     # a pass of 50 reads one period whole all the same.
     for limit, until in ((500, START + 6 * HOUR), (50, START + 9 * HOUR)):
-        monkeypatch.setattr(sealing, "PASS_EVENTS", limit)
+        monkeypatch.setattr(sealing, "SERVER_PASS_EVENTS", limit)  # not alone: a server's bound
         made = sealing.seal(conn, before=until, period_us=HOUR)
         assert [s.ts_hi < until for s in made] == [True] * len(made)
         assert len({s.ts_lo // HOUR for s in made}) == len(made)  # one a period

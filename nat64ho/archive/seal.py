@@ -34,8 +34,10 @@ from nat64ho.ops.export import settled_id
 DEFAULT_PERIOD_US = 3600 * 1_000_000
 #: Sealed events deleted from the hot tier per transaction.
 DELETE_BATCH = 2000
-#: Hot events one seal pass holds in memory, in whole periods.
+#: Hot events one seal pass holds in memory, in whole periods: alone, and
+#: in a server's sealer (whose memory is the server's).
 PASS_EVENTS = 2_000_000
+SERVER_PASS_EVENTS = 250_000
 #: Periods one seal pass makes segments of, at most (recorded in one transaction).
 PASS_PERIODS = 24
 #: Set while a seal runs with nobody else writing (the caller owns the table).
@@ -129,8 +131,9 @@ def seal_pass(
     if last is None:
         last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
-    rows = _hot_rows(conn, end, last, PASS_EVENTS + 1)
-    if len(rows) > PASS_EVENTS:
+    most = PASS_EVENTS if _ALONE.get() else SERVER_PASS_EVENTS
+    rows = _hot_rows(conn, end, last, most + 1)
+    if len(rows) > most:
         # Whole periods only: the last one read may go on past the limit.
         end = period_start(rows[-1][1], period_us)
         if end <= first:
@@ -304,7 +307,8 @@ def _lazy_commits(conn: Conn) -> Iterator[None]:
     sync = conn.execute("PRAGMA synchronous").fetchone()[0]
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute(f"PRAGMA cache_size = {-DELETE_CACHE_KIB}")
+    if _ALONE.get():  # a server's sealer keeps to the server's memory
+        conn.execute(f"PRAGMA cache_size = {-DELETE_CACHE_KIB}")
     try:
         yield
     finally:
