@@ -73,10 +73,12 @@ class Database:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
-        if self.release is not None:
-            self.release()
-        if self.conn is not None:
-            self.conn.close()
+        try:
+            if self.release is not None:
+                self.release()
+        finally:
+            if self.conn is not None:
+                self.conn.close()
         if isinstance(exc, BrokenPipeError):
             # `nat64ho export | head`: the reader has all it wanted.
             try:

@@ -88,7 +88,11 @@ class HistoryRows(Iterator[tuple[Any, ...]]):
                 yield from segment.as_rows(block, with_id=self.with_id)
 
     def __next__(self) -> tuple[Any, ...]:
-        return next(self._rows)
+        try:
+            return next(self._rows)
+        except StopIteration:
+            self.close()  # a limit reached: the read ends now, not when freed
+            raise
 
     def close(self) -> None:
         """End the read (its transaction) before all rows were taken."""

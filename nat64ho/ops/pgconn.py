@@ -213,7 +213,8 @@ class PgConnection:
 
     async def _copy_insert(self, table: str, cols: list[str], ignore: bool, rows: list[Any]) -> int:
         names = ", ".join(cols)
-        stage = "nat64ho_stage_" + table.rpartition(".")[2]
+        # One per table and column set: its columns are fixed when made.
+        stage = "nat64ho_stage_" + "_".join([table.rpartition(".")[2], *cols])
         await self._conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {names} FROM {table} "
             f"WITH NO DATA; ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS stage_n bigserial; "
