@@ -78,6 +78,18 @@ POSTGRES_ONLY = [
 SQLITE_ONLY = [
     (["CREATE VIEW planted AS SELECT 1"], "unknown view planted"),
     (
+        # The same columns, but ids that a sealed event's deletion frees again.
+        [
+            "ALTER TABLE event RENAME TO old_event",
+            "CREATE TABLE event (id INTEGER PRIMARY KEY, ts INTEGER, kind INTEGER, "
+            "nat INTEGER, port INTEGER, addr BLOB, aport INTEGER)",
+            "DROP TABLE old_event",
+            "CREATE INDEX event_ts ON event (ts)",
+            "CREATE UNIQUE INDEX event_nat_port_ts ON event (nat, port, ts, kind)",
+        ],
+        "table event differs from the schema (its ids are not AUTOINCREMENT)",
+    ),
+    (
         ["CREATE TRIGGER planted AFTER INSERT ON event BEGIN SELECT 1; END"],
         "unknown trigger planted on event",
     ),
@@ -130,4 +142,11 @@ def test_sql_planted_in_an_older_schema_is_refused(tmp_path):
     db = v1_database(tmp_path / "v1.db")
     db_exec(db, "CREATE TRIGGER planted AFTER INSERT ON event BEGIN SELECT 1; END")
     with pytest.raises(schema.NotOurDatabase, match="unknown trigger planted on event"):
+        schema.open_db(db, create=True)
+
+
+def test_an_older_schema_with_an_extra_index_is_refused_once_upgraded(tmp_path):
+    db = v1_database(tmp_path / "v1.db")
+    db_exec(db, "CREATE INDEX planted ON entry (aport)")
+    with pytest.raises(schema.NotOurDatabase, match="unknown index planted on entry"):
         schema.open_db(db, create=True)

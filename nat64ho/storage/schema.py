@@ -295,19 +295,15 @@ def open_db(
         # database to WAL would already change its header.
         applied = check_version(conn, path)
         # An older schema is for serve to migrate: only SQL planted in it matters.
-        problems = catalog_problems(conn, whole=len(applied) == len(migrations()))
-        if problems:
-            raise NotOurDatabase(
-                f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
-                "migrations; refusing to use this database)"
-            )
+        _refuse_undeclared(conn, path, whole=len(applied) == len(migrations()))
         if readonly:
             _require_current(conn, path)
         else:
             _set_wal(conn, path)
-            if create:
-                migrate(conn, path)
-            else:
+            if create and migrate(conn, path) and applied:
+                # An older schema, now upgraded: all of it must be ours.
+                _refuse_undeclared(conn, path, whole=True)
+            elif not create:
                 _require_current(conn, path)
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.OperationalError as exc:
@@ -435,6 +431,15 @@ def check_file(path: Path) -> None:
         )
 
 
+def _refuse_undeclared(conn: sqlite3.Connection, path: Path, *, whole: bool) -> None:
+    problems = catalog_problems(conn, whole=whole)
+    if problems:
+        raise NotOurDatabase(
+            f"{path}: " + ", ".join(problems) + " (not made by nat64ho "
+            "migrations; refusing to use this database)"
+        )
+
+
 def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[str]:
     """How sqlite_master differs from the declared schema: views and triggers
     (none is declared) first, then (``whole``) tables, columns, keys and indexes.
@@ -465,7 +470,19 @@ def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[st
             found.append(f"unknown {kind} {name}" + (f" on {table}" if table != name else ""))
     if not whole:
         return found
-    return found + declared.differences(declared.SQLITE, declared.Catalog(tables, keys, indexes))
+    found += declared.differences(declared.SQLITE, declared.Catalog(tables, keys, indexes))
+    # Ids never reused once sealed events leave the hot tier: AUTOINCREMENT,
+    # which the catalog's columns do not show.
+    if "event" in tables and "AUTOINCREMENT" not in _table_sql(conn, "event").upper():
+        found.append("table event differs from the schema (its ids are not AUTOINCREMENT)")
+    return found
+
+
+def _table_sql(conn: sqlite3.Connection, name: str) -> str:
+    row = _execute(
+        conn, "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return str(row[0]) if row else ""
 
 
 class CheckReport:
