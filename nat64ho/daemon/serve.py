@@ -63,17 +63,19 @@ async def _prune(store: Storage, days: float, db: Path | str) -> None:
         await asyncio.sleep(PRUNE_INTERVAL)
 
 
-async def _seal(db: Path | str, seconds: float, directory: Path | None) -> None:
+async def _seal(db: Path | str, seconds: float, directory: Path | None, logfile: LogFile) -> None:
     """Seal each closed period into a segment, in a thread with a connection
     of its own; the first round at start-up also removes what a killed one
-    left."""
+    left. Not while the log file is behind: its catch-up reads the hot tier."""
     # Lazily, as the archive: the datagram path never loads the operator commands' layer.
     from nat64ho.archive import seal as sealing
     from nat64ho.ops.db import HistoryError
 
     while True:
         try:
-            made = await asyncio.to_thread(sealing.seal_db, db, seconds, directory)
+            made = []
+            if not logfile.waiting:
+                made = await asyncio.to_thread(sealing.seal_db, db, seconds, directory)
         except (DatabaseError, HistoryError, OSError, sqlite3.Error) as exc:
             log.warning("sealing the history failed (retried next period): %s", exc)
         else:
@@ -254,7 +256,7 @@ async def _serve(
             )
         if config.seal_every > 0 and not config.worker:
             helpers.append(
-                asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive))
+                asyncio.ensure_future(_seal(config.db, config.seal_every, config.archive, logfile))
             )
         await endpoints.start(config, server)
         stack.push_async_callback(endpoints.stop)
