@@ -70,6 +70,8 @@ class GroupCommit(abc.ABC):
 
     #: What a lost connection to the database (Fault.LOST) is called.
     LOST_WHAT = "lost its database"
+    #: Shortest time from the start of one commit to the start of the next.
+    COMMIT_GAP = MIN_COMMIT_GAP
 
     def __init__(self, path: Path | str) -> None:
         self.path = path  #: where it lives, for messages
@@ -296,7 +298,7 @@ class GroupCommit(abc.ABC):
     async def _flush_groups(self) -> None:
         while True:
             await self._wake.wait()
-            gap = self._last_commit + MIN_COMMIT_GAP - self._loop.time()
+            gap = self._last_commit + self.COMMIT_GAP - self._loop.time()
             if gap > 0 and not self._closing:
                 await asyncio.sleep(gap)
             self._wake.clear()
