@@ -10,6 +10,10 @@ class DatabaseError(Exception):
     """Base of the named errors; the message is meant for an operator."""
 
 
+class BadRow(DatabaseError):
+    """A row does not decode; the message names the table and the row."""
+
+
 class DatabaseDamaged(DatabaseError):
     """The store was given up on while serving (a damaged file, a lost
     session): it commits nothing more."""

@@ -9,7 +9,8 @@ from pathlib import Path
 from nat64ho.daemon import serve
 
 DAEMON = Path(serve.__file__).parent
-BACKENDS = {"nat64ho.storage.sqlite", "nat64ho.storage.postgres", "sqlite3", "aiosqlite", "asyncpg"}
+BACKENDS = {"nat64ho.storage.sqlite", "nat64ho.storage.postgres", "nat64ho.storage.schema"}
+BACKENDS |= {"sqlite3", "aiosqlite", "asyncpg"}
 
 
 def _imports(path: Path) -> set[str]:

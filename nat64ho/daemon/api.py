@@ -26,8 +26,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from nat64ho.daemon.http import Reply, Route, text
+from nat64ho.errors import DatabaseError
 from nat64ho.eventlog import ipv4_str, ipv6_str, ts_from_datetime, ts_rfc3339
-from nat64ho.storage.schema import DatabaseError
 
 if TYPE_CHECKING:
     from nat64ho.daemon.protocol import Server

@@ -32,9 +32,8 @@ from nat64ho.daemon.clock import Clock, SystemClock
 from nat64ho.daemon.config import Config
 from nat64ho.daemon.ipfix_export import Exporter
 from nat64ho.daemon.logfile import LogFile
-from nat64ho.errors import DatabaseDamaged, Fault
+from nat64ho.errors import BadRow, DatabaseDamaged, Fault
 from nat64ho.storage.base import Committed, Storage
-from nat64ho.storage.schema import BadRow
 
 if TYPE_CHECKING:
     from nat64ho.daemon.http import HttpServer

@@ -20,7 +20,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Protocol
 
-# Re-exported: its home was here, and the commands still import it from here.
+# Re-exported: their home was here, and the commands still import them from here.
+from nat64ho.errors import BadRow as BadRow
 from nat64ho.errors import DatabaseError as DatabaseError
 from nat64ho.storage import declared
 
@@ -573,10 +574,6 @@ class _Finds(Protocol):
     nat64ho.ops.db.Conn)."""
 
     def execute(self, sql: str, parameters: Sequence[object], /) -> Any: ...
-
-
-class BadRow(DatabaseError):
-    """A row does not decode; the message names the table and the row."""
 
 
 def _is_int(v: object) -> bool:
