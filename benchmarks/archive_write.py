@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nat64ho.archive import seal as sealing  # noqa: E402
 from nat64ho.bench.load import BenchConfig, Result, drive  # noqa: E402
+from nat64ho.ops import db as opsdb  # noqa: E402
 from nat64ho.ops import export  # noqa: E402
 from nat64ho.storage import schema  # noqa: E402
 from nat64ho.testing import Child, start_server  # noqa: E402
@@ -59,7 +60,7 @@ def bench_seal(args: argparse.Namespace) -> None:
         if url is None:
             db = work / "table.db"
             shutil.copy(args.db, db)
-            conn = schema.open_db(db, create=True)
+            conn = opsdb.connect(db, readonly=False, create=True)
         else:
             conn = copied_to_postgresql(args.db, url)
         events = conn.execute("SELECT count(*) FROM event").fetchone()[0]
@@ -178,6 +179,10 @@ def copied_to_postgresql(db: Path, url: str) -> Any:
         try:
             cols = ["id", "ts", "kind", "nat", "port", "addr", "aport"]
             await conn.copy_records_to_table("event", records=rows, columns=cols)
+            # Ids given, as a restore gives them: the sequence goes past them.
+            await conn.execute(
+                "SELECT setval(pg_get_serial_sequence('event', 'id'), max(id)) FROM event"
+            )
             await conn.execute("ANALYZE event")
         finally:
             await conn.close()
