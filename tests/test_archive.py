@@ -251,6 +251,18 @@ def check(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     return nat64ho("check", "--db", str(db), *args)
 
 
+def add_row_to_sealed_period(db) -> None:
+    """Plant a hot event inside segment 2's period (removed by port 9)."""
+    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
+    db_exec(
+        db,
+        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
+        ts,
+        NATS[0],
+        bytes(16),
+    )
+
+
 def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
     db, _ = imported(tmp_path, churn_log(3000))
     seal(db, "--period", "3600", "--before", ts_str(START + 3 * HOUR))
@@ -299,14 +311,7 @@ def test_check_finds_each_kind_of_tampering_and_passes_once_restored(tmp_path):
     assert "segment 3 (segment-00000003-" in out
     restore()
     # A row added to a sealed period, and a row of the segment table changed.
-    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
-    db_exec(
-        db,
-        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
-        ts,
-        NATS[0],
-        bytes(16),
-    )
+    add_row_to_sealed_period(db)
     assert "sealed period" in fails("segment 2 (segment-00000002-")
     db_exec(db, "DELETE FROM event WHERE port = 9")
     restore()
@@ -377,14 +382,7 @@ def test_check_finds_tampering_with_segments_kept_in_postgresql(tmp_path, pg_url
     swap(db)
     passes()
     # A row added to a sealed period, and a segment row changed.
-    ts = db_rows(db, "SELECT ts_lo + 1 FROM segment WHERE n = 2")[0][0]
-    db_exec(
-        db,
-        "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, 1, ?, 9, ?, 9)",
-        ts,
-        NATS[0],
-        bytes(16),
-    )
+    add_row_to_sealed_period(db)
     assert "sealed period" in fails("segment 2 (segment-00000002-")
     db_exec(db, "DELETE FROM event WHERE port = 9")
     db_exec(db, "UPDATE segment SET events = events + 1 WHERE n = 1")
