@@ -154,3 +154,46 @@ def test_seal_passes_of_whole_periods_bounded_in_events(tmp_path, db_target, mon
     assert db_rows(db, "SELECT count(*) FROM event WHERE ts < ?", START + 9 * HOUR) == [(0,)]
     assert export(db) == log.read_text()
     assert check(db).returncode == 0
+
+
+def test_a_seal_alone_rebuilds_the_hot_indexes_only_when_most_events_leave(
+    tmp_path, db_target, monkeypatch
+):
+    """A seal that owns the table deletes what it sealed with the hot tier's
+    indexes dropped and built again over the events that stay, when those
+    are fewer (SQLite; PostgreSQL's deletes leave its indexes to vacuum).
+    Either way the same events stay hot, export and check agree, and the
+    indexes are the declared ones."""
+    from nat64ho.archive import seal as sealing
+
+    db, log = imported(tmp_path, churn_log(3000), db_target)
+    sqlite = not is_postgres(str(db))
+    if sqlite:
+        indexes = "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'event' ORDER BY name"
+    else:
+        indexes = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'event' ORDER BY 1"
+    declared = db_rows(db, indexes)
+    last = db_rows(db, "SELECT max(ts) FROM event")[0][0]
+    rebuilt: list[int] = []
+    real = sealing._delete_rebuilding
+
+    def spy(*a):  # type: ignore[no-untyped-def]
+        rebuilt.append(real(*a))
+        return rebuilt[-1]
+
+    monkeypatch.setattr(sealing, "_delete_rebuilding", spy)
+    monkeypatch.setattr(sealing, "REBUILD_AT_LEAST", 1)  # this history is small
+    conn = ops_conn(db)
+    # First the older few hours (most stays hot), then all but the last.
+    for until in (START + 3 * HOUR, last - last % HOUR):
+        stays = db_rows(db, "SELECT * FROM event WHERE ts >= ? ORDER BY id", until)
+        sealing.seal(conn, before=until, period_us=HOUR, alone=True)
+        assert db_rows(db, "SELECT * FROM event ORDER BY id") == stays
+        assert db_rows(db, indexes) == declared
+    conn.close()
+    if sqlite:
+        assert rebuilt[0] == 0 and rebuilt[-1] > 0  # most stayed; then most left
+    else:
+        assert rebuilt == []
+    assert export(db) == log.read_text()
+    assert check(db).returncode == 0
