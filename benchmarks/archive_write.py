@@ -218,9 +218,24 @@ def per_entry(r: Result) -> tuple[float, float]:
     return r.cpu * r.seconds / n * 1e6, r.cpu_by.get("writer", 0.0) * r.seconds / n * 1e6
 
 
+def seal_all_but_last_hour(db: Path) -> None:
+    """What a server sealing hourly keeps of a history: the events of its
+    last one to two hours (``nat64ho seal --before``)."""
+    conn = schema.open_db(db, readonly=True)
+    last = conn.execute("SELECT max(ts) FROM event").fetchone()[0]
+    conn.close()
+    hour = 3_600_000_000
+    before = sealing.period_start(last - hour, hour)
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before // 1_000_000))
+    cmd = [sys.executable, "-m", "nat64ho", "seal", "--db", str(db), "--before", iso]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
 def bench_writer(args: argparse.Namespace) -> None:
     """Server CPU per new entry at a fixed open-loop rate: the tree at
-    ``--before`` (its hot tier's indexes) and this one, alternately."""
+    ``--before`` (its hot tier's indexes) and this one, alternately; with
+    ``--sealed``, this one's history sealed as a server sealing hourly
+    would have it (the before tree keeps its whole history in the table)."""
     with scratch() as work:
         base = work / "before"
         base.mkdir()
@@ -243,12 +258,14 @@ def bench_writer(args: argparse.Namespace) -> None:
                             "--events",
                             str(args.history),
                             "--span-days",
-                            "0.1",
+                            str(args.span_days),
                         ],
                         check=True,
                         capture_output=True,
                         env=dict(os.environ, PYTHONPATH=str(tree or ROOT)),
                     )
+                    if args.sealed and tree is None:
+                        seal_all_but_last_hour(work / f"{name}{rnd}.db")
                 child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
                 try:
                     r = drive(load(args.duration, args.rate), child.address, child.pid)
@@ -349,7 +366,13 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=3000)
     p.add_argument("--duration", type=float, default=15)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--history", type=int, default=0, help="events in the hot tier before the load")
+    p.add_argument("--history", type=int, default=0, help="events in the history before the load")
+    p.add_argument("--span-days", type=float, default=0.1, help="days the history spans")
+    p.add_argument(
+        "--sealed",
+        action="store_true",
+        help="this tree's history sealed but for its last one to two hours",
+    )
     p.set_defaults(run=bench_writer)
     p = sub.add_parser("hot", help="the hot tier's size under constant load")
     p.add_argument("--seal-every", type=float, default=2)
