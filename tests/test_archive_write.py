@@ -143,7 +143,9 @@ def test_seal_passes_of_whole_periods_bounded_in_events(tmp_path, db_target, mon
     db, log = imported(tmp_path, lines, db_target)
     conn = ops_conn(db)
     # About 180 events an hour: a pass of 500 stops at a period's end, and
-    # a pass of 50 reads one period whole all the same.
+    # a pass of 50 reads one period whole all the same. Read 64 at a time,
+    # the period a pass stops at begins chunks before the limit.
+    monkeypatch.setattr(sealing, "READ_CHUNK", 64)
     for limit, until in ((500, START + 6 * HOUR), (50, START + 9 * HOUR)):
         monkeypatch.setattr(sealing, "SERVER_PASS_EVENTS", limit)  # not alone: a server's bound
         made = sealing.seal(conn, before=until, period_us=HOUR)

@@ -191,9 +191,18 @@ def _hot_table(
         tables.append(_checked_table(conn, rows))
         n += len(rows)
     del cur  # SQLite: a statement left unread ends with its cursor
+    if cut is None:
+        cut = end
+    # The period cut at may have begun chunks before the one that set it.
+    while tables and tables[-1]["ts"][-1].as_py() >= cut:
+        last = tables.pop()
+        keep = bisect.bisect_left(last["ts"].to_pylist(), cut)
+        if keep:
+            tables.append(last.slice(0, keep))
+            break
     import pyarrow as pa  # only where something is sealed
 
-    return (pa.concat_tables(tables) if tables else None), end if cut is None else cut
+    return (pa.concat_tables(tables) if tables else None), cut
 
 
 def seal_table(
@@ -214,6 +223,8 @@ def seal_table(
     while lo < len(times):
         end = min(cut_ts, period_start(times[lo], period_us) + period_us)
         hi = bisect.bisect_left(times, end, lo)
+        if hi == lo:  # an event at or past the cut: a bug above, not a loop forever
+            raise AssertionError(f"event at {times[lo]} in a seal cut at {cut_ts}")
         # Each with the cut of its period's end: the last covers the others.
         parts.append((table.slice(lo, hi - lo), end, cut_id))
         lo = hi
