@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from nat64ho.eventlog import Event, EventKind, format_event
 from nat64ho.ops import importer
@@ -197,5 +198,46 @@ def test_a_seal_alone_rebuilds_the_hot_indexes_only_when_most_events_leave(
         assert rebuilt[0] == 0 and rebuilt[-1] > 0  # most stayed; then most left
     else:
         assert rebuilt == []
+    assert export(db) == log.read_text()
+    assert check(db).returncode == 0
+
+
+def test_a_seal_alone_deletes_after_its_last_pass_and_a_kill_before_loses_nothing(
+    tmp_path, db_target, monkeypatch
+):
+    """A seal that owns the table leaves every pass's events hot, their
+    segments pending, until its last pass: killed before the deletes,
+    readers see each event once and check passes; the next seal deletes."""
+    from nat64ho.archive import catalog
+    from nat64ho.archive import seal as sealing
+
+    lines = churn_log(3000)
+    db, log = imported(tmp_path, lines, db_target)
+    real = sealing.finish_pending
+
+    def killed(conn) -> int:  # type: ignore[no-untyped-def]
+        if catalog.pending(conn):
+            raise RuntimeError("killed")
+        return real(conn)
+
+    monkeypatch.setattr(sealing, "finish_pending", killed)
+    monkeypatch.setattr(sealing, "PASS_EVENTS", 500)  # about three hours a pass
+    conn = ops_conn(db)
+    with pytest.raises(RuntimeError):
+        sealing.seal(conn, before=START + 9 * HOUR, period_us=HOUR, alone=True)
+    conn.close()
+    assert db_rows(db, "SELECT count(*), min(pending) FROM segment") == [(9, 1)]
+    assert db_rows(db, "SELECT count(*) FROM event") == [(len(lines),)]
+    assert export(db) == log.read_text()
+    assert check(db).returncode == 0
+
+    monkeypatch.setattr(sealing, "finish_pending", real)
+    conn = ops_conn(db)
+    assert sealing.seal(conn, before=START + 9 * HOUR, period_us=HOUR, alone=True) == []
+    conn.close()
+    assert db_rows(db, "SELECT count(*) FROM segment WHERE pending = 1") == [(0,)]
+    assert db_rows(db, "SELECT count(*) FROM event WHERE ts < ?", START + 9 * HOUR) == [(0,)]
+    sealed = db_rows(db, "SELECT sum(events) FROM segment")[0][0]
+    assert sealed + db_rows(db, "SELECT count(*) FROM event")[0][0] == len(lines)
     assert export(db) == log.read_text()
     assert check(db).returncode == 0

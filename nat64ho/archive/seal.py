@@ -101,9 +101,11 @@ def seal(
     """Seal the hot tier's events of every period that ends by ``before``,
     one segment per period (periods are ``period_us`` long, aligned to the
     epoch). Returns the new segments. ``stop``: checked between passes.
-    ``alone``: no server writes meanwhile (the caller owns the table), so a
-    pass deletes its events in one transaction rather than in batches that
-    a server's commits can come between."""
+    ``alone``: no server writes meanwhile (the caller owns the table), so
+    the sealed events leave the hot tier after the last pass, in one
+    transaction, rather than after each pass in batches that a server's
+    commits can come between: a long backlog dirties each index page once
+    and leaves few enough events that its indexes are built again."""
     made: list[Segment] = []
     directory = None
     if not catalog.in_database(conn):
@@ -113,11 +115,17 @@ def seal(
     try:
         finish_pending(conn)  # what a killed seal left
         while not stop():
+            # Alone, what earlier passes sealed is still hot: start past it.
+            after = made[-1].cut_ts if alone and made else None
             with _gc_paused():
-                segs = seal_pass(conn, directory, before=before, period_us=period_us, now=now)
+                segs = seal_pass(
+                    conn, directory, before=before, period_us=period_us, now=now, after=after
+                )
             if not segs:
                 break
             made += segs
+        if alone:
+            finish_pending(conn)
     finally:
         _ALONE.reset(token)
     return made
@@ -139,14 +147,23 @@ def _gc_paused() -> Iterator[None]:
 
 
 def seal_pass(
-    conn: Conn, directory: Path | None, *, before: int, period_us: int, now: Callable[[], int]
+    conn: Conn,
+    directory: Path | None,
+    *,
+    before: int,
+    period_us: int,
+    now: Callable[[], int],
+    after: int | None = None,
 ) -> list[Segment]:
     """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
     and about PASS_EVENTS events of them (a single larger period whole),
     one segment each, from one read of the hot tier. Events of a period
     sealed earlier (a log imported since, a wall clock that stepped back)
-    go into a segment of their own."""
-    first = conn.execute("SELECT min(ts) FROM event").fetchone()[0]
+    go into a segment of their own. A pass alone leaves its events hot
+    (pending) for :func:`seal` to delete after the last; ``after``: the
+    time its earlier passes sealed up to."""
+    since = "" if after is None else f" AND ts >= {int(after)}"
+    first = conn.execute(f"SELECT min(ts) FROM event WHERE TRUE{since}").fetchone()[0]
     if first is None or type(first) is not int or first >= before:
         return []
     # Up to the last id read now: a server's later commits are not in the
@@ -157,14 +174,14 @@ def seal_pass(
         last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
     most = PASS_EVENTS if _ALONE.get() else SERVER_PASS_EVENTS
-    table, end = _hot_table(conn, first, end, last, most, period_us)
+    table, end = _hot_table(conn, first, end, last, most, period_us, since)
     if table is None:
         return []
-    return seal_table(conn, directory, table, end, last, period_us, now)
+    return seal_table(conn, directory, table, end, last, period_us, now, finish=not _ALONE.get())
 
 
 def _hot_table(
-    conn: Conn, first: int, end: int, cut_id: int, most: int, period_us: int
+    conn: Conn, first: int, end: int, cut_id: int, most: int, period_us: int, since: str
 ) -> tuple[Any | None, int]:
     """The hot events with ts < ``end`` and id <= ``cut_id``, by ts, as a
     segment table (None: none) of whole periods: about ``most`` events, a
@@ -172,8 +189,8 @@ def _hot_table(
     the time it ends at. Read a chunk at a time into columns, so that only
     the columns are held (41 bytes an event; as rows, 285)."""
     cur = conn.execute(
-        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2 "
-        "ORDER BY ts",
+        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2"
+        f"{since} ORDER BY ts",
         (end, cut_id),
     )
     tables, n, cut = [], 0, None
@@ -213,10 +230,12 @@ def seal_table(
     cut_id: int,
     period_us: int,
     now: Callable[[], int],
+    *,
+    finish: bool = True,
 ) -> list[Segment]:
     """Move ``table``, the hot events with ts < cut_ts and id <= cut_id in ts
-    order, into one new segment per period; then their events leave the
-    hot tier."""
+    order, into one new segment per period; then (``finish``) their events
+    leave the hot tier."""
     times = table["ts"].to_pylist()
     parts = []
     lo = 0
@@ -229,7 +248,8 @@ def seal_table(
         parts.append((table.slice(lo, hi - lo), end, cut_id))
         lo = hi
     made = write_segments(conn, directory, parts, now, pending=True)
-    finish_pending(conn)
+    if finish:
+        finish_pending(conn)
     return made
 
 
