@@ -90,6 +90,14 @@ class PgCursor:
         while rows := self.fetchmany(CURSOR_ROWS):
             yield from rows
 
+    def close(self) -> None:
+        """Rows left unread are not wanted: a streaming cursor's transaction
+        (and its snapshot) ends now if no other cursor is in it."""
+        if self._cursor is not None and not self._done:
+            self._done = True
+            self._buffer = []
+            self._owner._cursor_closed()
+
 
 class PgConnection:
     """A PostgreSQL session, synchronous. Outside ``BEGIN``…``COMMIT`` each
