@@ -12,12 +12,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from nat64ho.eventlog import Event, EventKind, format_event
+from nat64ho.eventlog import Event, EventKind, format_event, ts_str
 from nat64ho.ops import importer
 from nat64ho.storage import pg_schema, schema
 from nat64ho.storage.schema import is_postgres
 from tests.helpers import db_exec, db_rows, nat64ho, ops_conn
 from tests.test_archive import NATS, START, check, churn_log, export, imported
+from tests.test_archive import seal as seal_command
 
 HOUR = 3_600_000_000
 
@@ -240,4 +241,54 @@ def test_a_seal_alone_deletes_after_its_last_pass_and_a_kill_before_loses_nothin
     sealed = db_rows(db, "SELECT sum(events) FROM segment")[0][0]
     assert sealed + db_rows(db, "SELECT count(*) FROM event")[0][0] == len(lines)
     assert export(db) == log.read_text()
+    assert check(db).returncode == 0
+
+
+def test_a_seal_alone_leaves_what_an_import_adds_between_its_passes_hot(
+    tmp_path, db_target, monkeypatch
+):
+    """An import may commit beside ``nat64ho seal`` (it does not need the
+    table alone). An event it adds between two passes, in an hour a pass
+    already sealed, is neither sealed, hidden from readers nor deleted by
+    that seal; the next seal puts it in a segment of its own."""
+    from nat64ho.archive import seal as sealing
+
+    lines = churn_log(3000)
+    db, log = imported(tmp_path, lines, db_target)
+    monkeypatch.setattr(sealing, "PASS_EVENTS", 500)
+    real = sealing.seal_pass
+    late = (START + HOUR + 1, 1, NATS[0], 60000, bytes(16), 1)
+
+    seen: list[bool] = []
+
+    def seal_pass(*a, **k):  # type: ignore[no-untyped-def]
+        made = real(*a, **k)
+        if made and k.get("after") is not None and not seen:
+            # After the second pass, with both passes' events still hot:
+            # readers see the late event (no cut may cover it).
+            seen.append(":60000 [" in export(db))
+        if made and k.get("after") is None:  # after the first pass
+            db_exec(
+                db,
+                "INSERT INTO event (ts, kind, nat, port, addr, aport) VALUES (?, ?, ?, ?, ?, ?)",
+                *late,
+            )
+        return made
+
+    monkeypatch.setattr(sealing, "seal_pass", seal_pass)
+    conn = ops_conn(db)
+    made = sealing.seal(conn, before=START + 9 * HOUR, period_us=HOUR, alone=True)
+    conn.close()
+    assert len(made) == 9 and seen == [True]
+    hot = db_rows(
+        db, "SELECT ts, kind, nat, port, addr, aport FROM event WHERE ts < ?", START + 9 * HOUR
+    )
+    assert hot == [late]
+    assert sum(s.events for s in made) + db_rows(db, "SELECT count(*) FROM event")[0][0] == (
+        len(lines) + 1
+    )
+    seal_command(db, "--period", "3600", "--before", ts_str(START + 9 * HOUR))
+    assert db_rows(db, "SELECT count(*) FROM event WHERE ts < ?", START + 9 * HOUR) == [(0,)]
+    hot = db_rows(db, "SELECT count(*) FROM event")[0][0]
+    assert db_rows(db, "SELECT sum(events), count(*) FROM segment") == [(len(lines) + 1 - hot, 10)]
     assert check(db).returncode == 0

@@ -83,10 +83,17 @@ def segments(conn: Conn, *, live: bool = False) -> list[Segment]:
 
 
 def pending(conn: Conn) -> list[tuple[int, int]]:
-    """(cut_ts, cut_id) of segments whose events may still be hot too."""
-    return [
-        (r[0], r[1]) for r in conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1")
-    ]
+    """(cut_ts, cut_id) of segments whose events may still be hot too, but
+    for the cuts another covers: a seal alone leaves one a period, and
+    readers test each of them on every hot event."""
+    cuts = sorted(
+        conn.execute("SELECT cut_ts, cut_id FROM segment WHERE pending = 1"), reverse=True
+    )
+    kept: list[tuple[int, int]] = []
+    for t, i in cuts:
+        if not kept or i > kept[-1][1]:  # not within one with a later ts and as high an id
+            kept.append((t, i))
+    return kept
 
 
 def pending_held(args: list[Any], cuts: list[tuple[int, int]]) -> str:

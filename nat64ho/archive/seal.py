@@ -54,6 +54,9 @@ DELETE_CACHE_KIB = 256 * 1024
 #: row with the three indexes and 0.3 without; a build 1.4 µs a survivor.
 REBUILD_AT_LEAST = 100_000
 REBUILD_RATIO = 1
+#: Sealed events a seal alone leaves hot before it deletes them: bounds
+#: its delete's transaction (its WAL: about 200 bytes an event).
+DEFER_EVENTS = 20_000_000
 
 
 def orphans(conn: Conn, directory: Path | None = None) -> list[Path]:
@@ -102,10 +105,12 @@ def seal(
     one segment per period (periods are ``period_us`` long, aligned to the
     epoch). Returns the new segments. ``stop``: checked between passes.
     ``alone``: no server writes meanwhile (the caller owns the table), so
-    the sealed events leave the hot tier after the last pass, in one
-    transaction, rather than after each pass in batches that a server's
-    commits can come between: a long backlog dirties each index page once
-    and leaves few enough events that its indexes are built again."""
+    the sealed events leave the hot tier after the last pass (or every
+    DEFER_EVENTS), in one transaction, rather than after each pass in
+    batches that a server's commits can come between: a long backlog
+    dirties each index page once and leaves few enough events that its
+    indexes are built again. Every pass then seals up to the first pass's
+    last id: what an import adds meanwhile stays hot for the next seal."""
     made: list[Segment] = []
     directory = None
     if not catalog.in_database(conn):
@@ -114,16 +119,22 @@ def seal(
     token = _ALONE.set(alone)
     try:
         finish_pending(conn)  # what a killed seal left
+        after: tuple[int, int] | None = None  # alone: the cut of the passes still hot
+        deferred = 0
         while not stop():
-            # Alone, what earlier passes sealed is still hot: start past it.
-            after = made[-1].cut_ts if alone and made else None
-            with _gc_paused():
+            with _gc_paused() if alone else contextlib.nullcontext():
                 segs = seal_pass(
                     conn, directory, before=before, period_us=period_us, now=now, after=after
                 )
             if not segs:
                 break
             made += segs
+            if alone:
+                after = (segs[-1].cut_ts, segs[-1].cut_id)
+                deferred += sum(s.events for s in segs)
+                if deferred >= DEFER_EVENTS:  # bounds the transaction (and its WAL)
+                    finish_pending(conn)
+                    deferred = 0
         if alone:
             finish_pending(conn)
     finally:
@@ -133,10 +144,10 @@ def seal(
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """No cyclic collection while a pass holds its rows: a million fresh
-    tuples set it off a thousand times, each walking all of them (it
-    tripled the time to turn the rows into columns). They hold no cycles;
-    what others make meanwhile is collected once it is back on."""
+    """No cyclic collection while a seal alone reads its rows: the fresh
+    tuples of a pass set it off a thousand times, each walking all of them
+    (it tripled the time to turn the rows into columns). They hold no
+    cycles. Not in a server's sealer: the switch is the whole process's."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -153,23 +164,25 @@ def seal_pass(
     before: int,
     period_us: int,
     now: Callable[[], int],
-    after: int | None = None,
+    after: tuple[int, int] | None = None,
 ) -> list[Segment]:
     """Seal the oldest closed periods of the hot tier, up to PASS_PERIODS
     and about PASS_EVENTS events of them (a single larger period whole),
     one segment each, from one read of the hot tier. Events of a period
     sealed earlier (a log imported since, a wall clock that stepped back)
     go into a segment of their own. A pass alone leaves its events hot
-    (pending) for :func:`seal` to delete after the last; ``after``: the
-    time its earlier passes sealed up to."""
-    since = "" if after is None else f" AND ts >= {int(after)}"
+    (pending) for :func:`seal` to delete; ``after``: the cut (ts, id) its
+    earlier passes sealed up to, whose events may still be hot."""
+    since = "" if after is None else f" AND ts >= {int(after[0])}"
     first = conn.execute(f"SELECT min(ts) FROM event WHERE TRUE{since}").fetchone()[0]
     if first is None or type(first) is not int or first >= before:
         return []
     # Up to the last id read now: a server's later commits are not in the
     # files, so they must not be deleted with them either. On PostgreSQL an
     # id below it may still commit (an import's): wait for those first.
-    last = settled_id(conn)
+    last = None if after is None else after[1]
+    if last is None:
+        last = settled_id(conn)
     if last is None:
         last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
@@ -189,8 +202,8 @@ def _hot_table(
     the time it ends at. Read a chunk at a time into columns, so that only
     the columns are held (41 bytes an event; as rows, 285)."""
     cur = conn.execute(
-        "SELECT id, ts, kind, nat, port, addr, aport FROM event WHERE ts < $1 AND id <= $2"
-        f"{since} ORDER BY ts",
+        f"SELECT id, ts, kind, nat, port, addr, aport FROM {conn.sql.event_by_ts} "
+        f"WHERE ts < $1 AND id <= $2{since} ORDER BY ts",
         (end, cut_id),
     )
     tables, n, cut = [], 0, None
@@ -207,7 +220,7 @@ def _hot_table(
             break
         tables.append(_checked_table(conn, rows))
         n += len(rows)
-    del cur  # SQLite: a statement left unread ends with its cursor
+    cur.close()  # a statement (PostgreSQL: a cursor's transaction) left unread
     if cut is None:
         cut = end
     # The period cut at may have begun chunks before the one that set it.
@@ -236,14 +249,18 @@ def seal_table(
     """Move ``table``, the hot events with ts < cut_ts and id <= cut_id in ts
     order, into one new segment per period; then (``finish``) their events
     leave the hot tier."""
-    times = table["ts"].to_pylist()
+    ts = table.column("ts")
+
+    def at(i: int) -> int:  # a few dozen lookups: no list of every time
+        return int(ts[i].as_py())
+
     parts = []
-    lo = 0
-    while lo < len(times):
-        end = min(cut_ts, period_start(times[lo], period_us) + period_us)
-        hi = bisect.bisect_left(times, end, lo)
+    lo, n = 0, table.num_rows
+    while lo < n:
+        end = min(cut_ts, period_start(at(lo), period_us) + period_us)
+        hi = bisect.bisect_left(range(n), end, lo, key=at)
         if hi == lo:  # an event at or past the cut: a bug above, not a loop forever
-            raise AssertionError(f"event at {times[lo]} in a seal cut at {cut_ts}")
+            raise AssertionError(f"event at {at(lo)} in a seal cut at {cut_ts}")
         # Each with the cut of its period's end: the last covers the others.
         parts.append((table.slice(lo, hi - lo), end, cut_id))
         lo = hi
