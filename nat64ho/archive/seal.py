@@ -173,7 +173,8 @@ def seal_pass(
     go into a segment of their own. A pass alone leaves its events hot
     (pending) for :func:`seal` to delete; ``after``: the cut (ts, id) its
     earlier passes sealed up to, whose events may still be hot."""
-    since = "" if after is None else f" AND ts >= {int(after[0])}"
+    # Past the earlier passes' events, and not from an import's newer ones.
+    since = "" if after is None else f" AND ts >= {int(after[0])} AND id <= {int(after[1])}"
     first = conn.execute(f"SELECT min(ts) FROM event WHERE TRUE{since}").fetchone()[0]
     if first is None or type(first) is not int or first >= before:
         return []
