@@ -181,9 +181,7 @@ def seal_pass(
     # Up to the last id read now: a server's later commits are not in the
     # files, so they must not be deleted with them either. On PostgreSQL an
     # id below it may still commit (an import's): wait for those first.
-    last = None if after is None else after[1]
-    if last is None:
-        last = settled_id(conn)
+    last = settled_id(conn) if after is None else after[1]
     if last is None:
         last = conn.execute("SELECT max(id) FROM event").fetchone()[0]
     end = min(before, period_start(first, period_us) + PASS_PERIODS * period_us)
@@ -214,13 +212,14 @@ def _hot_table(
             # first one whole.
             over = period_start(rows[most - n][1], period_us)
             cut = min(end, max(over, period_start(first, period_us) + period_us))
-        if cut is not None and rows[-1][1] >= cut:
+        past = cut is not None and rows[-1][1] >= cut
+        if past:
             rows = rows[: bisect.bisect_left(rows, cut, key=lambda r: r[1])]
-            if rows:
-                tables.append(_checked_table(conn, rows))
-            break
-        tables.append(_checked_table(conn, rows))
+        if rows:
+            tables.append(_checked_table(conn, rows))
         n += len(rows)
+        if past:
+            break
     cur.close()  # a statement (PostgreSQL: a cursor's transaction) left unread
     if cut is None:
         cut = end
@@ -350,20 +349,16 @@ def finish_pending(conn: Conn) -> int:
     the disk at once: one lost in a crash leaves its events hot and the
     segment pending, which the next seal finishes."""
     total = 0
-    # Latest cut first: a pass of several periods records one cut per
-    # period, and the last one covers the others.
-    cuts = sorted(catalog.pending(conn), reverse=True)
+    # Only the cuts no other covers (a pass of several periods records one
+    # a period, and the last one covers the others).
+    cuts = catalog.pending(conn)
     if not cuts:
         return 0
     # The events a pending segment took are all at or below its last id.
     top = conn.execute("SELECT max(last_id) FROM segment WHERE pending = 1").fetchone()[0]
     step = None if _ALONE.get() else DELETE_BATCH
     with _lazy_commits(conn):
-        done = (0, 0)
         for cut_ts, cut_id in cuts:
-            if cut_ts <= done[0] and cut_id <= done[1]:
-                continue  # cleared with a later cut
-            done = (cut_ts, cut_id)
             hi = min(cut_id, top)
             if step is None and not conn.sql.postgres:
                 total += _delete_rebuilding(conn, hi, cut_ts)
@@ -393,8 +388,8 @@ def _delete_rebuilding(conn: Conn, hi: int, cut_ts: int) -> int:
     """SQLite, a seal alone: delete the hot events with id <= ``hi`` and ts <
     ``cut_ts`` with the event table's indexes dropped, then build them again
     over what stays, all in one transaction; returns how many (0: not done,
-    too few). Deleting a row seeks and rewrites a page of each index (2.2 s
-    of 5.4 for a million events), where a build sorts only the survivors:
+    too few). Deleting a row seeks and rewrites a page of each index, where
+    a build sorts only the survivors (see REBUILD_AT_LEAST):
     worth it when those are fewer than the sealed, as in a seal that
     catches up on a history (``nat64ho seal`` after an upgrade, an import)."""
     doomed = conn.execute(
