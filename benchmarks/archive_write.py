@@ -207,8 +207,10 @@ def serve(work: Path, name: str, extra: list[str], tree: Path | None = None) -> 
     return Child(cmd, env={"PYTHONPATH": str(tree)})
 
 
-def load(duration: float, rate: float) -> BenchConfig:
-    return BenchConfig(mode="create", batch=1, rate=rate, window=512, duration=duration)
+def load(duration: float, rate: float, population: bool = False) -> BenchConfig:
+    return BenchConfig(
+        mode="create", batch=1, rate=rate, window=512, duration=duration, population=population
+    )
 
 
 def per_entry(r: Result) -> tuple[float, float]:
@@ -235,7 +237,13 @@ def bench_writer(args: argparse.Namespace) -> None:
     """Server CPU per new entry at a fixed open-loop rate: the tree at
     ``--before`` (its hot tier's indexes) and this one, alternately; with
     ``--sealed``, this one's history sealed as a server sealing hourly
-    would have it (the before tree keeps its whole history in the table)."""
+    would have it (the before tree keeps its whole history in the table).
+    With ``--churn``, the history is the load's own NAT64's (full tables:
+    each new entry evicts one, two events) and the load's clients are the
+    history's, so new events land across its indexes, not beside each
+    other at one end of them."""
+    if args.churn and not args.history:
+        raise SystemExit("--churn needs --history")
     with scratch() as work:
         base = work / "before"
         base.mkdir()
@@ -243,6 +251,10 @@ def bench_writer(args: argparse.Namespace) -> None:
             ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", str(base)], input=tar.stdout, check=True)
+        # Both histories from this generator (its --nat-base is newer), each
+        # with its own tree's schema: it imports the tree it sits in.
+        shutil.copy(ROOT / "benchmarks" / "make_history.py", base / "benchmarks")
+        churn = ["--nat-base", "127.1.0.0"] if args.churn else []
         got: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
         for rnd in range(args.rounds):
             for name, tree in (("before", base), ("after", None)):
@@ -259,6 +271,7 @@ def bench_writer(args: argparse.Namespace) -> None:
                             str(args.history),
                             "--span-days",
                             str(args.span_days),
+                            *churn,
                         ],
                         check=True,
                         capture_output=True,
@@ -268,7 +281,7 @@ def bench_writer(args: argparse.Namespace) -> None:
                         seal_all_but_last_hour(work / f"{name}{rnd}.db")
                 child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
                 try:
-                    r = drive(load(args.duration, args.rate), child.address, child.pid)
+                    r = drive(load(args.duration, args.rate, args.churn), child.address, child.pid)
                 finally:
                     child.stop()
                 got[name].append(per_entry(r))
@@ -372,6 +385,12 @@ def main() -> None:
         "--sealed",
         action="store_true",
         help="this tree's history sealed but for its last one to two hours",
+    )
+    p.add_argument(
+        "--churn",
+        action="store_true",
+        help="the history is the load's NAT64's, with full tables, and the load's "
+        "clients are the history's (needs --history)",
     )
     p.set_defaults(run=bench_writer)
     p = sub.add_parser("hot", help="the hot tier's size under constant load")

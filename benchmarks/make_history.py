@@ -16,6 +16,7 @@ random-order indexes up to date row by row.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
@@ -51,7 +52,7 @@ def client_addrs() -> list[bytes]:
     ]
 
 
-def build(path: Path, nats: int, events: int, span_days: float) -> None:
+def build(path: Path, nats: int, events: int, span_days: float, nat_base: int = NAT_BASE) -> None:
     if path.exists():
         raise SystemExit(f"{path} exists; remove it first")
     slots = nats * PORTS
@@ -85,11 +86,11 @@ def build(path: Path, nats: int, events: int, span_days: float) -> None:
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO nat VALUES (?, ?, ?, ?)",
-        [(NAT_BASE + 1 + k, os.urandom(8), start, start) for k in range(nats)],
+        [(nat_base + 1 + k, os.urandom(8), start, start) for k in range(nats)],
     )
     conn.executemany(
         "INSERT INTO event (ts, kind, nat, port) VALUES (?, 0, ?, 0)",
-        [(start, NAT_BASE + 1 + k) for k in range(nats)],
+        [(start, nat_base + 1 + k) for k in range(nats)],
     )
     # Event i: round 0 creates every slot once; each later round deletes and
     # re-creates every slot. A slot j is (NAT64 j % nats, a scattered port).
@@ -105,7 +106,7 @@ def build(path: Path, nats: int, events: int, span_days: float) -> None:
                         ELSE 1 + (i - {slots}) / (2 * {slots}) - ((i - {slots}) % 2 = 0) END AS r
             FROM seq),
         spot AS (SELECT i, kind, r, j % {nats} AS k, ((j / {nats}) * {PORT_STRIDE}) % {PORTS} AS p FROM slot)
-        SELECT {start} + (i + 1) * {step}, kind, {NAT_BASE + 1} + k, {FIRST_PORT} + p,
+        SELECT {start} + (i + 1) * {step}, kind, {nat_base + 1} + k, {FIRST_PORT} + p,
                client_addr(((r * {slots} + k * {PORTS} + p) * {HASH}) % {CLIENTS}),
                1024 + (p * {PORT_STRIDE} + r * 131) % {PORTS}
         FROM spot
@@ -153,8 +154,15 @@ def main() -> None:
         default=90.0,
         help="the history ends now and starts this many days ago (default 90)",
     )
+    ap.add_argument(
+        "--nat-base",
+        type=ipaddress.IPv4Address,
+        default=ipaddress.IPv4Address(NAT_BASE),
+        help="the NAT64s are the addresses after this one (default 198.18.0.0; "
+        "127.1.0.0 makes them the ones a benchmark load sends from)",
+    )
     args = ap.parse_args()
-    build(args.db, args.nats, args.events, args.span_days)
+    build(args.db, args.nats, args.events, args.span_days, int(args.nat_base))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ POOL = 256
 #: MAPs per datagram while filling the tables before a lookup/mixed run.
 PREFILL_BATCH = 50
 _SERIAL = struct.Struct("!I")
+#: An address of make_history.py's population: 2001:db8, c >> 10, zeros, c & 0x3ff.
+_CLIENT = struct.Struct("!IIIHH")
+#: Clients in that population (make_history.py's CLIENTS), and the odd
+#: multiplier that scatters consecutive serials over them.
+POPULATION = 1 << 20
+_SCATTER = 2654435761
+
+
+def population_address(serial: int) -> tuple[int, int, int, int, int]:
+    """The fields of ``_CLIENT`` for a new endpoint's serial: distinct for
+    POPULATION consecutive serials."""
+    c = (serial * _SCATTER) % POPULATION
+    return 0x20010DB8, c >> 10, 0, 0, c & 0x3FF
 
 
 @dataclass
@@ -65,6 +78,11 @@ class BenchConfig:
     #: A PostgreSQL URL for the started server's table (a scratch database:
     #: the run writes to it); None: an SQLite file in ``tmp``.
     db: str | None = None
+    #: New endpoints are clients of benchmarks/make_history.py's population
+    #: (2001:db8:0:XXXX::YYY), so that a history it made for these NAT64s
+    #: takes their events across its indexes as a real host's would; False:
+    #: addresses of this run alone, which sort beside one another.
+    population: bool = False
 
 
 # ---------------------------------------------------------------- requests
@@ -100,8 +118,11 @@ class NatLoad:
     """One NAT64 as one client process drives it: its session, the endpoints
     it creates, and the entries it may look up."""
 
-    def __init__(self, index: int, peer: Peer, tag: bytes, rng: random.Random):
+    def __init__(
+        self, index: int, peer: Peer, tag: bytes, rng: random.Random, population: bool = False
+    ):
         self.index = index
+        self.population = population
         self.local = nat_source(index)
         self.peer = peer
         self.tag = tag  # 12 octets: keeps endpoints of processes and runs apart
@@ -167,7 +188,10 @@ class NatLoad:
         s = self.serial
         for offset in t.serials:
             s += 1
-            _SERIAL.pack_into(data, offset, s & 0xFFFFFFFF)
+            if self.population:  # the whole address, which starts 12 octets before
+                _CLIENT.pack_into(data, offset - 12, *population_address(s))
+            else:
+                _SERIAL.pack_into(data, offset, s & 0xFFFFFFFF)
         self.serial = s
         return bytes(data), t.answers
 
@@ -449,7 +473,10 @@ async def _client(
         tag = (
             b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big") + nat_index.to_bytes(2, "big")
         )
-        nats.append(NatLoad(nat_index, peer, tag, rng))
+        nat = NatLoad(nat_index, peer, tag, rng, cfg.population)
+        # Client processes of one NAT64 take different stretches of the population.
+        nat.serial = index << 16 if cfg.population else 0
+        nats.append(nat)
     load = Load(nats, cfg.batch, echo=echo, timeout=cfg.timeout)
     await load.open(*address, cfg.window)
     loop = asyncio.get_running_loop()
