@@ -3,7 +3,10 @@ numbers. Speeds are not asserted; this machine is shared with the tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import itertools
+import random
 import re
 import subprocess
 import sys
@@ -15,6 +18,7 @@ from nat64ho import bench
 from nat64ho.bench import load
 from nat64ho.cli import app
 from nat64ho.core import wire
+from nat64ho.peer import Peer
 from nat64ho.testing import start_server
 from tests.helpers import connect, db_rows, nat64ho, one_error, run, v6
 
@@ -255,3 +259,37 @@ def test_bench_on_a_server_says_what_it_writes_and_why_requests_failed(server_fa
     # Everything it wrote is under the benchmark's NAT64.
     nats = {n for (n,) in db_rows(srv.db, "SELECT DISTINCT nat FROM entry")}
     assert nats == {int(ipaddress.IPv4Address("127.1.0.1"))}
+
+
+def test_a_population_load_asks_for_make_historys_clients_scattered():
+    # benchmarks/ is not a package: load the generator as the benchmark runs it.
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_history.py"
+    spec = importlib.util.spec_from_file_location("make_history", path)
+    assert spec is not None and spec.loader is not None
+    make_history = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_history)
+    clients = make_history.client_addrs()
+    assert load.POPULATION == make_history.CLIENTS
+    known = {a: c for c, a in enumerate(clients)}
+
+    peer = Peer(bytes(8))
+    peer.cookie = bytes(8)
+    nat = load.NatLoad(0, peer, b"\x20\x01\x0d\xb8" + bytes(8), random.Random(1), population=True)
+    nat.prepare("create", 3)
+    asked = []
+    for _ in range(400):
+        data, answers = nat.request()
+        maps = [m for m in wire.parse(data) if type(m) is wire.Map]
+        assert answers == 3 and len(maps) == 3
+        asked += [m.addr for m in maps]
+    # Every address is one of the history's clients, none twice, and
+    # consecutive ones land far apart in the address order.
+    assert all(a in known for a in asked) and len(set(asked)) == len(asked) == 1200
+    order = sorted(range(len(asked)), key=lambda i: asked[i])
+    assert sum(abs(a - b) > 1 for a, b in itertools.pairwise(order)) > 1000
+
+    # Without it, a run's own tag (random octets after 2001:db8) and serials.
+    plain = load.NatLoad(0, peer, b"\x20\x01\x0d\xb8" + b"\xa5" * 8, random.Random(1))
+    plain.prepare("create", 3)
+    addrs = [m.addr for m in wire.parse(plain.request()[0]) if type(m) is wire.Map]
+    assert all(a not in known for a in addrs) and addrs == sorted(addrs)
