@@ -119,7 +119,13 @@ class NatLoad:
     it creates, and the entries it may look up."""
 
     def __init__(
-        self, index: int, peer: Peer, tag: bytes, rng: random.Random, population: bool = False
+        self,
+        index: int,
+        peer: Peer,
+        tag: bytes,
+        rng: random.Random,
+        population: bool = False,
+        first_serial: int = 0,
     ):
         self.index = index
         self.population = population
@@ -127,7 +133,7 @@ class NatLoad:
         self.peer = peer
         self.tag = tag  # 12 octets: keeps endpoints of processes and runs apart
         self.rng = rng
-        self.serial = 0
+        self.serial = first_serial
         self.ports: list[int] = []
         self.endpoints: list[tuple[bytes, int]] = []
         self.pool: list[Template] = []
@@ -473,10 +479,9 @@ async def _client(
         tag = (
             b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big") + nat_index.to_bytes(2, "big")
         )
-        nat = NatLoad(nat_index, peer, tag, rng, cfg.population)
         # Client processes of one NAT64 take different stretches of the population.
-        nat.serial = index << 16 if cfg.population else 0
-        nats.append(nat)
+        first = index << 16 if cfg.population else 0
+        nats.append(NatLoad(nat_index, peer, tag, rng, cfg.population, first))
     load = Load(nats, cfg.batch, echo=echo, timeout=cfg.timeout)
     await load.open(*address, cfg.window)
     loop = asyncio.get_running_loop()
