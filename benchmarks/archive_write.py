@@ -29,12 +29,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nat64ho.archive import seal as sealing  # noqa: E402
-from nat64ho.bench.load import BenchConfig, Result, drive  # noqa: E402
+from nat64ho.bench.load import (  # noqa: E402
+    POPULATION,
+    SERIALS_PER_PROCESS,
+    BenchConfig,
+    Result,
+    drive,
+)
 from nat64ho.ops import db as opsdb  # noqa: E402
 from nat64ho.ops import export  # noqa: E402
 from nat64ho.storage import schema  # noqa: E402
@@ -207,9 +214,17 @@ def serve(work: Path, name: str, extra: list[str], tree: Path | None = None) -> 
     return Child(cmd, env={"PYTHONPATH": str(tree)})
 
 
-def load(duration: float, rate: float, population: bool = False) -> BenchConfig:
+def load(duration: float, rate: float, population: bool = False, run: int = 0) -> BenchConfig:
+    """A load of new entries; with ``population``, the ``run``-th on one
+    history asks for clients none of the earlier runs did."""
     return BenchConfig(
-        mode="create", batch=1, rate=rate, window=512, duration=duration, population=population
+        mode="create",
+        batch=1,
+        rate=rate,
+        window=512,
+        duration=duration,
+        population=population,
+        population_start=run * SERIALS_PER_PROCESS,  # one client process a run
     )
 
 
@@ -244,6 +259,12 @@ def bench_writer(args: argparse.Namespace) -> None:
     other at one end of them."""
     if args.churn and not args.history:
         raise SystemExit("--churn needs --history")
+    # Each run's new clients must be its own: a repeat asking for an endpoint
+    # an earlier run created would find it, not create it.
+    if args.churn and args.rate * (args.duration + 2) > SERIALS_PER_PROCESS:
+        raise SystemExit(f"--churn: at most {SERIALS_PER_PROCESS:,} new entries a run")
+    if args.churn and args.repeat * SERIALS_PER_PROCESS > POPULATION:
+        raise SystemExit(f"--churn: at most {POPULATION // SERIALS_PER_PROCESS} repeats")
     with scratch() as work:
         base = work / "before"
         base.mkdir()
@@ -279,21 +300,32 @@ def bench_writer(args: argparse.Namespace) -> None:
                     )
                     if args.sealed and tree is None:
                         seal_all_but_last_hour(work / f"{name}{rnd}.db")
-                child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
-                try:
-                    r = drive(load(args.duration, args.rate, args.churn), child.address, child.pid)
-                finally:
-                    child.stop()
-                got[name].append(per_entry(r))
+            # Runs alternate on the same two histories: the machine's drift
+            # (±15% from one run to the next here) falls on both alike, and a
+            # repeat costs seconds where a history costs many minutes.
+            for run in range(args.repeat):
+                for name, tree in (("before", base), ("after", None)):
+                    child = serve(work, f"{name}{rnd}", ["--seal-every", "0"], tree)
+                    try:
+                        cfg = load(args.duration, args.rate, args.churn, run)
+                        r = drive(cfg, child.address, child.pid)
+                    finally:
+                        child.stop()
+                    got[name].append(per_entry(r))
+                    print(f"{name}: server {got[name][-1][0]:.1f}, writer {got[name][-1][1]:.1f}")
         for name, runs in got.items():
             print(
-                f"{name}: server {min(a for a, _ in runs):.1f} µs CPU per new entry, "
-                f"writer {min(w for _, w in runs):.1f} (best of {len(runs)} at {args.rate:,.0f}/s)"
+                f"{name}: server {median(a for a, _ in runs):.1f} µs CPU per new entry, "
+                f"writer {median(w for _, w in runs):.1f} (median of {len(runs)} at "
+                f"{args.rate:,.0f}/s; writer {min(w for _, w in runs):.1f} to "
+                f"{max(w for _, w in runs):.1f})"
             )
-        b, a = (min(w for _, w in got[k]) for k in ("before", "after"))
-        sb, sa = (min(s for s, _ in got[k]) for k in ("before", "after"))
+        b, a = (median(w for _, w in got[k]) for k in ("before", "after"))
+        sb, sa = (median(s for s, _ in got[k]) for k in ("before", "after"))
+        pairs = [1 - a / b for (_, b), (_, a) in zip(got["before"], got["after"], strict=True)]
         print(
-            f"writer CPU per entry {(1 - a / b) * 100:.0f}% lower; server {(1 - sa / sb) * 100:.0f}%"
+            f"writer CPU per entry {(1 - a / b) * 100:.0f}% lower (medians; run by run "
+            f"{', '.join(f'{x * 100:.0f}%' for x in pairs)}); server {(1 - sa / sb) * 100:.0f}%"
         )
 
 
@@ -378,7 +410,10 @@ def main() -> None:
     p.add_argument("--before", required=True, help="git revision of the tree to compare with")
     p.add_argument("--rate", type=float, default=3000)
     p.add_argument("--duration", type=float, default=15)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="histories built, each pair afresh")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs of each tree, alternating, per history"
+    )
     p.add_argument("--history", type=int, default=0, help="events in the history before the load")
     p.add_argument("--span-days", type=float, default=0.1, help="days the history spans")
     p.add_argument(

@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,22 @@ def test_a_population_load_asks_for_make_historys_clients_scattered():
     plain.prepare("create", 3)
     addrs = [m.addr for m in wire.parse(plain.request()[0]) if type(m) is wire.Map]
     assert all(a not in known for a in addrs) and addrs == sorted(addrs)
+
+
+def test_population_runs_on_one_history_ask_for_clients_none_asked_before():
+    # A benchmark repeats its load on one history; a client asked for twice
+    # would find its entry, not create one.
+    def stretch(start: int, index: int) -> set[bytes]:
+        cfg = load.BenchConfig(population=True, population_start=start)
+        first = load.first_serial(cfg, index)
+        return {
+            struct.pack("!IIIHH", *load.population_address(s))
+            for s in range(first, first + load.SERIALS_PER_PROCESS)
+        }
+
+    runs = [stretch(r * load.SERIALS_PER_PROCESS, 0) for r in range(3)]
+    assert len(set().union(*runs)) == 3 * load.SERIALS_PER_PROCESS
+    # Two client processes of one run take different stretches too.
+    assert not stretch(0, 0) & stretch(0, 1)
+    # Without the population, a run numbers its own addresses from 0.
+    assert load.first_serial(load.BenchConfig(population_start=5), 3) == 0

@@ -83,6 +83,19 @@ class BenchConfig:
     #: takes their events across its indexes as a real host's would; False:
     #: addresses of this run alone, which sort beside one another.
     population: bool = False
+    #: The population's serial the first client process starts at: runs one
+    #: after another on one history each ask for clients the others did not.
+    population_start: int = 0
+
+
+#: Serials a client process may use in one run (it starts its own stretch).
+SERIALS_PER_PROCESS = 1 << 16
+
+
+def first_serial(cfg: BenchConfig, index: int) -> int:
+    """The serial client process ``index`` numbers its new endpoints from:
+    its own stretch of the population, or 0 for the run's own addresses."""
+    return cfg.population_start + index * SERIALS_PER_PROCESS if cfg.population else 0
 
 
 # ---------------------------------------------------------------- requests
@@ -479,9 +492,7 @@ async def _client(
         tag = (
             b"\x20\x01\x0d\xb8" + run_tag + index.to_bytes(2, "big") + nat_index.to_bytes(2, "big")
         )
-        # Client processes of one NAT64 take different stretches of the population.
-        first = index << 16 if cfg.population else 0
-        nats.append(NatLoad(nat_index, peer, tag, rng, cfg.population, first))
+        nats.append(NatLoad(nat_index, peer, tag, rng, cfg.population, first_serial(cfg, index)))
     load = Load(nats, cfg.batch, echo=echo, timeout=cfg.timeout)
     await load.open(*address, cfg.window)
     loop = asyncio.get_running_loop()
