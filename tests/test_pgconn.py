@@ -310,6 +310,25 @@ def test_a_session_cut_while_export_streams_is_one_error_line(url, fmt):
     assert line.startswith(f"Error: {url}: connection lost ("), line
 
 
+def test_a_cursor_closed_after_its_transaction_ended_leaves_later_cursors_open(conn, monkeypatch):
+    monkeypatch.setattr(pgconn, "CURSOR_ROWS", 7)
+    conn.insert_many("event", EVENT_COLUMNS, [event(i) for i in range(30)], ignore=False)
+    stale = conn.execute("SELECT port FROM event ORDER BY id")
+    assert stale.fetchmany(2) == [(1000,), (1001,)]
+    conn.execute("BEGIN")  # ends the cursor's transaction: its rows are not needed
+    conn.execute("COMMIT")
+    stale.close()
+    # Two cursors streaming side by side: the first one's end must not end
+    # the transaction the second still reads in.
+    a = conn.execute("SELECT port FROM event WHERE port < 1010 ORDER BY id")
+    b = conn.execute("SELECT port FROM event ORDER BY id")
+    assert a.fetchmany(1) == [(1000,)] and b.fetchmany(1) == [(1000,)]
+    assert len(list(a)) == 9
+    assert conn.in_transaction
+    assert [p for (p,) in b] == [1000 + i for i in range(1, 30)]
+    assert not conn.in_transaction
+
+
 def test_a_write_beside_an_unread_cursor_commits_as_outside_begin(conn, url, monkeypatch):
     monkeypatch.setattr(pgconn, "CURSOR_ROWS", 7)
     conn.insert_many("event", EVENT_COLUMNS, [event(i) for i in range(30)], ignore=False)

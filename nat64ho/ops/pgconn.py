@@ -51,6 +51,7 @@ class PgCursor:
         self._params = params
         self.rowcount = rowcount
         self._cursor: Any = None
+        self._tx = 0  # the transaction its cursor lives in
         self._done = sql == ""
         self._buffer: list[tuple[Any, ...]] = []
 
@@ -77,11 +78,11 @@ class PgCursor:
         size = size or 1
         while len(self._buffer) < size and not self._done:
             if self._cursor is None:
-                self._cursor = self._owner._open_cursor(self._sql, self._params)
+                self._cursor, self._tx = self._owner._open_cursor(self._sql, self._params)
             chunk = self._owner._cursor_fetch(self._cursor, max(size, CURSOR_ROWS))
             if len(chunk) < max(size, CURSOR_ROWS):
                 self._done = True
-                self._owner._cursor_closed()
+                self._owner._cursor_closed(self._tx)
             self._buffer += chunk
         rows, self._buffer = self._buffer[:size], self._buffer[size:]
         return rows
@@ -96,7 +97,7 @@ class PgCursor:
         if self._cursor is not None and not self._done:
             self._done = True
             self._buffer = []
-            self._owner._cursor_closed()
+            self._owner._cursor_closed(self._tx)
 
 
 class PgConnection:
@@ -112,7 +113,8 @@ class PgConnection:
         self._loop = loop
         self._tx = False  # a transaction is open, explicit or the cursors'
         self._explicit = False
-        self._cursors = 0
+        self._cursors = 0  # open cursors in the transaction numbered self._txn
+        self._txn = 0
         self._broken = False
         self.total_changes = 0
         self.created = 0  #: schema version made by connect(create=True), else 0
@@ -151,7 +153,8 @@ class PgConnection:
     def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in self._run(self._conn.fetch(sql, *params))]
 
-    def _open_cursor(self, sql: str, params: tuple[Any, ...]) -> Any:
+    def _open_cursor(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, int]:
+        """A server-side cursor, and the transaction it lives in."""
         if not self._tx:
             self._begin("BEGIN", explicit=False)
         self._cursors += 1
@@ -159,12 +162,14 @@ class PgConnection:
         async def declare() -> Any:
             return await self._conn.cursor(sql, *params)  # awaitable, not a coroutine
 
-        return self._run(declare())
+        return self._run(declare()), self._txn
 
     def _cursor_fetch(self, cursor: Any, n: int) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in self._run(cursor.fetch(n))]
 
-    def _cursor_closed(self) -> None:
+    def _cursor_closed(self, txn: int) -> None:
+        if txn != self._txn:
+            return  # its transaction ended already (a COMMIT, a BEGIN): not counted now
         self._cursors -= 1
         if self._cursors <= 0 and self._tx and not self._explicit:
             self._end("COMMIT")
@@ -177,6 +182,7 @@ class PgConnection:
 
     def _end(self, sql: str) -> None:
         tx, self._tx, self._explicit, self._cursors = self._tx, False, False, 0
+        self._txn += 1
         if tx and not self._broken:
             self._run(self._conn.execute(sql))
         elif sql.startswith("COMMIT"):  # a broken session's server rolled back
