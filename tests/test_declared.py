@@ -46,11 +46,15 @@ def test_a_live_catalog_is_compared_both_ways():
         {**want.keys, "meta": ()},
         {k: v for k, v in want.indexes.items() if k != "event_ts"}
         | {"extra": declared.Index("entry", ("aport",))},
+        # A key column's NULL is not a finding: SQLite reports rowid keys so.
+        {**want.nullable, "nat": frozenset({"nat", "boot_id"}), "event": frozenset({"addr"})},
     )
     assert declared.differences(want, have) == [
         "unknown table planted",
         "table meta has no primary key",
+        "column nat.boot_id accepts NULL (the schema says NOT NULL)",
         "table entry differs from the schema",
+        "column event.aport is NOT NULL (the schema lets it be NULL)",
         "unknown index extra on entry",
         "index event_ts is missing",
     ]
@@ -73,16 +77,35 @@ COMMON = [
 ]
 POSTGRES_ONLY = [
     (["ALTER TABLE entry ALTER COLUMN aport TYPE bigint"], "table entry differs from the schema"),
+    (
+        ["ALTER TABLE entry ALTER COLUMN addr DROP NOT NULL"],
+        "column entry.addr accepts NULL (the schema says NOT NULL)",
+    ),
+    (
+        ["ALTER TABLE event ALTER COLUMN aport SET NOT NULL"],
+        "column event.aport is NOT NULL (the schema lets it be NULL)",
+    ),
     (["ALTER TABLE meta DROP CONSTRAINT meta_pkey"], "table meta has no primary key"),
 ]
 SQLITE_ONLY = [
     (["CREATE VIEW planted AS SELECT 1"], "unknown view planted"),
     (
+        # SQLite changes a column's constraints only by making the table again.
+        [
+            "ALTER TABLE nat RENAME TO old_nat",
+            "CREATE TABLE nat (nat INTEGER PRIMARY KEY, boot_id BLOB, "
+            "first_hello INTEGER NOT NULL, last_hello INTEGER NOT NULL)",
+            "DROP TABLE old_nat",
+        ],
+        "column nat.boot_id accepts NULL (the schema says NOT NULL)",
+    ),
+    (
         # The same columns, but ids that a sealed event's deletion frees again.
         [
             "ALTER TABLE event RENAME TO old_event",
-            "CREATE TABLE event (id INTEGER PRIMARY KEY, ts INTEGER, kind INTEGER, "
-            "nat INTEGER, port INTEGER, addr BLOB, aport INTEGER)",
+            "CREATE TABLE event (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, "
+            "kind INTEGER NOT NULL, nat INTEGER NOT NULL, port INTEGER NOT NULL, "
+            "addr BLOB, aport INTEGER)",
             "DROP TABLE old_event",
             "CREATE INDEX event_ts ON event (ts)",
             "CREATE UNIQUE INDEX event_nat_port_ts ON event (nat, port, ts, kind)",

@@ -17,12 +17,14 @@ class Index:
 
 @dataclass(frozen=True)
 class Catalog:
-    """Tables as {column: type} with their primary key, and indexes by name
-    (primary keys' own indexes left out)."""
+    """Tables as {column: type} with their primary key, the columns outside
+    it that accept NULL, and indexes by name (primary keys' own indexes left
+    out)."""
 
     tables: dict[str, dict[str, str]]
     keys: dict[str, tuple[str, ...]]
     indexes: dict[str, Index]
+    nullable: dict[str, frozenset[str]]
 
 
 _KEYS = dict(schema_migrations=("version",), meta=("key",), nat=("nat",), entry=("nat", "port"))
@@ -35,6 +37,9 @@ _INDEXES = {
 }
 _SEGMENT = "n first_id last_id ts_lo ts_hi events initialized created deleted bytes sealed".split()
 _SEGMENT += ["pruned", "cut_ts", "cut_id"]
+#: Every other column is NOT NULL: a NULL there would be a row no reader
+#: expects (an Initialized event has no client; a segment not pruned, no time).
+_NULLABLE = dict(event=frozenset({"addr", "aport"}), segment=frozenset({"pruned"}))
 
 
 def _tables(integer: str, small: str, big: str, text: str, blob: str) -> dict[str, dict[str, str]]:
@@ -51,11 +56,13 @@ def _tables(integer: str, small: str, big: str, text: str, blob: str) -> dict[st
 
 
 #: SQLite's declared types (its columns take any type; schema.bad_rows checks the rows).
-SQLITE = Catalog(_tables("INTEGER", "INTEGER", "INTEGER", "TEXT", "BLOB"), _KEYS, _INDEXES)
+SQLITE = Catalog(
+    _tables("INTEGER", "INTEGER", "INTEGER", "TEXT", "BLOB"), _KEYS, _INDEXES, _NULLABLE
+)
 
 _PG_TABLES = _tables("integer", "smallint", "bigint", "text", "bytea")
 _PG_TABLES["segment_data"] = dict(n="bigint", data="bytea")
-POSTGRES = Catalog(_PG_TABLES, _KEYS | dict(segment_data=("n",)), _INDEXES)
+POSTGRES = Catalog(_PG_TABLES, _KEYS | dict(segment_data=("n",)), _INDEXES, _NULLABLE)
 
 
 def differences(want: Catalog, have: Catalog) -> list[str]:
@@ -71,6 +78,8 @@ def differences(want: Catalog, have: Catalog) -> list[str]:
             found.append(f"table {table} has no primary key")
         elif have.keys[table] != want.keys[table]:
             found.append(f"table {table} differs from the schema")
+        else:
+            found += _nulls(table, want, have)
     for name in sorted(set(have.indexes) - set(want.indexes)):
         found.append(f"unknown index {name} on {have.indexes[name].table}")
     for name, index in want.indexes.items():
@@ -79,3 +88,15 @@ def differences(want: Catalog, have: Catalog) -> list[str]:
         elif have.indexes[name] != index:
             found.append(f"index {name} differs from the schema")
     return found
+
+
+def _nulls(table: str, want: Catalog, have: Catalog) -> list[str]:
+    # Key columns left out: SQLite reports a rowid key as nullable, and a
+    # key refuses NULL in both backends all the same.
+    wanted = want.nullable.get(table, frozenset())
+    got = have.nullable.get(table, frozenset()) - set(want.keys[table])
+    return [
+        f"column {table}.{c} accepts NULL (the schema says NOT NULL)" for c in sorted(got - wanted)
+    ] + [
+        f"column {table}.{c} is NOT NULL (the schema lets it be NULL)" for c in sorted(wanted - got)
+    ]

@@ -39,11 +39,16 @@ _BAD_ROWS = (
 async def catalog_problems(conn: asyncpg.Connection) -> list[str]:
     """How the current schema's catalog differs from the declared schema."""
     tables: dict[str, dict[str, str]] = {}
-    for table, column, kind in await conn.fetch(
-        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+    nulls: dict[str, set[str]] = {}
+    for table, column, kind, nullable in await conn.fetch(
+        "SELECT table_name, column_name, data_type, is_nullable = 'YES' "
+        "FROM information_schema.columns "
         "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"
     ):
         tables.setdefault(table, {})[column] = kind
+        nulls.setdefault(table, set())
+        if nullable:
+            nulls[table].add(column)
     keys: dict[str, tuple[str, ...]] = {}
     indexes = {}
     for name, table, unique, primary, partial, columns in await conn.fetch(
@@ -58,7 +63,7 @@ async def catalog_problems(conn: asyncpg.Connection) -> list[str]:
             keys[table] = tuple(columns)
         else:
             indexes[name] = declared.Index(table, tuple(columns), unique, partial)
-    live = declared.Catalog(tables, keys, indexes)
+    live = declared.Catalog(tables, keys, indexes, {t: frozenset(c) for t, c in nulls.items()})
     return declared.differences(declared.POSTGRES, live)
 
 

@@ -447,16 +447,20 @@ def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[st
     Reads the catalog only: no SQL stored in the file runs."""
     tables: dict[str, dict[str, str]] = {}
     keys: dict[str, tuple[str, ...]] = {}
+    nullable: dict[str, frozenset[str]] = {}
     indexes: dict[str, declared.Index] = {}
     found = []
     for kind, name, table, sql in conn.execute(
         "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
     ):
         if kind == "table" and not name.startswith("sqlite_"):
-            info = _execute(conn, "SELECT name, type, pk FROM pragma_table_info(?)", (name,))
+            info = _execute(
+                conn, 'SELECT name, type, pk, "notnull" FROM pragma_table_info(?)', (name,)
+            )
             cols = info.fetchall()
-            tables[name] = {c: t for c, t, _ in cols}
-            keys[name] = tuple(c for c, _, pk in sorted(cols, key=lambda c: c[2]) if pk)
+            tables[name] = {c: t for c, t, _, _ in cols}
+            keys[name] = tuple(c for c, _, pk, _ in sorted(cols, key=lambda c: c[2]) if pk)
+            nullable[name] = frozenset(c for c, _, _, notnull in cols if not notnull)
         elif kind == "index" and sql is not None:
             [(unique, partial)] = _execute(
                 conn,
@@ -471,7 +475,8 @@ def catalog_problems(conn: sqlite3.Connection, *, whole: bool = True) -> list[st
             found.append(f"unknown {kind} {name}" + (f" on {table}" if table != name else ""))
     if not whole:
         return found
-    found += declared.differences(declared.SQLITE, declared.Catalog(tables, keys, indexes))
+    live = declared.Catalog(tables, keys, indexes, nullable)
+    found += declared.differences(declared.SQLITE, live)
     # Ids never reused once sealed events leave the hot tier: AUTOINCREMENT,
     # which the catalog's columns do not show.
     if "event" in tables and "AUTOINCREMENT" not in _table_sql(conn, "event").upper():
