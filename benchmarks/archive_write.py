@@ -8,20 +8,25 @@ and what sealing adds to the answers' latency.
     python benchmarks/archive_write.py writer --before REV --history 2000000
     python benchmarks/archive_write.py hot --seal-every 2 --periods 24
     python benchmarks/archive_write.py p99 --seal-every 2 --duration 20
+    python benchmarks/archive_write.py anatomy /tmp/h.db
 
 ``writer --before REV`` runs a server of the tree at git revision REV (one
 with the hot tier's three event indexes) beside this one, in the same run.
 ``hot`` compresses a day: periods of --seal-every seconds stand for hours,
 and it reports the most events the hot tier ever held, in periods' worth.
+``anatomy`` splits the writer's WAL and CPU by the hot tier's indexes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import resource
 import shutil
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,10 +46,12 @@ from nat64ho.bench.load import (  # noqa: E402
     BenchConfig,
     Result,
     drive,
+    population_address,  # noqa: E402
 )
 from nat64ho.ops import db as opsdb  # noqa: E402
 from nat64ho.ops import export  # noqa: E402
-from nat64ho.storage import schema  # noqa: E402
+from nat64ho.storage import schema, writer  # noqa: E402
+from nat64ho.storage.sqlite import PAGE_CACHE_KIB  # noqa: E402
 from nat64ho.testing import Child, start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,6 +336,79 @@ def bench_writer(args: argparse.Namespace) -> None:
         )
 
 
+def bench_anatomy(args: argparse.Namespace) -> None:
+    """Where the writer's work goes: its own commit (``writer._commit``) of
+    ``--per-commit`` new entries at a time on a copy of ``args.db``, each
+    taking the least recently used entry's port (Deleted, Created), with
+    the clients of make_history.py's population; once with every index,
+    then with each of the database's own indexes left out (a tree from
+    before the hot tier has its address index too). Checkpoints are off, so
+    the WAL's growth is what the commits wrote."""
+    conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
+    indexes = [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+            "AND tbl_name IN ('entry', 'event') ORDER BY name"
+        )
+    ]
+    conn.close()
+    with scratch() as work:
+        for drop in (None, *indexes):
+            db = work / "copy.db"
+            shutil.copy(args.db, db)
+            size, cpu, page = _anatomy_run(db, drop, args.per_commit, args.warm, args.commits)
+            n = args.commits * args.per_commit
+            print(
+                f"{'without ' + drop if drop else 'every index'}: {size / n:,.0f} WAL octets, "
+                f"{size / (page + 24) / args.commits:.1f} pages a commit, "
+                f"{cpu / n * 1e6:.1f} µs CPU per new entry",
+                flush=True,
+            )
+            for f in work.iterdir():
+                f.unlink()
+
+
+def _anatomy_run(
+    db: Path, drop: str | None, per_commit: int, warm: int, commits: int
+) -> tuple[int, float, int]:
+    """WAL octets and CPU seconds of ``commits`` commits, and the page size."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    if drop:
+        conn.execute(f"DROP INDEX {drop}")
+    conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    victims = iter(conn.execute("SELECT nat, port, addr, aport FROM entry ORDER BY last_use, port"))
+    now = conn.execute("SELECT max(ts) FROM event").fetchone()[0]
+    serials = itertools.count()
+
+    def group() -> writer.Group:
+        nonlocal now
+        entries, events = [], []
+        for _ in range(per_commit):
+            nat, port, addr, aport = next(victims)
+            new = struct.pack("!IIIHH", *population_address(next(serials)))
+            now += 1
+            # The history's clients use ports from 1024 up: 443 is never theirs.
+            entries.append((nat, port, new, 443, now, now))
+            events += [(now, 2, nat, port, addr, aport), (now, 1, nat, port, new, 443)]
+        return entries, [], events, [], now
+
+    for _ in range(warm):
+        writer._commit(conn, [group()])
+    wal = Path(f"{db}-wal")
+    size, cpu = wal.stat().st_size, time.process_time()
+    for _ in range(commits):
+        writer._commit(conn, [group()])
+    cpu = time.process_time() - cpu
+    size = wal.stat().st_size - size
+    conn.close()
+    return size, cpu, page
+
+
 def bench_hot(args: argparse.Namespace) -> None:
     """A server at a constant rate for ``--periods`` periods of
     ``--seal-every`` seconds; the hot tier's size sampled all along."""
@@ -428,6 +508,12 @@ def main() -> None:
         "clients are the history's (needs --history)",
     )
     p.set_defaults(run=bench_writer)
+    p = sub.add_parser("anatomy", help="the writer's WAL and CPU per index of the hot tier")
+    p.add_argument("db", type=Path, help="a history with full tables (make_history.py)")
+    p.add_argument("--per-commit", type=int, default=12, help="new entries a commit")
+    p.add_argument("--warm", type=int, default=500, help="commits before measuring")
+    p.add_argument("--commits", type=int, default=2000, help="commits measured")
+    p.set_defaults(run=bench_anatomy)
     p = sub.add_parser("hot", help="the hot tier's size under constant load")
     p.add_argument("--seal-every", type=float, default=2)
     p.add_argument("--periods", type=int, default=24)
