@@ -338,3 +338,22 @@ def test_the_writer_anatomy_shows_what_each_hot_index_writes(tmp_path):
     assert wal["every index"] - wal["without entry_endpoint"] > 4096
     # The history it ran on is untouched: it worked on copies.
     assert db_rows(str(db), "SELECT count(*) FROM event") == [(80001,)]
+
+
+def test_a_benchmark_server_of_another_tree_runs_that_trees_code(tmp_path):
+    # archive_write.py writer --before REV compares two trees; run from this
+    # checkout, `python -m nat64ho` would find this tree's package first.
+    spec = importlib.util.spec_from_file_location(
+        "archive_write", Path(__file__).resolve().parent.parent / "benchmarks" / "archive_write.py"
+    )
+    assert spec is not None and spec.loader is not None
+    archive_write = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive_write)
+    (tmp_path / "nat64ho").mkdir()
+    (tmp_path / "nat64ho" / "__main__.py").write_text("import nat64ho; print(nat64ho.__file__)\n")
+    (tmp_path / "nat64ho" / "__init__.py").write_text("")
+    # --help: this tree's package, if it were the one run, would exit at once.
+    cmd, env = archive_write.tree_command(tmp_path, [sys.executable, "-m", "nat64ho", "--help"])
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(tmp_path / "nat64ho" / "__init__.py")
