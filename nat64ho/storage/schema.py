@@ -593,6 +593,10 @@ def _is_addr(v: object) -> bool:
     return type(v) is bytes and len(v) == 16
 
 
+def _is_kind(v: object) -> bool:
+    return type(v) is int and v in (0, 1, 2)
+
+
 _ENTRY = (
     ("nat", _is_int),
     ("port", _is_port),
@@ -603,7 +607,7 @@ _ENTRY = (
 )
 _EVENT = (
     ("ts", _is_int),
-    ("kind", lambda v: v in (0, 1, 2) and type(v) is int),
+    ("kind", _is_kind),
     ("nat", _is_int),
     ("port", _is_port),
     ("addr", _is_addr),
