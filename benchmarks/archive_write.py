@@ -26,7 +26,6 @@ import os
 import resource
 import shutil
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from nat64ho.bench.load import (  # noqa: E402
     BenchConfig,
     Result,
     drive,
-    population_address,  # noqa: E402
+    population_client,
 )
 from nat64ho.ops import db as opsdb  # noqa: E402
 from nat64ho.ops import export  # noqa: E402
@@ -409,7 +408,7 @@ def _anatomy_run(
         entries, events = [], []
         for _ in range(per_commit):
             nat, port, addr, aport = next(victims)
-            new = struct.pack("!IIIHH", *population_address(next(serials)))
+            new = population_client(next(serials))
             now += 1
             # The history's clients use ports from 1024 up: 443 is never theirs.
             entries.append((nat, port, new, 443, now, now))

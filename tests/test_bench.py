@@ -8,10 +8,10 @@ import ipaddress
 import itertools
 import random
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -262,13 +262,18 @@ def test_bench_on_a_server_says_what_it_writes_and_why_requests_failed(server_fa
     assert nats == {int(ipaddress.IPv4Address("127.1.0.1"))}
 
 
-def test_a_population_load_asks_for_make_historys_clients_scattered():
-    # benchmarks/ is not a package: load the generator as the benchmark runs it.
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_history.py"
-    spec = importlib.util.spec_from_file_location("make_history", path)
+def bench_module(name: str) -> Any:
+    """A script of benchmarks/ (not a package), loaded as the benchmark runs it."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    make_history = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_history)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_population_load_asks_for_make_historys_clients_scattered():
+    make_history = bench_module("make_history")
     known = set(make_history.client_addrs())
     assert load.POPULATION == make_history.CLIENTS
 
@@ -301,10 +306,7 @@ def test_population_runs_on_one_history_ask_for_clients_none_asked_before():
     def stretch(start: int, index: int) -> set[bytes]:
         cfg = load.BenchConfig(population=True, population_start=start)
         first = load.first_serial(cfg, index)
-        return {
-            struct.pack("!IIIHH", *load.population_address(s))
-            for s in range(first, first + load.SERIALS_PER_PROCESS)
-        }
+        return {load.population_client(s) for s in range(first, first + load.SERIALS_PER_PROCESS)}
 
     runs = [stretch(r * load.SERIALS_PER_PROCESS, 0) for r in range(3)]
     assert len(set().union(*runs)) == 3 * load.SERIALS_PER_PROCESS
@@ -343,12 +345,7 @@ def test_the_writer_anatomy_shows_what_each_hot_index_writes(tmp_path):
 def test_a_benchmark_server_of_another_tree_runs_that_trees_code(tmp_path):
     # archive_write.py writer --before REV compares two trees; run from this
     # checkout, `python -m nat64ho` would find this tree's package first.
-    spec = importlib.util.spec_from_file_location(
-        "archive_write", Path(__file__).resolve().parent.parent / "benchmarks" / "archive_write.py"
-    )
-    assert spec is not None and spec.loader is not None
-    archive_write = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(archive_write)
+    archive_write = bench_module("archive_write")
     (tmp_path / "nat64ho").mkdir()
     (tmp_path / "nat64ho" / "__main__.py").write_text("import nat64ho; print(nat64ho.__file__)\n")
     (tmp_path / "nat64ho" / "__init__.py").write_text("")

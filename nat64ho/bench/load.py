@@ -55,6 +55,11 @@ def population_address(serial: int) -> tuple[int, int, int, int, int]:
     return 0x20010DB8, c >> 10, 0, 0, c & 0x3FF
 
 
+def population_client(serial: int) -> bytes:
+    """The 16-octet address of a new endpoint's serial in the population."""
+    return _CLIENT.pack(*population_address(serial))
+
+
 @dataclass
 class BenchConfig:
     mode: str = "create"

@@ -51,7 +51,7 @@ class PgCursor:
         self._params = params
         self.rowcount = rowcount
         self._cursor: Any = None
-        self._tx = 0  # the transaction its cursor lives in
+        self._txn = 0  # the transaction its cursor lives in
         self._done = sql == ""
         self._buffer: list[tuple[Any, ...]] = []
 
@@ -78,11 +78,11 @@ class PgCursor:
         size = size or 1
         while len(self._buffer) < size and not self._done:
             if self._cursor is None:
-                self._cursor, self._tx = self._owner._open_cursor(self._sql, self._params)
+                self._cursor, self._txn = self._owner._open_cursor(self._sql, self._params)
             chunk = self._owner._cursor_fetch(self._cursor, max(size, CURSOR_ROWS))
             if len(chunk) < max(size, CURSOR_ROWS):
                 self._done = True
-                self._owner._cursor_closed(self._tx)
+                self._owner._cursor_closed(self._txn)
             self._buffer += chunk
         rows, self._buffer = self._buffer[:size], self._buffer[size:]
         return rows
@@ -97,7 +97,7 @@ class PgCursor:
         if self._cursor is not None and not self._done:
             self._done = True
             self._buffer = []
-            self._owner._cursor_closed(self._tx)
+            self._owner._cursor_closed(self._txn)
 
 
 class PgConnection:
