@@ -4,6 +4,7 @@ stay importable from conftest for tests written before that split."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -13,6 +14,11 @@ from tests.helpers import Proc, ServerProcess, connect, run, tmpfs, umount, v6, 
 # Servers of the tests seal their history only when a test asks (an hourly
 # seal would otherwise move a test's events whenever it runs across the hour).
 os.environ.setdefault("NAT64HO_SEAL_EVERY", "0")
+
+# A suite started in the background inherits SIGINT ignored, and every command
+# it starts would too: the tests' ^C must reach a command as a terminal's does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

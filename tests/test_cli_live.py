@@ -44,10 +44,6 @@ def log_lines(n: int, start_s: int = 1_552_903_588) -> str:
     return "".join(out)
 
 
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def in_pty(
     args: list[str],
     *,
@@ -64,16 +60,7 @@ def in_pty(
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
     env.pop("NO_COLOR", None)
-    # A suite started in the background inherits SIGINT ignored, and so would
-    # the command; a terminal's ^C must reach it as it would interactively.
-    proc = subprocess.Popen(
-        PY + args,
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=env,
-        preexec_fn=_sigint_default,
-    )
+    proc = subprocess.Popen(PY + args, stdin=stdin, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     seen = b""
     sent = False
